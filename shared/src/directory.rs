@@ -1,0 +1,268 @@
+//! The federation directory: who the members are, what roles they hold, where they are
+//! reached and which keys and certificate speak for them.
+//!
+//! For now the directory is a TOML file distributed out of band; a signed, serial-numbered
+//! directory replaces it later without changing this interface. A peer is who its
+//! certificate and this directory both say it is: the certificate's org URI must name a
+//! member and its SHA-256 fingerprint must equal the one listed here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::org::OrgId;
+use crate::seal::SealingPublicKey;
+use crate::sign::VerifyingKey;
+
+/// What an organisation does in the federation; roles gate actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Shelter,
+    Ngo,
+    Embassy,
+    Government,
+    Auditor,
+    Witness,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shelter => "shelter",
+            Self::Ngo => "ngo",
+            Self::Embassy => "embassy",
+            Self::Government => "government",
+            Self::Auditor => "auditor",
+            Self::Witness => "witness",
+        }
+    }
+}
+
+/// One member organisation, validated.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: OrgId,
+    pub name: String,
+    /// ISO 3166-1 alpha-2 country code.
+    pub country: String,
+    pub roles: Vec<Role>,
+    /// `https://host:port` of the member's federation listener.
+    pub endpoint: String,
+    pub signing_key: VerifyingKey,
+    pub sealing_key: SealingPublicKey,
+    /// SHA-256 of the DER of the member's TLS certificate.
+    pub cert_sha256: [u8; 32],
+}
+
+/// A member as written in the directory file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    pub id: String,
+    pub name: String,
+    pub country: String,
+    pub roles: Vec<Role>,
+    pub endpoint: String,
+    /// Base64 Ed25519 public key.
+    pub signing_key: String,
+    /// Base64 X25519 public key.
+    pub sealing_key: String,
+    /// Hex SHA-256 of the TLS certificate's DER.
+    pub cert_sha256: String,
+}
+
+/// The directory file's layout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryFile {
+    /// Name of the federation, e.g. `corridor-demo`.
+    pub federation: String,
+    /// Increases with every published change.
+    pub serial: u64,
+    #[serde(rename = "member")]
+    pub members: Vec<MemberEntry>,
+}
+
+/// Why a directory file was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("directory is not valid TOML: {0}")]
+    Syntax(String),
+    #[error("member #{index}: {problem}")]
+    Member { index: usize, problem: String },
+    #[error("org {0} is listed twice")]
+    Duplicate(OrgId),
+    #[error("directory has no members")]
+    Empty,
+}
+
+/// The validated federation directory.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    pub federation: String,
+    pub serial: u64,
+    members: BTreeMap<OrgId, Member>,
+}
+
+impl Directory {
+    /// Parses and validates a directory file.
+    pub fn from_toml(text: &str) -> Result<Self, DirectoryError> {
+        let file: DirectoryFile =
+            toml::from_str(text).map_err(|e| DirectoryError::Syntax(e.message().to_owned()))?;
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: DirectoryFile) -> Result<Self, DirectoryError> {
+        if file.members.is_empty() {
+            return Err(DirectoryError::Empty);
+        }
+        let mut members = BTreeMap::new();
+        for (index, entry) in file.members.into_iter().enumerate() {
+            let member = validate(entry).map_err(|problem| DirectoryError::Member {
+                index: index + 1,
+                problem,
+            })?;
+            if members.contains_key(&member.id) {
+                return Err(DirectoryError::Duplicate(member.id));
+            }
+            members.insert(member.id.clone(), member);
+        }
+        Ok(Self {
+            federation: file.federation,
+            serial: file.serial,
+            members,
+        })
+    }
+
+    pub fn get(&self, id: &OrgId) -> Option<&Member> {
+        self.members.get(id)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+}
+
+impl Member {
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// The file form of this member.
+    pub fn to_entry(&self) -> MemberEntry {
+        MemberEntry {
+            id: self.id.to_string(),
+            name: self.name.clone(),
+            country: self.country.clone(),
+            roles: self.roles.clone(),
+            endpoint: self.endpoint.clone(),
+            signing_key: self.signing_key.to_base64(),
+            sealing_key: self.sealing_key.to_base64(),
+            cert_sha256: hex::encode(self.cert_sha256),
+        }
+    }
+}
+
+fn validate(entry: MemberEntry) -> Result<Member, String> {
+    let id = OrgId::new(&entry.id).map_err(|e| format!("id: {e}"))?;
+    let country_ok = entry.country.len() == 2 && entry.country.bytes().all(|b| b.is_ascii_uppercase());
+    if !country_ok {
+        return Err(format!("{id}: country must be an ISO 3166-1 alpha-2 code"));
+    }
+    if entry.roles.is_empty() {
+        return Err(format!("{id}: at least one role is required"));
+    }
+    if !(entry.endpoint.starts_with("https://") && entry.endpoint.len() > "https://".len()) {
+        return Err(format!("{id}: endpoint must be an https:// URL"));
+    }
+    let signing_key =
+        VerifyingKey::from_base64(&entry.signing_key).map_err(|e| format!("{id}: signing_key: {e}"))?;
+    let sealing_key = SealingPublicKey::from_base64(&entry.sealing_key)
+        .map_err(|e| format!("{id}: sealing_key: {e}"))?;
+    let cert_sha256 = hex::decode(&entry.cert_sha256)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| format!("{id}: cert_sha256 must be 64 hex digits"))?;
+    Ok(Member {
+        id,
+        name: entry.name,
+        country: entry.country,
+        roles: entry.roles,
+        endpoint: entry.endpoint,
+        signing_key,
+        sealing_key,
+        cert_sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::SealingKey;
+    use crate::sign::SigningKey;
+
+    fn entry(id: &str) -> MemberEntry {
+        MemberEntry {
+            id: id.into(),
+            name: "Shelter".into(),
+            country: "MY".into(),
+            roles: vec![Role::Shelter],
+            endpoint: "https://127.0.0.1:7000".into(),
+            signing_key: SigningKey::from_seed(&[1; 32]).unwrap().verifying_key().to_base64(),
+            sealing_key: SealingKey::derive(&[2; 32]).public_key().to_base64(),
+            cert_sha256: "ab".repeat(32),
+        }
+    }
+
+    fn file(members: Vec<MemberEntry>) -> String {
+        toml::to_string(&DirectoryFile {
+            federation: "test".into(),
+            serial: 1,
+            members,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_round_trip() {
+        let dir = Directory::from_toml(&file(vec![entry("a-my"), entry("b-kh")])).unwrap();
+        let a = dir.get(&OrgId::new("a-my").unwrap()).unwrap();
+        assert!(a.has_role(Role::Shelter));
+        assert!(!a.has_role(Role::Embassy));
+        assert_eq!(dir.members().count(), 2);
+        let again = Directory::from_toml(&file(vec![a.to_entry()])).unwrap();
+        assert_eq!(again.members().count(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_members_with_a_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut MemberEntry)>, &str)> = vec![
+            (Box::new(|e| e.id = "Bad Id".into()), "id"),
+            (Box::new(|e| e.country = "Malaysia".into()), "country"),
+            (Box::new(|e| e.roles.clear()), "role"),
+            (Box::new(|e| e.endpoint = "http://x".into()), "endpoint"),
+            (Box::new(|e| e.signing_key = "AAAA".into()), "signing_key"),
+            (Box::new(|e| e.sealing_key = "!!".into()), "sealing_key"),
+            (Box::new(|e| e.cert_sha256 = "abc".into()), "cert_sha256"),
+        ];
+        for (tamper, word) in cases {
+            let mut e = entry("a-my");
+            tamper(&mut e);
+            let err = Directory::from_toml(&file(vec![e])).unwrap_err().to_string();
+            assert!(err.contains(word), "{err} should mention {word}");
+        }
+        assert!(matches!(
+            Directory::from_toml(&file(vec![entry("a-my"), entry("a-my")])),
+            Err(DirectoryError::Duplicate(_))
+        ));
+        assert!(matches!(
+            Directory::from_toml("federation = 1"),
+            Err(DirectoryError::Syntax(_))
+        ));
+        assert!(matches!(
+            Directory::from_toml(&file(vec![])),
+            Err(DirectoryError::Empty)
+        ));
+    }
+}

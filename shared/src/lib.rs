@@ -1,0 +1,40 @@
+//! # corridor — the protocol core
+//!
+//! Everything Corridor nodes must agree on, without any I/O: organisation ids and the
+//! federation directory, Ed25519 signatures over domain-separated canonical bytes, HPKE
+//! sealing of payloads (RFC 9180), envelopes and receipts. The node daemon and the CLI call
+//! this crate; neither re-implements a rule that lives here.
+//!
+//! Time is always passed in by the caller (milliseconds since the Unix epoch) so that every
+//! rule can be tested deterministically.
+
+pub mod canonical;
+pub mod caseref;
+pub mod consent;
+pub mod directory;
+pub mod envelope;
+pub mod org;
+pub mod purpose;
+pub mod receipt;
+pub mod seal;
+pub mod sign;
+
+pub use directory::{Directory, DirectoryError, Member, Role};
+pub use envelope::{
+    Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,
+    VerifiedEnvelope,
+};
+pub use caseref::CaseRefKey;
+pub use consent::{Consent, GateRefusal};
+pub use org::{OrgId, OrgIdError};
+pub use purpose::{Purpose, UnknownPurpose};
+pub use receipt::{Receipt, ReceiptError};
+pub use seal::{SealError, SealingKey, SealingPublicKey};
+pub use sign::{KeyError, SigningKey, VerifyingKey};
+
+/// Largest plaintext payload an envelope may carry, in bytes.
+pub const MAX_PAYLOAD_LEN: usize = seal::PADDING_BUCKETS[seal::PADDING_BUCKETS.len() - 1] - 1;
+
+/// Largest encoded envelope a node accepts on the wire, in bytes: the largest sealed
+/// bucket plus generous room for the header, key and signature.
+pub const MAX_ENVELOPE_WIRE_LEN: usize = MAX_PAYLOAD_LEN + 1 + 16 + 4096;
