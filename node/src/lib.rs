@@ -1,1 +1,139 @@
+//! # corridor-node — the Corridor node daemon
+//!
+//! A thin I/O shell around the `corridor` protocol core: tonic services (transport) call
+//! workflows, which call storage. One node per organisation.
+//!
+//! * [`config`] — the TOML configuration and its defaults
+//! * [`tls`] — mutual TLS: who a peer is, decided once per connection
+//! * [`services`] — the federation and caseworker gRPC services
+//! * [`workflows`] — create case, record consent, send and receive referrals
+//! * [`delivery`] — the durable outbox and its retry loop
+//! * [`storage`] — SQLite through sqlx
+//! * [`server`] — start, serve, stop
 
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod delivery;
+pub mod keys;
+pub mod node;
+pub mod server;
+pub mod services;
+pub mod storage;
+pub mod tls;
+pub mod workflows;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line arguments of `corridor-node`.
+#[derive(Debug, Parser)]
+#[command(name = "corridor-node", version, about = "Run a Corridor node")]
+pub struct Args {
+    /// Configuration file.
+    #[arg(long, short, default_value = "node.toml", env = "CORRIDOR_NODE_CONFIG")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node (the default).
+    Serve,
+    /// Issue a bearer token for a local administrator and print it once. Works whether
+    /// or not the node is running.
+    CreateAdminToken {
+        /// Name of the local user.
+        #[arg(long, default_value = "admin")]
+        user: String,
+    },
+    /// Load and check the configuration, keys, certificate and directory, then exit.
+    CheckConfig,
+}
+
+fn init_tracing(config: &config::Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs `corridor-node` with the given arguments (the first is the program name).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // Only ring is in the dependency graph; make it the process default explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("corridor-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("corridor-node: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let config = config::Config::load(&args.config).map_err(|e| e.to_string())?;
+    match args.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            init_tracing(&config);
+            server::serve(config).await.map_err(|e| e.to_string())
+        }
+        Command::CheckConfig => {
+            node::Node::load(config).await.map_err(|e| e.to_string())?;
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::CreateAdminToken { user } => {
+            let valid = !user.is_empty()
+                && user.len() <= 64
+                && user
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !valid {
+                return Err("user name must be 1-64 characters of letters, digits, '-', '_' or '.'".into());
+            }
+            let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
+            let (token, hash) =
+                auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;
+            store
+                .issue_token(&user, "admin", &hash, node::now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            store.close().await;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}

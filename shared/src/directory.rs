@@ -198,6 +198,7 @@ fn validate(entry: MemberEntry) -> Result<Member, String> {
 
 #[cfg(test)]
 mod tests {
+    type Tamper<T> = Box<dyn Fn(&mut T)>;
     use super::*;
     use crate::seal::SealingKey;
     use crate::sign::SigningKey;
@@ -237,7 +238,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_members_with_a_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut MemberEntry)>, &str)> = vec![
+        let cases: Vec<(Tamper<MemberEntry>, &str)> = vec![
             (Box::new(|e| e.id = "Bad Id".into()), "id"),
             (Box::new(|e| e.country = "Malaysia".into()), "country"),
             (Box::new(|e| e.roles.clear()), "role"),

@@ -322,6 +322,7 @@ impl VerifiedEnvelope {
 
 #[cfg(test)]
 mod tests {
+    type Tamper<T> = Box<dyn Fn(&mut T)>;
     use super::*;
 
     pub(crate) struct Fixture {
@@ -387,7 +388,7 @@ mod tests {
     fn every_header_field_is_covered_by_the_signature() {
         let f = fixture();
         let other = OrgId::new("someone-else").unwrap();
-        let tampers: Vec<(&str, Box<dyn Fn(&mut EnvelopeHeader)>)> = vec![
+        let tampers: Vec<(&str, Tamper<EnvelopeHeader>)> = vec![
             ("version", Box::new(|h| h.version = 2)),
             ("message_id", Box::new(|h| h.message_id.0[0] ^= 1)),
             ("sender", Box::new({

@@ -128,6 +128,7 @@ impl Receipt {
 
 #[cfg(test)]
 mod tests {
+    type Tamper<T> = Box<dyn Fn(&mut T)>;
     use super::*;
 
     fn receipt(key: &SigningKey) -> Receipt {
@@ -162,7 +163,7 @@ mod tests {
     fn every_field_is_checked_or_signed() {
         let key = SigningKey::from_seed(&[5; 32]).unwrap();
         let other = OrgId::new("other").unwrap();
-        let tampers: Vec<(&str, Box<dyn Fn(&mut Receipt)>)> = vec![
+        let tampers: Vec<(&str, Tamper<Receipt>)> = vec![
             ("version", Box::new(|r| r.version = 2)),
             ("message_id", Box::new(|r| r.message_id.0[0] ^= 1)),
             ("digest", Box::new(|r| r.envelope_digest[0] ^= 1)),

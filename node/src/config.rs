@@ -1,0 +1,287 @@
+//! The node's TOML configuration. Every setting but the org id has a documented default;
+//! relative paths are resolved against the directory holding the configuration file.
+//!
+//! ```toml
+//! org_id = "shelter-my"                 # required: this node's org id
+//! data_dir = "."                        # SQLite database and runtime state
+//! directory = "directory.toml"          # federation directory file
+//!
+//! [federation]                          # listener for other nodes (mutual TLS)
+//! listen = "0.0.0.0:7443"
+//! ca_cert = "ca.pem"                    # federation CA (PEM)
+//! cert = "tls.pem"                      # this org's certificate chain (PEM)
+//! key = "tls.key"                       # its private key (PEM, mode 0600)
+//! handshake_timeout_ms = 5000
+//! max_message_bytes = 300000            # larger messages are refused
+//! max_connections = 1024
+//!
+//! [local]                               # caseworker API (bearer tokens)
+//! listen = "127.0.0.1:7080"
+//!
+//! [keys]
+//! signing_key = "signing.key"           # Ed25519 seed, base64 (mode 0600)
+//! sealing_key = "sealing.key"           # X25519 private key, base64 (mode 0600)
+//!
+//! [delivery]
+//! initial_backoff_ms = 500
+//! max_backoff_ms = 60000
+//! envelope_ttl_hours = 72
+//! request_timeout_ms = 10000
+//! max_in_flight = 32
+//!
+//! [log]
+//! filter = "info"                       # tracing filter; RUST_LOG overrides it
+//! format = "text"                       # "text" or "json"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use corridor::OrgId;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub org_id: OrgId,
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "defaults::directory")]
+    pub directory: PathBuf,
+    #[serde(default)]
+    pub federation: FederationConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    pub listen: SocketAddr,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub handshake_timeout_ms: u64,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    pub signing_key: PathBuf,
+    pub sealing_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub envelope_ttl_hours: u64,
+    pub request_timeout_ms: u64,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from(".")
+    }
+    pub fn directory() -> PathBuf {
+        PathBuf::from("directory.toml")
+    }
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            ca_cert: "ca.pem".into(),
+            cert: "tls.pem".into(),
+            key: "tls.key".into(),
+            handshake_timeout_ms: 5000,
+            max_message_bytes: 300_000,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+        }
+    }
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            signing_key: "signing.key".into(),
+            sealing_key: "sealing.key".into(),
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            envelope_ttl_hours: 72,
+            request_timeout_ms: 10_000,
+            max_in_flight: 32,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file, resolving relative paths
+    /// against its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.data_dir,
+            &mut self.directory,
+            &mut self.federation.ca_cert,
+            &mut self.federation.cert,
+            &mut self.federation.key,
+            &mut self.keys.signing_key,
+            &mut self.keys.sealing_key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let d = &self.delivery;
+        if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
+            return Err("delivery: need 0 < initial_backoff_ms <= max_backoff_ms".into());
+        }
+        if d.envelope_ttl_hours == 0 || d.envelope_ttl_hours > 24 * 30 {
+            return Err("delivery.envelope_ttl_hours must be between 1 and 720".into());
+        }
+        if d.max_in_flight == 0 {
+            return Err("delivery.max_in_flight must be at least 1".into());
+        }
+        let f = &self.federation;
+        if f.max_message_bytes < 4096 {
+            return Err("federation.max_message_bytes must be at least 4096".into());
+        }
+        if f.max_connections == 0 {
+            return Err("federation.max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("corridor.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let dir = std::env::temp_dir().join(format!("corridor-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(&path, "org_id = \"shelter-my\"\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.org_id.as_str(), "shelter-my");
+        assert_eq!(c.local.listen.to_string(), "127.0.0.1:7080");
+        assert_eq!(c.keys.signing_key, dir.join("signing.key"));
+        assert_eq!(c.delivery.max_backoff_ms, 60_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let dir = std::env::temp_dir().join(format!("corridor-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        for (text, word) in [
+            ("org_id = \"Bad Org\"\n", "org id"),
+            ("org_id = \"a\"\nunknown = 1\n", "unknown"),
+            ("org_id = \"a\"\n[delivery]\ninitial_backoff_ms = 0\n", "backoff"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(word), "{err} should mention {word}");
+        }
+        assert!(Config::load(&dir.join("missing.toml")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,240 @@
+//! Durable delivery from the outbox: at-least-once, in order of due time, with capped
+//! exponential backoff and jitter, surviving restarts (all state is in the outbox table).
+//!
+//! An item is delivered when the recipient's receipt verifies against the envelope we
+//! sent; receipt and state change are committed together. A recipient's refusal of the
+//! envelope itself (bad signature, wrong recipient, …) ends delivery with state
+//! `refused`; an envelope that outlives its expiry ends with `expired`; anything else —
+//! unreachable peer, timeout, overload — is retried.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corridor::{MessageId, OrgId};
+use corridor_proto::v1 as pb;
+use corridor_proto::v1::federation_client::FederationClient;
+use prost::Message as _;
+use ring::rand::SecureRandom as _;
+use tokio::sync::{Notify, Semaphore, watch};
+use tonic::Code;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::convert;
+use crate::node::{Node, now_ms};
+use crate::storage::DueItem;
+
+/// Delay before attempt `attempts + 1`: exponential from `initial_ms`, capped at
+/// `max_ms`, with "equal jitter" (half fixed, half random) so that many senders retrying
+/// a recovered peer do not arrive in lockstep.
+pub fn backoff_ms(attempts: i64, initial_ms: u64, max_ms: u64, random: u32) -> u64 {
+    let shift = u32::try_from(attempts.clamp(0, 30)).unwrap_or(30);
+    let cap = initial_ms.saturating_mul(1u64 << shift).min(max_ms);
+    cap / 2 + u64::from(random) % (cap / 2 + 1)
+}
+
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    // On failure fall back to no jitter rather than stop delivering.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    u32::from_le_bytes(bytes)
+}
+
+enum AttemptError {
+    Retry(String),
+    Permanent(String),
+}
+
+/// One lazily connected channel per recipient, reused across deliveries.
+#[derive(Default)]
+struct Clients {
+    channels: Mutex<HashMap<OrgId, Channel>>,
+}
+
+impl Clients {
+    fn get(&self, node: &Node, org: &OrgId) -> Result<FederationClient<Channel>, AttemptError> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| AttemptError::Retry("channel cache poisoned".into()))?;
+        if let Some(channel) = channels.get(org) {
+            return Ok(FederationClient::new(channel.clone()));
+        }
+        let member = node
+            .directory
+            .get(org)
+            .ok_or_else(|| AttemptError::Permanent(format!("{org} is not a member")))?;
+        let verifier = node
+            .tls
+            .server_verifier(node.directory.clone(), org.clone())
+            .map_err(|e| AttemptError::Retry(e.to_string()))?;
+        let tls = ClientTlsConfig::new()
+            .identity(Identity::from_pem(&node.tls.cert_pem, &node.tls.key_pem));
+        let d = &node.config.delivery;
+        let channel = Endpoint::from_shared(member.endpoint.clone())
+            .map_err(|e| AttemptError::Permanent(format!("endpoint of {org} is invalid: {e}")))?
+            .tls_config_with_verifier(tls, verifier)
+            .map_err(|e| AttemptError::Retry(format!("TLS setup for {org} failed: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_millis(d.request_timeout_ms))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(org.clone(), channel.clone());
+        Ok(FederationClient::new(channel))
+    }
+}
+
+async fn deliver_once(node: &Node, clients: &Clients, item: &DueItem) -> Result<Vec<u8>, AttemptError> {
+    let recipient = OrgId::new(&item.recipient)
+        .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
+    let member = node
+        .directory
+        .get(&recipient)
+        .ok_or_else(|| AttemptError::Permanent(format!("{recipient} is no longer a member")))?;
+    let envelope = pb::Envelope::decode(item.envelope.as_slice())
+        .map_err(|_| AttemptError::Permanent("stored envelope is corrupt".into()))?;
+    let digest: [u8; 32] = item
+        .envelope_digest
+        .as_slice()
+        .try_into()
+        .map_err(|_| AttemptError::Permanent("stored digest is corrupt".into()))?;
+    let mut client = clients.get(node, &recipient)?;
+    let receipt = match client.deliver(envelope).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let message = format!("{}: {}", status.code(), status.message());
+            return Err(match status.code() {
+                Code::InvalidArgument
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::OutOfRange
+                | Code::Unimplemented => AttemptError::Permanent(message),
+                _ => AttemptError::Retry(message),
+            });
+        }
+    };
+    let bytes = receipt.encode_to_vec();
+    let receipt = convert::receipt_from_pb(receipt)
+        .map_err(|e| AttemptError::Retry(format!("receipt is malformed: {e}")))?;
+    receipt
+        .verify(
+            item.message_id,
+            &digest,
+            &node.org,
+            &recipient,
+            &member.signing_key,
+        )
+        .map_err(|e| AttemptError::Retry(format!("receipt does not verify: {e}")))?;
+    Ok(bytes)
+}
+
+async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
+    let id = item.message_id;
+    let result = deliver_once(node, clients, &item).await;
+    let now = now_ms();
+    let stored = match result {
+        Ok(receipt) => {
+            let r = node.store.mark_delivered(id, &receipt, now).await;
+            if r.is_ok() {
+                tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");
+            }
+            r
+        }
+        Err(AttemptError::Permanent(reason)) => {
+            tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");
+            node.store.mark_final(id, "refused", &reason).await
+        }
+        Err(AttemptError::Retry(reason)) if now >= item.expires_at_ms => {
+            tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
+            node.store
+                .mark_final(id, "expired", &format!("expired undelivered; last error: {reason}"))
+                .await
+        }
+        Err(AttemptError::Retry(reason)) => {
+            let d = &node.config.delivery;
+            let delay = backoff_ms(item.attempts, d.initial_backoff_ms, d.max_backoff_ms, random_u32());
+            tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, %reason, "delivery failed, will retry");
+            let next = now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
+            node.store.mark_retry(id, &reason, next).await
+        }
+    };
+    if let Err(error) = stored {
+        // The item stays queued and is retried; the receipt, if any, is asked for again.
+        tracing::error!(referral = %id, %error, "could not record delivery attempt");
+    }
+}
+
+/// Runs the delivery loop until `shutdown` turns true.
+pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let clients = Arc::new(Clients::default());
+    let in_flight = Arc::new(Mutex::new(HashSet::<MessageId>::new()));
+    let slots = Arc::new(Semaphore::new(node.config.delivery.max_in_flight));
+    let finished = Arc::new(Notify::new());
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = now_ms();
+        match node.store.due(now, 256).await {
+            Ok(items) => {
+                for item in items {
+                    let fresh = in_flight
+                        .lock()
+                        .map(|mut set| set.insert(item.message_id))
+                        .unwrap_or(false);
+                    if !fresh {
+                        continue;
+                    }
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        if let Ok(mut set) = in_flight.lock() {
+                            set.remove(&item.message_id);
+                        }
+                        break;
+                    };
+                    let (node, clients, in_flight, finished) =
+                        (node.clone(), clients.clone(), in_flight.clone(), finished.clone());
+                    tokio::spawn(async move {
+                        let id = item.message_id;
+                        attempt(&node, &clients, item).await;
+                        if let Ok(mut set) = in_flight.lock() {
+                            set.remove(&id);
+                        }
+                        drop(permit);
+                        finished.notify_one();
+                    });
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot read the outbox"),
+        }
+        let wait_ms = match node.store.next_due_at().await {
+            Ok(Some(at)) => (at - now_ms()).clamp(20, 1000),
+            _ => 1000,
+        };
+        tokio::select! {
+            _ = node.outbox_ready.notified() => {}
+            _ = finished.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait_ms.unsigned_abs())) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_ms;
+
+    #[test]
+    fn backoff_grows_exponentially_within_jittered_bounds_and_is_capped() {
+        for attempts in 0..40 {
+            let cap = (500u64 << attempts.min(30)).min(60_000);
+            for random in [0, 1, 12345, u32::MAX] {
+                let d = backoff_ms(attempts, 500, 60_000, random);
+                assert!(d >= cap / 2 && d <= cap, "attempt {attempts}: {d} outside {cap}");
+            }
+        }
+        assert_eq!(backoff_ms(-5, 500, 60_000, 0), 250);
+        assert!(backoff_ms(i64::MAX, u64::MAX, u64::MAX, 7) > 0);
+    }
+}

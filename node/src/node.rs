@@ -1,0 +1,131 @@
+//! The running node's shared state: identity, keys, directory, storage, TLS material and
+//! the wake-up signal of the delivery task. Built once at start from the configuration.
+
+use std::sync::Arc;
+
+use corridor::{CaseRefKey, Directory, OrgId, SealingKey, SigningKey};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::keys;
+use crate::storage::Store;
+use crate::tls::TlsMaterial;
+
+pub struct Node {
+    pub org: OrgId,
+    pub config: Config,
+    pub directory: Arc<Directory>,
+    pub signing_key: SigningKey,
+    pub sealing_key: SealingKey,
+    pub case_refs: CaseRefKey,
+    pub store: Store,
+    pub tls: TlsMaterial,
+    /// Woken when something is queued for delivery.
+    pub outbox_ready: Notify,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyFileError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
+    #[error(transparent)]
+    Store(#[from] crate::storage::StoreError),
+    #[error("cannot read directory {path}: {reason}")]
+    Directory { path: String, reason: String },
+    #[error("this node's org {0} is not in the directory")]
+    NotInDirectory(OrgId),
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("cannot create data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+}
+
+pub fn load_directory(path: &std::path::Path) -> Result<Directory, StartError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StartError::Directory {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Directory::from_toml(&text).map_err(|e| StartError::Directory {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Opens the database of a configuration (creating the data directory if needed).
+pub async fn open_store(config: &Config) -> Result<Store, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Store::open(&config.database_path()).await?)
+}
+
+impl Node {
+    /// Loads everything the configuration names and checks that it is consistent: the
+    /// directory lists this org with exactly these public keys and this certificate.
+    pub async fn load(config: Config) -> Result<Arc<Self>, StartError> {
+        let directory = Arc::new(load_directory(&config.directory)?);
+        let org = config.org_id.clone();
+        let member = directory
+            .get(&org)
+            .ok_or_else(|| StartError::NotInDirectory(org.clone()))?;
+        let signing_key = keys::load_signing_key(&config.keys.signing_key)?;
+        let sealing_key = keys::load_sealing_key(&config.keys.sealing_key)?;
+        if signing_key.verifying_key() != member.signing_key {
+            return Err(StartError::Mismatch(format!(
+                "signing key does not match the directory entry of {org}"
+            )));
+        }
+        if *sealing_key.public_key() != member.sealing_key {
+            return Err(StartError::Mismatch(format!(
+                "sealing key does not match the directory entry of {org}"
+            )));
+        }
+        let f = &config.federation;
+        let tls = TlsMaterial::load(&f.ca_cert, &f.cert, &f.key)?;
+        let own_cert = tls.chain.first().ok_or_else(|| {
+            StartError::Mismatch("certificate file holds no certificate".into())
+        })?;
+        match crate::tls::member_of_certificate(&directory, own_cert) {
+            Ok(id) if id == org => {}
+            Ok(id) => {
+                return Err(StartError::Mismatch(format!(
+                    "certificate names {id}, but this node is {org}"
+                )));
+            }
+            Err(e) => {
+                return Err(StartError::Mismatch(format!(
+                    "this node's certificate is not the one the directory lists: {e}"
+                )));
+            }
+        }
+        let store = open_store(&config).await?;
+        let case_refs = CaseRefKey::derive(signing_key.to_base64().as_bytes());
+        Ok(Arc::new(Self {
+            org,
+            config,
+            directory,
+            signing_key,
+            sealing_key,
+            case_refs,
+            store,
+            tls,
+            outbox_ready: Notify::new(),
+        }))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,130 @@
+//! Starting and stopping a node: both listeners (federation over mutual TLS, local API on
+//! its own address), health checking and reflection on each, the delivery task, and a
+//! graceful stop on SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+
+use corridor_proto::v1::caseworker_server::CaseworkerServer;
+use corridor_proto::v1::federation_server::FederationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::node::{Node, StartError};
+use crate::services::{CaseworkerService, FederationService};
+use crate::{delivery, tls};
+
+/// Largest request the local API accepts, in bytes.
+pub const MAX_LOCAL_MESSAGE_BYTES: usize = 1024 * 1024;
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Listen {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs a node until it is told to stop.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let node = Node::load(config).await?;
+    let fed_listener = bind(node.config.federation.listen).await?;
+    let local_listener = bind(node.config.local.listen).await?;
+    let fed_addr = fed_listener.local_addr().ok();
+    let local_addr = local_listener.local_addr().ok();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<FederationServer<FederationService>>()
+        .await;
+    health
+        .set_serving::<CaseworkerServer<CaseworkerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(corridor_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Mismatch(format!("reflection setup failed: {e}")))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let f = &node.config.federation;
+    let incoming = tls::accept_members(
+        fed_listener,
+        node.tls.server_config(node.directory.clone())?,
+        node.directory.clone(),
+        std::time::Duration::from_millis(f.handshake_timeout_ms),
+        f.max_connections,
+    );
+    let federation = Server::builder()
+        .add_service(health_service.clone())
+        .add_service(reflection.clone())
+        .add_service(
+            FederationServer::new(FederationService { node: node.clone() })
+                .max_decoding_message_size(f.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+    let local = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            CaseworkerServer::new(CaseworkerService { node: node.clone() })
+                .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(local_listener),
+            stopped(stop_rx.clone()),
+        );
+    let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx));
+    let federation = tokio::spawn(federation);
+    let local = tokio::spawn(local);
+    tracing::info!(
+        org = %node.org,
+        federation = ?fed_addr,
+        local = ?local_addr,
+        "corridor-node serving"
+    );
+
+    termination_signal().await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    for (name, task) in [("federation", federation), ("local", local)] {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "{name} listener failed"),
+            Err(error) => tracing::error!(%error, "{name} listener panicked"),
+        }
+    }
+    let _ = delivery.await;
+    close(node).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn close(node: Arc<Node>) {
+    node.store.close().await;
+}

@@ -1,0 +1,160 @@
+//! The gRPC transport: thin tonic services that authenticate the caller and hand the
+//! request to a workflow.
+//!
+//! * [`FederationService`] — node to node, over mutual TLS; the caller is the org its
+//!   certificate names ([`PeerInfo`], set once per connection).
+//! * [`CaseworkerService`] — the local API; the caller is the user of a bearer token.
+
+use std::sync::Arc;
+
+use corridor::MessageId;
+use corridor_proto::v1 as pb;
+use corridor_proto::v1::caseworker_server::Caseworker;
+use corridor_proto::v1::federation_server::Federation;
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+use crate::auth::authenticate;
+use crate::node::Node;
+use crate::tls::PeerInfo;
+use crate::workflows::{self, Failure};
+
+pub struct FederationService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn deliver(
+        &self,
+        request: Request<pb::Envelope>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
+        let receipt = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
+        Ok(Response::new(receipt))
+    }
+}
+
+pub struct CaseworkerService {
+    pub node: Arc<Node>,
+}
+
+fn referral_id(text: &str) -> Result<MessageId, Status> {
+    MessageId::from_hex(text)
+        .map_err(|_| Status::invalid_argument("referral id must be 32 hex digits"))
+}
+
+#[tonic::async_trait]
+impl Caseworker for CaseworkerService {
+    async fn create_case(
+        &self,
+        request: Request<pb::CreateCaseRequest>,
+    ) -> Result<Response<pb::CreateCaseResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let case_id = workflows::create_case(&self.node, &user, &request.get_ref().label).await?;
+        Ok(Response::new(pb::CreateCaseResponse { case_id }))
+    }
+
+    async fn record_consent(
+        &self,
+        request: Request<pb::RecordConsentRequest>,
+    ) -> Result<Response<pb::RecordConsentResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let consent_id =
+            workflows::record_consent(&self.node, &user, request.into_inner()).await?;
+        Ok(Response::new(pb::RecordConsentResponse { consent_id }))
+    }
+
+    async fn send_referral(
+        &self,
+        request: Request<pb::SendReferralRequest>,
+    ) -> Result<Response<pb::SendReferralResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let id = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
+        Ok(Response::new(pb::SendReferralResponse {
+            referral_id: id.to_hex(),
+            state: "queued".into(),
+        }))
+    }
+
+    async fn list_inbox(
+        &self,
+        request: Request<pb::ListInboxRequest>,
+    ) -> Result<Response<pb::ListInboxResponse>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let rows = self.node.store.inbox(1000).await.map_err(Failure::from)?;
+        let items = rows
+            .into_iter()
+            .map(|r| pb::InboxItem {
+                referral_id: r.message_id.to_hex(),
+                sender: r.sender,
+                purpose: r.purpose,
+                case_ref: r.case_ref,
+                received_at_ms: r.received_at_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListInboxResponse { items }))
+    }
+
+    async fn get_referral(
+        &self,
+        request: Request<pb::GetReferralRequest>,
+    ) -> Result<Response<pb::GetReferralResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let id = referral_id(&request.get_ref().referral_id)?;
+        let row = self
+            .node
+            .store
+            .inbox_item(id)
+            .await
+            .map_err(Failure::from)?
+            .ok_or_else(|| Status::not_found(format!("no received referral {id}")))?;
+        let payload = pb::ReferralPayload::decode(row.payload.as_slice())
+            .map_err(|_| Status::internal("stored referral is corrupt"))?;
+        tracing::info!(referral = %id, user = %user.name, "referral read");
+        Ok(Response::new(pb::GetReferralResponse {
+            referral_id: id.to_hex(),
+            sender: row.sender,
+            recipient: self.node.org.to_string(),
+            purpose: row.purpose,
+            case_ref: row.case_ref,
+            fields: payload.fields,
+            received_at_ms: row.received_at_ms,
+            consent_id: payload.consent_id,
+        }))
+    }
+
+    async fn get_referral_status(
+        &self,
+        request: Request<pb::GetReferralStatusRequest>,
+    ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let id = referral_id(&request.get_ref().referral_id)?;
+        let status = self
+            .node
+            .store
+            .outbox_status(id)
+            .await
+            .map_err(Failure::from)?
+            .ok_or_else(|| Status::not_found(format!("no sent referral {id}")))?;
+        let receipt = status
+            .receipt
+            .map(|bytes| pb::Receipt::decode(bytes.as_slice()))
+            .transpose()
+            .map_err(|_| Status::internal("stored receipt is corrupt"))?;
+        Ok(Response::new(pb::GetReferralStatusResponse {
+            referral_id: status.message_id.to_hex(),
+            recipient: status.recipient,
+            purpose: status.purpose,
+            state: status.state,
+            attempts: u32::try_from(status.attempts).unwrap_or(u32::MAX),
+            last_error: status.last_error.unwrap_or_default(),
+            created_at_ms: status.created_at_ms,
+            receipt,
+        }))
+    }
+}

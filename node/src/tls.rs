@@ -1,0 +1,439 @@
+//! Mutual TLS for the federation: who a peer is, decided once per connection.
+//!
+//! The server side accepts a client only if its certificate chains to the federation CA,
+//! carries exactly one `urn:corridor:org:<id>` URI naming a directory member, and its
+//! SHA-256 fingerprint equals the one the directory lists for that member. The result —
+//! the peer's org id — is attached to the connection ([`PeerInfo`]) and read by handlers
+//! from the request extensions, so no certificate is parsed per request.
+//!
+//! The client side (delivery) checks the server the same way against the org it means to
+//! reach, so an envelope header is never shown to anyone else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use corridor::{Directory, OrgId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::keys::read_secret_file;
+
+/// The authenticated peer of a federation connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub org: OrgId,
+    pub remote: SocketAddr,
+}
+
+/// Why a peer certificate does not identify a member.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("certificate cannot be parsed")]
+    Unparseable,
+    #[error("certificate carries no urn:corridor:org URI")]
+    NoOrgUri,
+    #[error("certificate carries more than one urn:corridor:org URI")]
+    SeveralOrgUris,
+    #[error("certificate org URI is malformed")]
+    BadOrgUri,
+    #[error("org {0} is not a member of the federation")]
+    NotAMember(OrgId),
+    #[error("certificate of {0} does not match the directory's fingerprint")]
+    FingerprintMismatch(OrgId),
+    #[error("certificate names {found}, expected {expected}")]
+    WrongOrg { found: OrgId, expected: OrgId },
+}
+
+/// The org id a certificate claims, from its subjectAltName URIs.
+pub fn org_of_certificate(cert: &CertificateDer<'_>) -> Result<OrgId, PeerError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| PeerError::Unparseable)?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|_| PeerError::Unparseable)?
+        .ok_or(PeerError::NoOrgUri)?;
+    let mut orgs = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with(corridor::org::ORG_URI_PREFIX) => Some(*uri),
+        _ => None,
+    });
+    let first = orgs.next().ok_or(PeerError::NoOrgUri)?;
+    if orgs.next().is_some() {
+        return Err(PeerError::SeveralOrgUris);
+    }
+    OrgId::from_uri(first).map_err(|_| PeerError::BadOrgUri)
+}
+
+/// The member a certificate identifies: org URI names a member and the fingerprint matches.
+pub fn member_of_certificate(
+    directory: &Directory,
+    cert: &CertificateDer<'_>,
+) -> Result<OrgId, PeerError> {
+    let org = org_of_certificate(cert)?;
+    let member = directory
+        .get(&org)
+        .ok_or_else(|| PeerError::NotAMember(org.clone()))?;
+    if corridor::canonical::sha256(cert.as_ref()) != member.cert_sha256 {
+        return Err(PeerError::FingerprintMismatch(org));
+    }
+    Ok(org)
+}
+
+fn refused(error: PeerError) -> rustls::Error {
+    tracing::warn!(reason = %error, "refused peer certificate");
+    rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+}
+
+/// Chain validation by webpki, then directory membership and fingerprint.
+#[derive(Debug)]
+struct MemberClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    directory: Arc<Directory>,
+}
+
+impl ClientCertVerifier for MemberClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        member_of_certificate(&self.directory, end_entity).map_err(refused)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Chain validation by webpki, then the expected org and its directory fingerprint.
+#[derive(Debug)]
+pub struct MemberServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    directory: Arc<Directory>,
+    expected: OrgId,
+}
+
+impl ServerCertVerifier for MemberServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let org = member_of_certificate(&self.directory, end_entity).map_err(refused)?;
+        if org != self.expected {
+            return Err(refused(PeerError::WrongOrg {
+                found: org,
+                expected: self.expected.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Why TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("TLS configuration is invalid: {0}")]
+    Rustls(String),
+}
+
+/// The TLS material every federation connection uses, loaded once at start.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: Vec<u8>,
+    pub roots: Arc<RootCertStore>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+impl TlsMaterial {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsSetupError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| TlsSetupError::Read {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let ca_pem = read(ca)?;
+        let cert_pem = read(cert)?;
+        let key_pem = read_secret_file(key).map_err(|e| TlsSetupError::Read {
+            path: key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&ca_pem) {
+            let c = c.map_err(|e| TlsSetupError::Read {
+                path: ca.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            roots
+                .add(c)
+                .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsSetupError::Read {
+                path: ca.display().to_string(),
+                reason: "no certificate in file".into(),
+            });
+        }
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsSetupError::Read {
+                path: cert.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsSetupError::Read {
+                path: cert.display().to_string(),
+                reason: "no certificate in file".into(),
+            });
+        }
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsSetupError::Read {
+            path: key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            ca_pem,
+            roots: Arc::new(roots),
+            cert_pem,
+            key_pem,
+            chain,
+        })
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))
+    }
+
+    /// The rustls server configuration of the federation listener.
+    pub fn server_config(
+        &self,
+        directory: Arc<Directory>,
+    ) -> Result<rustls::ServerConfig, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        let verifier = Arc::new(MemberClientVerifier { inner, directory });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key()?)
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    /// A server verifier that accepts only `expected`'s certificate.
+    pub fn server_verifier(
+        &self,
+        directory: Arc<Directory>,
+        expected: OrgId,
+    ) -> Result<Arc<MemberServerVerifier>, TlsSetupError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        Ok(Arc::new(MemberServerVerifier {
+            inner,
+            directory,
+            expected,
+        }))
+    }
+}
+
+/// A TLS connection from an authenticated member.
+pub struct FederationConn {
+    stream: TlsStream<TcpStream>,
+    info: PeerInfo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for FederationConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for FederationConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FederationConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, runs each TLS handshake in its own task with a timeout, and
+/// yields the connections of authenticated members. At most `max_connections` are open
+/// at once; further clients wait in the kernel's accept queue.
+pub fn accept_members(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    directory: Arc<Directory>,
+    handshake_timeout: Duration,
+    max_connections: usize,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<FederationConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let limit = Arc::new(Semaphore::new(max_connections));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let directory = directory.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::info!(%remote, %error, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let org = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .ok_or(PeerError::NoOrgUri)
+                    .and_then(|cert| member_of_certificate(&directory, cert));
+                let org = match org {
+                    Ok(org) => org,
+                    Err(error) => {
+                        tracing::warn!(%remote, %error, "connection without member identity");
+                        return;
+                    }
+                };
+                tracing::debug!(%remote, peer = %org, "member connected");
+                let conn = FederationConn {
+                    stream,
+                    info: PeerInfo { org, remote },
+                    _permit: permit,
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
