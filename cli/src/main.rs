@@ -1,1 +1,182 @@
-fn main(){}
+//! `corridor` — the command-line tool of Corridor for caseworkers, operators and demos.
+//!
+//! Caseworker commands talk to a node's local API (`--node`, default
+//! `http://127.0.0.1:7080`) with a bearer token (`--token` or `CORRIDOR_TOKEN`).
+
+mod client;
+mod commands;
+mod demo;
+mod devpki;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use commands::{CaseCommand, ConsentCommand, Output, ReferralCommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "corridor", version, about = "Corridor: consent-gated referrals between organisations")]
+struct Cli {
+    /// Local API address of your node.
+    #[arg(long, global = true, env = "CORRIDOR_NODE", default_value = "http://127.0.0.1:7080")]
+    node: String,
+    /// Bearer token (prefer the CORRIDOR_TOKEN environment variable or --token-file).
+    #[arg(long, global = true, env = "CORRIDOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "CORRIDOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a local demo federation of three nodes and walk a referral through it.
+    Demo {
+        /// Where to write the demo's PKI, configuration, databases and logs
+        /// (default: a fresh temporary directory, removed at the end).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the nodes running and print how to use the CLI against them.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Write a development PKI, keys, directory and node configurations.
+    DevPki {
+        /// Output directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Federation name.
+        #[arg(long, default_value = "corridor-dev")]
+        federation: String,
+        /// An org as id:COUNTRY:role[+role][:name] (repeat; default: the demo's three orgs).
+        #[arg(long = "org")]
+        orgs: Vec<devpki::OrgSpec>,
+        /// First port; each org gets a federation port and the next one for its local API.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
+    /// Cases.
+    #[command(subcommand)]
+    Case(CaseCommand),
+    /// Consent.
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+    /// Referrals.
+    #[command(subcommand)]
+    Referral(ReferralCommand),
+    /// List referrals received by your node.
+    Inbox,
+    /// Run a Corridor node (same as corridor-node).
+    #[command(hide = true, disable_help_flag = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, String> {
+    if let Some(t) = token {
+        return Ok(t);
+    }
+    if let Some(path) = token_file {
+        return std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()));
+    }
+    Err("no token: set CORRIDOR_TOKEN, or pass --token or --token-file".into())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let output = cli.output;
+    match cli.command {
+        Command::Demo { dir, keep_running } => {
+            demo::run(demo::DemoOptions { dir, keep_running }).await
+        }
+        Command::DevPki {
+            out,
+            federation,
+            orgs,
+            base_port,
+        } => dev_pki(&out, &federation, orgs, base_port),
+        Command::Node { .. } => Err("`corridor node` must come first on the command line".into()),
+        command => {
+            let token = token(cli.token, cli.token_file)?;
+            let mut client = client::connect(&cli.node, &token).await?;
+            match command {
+                Command::Case(c) => commands::case(&mut client, output, c).await,
+                Command::Consent(c) => commands::consent(&mut client, output, c).await,
+                Command::Referral(c) => commands::referral(&mut client, output, c).await,
+                Command::Inbox => commands::inbox(&mut client, output).await,
+                Command::Demo { .. } | Command::DevPki { .. } | Command::Node { .. } => Ok(()),
+            }
+        }
+    }
+}
+
+fn dev_pki(
+    out: &std::path::Path,
+    federation: &str,
+    orgs: Vec<devpki::OrgSpec>,
+    base_port: u16,
+) -> Result<(), String> {
+    let orgs = if orgs.is_empty() {
+        devpki::demo_orgs()
+    } else {
+        orgs
+    };
+    let ports = (0..orgs.len())
+        .map(|i| {
+            let federation = u16::try_from(usize::from(base_port) + 2 * i)
+                .ok()
+                .filter(|p| *p < u16::MAX)
+                .ok_or("--base-port is too high for that many orgs")?;
+            Ok(devpki::Ports {
+                federation,
+                local: federation + 1,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let generated = devpki::generate(out, federation, &orgs, &ports)?;
+    println!("development PKI written to {}", out.display());
+    for g in generated {
+        println!(
+            "  {:<16} federation 127.0.0.1:{}  local API 127.0.0.1:{}  config {}",
+            g.spec.id.as_str(),
+            g.ports.federation,
+            g.ports.local,
+            g.config.display()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // `corridor node ...` runs the node in this process: the demo starts its nodes this
+    // way, so a single binary is all it needs.
+    let mut args = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "node") {
+        let program = args.next().unwrap_or_else(|| "corridor-node".into());
+        return corridor_node::main_from(std::iter::once(program).chain(args.skip(1)));
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("corridor: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("corridor: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

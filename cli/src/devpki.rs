@@ -1,0 +1,252 @@
+//! `corridor dev-pki`: a development PKI and configuration for a local federation — a
+//! federation CA, a TLS certificate and key per org (SAN: `localhost`, `127.0.0.1` and
+//! `urn:corridor:org:<id>`), signing and sealing keys, the directory file and a node.toml
+//! per org. Every private key file is written with mode 0600. Not for production use.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use corridor::directory::{DirectoryFile, MemberEntry};
+use corridor::{OrgId, Role, SealingKey, SigningKey};
+use corridor_node::keys::write_secret_file;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use ring::rand::SecureRandom as _;
+
+/// One organisation to generate material for.
+#[derive(Debug, Clone)]
+pub struct OrgSpec {
+    pub id: OrgId,
+    pub name: String,
+    pub country: String,
+    pub roles: Vec<Role>,
+}
+
+impl std::str::FromStr for OrgSpec {
+    type Err = String;
+    /// `id:COUNTRY:role[+role...][:Display name]`, e.g. `kh-embassy-kl:MY:embassy:Embassy of Cambodia`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(4, ':');
+        let (Some(id), Some(country), Some(roles)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "org {s:?} must be id:COUNTRY:role[+role][:name], e.g. shelter-my:MY:shelter"
+            ));
+        };
+        let id = OrgId::new(id).map_err(|e| format!("org {id:?}: {e}"))?;
+        let roles = roles
+            .split('+')
+            .map(|r| {
+                toml::Value::String(r.to_owned())
+                    .try_into::<Role>()
+                    .map_err(|_| format!("org {id}: unknown role {r:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: parts.next().unwrap_or(id.as_str()).to_owned(),
+            id,
+            country: country.to_owned(),
+            roles,
+        })
+    }
+}
+
+/// The demo federation: a shelter in Malaysia, a reintegration shelter in Cambodia and
+/// the Cambodian embassy in Kuala Lumpur.
+pub fn demo_orgs() -> Vec<OrgSpec> {
+    [
+        "shelter-my:MY:shelter:Harbour Shelter, Kuala Lumpur (demo)",
+        "shelter-kh:KH:shelter:Reintegration Shelter, Phnom Penh (demo)",
+        "kh-embassy-kl:MY:embassy:Embassy of Cambodia in Kuala Lumpur (demo)",
+    ]
+    .iter()
+    .filter_map(|s| s.parse().ok())
+    .collect()
+}
+
+/// Ports of one org's listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub federation: u16,
+    pub local: u16,
+}
+
+/// What was generated for one org.
+#[derive(Debug, Clone)]
+pub struct GeneratedOrg {
+    pub spec: OrgSpec,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub ports: Ports,
+}
+
+fn err(context: &str) -> impl Fn(rcgen::Error) -> String + '_ {
+    move |e| format!("{context}: {e}")
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("cannot write {}: {e}", path.display())
+}
+
+fn validity(params: &mut CertificateParams, years: i32) {
+    let now_year = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| 1970 + (d.as_secs() / 31_556_952) as i32)
+        .unwrap_or(2026);
+    params.not_before = rcgen::date_time_ymd(now_year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(now_year + years, 1, 1);
+}
+
+fn write(path: &Path, contents: &[u8]) -> Result<(), String> {
+    std::fs::write(path, contents).map_err(io_err(path))
+}
+
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), String> {
+    write_secret_file(path, contents).map_err(io_err(path))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut bytes = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "system randomness unavailable".to_string())?;
+    Ok(bytes)
+}
+
+/// Generates the PKI and configuration under `out`, which must not exist or be empty.
+pub fn generate(
+    out: &Path,
+    federation: &str,
+    orgs: &[OrgSpec],
+    ports: &[Ports],
+) -> Result<Vec<GeneratedOrg>, String> {
+    if orgs.is_empty() {
+        return Err("at least one org is needed".into());
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map_err(io_err(out))?
+            .next()
+            .is_some()
+    {
+        return Err(format!(
+            "{} already exists and is not empty; choose another --out",
+            out.display()
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+
+    let ca_key = KeyPair::generate().map_err(err("CA key"))?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err("CA"))?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{federation} federation CA (development)"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca_params, 5);
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(err("CA"))?;
+    write(&out.join("ca.pem"), ca_cert.pem().as_bytes())?;
+    write_secret(&out.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut members = Vec::new();
+    let mut generated = Vec::new();
+    for (i, spec) in orgs.iter().enumerate() {
+        let ports = ports.get(i).copied().ok_or("not enough ports for every org")?;
+        let dir = out.join(spec.id.as_str());
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+
+        let key = KeyPair::generate().map_err(err("TLS key"))?;
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string()]).map_err(err("certificate"))?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.subject_alt_names.push(SanType::URI(
+            spec.id
+                .to_uri()
+                .try_into()
+                .map_err(err("org URI"))?,
+        ));
+        params.distinguished_name.push(DnType::CommonName, spec.id.as_str());
+        params.distinguished_name.push(DnType::OrganizationName, &spec.name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 1);
+        let cert = params.signed_by(&key, &issuer).map_err(err("certificate"))?;
+        write(&dir.join("tls.pem"), cert.pem().as_bytes())?;
+        write_secret(&dir.join("tls.key"), key.serialize_pem().as_bytes())?;
+
+        let signing = SigningKey::from_seed(&random_bytes::<32>()?).map_err(|e| e.to_string())?;
+        let sealing = SealingKey::derive(&random_bytes::<32>()?);
+        write_secret(&dir.join("signing.key"), signing.to_base64().as_bytes())?;
+        write_secret(&dir.join("sealing.key"), sealing.to_base64().as_bytes())?;
+
+        members.push(MemberEntry {
+            id: spec.id.to_string(),
+            name: spec.name.clone(),
+            country: spec.country.clone(),
+            roles: spec.roles.clone(),
+            endpoint: format!("https://127.0.0.1:{}", ports.federation),
+            signing_key: signing.verifying_key().to_base64(),
+            sealing_key: sealing.public_key().to_base64(),
+            cert_sha256: hex::encode(corridor::canonical::sha256(cert.der())),
+        });
+
+        let config = dir.join("node.toml");
+        let text = format!(
+            "# Development configuration of {name} generated by `corridor dev-pki`.\n\
+             # Every setting not written here has the default documented in corridor-node.\n\
+             org_id = \"{id}\"\n\
+             data_dir = \"data\"\n\
+             directory = \"../directory.toml\"\n\
+             \n\
+             [federation]\n\
+             listen = \"127.0.0.1:{fed}\"\n\
+             ca_cert = \"../ca.pem\"\n\
+             cert = \"tls.pem\"\n\
+             key = \"tls.key\"\n\
+             \n\
+             [local]\n\
+             listen = \"127.0.0.1:{local}\"\n\
+             \n\
+             [keys]\n\
+             signing_key = \"signing.key\"\n\
+             sealing_key = \"sealing.key\"\n\
+             \n\
+             [delivery]\n\
+             initial_backoff_ms = 200\n\
+             max_backoff_ms = 5000\n",
+            name = spec.name.replace('"', "'"),
+            id = spec.id,
+            fed = ports.federation,
+            local = ports.local,
+        );
+        write(&config, text.as_bytes())?;
+        generated.push(GeneratedOrg {
+            spec: spec.clone(),
+            dir,
+            config,
+            ports,
+        });
+    }
+
+    let directory = DirectoryFile {
+        federation: federation.to_owned(),
+        serial: 1,
+        members,
+    };
+    let text = toml::to_string_pretty(&directory).map_err(|e| format!("directory: {e}"))?;
+    let header = format!(
+        "# Federation directory of {federation}, generated by `corridor dev-pki`.\n\n"
+    );
+    write(&out.join("directory.toml"), format!("{header}{text}").as_bytes())?;
+    // Prove the output is a valid directory before anyone relies on it.
+    corridor::Directory::from_toml(&text).map_err(|e| format!("generated directory: {e}"))?;
+    Ok(generated)
+}
