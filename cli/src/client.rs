@@ -33,8 +33,10 @@ pub async fn connect(url: &str, token: &str) -> Result<Client, String> {
         .connect()
         .await
         .map_err(|e| format!("cannot reach the node at {url}: {}", source_text(&e)))?;
-    Ok(CaseworkerClient::with_interceptor(channel, BearerToken(value))
-        .max_decoding_message_size(4 * 1024 * 1024))
+    Ok(
+        CaseworkerClient::with_interceptor(channel, BearerToken(value))
+            .max_decoding_message_size(4 * 1024 * 1024),
+    )
 }
 
 fn source_text(e: &dyn std::error::Error) -> String {

@@ -106,7 +106,10 @@ async fn wait_serving(node: &mut RunningNode) -> Result<(), String> {
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("the node of {} did not start in time", node.org.spec.id));
+            return Err(format!(
+                "the node of {} did not start in time",
+                node.org.spec.id
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -129,7 +132,10 @@ async fn stop(node: &mut RunningNode) {
     }
 }
 
-async fn wait_delivered(client: &mut Client, id: &str) -> Result<pb::GetReferralStatusResponse, String> {
+async fn wait_delivered(
+    client: &mut Client,
+    id: &str,
+) -> Result<pb::GetReferralStatusResponse, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = client
@@ -172,8 +178,14 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
             local: p[1],
         })
         .collect();
-    println!("Corridor demo: a local federation of {} organisations", orgs.len());
-    println!("Writing a development PKI, keys, directory and configuration to {}", dir.display());
+    println!(
+        "Corridor demo: a local federation of {} organisations",
+        orgs.len()
+    );
+    println!(
+        "Writing a development PKI, keys, directory and configuration to {}",
+        dir.display()
+    );
     let generated = devpki::generate(&dir, "corridor-demo", &orgs, &ports)?;
 
     let mut nodes = Vec::new();
@@ -192,7 +204,10 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
     }
     match &outcome {
         Ok(()) => {
-            println!("\nAll nodes stopped. Demo finished in {:.1} s.", started.elapsed().as_secs_f64());
+            println!(
+                "\nAll nodes stopped. Demo finished in {:.1} s.",
+                started.elapsed().as_secs_f64()
+            );
             if !options.keep_running {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -241,16 +256,24 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     let kh_id = shelter_kh.org.spec.id.to_string();
     let emb_id = embassy.org.spec.id.to_string();
 
-    step(1, "A caseworker at the shelter in Malaysia opens a case for a woman who wants to go home to Cambodia.");
+    step(
+        1,
+        "A caseworker at the shelter in Malaysia opens a case for a woman who wants to go home to Cambodia.",
+    );
     let case_id = my
-        .create_case(pb::CreateCaseRequest { label: "demo case".into() })
+        .create_case(pb::CreateCaseRequest {
+            label: "demo case".into(),
+        })
         .await
         .map_err(|s| explain(&s))?
         .into_inner()
         .case_id;
     println!("   case {case_id}");
 
-    step(2, "She gives written consent: her case may go to the reintegration shelter in Cambodia, for reintegration, for 30 days.");
+    step(
+        2,
+        "She gives written consent: her case may go to the reintegration shelter in Cambodia, for reintegration, for 30 days.",
+    );
     let consent = my
         .record_consent(pb::RecordConsentRequest {
             case_id: case_id.clone(),
@@ -265,7 +288,10 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .into_inner();
     println!("   consent {}", consent.consent_id);
 
-    step(3, "The caseworker tries to send the case to the embassy for nationality verification. Her consent does not cover that:");
+    step(
+        3,
+        "The caseworker tries to send the case to the embassy for nationality verification. Her consent does not cover that:",
+    );
     let refused = my
         .send_referral(pb::SendReferralRequest {
             case_id: case_id.clone(),
@@ -275,11 +301,17 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         })
         .await;
     match refused {
-        Err(status) => println!("   refused before anything left the shelter: {}", status.message()),
+        Err(status) => println!(
+            "   refused before anything left the shelter: {}",
+            status.message()
+        ),
         Ok(_) => return Err("the consent gate let through a referral without consent".into()),
     }
 
-    step(4, "The referral to the reintegration shelter is sealed to its key, signed by the shelter and queued durably.");
+    step(
+        4,
+        "The referral to the reintegration shelter is sealed to its key, signed by the shelter and queued durably.",
+    );
     let fields: std::collections::HashMap<String, String> = [
         ("preferred_name", "Srey (demo)"),
         ("age_band", "25-29"),
@@ -302,7 +334,10 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .into_inner();
     println!("   referral {} {}", sent.referral_id, sent.state);
 
-    step(5, "The shelter's node delivers it over mutual TLS and waits for the signed receipt.");
+    step(
+        5,
+        "The shelter's node delivers it over mutual TLS and waits for the signed receipt.",
+    );
     let t0 = Instant::now();
     let status = wait_delivered(&mut my, &sent.referral_id).await?;
     println!(
@@ -311,7 +346,10 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         t0.elapsed().as_secs_f64() * 1000.0
     );
 
-    step(6, "The reintegration shelter in Cambodia finds it in its inbox:");
+    step(
+        6,
+        "The reintegration shelter in Cambodia finds it in its inbox:",
+    );
     let inbox = kh
         .list_inbox(pb::ListInboxRequest {})
         .await
@@ -336,12 +374,18 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         println!("     {k}: {v}");
     }
 
-    step(7, "The shelter in Malaysia holds the receipt; anyone with the directory can check it:");
+    step(
+        7,
+        "The shelter in Malaysia holds the receipt; anyone with the directory can check it:",
+    );
     let receipt = status.receipt.ok_or("delivered without a receipt")?;
-    let parsed = corridor_node::convert::receipt_from_pb(receipt.clone()).map_err(|e| e.to_string())?;
+    let parsed =
+        corridor_node::convert::receipt_from_pb(receipt.clone()).map_err(|e| e.to_string())?;
     let kh_org = OrgId::new(&kh_id).map_err(|e| e.to_string())?;
     let my_org = shelter_my.org.spec.id.clone();
-    let member = directory.get(&kh_org).ok_or("recipient missing from directory")?;
+    let member = directory
+        .get(&kh_org)
+        .ok_or("recipient missing from directory")?;
     let message_id = MessageId::from_hex(&sent.referral_id).map_err(|e| e.to_string())?;
     parsed
         .verify(
@@ -359,7 +403,10 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         hex::encode(&receipt.envelope_digest)
     );
 
-    step(8, "She now also consents to the embassy verifying her nationality; the request goes out.");
+    step(
+        8,
+        "She now also consents to the embassy verifying her nationality; the request goes out.",
+    );
     my.record_consent(pb::RecordConsentRequest {
         case_id: case_id.clone(),
         recipients: vec![emb_id.clone()],
@@ -396,19 +443,35 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
             item.referral_id, item.purpose, item.case_ref
         );
     }
-    let kh_ref = inbox.items.first().map(|i| i.case_ref.clone()).unwrap_or_default();
-    let emb_ref = embassy_inbox.items.first().map(|i| i.case_ref.clone()).unwrap_or_default();
+    let kh_ref = inbox
+        .items
+        .first()
+        .map(|i| i.case_ref.clone())
+        .unwrap_or_default();
+    let emb_ref = embassy_inbox
+        .items
+        .first()
+        .map(|i| i.case_ref.clone())
+        .unwrap_or_default();
     if kh_ref == emb_ref {
         return Err("two recipients saw the same case reference".into());
     }
 
     println!("\nWhat happened:");
-    println!("  - The person's consent decided what left the shelter: the first embassy request was refused");
+    println!(
+        "  - The person's consent decided what left the shelter: the first embassy request was refused"
+    );
     println!("    at the sender, before any data moved.");
-    println!("  - Each referral travelled sealed to its recipient (HPKE) and signed by the sender (Ed25519),");
+    println!(
+        "  - Each referral travelled sealed to its recipient (HPKE) and signed by the sender (Ed25519),"
+    );
     println!("    over mutual TLS between members of the federation directory.");
-    println!("  - Each recipient stored it durably and answered with a signed receipt, which the sender verified.");
-    println!("  - The two recipients know the case under different references ({kh_ref} and {emb_ref}),");
+    println!(
+        "  - Each recipient stored it durably and answered with a signed receipt, which the sender verified."
+    );
+    println!(
+        "  - The two recipients know the case under different references ({kh_ref} and {emb_ref}),"
+    );
     println!("    so their records cannot be linked by reference.");
     Ok(())
 }

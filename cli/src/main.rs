@@ -3,10 +3,7 @@
 //! Caseworker commands talk to a node's local API (`--node`, default
 //! `http://127.0.0.1:7080`) with a bearer token (`--token` or `CORRIDOR_TOKEN`).
 
-mod client;
-mod commands;
-mod demo;
-mod devpki;
+use corridor_cli::{client, commands, demo, devpki};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,10 +13,19 @@ use clap::{Parser, Subcommand};
 use commands::{CaseCommand, ConsentCommand, Output, ReferralCommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "corridor", version, about = "Corridor: consent-gated referrals between organisations")]
+#[command(
+    name = "corridor",
+    version,
+    about = "Corridor: consent-gated referrals between organisations"
+)]
 struct Cli {
     /// Local API address of your node.
-    #[arg(long, global = true, env = "CORRIDOR_NODE", default_value = "http://127.0.0.1:7080")]
+    #[arg(
+        long,
+        global = true,
+        env = "CORRIDOR_NODE",
+        default_value = "http://127.0.0.1:7080"
+    )]
     node: String,
     /// Bearer token (prefer the CORRIDOR_TOKEN environment variable or --token-file).
     #[arg(long, global = true, env = "CORRIDOR_TOKEN", hide_env_values = true)]
@@ -165,7 +171,10 @@ fn main() -> ExitCode {
         return corridor_node::main_from(std::iter::once(program).chain(args.skip(1)));
     }
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("corridor: cannot start the runtime: {e}");

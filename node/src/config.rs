@@ -275,7 +275,10 @@ mod tests {
         for (text, word) in [
             ("org_id = \"Bad Org\"\n", "org id"),
             ("org_id = \"a\"\nunknown = 1\n", "unknown"),
-            ("org_id = \"a\"\n[delivery]\ninitial_backoff_ms = 0\n", "backoff"),
+            (
+                "org_id = \"a\"\n[delivery]\ninitial_backoff_ms = 0\n",
+                "backoff",
+            ),
         ] {
             std::fs::write(&path, text).unwrap();
             let err = Config::load(&path).unwrap_err().to_string();

@@ -84,7 +84,11 @@ impl Clients {
     }
 }
 
-async fn deliver_once(node: &Node, clients: &Clients, item: &DueItem) -> Result<Vec<u8>, AttemptError> {
+async fn deliver_once(
+    node: &Node,
+    clients: &Clients,
+    item: &DueItem,
+) -> Result<Vec<u8>, AttemptError> {
     let recipient = OrgId::new(&item.recipient)
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
     let member = node
@@ -149,12 +153,21 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
         Err(AttemptError::Retry(reason)) if now >= item.expires_at_ms => {
             tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
             node.store
-                .mark_final(id, "expired", &format!("expired undelivered; last error: {reason}"))
+                .mark_final(
+                    id,
+                    "expired",
+                    &format!("expired undelivered; last error: {reason}"),
+                )
                 .await
         }
         Err(AttemptError::Retry(reason)) => {
             let d = &node.config.delivery;
-            let delay = backoff_ms(item.attempts, d.initial_backoff_ms, d.max_backoff_ms, random_u32());
+            let delay = backoff_ms(
+                item.attempts,
+                d.initial_backoff_ms,
+                d.max_backoff_ms,
+                random_u32(),
+            );
             tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, %reason, "delivery failed, will retry");
             let next = now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
             node.store.mark_retry(id, &reason, next).await
@@ -193,8 +206,12 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                         }
                         break;
                     };
-                    let (node, clients, in_flight, finished) =
-                        (node.clone(), clients.clone(), in_flight.clone(), finished.clone());
+                    let (node, clients, in_flight, finished) = (
+                        node.clone(),
+                        clients.clone(),
+                        in_flight.clone(),
+                        finished.clone(),
+                    );
                     tokio::spawn(async move {
                         let id = item.message_id;
                         attempt(&node, &clients, item).await;
@@ -231,7 +248,10 @@ mod tests {
             let cap = (500u64 << attempts.min(30)).min(60_000);
             for random in [0, 1, 12345, u32::MAX] {
                 let d = backoff_ms(attempts, 500, 60_000, random);
-                assert!(d >= cap / 2 && d <= cap, "attempt {attempts}: {d} outside {cap}");
+                assert!(
+                    d >= cap / 2 && d <= cap,
+                    "attempt {attempts}: {d} outside {cap}"
+                );
             }
         }
         assert_eq!(backoff_ms(-5, 500, 60_000, 0), 250);

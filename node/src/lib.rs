@@ -87,7 +87,10 @@ where
     };
     // Only ring is in the dependency graph; make it the process default explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("corridor-node: cannot start the runtime: {e}");
@@ -122,7 +125,9 @@ async fn run(args: Args) -> Result<(), String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
             if !valid {
-                return Err("user name must be 1-64 characters of letters, digits, '-', '_' or '.'".into());
+                return Err(
+                    "user name must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                );
             }
             let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
             let (token, hash) =

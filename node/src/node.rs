@@ -90,9 +90,10 @@ impl Node {
         }
         let f = &config.federation;
         let tls = TlsMaterial::load(&f.ca_cert, &f.cert, &f.key)?;
-        let own_cert = tls.chain.first().ok_or_else(|| {
-            StartError::Mismatch("certificate file holds no certificate".into())
-        })?;
+        let own_cert = tls
+            .chain
+            .first()
+            .ok_or_else(|| StartError::Mismatch("certificate file holds no certificate".into()))?;
         match crate::tls::member_of_certificate(&directory, own_cert) {
             Ok(id) if id == org => {}
             Ok(id) => {

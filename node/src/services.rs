@@ -64,8 +64,7 @@ impl Caseworker for CaseworkerService {
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
         let user = authenticate(&self.node.store, &request).await?;
-        let consent_id =
-            workflows::record_consent(&self.node, &user, request.into_inner()).await?;
+        let consent_id = workflows::record_consent(&self.node, &user, request.into_inner()).await?;
         Ok(Response::new(pb::RecordConsentResponse { consent_id }))
     }
 

@@ -66,10 +66,14 @@ pub fn org_of_certificate(cert: &CertificateDer<'_>) -> Result<OrgId, PeerError>
         .subject_alternative_name()
         .map_err(|_| PeerError::Unparseable)?
         .ok_or(PeerError::NoOrgUri)?;
-    let mut orgs = san.value.general_names.iter().filter_map(|name| match name {
-        GeneralName::URI(uri) if uri.starts_with(corridor::org::ORG_URI_PREFIX) => Some(*uri),
-        _ => None,
-    });
+    let mut orgs = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with(corridor::org::ORG_URI_PREFIX) => Some(*uri),
+            _ => None,
+        });
     let first = orgs.next().ok_or(PeerError::NoOrgUri)?;
     if orgs.next().is_some() {
         return Err(PeerError::SeveralOrgUris);
@@ -161,8 +165,13 @@ impl ServerCertVerifier for MemberServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         let org = member_of_certificate(&self.directory, end_entity).map_err(refused)?;
         if org != self.expected {
             return Err(refused(PeerError::WrongOrg {

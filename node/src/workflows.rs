@@ -100,7 +100,9 @@ pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String
         )));
     }
     let id = random_id("case")?;
-    node.store.create_case(&id, label, user.id, now_ms()).await?;
+    node.store
+        .create_case(&id, label, user.id, now_ms())
+        .await?;
     tracing::info!(case = %id, user = %user.name, "case created");
     Ok(id)
 }
@@ -138,7 +140,11 @@ pub async fn record_consent(
     let given_by = match req.given_by.as_str() {
         "" | "person" => "person",
         "guardian" => "guardian",
-        _ => return Err(Failure::invalid("given_by must be \"person\" or \"guardian\"")),
+        _ => {
+            return Err(Failure::invalid(
+                "given_by must be \"person\" or \"guardian\"",
+            ));
+        }
     };
     let method = match req.method.as_str() {
         "" | "written" => "written",
@@ -154,7 +160,10 @@ pub async fn record_consent(
         return Err(Failure::invalid("consent expiry must be in the future"));
     }
     if !node.store.case_exists(&req.case_id).await? {
-        return Err(Failure::not_found(format!("case {} not found", req.case_id)));
+        return Err(Failure::not_found(format!(
+            "case {} not found",
+            req.case_id
+        )));
     }
     let id = random_id("consent")?;
     node.store
@@ -206,8 +215,16 @@ fn consents_of(rows: Vec<crate::storage::ConsentRow>) -> Vec<Consent> {
     rows.into_iter()
         .map(|r| Consent {
             id: r.id,
-            recipients: r.recipients.iter().filter_map(|o| OrgId::new(o).ok()).collect(),
-            purposes: r.purposes.iter().filter_map(|p| Purpose::parse(p).ok()).collect(),
+            recipients: r
+                .recipients
+                .iter()
+                .filter_map(|o| OrgId::new(o).ok())
+                .collect(),
+            purposes: r
+                .purposes
+                .iter()
+                .filter_map(|p| Purpose::parse(p).ok())
+                .collect(),
             expires_at_ms: r.expires_at_ms,
             withdrawn_at_ms: r.withdrawn_at_ms,
         })
@@ -232,7 +249,10 @@ pub async fn send_referral(
     let purpose = parse_purpose(&req.purpose)?;
     check_fields(&req.fields)?;
     if !node.store.case_exists(&req.case_id).await? {
-        return Err(Failure::not_found(format!("case {} not found", req.case_id)));
+        return Err(Failure::not_found(format!(
+            "case {} not found",
+            req.case_id
+        )));
     }
     let now = now_ms();
     let consents = consents_of(node.store.consents_for_case(&req.case_id).await?);
@@ -265,9 +285,12 @@ pub async fn send_referral(
     };
     let envelope = Envelope::seal(header, &payload, &member.sealing_key, &node.signing_key)
         .map_err(|e| match e {
-            EnvelopeError::Seal(corridor::SealError::PayloadTooLarge(_)) => Failure::invalid(
-                format!("referral is larger than {} bytes", corridor::MAX_PAYLOAD_LEN),
-            ),
+            EnvelopeError::Seal(corridor::SealError::PayloadTooLarge(_)) => {
+                Failure::invalid(format!(
+                    "referral is larger than {} bytes",
+                    corridor::MAX_PAYLOAD_LEN
+                ))
+            }
             other => Failure::internal("sealing failed", other),
         })?;
     let digest = envelope.digest();
@@ -301,7 +324,10 @@ pub async fn receive_envelope(
     let envelope = convert::envelope_from_pb(envelope).map_err(envelope_failure)?;
     // The peer passed the handshake, so it is a member; its key signs its envelopes.
     let member = node.directory.get(&peer.org).ok_or_else(|| {
-        Failure::new(Code::PermissionDenied, format!("{} is not a member", peer.org))
+        Failure::new(
+            Code::PermissionDenied,
+            format!("{} is not a member", peer.org),
+        )
     })?;
     let now = now_ms();
     let verified = envelope

@@ -19,7 +19,10 @@ impl CaseRefKey {
     pub fn derive(node_secret: &[u8]) -> Self {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"corridor/v1/case-ref-key");
         let derived = ring::hmac::sign(&key, node_secret);
-        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()))
+        Self(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derived.as_ref(),
+        ))
     }
 
     /// The reference under which `recipient` knows case `case_id`.
@@ -46,6 +49,9 @@ mod tests {
         assert_ne!(key.reference("case-1", &a), key.reference("case-1", &b));
         assert_ne!(key.reference("case-1", &a), key.reference("case-2", &a));
         let other_node = CaseRefKey::derive(&[2; 32]);
-        assert_ne!(key.reference("case-1", &a), other_node.reference("case-1", &a));
+        assert_ne!(
+            key.reference("case-1", &a),
+            other_node.reference("case-1", &a)
+        );
     }
 }

@@ -75,7 +75,12 @@ mod tests {
     #[test]
     fn matching_consent_passes() {
         let c = [consent()];
-        assert_eq!(gate(&c, &org("shelter-kh"), Purpose::Reintegration, 999).unwrap().id, "c1");
+        assert_eq!(
+            gate(&c, &org("shelter-kh"), Purpose::Reintegration, 999)
+                .unwrap()
+                .id,
+            "c1"
+        );
     }
 
     #[test]
@@ -88,10 +93,16 @@ mod tests {
         let refused = |r: &str, p, now| gate(&c, &org(r), p, now).is_err();
         assert!(refused("other", Purpose::Reintegration, 0), "recipient");
         assert!(refused("shelter-kh", Purpose::LegalAid, 0), "purpose");
-        assert!(refused("shelter-kh", Purpose::Reintegration, 1000), "expired");
+        assert!(
+            refused("shelter-kh", Purpose::Reintegration, 1000),
+            "expired"
+        );
         let mut w = consent();
         w.withdrawn_at_ms = Some(5);
-        assert!(gate(&[w], &org("shelter-kh"), Purpose::Reintegration, 0).is_err(), "withdrawn");
+        assert!(
+            gate(&[w], &org("shelter-kh"), Purpose::Reintegration, 0).is_err(),
+            "withdrawn"
+        );
     }
 
     proptest! {

@@ -166,7 +166,8 @@ impl Member {
 
 fn validate(entry: MemberEntry) -> Result<Member, String> {
     let id = OrgId::new(&entry.id).map_err(|e| format!("id: {e}"))?;
-    let country_ok = entry.country.len() == 2 && entry.country.bytes().all(|b| b.is_ascii_uppercase());
+    let country_ok =
+        entry.country.len() == 2 && entry.country.bytes().all(|b| b.is_ascii_uppercase());
     if !country_ok {
         return Err(format!("{id}: country must be an ISO 3166-1 alpha-2 code"));
     }
@@ -176,8 +177,8 @@ fn validate(entry: MemberEntry) -> Result<Member, String> {
     if !(entry.endpoint.starts_with("https://") && entry.endpoint.len() > "https://".len()) {
         return Err(format!("{id}: endpoint must be an https:// URL"));
     }
-    let signing_key =
-        VerifyingKey::from_base64(&entry.signing_key).map_err(|e| format!("{id}: signing_key: {e}"))?;
+    let signing_key = VerifyingKey::from_base64(&entry.signing_key)
+        .map_err(|e| format!("{id}: signing_key: {e}"))?;
     let sealing_key = SealingPublicKey::from_base64(&entry.sealing_key)
         .map_err(|e| format!("{id}: sealing_key: {e}"))?;
     let cert_sha256 = hex::decode(&entry.cert_sha256)
@@ -210,7 +211,10 @@ mod tests {
             country: "MY".into(),
             roles: vec![Role::Shelter],
             endpoint: "https://127.0.0.1:7000".into(),
-            signing_key: SigningKey::from_seed(&[1; 32]).unwrap().verifying_key().to_base64(),
+            signing_key: SigningKey::from_seed(&[1; 32])
+                .unwrap()
+                .verifying_key()
+                .to_base64(),
             sealing_key: SealingKey::derive(&[2; 32]).public_key().to_base64(),
             cert_sha256: "ab".repeat(32),
         }
@@ -250,7 +254,9 @@ mod tests {
         for (tamper, word) in cases {
             let mut e = entry("a-my");
             tamper(&mut e);
-            let err = Directory::from_toml(&file(vec![e])).unwrap_err().to_string();
+            let err = Directory::from_toml(&file(vec![e]))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(word), "{err} should mention {word}");
         }
         assert!(matches!(

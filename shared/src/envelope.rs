@@ -159,7 +159,9 @@ pub enum EnvelopeError {
         field: &'static str,
         source: crate::org::OrgIdError,
     },
-    #[error("envelope claims sender {claimed} but the connection is authenticated as {authenticated}")]
+    #[error(
+        "envelope claims sender {claimed} but the connection is authenticated as {authenticated}"
+    )]
     SenderMismatch {
         claimed: OrgId,
         authenticated: OrgId,
@@ -391,18 +393,27 @@ mod tests {
         let tampers: Vec<(&str, Tamper<EnvelopeHeader>)> = vec![
             ("version", Box::new(|h| h.version = 2)),
             ("message_id", Box::new(|h| h.message_id.0[0] ^= 1)),
-            ("sender", Box::new({
-                let o = other.clone();
-                move |h| h.sender = o.clone()
-            })),
-            ("recipient", Box::new({
-                let o = other.clone();
-                move |h| h.recipient = o.clone()
-            })),
-            ("route", Box::new({
-                let o = other.clone();
-                move |h| h.route.push(o.clone())
-            })),
+            (
+                "sender",
+                Box::new({
+                    let o = other.clone();
+                    move |h| h.sender = o.clone()
+                }),
+            ),
+            (
+                "recipient",
+                Box::new({
+                    let o = other.clone();
+                    move |h| h.recipient = o.clone()
+                }),
+            ),
+            (
+                "route",
+                Box::new({
+                    let o = other.clone();
+                    move |h| h.route.push(o.clone())
+                }),
+            ),
             ("created_at_ms", Box::new(|h| h.created_at_ms += 1)),
             ("expires_at_ms", Box::new(|h| h.expires_at_ms += 1)),
         ];
@@ -493,8 +504,7 @@ mod tests {
             let mut h = f.header.clone();
             h.created_at_ms = created;
             h.expires_at_ms = expires;
-            let e = Envelope::seal(h, b"x", f.recipient_seal.public_key(), &f.sender_key)
-                .unwrap();
+            let e = Envelope::seal(h, b"x", f.recipient_seal.public_key(), &f.sender_key).unwrap();
             assert_eq!(check(&f, e).unwrap_err(), EnvelopeError::BadLifetime);
         }
     }
@@ -511,7 +521,10 @@ mod tests {
     fn message_id_parsing() {
         let id = MessageId([0xab; 16]);
         assert_eq!(MessageId::from_hex(&id.to_hex()), Ok(id));
-        assert_eq!(MessageId::from_hex("abcd"), Err(EnvelopeError::BadMessageId));
+        assert_eq!(
+            MessageId::from_hex("abcd"),
+            Err(EnvelopeError::BadMessageId)
+        );
         assert_eq!(MessageId::from_hex("zz"), Err(EnvelopeError::BadMessageId));
         assert_ne!(MessageId::random().unwrap(), MessageId::random().unwrap());
     }

@@ -19,13 +19,13 @@ pub mod receipt;
 pub mod seal;
 pub mod sign;
 
+pub use caseref::CaseRefKey;
+pub use consent::{Consent, GateRefusal};
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{
     Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,
     VerifiedEnvelope,
 };
-pub use caseref::CaseRefKey;
-pub use consent::{Consent, GateRefusal};
 pub use org::{OrgId, OrgIdError};
 pub use purpose::{Purpose, UnknownPurpose};
 pub use receipt::{Receipt, ReceiptError};

@@ -167,14 +167,20 @@ mod tests {
             ("version", Box::new(|r| r.version = 2)),
             ("message_id", Box::new(|r| r.message_id.0[0] ^= 1)),
             ("digest", Box::new(|r| r.envelope_digest[0] ^= 1)),
-            ("sender", Box::new({
-                let o = other.clone();
-                move |r| r.sender = o.clone()
-            })),
-            ("recipient", Box::new({
-                let o = other.clone();
-                move |r| r.recipient = o.clone()
-            })),
+            (
+                "sender",
+                Box::new({
+                    let o = other.clone();
+                    move |r| r.sender = o.clone()
+                }),
+            ),
+            (
+                "recipient",
+                Box::new({
+                    let o = other.clone();
+                    move |r| r.recipient = o.clone()
+                }),
+            ),
             ("received_at_ms", Box::new(|r| r.received_at_ms += 1)),
             ("log_index", Box::new(|r| r.log_index += 1)),
             ("signature", Box::new(|r| r.signature[0] ^= 1)),

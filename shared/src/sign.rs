@@ -55,9 +55,7 @@ impl SigningKey {
 
     /// Parses a base64-encoded seed (surrounding whitespace ignored).
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        let bytes = B64
-            .decode(text.trim())
-            .map_err(|_| KeyError::NotBase64)?;
+        let bytes = B64.decode(text.trim()).map_err(|_| KeyError::NotBase64)?;
         Self::from_seed(&bytes)
     }
 
@@ -100,9 +98,7 @@ impl VerifyingKey {
     }
 
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        let bytes = B64
-            .decode(text.trim())
-            .map_err(|_| KeyError::NotBase64)?;
+        let bytes = B64.decode(text.trim()).map_err(|_| KeyError::NotBase64)?;
         Self::from_bytes(&bytes)
     }
 

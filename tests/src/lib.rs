@@ -1,1 +1,361 @@
+//! Test harness: a development federation on loopback with real `corridor-node`
+//! processes, clients for their local and federation APIs, and helpers to build
+//! envelopes by hand (as a misbehaving or malicious member would).
+//!
+//! The node binary is the one cargo built for this workspace (`target/<profile>/
+//! corridor-node`); `cargo test --workspace` builds it before any test runs.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corridor::{Directory, OrgId, SealingPublicKey, SigningKey};
+use corridor_cli::devpki::{self, GeneratedOrg, OrgSpec, Ports};
+use corridor_proto::v1 as pb;
+use corridor_proto::v1::caseworker_client::CaseworkerClient;
+use corridor_proto::v1::federation_client::FederationClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A workspace binary built by cargo next to this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!(
+        "corridor-test-{tag}-{}-{n}-{}",
+        std::process::id(),
+        corridor_node::node::now_ms()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A development federation: PKI, directory and node configurations on disk.
+pub struct Federation {
+    pub dir: PathBuf,
+    pub orgs: Vec<GeneratedOrg>,
+    pub directory: Directory,
+}
+
+pub const SHELTER_MY: &str = "shelter-my";
+pub const SHELTER_KH: &str = "shelter-kh";
+pub const EMBASSY: &str = "kh-embassy-kl";
+
+impl Federation {
+    /// The demo's three orgs, with fresh ports.
+    pub fn demo(tag: &str) -> Self {
+        Self::with_orgs(tag, &devpki::demo_orgs())
+    }
+
+    pub fn with_orgs(tag: &str, orgs: &[OrgSpec]) -> Self {
+        let dir = unique_dir(tag);
+        let ports: Vec<Ports> = free_ports(orgs.len() * 2)
+            .chunks(2)
+            .map(|p| Ports {
+                federation: p[0],
+                local: p[1],
+            })
+            .collect();
+        let orgs = devpki::generate(&dir, tag, orgs, &ports).expect("dev PKI");
+        let directory = Directory::from_toml(
+            &std::fs::read_to_string(dir.join("directory.toml")).expect("directory file"),
+        )
+        .expect("valid directory");
+        Self {
+            dir,
+            orgs,
+            directory,
+        }
+    }
+
+    pub fn org(&self, id: &str) -> &GeneratedOrg {
+        self.orgs
+            .iter()
+            .find(|o| o.spec.id.as_str() == id)
+            .unwrap_or_else(|| panic!("no org {id}"))
+    }
+
+    /// Starts the node of `id` and waits until it serves.
+    pub fn start(&self, id: &str) -> TestNode {
+        let org = self.org(id).clone();
+        let token = admin_token(&org.config);
+        let mut node = TestNode {
+            org,
+            token,
+            child: None,
+        };
+        node.start();
+        node
+    }
+
+    pub fn signing_key(&self, id: &str) -> SigningKey {
+        corridor_node::keys::load_signing_key(&self.org(id).dir.join("signing.key"))
+            .expect("signing key")
+    }
+
+    pub fn sealing_public_key(&self, id: &str) -> SealingPublicKey {
+        self.directory
+            .get(&OrgId::new(id).expect("org id"))
+            .expect("member")
+            .sealing_key
+            .clone()
+    }
+
+    /// A federation client that presents `as_org`'s certificate (or none) to `to`'s node.
+    pub async fn federation_client(
+        &self,
+        as_org: Option<&GeneratedOrg>,
+        ca_dir: &Path,
+        to: &str,
+    ) -> Result<FederationClient<Channel>, tonic::transport::Error> {
+        let ca = std::fs::read(ca_dir.join("ca.pem")).expect("CA file");
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(org) = as_org {
+            let cert = std::fs::read(org.dir.join("tls.pem")).expect("cert");
+            let key = std::fs::read(org.dir.join("tls.key")).expect("key");
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let channel = Endpoint::from_shared(format!(
+            "https://127.0.0.1:{}",
+            self.org(to).ports.federation
+        ))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+        Ok(FederationClient::new(channel).max_encoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn admin_token(config: &Path) -> String {
+    let out = Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(config)
+        .args(["create-admin-token", "--user", "test-caseworker"])
+        .output()
+        .expect("run corridor-node create-admin-token");
+    assert!(
+        out.status.success(),
+        "create-admin-token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("token")
+        .trim()
+        .to_owned()
+}
+
+/// A running `corridor-node` process.
+pub struct TestNode {
+    pub org: GeneratedOrg,
+    pub token: String,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn log_path(&self) -> PathBuf {
+        self.org.dir.join("node.log")
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&self.org.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn corridor-node");
+        self.child = Some(child);
+        self.wait_serving();
+    }
+
+    fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = format!("127.0.0.1:{}", self.org.ports.local);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "node {} exited at start ({status}):\n{}",
+                    self.org.spec.id,
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            // The local listener is bound only after everything else has loaded.
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not start",
+                self.org.spec.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process without warning (SIGKILL), as a crash or power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn local_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.org.ports.local)
+    }
+
+    pub async fn client(&self) -> Caseworker {
+        let channel = Endpoint::from_shared(self.local_url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect to local API");
+        let token: MetadataValue<_> = format!("Bearer {}", self.token).parse().expect("token");
+        CaseworkerClient::with_interceptor(channel, Bearer(token))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+pub type Caseworker =
+    CaseworkerClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Opens a case with consent for `recipient` and `purpose`; returns the case id.
+pub async fn case_with_consent(client: &mut Caseworker, recipient: &str, purpose: &str) -> String {
+    let case_id = client
+        .create_case(pb::CreateCaseRequest {
+            label: "test".into(),
+        })
+        .await
+        .expect("create case")
+        .into_inner()
+        .case_id;
+    client
+        .record_consent(pb::RecordConsentRequest {
+            case_id: case_id.clone(),
+            recipients: vec![recipient.into()],
+            purposes: vec![purpose.into()],
+            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+            given_by: "person".into(),
+            method: "written".into(),
+        })
+        .await
+        .expect("record consent");
+    case_id
+}
+
+/// Polls until the sent referral leaves the `queued` state, and returns its status.
+pub async fn wait_final(
+    client: &mut Caseworker,
+    referral_id: &str,
+    timeout: Duration,
+) -> pb::GetReferralStatusResponse {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client
+            .get_referral_status(pb::GetReferralStatusRequest {
+                referral_id: referral_id.into(),
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        if status.state != "queued" {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "referral {referral_id} still queued after {timeout:?} (attempts {}, last error {})",
+            status.attempts,
+            status.last_error
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn inbox(client: &mut Caseworker) -> Vec<pb::InboxItem> {
+    client
+        .list_inbox(pb::ListInboxRequest {})
+        .await
+        .expect("inbox")
+        .into_inner()
+        .items
+}

@@ -1,0 +1,11 @@
+//! # corridor-cli — the `corridor` command
+//!
+//! * [`devpki`] — development PKI, keys, directory and node configurations
+//! * [`demo`] — a local three-node federation walking a referral end to end
+//! * [`commands`] — caseworker commands against a node's local API
+//! * [`client`] — connecting to the local API with a bearer token
+
+pub mod client;
+pub mod commands;
+pub mod demo;
+pub mod devpki;

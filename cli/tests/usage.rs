@@ -1,0 +1,77 @@
+//! The `corridor` command reports mistakes in one sentence with a non-zero exit.
+
+use std::process::Command;
+
+fn corridor(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_corridor"))
+        .args(args)
+        .env_remove("CORRIDOR_TOKEN")
+        .env_remove("CORRIDOR_TOKEN_FILE")
+        .output()
+        .expect("run corridor");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_token_is_explained() {
+    let (ok, stderr) = corridor(&["inbox"]);
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        "corridor: no token: set CORRIDOR_TOKEN, or pass --token or --token-file"
+    );
+}
+
+#[test]
+fn unreachable_node_is_explained() {
+    let (ok, stderr) = corridor(&["--node", "http://127.0.0.1:1", "--token", "x", "inbox"]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("corridor: cannot reach the node at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dev_pki_refuses_a_non_empty_directory_and_writes_private_keys_0600() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("corridor-cli-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let (ok, stderr) = corridor(&[
+        "dev-pki",
+        "--out",
+        out,
+        "--org",
+        "ngo-th:TH:ngo:Transit NGO",
+    ]);
+    assert!(ok, "{stderr}");
+    for key in [
+        "ca.key",
+        "ngo-th/tls.key",
+        "ngo-th/signing.key",
+        "ngo-th/sealing.key",
+    ] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let directory = std::fs::read_to_string(dir.join("directory.toml")).unwrap();
+    assert!(corridor::Directory::from_toml(&directory).is_ok());
+    let (ok, stderr) = corridor(&["dev-pki", "--out", out]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("already exists and is not empty"),
+        "{stderr}"
+    );
+    let (ok, stderr) = corridor(&["dev-pki", "--out", "/tmp/x", "--org", "Bad:MY:shelter"]);
+    assert!(!ok);
+    assert!(stderr.contains("org"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,251 @@
+//! What a node refuses, with which gRPC status, and that nothing of a refused envelope is
+//! stored. Envelopes here are built by hand, as a misbehaving member would.
+
+use std::time::Duration;
+
+use corridor::envelope::ENVELOPE_VERSION;
+use corridor::{Envelope, EnvelopeHeader, MessageId, MessageKind, OrgId};
+use corridor_node::convert::envelope_to_pb;
+use corridor_proto::v1 as pb;
+use corridor_tests::*;
+use prost::Message as _;
+use tonic::Code;
+
+fn header(sender: &str, recipient: &str) -> EnvelopeHeader {
+    let now = corridor_node::node::now_ms();
+    EnvelopeHeader {
+        version: ENVELOPE_VERSION,
+        message_id: MessageId::random().unwrap(),
+        kind: MessageKind::Referral,
+        sender: OrgId::new(sender).unwrap(),
+        recipient: OrgId::new(recipient).unwrap(),
+        route: vec![],
+        created_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+    }
+}
+
+fn payload() -> Vec<u8> {
+    pb::ReferralPayload {
+        case_ref: "ref-test".into(),
+        purpose: "reintegration".into(),
+        fields: [("age_band".to_string(), "25-29".to_string())].into(),
+        consent_id: "consent-test".into(),
+    }
+    .encode_to_vec()
+}
+
+/// A correctly sealed and signed envelope from `sender` to `recipient`.
+fn envelope(fed: &Federation, h: EnvelopeHeader) -> Envelope {
+    let recipient = h.recipient.to_string();
+    let signer = fed.signing_key(h.sender.as_str());
+    Envelope::seal(h, &payload(), &fed.sealing_public_key(&recipient), &signer).unwrap()
+}
+
+async fn assert_nothing_stored(node: &TestNode) {
+    let mut c = node.client().await;
+    assert!(
+        inbox(&mut c).await.is_empty(),
+        "a refused envelope was stored"
+    );
+}
+
+async fn deliver_as(
+    fed: &Federation,
+    as_org: &str,
+    e: &Envelope,
+) -> Result<pb::Receipt, tonic::Status> {
+    let mut client = fed
+        .federation_client(Some(fed.org(as_org)), &fed.dir, SHELTER_KH)
+        .await
+        .expect("connect");
+    client
+        .deliver(envelope_to_pb(e))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn assert_code(result: Result<pb::Receipt, tonic::Status>, code: Code, words: &str) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(words),
+        "message {:?} should name the problem ({words})",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn refuses_connections_without_a_member_certificate() {
+    let fed = Federation::demo("refuse-tls");
+    let other = Federation::demo("refuse-tls-other");
+    let recipient = fed.start(SHELTER_KH);
+    let e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+
+    // No client certificate: the handshake fails; with TLS 1.3 the client learns it on
+    // its first RPC.
+    let no_cert = match fed.federation_client(None, &fed.dir, SHELTER_KH).await {
+        Ok(mut c) => c.deliver(envelope_to_pb(&e)).await.map(|r| r.into_inner()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert_transport_refusal(no_cert.expect_err("no certificate"));
+
+    // A certificate from another federation's CA, for an org id that exists here too.
+    let foreign = match fed
+        .federation_client(Some(other.org(SHELTER_MY)), &fed.dir, SHELTER_KH)
+        .await
+    {
+        Ok(mut c) => c.deliver(envelope_to_pb(&e)).await.map(|r| r.into_inner()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert_transport_refusal(foreign.expect_err("foreign CA"));
+
+    assert_nothing_stored(&recipient).await;
+    // The node says why, once per connection.
+    let log = recipient.log();
+    assert!(log.contains("TLS handshake refused"), "{log}");
+    assert!(log.contains("peer sent no certificates"), "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}
+
+/// The TLS handshake failed, so the RPC fails at the transport: which code the client
+/// library reports depends on when it notices the closed connection.
+fn assert_transport_refusal(status: tonic::Status) {
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn refuses_bad_envelopes_with_the_right_status() {
+    let fed = Federation::demo("refuse-envelope");
+    let recipient = fed.start(SHELTER_KH);
+
+    // Org A's valid certificate on an envelope claiming org B.
+    let e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    assert_code(
+        deliver_as(&fed, EMBASSY, &e).await,
+        Code::PermissionDenied,
+        "authenticated as kh-embassy-kl",
+    );
+
+    // An envelope for another recipient.
+    let e = envelope(&fed, header(SHELTER_MY, EMBASSY));
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::InvalidArgument,
+        "addressed to kh-embassy-kl",
+    );
+
+    // A tampered header (expiry moved after signing).
+    let mut e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    e.header.expires_at_ms += 1000;
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::Unauthenticated,
+        "signature",
+    );
+
+    // A tampered ciphertext.
+    let mut e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let last = e.ciphertext.len() - 1;
+    e.ciphertext[last] ^= 0x01;
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::Unauthenticated,
+        "signature",
+    );
+
+    // Signed by someone else's key.
+    let mut h = header(SHELTER_MY, SHELTER_KH);
+    h.sender = OrgId::new(SHELTER_MY).unwrap();
+    let e = Envelope::seal(
+        h,
+        &payload(),
+        &fed.sealing_public_key(SHELTER_KH),
+        &fed.signing_key(EMBASSY),
+    )
+    .unwrap();
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::Unauthenticated,
+        "signature",
+    );
+
+    // An expired envelope.
+    let mut h = header(SHELTER_MY, SHELTER_KH);
+    h.created_at_ms -= 7_200_000;
+    h.expires_at_ms = h.created_at_ms + 3_600_000;
+    let e = envelope(&fed, h);
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+
+    // A payload that is not a referral, correctly sealed and signed.
+    let h = header(SHELTER_MY, SHELTER_KH);
+    let e = Envelope::seal(
+        h,
+        b"\xff\xff\xff not protobuf",
+        &fed.sealing_public_key(SHELTER_KH),
+        &fed.signing_key(SHELTER_MY),
+    )
+    .unwrap();
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::InvalidArgument,
+        "payload",
+    );
+
+    // An oversized message is refused before it is decoded.
+    let mut e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    e.ciphertext = vec![0u8; 2 * 1024 * 1024];
+    let status = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect_err("oversized");
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    assert_nothing_stored(&recipient).await;
+    let log = recipient.log();
+    assert!(
+        !log.contains("25-29"),
+        "payload content leaked into the log"
+    );
+}
+
+#[tokio::test]
+async fn replays_are_answered_with_the_same_receipt_and_processed_once() {
+    let fed = Federation::demo("replay");
+    let recipient = fed.start(SHELTER_KH);
+    let e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let first = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("first delivery");
+    let second = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("replay is acknowledged");
+    assert_eq!(first, second, "a replay gets the original receipt");
+
+    // The same message id on different content is refused.
+    let mut h = e.header.clone();
+    h.created_at_ms += 1;
+    let other = envelope(&fed, h);
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &other).await,
+        Code::AlreadyExists,
+        "already used",
+    );
+
+    let mut c = recipient.client().await;
+    assert_eq!(inbox(&mut c).await.len(), 1, "processed exactly once");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
