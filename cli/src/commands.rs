@@ -29,6 +29,26 @@ pub enum CaseCommand {
 pub enum ConsentCommand {
     /// Record the person's consent to share their case.
     Record(RecordConsent),
+    /// Show a consent.
+    Show {
+        /// Consent id.
+        id: String,
+    },
+    /// Narrow a consent: remove purposes, recipients or fields, shorten it, add
+    /// restrictions. Widening is refused; record a new consent instead.
+    Narrow(NarrowConsent),
+    /// Withdraw a consent: nothing more is sent under it, and every organisation that
+    /// received data under it is asked to purge it and answer with a signed purge receipt.
+    Withdraw {
+        /// Consent id.
+        id: String,
+    },
+    /// Show which organisations have purged data under a withdrawn consent, and which are
+    /// still outstanding.
+    Status {
+        /// Consent id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -36,21 +56,67 @@ pub struct RecordConsent {
     /// Case id.
     #[arg(long = "case")]
     pub case_id: String,
-    /// Org that may receive the data (repeat for several).
-    #[arg(long = "recipient", required = true)]
+    /// Org that may receive the data, by org id (repeat for several).
+    #[arg(long = "recipient")]
     pub recipients: Vec<String>,
-    /// Purpose the data may be used for (repeat for several); see `corridor referral send --help`.
+    /// Recipients by role and country, as role@CC or *@CC (repeat). State authorities
+    /// (embassy, government) are covered only when named with --recipient.
+    #[arg(long = "recipient-role")]
+    pub recipient_roles: Vec<String>,
+    /// Purpose the data may be used for (repeat); see `corridor profiles`.
     #[arg(long = "purpose", required = true)]
     pub purposes: Vec<String>,
+    /// Field the person agrees to share (repeat); see `corridor profiles --fields`.
+    #[arg(long = "field", required = true)]
+    pub fields: Vec<String>,
+    /// Never to organisations in this country (ISO code; repeat).
+    #[arg(long = "exclude-country")]
+    pub excluded_countries: Vec<String>,
+    /// No contact with the person's family (refuses family tracing).
+    #[arg(long)]
+    pub no_family_contact: bool,
     /// Days until the consent expires.
     #[arg(long, default_value_t = 90)]
     pub expires_in_days: u32,
     /// Who gave consent: person or guardian.
     #[arg(long, default_value = "person")]
     pub given_by: String,
+    /// For a guardian: on what basis (e.g. "mother of a minor").
+    #[arg(long, default_value = "")]
+    pub guardian_basis: String,
     /// How it was given: written, verbal or interpreter.
     #[arg(long, default_value = "written")]
     pub method: String,
+    /// Language the consent was explained in.
+    #[arg(long, default_value = "")]
+    pub language: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NarrowConsent {
+    /// Consent id.
+    pub id: String,
+    /// Purpose to remove (repeat).
+    #[arg(long = "remove-purpose")]
+    pub remove_purposes: Vec<String>,
+    /// Recipient org to remove (repeat).
+    #[arg(long = "remove-recipient")]
+    pub remove_recipients: Vec<String>,
+    /// Recipient role@CC to remove (repeat).
+    #[arg(long = "remove-recipient-role")]
+    pub remove_recipient_roles: Vec<String>,
+    /// Field to remove (repeat).
+    #[arg(long = "remove-field")]
+    pub remove_fields: Vec<String>,
+    /// Country to exclude from now on (repeat).
+    #[arg(long = "exclude-country")]
+    pub excluded_countries: Vec<String>,
+    /// Forbid contact with family from now on.
+    #[arg(long)]
+    pub no_family_contact: bool,
+    /// New expiry, in days from now (must not extend the consent).
+    #[arg(long)]
+    pub expires_in_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -81,9 +147,12 @@ pub struct SendReferral {
     /// return-assistance, reintegration, family-tracing or nationality-verification.
     #[arg(long)]
     pub purpose: String,
-    /// A field to disclose, as name=value (repeat for several).
+    /// A field to disclose, as name=value (repeat); names from `corridor profiles --fields`.
     #[arg(long = "field", value_parser = parse_field)]
     pub fields: Vec<(String, String)>,
+    /// Consent to send under (default: the newest consent of the case that allows it).
+    #[arg(long)]
+    pub consent: Option<String>,
 }
 
 fn parse_field(s: &str) -> Result<(String, String), String> {
@@ -146,6 +215,138 @@ pub async fn case(client: &mut Client, output: Output, cmd: CaseCommand) -> Resu
     Ok(())
 }
 
+pub fn scope_json(scope: &pb::ConsentScope) -> Value {
+    json!({
+        "purposes": scope.purposes, "recipient_orgs": scope.recipient_orgs,
+        "recipient_roles": scope.recipient_roles, "fields": scope.fields,
+        "excluded_countries": scope.excluded_countries,
+        "no_family_contact": scope.no_family_contact, "expires_at_ms": scope.expires_at_ms,
+    })
+}
+
+fn consent_json(c: &pb::ConsentView) -> Value {
+    json!({
+        "consent_id": c.consent_id, "case_id": c.case_id,
+        "scope": c.scope.as_ref().map(scope_json),
+        "given_by": c.given_by, "guardian_basis": c.guardian_basis, "method": c.method,
+        "language": c.language, "recorded_by": c.recorded_by,
+        "recorded_at_ms": c.recorded_at_ms,
+        "withdrawn_at_ms": (c.withdrawn_at_ms != 0).then_some(c.withdrawn_at_ms),
+        "narrowed_at_ms": (c.narrowed_at_ms != 0).then_some(c.narrowed_at_ms),
+    })
+}
+
+fn or_none(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+fn consent_text(c: &pb::ConsentView) -> String {
+    let scope = c.scope.clone().unwrap_or_default();
+    let mut text = format!(
+        "consent {}\n  case:        {}\n  given by:    {}{}\n  method:      {}{}\n  recorded:    {} by {}\n  purposes:    {}\n  recipients:  {}\n  by role:     {}\n  fields:      {}\n  excluded:    {}\n  family contact: {}\n  expires:     {}",
+        c.consent_id,
+        c.case_id,
+        c.given_by,
+        if c.guardian_basis.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.guardian_basis)
+        },
+        c.method,
+        if c.language.is_empty() {
+            String::new()
+        } else {
+            format!(", in {}", c.language)
+        },
+        format_time(c.recorded_at_ms),
+        c.recorded_by,
+        or_none(&scope.purposes),
+        or_none(&scope.recipient_orgs),
+        or_none(&scope.recipient_roles),
+        or_none(&scope.fields),
+        or_none(&scope.excluded_countries),
+        if scope.no_family_contact {
+            "forbidden"
+        } else {
+            "allowed"
+        },
+        format_time(scope.expires_at_ms),
+    );
+    if c.narrowed_at_ms != 0 {
+        text.push_str(&format!(
+            "\n  narrowed:    {}",
+            format_time(c.narrowed_at_ms)
+        ));
+    }
+    if c.withdrawn_at_ms != 0 {
+        text.push_str(&format!(
+            "\n  WITHDRAWN:   {}",
+            format_time(c.withdrawn_at_ms)
+        ));
+    }
+    text
+}
+
+fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
+    let recipients: Vec<Value> = r
+        .recipients
+        .iter()
+        .map(|p| {
+            json!({
+                "recipient": p.recipient, "referrals": p.referral_ids, "state": p.state,
+                "attempts": p.attempts, "last_error": p.last_error,
+                "purge_receipt": p.purge_receipt.as_ref().map(|pr| json!({
+                    "purged_at_ms": pr.purged_at_ms,
+                    "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
+                    "signature": hex::encode(&pr.signature),
+                })),
+            })
+        })
+        .collect();
+    let outstanding = r
+        .recipients
+        .iter()
+        .filter(|p| p.state.starts_with("pending"))
+        .count();
+    print(
+        output,
+        &json!({
+            "consent": r.consent.as_ref().map(consent_json),
+            "recipients": recipients,
+            "outstanding": outstanding,
+        }),
+        || {
+            let mut text = r.consent.as_ref().map(consent_text).unwrap_or_default();
+            if r.recipients.is_empty() {
+                text.push_str("\n  no data was sent under this consent");
+            }
+            for p in &r.recipients {
+                text.push_str(&format!("\n  {:<16} {}", p.recipient, p.state));
+                if let Some(pr) = &p.purge_receipt {
+                    text.push_str(&format!(
+                        " at {}: {} referral(s) destroyed, signed purge receipt held",
+                        format_time(pr.purged_at_ms),
+                        pr.purged_referrals.len()
+                    ));
+                } else if !p.last_error.is_empty() {
+                    text.push_str(&format!(
+                        " (attempts {}, last error: {})",
+                        p.attempts, p.last_error
+                    ));
+                }
+            }
+            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0) {
+                text.push_str(&format!("\n  {outstanding} purge receipt(s) outstanding"));
+            }
+            text
+        },
+    );
+}
+
 pub async fn consent(
     client: &mut Client,
     output: Output,
@@ -157,11 +358,19 @@ pub async fn consent(
             let r = client
                 .record_consent(pb::RecordConsentRequest {
                     case_id: c.case_id,
-                    recipients: c.recipients.clone(),
-                    purposes: c.purposes.clone(),
-                    expires_at_ms,
+                    scope: Some(pb::ConsentScope {
+                        purposes: c.purposes.clone(),
+                        recipient_orgs: c.recipients.clone(),
+                        recipient_roles: c.recipient_roles.clone(),
+                        fields: c.fields.clone(),
+                        excluded_countries: c.excluded_countries,
+                        no_family_contact: c.no_family_contact,
+                        expires_at_ms,
+                    }),
                     given_by: c.given_by,
+                    guardian_basis: c.guardian_basis,
                     method: c.method,
+                    language: c.language,
                 })
                 .await
                 .map_err(|s| explain(&s))?
@@ -171,17 +380,146 @@ pub async fn consent(
                 &json!({ "consent_id": r.consent_id, "expires_at_ms": expires_at_ms }),
                 || {
                     format!(
-                        "consent recorded: {} (recipients: {}; purposes: {}; expires {})",
+                        "consent recorded: {} (purposes: {}; fields: {}; expires {})",
                         r.consent_id,
-                        c.recipients.join(", "),
                         c.purposes.join(", "),
+                        c.fields.join(", "),
                         format_time(expires_at_ms)
                     )
                 },
             );
         }
+        ConsentCommand::Show { id } => {
+            let c = client
+                .get_consent(pb::ConsentRequest { consent_id: id })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            print(output, &consent_json(&c), || consent_text(&c));
+        }
+        ConsentCommand::Narrow(n) => {
+            let current = client
+                .get_consent(pb::ConsentRequest {
+                    consent_id: n.id.clone(),
+                })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            let mut scope = current.scope.unwrap_or_default();
+            let remove =
+                |list: &mut Vec<String>, gone: &[String]| list.retain(|x| !gone.contains(x));
+            remove(&mut scope.purposes, &n.remove_purposes);
+            remove(&mut scope.recipient_orgs, &n.remove_recipients);
+            remove(&mut scope.recipient_roles, &n.remove_recipient_roles);
+            remove(&mut scope.fields, &n.remove_fields);
+            for c in n.excluded_countries {
+                if !scope.excluded_countries.contains(&c) {
+                    scope.excluded_countries.push(c);
+                }
+            }
+            scope.no_family_contact |= n.no_family_contact;
+            if let Some(days) = n.expires_in_days {
+                scope.expires_at_ms = now_ms() + i64::from(days) * 86_400_000;
+            }
+            let c = client
+                .narrow_consent(pb::NarrowConsentRequest {
+                    consent_id: n.id,
+                    scope: Some(scope),
+                })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            print(output, &consent_json(&c), || {
+                format!("narrowed.\n{}", consent_text(&c))
+            });
+        }
+        ConsentCommand::Withdraw { id } => {
+            let r = client
+                .withdraw_consent(pb::ConsentRequest { consent_id: id })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            status_output(output, &r);
+        }
+        ConsentCommand::Status { id } => {
+            let r = client
+                .get_consent_status(pb::ConsentRequest { consent_id: id })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            status_output(output, &r);
+        }
     }
     Ok(())
+}
+
+/// `corridor profiles`: the purpose table, or the field catalogue.
+pub fn profiles(output: ProfilesOutput, fields: bool) {
+    use corridor::profile;
+    if fields {
+        match output {
+            ProfilesOutput::Json => {
+                let list: Vec<Value> = corridor::Field::ALL
+                    .iter()
+                    .map(|f| json!({"name": f.as_str(), "class": f.sensitivity().as_str(), "description": f.description()}))
+                    .collect();
+                println!("{}", json!({ "fields": list }));
+            }
+            _ => {
+                for f in corridor::Field::ALL {
+                    println!(
+                        "{:<28} {:<12} {}",
+                        f.as_str(),
+                        f.sensitivity().as_str(),
+                        f.description()
+                    );
+                }
+            }
+        }
+        return;
+    }
+    match output {
+        ProfilesOutput::Markdown => print!("{}", profile::markdown_table()),
+        ProfilesOutput::Json => {
+            let list: Vec<Value> = profile::all()
+                .iter()
+                .map(|p| {
+                    json!({
+                        "purpose": p.purpose.as_str(),
+                        "recipient_roles": p.recipient_roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                        "required": p.required.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+                        "optional": p.optional.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "profiles": list }));
+        }
+        ProfilesOutput::Text => {
+            for p in profile::all() {
+                let names = |fs: &[corridor::Field]| {
+                    fs.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
+                };
+                println!("{}", p.purpose);
+                println!(
+                    "  to:       {}",
+                    p.recipient_roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!("  required: {}", names(p.required));
+                println!("  optional: {}\n", names(p.optional));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProfilesOutput {
+    Text,
+    Json,
+    Markdown,
 }
 
 pub fn receipt_json(r: &pb::Receipt) -> Value {
@@ -210,6 +548,7 @@ pub async fn referral(
                     recipient: s.recipient.clone(),
                     purpose: s.purpose,
                     fields,
+                    consent_id: s.consent.unwrap_or_default(),
                 })
                 .await
                 .map_err(|st| explain(&st))?

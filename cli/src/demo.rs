@@ -160,6 +160,53 @@ async fn wait_delivered(
     }
 }
 
+const DEMO_REINTEGRATION: [(&str, &str); 5] = [
+    ("preferred_name", "Srey (demo)"),
+    ("age_band", "25-29"),
+    ("languages", "Khmer"),
+    ("needs", "safe accommodation, vocational training"),
+    ("arrival_window", "next month"),
+];
+
+const NATIONALITY: [(&str, &str); 4] = [
+    ("legal_given_name", "Srey Mom (demo)"),
+    ("legal_family_name", "Chan (demo)"),
+    ("date_of_birth", "1999-04-12"),
+    ("nationality", "KH"),
+];
+
+fn fields(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn wait_purged(
+    client: &mut Client,
+    consent_id: &str,
+) -> Result<pb::ConsentStatusResponse, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client
+            .get_consent_status(pb::ConsentRequest {
+                consent_id: consent_id.to_owned(),
+            })
+            .await
+            .map_err(|s| explain(&s))?
+            .into_inner();
+        if status.recipients.iter().all(|r| r.state == "purged") {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "consent {consent_id}: purge receipts still outstanding"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn step(n: u32, text: &str) {
     println!("\n{n}. {text}");
 }
@@ -272,16 +319,30 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
 
     step(
         2,
-        "She gives written consent: her case may go to the reintegration shelter in Cambodia, for reintegration, for 30 days.",
+        "Through a Khmer interpreter she consents: the reintegration shelter in Cambodia may receive six named fields, for reintegration, for 30 days.",
     );
+    let reintegration_fields = [
+        "preferred_name",
+        "age_band",
+        "languages",
+        "needs",
+        "arrival_window",
+        "risk_flags",
+    ];
     let consent = my
         .record_consent(pb::RecordConsentRequest {
             case_id: case_id.clone(),
-            recipients: vec![kh_id.clone()],
-            purposes: vec!["reintegration".into()],
-            expires_at_ms: crate::commands::now_ms() + 30 * 86_400_000,
+            scope: Some(pb::ConsentScope {
+                purposes: vec!["reintegration".into()],
+                recipient_orgs: vec![kh_id.clone()],
+                fields: reintegration_fields.iter().map(|f| f.to_string()).collect(),
+                expires_at_ms: crate::commands::now_ms() + 30 * 86_400_000,
+                ..Default::default()
+            }),
             given_by: "person".into(),
-            method: "written".into(),
+            method: "interpreter".into(),
+            language: "Khmer".into(),
+            ..Default::default()
         })
         .await
         .map_err(|s| explain(&s))?
@@ -290,65 +351,69 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
 
     step(
         3,
-        "The caseworker tries to send the case to the embassy for nationality verification. Her consent does not cover that:",
+        "The caseworker tries to send her legal names and date of birth to the embassy for nationality verification. The gate refuses, before anything leaves:",
     );
     let refused = my
         .send_referral(pb::SendReferralRequest {
             case_id: case_id.clone(),
             recipient: emb_id.clone(),
             purpose: "nationality-verification".into(),
-            fields: [("nationality".to_string(), "KH".to_string())].into(),
+            fields: fields(&NATIONALITY),
+            ..Default::default()
         })
         .await;
     match refused {
-        Err(status) => println!(
-            "   refused before anything left the shelter: {}",
-            status.message()
-        ),
+        Err(status) => println!("   {}", status.message()),
         Ok(_) => return Err("the consent gate let through a referral without consent".into()),
     }
 
     step(
         4,
-        "The referral to the reintegration shelter is sealed to its key, signed by the shelter and queued durably.",
+        "Adding her date of birth to the reintegration referral is refused too: not consented, and reintegration only needs an age band.",
     );
-    let fields: std::collections::HashMap<String, String> = [
-        ("preferred_name", "Srey (demo)"),
-        ("age_band", "25-29"),
-        ("languages", "Khmer"),
-        ("needs", "safe accommodation, vocational training"),
-        ("arrival_window", "next month"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let mut with_dob = fields(&DEMO_REINTEGRATION);
+    with_dob.insert("date_of_birth".into(), "1999-04-12".into());
+    match my
+        .send_referral(pb::SendReferralRequest {
+            case_id: case_id.clone(),
+            recipient: kh_id.clone(),
+            purpose: "reintegration".into(),
+            fields: with_dob,
+            ..Default::default()
+        })
+        .await
+    {
+        Err(status) => println!("   {}", status.message()),
+        Ok(_) => return Err("the consent gate let through a field without consent".into()),
+    }
+
+    step(
+        5,
+        "The consented referral is sealed to the recipient's key, signed by the shelter, with a signed consent receipt inside, and queued durably.",
+    );
     let sent = my
         .send_referral(pb::SendReferralRequest {
             case_id: case_id.clone(),
             recipient: kh_id.clone(),
             purpose: "reintegration".into(),
-            fields,
+            fields: fields(&DEMO_REINTEGRATION),
+            ..Default::default()
         })
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
     println!("   referral {} {}", sent.referral_id, sent.state);
-
-    step(
-        5,
-        "The shelter's node delivers it over mutual TLS and waits for the signed receipt.",
-    );
     let t0 = Instant::now();
     let status = wait_delivered(&mut my, &sent.referral_id).await?;
     println!(
-        "   delivered after {} attempt(s), {:.0} ms after queueing",
+        "   delivered over mutual TLS after {} attempt(s), {:.0} ms after queueing; the recipient re-ran the consent gate on arrival",
         status.attempts,
         t0.elapsed().as_secs_f64() * 1000.0
     );
 
     step(
         6,
-        "The reintegration shelter in Cambodia finds it in its inbox:",
+        "The reintegration shelter in Cambodia finds it in its inbox (stored encrypted under a per-case key):",
     );
     let inbox = kh
         .list_inbox(pb::ListInboxRequest {})
@@ -368,15 +433,15 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
-    let mut fields: Vec<_> = shown.fields.iter().collect();
-    fields.sort();
-    for (k, v) in fields {
+    let mut shown_fields: Vec<_> = shown.fields.iter().collect();
+    shown_fields.sort();
+    for (k, v) in shown_fields {
         println!("     {k}: {v}");
     }
 
     step(
         7,
-        "The shelter in Malaysia holds the receipt; anyone with the directory can check it:",
+        "The shelter in Malaysia holds the recipient's receipt; anyone with the directory can check it:",
     );
     let receipt = status.receipt.ok_or("delivered without a receipt")?;
     let parsed =
@@ -405,15 +470,21 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
 
     step(
         8,
-        "She now also consents to the embassy verifying her nationality; the request goes out.",
+        "She then consents to the embassy, named, verifying her nationality; that request goes out.",
     );
     my.record_consent(pb::RecordConsentRequest {
         case_id: case_id.clone(),
-        recipients: vec![emb_id.clone()],
-        purposes: vec!["nationality-verification".into()],
-        expires_at_ms: crate::commands::now_ms() + 14 * 86_400_000,
+        scope: Some(pb::ConsentScope {
+            purposes: vec!["nationality-verification".into()],
+            recipient_orgs: vec![emb_id.clone()],
+            fields: NATIONALITY.iter().map(|(f, _)| f.to_string()).collect(),
+            expires_at_ms: crate::commands::now_ms() + 14 * 86_400_000,
+            ..Default::default()
+        }),
         given_by: "person".into(),
         method: "interpreter".into(),
+        language: "Khmer".into(),
+        ..Default::default()
     })
     .await
     .map_err(|s| explain(&s))?;
@@ -422,11 +493,8 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
             case_id: case_id.clone(),
             recipient: emb_id.clone(),
             purpose: "nationality-verification".into(),
-            fields: [
-                ("nationality".to_string(), "KH".to_string()),
-                ("identity_document_type".to_string(), "none".to_string()),
-            ]
-            .into(),
+            fields: fields(&NATIONALITY),
+            ..Default::default()
         })
         .await
         .map_err(|s| explain(&s))?
@@ -457,11 +525,44 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         return Err("two recipients saw the same case reference".into());
     }
 
+    step(
+        9,
+        "Later she withdraws her consent to the reintegration referral. The withdrawal reaches the shelter in Cambodia, which destroys the data and answers with a signed purge receipt:",
+    );
+    my.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent.consent_id.clone(),
+    })
+    .await
+    .map_err(|s| explain(&s))?;
+    let purge = wait_purged(&mut my, &consent.consent_id).await?;
+    for p in &purge.recipients {
+        if let Some(pr) = &p.purge_receipt {
+            println!(
+                "   {} purged {} referral(s) at {}; purge receipt verified and kept",
+                p.recipient,
+                pr.purged_referrals.len(),
+                format_time(pr.purged_at_ms),
+            );
+        }
+    }
+    match kh
+        .get_referral(pb::GetReferralRequest {
+            referral_id: sent.referral_id.clone(),
+        })
+        .await
+    {
+        Err(status) => println!(
+            "   the shelter in Cambodia asked for the referral again: {}",
+            status.message()
+        ),
+        Ok(_) => return Err("the referral is still readable after the purge".into()),
+    }
+
     println!("\nWhat happened:");
     println!(
-        "  - The person's consent decided what left the shelter: the first embassy request was refused"
+        "  - The person's consent decided what left the shelter: requests beyond it were refused at the"
     );
-    println!("    at the sender, before any data moved.");
+    println!("    sender, naming every rule they broke, before any data moved.");
     println!(
         "  - Each referral travelled sealed to its recipient (HPKE) and signed by the sender (Ed25519),"
     );
@@ -473,5 +574,11 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         "  - The two recipients know the case under different references ({kh_ref} and {emb_ref}),"
     );
     println!("    so their records cannot be linked by reference.");
+    println!(
+        "  - Withdrawal reached the recipient, which destroyed the data (its per-case key is gone) and"
+    );
+    println!(
+        "    proved it with a signed purge receipt that the shelter in Malaysia verified and keeps."
+    );
     Ok(())
 }

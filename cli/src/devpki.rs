@@ -1,6 +1,6 @@
 //! `corridor dev-pki`: a development PKI and configuration for a local federation — a
 //! federation CA, a TLS certificate and key per org (SAN: `localhost`, `127.0.0.1` and
-//! `urn:corridor:org:<id>`), signing and sealing keys, the directory file and a node.toml
+//! `urn:corridor:org:<id>`), signing, sealing and data-at-rest keys, the directory file and a node.toml
 //! per org. Every private key file is written with mode 0600. Not for production use.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -193,6 +193,11 @@ pub fn generate(
         let sealing = SealingKey::derive(&random_bytes::<32>()?);
         write_secret(&dir.join("signing.key"), signing.to_base64().as_bytes())?;
         write_secret(&dir.join("sealing.key"), sealing.to_base64().as_bytes())?;
+        {
+            use base64::Engine as _;
+            let kek = base64::engine::general_purpose::STANDARD.encode(random_bytes::<32>()?);
+            write_secret(&dir.join("data.key"), kek.as_bytes())?;
+        }
 
         members.push(MemberEntry {
             id: spec.id.to_string(),
@@ -225,6 +230,7 @@ pub fn generate(
              [keys]\n\
              signing_key = \"signing.key\"\n\
              sealing_key = \"sealing.key\"\n\
+             data_key = \"data.key\"\n\
              \n\
              [delivery]\n\
              initial_backoff_ms = 200\n\

@@ -78,6 +78,16 @@ enum Command {
     Referral(ReferralCommand),
     /// List referrals received by your node.
     Inbox,
+    /// Print the purpose profiles (what each purpose requires and allows, and who may
+    /// receive it), or with --fields the field catalogue.
+    Profiles {
+        /// Print the field catalogue with sensitivity classes instead.
+        #[arg(long)]
+        fields: bool,
+        /// Format.
+        #[arg(long = "format", value_enum, default_value = "text")]
+        format: commands::ProfilesOutput,
+    },
     /// Run a Corridor node (same as corridor-node).
     #[command(hide = true, disable_help_flag = true)]
     Node {
@@ -111,6 +121,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             base_port,
         } => dev_pki(&out, &federation, orgs, base_port),
         Command::Node { .. } => Err("`corridor node` must come first on the command line".into()),
+        Command::Profiles { fields, format } => {
+            let format = match (format, output) {
+                (commands::ProfilesOutput::Text, Output::Json) => commands::ProfilesOutput::Json,
+                (f, _) => f,
+            };
+            commands::profiles(format, fields);
+            Ok(())
+        }
         command => {
             let token = token(cli.token, cli.token_file)?;
             let mut client = client::connect(&cli.node, &token).await?;
@@ -119,7 +137,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Command::Consent(c) => commands::consent(&mut client, output, c).await,
                 Command::Referral(c) => commands::referral(&mut client, output, c).await,
                 Command::Inbox => commands::inbox(&mut client, output).await,
-                Command::Demo { .. } | Command::DevPki { .. } | Command::Node { .. } => Ok(()),
+                Command::Demo { .. }
+                | Command::DevPki { .. }
+                | Command::Node { .. }
+                | Command::Profiles { .. } => Ok(()),
             }
         }
     }

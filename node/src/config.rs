@@ -21,6 +21,14 @@
 //! [keys]
 //! signing_key = "signing.key"           # Ed25519 seed, base64 (mode 0600)
 //! sealing_key = "sealing.key"           # X25519 private key, base64 (mode 0600)
+//! data_key = "data.key"                 # key-encryption key for data at rest, 32 bytes
+//!                                       # base64 (mode 0600); losing it loses the data
+//!
+//! [retention]                           # how long received referrals are kept
+//! default_days = 180
+//! check_interval_s = 60
+//! [retention.purposes]                  # per-purpose overrides, in days
+//! # return-assistance = 90
 //!
 //! [delivery]
 //! initial_backoff_ms = 500
@@ -57,7 +65,39 @@ pub struct Config {
     #[serde(default)]
     pub delivery: DeliveryConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub default_days: u32,
+    pub check_interval_s: u64,
+    pub purposes: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            default_days: 180,
+            check_interval_s: 60,
+            purposes: Default::default(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// How long a referral received for `purpose` is kept, in milliseconds.
+    pub fn retention_ms(&self, purpose: corridor::Purpose) -> i64 {
+        let days = self
+            .purposes
+            .get(purpose.as_str())
+            .copied()
+            .unwrap_or(self.default_days);
+        i64::from(days) * 86_400_000
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +123,7 @@ pub struct LocalConfig {
 pub struct KeysConfig {
     pub signing_key: PathBuf,
     pub sealing_key: PathBuf,
+    pub data_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +187,7 @@ impl Default for KeysConfig {
         Self {
             signing_key: "signing.key".into(),
             sealing_key: "sealing.key".into(),
+            data_key: "data.key".into(),
         }
     }
 }
@@ -215,6 +257,7 @@ impl Config {
             &mut self.federation.key,
             &mut self.keys.signing_key,
             &mut self.keys.sealing_key,
+            &mut self.keys.data_key,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -236,6 +279,17 @@ impl Config {
         let f = &self.federation;
         if f.max_message_bytes < 4096 {
             return Err("federation.max_message_bytes must be at least 4096".into());
+        }
+        for (purpose, days) in &self.retention.purposes {
+            corridor::Purpose::parse(purpose).map_err(|e| format!("retention.purposes: {e}"))?;
+            if *days == 0 {
+                return Err(format!(
+                    "retention.purposes.{purpose} must be at least 1 day"
+                ));
+            }
+        }
+        if self.retention.default_days == 0 || self.retention.check_interval_s == 0 {
+            return Err("retention.default_days and check_interval_s must be at least 1".into());
         }
         if f.max_connections == 0 {
             return Err("federation.max_connections must be at least 1".into());

@@ -85,3 +85,115 @@ pub fn receipt_from_pb(r: pb::Receipt) -> Result<Receipt, corridor::ReceiptError
         signature: r.signature,
     })
 }
+
+/// The wire enum value of a catalogue field (`FIELD_<NAME>`).
+pub fn field_to_pb(field: corridor::Field) -> i32 {
+    pb::Field::from_str_name(&format!("FIELD_{}", field.as_str().to_ascii_uppercase()))
+        .map(|f| f as i32)
+        .unwrap_or(0)
+}
+
+/// The catalogue field of a wire enum value.
+pub fn field_from_pb(value: i32) -> Option<corridor::Field> {
+    let name = pb::Field::try_from(value).ok()?.as_str_name();
+    corridor::Field::parse(&name.strip_prefix("FIELD_")?.to_ascii_lowercase()).ok()
+}
+
+pub fn consent_receipt_to_pb(r: &corridor::ConsentReceipt) -> pb::ConsentReceipt {
+    pb::ConsentReceipt {
+        consent_id: r.consent_id.clone(),
+        sender: r.sender.to_string(),
+        recipient: r.recipient.to_string(),
+        case_ref: r.case_ref.clone(),
+        purposes: r.purposes.iter().map(|p| p.as_str().to_owned()).collect(),
+        fields: r.fields.iter().map(|f| field_to_pb(*f)).collect(),
+        excluded_countries: r.restrictions.excluded_countries.iter().cloned().collect(),
+        no_family_contact: r.restrictions.no_family_contact,
+        expires_at_ms: r.expires_at_ms,
+        issued_at_ms: r.issued_at_ms,
+        signature: r.signature.clone(),
+    }
+}
+
+/// Why a wire consent receipt is malformed.
+pub fn consent_receipt_from_pb(r: pb::ConsentReceipt) -> Result<corridor::ConsentReceipt, String> {
+    let purposes = r
+        .purposes
+        .iter()
+        .map(|p| corridor::Purpose::parse(p).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let fields = r
+        .fields
+        .iter()
+        .map(|f| field_from_pb(*f).ok_or_else(|| format!("unknown field {f}")))
+        .collect::<Result<_, _>>()?;
+    Ok(corridor::ConsentReceipt {
+        consent_id: r.consent_id,
+        sender: OrgId::new(&r.sender).map_err(|e| format!("sender: {e}"))?,
+        recipient: OrgId::new(&r.recipient).map_err(|e| format!("recipient: {e}"))?,
+        case_ref: r.case_ref,
+        purposes,
+        fields,
+        restrictions: corridor::consent::Restrictions {
+            excluded_countries: r.excluded_countries.into_iter().collect(),
+            no_family_contact: r.no_family_contact,
+        },
+        expires_at_ms: r.expires_at_ms,
+        issued_at_ms: r.issued_at_ms,
+        signature: r.signature,
+    })
+}
+
+pub fn purge_receipt_to_pb(r: &corridor::PurgeReceipt) -> pb::PurgeReceipt {
+    pb::PurgeReceipt {
+        withdrawal_id: r.withdrawal_id.0.to_vec(),
+        consent_id: r.consent_id.clone(),
+        case_ref: r.case_ref.clone(),
+        requester: r.requester.to_string(),
+        purger: r.purger.to_string(),
+        purged_referrals: r.purged_referrals.iter().map(|m| m.0.to_vec()).collect(),
+        purged_at_ms: r.purged_at_ms,
+        signature: r.signature.clone(),
+    }
+}
+
+pub fn purge_receipt_from_pb(r: pb::PurgeReceipt) -> Result<corridor::PurgeReceipt, String> {
+    let ids = r
+        .purged_referrals
+        .iter()
+        .map(|m| MessageId::from_bytes(m).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(corridor::PurgeReceipt {
+        withdrawal_id: MessageId::from_bytes(&r.withdrawal_id).map_err(|e| e.to_string())?,
+        consent_id: r.consent_id,
+        case_ref: r.case_ref,
+        requester: OrgId::new(&r.requester).map_err(|e| format!("requester: {e}"))?,
+        purger: OrgId::new(&r.purger).map_err(|e| format!("purger: {e}"))?,
+        purged_referrals: ids,
+        purged_at_ms: r.purged_at_ms,
+        signature: r.signature,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalogue_field_has_its_wire_value_and_back() {
+        for field in corridor::Field::ALL {
+            let wire = field_to_pb(*field);
+            assert_ne!(wire, 0, "{field} missing from the proto Field enum");
+            assert_eq!(field_from_pb(wire), Some(*field));
+        }
+        // And the proto enum has nothing the catalogue lacks.
+        for value in 1..100 {
+            if pb::Field::try_from(value).is_ok() {
+                assert!(
+                    field_from_pb(value).is_some(),
+                    "proto field {value} not in catalogue"
+                );
+            }
+        }
+    }
+}

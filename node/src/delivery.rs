@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corridor::{MessageId, OrgId};
+use corridor::{MessageId, MessageKind, OrgId};
 use corridor_proto::v1 as pb;
 use corridor_proto::v1::federation_client::FederationClient;
 use prost::Message as _;
@@ -84,11 +84,17 @@ impl Clients {
     }
 }
 
+/// The verified answer to a delivered envelope, encoded for storage.
+struct Answer {
+    receipt: Vec<u8>,
+    purge_receipt: Option<Vec<u8>>,
+}
+
 async fn deliver_once(
     node: &Node,
     clients: &Clients,
     item: &DueItem,
-) -> Result<Vec<u8>, AttemptError> {
+) -> Result<Answer, AttemptError> {
     let recipient = OrgId::new(&item.recipient)
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
     let member = node
@@ -103,7 +109,7 @@ async fn deliver_once(
         .try_into()
         .map_err(|_| AttemptError::Permanent("stored digest is corrupt".into()))?;
     let mut client = clients.get(node, &recipient)?;
-    let receipt = match client.deliver(envelope).await {
+    let response = match client.deliver(envelope).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
             let message = format!("{}: {}", status.code(), status.message());
@@ -119,6 +125,9 @@ async fn deliver_once(
             });
         }
     };
+    let receipt = response
+        .receipt
+        .ok_or_else(|| AttemptError::Retry("answer carries no receipt".into()))?;
     let bytes = receipt.encode_to_vec();
     let receipt = convert::receipt_from_pb(receipt)
         .map_err(|e| AttemptError::Retry(format!("receipt is malformed: {e}")))?;
@@ -131,7 +140,30 @@ async fn deliver_once(
             &member.signing_key,
         )
         .map_err(|e| AttemptError::Retry(format!("receipt does not verify: {e}")))?;
-    Ok(bytes)
+    let purge_receipt = if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
+        // A withdrawal is done only when the recipient proves it purged.
+        let purge = response.purge_receipt.ok_or_else(|| {
+            AttemptError::Retry("withdrawal answered without a purge receipt".into())
+        })?;
+        let encoded = purge.encode_to_vec();
+        convert::purge_receipt_from_pb(purge)
+            .map_err(|e| AttemptError::Retry(format!("purge receipt is malformed: {e}")))?
+            .verify(
+                item.message_id,
+                &item.consent_id,
+                &node.org,
+                &recipient,
+                &member.signing_key,
+            )
+            .map_err(|e| AttemptError::Retry(format!("purge receipt does not verify: {e}")))?;
+        Some(encoded)
+    } else {
+        None
+    };
+    Ok(Answer {
+        receipt: bytes,
+        purge_receipt,
+    })
 }
 
 async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
@@ -139,10 +171,17 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
     let result = deliver_once(node, clients, &item).await;
     let now = now_ms();
     let stored = match result {
-        Ok(receipt) => {
-            let r = node.store.mark_delivered(id, &receipt, now).await;
+        Ok(answer) => {
+            let r = node
+                .store
+                .mark_delivered(id, &answer.receipt, answer.purge_receipt.as_deref(), now)
+                .await;
             if r.is_ok() {
-                tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");
+                if answer.purge_receipt.is_some() {
+                    tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "withdrawal delivered, purge receipt verified");
+                } else {
+                    tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");
+                }
             }
             r
         }

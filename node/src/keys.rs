@@ -66,6 +66,18 @@ pub fn load_sealing_key(path: &Path) -> Result<SealingKey, KeyFileError> {
     })
 }
 
+pub fn load_data_key(path: &Path) -> Result<corridor::at_rest::KeyEncryptionKey, KeyFileError> {
+    use base64::Engine as _;
+    let malformed = |reason: String| KeyFileError::Malformed {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(read_text(path)?.trim())
+        .map_err(|_| malformed("not base64".into()))?;
+    corridor::at_rest::KeyEncryptionKey::from_bytes(&bytes).map_err(|e| malformed(e.to_string()))
+}
+
 /// Writes a secret file readable only by its owner (mode 0600), creating it exclusively.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;

@@ -18,6 +18,8 @@ pub struct Node {
     pub signing_key: SigningKey,
     pub sealing_key: SealingKey,
     pub case_refs: CaseRefKey,
+    /// Key-encryption key for personal data at rest.
+    pub data_key: corridor::at_rest::KeyEncryptionKey,
     pub store: Store,
     pub tls: TlsMaterial,
     /// Woken when something is queued for delivery.
@@ -78,6 +80,7 @@ impl Node {
             .ok_or_else(|| StartError::NotInDirectory(org.clone()))?;
         let signing_key = keys::load_signing_key(&config.keys.signing_key)?;
         let sealing_key = keys::load_sealing_key(&config.keys.sealing_key)?;
+        let data_key = keys::load_data_key(&config.keys.data_key)?;
         if signing_key.verifying_key() != member.signing_key {
             return Err(StartError::Mismatch(format!(
                 "signing key does not match the directory entry of {org}"
@@ -116,6 +119,7 @@ impl Node {
             signing_key,
             sealing_key,
             case_refs,
+            data_key,
             store,
             tls,
             outbox_ready: Notify::new(),

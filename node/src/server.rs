@@ -99,7 +99,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             tokio_stream::wrappers::TcpListenerStream::new(local_listener),
             stopped(stop_rx.clone()),
         );
-    let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx));
+    let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx.clone()));
+    let retention = tokio::spawn(enforce_retention(node.clone(), stop_rx));
     let federation = tokio::spawn(federation);
     let local = tokio::spawn(local);
     tracing::info!(
@@ -120,9 +121,29 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         }
     }
     let _ = delivery.await;
+    let _ = retention.await;
     close(node).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes received referrals past their purpose's retention and shreds their keys.
+async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let every = std::time::Duration::from_secs(node.config.retention.check_interval_s);
+    loop {
+        match node.store.enforce_retention(crate::node::now_ms()).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(deleted, "received referrals past retention deleted");
+                let _ = node.store.checkpoint().await;
+            }
+            Err(error) => tracing::error!(%error, "retention check failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn close(node: Arc<Node>) {

@@ -28,14 +28,14 @@ impl Federation for FederationService {
     async fn deliver(
         &self,
         request: Request<pb::Envelope>,
-    ) -> Result<Response<pb::Receipt>, Status> {
+    ) -> Result<Response<pb::DeliverResponse>, Status> {
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
-        let receipt = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
-        Ok(Response::new(receipt))
+        let response = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }
 
@@ -105,26 +105,8 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralResponse>, Status> {
         let user = authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        let row = self
-            .node
-            .store
-            .inbox_item(id)
-            .await
-            .map_err(Failure::from)?
-            .ok_or_else(|| Status::not_found(format!("no received referral {id}")))?;
-        let payload = pb::ReferralPayload::decode(row.payload.as_slice())
-            .map_err(|_| Status::internal("stored referral is corrupt"))?;
-        tracing::info!(referral = %id, user = %user.name, "referral read");
-        Ok(Response::new(pb::GetReferralResponse {
-            referral_id: id.to_hex(),
-            sender: row.sender,
-            recipient: self.node.org.to_string(),
-            purpose: row.purpose,
-            case_ref: row.case_ref,
-            fields: payload.fields,
-            received_at_ms: row.received_at_ms,
-            consent_id: payload.consent_id,
-        }))
+        let response = workflows::read_referral(&self.node, &user, id).await?;
+        Ok(Response::new(response))
     }
 
     async fn get_referral_status(
@@ -155,5 +137,42 @@ impl Caseworker for CaseworkerService {
             created_at_ms: status.created_at_ms,
             receipt,
         }))
+    }
+
+    async fn get_consent(
+        &self,
+        request: Request<pb::ConsentRequest>,
+    ) -> Result<Response<pb::ConsentView>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let view = workflows::get_consent(&self.node, &request.get_ref().consent_id).await?;
+        Ok(Response::new(view))
+    }
+
+    async fn narrow_consent(
+        &self,
+        request: Request<pb::NarrowConsentRequest>,
+    ) -> Result<Response<pb::ConsentView>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let view = workflows::narrow_consent(&self.node, &user, request.into_inner()).await?;
+        Ok(Response::new(view))
+    }
+
+    async fn withdraw_consent(
+        &self,
+        request: Request<pb::ConsentRequest>,
+    ) -> Result<Response<pb::ConsentStatusResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let status =
+            workflows::withdraw_consent(&self.node, &user, &request.get_ref().consent_id).await?;
+        Ok(Response::new(status))
+    }
+
+    async fn get_consent_status(
+        &self,
+        request: Request<pb::ConsentRequest>,
+    ) -> Result<Response<pb::ConsentStatusResponse>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let status = workflows::consent_status(&self.node, &request.get_ref().consent_id).await?;
+        Ok(Response::new(status))
     }
 }

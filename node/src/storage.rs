@@ -39,36 +39,61 @@ pub struct User {
     pub role: String,
 }
 
-/// A consent row.
+/// A consent row, as stored.
 #[derive(Debug, Clone)]
 pub struct ConsentRow {
     pub id: String,
-    pub recipients: Vec<String>,
+    pub case_id: String,
+    pub given_by: String,
+    pub guardian_basis: String,
+    pub method: String,
+    pub language: String,
+    pub recorded_by: String,
+    pub recorded_at_ms: i64,
     pub purposes: Vec<String>,
+    pub recipient_orgs: Vec<String>,
+    pub recipient_roles: Vec<String>,
+    pub fields: Vec<String>,
+    pub excluded_countries: Vec<String>,
+    pub no_family_contact: bool,
     pub expires_at_ms: i64,
     pub withdrawn_at_ms: Option<i64>,
+    pub narrowed_at_ms: Option<i64>,
+}
+
+/// The scope columns of a consent, as space-separated lists.
+pub struct ScopeColumns {
+    pub purposes: String,
+    pub recipient_orgs: String,
+    pub recipient_roles: String,
+    pub fields: String,
+    pub excluded_countries: String,
+    pub no_family_contact: bool,
+    pub expires_at_ms: i64,
 }
 
 /// A new consent to record.
 pub struct NewConsent<'a> {
     pub id: &'a str,
     pub case_id: &'a str,
-    pub recipients: &'a [OrgId],
-    pub purposes: &'a [corridor::Purpose],
     pub given_by: &'a str,
+    pub guardian_basis: &'a str,
     pub method: &'a str,
+    pub language: &'a str,
     pub recorded_by: i64,
     pub recorded_at_ms: i64,
-    pub expires_at_ms: i64,
+    pub scope: ScopeColumns,
 }
 
 /// A sealed envelope to queue for delivery.
 pub struct NewOutboxItem<'a> {
     pub message_id: MessageId,
+    pub kind: i64,
     pub case_id: &'a str,
     pub consent_id: &'a str,
     pub recipient: &'a OrgId,
     pub purpose: &'a str,
+    pub case_ref: &'a str,
     pub envelope: &'a [u8],
     pub envelope_digest: &'a [u8; 32],
     pub created_by: i64,
@@ -80,34 +105,42 @@ pub struct NewOutboxItem<'a> {
 #[derive(Debug, Clone)]
 pub struct DueItem {
     pub message_id: MessageId,
+    pub kind: i64,
     pub recipient: String,
+    pub consent_id: String,
     pub envelope: Vec<u8>,
     pub envelope_digest: Vec<u8>,
     pub attempts: i64,
     pub expires_at_ms: i64,
 }
 
-/// What the sender knows about a referral it sent.
+/// What the sender knows about an envelope it sent.
 #[derive(Debug, Clone)]
 pub struct OutboxStatus {
     pub message_id: MessageId,
+    pub kind: i64,
     pub recipient: String,
     pub purpose: String,
+    pub case_ref: String,
     pub state: String,
     pub attempts: i64,
     pub last_error: Option<String>,
     pub created_at_ms: i64,
     pub receipt: Option<Vec<u8>>,
+    pub purge_receipt: Option<Vec<u8>>,
 }
 
-/// A referral received.
+/// A referral received, still encrypted.
 #[derive(Debug, Clone)]
 pub struct InboxRow {
     pub message_id: MessageId,
     pub sender: String,
     pub purpose: String,
     pub case_ref: String,
-    pub payload: Vec<u8>,
+    pub case_key_id: String,
+    pub consent_id: String,
+    pub consent_expires_at_ms: i64,
+    pub payload_sealed: Vec<u8>,
     pub received_at_ms: i64,
 }
 
@@ -116,7 +149,7 @@ pub struct InboxRow {
 pub struct SeenMessage {
     pub sender: String,
     pub envelope_digest: Vec<u8>,
-    pub receipt: Vec<u8>,
+    pub response: Vec<u8>,
 }
 
 /// What the receiving side stores for an accepted referral.
@@ -124,16 +157,33 @@ pub struct AcceptedReferral<'a> {
     pub message_id: MessageId,
     pub sender: &'a OrgId,
     pub envelope_digest: &'a [u8; 32],
-    pub receipt: &'a [u8],
+    pub response: &'a [u8],
     pub purpose: &'a str,
     pub case_ref: &'a str,
-    pub payload: &'a [u8],
+    pub case_key_id: &'a str,
+    pub consent_id: &'a str,
+    pub consent_expires_at_ms: i64,
+    pub payload_sealed: &'a [u8],
+    pub received_at_ms: i64,
+    pub retain_until_ms: i64,
+}
+
+/// What the receiving side records for an accepted consent withdrawal.
+#[derive(Clone, Copy)]
+pub struct AcceptedWithdrawal<'a> {
+    pub message_id: MessageId,
+    pub sender: &'a OrgId,
+    pub envelope_digest: &'a [u8; 32],
+    pub consent_id: &'a str,
+    pub response: &'a [u8],
+    /// The referrals the purge receipt names; the purge must delete exactly these.
+    pub expected: &'a [MessageId],
     pub received_at_ms: i64,
 }
 
 /// Outcome of storing an accepted envelope.
 pub enum AcceptOutcome {
-    /// Stored now; answer with the new receipt.
+    /// Stored now; answer with the new response.
     Stored,
     /// Already stored (a replay or a concurrent duplicate); answer with this.
     AlreadySeen(SeenMessage),
@@ -157,6 +207,9 @@ impl Store {
             // FULL: a commit is on disk before we acknowledge anything it records.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted content is overwritten, so purged ciphertext and shredded keys do
+            // not linger in free pages.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -214,18 +267,60 @@ impl Store {
         }))
     }
 
-    // ---- cases and consents -----------------------------------------------------------
+    // ---- data keys and cases ----------------------------------------------------------
 
-    pub async fn create_case(&self, id: &str, label: &str, user: i64, now_ms: i64) -> Result<()> {
+    /// The wrapped data key of a case, if it still exists.
+    pub async fn case_key(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT wrapped_key FROM case_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that
+    /// is stored now (the existing one wins a race).
+    pub async fn ensure_case_key(&self, id: &str, wrapped: &[u8], now_ms: i64) -> Result<Vec<u8>> {
         sqlx::query(
-            "INSERT INTO cases (id, label, created_by, created_at_ms) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT(id) DO NOTHING",
         )
         .bind(id)
-        .bind(label)
-        .bind(user)
+        .bind(wrapped)
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
+        self.case_key(id)
+            .await?
+            .ok_or(StoreError::Corrupt("case key vanished"))
+    }
+
+    /// Creates a case with its data key and encrypted label, in one transaction.
+    pub async fn create_case(
+        &self,
+        id: &str,
+        wrapped_key: &[u8],
+        label_sealed: &[u8],
+        user: i64,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(wrapped_key)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO cases (id, label_sealed, created_by, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(label_sealed)
+        .bind(user)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -237,86 +332,243 @@ impl Store {
         Ok(row.is_some())
     }
 
+    // ---- consents ---------------------------------------------------------------------
+
     pub async fn record_consent(&self, c: &NewConsent<'_>) -> Result<()> {
-        let recipients = c
-            .recipients
-            .iter()
-            .map(OrgId::as_str)
-            .collect::<Vec<_>>()
-            .join(" ");
-        let purposes = c
-            .purposes
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let s = &c.scope;
         sqlx::query(
-            "INSERT INTO consents (id, case_id, recipients, purposes, given_by, method,
-                recorded_by, recorded_at_ms, expires_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO consents (id, case_id, given_by, guardian_basis, method, language,
+                recorded_by, recorded_at_ms, purposes, recipient_orgs, recipient_roles, fields,
+                excluded_countries, no_family_contact, expires_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(c.id)
         .bind(c.case_id)
-        .bind(recipients)
-        .bind(purposes)
         .bind(c.given_by)
+        .bind(c.guardian_basis)
         .bind(c.method)
+        .bind(c.language)
         .bind(c.recorded_by)
         .bind(c.recorded_at_ms)
-        .bind(c.expires_at_ms)
+        .bind(&s.purposes)
+        .bind(&s.recipient_orgs)
+        .bind(&s.recipient_roles)
+        .bind(&s.fields)
+        .bind(&s.excluded_countries)
+        .bind(i64::from(s.no_family_contact))
+        .bind(s.expires_at_ms)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
+    const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
+        c.language, COALESCE(u.name, ''), c.recorded_at_ms, c.purposes, c.recipient_orgs,
+        c.recipient_roles, c.fields, c.excluded_countries, c.no_family_contact, c.expires_at_ms,
+        c.withdrawn_at_ms, c.narrowed_at_ms";
+
+    fn consent_row(r: sqlx::sqlite::SqliteRow) -> ConsentRow {
+        ConsentRow {
+            id: r.get(0),
+            case_id: r.get(1),
+            given_by: r.get(2),
+            guardian_basis: r.get(3),
+            method: r.get(4),
+            language: r.get(5),
+            recorded_by: r.get(6),
+            recorded_at_ms: r.get(7),
+            purposes: split_list(r.get(8)),
+            recipient_orgs: split_list(r.get(9)),
+            recipient_roles: split_list(r.get(10)),
+            fields: split_list(r.get(11)),
+            excluded_countries: split_list(r.get(12)),
+            no_family_contact: r.get::<i64, _>(13) != 0,
+            expires_at_ms: r.get(14),
+            withdrawn_at_ms: r.get(15),
+            narrowed_at_ms: r.get(16),
+        }
+    }
+
+    /// The consents of a case, newest first.
     pub async fn consents_for_case(&self, case_id: &str) -> Result<Vec<ConsentRow>> {
-        let rows = sqlx::query(
-            "SELECT id, recipients, purposes, expires_at_ms, withdrawn_at_ms
-             FROM consents WHERE case_id = $1 ORDER BY recorded_at_ms",
+        let sql = format!(
+            "SELECT {} FROM consents c LEFT JOIN users u ON u.id = c.recorded_by
+             WHERE c.case_id = $1 ORDER BY c.recorded_at_ms DESC, c.rowid DESC",
+            Self::CONSENT_COLUMNS
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(case_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Self::consent_row).collect())
+    }
+
+    pub async fn consent(&self, id: &str) -> Result<Option<ConsentRow>> {
+        let sql = format!(
+            "SELECT {} FROM consents c LEFT JOIN users u ON u.id = c.recorded_by WHERE c.id = $1",
+            Self::CONSENT_COLUMNS
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Self::consent_row))
+    }
+
+    /// Replaces a consent's scope with a narrower one (the caller has checked it is).
+    pub async fn narrow_consent(&self, id: &str, s: &ScopeColumns, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE consents SET purposes = $2, recipient_orgs = $3, recipient_roles = $4,
+                fields = $5, excluded_countries = $6, no_family_contact = $7, expires_at_ms = $8,
+                narrowed_at_ms = $9
+             WHERE id = $1 AND withdrawn_at_ms IS NULL",
         )
-        .bind(case_id)
+        .bind(id)
+        .bind(&s.purposes)
+        .bind(&s.recipient_orgs)
+        .bind(&s.recipient_roles)
+        .bind(&s.fields)
+        .bind(&s.excluded_countries)
+        .bind(i64::from(s.no_family_contact))
+        .bind(s.expires_at_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Referrals sent under a consent that may have reached (or may still reach) their
+    /// recipient: (recipient, case_ref, message id).
+    pub async fn referrals_under_consent(
+        &self,
+        consent_id: &str,
+    ) -> Result<Vec<(String, String, MessageId)>> {
+        let rows = sqlx::query(
+            "SELECT recipient, case_ref, message_id FROM outbox
+             WHERE consent_id = $1 AND kind = 1 AND state IN ('queued', 'delivered')
+             ORDER BY recipient, created_at_ms",
+        )
+        .bind(consent_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ConsentRow {
-                id: r.get(0),
-                recipients: split_list(r.get(1)),
-                purposes: split_list(r.get(2)),
-                expires_at_ms: r.get(3),
-                withdrawn_at_ms: r.get(4),
-            })
-            .collect())
+        rows.into_iter()
+            .map(|r| Ok((r.get(0), r.get(1), message_id(r.get(2))?)))
+            .collect()
+    }
+
+    /// Withdraws a consent in one transaction: marks it withdrawn, cancels referrals
+    /// under it that are still queued (they never leave), and queues the withdrawal
+    /// envelopes. Returns false if it was already withdrawn (nothing changes then).
+    pub async fn withdraw_consent(
+        &self,
+        consent_id: &str,
+        now_ms: i64,
+        withdrawals: &[NewOutboxItem<'_>],
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE consents SET withdrawn_at_ms = $2 WHERE id = $1 AND withdrawn_at_ms IS NULL",
+        )
+        .bind(consent_id)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                last_error = 'consent withdrawn before delivery'
+             WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
+        )
+        .bind(consent_id)
+        .execute(&mut *tx)
+        .await?;
+        for item in withdrawals {
+            Self::insert_outbox(&mut tx, item).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Every envelope sent under a consent, with its answers.
+    pub async fn outbox_for_consent(&self, consent_id: &str) -> Result<Vec<OutboxStatus>> {
+        let rows = sqlx::query(
+            "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt
+             FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
+             WHERE o.consent_id = $1 ORDER BY o.recipient, o.created_at_ms",
+        )
+        .bind(consent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(outbox_status).collect()
     }
 
     // ---- outbox (sending side) --------------------------------------------------------
 
-    pub async fn enqueue(&self, item: &NewOutboxItem<'_>) -> Result<()> {
+    async fn insert_outbox(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        item: &NewOutboxItem<'_>,
+    ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO outbox (message_id, case_id, consent_id, recipient, purpose, envelope,
-                envelope_digest, created_by, created_at_ms, expires_at_ms, state,
-                next_attempt_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $9)",
+            "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
+                case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
+                state, next_attempt_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11)",
         )
         .bind(&item.message_id.0[..])
+        .bind(item.kind)
         .bind(item.case_id)
         .bind(item.consent_id)
         .bind(item.recipient.as_str())
         .bind(item.purpose)
+        .bind(item.case_ref)
+        .bind(item.envelope)
+        .bind(&item.envelope_digest[..])
+        .bind(item.created_by)
+        .bind(item.created_at_ms)
+        .bind(item.expires_at_ms)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Queues an envelope, unless its consent was withdrawn meanwhile. One statement, so
+    /// the check and the insert cannot be split by a concurrent withdrawal (and SQLite
+    /// takes the write lock at once instead of upgrading a read transaction).
+    pub async fn enqueue(&self, item: &NewOutboxItem<'_>) -> Result<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
+                case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
+                state, next_attempt_at_ms)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11
+             WHERE EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)",
+        )
+        .bind(&item.message_id.0[..])
+        .bind(item.kind)
+        .bind(item.case_id)
+        .bind(item.consent_id)
+        .bind(item.recipient.as_str())
+        .bind(item.purpose)
+        .bind(item.case_ref)
         .bind(item.envelope)
         .bind(&item.envelope_digest[..])
         .bind(item.created_by)
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 
     /// Queued items whose next attempt is due, oldest first.
     pub async fn due(&self, now_ms: i64, limit: i64) -> Result<Vec<DueItem>> {
         let rows = sqlx::query(
-            "SELECT message_id, recipient, envelope, envelope_digest, attempts, expires_at_ms
+            "SELECT message_id, kind, recipient, consent_id, envelope, envelope_digest, attempts,
+                expires_at_ms
              FROM outbox WHERE state = 'queued' AND next_attempt_at_ms <= $1
              ORDER BY next_attempt_at_ms LIMIT $2",
         )
@@ -328,11 +580,15 @@ impl Store {
             .map(|r| {
                 Ok(DueItem {
                     message_id: message_id(r.get(0))?,
-                    recipient: r.get(1),
-                    envelope: r.get(2),
-                    envelope_digest: r.get(3),
-                    attempts: r.get(4),
-                    expires_at_ms: r.get(5),
+                    kind: r.get(1),
+                    recipient: r.get(2),
+                    consent_id: r.get(3),
+                    envelope: r
+                        .get::<Option<Vec<u8>>, _>(4)
+                        .ok_or(StoreError::Corrupt("queued envelope missing"))?,
+                    envelope_digest: r.get(5),
+                    attempts: r.get(6),
+                    expires_at_ms: r.get(7),
                 })
             })
             .collect()
@@ -346,22 +602,32 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// Records a verified receipt and marks the item delivered, in one transaction.
-    pub async fn mark_delivered(&self, id: MessageId, receipt: &[u8], now_ms: i64) -> Result<()> {
+    /// Records the verified answer and marks the item delivered, in one transaction. The
+    /// sealed envelope is no longer needed and is dropped.
+    pub async fn mark_delivered(
+        &self,
+        id: MessageId,
+        receipt: &[u8],
+        purge_receipt: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO receipts (message_id, receipt, verified_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT(message_id) DO NOTHING",
+            "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
+             VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING",
         )
         .bind(&id.0[..])
         .bind(receipt)
+        .bind(purge_receipt)
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
+        // 'withdrawn' too: an attempt in flight when the consent was withdrawn may still
+        // have arrived; the withdrawal sent to that recipient covers it.
         sqlx::query(
             "UPDATE outbox SET state = 'delivered', delivered_at_ms = $2, attempts = attempts + 1,
-                last_error = NULL
-             WHERE message_id = $1",
+                last_error = NULL, envelope = NULL
+             WHERE message_id = $1 AND state IN ('queued', 'withdrawn')",
         )
         .bind(&id.0[..])
         .bind(now_ms)
@@ -393,7 +659,7 @@ impl Store {
     /// Ends delivery of an item for good (`refused` or `expired`).
     pub async fn mark_final(&self, id: MessageId, state: &str, error: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3
+            "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3, envelope = NULL
              WHERE message_id = $1 AND state = 'queued'",
         )
         .bind(&id.0[..])
@@ -406,34 +672,22 @@ impl Store {
 
     pub async fn outbox_status(&self, id: MessageId) -> Result<Option<OutboxStatus>> {
         let row = sqlx::query(
-            "SELECT o.message_id, o.recipient, o.purpose, o.state, o.attempts, o.last_error,
-                o.created_at_ms, r.receipt
+            "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt
              FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
              WHERE o.message_id = $1",
         )
         .bind(&id.0[..])
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(OutboxStatus {
-                message_id: message_id(r.get(0))?,
-                recipient: r.get(1),
-                purpose: r.get(2),
-                state: r.get(3),
-                attempts: r.get(4),
-                last_error: r.get(5),
-                created_at_ms: r.get(6),
-                receipt: r.get(7),
-            })
-        })
-        .transpose()
+        row.map(outbox_status).transpose()
     }
 
     // ---- inbox (receiving side) -------------------------------------------------------
 
     pub async fn seen(&self, id: MessageId) -> Result<Option<SeenMessage>> {
         let row = sqlx::query(
-            "SELECT sender, envelope_digest, receipt FROM seen_messages WHERE message_id = $1",
+            "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
         )
         .bind(&id.0[..])
         .fetch_optional(&self.pool)
@@ -441,53 +695,184 @@ impl Store {
         Ok(row.map(|r| SeenMessage {
             sender: r.get(0),
             envelope_digest: r.get(1),
-            receipt: r.get(2),
+            response: r.get(2),
         }))
     }
 
-    /// Stores an accepted referral and the receipt that acknowledges it, exactly once per
+    pub async fn consent_withdrawn_by(&self, sender: &OrgId, consent_id: &str) -> Result<bool> {
+        let row =
+            sqlx::query("SELECT 1 FROM withdrawn_consents WHERE sender = $1 AND consent_id = $2")
+                .bind(sender.as_str())
+                .bind(consent_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    async fn insert_seen(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        id: MessageId,
+        sender: &OrgId,
+        digest: &[u8; 32],
+        response: &[u8],
+        now_ms: i64,
+    ) -> Result<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO seen_messages (message_id, sender, envelope_digest, response, received_at_ms)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO NOTHING",
+        )
+        .bind(&id.0[..])
+        .bind(sender.as_str())
+        .bind(&digest[..])
+        .bind(response)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn already_seen(&self, id: MessageId) -> Result<AcceptOutcome> {
+        self.seen(id)
+            .await?
+            .map(AcceptOutcome::AlreadySeen)
+            .ok_or(StoreError::Corrupt("seen message vanished"))
+    }
+
+    /// Stores an accepted referral and the answer that acknowledges it, exactly once per
     /// message id.
     pub async fn accept_referral(&self, a: &AcceptedReferral<'_>) -> Result<AcceptOutcome> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO seen_messages (message_id, sender, envelope_digest, receipt, received_at_ms)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO NOTHING",
+        if !Self::insert_seen(
+            &mut tx,
+            a.message_id,
+            a.sender,
+            a.envelope_digest,
+            a.response,
+            a.received_at_ms,
         )
-        .bind(&a.message_id.0[..])
-        .bind(a.sender.as_str())
-        .bind(&a.envelope_digest[..])
-        .bind(a.receipt)
-        .bind(a.received_at_ms)
-        .execute(&mut *tx)
         .await?
-        .rows_affected();
-        if inserted == 0 {
+        {
             drop(tx);
-            return self
-                .seen(a.message_id)
-                .await?
-                .map(AcceptOutcome::AlreadySeen)
-                .ok_or(StoreError::Corrupt("seen message vanished"));
+            return self.already_seen(a.message_id).await;
         }
         sqlx::query(
-            "INSERT INTO inbox (message_id, sender, purpose, case_ref, payload, received_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id, consent_id,
+                consent_expires_at_ms, payload_sealed, received_at_ms, retain_until_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&a.message_id.0[..])
         .bind(a.sender.as_str())
         .bind(a.purpose)
         .bind(a.case_ref)
-        .bind(a.payload)
+        .bind(a.case_key_id)
+        .bind(a.consent_id)
+        .bind(a.consent_expires_at_ms)
+        .bind(a.payload_sealed)
         .bind(a.received_at_ms)
+        .bind(a.retain_until_ms)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(AcceptOutcome::Stored)
     }
 
+    /// The referrals a withdrawal from `sender` for `consent_id` would purge.
+    pub async fn inbox_under_consent(
+        &self,
+        sender: &OrgId,
+        consent_id: &str,
+    ) -> Result<Vec<MessageId>> {
+        let rows =
+            sqlx::query("SELECT message_id FROM inbox WHERE sender = $1 AND consent_id = $2")
+                .bind(sender.as_str())
+                .bind(consent_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter().map(|r| message_id(r.get(0))).collect()
+    }
+
+    /// Applies a withdrawal in one transaction: records that the envelope was seen with
+    /// its answer, remembers the consent as withdrawn, deletes the referrals under it and
+    /// destroys the data keys no referral needs any more. Returns the ids purged.
+    pub async fn purge_consent(&self, w: &AcceptedWithdrawal<'_>) -> Result<AcceptOutcome> {
+        let AcceptedWithdrawal {
+            message_id: id,
+            sender,
+            envelope_digest: digest,
+            consent_id,
+            response,
+            expected,
+            received_at_ms: now_ms,
+        } = *w;
+        let mut tx = self.pool.begin().await?;
+        if !Self::insert_seen(&mut tx, id, sender, digest, response, now_ms).await? {
+            drop(tx);
+            return self.already_seen(id).await;
+        }
+        sqlx::query(
+            "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT(sender, consent_id) DO NOTHING",
+        )
+        .bind(sender.as_str())
+        .bind(consent_id)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let purged = sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
+            .bind(sender.as_str())
+            .bind(consent_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if purged != expected.len() as u64 {
+            // A referral arrived between reading and purging: answer with the truth next time.
+            return Err(StoreError::Corrupt("inbox changed during purge; retry"));
+        }
+        Self::shred_orphan_received_keys(&mut tx).await?;
+        tx.commit().await?;
+        Ok(AcceptOutcome::Stored)
+    }
+
+    async fn shred_orphan_received_keys(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    ) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM case_keys WHERE id LIKE 'in:%'
+             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
+        )
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
+    }
+
+    /// Deletes received referrals past their retention and shreds the keys no longer
+    /// needed. Returns how many referrals were deleted.
+    pub async fn enforce_retention(&self, now_ms: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        Self::shred_orphan_received_keys(&mut tx).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Moves the WAL into the database file and truncates it, so that deleted pages
+    /// (zeroed by secure_delete) do not linger in the WAL.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn inbox(&self, limit: i64) -> Result<Vec<InboxRow>> {
         let rows = sqlx::query(
-            "SELECT message_id, sender, purpose, case_ref, payload, received_at_ms
+            "SELECT message_id, sender, purpose, case_ref, case_key_id, consent_id,
+                consent_expires_at_ms, payload_sealed, received_at_ms
              FROM inbox ORDER BY received_at_ms DESC LIMIT $1",
         )
         .bind(limit)
@@ -498,7 +883,8 @@ impl Store {
 
     pub async fn inbox_item(&self, id: MessageId) -> Result<Option<InboxRow>> {
         let row = sqlx::query(
-            "SELECT message_id, sender, purpose, case_ref, payload, received_at_ms
+            "SELECT message_id, sender, purpose, case_ref, case_key_id, consent_id,
+                consent_expires_at_ms, payload_sealed, received_at_ms
              FROM inbox WHERE message_id = $1",
         )
         .bind(&id.0[..])
@@ -507,17 +893,25 @@ impl Store {
         row.map(inbox_row).transpose()
     }
 
-    /// Number of envelopes accepted so far (for tests and metrics).
-    pub async fn seen_count(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM seen_messages")
-            .fetch_one(&self.pool)
-            .await?
-            .get(0))
-    }
-
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
+    Ok(OutboxStatus {
+        message_id: message_id(r.get(0))?,
+        kind: r.get(1),
+        recipient: r.get(2),
+        purpose: r.get(3),
+        case_ref: r.get(4),
+        state: r.get(5),
+        attempts: r.get(6),
+        last_error: r.get(7),
+        created_at_ms: r.get(8),
+        receipt: r.get(9),
+        purge_receipt: r.get(10),
+    })
 }
 
 fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
@@ -526,7 +920,10 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
         sender: r.get(1),
         purpose: r.get(2),
         case_ref: r.get(3),
-        payload: r.get(4),
-        received_at_ms: r.get(5),
+        case_key_id: r.get(4),
+        consent_id: r.get(5),
+        consent_expires_at_ms: r.get(6),
+        payload_sealed: r.get(7),
+        received_at_ms: r.get(8),
     })
 }

@@ -3,18 +3,24 @@
 //! referral from a peer. Each workflow checks everything before it writes, and writes in
 //! one transaction, so bad input never leaves a partial write.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use corridor::consent::{self, Consent};
-use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError};
-use corridor::{Envelope, EnvelopeHeader, MessageId, MessageKind, OrgId, Purpose, Receipt};
+use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
+use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError, MAX_LIFETIME_MS};
+use corridor::{
+    ConsentReceipt, Envelope, EnvelopeHeader, Field, Member, MessageId, MessageKind, OrgId,
+    PurgeReceipt, Purpose, Receipt,
+};
 use corridor_proto::v1 as pb;
 use prost::Message as _;
 use tonic::{Code, Status};
 
 use crate::convert;
 use crate::node::{Node, now_ms};
-use crate::storage::{AcceptOutcome, AcceptedReferral, NewConsent, NewOutboxItem, User};
+use crate::storage::{
+    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, NewConsent, NewOutboxItem,
+    ScopeColumns, User,
+};
 use crate::tls::PeerInfo;
 
 /// Most fields one referral may carry.
@@ -24,8 +30,10 @@ pub const MAX_FIELD_NAME_LEN: usize = 64;
 pub const MAX_FIELD_VALUE_LEN: usize = 8192;
 /// Longest case label, in bytes.
 pub const MAX_LABEL_LEN: usize = 200;
-/// Most recipients and purposes one consent may name.
+/// Most entries in any list of a consent's scope.
 pub const MAX_CONSENT_LIST: usize = 64;
+/// Longest free-text consent detail (guardian basis, language), in bytes.
+pub const MAX_CONSENT_TEXT: usize = 200;
 
 /// A workflow failure: the gRPC code and a message that names the problem. Messages never
 /// contain personal data.
@@ -44,6 +52,9 @@ impl Failure {
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(Code::InvalidArgument, message)
+    }
+    fn precondition(message: impl Into<String>) -> Self {
+        Self::new(Code::FailedPrecondition, message)
     }
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(Code::NotFound, message)
@@ -93,6 +104,10 @@ fn parse_purpose(value: &str) -> Result<Purpose, Failure> {
     Purpose::parse(value).map_err(|e| Failure::invalid(e.to_string()))
 }
 
+fn data_failure(e: corridor::at_rest::AtRestError) -> Failure {
+    Failure::internal("encryption at rest failed", e)
+}
+
 pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String, Failure> {
     if label.len() > MAX_LABEL_LEN {
         return Err(Failure::invalid(format!(
@@ -100,11 +115,170 @@ pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String
         )));
     }
     let id = random_id("case")?;
+    let (key, wrapped) = node.data_key.new_data_key(&id).map_err(data_failure)?;
+    let label_sealed = key
+        .encrypt(&id, "label", label.as_bytes())
+        .map_err(data_failure)?;
     node.store
-        .create_case(&id, label, user.id, now_ms())
+        .create_case(&id, &wrapped, &label_sealed, user.id, now_ms())
         .await?;
     tracing::info!(case = %id, user = %user.name, "case created");
     Ok(id)
+}
+
+fn bounded<'a>(what: &str, list: &'a [String]) -> Result<&'a [String], Failure> {
+    if list.len() > MAX_CONSENT_LIST {
+        return Err(Failure::invalid(format!(
+            "a consent names at most {MAX_CONSENT_LIST} {what}"
+        )));
+    }
+    Ok(list)
+}
+
+/// Validates a wire scope against the catalogue, the purposes and the directory.
+fn parse_scope(node: &Node, id: &str, s: &pb::ConsentScope) -> Result<ConsentScope, Failure> {
+    let purposes = bounded("purposes", &s.purposes)?
+        .iter()
+        .map(|p| parse_purpose(p))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let mut recipient_orgs = BTreeSet::new();
+    for r in bounded("recipients", &s.recipient_orgs)? {
+        let org = parse_org("recipient", r)?;
+        if node.directory.get(&org).is_none() {
+            return Err(Failure::not_found(format!(
+                "recipient {org} is not a member of the federation"
+            )));
+        }
+        recipient_orgs.insert(org);
+    }
+    let recipient_roles = bounded("recipient roles", &s.recipient_roles)?
+        .iter()
+        .map(|r| r.parse::<RoleInCountry>().map_err(Failure::invalid))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let fields = bounded("fields", &s.fields)?
+        .iter()
+        .map(|f| Field::parse(f).map_err(|e| Failure::invalid(e.to_string())))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let mut excluded_countries = BTreeSet::new();
+    for c in bounded("excluded countries", &s.excluded_countries)? {
+        if !consent::is_country_code(c) {
+            return Err(Failure::invalid(format!(
+                "excluded country {c:?} is not an ISO 3166-1 alpha-2 code"
+            )));
+        }
+        excluded_countries.insert(c.clone());
+    }
+    if purposes.is_empty() {
+        return Err(Failure::invalid("a consent must name at least one purpose"));
+    }
+    if recipient_orgs.is_empty() && recipient_roles.is_empty() {
+        return Err(Failure::invalid(
+            "a consent must name at least one recipient (org, or role@country)",
+        ));
+    }
+    if fields.is_empty() {
+        return Err(Failure::invalid("a consent must name at least one field"));
+    }
+    Ok(ConsentScope {
+        id: id.to_owned(),
+        purposes,
+        recipient_orgs,
+        recipient_roles,
+        fields,
+        restrictions: Restrictions {
+            excluded_countries,
+            no_family_contact: s.no_family_contact,
+        },
+        expires_at_ms: s.expires_at_ms,
+        withdrawn_at_ms: None,
+    })
+}
+
+fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn scope_columns(s: &ConsentScope) -> ScopeColumns {
+    ScopeColumns {
+        purposes: join(&s.purposes),
+        recipient_orgs: join(&s.recipient_orgs),
+        recipient_roles: join(&s.recipient_roles),
+        fields: join(&s.fields),
+        excluded_countries: join(&s.restrictions.excluded_countries),
+        no_family_contact: s.restrictions.no_family_contact,
+        expires_at_ms: s.expires_at_ms,
+    }
+}
+
+/// The scope of a stored consent. Stored values were validated when written.
+fn scope_of(row: &ConsentRow) -> Result<ConsentScope, Failure> {
+    let corrupt = |what: &str| Failure::internal("stored consent is corrupt", what);
+    Ok(ConsentScope {
+        id: row.id.clone(),
+        purposes: row
+            .purposes
+            .iter()
+            .map(|p| Purpose::parse(p).map_err(|_| corrupt("purpose")))
+            .collect::<Result<_, _>>()?,
+        recipient_orgs: row
+            .recipient_orgs
+            .iter()
+            .map(|o| OrgId::new(o).map_err(|_| corrupt("recipient")))
+            .collect::<Result<_, _>>()?,
+        recipient_roles: row
+            .recipient_roles
+            .iter()
+            .map(|r| r.parse().map_err(|_| corrupt("recipient role")))
+            .collect::<Result<_, _>>()?,
+        fields: row
+            .fields
+            .iter()
+            .map(|f| Field::parse(f).map_err(|_| corrupt("field")))
+            .collect::<Result<_, _>>()?,
+        restrictions: Restrictions {
+            excluded_countries: row.excluded_countries.iter().cloned().collect(),
+            no_family_contact: row.no_family_contact,
+        },
+        expires_at_ms: row.expires_at_ms,
+        withdrawn_at_ms: row.withdrawn_at_ms,
+    })
+}
+
+pub fn consent_view(row: &ConsentRow) -> pb::ConsentView {
+    pb::ConsentView {
+        consent_id: row.id.clone(),
+        case_id: row.case_id.clone(),
+        scope: Some(pb::ConsentScope {
+            purposes: row.purposes.clone(),
+            recipient_orgs: row.recipient_orgs.clone(),
+            recipient_roles: row.recipient_roles.clone(),
+            fields: row.fields.clone(),
+            excluded_countries: row.excluded_countries.clone(),
+            no_family_contact: row.no_family_contact,
+            expires_at_ms: row.expires_at_ms,
+        }),
+        given_by: row.given_by.clone(),
+        guardian_basis: row.guardian_basis.clone(),
+        method: row.method.clone(),
+        language: row.language.clone(),
+        recorded_by: row.recorded_by.clone(),
+        recorded_at_ms: row.recorded_at_ms,
+        withdrawn_at_ms: row.withdrawn_at_ms.unwrap_or(0),
+        narrowed_at_ms: row.narrowed_at_ms.unwrap_or(0),
+    }
+}
+
+fn text_detail(what: &str, value: &str) -> Result<(), Failure> {
+    if value.len() > MAX_CONSENT_TEXT || value.contains('\n') {
+        return Err(Failure::invalid(format!(
+            "{what} must be one line of at most {MAX_CONSENT_TEXT} bytes"
+        )));
+    }
+    Ok(())
 }
 
 pub async fn record_consent(
@@ -112,31 +286,12 @@ pub async fn record_consent(
     user: &User,
     req: pb::RecordConsentRequest,
 ) -> Result<String, Failure> {
-    if req.recipients.is_empty() || req.recipients.len() > MAX_CONSENT_LIST {
-        return Err(Failure::invalid(format!(
-            "consent must name between 1 and {MAX_CONSENT_LIST} recipients"
-        )));
-    }
-    if req.purposes.is_empty() || req.purposes.len() > MAX_CONSENT_LIST {
-        return Err(Failure::invalid(format!(
-            "consent must name between 1 and {MAX_CONSENT_LIST} purposes"
-        )));
-    }
-    let mut recipients = Vec::new();
-    for r in &req.recipients {
-        let org = parse_org("recipient", r)?;
-        if node.directory.get(&org).is_none() {
-            return Err(Failure::not_found(format!(
-                "recipient {org} is not a member of the federation"
-            )));
-        }
-        recipients.push(org);
-    }
-    let purposes = req
-        .purposes
-        .iter()
-        .map(|p| parse_purpose(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let id = random_id("consent")?;
+    let wire = req
+        .scope
+        .as_ref()
+        .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
+    let scope = parse_scope(node, &id, wire)?;
     let given_by = match req.given_by.as_str() {
         "" | "person" => "person",
         "guardian" => "guardian",
@@ -146,6 +301,11 @@ pub async fn record_consent(
             ));
         }
     };
+    if given_by == "guardian" && req.guardian_basis.trim().is_empty() {
+        return Err(Failure::invalid(
+            "consent given by a guardian must record the basis (e.g. parent of a minor)",
+        ));
+    }
     let method = match req.method.as_str() {
         "" | "written" => "written",
         m @ ("verbal" | "interpreter") => m,
@@ -155,8 +315,15 @@ pub async fn record_consent(
             ));
         }
     };
+    if method == "interpreter" && req.language.trim().is_empty() {
+        return Err(Failure::invalid(
+            "consent through an interpreter must record the language",
+        ));
+    }
+    text_detail("guardian basis", &req.guardian_basis)?;
+    text_detail("language", &req.language)?;
     let now = now_ms();
-    if req.expires_at_ms <= now {
+    if scope.expires_at_ms <= now {
         return Err(Failure::invalid("consent expiry must be in the future"));
     }
     if !node.store.case_exists(&req.case_id).await? {
@@ -165,70 +332,129 @@ pub async fn record_consent(
             req.case_id
         )));
     }
-    let id = random_id("consent")?;
     node.store
         .record_consent(&NewConsent {
             id: &id,
             case_id: &req.case_id,
-            recipients: &recipients,
-            purposes: &purposes,
             given_by,
+            guardian_basis: req.guardian_basis.trim(),
             method,
+            language: req.language.trim(),
             recorded_by: user.id,
             recorded_at_ms: now,
-            expires_at_ms: req.expires_at_ms,
+            scope: scope_columns(&scope),
         })
         .await?;
     tracing::info!(case = %req.case_id, consent = %id, user = %user.name, "consent recorded");
     Ok(id)
 }
 
-fn check_fields(fields: &HashMap<String, String>) -> Result<(), Failure> {
+async fn consent_row(node: &Node, id: &str) -> Result<ConsentRow, Failure> {
+    node.store
+        .consent(id)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("consent {id} not found")))
+}
+
+pub async fn get_consent(node: &Node, id: &str) -> Result<pb::ConsentView, Failure> {
+    Ok(consent_view(&consent_row(node, id).await?))
+}
+
+/// Narrows a consent; anything that would widen it is refused with what widens.
+pub async fn narrow_consent(
+    node: &Node,
+    user: &User,
+    req: pb::NarrowConsentRequest,
+) -> Result<pb::ConsentView, Failure> {
+    let row = consent_row(node, &req.consent_id).await?;
+    if row.withdrawn_at_ms.is_some() {
+        return Err(Failure::precondition(
+            "a withdrawn consent cannot be narrowed",
+        ));
+    }
+    let current = scope_of(&row)?;
+    let wire = req
+        .scope
+        .as_ref()
+        .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
+    let narrower = parse_scope(node, &row.id, wire)?;
+    current
+        .check_narrowing(&narrower)
+        .map_err(|e| Failure::invalid(e.to_string()))?;
+    node.store
+        .narrow_consent(&row.id, &scope_columns(&narrower), now_ms())
+        .await?;
+    tracing::info!(consent = %row.id, user = %user.name, "consent narrowed");
+    get_consent(node, &row.id).await
+}
+
+fn check_fields(fields: &HashMap<String, String>) -> Result<BTreeSet<Field>, Failure> {
     if fields.len() > MAX_FIELDS {
         return Err(Failure::invalid(format!(
             "a referral carries at most {MAX_FIELDS} fields"
         )));
     }
+    let mut names = BTreeSet::new();
     for (name, value) in fields {
-        let name_ok = !name.is_empty()
-            && name.len() <= MAX_FIELD_NAME_LEN
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !name_ok {
-            return Err(Failure::invalid(format!(
-                "field name {:?} must be 1-{MAX_FIELD_NAME_LEN} characters of a-z, 0-9, '_' or '-'",
-                name.chars().take(MAX_FIELD_NAME_LEN).collect::<String>()
-            )));
-        }
+        let field = Field::parse(name).map_err(|e| Failure::invalid(e.to_string()))?;
         if value.len() > MAX_FIELD_VALUE_LEN {
             // Name the field, never its value.
             return Err(Failure::invalid(format!(
-                "field {name} is longer than {MAX_FIELD_VALUE_LEN} bytes"
+                "field {field} is longer than {MAX_FIELD_VALUE_LEN} bytes"
             )));
         }
+        if value.is_empty() {
+            return Err(Failure::invalid(format!("field {field} is empty")));
+        }
+        names.insert(field);
     }
-    Ok(())
+    Ok(names)
 }
 
-fn consents_of(rows: Vec<crate::storage::ConsentRow>) -> Vec<Consent> {
-    rows.into_iter()
-        .map(|r| Consent {
-            id: r.id,
-            recipients: r
-                .recipients
-                .iter()
-                .filter_map(|o| OrgId::new(o).ok())
-                .collect(),
-            purposes: r
-                .purposes
-                .iter()
-                .filter_map(|p| Purpose::parse(p).ok())
-                .collect(),
-            expires_at_ms: r.expires_at_ms,
-            withdrawn_at_ms: r.withdrawn_at_ms,
-        })
-        .collect()
+fn member<'a>(node: &'a Node, org: &OrgId) -> Result<&'a Member, Failure> {
+    node.directory.get(org).ok_or_else(|| {
+        Failure::not_found(format!("recipient {org} is not a member of the federation"))
+    })
+}
+
+fn envelope_ttl_ms(node: &Node) -> i64 {
+    i64::try_from(node.config.delivery.envelope_ttl_hours)
+        .unwrap_or(72)
+        .saturating_mul(3_600_000)
+}
+
+/// Seals and signs a payload into an envelope for `recipient`.
+fn seal(
+    node: &Node,
+    kind: MessageKind,
+    recipient: &Member,
+    payload: &[u8],
+    now: i64,
+    ttl_ms: i64,
+) -> Result<Envelope, Failure> {
+    let message_id =
+        MessageId::random().map_err(|e| Failure::internal("randomness unavailable", e))?;
+    let header = EnvelopeHeader {
+        version: ENVELOPE_VERSION,
+        message_id,
+        kind,
+        sender: node.org.clone(),
+        recipient: recipient.id.clone(),
+        route: Vec::new(),
+        created_at_ms: now,
+        expires_at_ms: now.saturating_add(ttl_ms),
+    };
+    Envelope::seal(header, payload, &recipient.sealing_key, &node.signing_key).map_err(
+        |e| match e {
+            EnvelopeError::Seal(corridor::SealError::PayloadTooLarge(_)) => {
+                Failure::invalid(format!(
+                    "referral is larger than {} bytes",
+                    corridor::MAX_PAYLOAD_LEN
+                ))
+            }
+            other => Failure::internal("sealing failed", other),
+        },
+    )
 }
 
 /// Gates, seals, signs and queues a referral. Returns its id once it is durably queued.
@@ -237,17 +463,13 @@ pub async fn send_referral(
     user: &User,
     req: pb::SendReferralRequest,
 ) -> Result<MessageId, Failure> {
-    let recipient = parse_org("recipient", &req.recipient)?;
-    let member = node.directory.get(&recipient).ok_or_else(|| {
-        Failure::not_found(format!(
-            "recipient {recipient} is not a member of the federation"
-        ))
-    })?;
-    if recipient == node.org {
+    let recipient_id = parse_org("recipient", &req.recipient)?;
+    let recipient = member(node, &recipient_id)?;
+    if recipient_id == node.org {
         return Err(Failure::invalid("a node cannot refer a case to itself"));
     }
     let purpose = parse_purpose(&req.purpose)?;
-    check_fields(&req.fields)?;
+    let field_names = check_fields(&req.fields)?;
     if !node.store.case_exists(&req.case_id).await? {
         return Err(Failure::not_found(format!(
             "case {} not found",
@@ -255,75 +477,257 @@ pub async fn send_referral(
         )));
     }
     let now = now_ms();
-    let consents = consents_of(node.store.consents_for_case(&req.case_id).await?);
-    let consent = consent::gate(&consents, &recipient, purpose, now).map_err(|refusal| {
-        tracing::info!(case = %req.case_id, %recipient, %purpose, %refusal, "referral refused by consent gate");
-        Failure::new(Code::FailedPrecondition, format!("referral refused: {refusal}"))
-    })?;
+    let rows = node.store.consents_for_case(&req.case_id).await?;
+    let rows: Vec<_> = if req.consent_id.is_empty() {
+        rows
+    } else {
+        let chosen: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.id == req.consent_id)
+            .collect();
+        if chosen.is_empty() {
+            return Err(Failure::not_found(format!(
+                "consent {} is not a consent of case {}",
+                req.consent_id, req.case_id
+            )));
+        }
+        chosen
+    };
+    let scopes = rows.iter().map(scope_of).collect::<Result<Vec<_>, _>>()?;
+    let consent = consent::gate_case(&scopes, recipient, purpose, &field_names, now).map_err(
+        |refusal| {
+            tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, %refusal, "referral refused by the consent gate");
+            Failure::precondition(format!("referral refused: {refusal}"))
+        },
+    )?;
 
+    let case_ref = node.case_refs.reference(&req.case_id, &recipient_id);
+    let consent_receipt = ConsentReceipt::issue(
+        consent,
+        node.org.clone(),
+        recipient_id.clone(),
+        case_ref.clone(),
+        now,
+        &node.signing_key,
+    );
+    let mut fields: Vec<_> = req.fields.into_iter().collect();
+    fields.sort();
     let payload = pb::ReferralPayload {
-        case_ref: node.case_refs.reference(&req.case_id, &recipient),
+        case_ref: case_ref.clone(),
         purpose: purpose.as_str().to_owned(),
-        fields: req.fields,
-        consent_id: consent.id.clone(),
+        fields: fields
+            .into_iter()
+            .filter_map(|(name, value)| {
+                Field::parse(&name).ok().map(|f| pb::FieldValue {
+                    field: convert::field_to_pb(f),
+                    value,
+                })
+            })
+            .collect(),
+        consent_receipt: Some(convert::consent_receipt_to_pb(&consent_receipt)),
     }
     .encode_to_vec();
-    let message_id =
-        MessageId::random().map_err(|e| Failure::internal("randomness unavailable", e))?;
-    let ttl_ms = i64::try_from(node.config.delivery.envelope_ttl_hours)
-        .unwrap_or(72)
-        .saturating_mul(3_600_000);
-    let header = EnvelopeHeader {
-        version: ENVELOPE_VERSION,
-        message_id,
-        kind: MessageKind::Referral,
-        sender: node.org.clone(),
-        recipient: recipient.clone(),
-        route: Vec::new(),
-        created_at_ms: now,
-        expires_at_ms: now.saturating_add(ttl_ms),
-    };
-    let envelope = Envelope::seal(header, &payload, &member.sealing_key, &node.signing_key)
-        .map_err(|e| match e {
-            EnvelopeError::Seal(corridor::SealError::PayloadTooLarge(_)) => {
-                Failure::invalid(format!(
-                    "referral is larger than {} bytes",
-                    corridor::MAX_PAYLOAD_LEN
-                ))
-            }
-            other => Failure::internal("sealing failed", other),
-        })?;
-    let digest = envelope.digest();
-    node.store
+    let ttl = envelope_ttl_ms(node).min(consent.expires_at_ms.saturating_sub(now));
+    let envelope = seal(node, MessageKind::Referral, recipient, &payload, now, ttl)?;
+    let message_id = envelope.header.message_id;
+    let queued = node
+        .store
         .enqueue(&NewOutboxItem {
             message_id,
+            kind: MessageKind::Referral.as_i32().into(),
             case_id: &req.case_id,
             consent_id: &consent.id,
-            recipient: &recipient,
+            recipient: &recipient_id,
             purpose: purpose.as_str(),
+            case_ref: &case_ref,
             envelope: &convert::envelope_to_pb(&envelope).encode_to_vec(),
-            envelope_digest: &digest,
+            envelope_digest: &envelope.digest(),
             created_by: user.id,
             created_at_ms: now,
             expires_at_ms: envelope.header.expires_at_ms,
         })
         .await?;
+    if !queued {
+        return Err(Failure::precondition(format!(
+            "referral refused: consent {} was withdrawn",
+            consent.id
+        )));
+    }
     node.outbox_ready.notify_one();
-    tracing::info!(referral = %message_id, case = %req.case_id, %recipient, %purpose, "referral queued");
+    tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
     Ok(message_id)
 }
 
+/// Withdraws a consent: nothing more leaves under it, queued referrals are cancelled,
+/// and every org that may hold data under it gets a withdrawal to purge it.
+pub async fn withdraw_consent(
+    node: &Node,
+    user: &User,
+    consent_id: &str,
+) -> Result<pb::ConsentStatusResponse, Failure> {
+    let row = consent_row(node, consent_id).await?;
+    if row.withdrawn_at_ms.is_some() {
+        return consent_status(node, consent_id).await;
+    }
+    let now = now_ms();
+    let mut per_recipient: std::collections::BTreeMap<String, (String, Vec<MessageId>)> =
+        Default::default();
+    for (recipient, case_ref, id) in node.store.referrals_under_consent(consent_id).await? {
+        per_recipient
+            .entry(recipient)
+            .or_insert_with(|| (case_ref, Vec::new()))
+            .1
+            .push(id);
+    }
+    let mut envelopes = Vec::new();
+    for (recipient, (case_ref, ids)) in &per_recipient {
+        let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+        let Some(m) = node.directory.get(&org) else {
+            tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge");
+            continue;
+        };
+        let payload = pb::ConsentWithdrawal {
+            consent_id: consent_id.to_owned(),
+            case_ref: case_ref.clone(),
+            referral_ids: ids.iter().map(|i| i.0.to_vec()).collect(),
+            withdrawn_at_ms: now,
+        }
+        .encode_to_vec();
+        // Withdrawals live as long as any envelope may: the sender keeps trying.
+        let envelope = seal(
+            node,
+            MessageKind::ConsentWithdrawal,
+            m,
+            &payload,
+            now,
+            MAX_LIFETIME_MS,
+        )?;
+        envelopes.push((org, case_ref.clone(), envelope));
+    }
+    let encoded: Vec<_> = envelopes
+        .iter()
+        .map(|(_, _, e)| convert::envelope_to_pb(e).encode_to_vec())
+        .collect();
+    let digests: Vec<_> = envelopes.iter().map(|(_, _, e)| e.digest()).collect();
+    let items: Vec<NewOutboxItem<'_>> = envelopes
+        .iter()
+        .zip(encoded.iter().zip(digests.iter()))
+        .map(|((org, case_ref, e), (bytes, digest))| NewOutboxItem {
+            message_id: e.header.message_id,
+            kind: MessageKind::ConsentWithdrawal.as_i32().into(),
+            case_id: &row.case_id,
+            consent_id,
+            recipient: org,
+            purpose: "",
+            case_ref,
+            envelope: bytes,
+            envelope_digest: digest,
+            created_by: user.id,
+            created_at_ms: now,
+            expires_at_ms: e.header.expires_at_ms,
+        })
+        .collect();
+    node.store.withdraw_consent(consent_id, now, &items).await?;
+    node.outbox_ready.notify_one();
+    tracing::info!(consent = %consent_id, user = %user.name, recipients = items.len(), "consent withdrawn");
+    consent_status(node, consent_id).await
+}
+
+/// A consent with, per recipient, the referrals it got and whether it has purged them.
+pub async fn consent_status(
+    node: &Node,
+    consent_id: &str,
+) -> Result<pb::ConsentStatusResponse, Failure> {
+    let row = consent_row(node, consent_id).await?;
+    let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
+        Default::default();
+    for item in node.store.outbox_for_consent(consent_id).await? {
+        let entry =
+            recipients
+                .entry(item.recipient.clone())
+                .or_insert_with(|| pb::RecipientPurgeStatus {
+                    recipient: item.recipient.clone(),
+                    state: "not-withdrawn".into(),
+                    ..Default::default()
+                });
+        if item.kind == i64::from(MessageKind::Referral.as_i32()) {
+            entry
+                .referral_ids
+                .push(format!("{} ({})", item.message_id, item.state));
+            continue;
+        }
+        entry.attempts = u32::try_from(item.attempts).unwrap_or(u32::MAX);
+        entry.last_error = item.last_error.clone().unwrap_or_default();
+        match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
+            Some(Ok(receipt)) => {
+                entry.state = "purged".into();
+                entry.purge_receipt = Some(receipt);
+            }
+            _ => entry.state = format!("pending ({})", item.state),
+        }
+    }
+    Ok(pb::ConsentStatusResponse {
+        consent: Some(consent_view(&row)),
+        recipients: recipients.into_values().collect(),
+    })
+}
+
+/// Decrypts a received referral for a local user.
+pub async fn read_referral(
+    node: &Node,
+    user: &User,
+    id: MessageId,
+) -> Result<pb::GetReferralResponse, Failure> {
+    let row = node.store.inbox_item(id).await?.ok_or_else(|| {
+        Failure::not_found(format!(
+            "no received referral {id} (never received, purged or past retention)"
+        ))
+    })?;
+    let wrapped = node
+        .store
+        .case_key(&row.case_key_id)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("referral {id} was purged")))?;
+    let key = node
+        .data_key
+        .unwrap_data_key(&row.case_key_id, &wrapped)
+        .map_err(data_failure)?;
+    let plaintext = key
+        .decrypt(&row.case_key_id, &id.to_hex(), &row.payload_sealed)
+        .map_err(data_failure)?;
+    let payload = pb::ReferralPayload::decode(plaintext.as_slice())
+        .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+    tracing::info!(referral = %id, case_ref = %row.case_ref, user = %user.name, "personal data read");
+    Ok(pb::GetReferralResponse {
+        referral_id: id.to_hex(),
+        sender: row.sender,
+        recipient: node.org.to_string(),
+        purpose: row.purpose,
+        case_ref: row.case_ref,
+        fields: payload
+            .fields
+            .into_iter()
+            .filter_map(|fv| {
+                convert::field_from_pb(fv.field).map(|f| (f.as_str().to_owned(), fv.value))
+            })
+            .collect(),
+        received_at_ms: row.received_at_ms,
+        consent_id: row.consent_id,
+        consent_expires_at_ms: row.consent_expires_at_ms,
+    })
+}
+
 /// Accepts an envelope from an authenticated peer: verifies every rule, answers a replay
-/// with the receipt it got the first time, opens and checks the payload, and stores it
-/// with a signed receipt in one transaction before answering.
+/// with the answer it got the first time, opens the payload and handles it by kind,
+/// committing before answering.
 pub async fn receive_envelope(
     node: &Node,
     peer: &PeerInfo,
     envelope: pb::Envelope,
-) -> Result<pb::Receipt, Failure> {
+) -> Result<pb::DeliverResponse, Failure> {
     let envelope = convert::envelope_from_pb(envelope).map_err(envelope_failure)?;
     // The peer passed the handshake, so it is a member; its key signs its envelopes.
-    let member = node.directory.get(&peer.org).ok_or_else(|| {
+    let sender = node.directory.get(&peer.org).ok_or_else(|| {
         Failure::new(
             Code::PermissionDenied,
             format!("{} is not a member", peer.org),
@@ -331,7 +735,7 @@ pub async fn receive_envelope(
     })?;
     let now = now_ms();
     let verified = envelope
-        .verify(&node.org, &peer.org, &member.signing_key, now)
+        .verify(&node.org, &peer.org, &sender.signing_key, now)
         .map_err(|e| {
             tracing::warn!(peer = %peer.org, error = %e, "envelope refused");
             envelope_failure(e)
@@ -342,17 +746,9 @@ pub async fn receive_envelope(
         return replay_answer(seen, &peer.org, &digest);
     }
     let opened = verified.open(&node.sealing_key).map_err(|e| {
-        tracing::warn!(peer = %peer.org, referral = %message_id, error = %e, "envelope does not open");
+        tracing::warn!(peer = %peer.org, envelope = %message_id, error = %e, "envelope does not open");
         envelope_failure(e)
     })?;
-    let payload = pb::ReferralPayload::decode(opened.payload.as_slice())
-        .map_err(|_| Failure::invalid("referral payload is not a valid ReferralPayload"))?;
-    parse_purpose(&payload.purpose)?;
-    check_fields(&payload.fields)?;
-    if payload.case_ref.is_empty() || payload.case_ref.len() > 128 {
-        return Err(Failure::invalid("referral case_ref must be 1-128 bytes"));
-    }
-
     let receipt = Receipt::sign(
         message_id,
         digest,
@@ -362,44 +758,232 @@ pub async fn receive_envelope(
         0,
         &node.signing_key,
     );
-    let receipt_pb = convert::receipt_to_pb(&receipt);
-    let receipt_bytes = receipt_pb.encode_to_vec();
+    match opened.header.kind {
+        MessageKind::Referral => {
+            accept_referral(
+                node,
+                sender,
+                message_id,
+                &digest,
+                &opened.payload,
+                receipt,
+                now,
+            )
+            .await
+        }
+        MessageKind::ConsentWithdrawal => {
+            accept_withdrawal(
+                node,
+                sender,
+                message_id,
+                &digest,
+                &opened.payload,
+                receipt,
+                now,
+            )
+            .await
+        }
+    }
+}
+
+async fn accept_referral(
+    node: &Node,
+    sender: &Member,
+    message_id: MessageId,
+    digest: &[u8; 32],
+    plaintext: &[u8],
+    receipt: Receipt,
+    now: i64,
+) -> Result<pb::DeliverResponse, Failure> {
+    let payload = pb::ReferralPayload::decode(plaintext)
+        .map_err(|_| Failure::invalid("referral payload is not a valid ReferralPayload"))?;
+    let purpose = parse_purpose(&payload.purpose)?;
+    if payload.case_ref.is_empty() || payload.case_ref.len() > 128 {
+        return Err(Failure::invalid("referral case_ref must be 1-128 bytes"));
+    }
+    if payload.fields.len() > MAX_FIELDS {
+        return Err(Failure::invalid(format!(
+            "a referral carries at most {MAX_FIELDS} fields"
+        )));
+    }
+    let mut fields = BTreeSet::new();
+    for fv in &payload.fields {
+        let field = convert::field_from_pb(fv.field).ok_or_else(|| {
+            Failure::invalid(format!("referral carries unknown field {}", fv.field))
+        })?;
+        if !fields.insert(field) {
+            return Err(Failure::invalid(format!(
+                "referral carries field {field} twice"
+            )));
+        }
+        if fv.value.len() > MAX_FIELD_VALUE_LEN {
+            return Err(Failure::invalid(format!(
+                "field {field} is longer than {MAX_FIELD_VALUE_LEN} bytes"
+            )));
+        }
+    }
+    // The consent travels with the referral; run the same gate against it here.
+    let consent_receipt = payload
+        .consent_receipt
+        .clone()
+        .ok_or_else(|| Failure::precondition("referral refused: it carries no consent receipt"))
+        .and_then(|r| {
+            convert::consent_receipt_from_pb(r)
+                .map_err(|e| Failure::invalid(format!("consent receipt is malformed: {e}")))
+        })?;
+    consent_receipt
+        .verify(
+            &sender.id,
+            &sender.signing_key,
+            &node.org,
+            &payload.case_ref,
+        )
+        .map_err(|e| Failure::new(Code::PermissionDenied, format!("referral refused: {e}")))?;
+    if node
+        .store
+        .consent_withdrawn_by(&sender.id, &consent_receipt.consent_id)
+        .await?
+    {
+        return Err(Failure::precondition(format!(
+            "referral refused: consent {} was withdrawn",
+            consent_receipt.consent_id
+        )));
+    }
+    let me = node
+        .directory
+        .get(&node.org)
+        .ok_or_else(|| Failure::internal("this node is not in the directory", &node.org))?;
+    consent::gate(&consent_receipt.scope(), me, purpose, &fields, now).map_err(|refusal| {
+        tracing::warn!(sender = %sender.id, envelope = %message_id, %refusal, "referral refused by the consent gate on arrival");
+        Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}"))
+    })?;
+
+    // Encrypt under the data key of this received case before anything is stored.
+    let case_key_id = format!("in:{}:{}", sender.id, payload.case_ref);
+    let wrapped = match node.store.case_key(&case_key_id).await? {
+        Some(w) => w,
+        None => {
+            let (_, wrapped) = node
+                .data_key
+                .new_data_key(&case_key_id)
+                .map_err(data_failure)?;
+            node.store
+                .ensure_case_key(&case_key_id, &wrapped, now)
+                .await?
+        }
+    };
+    let key = node
+        .data_key
+        .unwrap_data_key(&case_key_id, &wrapped)
+        .map_err(data_failure)?;
+    let payload_sealed = key
+        .encrypt(&case_key_id, &message_id.to_hex(), plaintext)
+        .map_err(data_failure)?;
+    let response = pb::DeliverResponse {
+        receipt: Some(convert::receipt_to_pb(&receipt)),
+        purge_receipt: None,
+    };
+    let response_bytes = response.encode_to_vec();
     let outcome = node
         .store
         .accept_referral(&AcceptedReferral {
             message_id,
-            sender: &peer.org,
-            envelope_digest: &digest,
-            receipt: &receipt_bytes,
-            purpose: &payload.purpose,
+            sender: &sender.id,
+            envelope_digest: digest,
+            response: &response_bytes,
+            purpose: purpose.as_str(),
             case_ref: &payload.case_ref,
-            payload: &opened.payload,
+            case_key_id: &case_key_id,
+            consent_id: &consent_receipt.consent_id,
+            consent_expires_at_ms: consent_receipt.expires_at_ms,
+            payload_sealed: &payload_sealed,
+            received_at_ms: now,
+            retain_until_ms: now.saturating_add(node.config.retention.retention_ms(purpose)),
+        })
+        .await?;
+    match outcome {
+        AcceptOutcome::Stored => {
+            tracing::info!(referral = %message_id, sender = %sender.id, %purpose, "referral received");
+            Ok(response)
+        }
+        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+    }
+}
+
+async fn accept_withdrawal(
+    node: &Node,
+    sender: &Member,
+    message_id: MessageId,
+    digest: &[u8; 32],
+    plaintext: &[u8],
+    receipt: Receipt,
+    now: i64,
+) -> Result<pb::DeliverResponse, Failure> {
+    let w = pb::ConsentWithdrawal::decode(plaintext)
+        .map_err(|_| Failure::invalid("withdrawal payload is not a valid ConsentWithdrawal"))?;
+    if w.consent_id.is_empty() || w.consent_id.len() > 128 {
+        return Err(Failure::invalid(
+            "withdrawal consent_id must be 1-128 bytes",
+        ));
+    }
+    let purged = node
+        .store
+        .inbox_under_consent(&sender.id, &w.consent_id)
+        .await?;
+    let purge_receipt = PurgeReceipt::sign(
+        message_id,
+        w.consent_id.clone(),
+        w.case_ref.clone(),
+        sender.id.clone(),
+        node.org.clone(),
+        purged.clone(),
+        now,
+        &node.signing_key,
+    );
+    let response = pb::DeliverResponse {
+        receipt: Some(convert::receipt_to_pb(&receipt)),
+        purge_receipt: Some(convert::purge_receipt_to_pb(&purge_receipt)),
+    };
+    let response_bytes = response.encode_to_vec();
+    let outcome = node
+        .store
+        .purge_consent(&AcceptedWithdrawal {
+            message_id,
+            sender: &sender.id,
+            envelope_digest: digest,
+            consent_id: &w.consent_id,
+            response: &response_bytes,
+            expected: &purged,
             received_at_ms: now,
         })
         .await?;
     match outcome {
         AcceptOutcome::Stored => {
-            tracing::info!(referral = %message_id, sender = %peer.org, purpose = %payload.purpose, "referral received");
-            Ok(receipt_pb)
+            // Make the deletion final on disk: no purged page stays in the WAL.
+            if let Err(error) = node.store.checkpoint().await {
+                tracing::warn!(%error, "WAL checkpoint after purge failed");
+            }
+            tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged.len(), "consent withdrawn by sender; data purged");
+            Ok(response)
         }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &peer.org, &digest),
+        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
     }
 }
 
-/// A message id seen before: the same envelope gets the same receipt; anything else
+/// A message id seen before: the same envelope gets the same answer; anything else
 /// reusing the id is refused.
 fn replay_answer(
     seen: crate::storage::SeenMessage,
     sender: &OrgId,
     digest: &[u8; 32],
-) -> Result<pb::Receipt, Failure> {
+) -> Result<pb::DeliverResponse, Failure> {
     if seen.sender != sender.as_str() || seen.envelope_digest != digest {
         return Err(Failure::new(
             Code::AlreadyExists,
             "message id was already used for a different envelope",
         ));
     }
-    tracing::info!(sender = %sender, "duplicate envelope answered with its original receipt");
-    pb::Receipt::decode(seen.receipt.as_slice())
-        .map_err(|e| Failure::internal("stored receipt is corrupt", e))
+    tracing::info!(sender = %sender, "duplicate envelope answered with its original answer");
+    pb::DeliverResponse::decode(seen.response.as_slice())
+        .map_err(|e| Failure::internal("stored answer is corrupt", e))
 }

@@ -14,6 +14,10 @@ pub mod label {
     pub const RECEIPT: &[u8] = b"corridor/v1/receipt\0";
     /// The envelope header as HPKE associated data.
     pub const HEADER_AAD: &[u8] = b"corridor/v1/header-aad\0";
+    /// A consent receipt travelling inside a referral.
+    pub const CONSENT_RECEIPT: &[u8] = b"corridor/v1/consent-receipt\0";
+    /// A purge receipt answering a consent withdrawal.
+    pub const PURGE_RECEIPT: &[u8] = b"corridor/v1/purge-receipt\0";
     /// HPKE `info` for sealing envelope payloads.
     pub const SEAL_INFO: &[u8] = b"corridor/v1/seal";
 }
@@ -94,7 +98,13 @@ mod tests {
 
     #[test]
     fn labels_are_distinct_and_prefix_free() {
-        let labels = [label::ENVELOPE, label::RECEIPT, label::HEADER_AAD];
+        let labels = [
+            label::ENVELOPE,
+            label::RECEIPT,
+            label::HEADER_AAD,
+            label::CONSENT_RECEIPT,
+            label::PURGE_RECEIPT,
+        ];
         for (i, a) in labels.iter().enumerate() {
             for (j, b) in labels.iter().enumerate() {
                 if i != j {

@@ -1,136 +1,829 @@
-//! Consent: what a person agreed to disclose, to whom and for what, and the gate every
-//! referral passes before it leaves a node.
+//! Consent: what a person agreed to disclose, to whom, for what and until when — and the
+//! gate every referral passes on the sending node *and again* on the receiving node.
 //!
-//! This is the walking-skeleton gate: a referral needs an unexpired, unwithdrawn consent
-//! of its case that names the recipient and the purpose.
+//! A referral passes only if every field in it is consented and allowed by the purpose,
+//! every field the purpose requires is present, the recipient is in scope (named, or by
+//! role and country) and its role may receive that purpose, no restriction forbids it,
+//! and the consent is neither expired nor withdrawn. Two rules always hold: a state
+//! authority (embassy, government) is in scope only if the consent names it; a consent
+//! can be narrowed but never widened (widening is a new consent).
 
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::canonical::{Canonical, label};
+use crate::directory::{Member, Role};
+use crate::fields::Field;
 use crate::org::OrgId;
+use crate::profile::profile;
 use crate::purpose::Purpose;
+use crate::sign::{SigningKey, VerifyingKey};
 
-/// The scope of one recorded consent, as the gate needs it.
+/// Recipients by role and country: `role` None means any role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoleInCountry {
+    pub role: Option<Role>,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+}
+
+impl fmt::Display for RoleInCountry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.role {
+            Some(role) => write!(f, "{}@{}", role.as_str(), self.country),
+            None => write!(f, "*@{}", self.country),
+        }
+    }
+}
+
+impl std::str::FromStr for RoleInCountry {
+    type Err = String;
+    /// `role@CC` or `*@CC`, e.g. `shelter@KH`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (role, country) = text
+            .split_once('@')
+            .ok_or_else(|| format!("recipient role {text:?} must be written role@CC or *@CC"))?;
+        let role = match role {
+            "*" => None,
+            r => Some(Role::parse(r).ok_or_else(|| format!("unknown role {r:?}"))?),
+        };
+        if !is_country_code(country) {
+            return Err(format!(
+                "{country:?} is not an ISO 3166-1 alpha-2 country code"
+            ));
+        }
+        Ok(Self {
+            role,
+            country: country.to_owned(),
+        })
+    }
+}
+
+/// Whether `text` has the form of an ISO 3166-1 alpha-2 code (two capital letters).
+pub fn is_country_code(text: &str) -> bool {
+    text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// Restrictions the person asked for, on top of the scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    /// Never to organisations in these countries (ISO 3166-1 alpha-2).
+    pub excluded_countries: BTreeSet<String>,
+    /// No contact with family: refuses family tracing.
+    pub no_family_contact: bool,
+}
+
+/// What a consent covers. This is what the gate reads and what narrowing compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Consent {
+pub struct ConsentScope {
     pub id: String,
-    pub recipients: Vec<OrgId>,
-    pub purposes: Vec<Purpose>,
+    pub purposes: BTreeSet<Purpose>,
+    /// Recipients named by org id.
+    pub recipient_orgs: BTreeSet<OrgId>,
+    /// Recipients by role and country.
+    pub recipient_roles: BTreeSet<RoleInCountry>,
+    pub fields: BTreeSet<Field>,
+    pub restrictions: Restrictions,
     pub expires_at_ms: i64,
     pub withdrawn_at_ms: Option<i64>,
 }
 
-/// Why the gate refused a referral. The message is shown to the caseworker.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GateRefusal {
-    #[error("the case has no recorded consent")]
-    NoConsent,
-    #[error(
-        "no unexpired, unwithdrawn consent of this case names recipient {recipient} for purpose {purpose}"
-    )]
-    NotConsented { recipient: OrgId, purpose: Purpose },
+/// One reason the gate refuses. A refusal lists every reason that applies.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Withdrawn,
+    Expired,
+    PurposeNotConsented(Purpose),
+    RecipientNotInScope(OrgId),
+    StateAuthorityNotNamed(OrgId),
+    RoleCannotReceivePurpose { recipient: OrgId, purpose: Purpose },
+    CountryExcluded { recipient: OrgId, country: String },
+    FamilyContactForbidden,
+    FieldNotConsented(Field),
+    FieldNotAllowedForPurpose { field: Field, purpose: Purpose },
+    RequiredFieldMissing { field: Field, purpose: Purpose },
 }
 
-/// Returns the id of the consent that allows disclosing the case to `recipient` for
-/// `purpose` at time `now_ms`, or why none does.
-pub fn gate<'a>(
-    consents: &'a [Consent],
-    recipient: &OrgId,
-    purpose: Purpose,
-    now_ms: i64,
-) -> Result<&'a Consent, GateRefusal> {
-    if consents.is_empty() {
-        return Err(GateRefusal::NoConsent);
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Withdrawn => write!(f, "the consent was withdrawn"),
+            Self::Expired => write!(f, "the consent has expired"),
+            Self::PurposeNotConsented(p) => write!(f, "purpose {p} is not consented"),
+            Self::RecipientNotInScope(o) => {
+                write!(f, "recipient {o} is not in the consent's scope")
+            }
+            Self::StateAuthorityNotNamed(o) => write!(
+                f,
+                "recipient {o} is a state authority and the consent does not name it"
+            ),
+            Self::RoleCannotReceivePurpose { recipient, purpose } => write!(
+                f,
+                "recipient {recipient} does not have a role that may receive {purpose}"
+            ),
+            Self::CountryExcluded { recipient, country } => write!(
+                f,
+                "recipient {recipient} is in {country}, a country the consent excludes"
+            ),
+            Self::FamilyContactForbidden => {
+                write!(
+                    f,
+                    "the consent forbids contact with family (family tracing)"
+                )
+            }
+            Self::FieldNotConsented(field) => write!(f, "field {field} is not consented"),
+            Self::FieldNotAllowedForPurpose { field, purpose } => {
+                write!(f, "field {field} is not allowed for {purpose}")
+            }
+            Self::RequiredFieldMissing { field, purpose } => {
+                write!(f, "field {field} is required for {purpose} but missing")
+            }
+        }
     }
-    consents
+}
+
+/// The gate's refusal: which consent, and every reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateRefusal {
+    pub consent_id: Option<String>,
+    pub reasons: Vec<Reason>,
+}
+
+impl fmt::Display for GateRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.consent_id {
+            None => write!(f, "the case has no recorded consent"),
+            Some(id) => {
+                write!(f, "under consent {id}: ")?;
+                let reasons: Vec<String> = self.reasons.iter().map(Reason::to_string).collect();
+                write!(f, "{}", reasons.join("; "))
+            }
+        }
+    }
+}
+
+impl std::error::Error for GateRefusal {}
+
+fn is_state_authority(member: &Member) -> bool {
+    member.has_role(Role::Embassy) || member.has_role(Role::Government)
+}
+
+/// The gate: may `fields` of a case go to `recipient` for `purpose` under `consent` at
+/// `now_ms`? On refusal, every applicable reason is listed.
+pub fn gate(
+    consent: &ConsentScope,
+    recipient: &Member,
+    purpose: Purpose,
+    fields: &BTreeSet<Field>,
+    now_ms: i64,
+) -> Result<(), GateRefusal> {
+    let mut reasons = Vec::new();
+    if consent.withdrawn_at_ms.is_some() {
+        reasons.push(Reason::Withdrawn);
+    }
+    if consent.expires_at_ms <= now_ms {
+        reasons.push(Reason::Expired);
+    }
+    if !consent.purposes.contains(&purpose) {
+        reasons.push(Reason::PurposeNotConsented(purpose));
+    }
+    let named = consent.recipient_orgs.contains(&recipient.id);
+    let by_role = consent.recipient_roles.iter().any(|rc| {
+        rc.country == recipient.country && rc.role.is_none_or(|role| recipient.has_role(role))
+    });
+    if is_state_authority(recipient) {
+        if !named {
+            reasons.push(Reason::StateAuthorityNotNamed(recipient.id.clone()));
+        }
+    } else if !named && !by_role {
+        reasons.push(Reason::RecipientNotInScope(recipient.id.clone()));
+    }
+    let profile = profile(purpose);
+    if !profile
+        .recipient_roles
         .iter()
-        .find(|c| {
-            c.withdrawn_at_ms.is_none()
-                && c.expires_at_ms > now_ms
-                && c.recipients.contains(recipient)
-                && c.purposes.contains(&purpose)
-        })
-        .ok_or_else(|| GateRefusal::NotConsented {
-            recipient: recipient.clone(),
+        .any(|r| recipient.has_role(*r))
+    {
+        reasons.push(Reason::RoleCannotReceivePurpose {
+            recipient: recipient.id.clone(),
             purpose,
+        });
+    }
+    if consent
+        .restrictions
+        .excluded_countries
+        .contains(&recipient.country)
+    {
+        reasons.push(Reason::CountryExcluded {
+            recipient: recipient.id.clone(),
+            country: recipient.country.clone(),
+        });
+    }
+    if consent.restrictions.no_family_contact && purpose == Purpose::FamilyTracing {
+        reasons.push(Reason::FamilyContactForbidden);
+    }
+    for field in fields {
+        if !consent.fields.contains(field) {
+            reasons.push(Reason::FieldNotConsented(*field));
+        }
+        if !profile.allows(*field) {
+            reasons.push(Reason::FieldNotAllowedForPurpose {
+                field: *field,
+                purpose,
+            });
+        }
+    }
+    for field in profile.required {
+        if !fields.contains(field) {
+            reasons.push(Reason::RequiredFieldMissing {
+                field: *field,
+                purpose,
+            });
+        }
+    }
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(GateRefusal {
+            consent_id: Some(consent.id.clone()),
+            reasons,
         })
+    }
+}
+
+/// Gates a referral against every consent of its case: passes with the first consent
+/// (newest first) that allows it; otherwise refuses with the reasons of the newest
+/// consent that is neither withdrawn nor expired (or of the newest at all).
+pub fn gate_case<'a>(
+    consents_newest_first: &'a [ConsentScope],
+    recipient: &Member,
+    purpose: Purpose,
+    fields: &BTreeSet<Field>,
+    now_ms: i64,
+) -> Result<&'a ConsentScope, GateRefusal> {
+    let mut first_refusal: Option<GateRefusal> = None;
+    let mut live_refusal: Option<GateRefusal> = None;
+    for consent in consents_newest_first {
+        match gate(consent, recipient, purpose, fields, now_ms) {
+            Ok(()) => return Ok(consent),
+            Err(refusal) => {
+                let live = !refusal
+                    .reasons
+                    .iter()
+                    .any(|r| matches!(r, Reason::Withdrawn | Reason::Expired));
+                if live && live_refusal.is_none() {
+                    live_refusal = Some(refusal.clone());
+                }
+                first_refusal.get_or_insert(refusal);
+            }
+        }
+    }
+    Err(live_refusal.or(first_refusal).unwrap_or(GateRefusal {
+        consent_id: None,
+        reasons: Vec::new(),
+    }))
+}
+
+/// How a narrowed scope would widen the consent instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("narrowing may not widen the consent: {0}; record a new consent instead")]
+pub struct WideningError(pub String);
+
+impl ConsentScope {
+    /// Checks that `narrower` only takes away from this scope: no new purpose, field or
+    /// recipient, no later expiry, no restriction lifted.
+    pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), WideningError> {
+        let mut widened = Vec::new();
+        for p in narrower.purposes.difference(&self.purposes) {
+            widened.push(format!("adds purpose {p}"));
+        }
+        for f in narrower.fields.difference(&self.fields) {
+            widened.push(format!("adds field {f}"));
+        }
+        for o in narrower.recipient_orgs.difference(&self.recipient_orgs) {
+            widened.push(format!("adds recipient {o}"));
+        }
+        for r in narrower.recipient_roles.difference(&self.recipient_roles) {
+            widened.push(format!("adds recipients {r}"));
+        }
+        if narrower.expires_at_ms > self.expires_at_ms {
+            widened.push("extends the expiry".into());
+        }
+        for c in self
+            .restrictions
+            .excluded_countries
+            .difference(&narrower.restrictions.excluded_countries)
+        {
+            widened.push(format!("lifts the exclusion of {c}"));
+        }
+        if self.restrictions.no_family_contact && !narrower.restrictions.no_family_contact {
+            widened.push("lifts the ban on family contact".into());
+        }
+        if widened.is_empty() {
+            Ok(())
+        } else {
+            Err(WideningError(widened.join(", ")))
+        }
+    }
+}
+
+/// The receipt of consent that travels sealed inside a referral: the sending org's signed
+/// statement of what the person consented to, scoped to this one recipient. The
+/// recipient runs the gate again against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentReceipt {
+    pub consent_id: String,
+    pub sender: OrgId,
+    pub recipient: OrgId,
+    /// The case reference this recipient knows.
+    pub case_ref: String,
+    pub purposes: BTreeSet<Purpose>,
+    pub fields: BTreeSet<Field>,
+    pub restrictions: Restrictions,
+    pub expires_at_ms: i64,
+    pub issued_at_ms: i64,
+    pub signature: Vec<u8>,
+}
+
+/// Why a consent receipt is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsentReceiptError {
+    #[error("consent receipt names sender {found}, but the envelope comes from {expected}")]
+    WrongSender { found: OrgId, expected: OrgId },
+    #[error("consent receipt names recipient {found}, not this node ({expected})")]
+    WrongRecipient { found: OrgId, expected: OrgId },
+    #[error("consent receipt signature does not verify with the sender's key")]
+    BadSignature,
+    #[error("consent receipt is for case reference other than the referral's")]
+    WrongCase,
+}
+
+impl ConsentReceipt {
+    /// Issues a receipt of `consent` for one recipient and signs it.
+    pub fn issue(
+        consent: &ConsentScope,
+        sender: OrgId,
+        recipient: OrgId,
+        case_ref: String,
+        issued_at_ms: i64,
+        key: &SigningKey,
+    ) -> Self {
+        let mut receipt = Self {
+            consent_id: consent.id.clone(),
+            sender,
+            recipient,
+            case_ref,
+            purposes: consent.purposes.clone(),
+            fields: consent.fields.clone(),
+            restrictions: consent.restrictions.clone(),
+            expires_at_ms: consent.expires_at_ms,
+            issued_at_ms,
+            signature: Vec::new(),
+        };
+        receipt.signature = key.sign(&receipt.signed_bytes()).to_vec();
+        receipt
+    }
+
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let purposes: Vec<&str> = self.purposes.iter().map(|p| p.as_str()).collect();
+        let fields: Vec<&str> = self.fields.iter().map(|f| f.as_str()).collect();
+        let countries: Vec<&String> = self.restrictions.excluded_countries.iter().collect();
+        Canonical::new(label::CONSENT_RECEIPT)
+            .str(&self.consent_id)
+            .str(self.sender.as_str())
+            .str(self.recipient.as_str())
+            .str(&self.case_ref)
+            .strs(&purposes)
+            .strs(&fields)
+            .strs(&countries)
+            .u64(u64::from(self.restrictions.no_family_contact))
+            .i64(self.expires_at_ms)
+            .i64(self.issued_at_ms)
+            .finish()
+    }
+
+    /// Checks who issued the receipt and for whom, and its signature.
+    pub fn verify(
+        &self,
+        sender: &OrgId,
+        sender_key: &VerifyingKey,
+        local: &OrgId,
+        case_ref: &str,
+    ) -> Result<(), ConsentReceiptError> {
+        if &self.sender != sender {
+            return Err(ConsentReceiptError::WrongSender {
+                found: self.sender.clone(),
+                expected: sender.clone(),
+            });
+        }
+        if &self.recipient != local {
+            return Err(ConsentReceiptError::WrongRecipient {
+                found: self.recipient.clone(),
+                expected: local.clone(),
+            });
+        }
+        if self.case_ref != case_ref {
+            return Err(ConsentReceiptError::WrongCase);
+        }
+        sender_key
+            .verify(&self.signed_bytes(), &self.signature)
+            .map_err(|_| ConsentReceiptError::BadSignature)
+    }
+
+    /// The scope this receipt grants, for running the gate on the receiving side: the
+    /// recipient is named, so only the receipt's purposes, fields, restrictions and
+    /// expiry decide.
+    pub fn scope(&self) -> ConsentScope {
+        ConsentScope {
+            id: self.consent_id.clone(),
+            purposes: self.purposes.clone(),
+            recipient_orgs: [self.recipient.clone()].into(),
+            recipient_roles: BTreeSet::new(),
+            fields: self.fields.clone(),
+            restrictions: self.restrictions.clone(),
+            expires_at_ms: self.expires_at_ms,
+            withdrawn_at_ms: None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::SealingKey;
     use proptest::prelude::*;
 
-    fn org(s: &str) -> OrgId {
-        OrgId::new(s).unwrap()
+    fn member(id: &str, country: &str, role: Role) -> Member {
+        Member {
+            id: OrgId::new(id).unwrap(),
+            name: id.into(),
+            country: country.into(),
+            roles: vec![role],
+            endpoint: "https://127.0.0.1:1".into(),
+            signing_key: SigningKey::from_seed(&[1; 32]).unwrap().verifying_key(),
+            sealing_key: SealingKey::derive(&[2; 32]).public_key().clone(),
+            cert_sha256: [0; 32],
+        }
     }
 
-    fn consent() -> Consent {
-        Consent {
-            id: "c1".into(),
-            recipients: vec![org("shelter-kh")],
-            purposes: vec![Purpose::Reintegration],
+    fn reintegration_fields() -> BTreeSet<Field> {
+        [
+            Field::PreferredName,
+            Field::AgeBand,
+            Field::Languages,
+            Field::Needs,
+        ]
+        .into()
+    }
+
+    fn consent() -> ConsentScope {
+        ConsentScope {
+            id: "consent-1".into(),
+            purposes: [Purpose::Reintegration, Purpose::NationalityVerification].into(),
+            recipient_orgs: [OrgId::new("shelter-kh").unwrap()].into(),
+            recipient_roles: BTreeSet::new(),
+            fields: reintegration_fields()
+                .into_iter()
+                .chain([Field::Sex, Field::RiskFlags])
+                .collect(),
+            restrictions: Restrictions::default(),
             expires_at_ms: 1000,
             withdrawn_at_ms: None,
         }
     }
 
+    fn refused(result: Result<(), GateRefusal>) -> Vec<Reason> {
+        result.expect_err("must be refused").reasons
+    }
+
     #[test]
-    fn matching_consent_passes() {
-        let c = [consent()];
+    fn role_in_country_parses() {
+        let rc: RoleInCountry = "shelter@KH".parse().unwrap();
+        assert_eq!(rc.role, Some(Role::Shelter));
+        assert_eq!(rc.to_string(), "shelter@KH");
+        assert_eq!("*@MY".parse::<RoleInCountry>().unwrap().role, None);
+        assert!("shelter".parse::<RoleInCountry>().is_err());
+        assert!("spy@KH".parse::<RoleInCountry>().is_err());
+        assert!("shelter@Cambodia".parse::<RoleInCountry>().is_err());
+    }
+
+    #[test]
+    fn consented_referral_passes() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        gate(
+            &consent(),
+            &kh,
+            Purpose::Reintegration,
+            &reintegration_fields(),
+            0,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn every_rule_refuses_and_is_named() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        let f = reintegration_fields();
+        let c = consent();
+
+        let mut extra = f.clone();
+        extra.insert(Field::Phone);
+        assert!(
+            refused(gate(&c, &kh, Purpose::Reintegration, &extra, 0))
+                .contains(&Reason::FieldNotConsented(Field::Phone))
+        );
+
+        let mut mut_c = c.clone();
+        mut_c.fields.insert(Field::DateOfBirth);
+        let mut dob = f.clone();
+        dob.insert(Field::DateOfBirth);
         assert_eq!(
-            gate(&c, &org("shelter-kh"), Purpose::Reintegration, 999)
+            refused(gate(&mut_c, &kh, Purpose::Reintegration, &dob, 0)),
+            vec![Reason::FieldNotAllowedForPurpose {
+                field: Field::DateOfBirth,
+                purpose: Purpose::Reintegration
+            }]
+        );
+
+        let mut missing = f.clone();
+        missing.remove(&Field::Languages);
+        assert_eq!(
+            refused(gate(&c, &kh, Purpose::Reintegration, &missing, 0)),
+            vec![Reason::RequiredFieldMissing {
+                field: Field::Languages,
+                purpose: Purpose::Reintegration
+            }]
+        );
+
+        let th = member("ngo-th", "TH", Role::Ngo);
+        assert_eq!(
+            refused(gate(&c, &th, Purpose::Reintegration, &f, 0)),
+            vec![Reason::RecipientNotInScope(th.id.clone())]
+        );
+
+        assert_eq!(
+            refused(gate(&c, &kh, Purpose::Reintegration, &f, 1000)),
+            vec![Reason::Expired]
+        );
+
+        let mut w = c.clone();
+        w.withdrawn_at_ms = Some(5);
+        assert_eq!(
+            refused(gate(&w, &kh, Purpose::Reintegration, &f, 0)),
+            vec![Reason::Withdrawn]
+        );
+
+        // An embassy in scope only by role and country is a state authority not named.
+        let embassy = member("kh-embassy-kl", "MY", Role::Embassy);
+        let mut by_country = c.clone();
+        by_country.recipient_roles.insert(RoleInCountry {
+            role: None,
+            country: "MY".into(),
+        });
+        let nv: BTreeSet<Field> = [
+            Field::LegalGivenName,
+            Field::LegalFamilyName,
+            Field::DateOfBirth,
+            Field::Nationality,
+        ]
+        .into();
+        by_country.fields.extend(nv.iter().copied());
+        assert_eq!(
+            refused(gate(
+                &by_country,
+                &embassy,
+                Purpose::NationalityVerification,
+                &nv,
+                0
+            )),
+            vec![Reason::StateAuthorityNotNamed(embassy.id.clone())]
+        );
+        // Named, it passes.
+        by_country.recipient_orgs.insert(embassy.id.clone());
+        gate(
+            &by_country,
+            &embassy,
+            Purpose::NationalityVerification,
+            &nv,
+            0,
+        )
+        .unwrap();
+
+        // Return assistance goes to embassies only.
+        let mut ra = c.clone();
+        ra.purposes.insert(Purpose::ReturnAssistance);
+        assert!(
+            refused(gate(&ra, &kh, Purpose::ReturnAssistance, &f, 0)).contains(
+                &Reason::RoleCannotReceivePurpose {
+                    recipient: kh.id.clone(),
+                    purpose: Purpose::ReturnAssistance
+                }
+            )
+        );
+
+        let mut excluded = c.clone();
+        excluded.restrictions.excluded_countries.insert("KH".into());
+        assert_eq!(
+            refused(gate(&excluded, &kh, Purpose::Reintegration, &f, 0)),
+            vec![Reason::CountryExcluded {
+                recipient: kh.id.clone(),
+                country: "KH".into()
+            }]
+        );
+
+        let mut family = c.clone();
+        family.restrictions.no_family_contact = true;
+        family.purposes.insert(Purpose::FamilyTracing);
+        assert!(
+            refused(gate(&family, &kh, Purpose::FamilyTracing, &f, 0))
+                .contains(&Reason::FamilyContactForbidden)
+        );
+    }
+
+    #[test]
+    fn refusal_lists_every_reason_in_one_sentence() {
+        let th = member("ngo-th", "TH", Role::Ngo);
+        let mut fields = reintegration_fields();
+        fields.insert(Field::Phone);
+        let refusal = gate(&consent(), &th, Purpose::LegalAid, &fields, 2000).unwrap_err();
+        let text = refusal.to_string();
+        for word in [
+            "consent-1",
+            "expired",
+            "legal-aid",
+            "ngo-th",
+            "phone",
+            "legal_proceedings_status",
+        ] {
+            assert!(text.contains(word), "{text} should name {word}");
+        }
+        assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn gate_case_picks_a_passing_consent_or_reports_the_newest_live_one() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        let f = reintegration_fields();
+        let mut old = consent();
+        old.id = "old".into();
+        let mut withdrawn = consent();
+        withdrawn.id = "withdrawn".into();
+        withdrawn.withdrawn_at_ms = Some(1);
+        let consents = [withdrawn.clone(), old.clone()];
+        assert_eq!(
+            gate_case(&consents, &kh, Purpose::Reintegration, &f, 0)
                 .unwrap()
                 .id,
-            "c1"
+            "old"
         );
+        let mut extra = f.clone();
+        extra.insert(Field::Phone);
+        let refusal = gate_case(&consents, &kh, Purpose::Reintegration, &extra, 0).unwrap_err();
+        assert_eq!(refusal.consent_id.as_deref(), Some("old"));
+        let none = gate_case(&[], &kh, Purpose::Reintegration, &f, 0).unwrap_err();
+        assert_eq!(none.to_string(), "the case has no recorded consent");
     }
 
     #[test]
-    fn each_rule_refuses() {
-        assert_eq!(
-            gate(&[], &org("shelter-kh"), Purpose::Reintegration, 0),
-            Err(GateRefusal::NoConsent)
-        );
-        let c = [consent()];
-        let refused = |r: &str, p, now| gate(&c, &org(r), p, now).is_err();
-        assert!(refused("other", Purpose::Reintegration, 0), "recipient");
-        assert!(refused("shelter-kh", Purpose::LegalAid, 0), "purpose");
+    fn narrowing_never_widens() {
+        let c = consent();
+        let mut n = c.clone();
+        n.fields.remove(&Field::RiskFlags);
+        n.expires_at_ms = 500;
+        n.restrictions.no_family_contact = true;
+        c.check_narrowing(&n).unwrap();
+        let mut w = c.clone();
+        w.fields.insert(Field::Phone);
+        w.purposes.insert(Purpose::LegalAid);
+        w.expires_at_ms = 2000;
+        let err = c.check_narrowing(&w).unwrap_err().to_string();
         assert!(
-            refused("shelter-kh", Purpose::Reintegration, 1000),
-            "expired"
+            err.contains("phone") && err.contains("legal-aid") && err.contains("expiry"),
+            "{err}"
         );
-        let mut w = consent();
-        w.withdrawn_at_ms = Some(5);
-        assert!(
-            gate(&[w], &org("shelter-kh"), Purpose::Reintegration, 0).is_err(),
-            "withdrawn"
-        );
+        let mut lifted = n.clone();
+        lifted.restrictions.no_family_contact = false;
+        assert!(n.check_narrowing(&lifted).is_err());
     }
 
+    #[test]
+    fn consent_receipt_signs_every_field() {
+        let key = SigningKey::from_seed(&[3; 32]).unwrap();
+        let my = OrgId::new("shelter-my").unwrap();
+        let kh = OrgId::new("shelter-kh").unwrap();
+        let r = ConsentReceipt::issue(&consent(), my.clone(), kh.clone(), "ref-1".into(), 10, &key);
+        r.verify(&my, &key.verifying_key(), &kh, "ref-1").unwrap();
+        assert!(r.verify(&kh, &key.verifying_key(), &kh, "ref-1").is_err());
+        assert!(r.verify(&my, &key.verifying_key(), &my, "ref-1").is_err());
+        assert!(r.verify(&my, &key.verifying_key(), &kh, "ref-2").is_err());
+        let mut t = r.clone();
+        t.fields.insert(Field::Phone);
+        assert_eq!(
+            t.verify(&my, &key.verifying_key(), &kh, "ref-1"),
+            Err(ConsentReceiptError::BadSignature)
+        );
+        let mut t = r.clone();
+        t.expires_at_ms += 1;
+        assert!(t.verify(&my, &key.verifying_key(), &kh, "ref-1").is_err());
+        let mut t = r.clone();
+        t.restrictions.excluded_countries.insert("TH".into());
+        assert!(t.verify(&my, &key.verifying_key(), &kh, "ref-1").is_err());
+    }
+
+    fn arb_scope() -> impl Strategy<Value = ConsentScope> {
+        (
+            proptest::collection::btree_set(0usize..8, 0..4),
+            proptest::collection::btree_set(0usize..3, 0..3),
+            proptest::collection::btree_set((proptest::option::of(0usize..3), 0usize..3), 0..3),
+            proptest::collection::btree_set(0usize..Field::ALL.len(), 0..Field::ALL.len()),
+            proptest::collection::btree_set(0usize..3, 0..2),
+            any::<bool>(),
+            0i64..100,
+            proptest::option::of(0i64..100),
+        )
+            .prop_map(|(p, o, rc, f, ex, fam, exp, w)| ConsentScope {
+                id: "c".into(),
+                purposes: p.into_iter().map(|i| Purpose::ALL[i]).collect(),
+                recipient_orgs: o
+                    .into_iter()
+                    .map(|i| OrgId::new(ORGS[i].0).unwrap())
+                    .collect(),
+                recipient_roles: rc
+                    .into_iter()
+                    .map(|(r, c)| RoleInCountry {
+                        role: r.map(|i| ROLES[i]),
+                        country: COUNTRIES[c].into(),
+                    })
+                    .collect(),
+                fields: f.into_iter().map(|i| Field::ALL[i]).collect(),
+                restrictions: Restrictions {
+                    excluded_countries: ex.into_iter().map(|i| COUNTRIES[i].to_string()).collect(),
+                    no_family_contact: fam,
+                },
+                expires_at_ms: exp,
+                withdrawn_at_ms: w,
+            })
+    }
+
+    const ORGS: [(&str, &str, Role); 3] = [
+        ("shelter-kh", "KH", Role::Shelter),
+        ("ngo-th", "TH", Role::Ngo),
+        ("kh-embassy-kl", "MY", Role::Embassy),
+    ];
+    const ROLES: [Role; 3] = [Role::Shelter, Role::Ngo, Role::Embassy];
+    const COUNTRIES: [&str; 3] = ["KH", "TH", "MY"];
+
     proptest! {
-        /// Whatever the consents, a pass always rests on one consent that names exactly
-        /// this recipient and purpose and is live.
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Nothing outside consent ∩ purpose ever passes, and everything else the gate
+        /// promises holds whenever it lets a referral through.
         #[test]
-        fn pass_implies_a_live_matching_consent(
-            specs in proptest::collection::vec((0usize..3, 0usize..8, 0i64..100, proptest::option::of(0i64..100)), 0..6),
-            r in 0usize..3, p in 0usize..8, now in 0i64..100,
+        fn nothing_outside_consent_and_purpose_passes(
+            scope in arb_scope(),
+            org in 0usize..3,
+            purpose in 0usize..8,
+            fields in proptest::collection::btree_set(0usize..Field::ALL.len(), 0..12),
+            now in 0i64..100,
         ) {
-            let orgs = [org("a"), org("b"), org("c")];
-            let consents: Vec<Consent> = specs.iter().enumerate().map(|(i, (o, pu, exp, w))| Consent {
-                id: i.to_string(),
-                recipients: vec![orgs[*o].clone()],
-                purposes: vec![Purpose::ALL[*pu]],
-                expires_at_ms: *exp,
-                withdrawn_at_ms: *w,
-            }).collect();
-            let expected = consents.iter().any(|c| c.recipients[0] == orgs[r]
-                && c.purposes[0] == Purpose::ALL[p] && c.expires_at_ms > now && c.withdrawn_at_ms.is_none());
-            match gate(&consents, &orgs[r], Purpose::ALL[p], now) {
-                Ok(c) => {
-                    prop_assert!(expected);
-                    prop_assert!(c.recipients.contains(&orgs[r]) && c.purposes.contains(&Purpose::ALL[p]));
-                    prop_assert!(c.expires_at_ms > now && c.withdrawn_at_ms.is_none());
+            let (id, country, role) = ORGS[org];
+            let recipient = member(id, country, role);
+            let purpose = Purpose::ALL[purpose];
+            let fields: BTreeSet<Field> = fields.into_iter().map(|i| Field::ALL[i]).collect();
+            let profile = profile(purpose);
+            if gate(&scope, &recipient, purpose, &fields, now).is_ok() {
+                for f in &fields {
+                    prop_assert!(scope.fields.contains(f) && profile.allows(*f));
                 }
-                Err(_) => prop_assert!(!expected),
+                for f in profile.required {
+                    prop_assert!(fields.contains(f));
+                }
+                prop_assert!(scope.purposes.contains(&purpose));
+                prop_assert!(scope.expires_at_ms > now && scope.withdrawn_at_ms.is_none());
+                prop_assert!(profile.recipient_roles.iter().any(|r| recipient.has_role(*r)));
+                prop_assert!(!scope.restrictions.excluded_countries.contains(country));
+                prop_assert!(!(scope.restrictions.no_family_contact && purpose == Purpose::FamilyTracing));
+                if role == Role::Embassy {
+                    prop_assert!(scope.recipient_orgs.contains(&recipient.id));
+                } else {
+                    prop_assert!(scope.recipient_orgs.contains(&recipient.id)
+                        || scope.recipient_roles.iter().any(|rc| rc.country == country
+                            && rc.role.is_none_or(|r| r == role)));
+                }
             }
+        }
+
+        /// The receiving side's gate over a consent receipt never admits more than the
+        /// sender's consent did.
+        #[test]
+        fn receipt_scope_is_no_wider_than_the_consent(scope in arb_scope()) {
+            let key = SigningKey::from_seed(&[3; 32]).unwrap();
+            let r = ConsentReceipt::issue(&scope, OrgId::new("a").unwrap(), OrgId::new("b").unwrap(), "ref".into(), 0, &key);
+            let s = r.scope();
+            prop_assert!(s.fields.is_subset(&scope.fields));
+            prop_assert!(s.purposes.is_subset(&scope.purposes));
+            prop_assert_eq!(s.expires_at_ms, scope.expires_at_ms);
+            prop_assert_eq!(&s.restrictions, &scope.restrictions);
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::seal::SealingPublicKey;
 use crate::sign::VerifyingKey;
 
 /// What an organisation does in the federation; roles gate actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Shelter,
@@ -27,6 +27,19 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 6] = [
+        Self::Shelter,
+        Self::Ngo,
+        Self::Embassy,
+        Self::Government,
+        Self::Auditor,
+        Self::Witness,
+    ];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Shelter => "shelter",

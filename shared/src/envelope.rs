@@ -79,12 +79,14 @@ impl fmt::Debug for MessageId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MessageKind {
     Referral = 1,
+    ConsentWithdrawal = 2,
 }
 
 impl MessageKind {
     pub fn from_i32(value: i32) -> Result<Self, EnvelopeError> {
         match value {
             1 => Ok(Self::Referral),
+            2 => Ok(Self::ConsentWithdrawal),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }
@@ -96,6 +98,7 @@ impl MessageKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Referral => "referral",
+            Self::ConsentWithdrawal => "consent-withdrawal",
         }
     }
 }

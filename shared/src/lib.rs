@@ -8,25 +8,31 @@
 //! Time is always passed in by the caller (milliseconds since the Unix epoch) so that every
 //! rule can be tested deterministically.
 
+pub mod at_rest;
 pub mod canonical;
 pub mod caseref;
 pub mod consent;
 pub mod directory;
 pub mod envelope;
+pub mod fields;
 pub mod org;
+pub mod profile;
+pub mod purge;
 pub mod purpose;
 pub mod receipt;
 pub mod seal;
 pub mod sign;
 
 pub use caseref::CaseRefKey;
-pub use consent::{Consent, GateRefusal};
+pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{
     Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,
     VerifiedEnvelope,
 };
+pub use fields::{Field, Sensitivity};
 pub use org::{OrgId, OrgIdError};
+pub use purge::PurgeReceipt;
 pub use purpose::{Purpose, UnknownPurpose};
 pub use receipt::{Receipt, ReceiptError};
 pub use seal::{SealError, SealingKey, SealingPublicKey};

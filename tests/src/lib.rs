@@ -299,8 +299,13 @@ impl tonic::service::Interceptor for Bearer {
 pub type Caseworker =
     CaseworkerClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-/// Opens a case with consent for `recipient` and `purpose`; returns the case id.
-pub async fn case_with_consent(client: &mut Caseworker, recipient: &str, purpose: &str) -> String {
+/// Opens a case with consent for `recipients` and `purposes`, covering every field the
+/// purposes allow; returns (case id, consent id).
+pub async fn case_with_consent_to(
+    client: &mut Caseworker,
+    recipients: &[&str],
+    purposes: &[&str],
+) -> (String, String) {
     let case_id = client
         .create_case(pb::CreateCaseRequest {
             label: "test".into(),
@@ -309,18 +314,79 @@ pub async fn case_with_consent(client: &mut Caseworker, recipient: &str, purpose
         .expect("create case")
         .into_inner()
         .case_id;
-    client
+    let mut fields = std::collections::BTreeSet::new();
+    for p in purposes {
+        let profile = corridor::profile::profile(corridor::Purpose::parse(p).expect("purpose"));
+        fields.extend(
+            profile
+                .required
+                .iter()
+                .chain(profile.optional)
+                .map(|f| f.as_str().to_owned()),
+        );
+    }
+    let consent_id = client
         .record_consent(pb::RecordConsentRequest {
             case_id: case_id.clone(),
-            recipients: vec![recipient.into()],
-            purposes: vec![purpose.into()],
-            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+            scope: Some(pb::ConsentScope {
+                purposes: purposes.iter().map(|p| p.to_string()).collect(),
+                recipient_orgs: recipients.iter().map(|r| r.to_string()).collect(),
+                fields: fields.into_iter().collect(),
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            }),
             given_by: "person".into(),
             method: "written".into(),
+            ..Default::default()
         })
         .await
-        .expect("record consent");
-    case_id
+        .expect("record consent")
+        .into_inner()
+        .consent_id;
+    (case_id, consent_id)
+}
+
+/// Opens a case with consent for one recipient and purpose; returns the case id.
+pub async fn case_with_consent(client: &mut Caseworker, recipient: &str, purpose: &str) -> String {
+    case_with_consent_to(client, &[recipient], &[purpose])
+        .await
+        .0
+}
+
+/// The fields a purpose requires, with test values.
+pub fn required_fields(purpose: &str) -> std::collections::HashMap<String, String> {
+    corridor::profile::profile(corridor::Purpose::parse(purpose).expect("purpose"))
+        .required
+        .iter()
+        .map(|f| (f.as_str().to_owned(), format!("test {}", f.as_str())))
+        .collect()
+}
+
+/// A referral request carrying exactly the fields `purpose` requires.
+pub fn referral(case_id: &str, to: &str, purpose: &str) -> pb::SendReferralRequest {
+    pb::SendReferralRequest {
+        case_id: case_id.into(),
+        recipient: to.into(),
+        purpose: purpose.into(),
+        fields: required_fields(purpose),
+        consent_id: String::new(),
+    }
+}
+
+/// An org for tests that need a fourth member: a transit NGO in Thailand.
+pub const NGO_TH: &str = "ngo-th";
+
+impl Federation {
+    /// The demo's three orgs and a transit NGO in Thailand.
+    pub fn four(tag: &str) -> Self {
+        let mut orgs = devpki::demo_orgs();
+        orgs.push(
+            "ngo-th:TH:ngo:Transit NGO, Bangkok (test)"
+                .parse()
+                .expect("org spec"),
+        );
+        Self::with_orgs(tag, &orgs)
+    }
 }
 
 /// Polls until the sent referral leaves the `queued` state, and returns its status.
@@ -358,4 +424,44 @@ pub async fn inbox(client: &mut Caseworker) -> Vec<pb::InboxItem> {
         .expect("inbox")
         .into_inner()
         .items
+}
+
+/// A referral payload for `recipient` carrying exactly the fields reintegration
+/// requires, with a consent receipt for them signed by `sender` — what an honest sender
+/// would seal. Tests change it to play a dishonest one.
+pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::ReferralPayload {
+    use corridor::consent::{ConsentReceipt, ConsentScope, Restrictions};
+    let purpose = corridor::Purpose::Reintegration;
+    let required = corridor::profile::profile(purpose).required;
+    let now = corridor_node::node::now_ms();
+    let scope = ConsentScope {
+        id: "consent-test".into(),
+        purposes: [purpose].into(),
+        recipient_orgs: [OrgId::new(recipient).expect("org")].into(),
+        recipient_roles: Default::default(),
+        fields: required.iter().copied().collect(),
+        restrictions: Restrictions::default(),
+        expires_at_ms: now + 3_600_000,
+        withdrawn_at_ms: None,
+    };
+    let receipt = ConsentReceipt::issue(
+        &scope,
+        OrgId::new(sender).expect("org"),
+        OrgId::new(recipient).expect("org"),
+        "ref-test".into(),
+        now,
+        &fed.signing_key(sender),
+    );
+    pb::ReferralPayload {
+        case_ref: "ref-test".into(),
+        purpose: purpose.as_str().into(),
+        fields: required
+            .iter()
+            .map(|f| pb::FieldValue {
+                field: corridor_node::convert::field_to_pb(*f),
+                value: format!("test {}", f.as_str()),
+            })
+            .collect(),
+        consent_receipt: Some(corridor_node::convert::consent_receipt_to_pb(&receipt)),
+    }
 }

@@ -1,5 +1,6 @@
-//! A referral without matching consent never leaves the sender, and the caseworker is
-//! told why in one sentence.
+//! The consent gate on the sending node: a referral beyond the person's consent, the
+//! purpose's profile or the consent's life never leaves, and the caseworker is told every
+//! rule it broke.
 
 use std::process::Command;
 use std::time::Duration;
@@ -7,53 +8,32 @@ use std::time::Duration;
 use corridor_proto::v1 as pb;
 use corridor_tests::*;
 
+async fn refusal(s: &mut Caseworker, request: pb::SendReferralRequest) -> String {
+    let status = s
+        .send_referral(request)
+        .await
+        .expect_err("the gate must refuse");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().starts_with("referral refused"),
+        "{status:?}"
+    );
+    status.message().to_owned()
+}
+
+fn with(mut r: pb::SendReferralRequest, field: &str, value: &str) -> pb::SendReferralRequest {
+    r.fields.insert(field.into(), value.into());
+    r
+}
+
 #[tokio::test]
-async fn referral_without_consent_never_leaves_and_the_caseworker_is_told_why() {
-    let fed = Federation::demo("consent");
+async fn each_rule_refuses_at_the_sender_and_is_named() {
+    let fed = Federation::four("gate");
     let sender = fed.start(SHELTER_MY);
     let recipient = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
-    // Consent covers the Cambodian shelter for reintegration only.
-    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
 
-    let corridor = |args: &[&str]| {
-        Command::new(binary("corridor"))
-            .args(["--node", &sender.local_url(), "--token", &sender.token])
-            .args(args)
-            .output()
-            .expect("run corridor")
-    };
-
-    // Wrong purpose, wrong recipient: refused at the sender with the rule named.
-    for (to, purpose) in [(SHELTER_KH, "legal-aid"), (EMBASSY, "reintegration")] {
-        let out = corridor(&[
-            "referral",
-            "send",
-            "--case",
-            &case_id,
-            "--to",
-            to,
-            "--purpose",
-            purpose,
-            "--field",
-            "age_band=25-29",
-        ]);
-        assert!(
-            !out.status.success(),
-            "a referral without consent was accepted"
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("referral refused"), "{stderr}");
-        assert!(stderr.contains(to) && stderr.contains(purpose), "{stderr}");
-        assert_eq!(
-            stderr.trim().lines().count(),
-            1,
-            "one clear sentence: {stderr}"
-        );
-    }
-
-    // A case without any consent.
-    let bare = s
+    let case_id = s
         .create_case(pb::CreateCaseRequest {
             label: String::new(),
         })
@@ -61,65 +41,209 @@ async fn referral_without_consent_never_leaves_and_the_caseworker_is_told_why() 
         .unwrap()
         .into_inner()
         .case_id;
-    let out = corridor(&[
-        "referral",
-        "send",
-        "--case",
-        &bare,
-        "--to",
-        SHELTER_KH,
-        "--purpose",
-        "reintegration",
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no recorded consent"));
+    let mut fields: Vec<String> = required_fields("reintegration").into_keys().collect();
+    fields.extend(required_fields("nationality-verification").into_keys());
+    fields.push("risk_flags".into());
+    let consent = |case_id: &str, expires_at_ms: i64| pb::RecordConsentRequest {
+        case_id: case_id.into(),
+        scope: Some(pb::ConsentScope {
+            purposes: vec!["reintegration".into(), "nationality-verification".into()],
+            recipient_orgs: vec![SHELTER_KH.into()],
+            // Everyone in Malaysia by country — which must not cover the embassy.
+            recipient_roles: vec!["*@MY".into()],
+            fields: fields.clone(),
+            expires_at_ms,
+            ..Default::default()
+        }),
+        given_by: "person".into(),
+        method: "verbal".into(),
+        ..Default::default()
+    };
+    s.record_consent(consent(
+        &case_id,
+        corridor_node::node::now_ms() + 86_400_000,
+    ))
+    .await
+    .unwrap();
 
-    // An expired consent does not count either.
-    let status = s
-        .record_consent(pb::RecordConsentRequest {
-            case_id: bare.clone(),
-            recipients: vec![SHELTER_KH.into()],
-            purposes: vec!["reintegration".into()],
-            expires_at_ms: corridor_node::node::now_ms() - 1,
-            given_by: "person".into(),
-            method: "written".into(),
+    let base = referral(&case_id, SHELTER_KH, "reintegration");
+    // One field beyond consent (allowed for the purpose, but not consented).
+    let m = refusal(&mut s, with(base.clone(), "dependents", "2 children")).await;
+    assert!(m.contains("field dependents is not consented"), "{m}");
+    // One field beyond the purpose (consented for nationality verification only).
+    let m = refusal(&mut s, with(base.clone(), "date_of_birth", "1999-01-01")).await;
+    assert!(
+        m.contains("field date_of_birth is not allowed for reintegration"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("1999"),
+        "a refusal must not echo personal data: {m}"
+    );
+    // A missing required field.
+    let mut missing = base.clone();
+    missing.fields.remove("languages");
+    let m = refusal(&mut s, missing).await;
+    assert!(
+        m.contains("field languages is required for reintegration but missing"),
+        "{m}"
+    );
+    // A recipient out of scope.
+    let m = refusal(&mut s, referral(&case_id, NGO_TH, "reintegration")).await;
+    assert!(
+        m.contains("recipient ngo-th is not in the consent's scope"),
+        "{m}"
+    );
+    // A state authority in scope only by country.
+    let m = refusal(
+        &mut s,
+        referral(&case_id, EMBASSY, "nationality-verification"),
+    )
+    .await;
+    assert!(
+        m.contains("recipient kh-embassy-kl is a state authority and the consent does not name it"),
+        "{m}"
+    );
+
+    // A withdrawn consent.
+    let withdrawn_case = s
+        .create_case(pb::CreateCaseRequest {
+            label: String::new(),
         })
         .await
-        .expect_err("an already expired consent cannot be recorded");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        .unwrap()
+        .into_inner()
+        .case_id;
+    let withdrawn = s
+        .record_consent(consent(
+            &withdrawn_case,
+            corridor_node::node::now_ms() + 86_400_000,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .consent_id;
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: withdrawn,
+    })
+    .await
+    .unwrap();
+    let m = refusal(
+        &mut s,
+        referral(&withdrawn_case, SHELTER_KH, "reintegration"),
+    )
+    .await;
+    assert!(m.contains("the consent was withdrawn"), "{m}");
 
-    // With matching consent the same command succeeds, proving the refusals above came
-    // from the gate and not from a broken command line.
-    let out = corridor(&[
-        "--output",
-        "json",
-        "referral",
-        "send",
-        "--case",
-        &case_id,
-        "--to",
-        SHELTER_KH,
-        "--purpose",
-        "reintegration",
-        "--field",
-        "age_band=25-29",
-    ]);
+    // An expired consent.
+    let expired_case = s
+        .create_case(pb::CreateCaseRequest {
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .case_id;
+    s.record_consent(consent(&expired_case, corridor_node::node::now_ms() + 1000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let m = refusal(&mut s, referral(&expired_case, SHELTER_KH, "reintegration")).await;
+    assert!(m.contains("the consent has expired"), "{m}");
+
+    // The same gate through the CLI: one sentence, non-zero exit.
+    let out = Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args([
+            "referral",
+            "send",
+            "--case",
+            &case_id,
+            "--to",
+            NGO_TH,
+            "--purpose",
+            "reintegration",
+        ])
+        .args(["--field", "preferred_name=x", "--field", "age_band=25-29"])
+        .output()
+        .expect("run corridor");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("recipient ngo-th is not in the consent's scope"),
+        "{stderr}"
     );
-    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
-    let id = sent["referral_id"]
-        .as_str()
-        .expect("referral id")
-        .to_owned();
-    let status = wait_final(&mut s, &id, Duration::from_secs(20)).await;
-    assert_eq!(status.state, "delivered");
+    assert!(stderr.contains("field languages is required"), "{stderr}");
 
-    // Only the consented referral reached the recipient.
+    // Nothing left the sender: the consented referral is the only one that arrives.
+    let sent = s
+        .send_referral(base)
+        .await
+        .expect("consented referral")
+        .into_inner();
+    let status = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+    assert_eq!(status.state, "delivered");
     let mut r = recipient.client().await;
     let items = inbox(&mut r).await;
     assert_eq!(items.len(), 1);
-    assert_eq!(items[0].referral_id, id);
+    assert_eq!(items[0].referral_id, sent.referral_id);
+}
+
+#[tokio::test]
+async fn narrowing_is_allowed_widening_is_refused() {
+    let fed = Federation::demo("narrow");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let view = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut scope = view.scope.unwrap();
+    scope.fields.retain(|f| f != "risk_flags");
+    scope.excluded_countries.push("TH".into());
+    let narrowed = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id: consent_id.clone(),
+            scope: Some(scope.clone()),
+        })
+        .await
+        .expect("narrowing")
+        .into_inner();
+    assert!(narrowed.narrowed_at_ms > 0);
+    // The narrowed consent now refuses what it no longer covers.
+    let m = refusal(
+        &mut s,
+        with(
+            referral(&case_id, SHELTER_KH, "reintegration"),
+            "risk_flags",
+            "x",
+        ),
+    )
+    .await;
+    assert!(m.contains("field risk_flags is not consented"), "{m}");
+    // Widening is refused and says what would widen.
+    scope.fields.push("risk_flags".into());
+    scope.purposes.push("legal-aid".into());
+    let status = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id,
+            scope: Some(scope),
+        })
+        .await
+        .expect_err("widening");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("adds purpose legal-aid"),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("adds field risk_flags"),
+        "{status:?}"
+    );
 }

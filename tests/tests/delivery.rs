@@ -17,21 +17,12 @@ async fn referral_is_delivered_and_its_receipt_verifies() {
     let mut r = recipient.client().await;
 
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
-    let fields: std::collections::HashMap<_, _> = [
-        ("preferred_name".to_string(), "Test Person".to_string()),
-        ("age_band".to_string(), "25-29".to_string()),
-    ]
-    .into();
-    let sent = s
-        .send_referral(pb::SendReferralRequest {
-            case_id,
-            recipient: SHELTER_KH.into(),
-            purpose: "reintegration".into(),
-            fields: fields.clone(),
-        })
-        .await
-        .expect("send")
-        .into_inner();
+    let mut request = referral(&case_id, SHELTER_KH, "reintegration");
+    request
+        .fields
+        .insert("risk_flags".into(), "threat from recruiter".into());
+    let fields = request.fields.clone();
+    let sent = s.send_referral(request).await.expect("send").into_inner();
     assert_eq!(sent.state, "queued");
 
     let status = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
@@ -93,11 +84,10 @@ async fn crashes_lose_nothing_and_process_nothing_twice() {
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
 
     let mut sent = Vec::new();
-    let send = |n: usize| pb::SendReferralRequest {
-        case_id: case_id.clone(),
-        recipient: SHELTER_KH.into(),
-        purpose: "reintegration".into(),
-        fields: [("needs".to_string(), format!("item {n}"))].into(),
+    let send = |n: usize| {
+        let mut r = referral(&case_id, SHELTER_KH, "reintegration");
+        r.fields.insert("needs".into(), format!("item {n}"));
+        r
     };
     for n in 0..10 {
         sent.push(

@@ -25,21 +25,17 @@ fn header(sender: &str, recipient: &str) -> EnvelopeHeader {
     }
 }
 
-fn payload() -> Vec<u8> {
-    pb::ReferralPayload {
-        case_ref: "ref-test".into(),
-        purpose: "reintegration".into(),
-        fields: [("age_band".to_string(), "25-29".to_string())].into(),
-        consent_id: "consent-test".into(),
-    }
-    .encode_to_vec()
+/// A referral payload with a valid consent receipt signed by `sender`.
+fn payload(fed: &Federation, sender: &str, recipient: &str) -> Vec<u8> {
+    valid_payload(fed, sender, recipient).encode_to_vec()
 }
 
 /// A correctly sealed and signed envelope from `sender` to `recipient`.
 fn envelope(fed: &Federation, h: EnvelopeHeader) -> Envelope {
     let recipient = h.recipient.to_string();
     let signer = fed.signing_key(h.sender.as_str());
-    Envelope::seal(h, &payload(), &fed.sealing_public_key(&recipient), &signer).unwrap()
+    let payload = payload(fed, h.sender.as_str(), &recipient);
+    Envelope::seal(h, &payload, &fed.sealing_public_key(&recipient), &signer).unwrap()
 }
 
 async fn assert_nothing_stored(node: &TestNode) {
@@ -54,7 +50,7 @@ async fn deliver_as(
     fed: &Federation,
     as_org: &str,
     e: &Envelope,
-) -> Result<pb::Receipt, tonic::Status> {
+) -> Result<pb::DeliverResponse, tonic::Status> {
     let mut client = fed
         .federation_client(Some(fed.org(as_org)), &fed.dir, SHELTER_KH)
         .await
@@ -65,7 +61,7 @@ async fn deliver_as(
         .map(|r| r.into_inner())
 }
 
-fn assert_code(result: Result<pb::Receipt, tonic::Status>, code: Code, words: &str) {
+fn assert_code(result: Result<pb::DeliverResponse, tonic::Status>, code: Code, words: &str) {
     let status = result.expect_err("must be refused");
     assert_eq!(status.code(), code, "{status:?}");
     assert!(
@@ -165,7 +161,7 @@ async fn refuses_bad_envelopes_with_the_right_status() {
     h.sender = OrgId::new(SHELTER_MY).unwrap();
     let e = Envelope::seal(
         h,
-        &payload(),
+        &payload(&fed, SHELTER_MY, SHELTER_KH),
         &fed.sealing_public_key(SHELTER_KH),
         &fed.signing_key(EMBASSY),
     )
@@ -248,4 +244,105 @@ async fn replays_are_answered_with_the_same_receipt_and_processed_once() {
     let mut c = recipient.client().await;
     assert_eq!(inbox(&mut c).await.len(), 1, "processed exactly once");
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// A member that bypasses its own gate — signing a referral with more than the consent
+/// it carries allows — is refused by the recipient, and nothing of it is stored.
+#[tokio::test]
+async fn recipient_reruns_the_gate_and_stores_nothing_of_a_referral_beyond_consent() {
+    let fed = Federation::demo("bypass");
+    let recipient = fed.start(SHELTER_KH);
+    let seal = |payload: pb::ReferralPayload| {
+        Envelope::seal(
+            header(SHELTER_MY, SHELTER_KH),
+            &payload.encode_to_vec(),
+            &fed.sealing_public_key(SHELTER_KH),
+            &fed.signing_key(SHELTER_MY),
+        )
+        .unwrap()
+    };
+    let field = |f: corridor::Field, v: &str| pb::FieldValue {
+        field: corridor_node::convert::field_to_pb(f),
+        value: v.into(),
+    };
+
+    // An extra field the consent receipt does not list.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    p.fields
+        .push(field(corridor::Field::Phone, "+60 12 345 6789"));
+    let e = seal(p);
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::PermissionDenied,
+        "field phone is not consented",
+    );
+
+    // A consent receipt widened after signing.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    p.fields
+        .push(field(corridor::Field::Phone, "+60 12 345 6789"));
+    if let Some(r) = p.consent_receipt.as_mut() {
+        r.fields
+            .push(corridor_node::convert::field_to_pb(corridor::Field::Phone));
+    }
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &seal(p)).await,
+        Code::PermissionDenied,
+        "consent receipt signature does not verify",
+    );
+
+    // A field the purpose does not allow, even though the (signed) receipt lists it.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    let mut receipt =
+        corridor_node::convert::consent_receipt_from_pb(p.consent_receipt.take().unwrap()).unwrap();
+    receipt.fields.insert(corridor::Field::DateOfBirth);
+    receipt.signature = fed
+        .signing_key(SHELTER_MY)
+        .sign(&receipt.signed_bytes())
+        .to_vec();
+    p.consent_receipt = Some(corridor_node::convert::consent_receipt_to_pb(&receipt));
+    p.fields
+        .push(field(corridor::Field::DateOfBirth, "1999-01-01"));
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &seal(p)).await,
+        Code::PermissionDenied,
+        "field date_of_birth is not allowed for reintegration",
+    );
+
+    // A consent receipt signed by another org.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    let mut receipt =
+        corridor_node::convert::consent_receipt_from_pb(p.consent_receipt.take().unwrap()).unwrap();
+    receipt.signature = fed
+        .signing_key(EMBASSY)
+        .sign(&receipt.signed_bytes())
+        .to_vec();
+    p.consent_receipt = Some(corridor_node::convert::consent_receipt_to_pb(&receipt));
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &seal(p)).await,
+        Code::PermissionDenied,
+        "consent receipt signature does not verify",
+    );
+
+    // No consent receipt at all.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    p.consent_receipt = None;
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &seal(p)).await,
+        Code::FailedPrecondition,
+        "no consent receipt",
+    );
+
+    assert_nothing_stored(&recipient).await;
+    let log = recipient.log();
+    assert!(
+        !log.contains("+60 12"),
+        "payload content leaked into the log"
+    );
+    // The honest version of the same referral is accepted, so the refusals above came
+    // from the gate.
+    let e = seal(valid_payload(&fed, SHELTER_MY, SHELTER_KH));
+    deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("honest referral");
 }

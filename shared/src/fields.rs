@@ -1,0 +1,130 @@
+//! The field catalogue: every piece of personal data a referral can carry, by name, with
+//! its sensitivity class. A referral is a set of these fields and nothing else, so the
+//! consent gate can reason about exactly what leaves a node.
+
+use std::fmt;
+
+/// How much harm a disclosure of the field can do; shown to caseworkers and used to order
+/// the catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sensitivity {
+    /// Identifies the person.
+    Identity,
+    /// Reaches the person.
+    Contact,
+    /// What a service needs to plan help.
+    Operational,
+    /// Health, exploitation, legal and risk details: harm if disclosed.
+    Sensitive,
+}
+
+impl Sensitivity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Identity => "identity",
+            Self::Contact => "contact",
+            Self::Operational => "operational",
+            Self::Sensitive => "sensitive",
+        }
+    }
+}
+
+macro_rules! fields {
+    ($($variant:ident = $name:literal, $class:ident, $doc:literal;)*) => {
+        /// A named field of personal data.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Field {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Field {
+            /// Every field, in catalogue order.
+            pub const ALL: &'static [Field] = &[$(Field::$variant,)*];
+
+            /// The field's name on the wire and in the CLI.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Field::$variant => $name,)* }
+            }
+
+            pub fn sensitivity(self) -> Sensitivity {
+                match self { $(Field::$variant => Sensitivity::$class,)* }
+            }
+
+            pub fn description(self) -> &'static str {
+                match self { $(Field::$variant => $doc,)* }
+            }
+        }
+    };
+}
+
+fields! {
+    LegalGivenName = "legal_given_name", Identity, "Legal given name(s)";
+    LegalFamilyName = "legal_family_name", Identity, "Legal family name";
+    PreferredName = "preferred_name", Identity, "Name the person wants to be called";
+    DateOfBirth = "date_of_birth", Identity, "Exact date of birth";
+    AgeBand = "age_band", Identity, "Age band, e.g. 25-29 (less identifying than date of birth)";
+    Sex = "sex", Identity, "Sex";
+    Nationality = "nationality", Identity, "Nationality (ISO 3166-1 alpha-2)";
+    PlaceOfBirth = "place_of_birth", Identity, "Place of birth";
+    IdDocumentType = "id_document_type", Identity, "Identity document type";
+    IdDocumentNumber = "id_document_number", Identity, "Identity document number";
+    IdDocumentIssuer = "id_document_issuer", Identity, "Identity document issuer";
+    Phone = "phone", Contact, "Phone number";
+    SafeContactInstructions = "safe_contact_instructions", Contact, "How to contact the person safely";
+    CurrentCity = "current_city", Contact, "Current city";
+    Languages = "languages", Operational, "Languages spoken";
+    Needs = "needs", Operational, "Needs for assistance";
+    Dependents = "dependents", Operational, "Dependents travelling or staying with the person";
+    ArrivalWindow = "arrival_window", Operational, "When the person can arrive";
+    AccessibilityNeeds = "accessibility_needs", Operational, "Accessibility needs";
+    HealthSummary = "health_summary", Sensitive, "Health summary";
+    ExploitationSector = "exploitation_sector", Sensitive, "Sector of exploitation";
+    ExploitationSummary = "exploitation_summary", Sensitive, "Summary of the exploitation";
+    LegalProceedingsStatus = "legal_proceedings_status", Sensitive, "Status of legal proceedings";
+    RiskFlags = "risk_flags", Sensitive, "Risk flags, e.g. threat from traffickers";
+    CaseworkerNote = "caseworker_note", Sensitive, "Free-text note of the caseworker";
+}
+
+/// A field name that is not in the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown field {0:?}; run `corridor profiles` for the catalogue")]
+pub struct UnknownField(pub String);
+
+impl Field {
+    pub fn parse(name: &str) -> Result<Self, UnknownField> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|f| f.as_str() == name)
+            .ok_or_else(|| UnknownField(name.chars().take(64).collect()))
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_round_trip() {
+        let mut names: Vec<_> = Field::ALL.iter().map(|f| f.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Field::ALL.len());
+        for f in Field::ALL {
+            assert_eq!(Field::parse(f.as_str()), Ok(*f));
+        }
+        assert!(Field::parse("shoe_size").is_err());
+    }
+
+    #[test]
+    fn caseworker_note_is_sensitive() {
+        assert_eq!(Field::CaseworkerNote.sensitivity(), Sensitivity::Sensitive);
+        assert_eq!(Field::AgeBand.sensitivity(), Sensitivity::Identity);
+    }
+}

@@ -1,0 +1,174 @@
+//! Purge receipts: a recipient's signed statement that it destroyed the data it held
+//! under a withdrawn consent. The withdrawing org keeps asking until it holds one from
+//! every org that received data under the consent.
+
+use crate::canonical::{Canonical, label};
+use crate::envelope::MessageId;
+use crate::org::OrgId;
+use crate::sign::{SigningKey, VerifyingKey};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeReceipt {
+    /// Id of the withdrawal envelope this answers.
+    pub withdrawal_id: MessageId,
+    pub consent_id: String,
+    /// The case reference the purging org knew.
+    pub case_ref: String,
+    /// The org that withdrew (sender of the referrals).
+    pub requester: OrgId,
+    /// The org that purged.
+    pub purger: OrgId,
+    /// Referrals whose data was destroyed, sorted.
+    pub purged_referrals: Vec<MessageId>,
+    pub purged_at_ms: i64,
+    pub signature: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PurgeReceiptError {
+    #[error("purge receipt answers another withdrawal")]
+    WrongWithdrawal,
+    #[error("purge receipt names requester {found}, expected {expected}")]
+    WrongRequester { found: OrgId, expected: OrgId },
+    #[error("purge receipt names purger {found}, expected {expected}")]
+    WrongPurger { found: OrgId, expected: OrgId },
+    #[error("purge receipt is for consent {found}, expected {expected}")]
+    WrongConsent { found: String, expected: String },
+    #[error("purge receipt signature does not verify with the purger's key")]
+    BadSignature,
+}
+
+impl PurgeReceipt {
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        withdrawal_id: MessageId,
+        consent_id: String,
+        case_ref: String,
+        requester: OrgId,
+        purger: OrgId,
+        mut purged_referrals: Vec<MessageId>,
+        purged_at_ms: i64,
+        key: &SigningKey,
+    ) -> Self {
+        purged_referrals.sort();
+        purged_referrals.dedup();
+        let mut receipt = Self {
+            withdrawal_id,
+            consent_id,
+            case_ref,
+            requester,
+            purger,
+            purged_referrals,
+            purged_at_ms,
+            signature: Vec::new(),
+        };
+        receipt.signature = key.sign(&receipt.signed_bytes()).to_vec();
+        receipt
+    }
+
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let ids: Vec<String> = self
+            .purged_referrals
+            .iter()
+            .map(MessageId::to_hex)
+            .collect();
+        Canonical::new(label::PURGE_RECEIPT)
+            .bytes(&self.withdrawal_id.0)
+            .str(&self.consent_id)
+            .str(&self.case_ref)
+            .str(self.requester.as_str())
+            .str(self.purger.as_str())
+            .strs(&ids)
+            .i64(self.purged_at_ms)
+            .finish()
+    }
+
+    /// Checks that this receipt answers `withdrawal_id` for `consent_id`, was made by
+    /// `purger` for `requester`, and is signed by the purger.
+    pub fn verify(
+        &self,
+        withdrawal_id: MessageId,
+        consent_id: &str,
+        requester: &OrgId,
+        purger: &OrgId,
+        purger_key: &VerifyingKey,
+    ) -> Result<(), PurgeReceiptError> {
+        if self.withdrawal_id != withdrawal_id {
+            return Err(PurgeReceiptError::WrongWithdrawal);
+        }
+        if self.consent_id != consent_id {
+            return Err(PurgeReceiptError::WrongConsent {
+                found: self.consent_id.clone(),
+                expected: consent_id.to_owned(),
+            });
+        }
+        if &self.requester != requester {
+            return Err(PurgeReceiptError::WrongRequester {
+                found: self.requester.clone(),
+                expected: requester.clone(),
+            });
+        }
+        if &self.purger != purger {
+            return Err(PurgeReceiptError::WrongPurger {
+                found: self.purger.clone(),
+                expected: purger.clone(),
+            });
+        }
+        purger_key
+            .verify(&self.signed_bytes(), &self.signature)
+            .map_err(|_| PurgeReceiptError::BadSignature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_purge_receipt_verifies_and_tampering_fails() {
+        let key = SigningKey::from_seed(&[4; 32]).unwrap();
+        let my = OrgId::new("shelter-my").unwrap();
+        let kh = OrgId::new("shelter-kh").unwrap();
+        let r = PurgeReceipt::sign(
+            MessageId([1; 16]),
+            "consent-1".into(),
+            "ref-1".into(),
+            my.clone(),
+            kh.clone(),
+            vec![MessageId([3; 16]), MessageId([2; 16]), MessageId([3; 16])],
+            99,
+            &key,
+        );
+        assert_eq!(
+            r.purged_referrals,
+            vec![MessageId([2; 16]), MessageId([3; 16])]
+        );
+        let vk = key.verifying_key();
+        r.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk)
+            .unwrap();
+        assert!(
+            r.verify(MessageId([9; 16]), "consent-1", &my, &kh, &vk)
+                .is_err()
+        );
+        assert!(
+            r.verify(MessageId([1; 16]), "consent-2", &my, &kh, &vk)
+                .is_err()
+        );
+        assert!(
+            r.verify(MessageId([1; 16]), "consent-1", &kh, &kh, &vk)
+                .is_err()
+        );
+        let mut t = r.clone();
+        t.purged_referrals.pop();
+        assert_eq!(
+            t.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk),
+            Err(PurgeReceiptError::BadSignature)
+        );
+        let mut t = r.clone();
+        t.case_ref = "ref-2".into();
+        assert!(
+            t.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Personal data never appears in plaintext in any node's database, WAL or log — before
+//! or after a purge — and after a purge it cannot be decrypted any more.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use corridor::Field;
+use corridor_proto::v1 as pb;
+use corridor_tests::*;
+
+fn marker(field: &str) -> String {
+    format!("MRK{field}Q7Z")
+}
+
+/// Every file of a node that could hold data: database, WAL, shared memory, log.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.join("node.log")];
+    for name in ["corridor.db", "corridor.db-wal", "corridor.db-shm"] {
+        out.push(dir.join("data").join(name));
+    }
+    out.into_iter().filter(|p| p.exists()).collect()
+}
+
+fn assert_no_markers(fed: &Federation, markers: &[String], when: &str) {
+    for org in &fed.orgs {
+        for file in files(&org.dir) {
+            let bytes = std::fs::read(&file).expect("read file");
+            for m in markers {
+                assert!(
+                    !bytes.windows(m.len()).any(|w| w == m.as_bytes()),
+                    "{when}: marker {m} found in plaintext in {}",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+async fn count(db: &Path, sql: &str) -> i64 {
+    use sqlx::Row as _;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let mut conn = sqlx::ConnectOptions::connect(&options)
+        .await
+        .expect("open database");
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&mut conn)
+        .await
+        .expect("query")
+        .get(0)
+}
+
+#[tokio::test]
+async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gone() {
+    let fed = Federation::four("at-rest");
+    let sender = fed.start(SHELTER_MY);
+    let nodes = [fed.start(SHELTER_KH), fed.start(EMBASSY), fed.start(NGO_TH)];
+    let mut s = sender.client().await;
+    let plan = [
+        (SHELTER_KH, "reintegration"),
+        (EMBASSY, "nationality-verification"),
+        (NGO_TH, "legal-aid"),
+    ];
+    // Three purposes that together carry every field of the catalogue.
+    let mut covered = std::collections::BTreeSet::new();
+    for (_, purpose) in plan {
+        let p = corridor::profile::profile(corridor::Purpose::parse(purpose).unwrap());
+        covered.extend(p.required.iter().chain(p.optional).copied());
+    }
+    assert_eq!(
+        covered.len(),
+        Field::ALL.len(),
+        "the plan must cover the whole catalogue"
+    );
+    let mut markers: Vec<String> = Field::ALL.iter().map(|f| marker(f.as_str())).collect();
+    markers.push(marker("label"));
+
+    let case_id = s
+        .create_case(pb::CreateCaseRequest {
+            label: marker("label"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .case_id;
+    let all_fields: Vec<String> = Field::ALL.iter().map(|f| f.as_str().to_owned()).collect();
+    let consent_id = s
+        .record_consent(pb::RecordConsentRequest {
+            case_id: case_id.clone(),
+            scope: Some(pb::ConsentScope {
+                purposes: plan.iter().map(|(_, p)| p.to_string()).collect(),
+                recipient_orgs: plan.iter().map(|(o, _)| o.to_string()).collect(),
+                fields: all_fields,
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            }),
+            given_by: "person".into(),
+            method: "written".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .consent_id;
+    let mut refs = Vec::new();
+    for ((to, purpose), node) in plan.iter().zip(&nodes) {
+        let p = corridor::profile::profile(corridor::Purpose::parse(purpose).unwrap());
+        let fields = p
+            .required
+            .iter()
+            .chain(p.optional)
+            .map(|f| (f.as_str().to_owned(), marker(f.as_str())))
+            .collect();
+        let sent = s
+            .send_referral(pb::SendReferralRequest {
+                case_id: case_id.clone(),
+                recipient: to.to_string(),
+                purpose: purpose.to_string(),
+                fields,
+                consent_id: String::new(),
+            })
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!(
+            wait_final(&mut s, &sent.referral_id, Duration::from_secs(20))
+                .await
+                .state,
+            "delivered"
+        );
+        // The recipient can read it: the data is really there, only never in plaintext.
+        let mut c = node.client().await;
+        let got = c
+            .get_referral(pb::GetReferralRequest {
+                referral_id: sent.referral_id.clone(),
+            })
+            .await
+            .expect("read referral")
+            .into_inner();
+        assert_eq!(got.fields.len(), p.required.len() + p.optional.len());
+        assert!(got.fields.values().all(|v| v.starts_with("MRK")));
+        refs.push(got.case_ref);
+    }
+    // Each recipient knows the case under its own reference.
+    refs.sort();
+    refs.dedup();
+    assert_eq!(refs.len(), 3, "recipients got linkable case references");
+
+    assert_no_markers(&fed, &markers, "before purge");
+
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = s
+            .get_consent_status(pb::ConsentRequest {
+                consent_id: consent_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if st.recipients.iter().all(|r| r.state == "purged") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "purges outstanding: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_no_markers(&fed, &markers, "after purge");
+
+    // After the purge nothing can be decrypted: the ciphertext is gone and so is every
+    // data key it was encrypted under.
+    for node in &nodes {
+        let db = node.org.dir.join("data").join("corridor.db");
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM inbox").await, 0);
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) FROM case_keys WHERE id LIKE 'in:%'").await,
+            0
+        );
+        let mut c = node.client().await;
+        assert!(inbox(&mut c).await.is_empty());
+    }
+}

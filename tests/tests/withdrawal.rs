@@ -1,0 +1,151 @@
+//! Withdrawing consent reaches every organisation that received data under it — also one
+//! that is offline at the time — and each answers with a signed purge receipt.
+
+use std::time::{Duration, Instant};
+
+use corridor::{MessageId, OrgId};
+use corridor_proto::v1 as pb;
+use corridor_tests::*;
+
+async fn consent_status(s: &mut Caseworker, consent_id: &str) -> pb::ConsentStatusResponse {
+    s.get_consent_status(pb::ConsentRequest {
+        consent_id: consent_id.into(),
+    })
+    .await
+    .expect("consent status")
+    .into_inner()
+}
+
+#[tokio::test]
+async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
+    let fed = Federation::four("withdraw");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let embassy = fed.start(EMBASSY);
+    let mut ngo = fed.start(NGO_TH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) = case_with_consent_to(
+        &mut s,
+        &[SHELTER_KH, EMBASSY, NGO_TH],
+        &[
+            "reintegration",
+            "nationality-verification",
+            "psychosocial-support",
+        ],
+    )
+    .await;
+    let sends = [
+        (SHELTER_KH, "reintegration"),
+        (EMBASSY, "nationality-verification"),
+        (NGO_TH, "psychosocial-support"),
+    ];
+    let mut ids = Vec::new();
+    for (to, purpose) in sends {
+        let sent = s
+            .send_referral(referral(&case_id, to, purpose))
+            .await
+            .expect("send")
+            .into_inner();
+        let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{to}: {}", st.last_error);
+        ids.push(sent.referral_id);
+    }
+    for node in [&kh, &embassy, &ngo] {
+        let mut c = node.client().await;
+        assert_eq!(
+            inbox(&mut c).await.len(),
+            1,
+            "{} has its referral",
+            node.org.spec.id
+        );
+    }
+
+    // The NGO in Thailand is offline when the person withdraws.
+    ngo.kill();
+    let withdrawn = s
+        .withdraw_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("withdraw")
+        .into_inner();
+    assert_eq!(withdrawn.recipients.len(), 3);
+    // Nothing more leaves under a withdrawn consent.
+    let refused = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect_err("withdrawn consent");
+    assert!(refused.message().contains("withdrawn"), "{refused:?}");
+
+    // The two reachable recipients purge; the offline one stays outstanding.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = consent_status(&mut s, &consent_id).await;
+        let state = |org: &str| {
+            st.recipients
+                .iter()
+                .find(|r| r.recipient == org)
+                .map(|r| r.state.clone())
+        };
+        if state(SHELTER_KH).as_deref() == Some("purged")
+            && state(EMBASSY).as_deref() == Some("purged")
+        {
+            assert!(state(NGO_TH).unwrap().starts_with("pending"), "{st:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reachable recipients did not purge: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in [&kh, &embassy] {
+        let mut c = node.client().await;
+        assert!(
+            inbox(&mut c).await.is_empty(),
+            "{} still holds data",
+            node.org.spec.id
+        );
+    }
+
+    // Back online, the NGO gets the withdrawal, purges and answers.
+    ngo.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = consent_status(&mut s, &consent_id).await;
+        if st.recipients.iter().all(|r| r.state == "purged") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "purge receipts outstanding: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut c = ngo.client().await;
+    assert!(inbox(&mut c).await.is_empty(), "the NGO still holds data");
+
+    // The sender holds three purge receipts that verify with each purger's directory key
+    // and name the referral each purged.
+    let my = OrgId::new(SHELTER_MY).unwrap();
+    assert_eq!(st.recipients.len(), 3);
+    for r in &st.recipients {
+        let receipt = corridor_node::convert::purge_receipt_from_pb(
+            r.purge_receipt.clone().expect("purge receipt"),
+        )
+        .expect("well-formed purge receipt");
+        let purger = OrgId::new(&r.recipient).unwrap();
+        receipt
+            .verify(
+                receipt.withdrawal_id,
+                &consent_id,
+                &my,
+                &purger,
+                &fed.directory.get(&purger).unwrap().signing_key,
+            )
+            .expect("purge receipt verifies");
+        assert_eq!(receipt.purged_referrals.len(), 1, "{}", r.recipient);
+        assert!(ids.contains(&receipt.purged_referrals[0].to_hex()));
+        let _: MessageId = receipt.withdrawal_id;
+    }
+}
