@@ -9,12 +9,14 @@
 //! rule can be tested deterministically.
 
 pub mod at_rest;
+pub mod audit;
 pub mod canonical;
 pub mod caseref;
 pub mod consent;
 pub mod directory;
 pub mod envelope;
 pub mod fields;
+pub mod merkle;
 pub mod org;
 pub mod profile;
 pub mod purge;
