@@ -189,6 +189,29 @@ pub enum EnvelopeError {
     Randomness,
 }
 
+impl EnvelopeError {
+    /// A fixed code naming the rule, for audit logs.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion(_) => "unsupported-version",
+            Self::BadMessageId => "bad-message-id",
+            Self::UnknownKind(_) => "unknown-kind",
+            Self::MissingHeader => "missing-header",
+            Self::BadOrgId { .. } => "bad-org-id",
+            Self::SenderMismatch { .. } => "sender-mismatch",
+            Self::WrongRecipient { .. } => "wrong-recipient",
+            Self::RelayNotSupported(_) => "relay-not-supported",
+            Self::Expired { .. } => "expired",
+            Self::FromTheFuture { .. } => "from-the-future",
+            Self::BadLifetime => "bad-lifetime",
+            Self::BadSignature => "bad-signature",
+            Self::MalformedSignature => "malformed-signature",
+            Self::Seal(_) => "does-not-open",
+            Self::Randomness => "randomness",
+        }
+    }
+}
+
 impl Envelope {
     /// Seals `payload` to `recipient_key` under `header` and signs the result.
     pub fn seal(

@@ -11,6 +11,7 @@
 pub mod at_rest;
 pub mod audit;
 pub mod canonical;
+pub mod checkpoint;
 pub mod caseref;
 pub mod consent;
 pub mod directory;
@@ -24,6 +25,7 @@ pub mod purpose;
 pub mod receipt;
 pub mod seal;
 pub mod sign;
+pub mod witness;
 
 pub use caseref::CaseRefKey;
 pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};

@@ -21,6 +21,8 @@ pub struct Receipt {
     pub received_at_ms: i64,
     /// Index of the recipient's audit-log entry for the envelope.
     pub log_index: u64,
+    /// RFC 9162 leaf hash of that entry, so the sender can demand an inclusion proof.
+    pub leaf_hash: [u8; 32],
     pub signature: Vec<u8>,
 }
 
@@ -56,6 +58,7 @@ impl Receipt {
         recipient: OrgId,
         received_at_ms: i64,
         log_index: u64,
+        leaf_hash: [u8; 32],
         key: &SigningKey,
     ) -> Self {
         let mut receipt = Self {
@@ -66,6 +69,7 @@ impl Receipt {
             recipient,
             received_at_ms,
             log_index,
+            leaf_hash,
             signature: Vec::new(),
         };
         receipt.signature = key.sign(&receipt.signed_bytes()).to_vec();
@@ -82,6 +86,7 @@ impl Receipt {
             .str(self.recipient.as_str())
             .i64(self.received_at_ms)
             .u64(self.log_index)
+            .bytes(&self.leaf_hash)
             .finish()
     }
 
@@ -139,6 +144,7 @@ mod tests {
             OrgId::new("shelter-kh").unwrap(),
             1234,
             7,
+            [8; 32],
             key,
         )
     }
@@ -183,6 +189,7 @@ mod tests {
             ),
             ("received_at_ms", Box::new(|r| r.received_at_ms += 1)),
             ("log_index", Box::new(|r| r.log_index += 1)),
+            ("leaf_hash", Box::new(|r| r.leaf_hash[0] ^= 1)),
             ("signature", Box::new(|r| r.signature[0] ^= 1)),
         ];
         for (field, tamper) in tampers {
