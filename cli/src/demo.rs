@@ -218,6 +218,8 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         None => std::env::temp_dir().join(format!("corridor-demo-{}", std::process::id())),
     };
     let orgs = devpki::demo_orgs();
+    // The auditor is an identity, not a node.
+    let runs_node = |o: &GeneratedOrg| !o.spec.roles.iter().all(|r| *r == corridor::Role::Auditor);
     let ports: Vec<Ports> = free_ports(orgs.len() * 2)?
         .chunks(2)
         .map(|p| Ports {
@@ -235,13 +237,21 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
     );
     let generated = devpki::generate(&dir, "corridor-demo", &orgs, &ports)?;
 
+    let auditor = generated
+        .iter()
+        .find(|o| !runs_node(o))
+        .cloned()
+        .ok_or("the demo needs an auditor")?;
     let mut nodes = Vec::new();
-    for org in generated {
+    for org in generated.into_iter().filter(runs_node) {
         let token = create_token(&org.config).await?;
         let child = start(&org).await?;
         nodes.push(RunningNode { org, child, token });
     }
-    let result = walk(&dir, &mut nodes).await;
+    let result = match walk(&dir, &mut nodes).await {
+        Ok(()) => audit(&dir, &auditor, &nodes).await,
+        Err(e) => Err(e),
+    };
     let outcome = match result {
         Ok(()) if options.keep_running => keep_running(&dir, &nodes).await,
         other => other,
@@ -262,6 +272,64 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         Err(_) => println!("\nNode logs are kept in {}", dir.display()),
     }
     outcome
+}
+
+/// The auditor verifies every node's log and cross-checks every pair, with the same
+/// commands an auditor runs by hand.
+async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Result<(), String> {
+    step(
+        10,
+        "An auditor, who never sees personal data, verifies every node's signed audit log and cross-checks what each says it sent against what the other logged as received:",
+    );
+    // Let the last events reach a checkpoint and its witnesses' cosignatures.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let state = dir.join("auditor-state");
+    let args = |command: crate::audit::AuditCommand| crate::audit::AuditArgs {
+        identity: Some(auditor.dir.clone()),
+        ca: None,
+        directory: None,
+        state: state.clone(),
+        command,
+    };
+    let policy = crate::audit::Policy {
+        witnesses: Vec::new(),
+        quorum: None,
+    };
+    for n in nodes {
+        let org = n.org.spec.id.to_string();
+        print!("   ");
+        crate::audit::run(
+            args(crate::audit::AuditCommand::Checkpoint {
+                org: org.clone(),
+                policy: policy.clone(),
+            }),
+            crate::commands::Output::Text,
+        )
+        .await?;
+        print!("   ");
+        crate::audit::run(
+            args(crate::audit::AuditCommand::Verify {
+                org,
+                policy: policy.clone(),
+            }),
+            crate::commands::Output::Text,
+        )
+        .await?;
+    }
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            print!("   ");
+            crate::audit::run(
+                args(crate::audit::AuditCommand::CrossCheck {
+                    a: a.org.spec.id.to_string(),
+                    b: b.org.spec.id.to_string(),
+                }),
+                crate::commands::Output::Text,
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 async fn keep_running(dir: &Path, nodes: &[RunningNode]) -> Result<(), String> {

@@ -3,8 +3,10 @@
 //! * [`devpki`] — development PKI, keys, directory and node configurations
 //! * [`demo`] — a local three-node federation walking a referral end to end
 //! * [`commands`] — caseworker commands against a node's local API
+//! * [`audit`] — verifying nodes' audit logs
 //! * [`client`] — connecting to the local API with a bearer token
 
+pub mod audit;
 pub mod client;
 pub mod commands;
 pub mod demo;

@@ -78,6 +78,8 @@ enum Command {
     Referral(ReferralCommand),
     /// List referrals received by your node.
     Inbox,
+    /// Verify nodes' audit logs (as an auditor org, over mutual TLS).
+    Audit(corridor_cli::audit::AuditArgs),
     /// Print the purpose profiles (what each purpose requires and allows, and who may
     /// receive it), or with --fields the field catalogue.
     Profiles {
@@ -121,6 +123,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             base_port,
         } => dev_pki(&out, &federation, orgs, base_port),
         Command::Node { .. } => Err("`corridor node` must come first on the command line".into()),
+        Command::Audit(args) => corridor_cli::audit::run(args, output).await,
         Command::Profiles { fields, format } => {
             let format = match (format, output) {
                 (commands::ProfilesOutput::Text, Output::Json) => commands::ProfilesOutput::Json,
@@ -140,7 +143,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Command::Demo { .. }
                 | Command::DevPki { .. }
                 | Command::Node { .. }
-                | Command::Profiles { .. } => Ok(()),
+                | Command::Profiles { .. }
+                | Command::Audit(_) => Ok(()),
             }
         }
     }

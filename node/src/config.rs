@@ -24,6 +24,11 @@
 //! data_key = "data.key"                 # key-encryption key for data at rest, 32 bytes
 //!                                       # base64 (mode 0600); losing it loses the data
 //!
+//! [audit]
+//! checkpoint_interval_ms = 1000         # sign a new checkpoint at most this often
+//! witnesses = []                        # org ids asked to cosign our checkpoints
+//! witness_for = []                      # org ids whose checkpoints we cosign
+//!
 //! [retention]                           # how long received referrals are kept
 //! default_days = 180
 //! check_interval_s = 60
@@ -65,9 +70,32 @@ pub struct Config {
     #[serde(default)]
     pub delivery: DeliveryConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub retention: RetentionConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The file this configuration was read from.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub checkpoint_interval_ms: u64,
+    pub witnesses: Vec<OrgId>,
+    pub witness_for: Vec<OrgId>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval_ms: 1000,
+            witnesses: Vec::new(),
+            witness_for: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +267,7 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        config.path = path.to_owned();
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(|message| ConfigError::Invalid {
@@ -287,6 +316,14 @@ impl Config {
                     "retention.purposes.{purpose} must be at least 1 day"
                 ));
             }
+        }
+        if self.audit.checkpoint_interval_ms < 10 {
+            return Err("audit.checkpoint_interval_ms must be at least 10".into());
+        }
+        if self.audit.witnesses.contains(&self.org_id)
+            || self.audit.witness_for.contains(&self.org_id)
+        {
+            return Err("a node cannot witness its own log".into());
         }
         if self.retention.default_days == 0 || self.retention.check_interval_s == 0 {
             return Err("retention.default_days and check_interval_s must be at least 1".into());

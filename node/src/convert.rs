@@ -64,6 +64,7 @@ pub fn receipt_to_pb(r: &Receipt) -> pb::Receipt {
         recipient: r.recipient.to_string(),
         received_at_ms: r.received_at_ms,
         log_index: r.log_index,
+        leaf_hash: r.leaf_hash.to_vec(),
         signature: r.signature.clone(),
     }
 }
@@ -82,6 +83,11 @@ pub fn receipt_from_pb(r: pb::Receipt) -> Result<Receipt, corridor::ReceiptError
         recipient: OrgId::new(&r.recipient).map_err(|_| Malformed("recipient"))?,
         received_at_ms: r.received_at_ms,
         log_index: r.log_index,
+        leaf_hash: r
+            .leaf_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| Malformed("leaf_hash"))?,
         signature: r.signature,
     })
 }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corridor::{MessageId, MessageKind, OrgId};
+use corridor::{MessageId, MessageKind, OrgId, audit};
 use corridor_proto::v1 as pb;
 use corridor_proto::v1::federation_client::FederationClient;
 use prost::Message as _;
@@ -51,6 +51,30 @@ struct Clients {
     channels: Mutex<HashMap<OrgId, Channel>>,
 }
 
+/// A lazily connected mutual-TLS channel to a member's federation listener that accepts
+/// only that member's certificate.
+pub fn channel_to(node: &Node, org: &OrgId) -> Result<Channel, String> {
+    let member = node
+        .directory
+        .get(org)
+        .ok_or_else(|| format!("{org} is not a member"))?;
+    let verifier = node
+        .tls
+        .server_verifier(node.directory.clone(), org.clone())
+        .map_err(|e| e.to_string())?;
+    let tls =
+        ClientTlsConfig::new().identity(Identity::from_pem(&node.tls.cert_pem, &node.tls.key_pem));
+    let d = &node.config.delivery;
+    Ok(Endpoint::from_shared(member.endpoint.clone())
+        .map_err(|e| format!("endpoint of {org} is invalid: {e}"))?
+        .tls_config_with_verifier(tls, verifier)
+        .map_err(|e| format!("TLS setup for {org} failed: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_millis(d.request_timeout_ms))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
 impl Clients {
     fn get(&self, node: &Node, org: &OrgId) -> Result<FederationClient<Channel>, AttemptError> {
         let mut channels = self
@@ -60,25 +84,7 @@ impl Clients {
         if let Some(channel) = channels.get(org) {
             return Ok(FederationClient::new(channel.clone()));
         }
-        let member = node
-            .directory
-            .get(org)
-            .ok_or_else(|| AttemptError::Permanent(format!("{org} is not a member")))?;
-        let verifier = node
-            .tls
-            .server_verifier(node.directory.clone(), org.clone())
-            .map_err(|e| AttemptError::Retry(e.to_string()))?;
-        let tls = ClientTlsConfig::new()
-            .identity(Identity::from_pem(&node.tls.cert_pem, &node.tls.key_pem));
-        let d = &node.config.delivery;
-        let channel = Endpoint::from_shared(member.endpoint.clone())
-            .map_err(|e| AttemptError::Permanent(format!("endpoint of {org} is invalid: {e}")))?
-            .tls_config_with_verifier(tls, verifier)
-            .map_err(|e| AttemptError::Retry(format!("TLS setup for {org} failed: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_millis(d.request_timeout_ms))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = channel_to(node, org).map_err(AttemptError::Permanent)?;
         channels.insert(org.clone(), channel.clone());
         Ok(FederationClient::new(channel))
     }
@@ -88,6 +94,8 @@ impl Clients {
 struct Answer {
     receipt: Vec<u8>,
     purge_receipt: Option<Vec<u8>>,
+    /// The audit entry recording the verified answer.
+    entry: Vec<u8>,
 }
 
 async fn deliver_once(
@@ -140,14 +148,35 @@ async fn deliver_once(
             &member.signing_key,
         )
         .map_err(|e| AttemptError::Retry(format!("receipt does not verify: {e}")))?;
+    let now = now_ms();
+    let mut entry = audit::encode(
+        &audit::Event::ReferralDelivered {
+            message_id: item.message_id,
+            recipient: recipient.clone(),
+            envelope_digest: digest,
+            recipient_log_index: receipt.log_index,
+            recipient_leaf_hash: receipt.leaf_hash,
+        },
+        now,
+    );
     let purge_receipt = if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
         // A withdrawal is done only when the recipient proves it purged.
         let purge = response.purge_receipt.ok_or_else(|| {
             AttemptError::Retry("withdrawal answered without a purge receipt".into())
         })?;
         let encoded = purge.encode_to_vec();
-        convert::purge_receipt_from_pb(purge)
-            .map_err(|e| AttemptError::Retry(format!("purge receipt is malformed: {e}")))?
+        let purge = convert::purge_receipt_from_pb(purge)
+            .map_err(|e| AttemptError::Retry(format!("purge receipt is malformed: {e}")))?;
+        entry = audit::encode(
+            &audit::Event::PurgeReceiptReceived {
+                message_id: item.message_id,
+                purger: recipient.clone(),
+                consent_id: item.consent_id.clone(),
+                receipt_digest: corridor::canonical::sha256(&purge.signed_bytes()),
+            },
+            now,
+        );
+        purge
             .verify(
                 item.message_id,
                 &item.consent_id,
@@ -163,6 +192,7 @@ async fn deliver_once(
     Ok(Answer {
         receipt: bytes,
         purge_receipt,
+        entry,
     })
 }
 
@@ -174,7 +204,13 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
         Ok(answer) => {
             let r = node
                 .store
-                .mark_delivered(id, &answer.receipt, answer.purge_receipt.as_deref(), now)
+                .mark_delivered(
+                    id,
+                    &answer.receipt,
+                    answer.purge_receipt.as_deref(),
+                    now,
+                    &answer.entry,
+                )
                 .await;
             if r.is_ok() {
                 if answer.purge_receipt.is_some() {

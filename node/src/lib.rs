@@ -11,6 +11,8 @@
 //! * [`storage`] — SQLite through sqlx
 //! * [`server`] — start, serve, stop
 
+pub mod audit_log;
+pub mod audit_service;
 pub mod auth;
 pub mod config;
 pub mod convert;
@@ -132,8 +134,11 @@ async fn run(args: Args) -> Result<(), String> {
             let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
             let (token, hash) =
                 auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;
+            let now = node::now_ms();
             store
-                .issue_token(&user, "admin", &hash, node::now_ms())
+                .issue_token(&user, "admin", &hash, now, |user| {
+                    corridor::audit::encode(&corridor::audit::Event::TokenIssued { user }, now)
+                })
                 .await
                 .map_err(|e| e.to_string())?;
             store.close().await;

@@ -4,12 +4,15 @@
 
 use std::sync::Arc;
 
+use corridor_proto::v1::audit_server::AuditServer;
 use corridor_proto::v1::caseworker_server::CaseworkerServer;
 use corridor_proto::v1::federation_server::FederationServer;
+use corridor_proto::v1::witness_server::WitnessServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
 
+use crate::audit_service::{AuditService, WitnessService};
 use crate::config::Config;
 use crate::node::{Node, StartError};
 use crate::services::{CaseworkerService, FederationService};
@@ -53,6 +56,7 @@ async fn termination_signal() {
 /// Runs a node until it is told to stop.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let node = Node::load(config).await?;
+    record_start(&node).await?;
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
     let fed_addr = fed_listener.local_addr().ok();
@@ -87,6 +91,11 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             FederationServer::new(FederationService { node: node.clone() })
                 .max_decoding_message_size(f.max_message_bytes),
         )
+        .add_service(AuditServer::new(AuditService { node: node.clone() }))
+        .add_service(
+            WitnessServer::new(WitnessService { node: node.clone() })
+                .max_decoding_message_size(64 * 1024),
+        )
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let local = Server::builder()
         .add_service(health_service)
@@ -95,12 +104,17 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             CaseworkerServer::new(CaseworkerService { node: node.clone() })
                 .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES),
         )
+        .add_service(AuditServer::new(AuditService { node: node.clone() }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(local_listener),
             stopped(stop_rx.clone()),
         );
     let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx.clone()));
-    let retention = tokio::spawn(enforce_retention(node.clone(), stop_rx));
+    let retention = tokio::spawn(enforce_retention(node.clone(), stop_rx.clone()));
+    let checkpointer = tokio::spawn(crate::audit_service::run_checkpointer(
+        node.clone(),
+        stop_rx,
+    ));
     let federation = tokio::spawn(federation);
     let local = tokio::spawn(local);
     tracing::info!(
@@ -122,8 +136,31 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     }
     let _ = delivery.await;
     let _ = retention.await;
+    let _ = checkpointer.await;
     close(node).await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Records the configuration and keys the node starts with (fingerprints only), so that
+/// every change of either shows in the audit log.
+async fn record_start(node: &Node) -> Result<(), StartError> {
+    let config_text = std::fs::read(&node.config.path).unwrap_or_default();
+    let entry = corridor::audit::encode(
+        &corridor::audit::Event::NodeStarted {
+            config_sha256: corridor::canonical::sha256(&config_text),
+            signing_key: node.signing_key.verifying_key().to_base64(),
+            sealing_key: node.sealing_key.public_key().to_base64(),
+            cert_sha256: node
+                .tls
+                .chain
+                .first()
+                .map(|c| corridor::canonical::sha256(c.as_ref()))
+                .unwrap_or_default(),
+        },
+        crate::node::now_ms(),
+    );
+    node.store.append_audit(&[entry]).await?;
     Ok(())
 }
 
@@ -131,7 +168,11 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(node.config.retention.check_interval_s);
     loop {
-        match node.store.enforce_retention(crate::node::now_ms()).await {
+        let now = crate::node::now_ms();
+        let entry = |deleted| {
+            corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, now)
+        };
+        match node.store.enforce_retention(now, entry).await {
             Ok(0) => {}
             Ok(deleted) => {
                 tracing::info!(deleted, "received referrals past retention deleted");

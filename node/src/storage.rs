@@ -22,6 +22,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    #[error("audit entry {0} is missing from the log")]
+    MissingEntry(u64),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -29,7 +31,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// Held from the start to the commit of every transaction that appends to the audit
+    /// log, so entries get consecutive indexes in commit order.
+    audit: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Index and leaf hash of an appended audit entry.
+pub type Appended = (u64, corridor::merkle::Hash);
 
 /// A local user authenticated by a bearer token.
 #[derive(Debug, Clone)]
@@ -157,7 +165,6 @@ pub struct AcceptedReferral<'a> {
     pub message_id: MessageId,
     pub sender: &'a OrgId,
     pub envelope_digest: &'a [u8; 32],
-    pub response: &'a [u8],
     pub purpose: &'a str,
     pub case_ref: &'a str,
     pub case_key_id: &'a str,
@@ -175,7 +182,6 @@ pub struct AcceptedWithdrawal<'a> {
     pub sender: &'a OrgId,
     pub envelope_digest: &'a [u8; 32],
     pub consent_id: &'a str,
-    pub response: &'a [u8],
     /// The referrals the purge receipt names; the purge must delete exactly these.
     pub expected: &'a [MessageId],
     pub received_at_ms: i64,
@@ -183,8 +189,8 @@ pub struct AcceptedWithdrawal<'a> {
 
 /// Outcome of storing an accepted envelope.
 pub enum AcceptOutcome {
-    /// Stored now; answer with the new response.
-    Stored,
+    /// Stored now; answer with this new response.
+    Stored(Vec<u8>),
     /// Already stored (a replay or a concurrent duplicate); answer with this.
     AlreadySeen(SeenMessage),
 }
@@ -216,7 +222,10 @@ impl Store {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            audit: Default::default(),
+        })
     }
 
     // ---- users and tokens -------------------------------------------------------------
@@ -228,8 +237,10 @@ impl Store {
         role: &str,
         token_hash: &[u8; 32],
         now_ms: i64,
+        audit: impl Fn(i64) -> Vec<u8>,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
              ON CONFLICT(name) DO NOTHING",
@@ -248,6 +259,12 @@ impl Store {
         .bind(name)
         .execute(&mut *tx)
         .await?;
+        let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        Self::append(&mut tx, &[audit(user)]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -304,7 +321,7 @@ impl Store {
         user: i64,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)")
             .bind(id)
             .bind(wrapped_key)
@@ -334,8 +351,10 @@ impl Store {
 
     // ---- consents ---------------------------------------------------------------------
 
-    pub async fn record_consent(&self, c: &NewConsent<'_>) -> Result<()> {
+    pub async fn record_consent(&self, c: &NewConsent<'_>, audit: &[u8]) -> Result<()> {
         let s = &c.scope;
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO consents (id, case_id, given_by, guardian_basis, method, language,
                 recorded_by, recorded_at_ms, purposes, recipient_orgs, recipient_roles, fields,
@@ -357,8 +376,10 @@ impl Store {
         .bind(&s.excluded_countries)
         .bind(i64::from(s.no_family_contact))
         .bind(s.expires_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::append(&mut tx, &[audit.to_vec()]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -416,7 +437,15 @@ impl Store {
     }
 
     /// Replaces a consent's scope with a narrower one (the caller has checked it is).
-    pub async fn narrow_consent(&self, id: &str, s: &ScopeColumns, now_ms: i64) -> Result<()> {
+    pub async fn narrow_consent(
+        &self,
+        id: &str,
+        s: &ScopeColumns,
+        now_ms: i64,
+        audit: &[u8],
+    ) -> Result<()> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE consents SET purposes = $2, recipient_orgs = $3, recipient_roles = $4,
                 fields = $5, excluded_countries = $6, no_family_contact = $7, expires_at_ms = $8,
@@ -432,8 +461,10 @@ impl Store {
         .bind(i64::from(s.no_family_contact))
         .bind(s.expires_at_ms)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::append(&mut tx, &[audit.to_vec()]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -464,8 +495,10 @@ impl Store {
         consent_id: &str,
         now_ms: i64,
         withdrawals: &[NewOutboxItem<'_>],
+        audit: &[u8],
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let changed = sqlx::query(
             "UPDATE consents SET withdrawn_at_ms = $2 WHERE id = $1 AND withdrawn_at_ms IS NULL",
         )
@@ -488,6 +521,7 @@ impl Store {
         for item in withdrawals {
             Self::insert_outbox(&mut tx, item).await?;
         }
+        Self::append(&mut tx, &[audit.to_vec()]).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -538,7 +572,9 @@ impl Store {
     /// Queues an envelope, unless its consent was withdrawn meanwhile. One statement, so
     /// the check and the insert cannot be split by a concurrent withdrawal (and SQLite
     /// takes the write lock at once instead of upgrading a read transaction).
-    pub async fn enqueue(&self, item: &NewOutboxItem<'_>) -> Result<bool> {
+    pub async fn enqueue(&self, item: &NewOutboxItem<'_>, audit: &[u8]) -> Result<bool> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
                 case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
@@ -558,10 +594,15 @@ impl Store {
         .bind(item.created_by)
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
+        if inserted != 1 {
+            return Ok(false);
+        }
+        Self::append(&mut tx, &[audit.to_vec()]).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Queued items whose next attempt is due, oldest first.
@@ -610,9 +651,11 @@ impl Store {
         receipt: &[u8],
         purge_receipt: Option<&[u8]>,
         now_ms: i64,
+        audit: &[u8],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let fresh = sqlx::query(
             "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
              VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING",
         )
@@ -621,7 +664,11 @@ impl Store {
         .bind(purge_receipt)
         .bind(now_ms)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if fresh == 1 {
+            Self::append(&mut tx, &[audit.to_vec()]).await?;
+        }
         // 'withdrawn' too: an attempt in flight when the consent was withdrawn may still
         // have arrived; the withdrawal sent to that recipient covers it.
         sqlx::query(
@@ -741,14 +788,22 @@ impl Store {
 
     /// Stores an accepted referral and the answer that acknowledges it, exactly once per
     /// message id.
-    pub async fn accept_referral(&self, a: &AcceptedReferral<'_>) -> Result<AcceptOutcome> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn accept_referral(
+        &self,
+        a: &AcceptedReferral<'_>,
+        audit: &[u8],
+        respond: impl FnOnce(Appended) -> Vec<u8>,
+    ) -> Result<AcceptOutcome> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let appended = Self::append(&mut tx, &[audit.to_vec()]).await?;
+        let response = respond(appended[0]);
         if !Self::insert_seen(
             &mut tx,
             a.message_id,
             a.sender,
             a.envelope_digest,
-            a.response,
+            &response,
             a.received_at_ms,
         )
         .await?
@@ -774,7 +829,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(AcceptOutcome::Stored)
+        Ok(AcceptOutcome::Stored(response))
     }
 
     /// The referrals a withdrawal from `sender` for `consent_id` would purge.
@@ -795,18 +850,25 @@ impl Store {
     /// Applies a withdrawal in one transaction: records that the envelope was seen with
     /// its answer, remembers the consent as withdrawn, deletes the referrals under it and
     /// destroys the data keys no referral needs any more. Returns the ids purged.
-    pub async fn purge_consent(&self, w: &AcceptedWithdrawal<'_>) -> Result<AcceptOutcome> {
+    pub async fn purge_consent(
+        &self,
+        w: &AcceptedWithdrawal<'_>,
+        audit: &[u8],
+        respond: impl FnOnce(Appended) -> Vec<u8>,
+    ) -> Result<AcceptOutcome> {
         let AcceptedWithdrawal {
             message_id: id,
             sender,
             envelope_digest: digest,
             consent_id,
-            response,
             expected,
             received_at_ms: now_ms,
         } = *w;
-        let mut tx = self.pool.begin().await?;
-        if !Self::insert_seen(&mut tx, id, sender, digest, response, now_ms).await? {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let appended = Self::append(&mut tx, &[audit.to_vec()]).await?;
+        let response = respond(appended[0]);
+        if !Self::insert_seen(&mut tx, id, sender, digest, &response, now_ms).await? {
             drop(tx);
             return self.already_seen(id).await;
         }
@@ -831,7 +893,7 @@ impl Store {
         }
         Self::shred_orphan_received_keys(&mut tx).await?;
         tx.commit().await?;
-        Ok(AcceptOutcome::Stored)
+        Ok(AcceptOutcome::Stored(response))
     }
 
     async fn shred_orphan_received_keys(
@@ -848,14 +910,22 @@ impl Store {
 
     /// Deletes received referrals past their retention and shreds the keys no longer
     /// needed. Returns how many referrals were deleted.
-    pub async fn enforce_retention(&self, now_ms: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn enforce_retention(
+        &self,
+        now_ms: i64,
+        audit: impl Fn(u64) -> Vec<u8>,
+    ) -> Result<u64> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
             .bind(now_ms)
             .execute(&mut *tx)
             .await?
             .rows_affected();
         Self::shred_orphan_received_keys(&mut tx).await?;
+        if deleted > 0 {
+            Self::append(&mut tx, &[audit(deleted)]).await?;
+        }
         tx.commit().await?;
         Ok(deleted)
     }
@@ -891,6 +961,241 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(inbox_row).transpose()
+    }
+
+    // ---- audit log ---------------------------------------------------------------------
+
+    /// Appends encoded entries inside `tx`; the caller holds the audit lock.
+    async fn append(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        entries: &[Vec<u8>],
+    ) -> Result<Vec<Appended>> {
+        use corridor::merkle;
+        let mut n: u64 = sqlx::query("SELECT COUNT(*) FROM audit_entries")
+            .fetch_one(&mut **tx)
+            .await?
+            .get::<i64, _>(0)
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("audit size"))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let leaf = merkle::leaf_hash(entry);
+            let hashes = crate::audit_log::with_hashes(&mut **tx, |r| {
+                merkle::stored_hashes_for_record(n, leaf, r)
+            })
+            .await?;
+            let first = merkle::stored_hash_index(0, n);
+            for (i, h) in hashes.iter().enumerate() {
+                sqlx::query("INSERT INTO audit_hashes (id, hash) VALUES ($1, $2)")
+                    .bind((first + i as u64) as i64)
+                    .bind(&h[..])
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            sqlx::query("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES ($1, $2, $3)")
+                .bind(n as i64)
+                .bind(entry)
+                .bind(&leaf[..])
+                .execute(&mut **tx)
+                .await?;
+            out.push((n, leaf));
+            n += 1;
+        }
+        Ok(out)
+    }
+
+    /// Appends entries in a transaction of their own (events that change nothing else).
+    pub async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<Vec<Appended>> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let appended = Self::append(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    pub async fn audit_size(&self) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM audit_entries")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    /// Entries [start, end).
+    pub async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>> {
+        let rows = sqlx::query(
+            "SELECT idx, entry FROM audit_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+        )
+        .bind(start as i64)
+        .bind(end as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (expected, r) in (start..end).zip(rows.iter()) {
+            let idx: i64 = r.get(0);
+            if idx as u64 != expected {
+                return Err(StoreError::MissingEntry(expected));
+            }
+            out.push(r.get(1));
+        }
+        if (out.len() as u64) < end - start {
+            return Err(StoreError::MissingEntry(start + out.len() as u64));
+        }
+        Ok(out)
+    }
+
+    /// One past the highest entry index (equal to the size unless entries went missing).
+    pub async fn audit_extent(&self) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    pub async fn audit_index_of(&self, leaf_hash: &[u8]) -> Result<Option<u64>> {
+        let row = sqlx::query("SELECT MIN(idx) FROM audit_entries WHERE leaf_hash = $1")
+            .bind(leaf_hash)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<Option<i64>, _>(0).map(|i| i as u64))
+    }
+
+    /// Runs a Merkle read (root, proof) against the stored hashes.
+    pub async fn with_audit_hashes<T>(
+        &self,
+        op: impl Fn(
+            &dyn corridor::merkle::HashReader,
+        ) -> std::result::Result<T, corridor::merkle::MerkleError>,
+    ) -> Result<T> {
+        crate::audit_log::with_hashes(&self.pool, op).await
+    }
+
+    pub async fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>, String)>> {
+        let row =
+            sqlx::query("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))))
+    }
+
+    pub async fn store_checkpoint(
+        &self,
+        size: u64,
+        root: &[u8],
+        note: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO checkpoints (size, root, note, signed_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(size as i64)
+        .bind(root)
+        .bind(note)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn cosignatures(&self, size: u64) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT line FROM cosignatures WHERE size = $1 ORDER BY witness")
+            .bind(size as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records a witness's cosignature of our checkpoint of `size`, and that it now stands
+    /// at that size.
+    pub async fn store_cosignature(&self, size: u64, witness: &str, line: &str) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO cosignatures (size, witness, line) VALUES ($1, $2, $3)
+             ON CONFLICT(size, witness) DO UPDATE SET line = excluded.line",
+        )
+        .bind(size as i64)
+        .bind(witness)
+        .bind(line)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO witness_views (witness, size) VALUES ($1, $2)
+             ON CONFLICT(witness) DO UPDATE SET size = excluded.size",
+        )
+        .bind(witness)
+        .bind(size as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn witness_view(&self, witness: &str) -> Result<u64> {
+        let row = sqlx::query("SELECT size FROM witness_views WHERE witness = $1")
+            .bind(witness)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get::<i64, _>(0) as u64).unwrap_or(0))
+    }
+
+    pub async fn set_witness_view(&self, witness: &str, size: u64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO witness_views (witness, size) VALUES ($1, $2)
+             ON CONFLICT(witness) DO UPDATE SET size = excluded.size",
+        )
+        .bind(witness)
+        .bind(size as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// As a witness: the state stored for a log.
+    pub async fn witnessed(&self, origin: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        let row = sqlx::query("SELECT size, root FROM witnessed_logs WHERE origin = $1")
+            .bind(origin)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1))))
+    }
+
+    /// As a witness: moves a log's state from `old_size` to the new one atomically; false
+    /// if the stored state is no longer `old_size` (a concurrent update won).
+    pub async fn advance_witnessed(
+        &self,
+        origin: &str,
+        old_size: Option<u64>,
+        new_size: u64,
+        new_root: &[u8],
+        now_ms: i64,
+    ) -> Result<bool> {
+        let changed = match old_size {
+            None => sqlx::query(
+                "INSERT INTO witnessed_logs (origin, size, root, updated_at_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT(origin) DO NOTHING",
+            )
+            .bind(origin)
+            .bind(new_size as i64)
+            .bind(new_root)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Some(old) => sqlx::query(
+                "UPDATE witnessed_logs SET size = $2, root = $3, updated_at_ms = $4
+                 WHERE origin = $1 AND size = $5",
+            )
+            .bind(origin)
+            .bind(new_size as i64)
+            .bind(new_root)
+            .bind(now_ms)
+            .bind(old as i64)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+        };
+        Ok(changed == 1)
     }
 
     pub async fn close(&self) {

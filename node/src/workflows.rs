@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use corridor::audit::{self, Event};
 use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
 use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError, MAX_LIFETIME_MS};
 use corridor::{
@@ -41,14 +42,30 @@ pub const MAX_CONSENT_TEXT: usize = 200;
 pub struct Failure {
     pub code: Code,
     pub message: String,
+    /// Fixed code of the rule that refused, for the audit log (never free text).
+    pub rule: &'static str,
 }
 
 impl Failure {
     fn new(code: Code, message: impl Into<String>) -> Self {
+        let rule = match code {
+            Code::Unauthenticated => "unauthenticated",
+            Code::PermissionDenied => "permission-denied",
+            Code::FailedPrecondition => "failed-precondition",
+            Code::AlreadyExists => "message-id-reused",
+            Code::Internal => "internal",
+            _ => "invalid-input",
+        };
         Self {
             code,
             message: message.into(),
+            rule,
         }
+    }
+
+    fn rule(mut self, rule: &'static str) -> Self {
+        self.rule = rule;
+        self
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(Code::InvalidArgument, message)
@@ -88,7 +105,12 @@ pub fn envelope_failure(e: EnvelopeError) -> Failure {
         EnvelopeError::Randomness => Code::Internal,
         _ => Code::InvalidArgument,
     };
-    Failure::new(code, format!("envelope refused: {e}"))
+    Failure::new(code, format!("envelope refused: {e}")).rule(e.rule())
+}
+
+/// The pseudonym under which this node's audit log names one of its own cases.
+fn local_pseudonym(node: &Node, case_id: &str) -> String {
+    node.case_refs.reference(case_id, &node.org)
 }
 
 fn random_id(prefix: &str) -> Result<String, Failure> {
@@ -332,18 +354,29 @@ pub async fn record_consent(
             req.case_id
         )));
     }
+    let entry = audit::encode(
+        &Event::ConsentRecorded {
+            consent_id: id.clone(),
+            case: local_pseudonym(node, &req.case_id),
+            user: user.id,
+        },
+        now,
+    );
     node.store
-        .record_consent(&NewConsent {
-            id: &id,
-            case_id: &req.case_id,
-            given_by,
-            guardian_basis: req.guardian_basis.trim(),
-            method,
-            language: req.language.trim(),
-            recorded_by: user.id,
-            recorded_at_ms: now,
-            scope: scope_columns(&scope),
-        })
+        .record_consent(
+            &NewConsent {
+                id: &id,
+                case_id: &req.case_id,
+                given_by,
+                guardian_basis: req.guardian_basis.trim(),
+                method,
+                language: req.language.trim(),
+                recorded_by: user.id,
+                recorded_at_ms: now,
+                scope: scope_columns(&scope),
+            },
+            &entry,
+        )
         .await?;
     tracing::info!(case = %req.case_id, consent = %id, user = %user.name, "consent recorded");
     Ok(id)
@@ -381,8 +414,17 @@ pub async fn narrow_consent(
     current
         .check_narrowing(&narrower)
         .map_err(|e| Failure::invalid(e.to_string()))?;
+    let now = now_ms();
+    let entry = audit::encode(
+        &Event::ConsentNarrowed {
+            consent_id: row.id.clone(),
+            case: local_pseudonym(node, &row.case_id),
+            user: user.id,
+        },
+        now,
+    );
     node.store
-        .narrow_consent(&row.id, &scope_columns(&narrower), now_ms())
+        .narrow_consent(&row.id, &scope_columns(&narrower), now, &entry)
         .await?;
     tracing::info!(consent = %row.id, user = %user.name, "consent narrowed");
     get_consent(node, &row.id).await
@@ -530,22 +572,36 @@ pub async fn send_referral(
     let ttl = envelope_ttl_ms(node).min(consent.expires_at_ms.saturating_sub(now));
     let envelope = seal(node, MessageKind::Referral, recipient, &payload, now, ttl)?;
     let message_id = envelope.header.message_id;
+    let entry = audit::encode(
+        &Event::ReferralSent {
+            message_id,
+            recipient: recipient_id.clone(),
+            purpose: purpose.as_str().to_owned(),
+            case: local_pseudonym(node, &req.case_id),
+            consent_id: consent.id.clone(),
+            user: user.id,
+        },
+        now,
+    );
     let queued = node
         .store
-        .enqueue(&NewOutboxItem {
-            message_id,
-            kind: MessageKind::Referral.as_i32().into(),
-            case_id: &req.case_id,
-            consent_id: &consent.id,
-            recipient: &recipient_id,
-            purpose: purpose.as_str(),
-            case_ref: &case_ref,
-            envelope: &convert::envelope_to_pb(&envelope).encode_to_vec(),
-            envelope_digest: &envelope.digest(),
-            created_by: user.id,
-            created_at_ms: now,
-            expires_at_ms: envelope.header.expires_at_ms,
-        })
+        .enqueue(
+            &NewOutboxItem {
+                message_id,
+                kind: MessageKind::Referral.as_i32().into(),
+                case_id: &req.case_id,
+                consent_id: &consent.id,
+                recipient: &recipient_id,
+                purpose: purpose.as_str(),
+                case_ref: &case_ref,
+                envelope: &convert::envelope_to_pb(&envelope).encode_to_vec(),
+                envelope_digest: &envelope.digest(),
+                created_by: user.id,
+                created_at_ms: now,
+                expires_at_ms: envelope.header.expires_at_ms,
+            },
+            &entry,
+        )
         .await?;
     if !queued {
         return Err(Failure::precondition(format!(
@@ -627,7 +683,18 @@ pub async fn withdraw_consent(
             expires_at_ms: e.header.expires_at_ms,
         })
         .collect();
-    node.store.withdraw_consent(consent_id, now, &items).await?;
+    let entry = audit::encode(
+        &Event::ConsentWithdrawn {
+            consent_id: consent_id.to_owned(),
+            case: local_pseudonym(node, &row.case_id),
+            user: user.id,
+            recipients: items.len() as u64,
+        },
+        now,
+    );
+    node.store
+        .withdraw_consent(consent_id, now, &items, &entry)
+        .await?;
     node.outbox_ready.notify_one();
     tracing::info!(consent = %consent_id, user = %user.name, recipients = items.len(), "consent withdrawn");
     consent_status(node, consent_id).await
@@ -697,6 +764,17 @@ pub async fn read_referral(
         .map_err(data_failure)?;
     let payload = pb::ReferralPayload::decode(plaintext.as_slice())
         .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+    // No read of personal data without its audit entry.
+    node.store
+        .append_audit(&[audit::encode(
+            &Event::PersonalDataRead {
+                message_id: id,
+                case: row.case_ref.clone(),
+                user: user.id,
+            },
+            now_ms(),
+        )])
+        .await?;
     tracing::info!(referral = %id, case_ref = %row.case_ref, user = %user.name, "personal data read");
     Ok(pb::GetReferralResponse {
         referral_id: id.to_hex(),
@@ -725,6 +803,34 @@ pub async fn receive_envelope(
     peer: &PeerInfo,
     envelope: pb::Envelope,
 ) -> Result<pb::DeliverResponse, Failure> {
+    let message_id = envelope
+        .header
+        .as_ref()
+        .and_then(|h| MessageId::from_bytes(&h.message_id).ok());
+    let result = receive(node, peer, envelope).await;
+    if let Err(failure) = &result
+        && failure.code != Code::Internal
+    {
+        let entry = audit::encode(
+            &Event::EnvelopeRefused {
+                message_id,
+                sender: peer.org.clone(),
+                rule: failure.rule.to_owned(),
+            },
+            now_ms(),
+        );
+        if let Err(error) = node.store.append_audit(&[entry]).await {
+            tracing::error!(%error, "could not log a refused envelope");
+        }
+    }
+    result
+}
+
+async fn receive(
+    node: &Node,
+    peer: &PeerInfo,
+    envelope: pb::Envelope,
+) -> Result<pb::DeliverResponse, Failure> {
     let envelope = convert::envelope_from_pb(envelope).map_err(envelope_failure)?;
     // The peer passed the handshake, so it is a member; its key signs its envelopes.
     let sender = node.directory.get(&peer.org).ok_or_else(|| {
@@ -749,41 +855,35 @@ pub async fn receive_envelope(
         tracing::warn!(peer = %peer.org, envelope = %message_id, error = %e, "envelope does not open");
         envelope_failure(e)
     })?;
-    let receipt = Receipt::sign(
-        message_id,
-        digest,
-        peer.org.clone(),
-        node.org.clone(),
-        now,
-        0,
-        &node.signing_key,
-    );
     match opened.header.kind {
         MessageKind::Referral => {
-            accept_referral(
-                node,
-                sender,
-                message_id,
-                &digest,
-                &opened.payload,
-                receipt,
-                now,
-            )
-            .await
+            accept_referral(node, sender, message_id, &digest, &opened.payload, now).await
         }
         MessageKind::ConsentWithdrawal => {
-            accept_withdrawal(
-                node,
-                sender,
-                message_id,
-                &digest,
-                &opened.payload,
-                receipt,
-                now,
-            )
-            .await
+            accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
         }
     }
+}
+
+/// The signed receipt for an accepted envelope, naming its audit-log entry.
+fn receipt(
+    node: &Node,
+    sender: &OrgId,
+    message_id: MessageId,
+    digest: &[u8; 32],
+    now: i64,
+    (log_index, leaf_hash): crate::storage::Appended,
+) -> pb::Receipt {
+    convert::receipt_to_pb(&Receipt::sign(
+        message_id,
+        *digest,
+        sender.clone(),
+        node.org.clone(),
+        now,
+        log_index,
+        leaf_hash,
+        &node.signing_key,
+    ))
 }
 
 async fn accept_referral(
@@ -792,7 +892,6 @@ async fn accept_referral(
     message_id: MessageId,
     digest: &[u8; 32],
     plaintext: &[u8],
-    receipt: Receipt,
     now: i64,
 ) -> Result<pb::DeliverResponse, Failure> {
     let payload = pb::ReferralPayload::decode(plaintext)
@@ -855,7 +954,7 @@ async fn accept_referral(
         .ok_or_else(|| Failure::internal("this node is not in the directory", &node.org))?;
     consent::gate(&consent_receipt.scope(), me, purpose, &fields, now).map_err(|refusal| {
         tracing::warn!(sender = %sender.id, envelope = %message_id, %refusal, "referral refused by the consent gate on arrival");
-        Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}"))
+        Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}")).rule("consent-gate")
     })?;
 
     // Encrypt under the data key of this received case before anything is stored.
@@ -879,32 +978,47 @@ async fn accept_referral(
     let payload_sealed = key
         .encrypt(&case_key_id, &message_id.to_hex(), plaintext)
         .map_err(data_failure)?;
-    let response = pb::DeliverResponse {
-        receipt: Some(convert::receipt_to_pb(&receipt)),
-        purge_receipt: None,
+    let entry = audit::encode(
+        &Event::ReferralReceived {
+            message_id,
+            sender: sender.id.clone(),
+            envelope_digest: *digest,
+            case: payload.case_ref.clone(),
+            purpose: purpose.as_str().to_owned(),
+        },
+        now,
+    );
+    let respond = |appended| {
+        pb::DeliverResponse {
+            receipt: Some(receipt(node, &sender.id, message_id, digest, now, appended)),
+            purge_receipt: None,
+        }
+        .encode_to_vec()
     };
-    let response_bytes = response.encode_to_vec();
     let outcome = node
         .store
-        .accept_referral(&AcceptedReferral {
-            message_id,
-            sender: &sender.id,
-            envelope_digest: digest,
-            response: &response_bytes,
-            purpose: purpose.as_str(),
-            case_ref: &payload.case_ref,
-            case_key_id: &case_key_id,
-            consent_id: &consent_receipt.consent_id,
-            consent_expires_at_ms: consent_receipt.expires_at_ms,
-            payload_sealed: &payload_sealed,
-            received_at_ms: now,
-            retain_until_ms: now.saturating_add(node.config.retention.retention_ms(purpose)),
-        })
+        .accept_referral(
+            &AcceptedReferral {
+                message_id,
+                sender: &sender.id,
+                envelope_digest: digest,
+                purpose: purpose.as_str(),
+                case_ref: &payload.case_ref,
+                case_key_id: &case_key_id,
+                consent_id: &consent_receipt.consent_id,
+                consent_expires_at_ms: consent_receipt.expires_at_ms,
+                payload_sealed: &payload_sealed,
+                received_at_ms: now,
+                retain_until_ms: now.saturating_add(node.config.retention.retention_ms(purpose)),
+            },
+            &entry,
+            respond,
+        )
         .await?;
     match outcome {
-        AcceptOutcome::Stored => {
+        AcceptOutcome::Stored(response) => {
             tracing::info!(referral = %message_id, sender = %sender.id, %purpose, "referral received");
-            Ok(response)
+            decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
     }
@@ -916,7 +1030,6 @@ async fn accept_withdrawal(
     message_id: MessageId,
     digest: &[u8; 32],
     plaintext: &[u8],
-    receipt: Receipt,
     now: i64,
 ) -> Result<pb::DeliverResponse, Failure> {
     let w = pb::ConsentWithdrawal::decode(plaintext)
@@ -940,34 +1053,53 @@ async fn accept_withdrawal(
         now,
         &node.signing_key,
     );
-    let response = pb::DeliverResponse {
-        receipt: Some(convert::receipt_to_pb(&receipt)),
-        purge_receipt: Some(convert::purge_receipt_to_pb(&purge_receipt)),
+    let entry = audit::encode(
+        &Event::PurgeDone {
+            message_id,
+            sender: sender.id.clone(),
+            consent_id: w.consent_id.clone(),
+            case: w.case_ref.clone(),
+            purged: purged.len() as u64,
+        },
+        now,
+    );
+    let respond = |appended| {
+        pb::DeliverResponse {
+            receipt: Some(receipt(node, &sender.id, message_id, digest, now, appended)),
+            purge_receipt: Some(convert::purge_receipt_to_pb(&purge_receipt)),
+        }
+        .encode_to_vec()
     };
-    let response_bytes = response.encode_to_vec();
     let outcome = node
         .store
-        .purge_consent(&AcceptedWithdrawal {
-            message_id,
-            sender: &sender.id,
-            envelope_digest: digest,
-            consent_id: &w.consent_id,
-            response: &response_bytes,
-            expected: &purged,
-            received_at_ms: now,
-        })
+        .purge_consent(
+            &AcceptedWithdrawal {
+                message_id,
+                sender: &sender.id,
+                envelope_digest: digest,
+                consent_id: &w.consent_id,
+                expected: &purged,
+                received_at_ms: now,
+            },
+            &entry,
+            respond,
+        )
         .await?;
     match outcome {
-        AcceptOutcome::Stored => {
+        AcceptOutcome::Stored(response) => {
             // Make the deletion final on disk: no purged page stays in the WAL.
             if let Err(error) = node.store.checkpoint().await {
                 tracing::warn!(%error, "WAL checkpoint after purge failed");
             }
             tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged.len(), "consent withdrawn by sender; data purged");
-            Ok(response)
+            decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
     }
+}
+
+fn decode_response(bytes: &[u8]) -> Result<pb::DeliverResponse, Failure> {
+    pb::DeliverResponse::decode(bytes).map_err(|e| Failure::internal("stored answer is corrupt", e))
 }
 
 /// A message id seen before: the same envelope gets the same answer; anything else

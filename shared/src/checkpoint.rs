@@ -27,7 +27,9 @@ pub const MAX_SIGNATURES: usize = 100;
 /// Why a note, checkpoint or cosignature was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NoteError {
-    #[error("note is larger than {MAX_NOTE_LEN} bytes or has more than {MAX_SIGNATURES} signatures")]
+    #[error(
+        "note is larger than {MAX_NOTE_LEN} bytes or has more than {MAX_SIGNATURES} signatures"
+    )]
     TooLarge,
     #[error("note is malformed: {0}")]
     Malformed(&'static str),
@@ -54,7 +56,9 @@ fn key_id(name: &str, kind: u8, key: &VerifyingKey) -> [u8; 4] {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains('+') && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+    !name.is_empty()
+        && !name.contains('+')
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// An Ed25519 note verifier (and the name under which its key signs).
@@ -87,12 +91,17 @@ impl NoteVerifier {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or(NoteError::BadVerifierKey("key id must be 8 hex digits"))?;
-        let raw = B64.decode(key).map_err(|_| NoteError::BadVerifierKey("key is not base64"))?;
-        let (&kind, key) = raw.split_first().ok_or(NoteError::BadVerifierKey("empty key"))?;
+        let raw = B64
+            .decode(key)
+            .map_err(|_| NoteError::BadVerifierKey("key is not base64"))?;
+        let (&kind, key) = raw
+            .split_first()
+            .ok_or(NoteError::BadVerifierKey("empty key"))?;
         if kind != ED25519 {
             return Err(NoteError::BadVerifierKey("not an Ed25519 key"));
         }
-        let key = VerifyingKey::from_bytes(key).map_err(|_| NoteError::BadVerifierKey("bad Ed25519 key"))?;
+        let key = VerifyingKey::from_bytes(key)
+            .map_err(|_| NoteError::BadVerifierKey("bad Ed25519 key"))?;
         let verifier = Self::new(name, key);
         if verifier.id != id {
             return Err(NoteError::BadVerifierKey("key id does not match the key"));
@@ -109,7 +118,13 @@ impl std::fmt::Display for NoteVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut key = vec![ED25519];
         key.extend_from_slice(self.key.as_bytes());
-        write!(f, "{}+{}+{}", self.name, hex::encode(self.id), B64.encode(key))
+        write!(
+            f,
+            "{}+{}+{}",
+            self.name,
+            hex::encode(self.id),
+            B64.encode(key)
+        )
     }
 }
 
@@ -128,22 +143,32 @@ fn split(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
     if note.contains('\0') || note.contains('\r') {
         return Err(NoteError::Malformed("control characters"));
     }
-    let at = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+    let at = note
+        .rfind("\n\n")
+        .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
     let (text, sigs) = (&note[..=at], &note[at + 2..]);
     if !sigs.ends_with('\n') {
-        return Err(NoteError::Malformed("signature block must end with a newline"));
+        return Err(NoteError::Malformed(
+            "signature block must end with a newline",
+        ));
     }
     let mut lines = Vec::new();
     for line in sigs[..sigs.len() - 1].split('\n') {
         if lines.len() >= MAX_SIGNATURES {
             return Err(NoteError::TooLarge);
         }
-        let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed("signature line must start with an em dash"))?;
-        let (name, sig) = rest.split_once(' ').ok_or(NoteError::Malformed("signature line needs a name and a signature"))?;
+        let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed(
+            "signature line must start with an em dash",
+        ))?;
+        let (name, sig) = rest.split_once(' ').ok_or(NoteError::Malformed(
+            "signature line needs a name and a signature",
+        ))?;
         if !valid_name(name) {
             return Err(NoteError::Malformed("invalid signer name"));
         }
-        let raw = B64.decode(sig).map_err(|_| NoteError::Malformed("signature is not base64"))?;
+        let raw = B64
+            .decode(sig)
+            .map_err(|_| NoteError::Malformed("signature is not base64"))?;
         if raw.len() < 5 {
             return Err(NoteError::Malformed("signature too short"));
         }
@@ -171,9 +196,17 @@ pub fn sign_note(text: &str, verifier: &NoteVerifier, key: &SigningKey) -> Strin
 pub fn verify_note<'a>(note: &'a str, verifier: &NoteVerifier) -> Result<&'a str, NoteError> {
     let (text, lines) = split(note)?;
     let mut found = false;
-    for line in lines.iter().filter(|l| l.name == verifier.name && l.id == verifier.id) {
+    for line in lines
+        .iter()
+        .filter(|l| l.name == verifier.name && l.id == verifier.id)
+    {
         found = true;
-        if line.signature.len() != SIGNATURE_LEN || verifier.key.verify(text.as_bytes(), &line.signature).is_err() {
+        if line.signature.len() != SIGNATURE_LEN
+            || verifier
+                .key
+                .verify(text.as_bytes(), &line.signature)
+                .is_err()
+        {
             return Err(NoteError::BadSignature(verifier.name.clone()));
         }
     }
@@ -194,24 +227,47 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The tlog-checkpoint text: origin, size, base64 root, each ending in a newline.
     pub fn body(&self) -> String {
-        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        )
     }
 
     /// Parses a checkpoint text (extension lines are allowed and ignored).
     pub fn parse(text: &str) -> Result<Self, NoteError> {
         let mut lines = text.split('\n');
-        let origin = lines.next().filter(|o| !o.is_empty()).ok_or(NoteError::BadCheckpoint("missing origin"))?;
-        let size = lines.next().ok_or(NoteError::BadCheckpoint("missing size"))?;
-        if size.is_empty() || (size.len() > 1 && size.starts_with('0')) || !size.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(NoteError::BadCheckpoint("size must be a decimal without leading zeros"));
+        let origin = lines
+            .next()
+            .filter(|o| !o.is_empty())
+            .ok_or(NoteError::BadCheckpoint("missing origin"))?;
+        let size = lines
+            .next()
+            .ok_or(NoteError::BadCheckpoint("missing size"))?;
+        if size.is_empty()
+            || (size.len() > 1 && size.starts_with('0'))
+            || !size.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(NoteError::BadCheckpoint(
+                "size must be a decimal without leading zeros",
+            ));
         }
-        let size: u64 = size.parse().map_err(|_| NoteError::BadCheckpoint("size out of range"))?;
+        let size: u64 = size
+            .parse()
+            .map_err(|_| NoteError::BadCheckpoint("size out of range"))?;
         let root = lines
             .next()
             .and_then(|r| B64.decode(r).ok())
             .and_then(|r| Hash::try_from(r).ok())
-            .ok_or(NoteError::BadCheckpoint("root must be a base64 32-byte hash"))?;
-        Ok(Self { origin: origin.to_owned(), size, root })
+            .ok_or(NoteError::BadCheckpoint(
+                "root must be a base64 32-byte hash",
+            ))?;
+        Ok(Self {
+            origin: origin.to_owned(),
+            size,
+            root,
+        })
     }
 }
 
@@ -226,7 +282,10 @@ pub fn open(note: &str, verifier: &NoteVerifier) -> Result<Checkpoint, NoteError
     let text = verify_note(note, verifier)?;
     let checkpoint = Checkpoint::parse(text)?;
     if checkpoint.origin != verifier.name {
-        return Err(NoteError::WrongOrigin { found: checkpoint.origin, expected: verifier.name.clone() });
+        return Err(NoteError::WrongOrigin {
+            found: checkpoint.origin,
+            expected: verifier.name.clone(),
+        });
     }
     Ok(checkpoint)
 }
@@ -256,7 +315,11 @@ pub struct CosignatureVerifier {
 
 impl CosignatureVerifier {
     pub fn new(name: &str, key: VerifyingKey) -> Self {
-        Self { name: name.to_owned(), id: key_id(name, COSIGNATURE_V1, &key), key }
+        Self {
+            name: name.to_owned(),
+            id: key_id(name, COSIGNATURE_V1, &key),
+            key,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -268,7 +331,10 @@ impl CosignatureVerifier {
             return Err(NoteError::BadSignature(self.name.clone()));
         }
         let (ts, sig) = line.signature.split_at(8);
-        let timestamp = u64::from_be_bytes(ts.try_into().map_err(|_| NoteError::BadSignature(self.name.clone()))?);
+        let timestamp = u64::from_be_bytes(
+            ts.try_into()
+                .map_err(|_| NoteError::BadSignature(self.name.clone()))?,
+        );
         self.key
             .verify(&cosigned_message(text, timestamp), sig)
             .map_err(|_| NoteError::BadSignature(self.name.clone()))?;
@@ -299,10 +365,20 @@ impl CosignatureVerifier {
 }
 
 /// How many of `witnesses` validly cosigned `note`; Err if fewer than `quorum`.
-pub fn verify_quorum(note: &str, witnesses: &[CosignatureVerifier], quorum: usize) -> Result<usize, NoteError> {
-    let count = witnesses.iter().filter(|w| w.verify_note(note).is_ok()).count();
+pub fn verify_quorum(
+    note: &str,
+    witnesses: &[CosignatureVerifier],
+    quorum: usize,
+) -> Result<usize, NoteError> {
+    let count = witnesses
+        .iter()
+        .filter(|w| w.verify_note(note).is_ok())
+        .count();
     if count < quorum {
-        return Err(NoteError::NotSigned(format!("{quorum} of {} witnesses (only {count})", witnesses.len())));
+        return Err(NoteError::NotSigned(format!(
+            "{quorum} of {} witnesses (only {count})",
+            witnesses.len()
+        )));
     }
     Ok(count)
 }
@@ -312,7 +388,10 @@ mod tests {
     use super::*;
 
     fn examples() -> serde_json::Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/c2sp-examples.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/testdata/c2sp-examples.json"
+        );
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 
@@ -322,26 +401,48 @@ mod tests {
         let verifier = NoteVerifier::parse(ex["verifier_key"].as_str().unwrap()).unwrap();
         assert_eq!(verifier.to_string(), ex["verifier_key"].as_str().unwrap());
         let note = ex["note"].as_str().unwrap();
-        assert_eq!(verify_note(note, &verifier).unwrap(), "This is an example message.\n");
+        assert_eq!(
+            verify_note(note, &verifier).unwrap(),
+            "This is an example message.\n"
+        );
         let tampered = note.replace("example message", "exemplary message");
-        assert_eq!(verify_note(&tampered, &verifier), Err(NoteError::BadSignature("example.com/foo".into())));
+        assert_eq!(
+            verify_note(&tampered, &verifier),
+            Err(NoteError::BadSignature("example.com/foo".into()))
+        );
     }
 
     #[test]
     fn c2sp_cosignature_example_parses() {
-        let note = examples()["tlog_cosignature_v1_example"]["checkpoint"].as_str().unwrap().to_owned();
+        let note = examples()["tlog_cosignature_v1_example"]["checkpoint"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let (text, lines) = split(&note).unwrap();
         let cp = Checkpoint::parse(text).unwrap();
-        assert_eq!((cp.origin.as_str(), cp.size), ("example.com/behind-the-sofa", 20852163));
-        let witness = lines.iter().find(|l| l.name == "witness.example.com/w1").unwrap();
+        assert_eq!(
+            (cp.origin.as_str(), cp.size),
+            ("example.com/behind-the-sofa", 20852163)
+        );
+        let witness = lines
+            .iter()
+            .find(|l| l.name == "witness.example.com/w1")
+            .unwrap();
         assert_eq!(witness.signature.len(), 72);
-        assert_eq!(u64::from_be_bytes(witness.signature[..8].try_into().unwrap()), 1679315147);
+        assert_eq!(
+            u64::from_be_bytes(witness.signature[..8].try_into().unwrap()),
+            1679315147
+        );
     }
 
     fn fixture() -> (SigningKey, NoteVerifier, Checkpoint) {
         let key = SigningKey::from_seed(&[7; 32]).unwrap();
         let verifier = NoteVerifier::new("corridor.network/demo/log/a", key.verifying_key());
-        let cp = Checkpoint { origin: verifier.name().into(), size: 42, root: [9; 32] };
+        let cp = Checkpoint {
+            origin: verifier.name().into(),
+            size: 42,
+            root: [9; 32],
+        };
         (key, verifier, cp)
     }
 
@@ -351,15 +452,28 @@ mod tests {
         let note = sign(&cp, &verifier, &key);
         assert_eq!(open(&note, &verifier).unwrap(), cp);
         assert!(NoteVerifier::parse(&verifier.to_string()).is_ok());
-        for (from, to) in [("\n42\n", "\n43\n"), ("corridor.network", "corridor.networks")] {
-            assert!(open(&note.replacen(from, to, 1), &verifier).is_err(), "{from}");
+        for (from, to) in [
+            ("\n42\n", "\n43\n"),
+            ("corridor.network", "corridor.networks"),
+        ] {
+            assert!(
+                open(&note.replacen(from, to, 1), &verifier).is_err(),
+                "{from}"
+            );
         }
         let mut other = cp.clone();
         other.root[0] ^= 1;
-        let forged = sign_note(&other.body(), &verifier, &SigningKey::from_seed(&[8; 32]).unwrap());
+        let forged = sign_note(
+            &other.body(),
+            &verifier,
+            &SigningKey::from_seed(&[8; 32]).unwrap(),
+        );
         assert!(open(&forged, &verifier).is_err());
         let stranger = NoteVerifier::new("someone.else", key.verifying_key());
-        assert!(matches!(open(&note, &stranger), Err(NoteError::NotSigned(_))));
+        assert!(matches!(
+            open(&note, &stranger),
+            Err(NoteError::NotSigned(_))
+        ));
     }
 
     #[test]
@@ -383,7 +497,10 @@ mod tests {
         assert!(w.verify_line(&other_note, &line).is_err());
         let mut blob = B64.decode(line.rsplit_once(' ').unwrap().1).unwrap();
         blob[11] ^= 1;
-        let bad = format!("\u{2014} corridor.network/demo/witness/b {}", B64.encode(blob));
+        let bad = format!(
+            "\u{2014} corridor.network/demo/witness/b {}",
+            B64.encode(blob)
+        );
         assert!(w.verify_line(&note, &bad).is_err());
         // A note signature (type 0x01) by the same key is not a cosignature (type 0x04).
         let as_note = NoteVerifier::new("corridor.network/demo/witness/b", wkey.verifying_key());
@@ -393,13 +510,24 @@ mod tests {
     #[test]
     fn malformed_notes_are_errors() {
         let (_, verifier, _) = fixture();
-        for bad in ["", "text\n", "text\n\n", "text\n\n— x\n", "text\n\n- x AAAA\n", "text\n\n— x !!!\n", "t\0\n\n— x AAAAAAA=\n"] {
+        for bad in [
+            "",
+            "text\n",
+            "text\n\n",
+            "text\n\n— x\n",
+            "text\n\n- x AAAA\n",
+            "text\n\n— x !!!\n",
+            "t\0\n\n— x AAAAAAA=\n",
+        ] {
             assert!(verify_note(bad, &verifier).is_err(), "{bad:?}");
         }
         assert!(NoteVerifier::parse("a+b").is_err());
         assert!(NoteVerifier::parse("a+00000000+AQ==").is_err());
         assert!(Checkpoint::parse("o\n01\nAAAA\n").is_err());
         assert!(Checkpoint::parse("o\n1\nAAAA\n").is_err());
-        assert_eq!(verify_note(&"x".repeat(MAX_NOTE_LEN + 1), &verifier), Err(NoteError::TooLarge));
+        assert_eq!(
+            verify_note(&"x".repeat(MAX_NOTE_LEN + 1), &verifier),
+            Err(NoteError::TooLarge)
+        );
     }
 }

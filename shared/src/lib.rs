@@ -11,8 +11,8 @@
 pub mod at_rest;
 pub mod audit;
 pub mod canonical;
-pub mod checkpoint;
 pub mod caseref;
+pub mod checkpoint;
 pub mod consent;
 pub mod directory;
 pub mod envelope;

@@ -218,7 +218,12 @@ fn leaf_proof_index(lo: u64, hi: u64, n: u64, need: &mut Vec<u64>) {
     }
 }
 
-fn leaf_proof<'a>(lo: u64, hi: u64, n: u64, hashes: &'a [Hash]) -> Result<(Vec<Hash>, &'a [Hash]), MerkleError> {
+fn leaf_proof(
+    lo: u64,
+    hi: u64,
+    n: u64,
+    hashes: &[Hash],
+) -> Result<(Vec<Hash>, &[Hash]), MerkleError> {
     if lo + 1 == hi {
         return Ok((Vec::new(), hashes));
     }
@@ -237,7 +242,11 @@ fn leaf_proof<'a>(lo: u64, hi: u64, n: u64, hashes: &'a [Hash]) -> Result<(Vec<H
 }
 
 /// The inclusion proof of leaf `n` in the tree of size `t`.
-pub fn prove_record(t: u64, n: u64, reader: &(impl HashReader + ?Sized)) -> Result<Vec<Hash>, MerkleError> {
+pub fn prove_record(
+    t: u64,
+    n: u64,
+    reader: &(impl HashReader + ?Sized),
+) -> Result<Vec<Hash>, MerkleError> {
     if n >= t {
         return Err(MerkleError::IndexOutOfRange { index: n, size: t });
     }
@@ -271,7 +280,12 @@ fn tree_proof_index(lo: u64, hi: u64, n: u64, need: &mut Vec<u64>) {
     }
 }
 
-fn tree_proof<'a>(lo: u64, hi: u64, n: u64, hashes: &'a [Hash]) -> Result<(Vec<Hash>, &'a [Hash]), MerkleError> {
+fn tree_proof(
+    lo: u64,
+    hi: u64,
+    n: u64,
+    hashes: &[Hash],
+) -> Result<(Vec<Hash>, &[Hash]), MerkleError> {
     if n == hi {
         if lo == 0 {
             return Ok((Vec::new(), hashes));
@@ -294,7 +308,11 @@ fn tree_proof<'a>(lo: u64, hi: u64, n: u64, hashes: &'a [Hash]) -> Result<(Vec<H
 }
 
 /// The consistency proof from the tree of size `n` to the tree of size `t` (0 < n ≤ t).
-pub fn prove_tree(t: u64, n: u64, reader: &(impl HashReader + ?Sized)) -> Result<Vec<Hash>, MerkleError> {
+pub fn prove_tree(
+    t: u64,
+    n: u64,
+    reader: &(impl HashReader + ?Sized),
+) -> Result<Vec<Hash>, MerkleError> {
     if n == 0 {
         return Err(MerkleError::FromEmptyTree);
     }
@@ -316,7 +334,13 @@ pub fn prove_tree(t: u64, n: u64, reader: &(impl HashReader + ?Sized)) -> Result
 
 /// RFC 9162 section 2.1.3.2: verifies that `leaf` is at `index` in the tree of `size`
 /// with root `root`.
-pub fn verify_inclusion(index: u64, size: u64, leaf: &[u8], proof: &[Hash], root: &[u8]) -> Result<(), MerkleError> {
+pub fn verify_inclusion(
+    index: u64,
+    size: u64,
+    leaf: &[u8],
+    proof: &[Hash],
+    root: &[u8],
+) -> Result<(), MerkleError> {
     let leaf = Hash::try_from(leaf).map_err(|_| MerkleError::MalformedHash)?;
     let root = Hash::try_from(root).map_err(|_| MerkleError::MalformedHash)?;
     if index >= size {
@@ -355,9 +379,18 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &[u8], proof: &[Hash], root
 /// of the tree of `size2` with `root2`. A proof from size 0 is refused (see the module
 /// documentation); equal sizes need an empty proof and equal roots (compared as given);
 /// otherwise roots must be 32-byte hashes.
-pub fn verify_consistency(size1: u64, size2: u64, proof: &[Hash], root1: &[u8], root2: &[u8]) -> Result<(), MerkleError> {
+pub fn verify_consistency(
+    size1: u64,
+    size2: u64,
+    proof: &[Hash],
+    root1: &[u8],
+    root2: &[u8],
+) -> Result<(), MerkleError> {
     if size2 < size1 {
-        return Err(MerkleError::SizesReversed { old: size1, new: size2 });
+        return Err(MerkleError::SizesReversed {
+            old: size1,
+            new: size2,
+        });
     }
     if size1 == 0 {
         return Err(MerkleError::FromEmptyTree);
@@ -366,7 +399,11 @@ pub fn verify_consistency(size1: u64, size2: u64, proof: &[Hash], root1: &[u8], 
         if !proof.is_empty() {
             return Err(MerkleError::WrongProofLength);
         }
-        return if root1 == root2 { Ok(()) } else { Err(MerkleError::RootMismatch) };
+        return if root1 == root2 {
+            Ok(())
+        } else {
+            Err(MerkleError::RootMismatch)
+        };
     }
     let root1 = &Hash::try_from(root1).map_err(|_| MerkleError::MalformedHash)?;
     let root2 = &Hash::try_from(root2).map_err(|_| MerkleError::MalformedHash)?;
@@ -462,7 +499,9 @@ mod tests {
     }
 
     fn b64(v: &serde_json::Value) -> Vec<u8> {
-        v.as_str().map(|s| B64.decode(s).unwrap()).unwrap_or_default()
+        v.as_str()
+            .map(|s| B64.decode(s).unwrap())
+            .unwrap_or_default()
     }
 
     fn vectors(kind: &str) -> Vec<(PathBuf, serde_json::Value)> {
@@ -490,14 +529,29 @@ mod tests {
     #[test]
     fn reference_roots_for_sizes_0_to_8() {
         let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(testdata().join("reference-tree.json")).unwrap()).unwrap();
-        let inputs: Vec<Vec<u8>> = v["leaf_inputs_hex"].as_array().unwrap().iter().map(|h| hex::decode(h.as_str().unwrap()).unwrap()).collect();
-        let roots: Vec<String> = v["root_hash_hex_by_tree_size"].as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_owned()).collect();
+            serde_json::from_slice(&std::fs::read(testdata().join("reference-tree.json")).unwrap())
+                .unwrap();
+        let inputs: Vec<Vec<u8>> = v["leaf_inputs_hex"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| hex::decode(h.as_str().unwrap()).unwrap())
+            .collect();
+        let roots: Vec<String> = v["root_hash_hex_by_tree_size"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_owned())
+            .collect();
         let mut log = MemLog::default();
         for (size, expected) in roots.iter().enumerate() {
             let leaves: Vec<Hash> = inputs[..size].iter().map(|d| leaf_hash(d)).collect();
             assert_eq!(hex::encode(root(&leaves)), *expected, "size {size}");
-            assert_eq!(hex::encode(tree_hash(size as u64, &log).unwrap()), *expected, "stored, size {size}");
+            assert_eq!(
+                hex::encode(tree_hash(size as u64, &log).unwrap()),
+                *expected,
+                "stored, size {size}"
+            );
             if size < inputs.len() {
                 log.append(&inputs[size]);
             }
@@ -508,7 +562,10 @@ mod tests {
     fn inclusion_vectors() {
         let mut good = 0;
         for (path, v) in vectors("inclusion") {
-            let proof: Result<Vec<Hash>, _> = v["proof"].as_array().map(|a| a.iter().map(|h| as_hash(&b64(h))).collect()).unwrap_or(Ok(Vec::new()));
+            let proof: Result<Vec<Hash>, _> = v["proof"]
+                .as_array()
+                .map(|a| a.iter().map(|h| as_hash(&b64(h))).collect())
+                .unwrap_or(Ok(Vec::new()));
             let result = (|| {
                 let proof = proof?;
                 verify_inclusion(
@@ -530,7 +587,10 @@ mod tests {
     fn consistency_vectors() {
         let mut good = 0;
         for (path, v) in vectors("consistency") {
-            let proof: Result<Vec<Hash>, _> = v["proof"].as_array().map(|a| a.iter().map(|h| as_hash(&b64(h))).collect()).unwrap_or(Ok(Vec::new()));
+            let proof: Result<Vec<Hash>, _> = v["proof"]
+                .as_array()
+                .map(|a| a.iter().map(|h| as_hash(&b64(h))).collect())
+                .unwrap_or(Ok(Vec::new()));
             let result = (|| {
                 verify_consistency(
                     v["size1"].as_u64().ok_or(MerkleError::MalformedHash)?,

@@ -28,7 +28,10 @@ pub enum WitnessError {
     #[error("checkpoint of size {size} has a different root than the one already cosigned: a fork")]
     Fork { size: u64 },
     #[error("checkpoint is not consistent with the one cosigned at size {old}: {reason}")]
-    Inconsistent { old: u64, reason: crate::merkle::MerkleError },
+    Inconsistent {
+        old: u64,
+        reason: crate::merkle::MerkleError,
+    },
 }
 
 /// Decides whether to cosign `note` for the log `origin` signed by `log_key`.
@@ -52,18 +55,31 @@ pub fn add_checkpoint(
         return Err(WitnessError::Conflict { witness_size });
     }
     if checkpoint.size < old_size {
-        return Err(WitnessError::Shrinks { old: old_size, new: checkpoint.size });
+        return Err(WitnessError::Shrinks {
+            old: old_size,
+            new: checkpoint.size,
+        });
     }
     match stored {
         // The empty tree is a prefix of every tree.
         None => {}
-        Some(state) if state.size == checkpoint.size => {
-            if state.root != checkpoint.root {
-                return Err(WitnessError::Fork { size: checkpoint.size });
-            }
+        Some(state) if state.size == checkpoint.size && state.root != checkpoint.root => {
+            return Err(WitnessError::Fork {
+                size: checkpoint.size,
+            });
         }
-        Some(state) => merkle::verify_consistency(state.size, checkpoint.size, proof, &state.root, &checkpoint.root)
-            .map_err(|reason| WitnessError::Inconsistent { old: state.size, reason })?,
+        Some(state) if state.size == checkpoint.size => {}
+        Some(state) => merkle::verify_consistency(
+            state.size,
+            checkpoint.size,
+            proof,
+            &state.root,
+            &checkpoint.root,
+        )
+        .map_err(|reason| WitnessError::Inconsistent {
+            old: state.size,
+            reason,
+        })?,
     }
     Ok(checkpoint)
 }
@@ -82,7 +98,15 @@ mod tests {
 
     fn note(key: &SigningKey, size: u64, root: Hash) -> String {
         let v = NoteVerifier::new(ORIGIN, key.verifying_key());
-        checkpoint::sign(&Checkpoint { origin: ORIGIN.into(), size, root }, &v, key)
+        checkpoint::sign(
+            &Checkpoint {
+                origin: ORIGIN.into(),
+                size,
+                root,
+            },
+            &v,
+            key,
+        )
     }
 
     /// A consistency proof computed from scratch (RFC 9162 2.1.4.1) for the tests.
@@ -113,11 +137,16 @@ mod tests {
         let log = NoteVerifier::new(ORIGIN, key.verifying_key());
         let l = leaves(10);
         // First checkpoint: nothing stored, old size 0.
-        let first = add_checkpoint(ORIGIN, &log, None, 0, &[], &note(&key, 4, root(&l[..4]))).unwrap();
-        let state = WitnessState { size: first.size, root: first.root };
+        let first =
+            add_checkpoint(ORIGIN, &log, None, 0, &[], &note(&key, 4, root(&l[..4]))).unwrap();
+        let state = WitnessState {
+            size: first.size,
+            root: first.root,
+        };
         // Consistent growth.
         let p = proof(4, &l);
-        let next = add_checkpoint(ORIGIN, &log, Some(&state), 4, &p, &note(&key, 10, root(&l))).unwrap();
+        let next =
+            add_checkpoint(ORIGIN, &log, Some(&state), 4, &p, &note(&key, 10, root(&l))).unwrap();
         assert_eq!(next.size, 10);
         // Wrong old size: conflict, telling the witness's size.
         assert_eq!(
@@ -128,27 +157,62 @@ mod tests {
         let mut forked = l.clone();
         forked[1] = leaf_hash(b"rewritten");
         assert!(matches!(
-            add_checkpoint(ORIGIN, &log, Some(&state), 4, &proof(4, &forked), &note(&key, 10, root(&forked))),
+            add_checkpoint(
+                ORIGIN,
+                &log,
+                Some(&state),
+                4,
+                &proof(4, &forked),
+                &note(&key, 10, root(&forked))
+            ),
             Err(WitnessError::Inconsistent { .. })
         ));
         // Same size, other root.
         assert_eq!(
-            add_checkpoint(ORIGIN, &log, Some(&state), 4, &[], &note(&key, 4, root(&forked[..4]))),
+            add_checkpoint(
+                ORIGIN,
+                &log,
+                Some(&state),
+                4,
+                &[],
+                &note(&key, 4, root(&forked[..4]))
+            ),
             Err(WitnessError::Fork { size: 4 })
         );
         // Smaller than what was cosigned.
         assert!(matches!(
-            add_checkpoint(ORIGIN, &log, Some(&state), 4, &[], &note(&key, 3, root(&l[..3]))),
+            add_checkpoint(
+                ORIGIN,
+                &log,
+                Some(&state),
+                4,
+                &[],
+                &note(&key, 3, root(&l[..3]))
+            ),
             Err(WitnessError::Shrinks { .. })
         ));
         // Signed by someone else, or for another origin.
         let other = SigningKey::from_seed(&[2; 32]).unwrap();
         assert!(matches!(
-            add_checkpoint(ORIGIN, &log, Some(&state), 4, &p, &note(&other, 10, root(&l))),
+            add_checkpoint(
+                ORIGIN,
+                &log,
+                Some(&state),
+                4,
+                &p,
+                &note(&other, 10, root(&l))
+            ),
             Err(WitnessError::BadSignature(_))
         ));
         assert!(matches!(
-            add_checkpoint("corridor.network/demo/log/b", &log, Some(&state), 4, &p, &note(&key, 10, root(&l))),
+            add_checkpoint(
+                "corridor.network/demo/log/b",
+                &log,
+                Some(&state),
+                4,
+                &p,
+                &note(&key, 10, root(&l))
+            ),
             Err(WitnessError::BadSignature(_))
         ));
     }

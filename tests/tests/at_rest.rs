@@ -36,6 +36,51 @@ fn assert_no_markers(fed: &Federation, markers: &[String], when: &str) {
     }
 }
 
+/// Exports every node's audit log as the auditor would, and scans the exports.
+fn assert_no_markers_in_exports(fed: &Federation, markers: &[String], when: &str) {
+    for org in [SHELTER_MY, SHELTER_KH, EMBASSY, NGO_TH] {
+        let out = fed
+            .dir
+            .join(format!("{org}-{}.export.json", when.replace(' ', "-")));
+        let status = std::process::Command::new(binary("corridor"))
+            .arg("audit")
+            .arg("--identity")
+            .arg(fed.org("auditor-demo").dir.as_os_str())
+            .arg("--state")
+            .arg(fed.dir.join("auditor"))
+            .args(["export", org, "--out"])
+            .arg(&out)
+            .output()
+            .expect("run corridor audit export");
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let bytes = std::fs::read(&out).expect("export");
+        // Entries are base64 in the export: check the decoded entries too.
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("export json");
+        let mut decoded = Vec::new();
+        for e in json["entries"].as_array().expect("entries") {
+            use base64::Engine as _;
+            decoded.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(e.as_str().unwrap())
+                    .unwrap(),
+            );
+        }
+        assert!(json["entries"].as_array().is_some_and(|e| !e.is_empty()));
+        for m in markers {
+            for haystack in [&bytes, &decoded] {
+                assert!(
+                    !haystack.windows(m.len()).any(|w| w == m.as_bytes()),
+                    "{when}: marker {m} found in the exported log of {org}"
+                );
+            }
+        }
+    }
+}
+
 async fn count(db: &Path, sql: &str) -> i64 {
     use sqlx::Row as _;
     let options = sqlx::sqlite::SqliteConnectOptions::new()
@@ -148,6 +193,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
     assert_eq!(refs.len(), 3, "recipients got linkable case references");
 
     assert_no_markers(&fed, &markers, "before purge");
+    assert_no_markers_in_exports(&fed, &markers, "before purge");
 
     s.withdraw_consent(pb::ConsentRequest {
         consent_id: consent_id.clone(),
@@ -170,6 +216,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_no_markers(&fed, &markers, "after purge");
+    assert_no_markers_in_exports(&fed, &markers, "after purge");
 
     // After the purge nothing can be decrypted: the ciphertext is gone and so is every
     // data key it was encrypted under.

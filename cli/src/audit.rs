@@ -1,0 +1,694 @@
+//! `corridor audit`: verifying nodes' audit logs without seeing personal data, with the
+//! same `corridor` library code the nodes use.
+//!
+//! The auditor connects to a node's federation listener over mutual TLS with the
+//! certificate of an org that has the auditor (or witness) role, checks the node's signed
+//! checkpoint and its witnesses' cosignatures against a k-of-n policy, rebuilds the tree
+//! from the entries, and keeps what it verified (checkpoints and leaf hashes) in a local
+//! state directory, so that any later rewrite of history is caught and located.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Subcommand};
+use corridor::checkpoint::{self, Checkpoint, CosignatureVerifier, NoteVerifier};
+use corridor::merkle::{self, Hash};
+use corridor::{Directory, OrgId, Role};
+use corridor_proto::v1 as pb;
+use corridor_proto::v1::audit_client::AuditClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::commands::Output;
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Directory with the auditor org's tls.pem and tls.key (an org with the auditor or
+    /// witness role).
+    #[arg(long, env = "CORRIDOR_AUDIT_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// Federation CA certificate (default: ../ca.pem next to the identity).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Federation directory (default: ../directory.toml next to the identity).
+    #[arg(long)]
+    pub directory: Option<PathBuf>,
+    /// Where the auditor keeps what it verified.
+    #[arg(long, env = "CORRIDOR_AUDIT_STATE", default_value = ".corridor-audit")]
+    pub state: PathBuf,
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Policy {
+    /// A witness whose cosignature counts (repeat; default: every other member with the
+    /// witness role).
+    #[arg(long = "witness")]
+    pub witnesses: Vec<String>,
+    /// How many of the witnesses must have cosigned (default: a majority).
+    #[arg(long)]
+    pub quorum: Option<usize>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Fetch a node's latest checkpoint and check its signature and cosignatures.
+    Checkpoint {
+        org: String,
+        #[command(flatten)]
+        policy: Policy,
+    },
+    /// Rebuild a node's tree from its entries, check it against its checkpoint and
+    /// against every checkpoint verified before, and remember what was verified.
+    Verify {
+        org: String,
+        #[command(flatten)]
+        policy: Policy,
+    },
+    /// Write a node's checkpoint and entries to a file for offline verification.
+    Export {
+        org: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify an exported log offline.
+    VerifyExport { file: PathBuf },
+    /// Check that every referral each node says it delivered to the other is in the
+    /// other's log, where its signed receipt says.
+    CrossCheck { a: String, b: String },
+    /// Write an offline proof (c2sp.org/tlog-proof) that entry N is in a node's log.
+    Prove {
+        org: String,
+        #[arg(long)]
+        index: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// The auditor's view of the federation and its connection material.
+struct Auditor {
+    directory: Directory,
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    state: PathBuf,
+    output: Output,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn progress(output: Output, done: u64, total: u64) {
+    if output == Output::Text && std::io::stderr().is_terminal() {
+        eprint!("\r  {done}/{total} entries");
+        if done == total {
+            eprintln!();
+        }
+    }
+}
+
+/// A checkpoint the auditor verified, as kept in its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pinned {
+    size: u64,
+    root: String,
+    note: String,
+    verified_at_ms: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    checkpoints: Vec<Pinned>,
+    /// Hex leaf hashes verified so far, by index.
+    leaves: Vec<String>,
+}
+
+/// A log as fetched: its verified checkpoint and its entries.
+struct Fetched {
+    checkpoint: Checkpoint,
+    note: String,
+    verifier: NoteVerifier,
+    entries: Vec<Vec<u8>>,
+}
+
+impl Auditor {
+    fn new(args: &AuditArgs, output: Output) -> Result<Self, String> {
+        let identity = args
+            .identity
+            .clone()
+            .ok_or("no auditor identity: pass --identity DIR or set CORRIDOR_AUDIT_IDENTITY")?;
+        let parent = identity.parent().unwrap_or(Path::new(".")).to_owned();
+        let ca = read(&args.ca.clone().unwrap_or_else(|| parent.join("ca.pem")))?;
+        let dir_path = args
+            .directory
+            .clone()
+            .unwrap_or_else(|| parent.join("directory.toml"));
+        let directory = Directory::from_toml(&String::from_utf8_lossy(&read(&dir_path)?))
+            .map_err(|e| format!("{}: {e}", dir_path.display()))?;
+        Ok(Self {
+            directory,
+            ca,
+            cert: read(&identity.join("tls.pem"))?,
+            key: read(&identity.join("tls.key"))?,
+            state: args.state.clone(),
+            output,
+        })
+    }
+
+    fn member(&self, org: &str) -> Result<&corridor::Member, String> {
+        let id = OrgId::new(org).map_err(|e| format!("{org:?}: {e}"))?;
+        self.directory
+            .get(&id)
+            .ok_or_else(|| format!("{org} is not a member of the federation"))
+    }
+
+    async fn client(&self, org: &str) -> Result<AuditClient<Channel>, String> {
+        let member = self.member(org)?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key));
+        let channel = Endpoint::from_shared(member.endpoint.clone())
+            .map_err(|e| format!("endpoint of {org}: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {org} at {}: {e}", member.endpoint))?;
+        Ok(AuditClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    fn log_verifier(&self, org: &str) -> Result<NoteVerifier, String> {
+        let member = self.member(org)?;
+        Ok(NoteVerifier::new(
+            &corridor::audit::origin(&self.directory.federation, &member.id),
+            member.signing_key,
+        ))
+    }
+
+    fn witnesses(
+        &self,
+        org: &str,
+        policy: &Policy,
+    ) -> Result<(Vec<CosignatureVerifier>, usize), String> {
+        let ids: Vec<OrgId> = if policy.witnesses.is_empty() {
+            self.directory
+                .members()
+                .filter(|m| m.has_role(Role::Witness) && m.id.as_str() != org)
+                .map(|m| m.id.clone())
+                .collect()
+        } else {
+            policy
+                .witnesses
+                .iter()
+                .map(|w| OrgId::new(w).map_err(|e| format!("{w:?}: {e}")))
+                .collect::<Result<_, _>>()?
+        };
+        let verifiers = ids
+            .iter()
+            .map(|id| {
+                let m = self.member(id.as_str())?;
+                Ok(CosignatureVerifier::new(
+                    &corridor::audit::witness_name(&self.directory.federation, id),
+                    m.signing_key,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let quorum = policy.quorum.unwrap_or(verifiers.len() / 2 + 1);
+        Ok((verifiers, quorum))
+    }
+
+    /// Fetches and verifies a node's checkpoint signature; returns it with its note.
+    async fn checkpoint(
+        &self,
+        client: &mut AuditClient<Channel>,
+        org: &str,
+    ) -> Result<(Checkpoint, String, NoteVerifier), String> {
+        let response = client
+            .get_checkpoint(pb::GetCheckpointRequest {})
+            .await
+            .map_err(|s| format!("{org}: {}", s.message()))?
+            .into_inner();
+        let verifier = self.log_verifier(org)?;
+        let checkpoint = checkpoint::open(&response.note, &verifier).map_err(|e| {
+            format!("{org}'s checkpoint does not verify with its directory key: {e}")
+        })?;
+        Ok((checkpoint, response.note, verifier))
+    }
+
+    async fn fetch(&self, org: &str) -> Result<Fetched, String> {
+        let mut client = self.client(org).await?;
+        let (checkpoint, note, verifier) = self.checkpoint(&mut client, org).await?;
+        let mut entries = Vec::with_capacity(checkpoint.size as usize);
+        let mut start = 0;
+        while start < checkpoint.size {
+            let end = (start + 1000).min(checkpoint.size);
+            let mut page = client
+                .get_entries(pb::GetEntriesRequest { start, end })
+                .await
+                .map_err(|s| format!("{org}: {}", s.message()))?
+                .into_inner()
+                .entries;
+            let got = page.len() as u64;
+            entries.append(&mut page);
+            if got != end - start {
+                // The node could not produce every entry its checkpoint covers.
+                return Err(format!(
+                    "{org}'s log is missing entries: asked for {start}..{end}, got {got}; entry {} is missing",
+                    start + got
+                ));
+            }
+            start = end;
+            progress(self.output, start, checkpoint.size);
+        }
+        Ok(Fetched {
+            checkpoint,
+            note,
+            verifier,
+            entries,
+        })
+    }
+
+    fn state_path(&self, org: &str) -> PathBuf {
+        self.state.join(format!("{org}.json"))
+    }
+
+    fn load_state(&self, org: &str) -> Result<State, String> {
+        let path = self.state_path(org);
+        if !path.exists() {
+            return Ok(State::default());
+        }
+        serde_json::from_slice(&read(&path)?).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn save_state(&self, org: &str, state: &State) -> Result<(), String> {
+        std::fs::create_dir_all(&self.state)
+            .map_err(|e| format!("{}: {e}", self.state.display()))?;
+        let path = self.state_path(org);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(state).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn cosigned(note: &str, verifiers: &[CosignatureVerifier]) -> Vec<String> {
+    verifiers
+        .iter()
+        .filter(|v| v.verify_note(note).is_ok())
+        .map(|v| v.name().to_owned())
+        .collect()
+}
+
+fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, String> {
+    proof
+        .iter()
+        .map(|h| {
+            <Hash>::try_from(h.as_slice()).map_err(|_| "proof hash is not 32 bytes".to_string())
+        })
+        .collect()
+}
+
+pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
+    let auditor = Auditor::new(&args, output)?;
+    match args.command {
+        AuditCommand::Checkpoint { org, policy } => {
+            let mut client = auditor.client(&org).await?;
+            let (cp, note, _) = auditor.checkpoint(&mut client, &org).await?;
+            let (verifiers, quorum) = auditor.witnesses(&org, &policy)?;
+            let names = cosigned(&note, &verifiers);
+            let ok = names.len() >= quorum;
+            emit(
+                output,
+                json!({
+                    "org": org, "origin": cp.origin, "size": cp.size, "root": B64.encode(cp.root),
+                    "cosigned_by": names, "quorum": quorum, "witnesses": verifiers.len(), "ok": ok,
+                }),
+                || {
+                    format!(
+                        "{org}: checkpoint of size {} signed by the log (verified); cosigned by {} of {} witnesses ({}), quorum {quorum}: {}",
+                        cp.size,
+                        names.len(),
+                        verifiers.len(),
+                        names.join(", "),
+                        if ok { "MET" } else { "NOT MET" }
+                    )
+                },
+            );
+            if !ok {
+                return Err(format!(
+                    "{org}: only {} of the required {quorum} witnesses cosigned its checkpoint",
+                    names.len()
+                ));
+            }
+            Ok(())
+        }
+        AuditCommand::Verify { org, policy } => verify(&auditor, &org, &policy).await,
+        AuditCommand::Export { org, out } => {
+            let fetched = auditor.fetch(&org).await?;
+            let file = json!({
+                "format": "corridor-audit-export/v1",
+                "org": org,
+                "origin": fetched.checkpoint.origin,
+                "verifier_key": fetched.verifier.to_string(),
+                "checkpoint": fetched.note,
+                "entries": fetched.entries.iter().map(|e| B64.encode(e)).collect::<Vec<_>>(),
+            });
+            std::fs::write(
+                &out,
+                serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            emit(
+                output,
+                json!({"org": org, "entries": fetched.entries.len(), "out": out}),
+                || {
+                    format!(
+                        "exported {} entries of {org} to {}",
+                        fetched.entries.len(),
+                        out.display()
+                    )
+                },
+            );
+            Ok(())
+        }
+        AuditCommand::VerifyExport { file } => verify_export(&auditor, &file),
+        AuditCommand::CrossCheck { a, b } => cross_check(&auditor, &a, &b).await,
+        AuditCommand::Prove { org, index, out } => {
+            let mut client = auditor.client(&org).await?;
+            let (cp, note, _) = auditor.checkpoint(&mut client, &org).await?;
+            if index >= cp.size {
+                return Err(format!(
+                    "{org}'s checkpoint covers entries 0..{}; {index} is not among them",
+                    cp.size
+                ));
+            }
+            let proof = client
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    tree_size: cp.size,
+                    index,
+                    leaf_hash: Vec::new(),
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            let entry = client
+                .get_entries(pb::GetEntriesRequest {
+                    start: index,
+                    end: index + 1,
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner()
+                .entries
+                .pop()
+                .ok_or("entry missing")?;
+            let proof_hashes = hashes(&proof.proof)?;
+            merkle::verify_inclusion(
+                index,
+                cp.size,
+                &merkle::leaf_hash(&entry),
+                &proof_hashes,
+                &cp.root,
+            )
+            .map_err(|e| format!("the node's proof does not verify: {e}"))?;
+            let mut text = format!(
+                "c2sp.org/tlog-proof@v1\nextra {}\nindex {index}\n",
+                B64.encode(&entry)
+            );
+            for h in &proof_hashes {
+                text.push_str(&B64.encode(h));
+                text.push('\n');
+            }
+            text.push('\n');
+            text.push_str(&note);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &text)
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    emit(
+                        output,
+                        json!({"org": org, "index": index, "out": path}),
+                        || {
+                            format!(
+                                "proof that entry {index} is in {org}'s log (size {}) written to {}",
+                                cp.size,
+                                path.display()
+                            )
+                        },
+                    );
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn emit(output: Output, value: serde_json::Value, text: impl FnOnce() -> String) {
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => println!("{}", text()),
+    }
+}
+
+async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let fetched = auditor.fetch(org).await?;
+    let cp = &fetched.checkpoint;
+    let mut state = auditor.load_state(org)?;
+    let leaves: Vec<Hash> = fetched
+        .entries
+        .iter()
+        .map(|e| merkle::leaf_hash(e))
+        .collect();
+
+    // What was verified before must still be there, unchanged and in place.
+    for (i, old) in state.leaves.iter().enumerate() {
+        match leaves.get(i) {
+            None => {
+                return Err(format!(
+                    "{org}'s log shrank: entry {i} (and every later one) verified before is gone"
+                ));
+            }
+            Some(leaf) if hex::encode(leaf) != *old => {
+                return Err(format!(
+                    "{org}'s log was rewritten: entry {i} differs from the entry verified before"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    // The entries must hash to the signed root.
+    if merkle::root(&leaves) != cp.root {
+        let mut client = auditor.client(org).await?;
+        for (i, leaf) in leaves.iter().enumerate().skip(state.leaves.len()) {
+            let proof = client
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    tree_size: cp.size,
+                    index: i as u64,
+                    leaf_hash: Vec::new(),
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            if merkle::verify_inclusion(i as u64, cp.size, leaf, &hashes(&proof.proof)?, &cp.root)
+                .is_err()
+            {
+                return Err(format!(
+                    "{org}'s entry {i} does not match its signed checkpoint of size {} (changed, deleted or reordered)",
+                    cp.size
+                ));
+            }
+        }
+        return Err(format!(
+            "{org}'s entries do not hash to its signed checkpoint of size {}",
+            cp.size
+        ));
+    }
+    // Every checkpoint verified before must be consistent with this one.
+    let mut client = auditor.client(org).await?;
+    for pinned in &state.checkpoints {
+        let root: Hash = B64
+            .decode(&pinned.root)
+            .ok()
+            .and_then(|r| r.try_into().ok())
+            .ok_or("auditor state is corrupt")?;
+        if pinned.size > cp.size {
+            return Err(format!(
+                "{org} now shows a tree of size {} but earlier signed one of size {}: a fork",
+                cp.size, pinned.size
+            ));
+        }
+        let proof = client
+            .get_consistency_proof(pb::GetConsistencyProofRequest {
+                old_size: pinned.size,
+                new_size: cp.size,
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        merkle::verify_consistency(pinned.size, cp.size, &hashes(&proof.proof)?, &root, &cp.root).map_err(|e| {
+            format!("{org}'s checkpoint of size {} is not consistent with its earlier checkpoint of size {}: {e}", cp.size, pinned.size)
+        })?;
+    }
+    let (verifiers, quorum) = auditor.witnesses(org, policy)?;
+    let names = cosigned(&fetched.note, &verifiers);
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    for e in &fetched.entries {
+        let entry = corridor::audit::decode(e)
+            .map_err(|err| format!("{org}: an entry is malformed: {err}"))?;
+        *kinds.entry(entry.kind).or_default() += 1;
+    }
+    state.leaves = leaves.iter().map(hex::encode).collect();
+    if state.checkpoints.last().is_none_or(|p| p.size != cp.size) {
+        state.checkpoints.push(Pinned {
+            size: cp.size,
+            root: B64.encode(cp.root),
+            note: fetched.note.clone(),
+            verified_at_ms: corridor_node::node::now_ms(),
+        });
+    }
+    auditor.save_state(org, &state)?;
+    let secs = started.elapsed().as_secs_f64();
+    emit(
+        auditor.output,
+        json!({
+            "org": org, "size": cp.size, "ok": true, "cosigned_by": names, "quorum": quorum,
+            "entries_by_kind": kinds, "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
+        }),
+        || {
+            let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            format!(
+                "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; cosigned by {} of {} witnesses; {}",
+                cp.size,
+                state.checkpoints.len().saturating_sub(1),
+                names.len(),
+                verifiers.len(),
+                kinds.join(", ")
+            )
+        },
+    );
+    Ok(())
+}
+
+fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Export {
+        format: String,
+        org: String,
+        checkpoint: String,
+        entries: Vec<String>,
+    }
+    let export: Export =
+        serde_json::from_slice(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
+    if export.format != "corridor-audit-export/v1" {
+        return Err(format!("{} is not a corridor audit export", file.display()));
+    }
+    let started = std::time::Instant::now();
+    // Trust the key the directory lists, not the one in the file.
+    let verifier = auditor.log_verifier(&export.org)?;
+    let cp = checkpoint::open(&export.checkpoint, &verifier)
+        .map_err(|e| format!("the exported checkpoint does not verify: {e}"))?;
+    let entries = export
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            B64.decode(e)
+                .map_err(|_| format!("entry {i} is not base64"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if entries.len() as u64 != cp.size {
+        return Err(format!(
+            "the export holds {} entries but its checkpoint covers {}",
+            entries.len(),
+            cp.size
+        ));
+    }
+    let leaves: Vec<Hash> = entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+    if merkle::root(&leaves) != cp.root {
+        return Err("the exported entries do not hash to the exported checkpoint".into());
+    }
+    for (i, e) in entries.iter().enumerate() {
+        corridor::audit::decode(e).map_err(|err| format!("entry {i} is malformed: {err}"))?;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    emit(
+        auditor.output,
+        json!({"org": export.org, "size": cp.size, "ok": true, "entries_per_second": cp.size as f64 / secs}),
+        || {
+            format!(
+                "{}: exported log of {} entries verified offline against its signed checkpoint",
+                export.org, cp.size
+            )
+        },
+    );
+    Ok(())
+}
+
+async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> {
+    let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
+    let mut problems = Vec::new();
+    let mut checked = 0u64;
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let (sender, sender_log) = &logs[from];
+        let (recipient, recipient_log) = &logs[to];
+        for e in &sender_log.entries {
+            let entry = corridor::audit::decode(e).map_err(|err| format!("{sender}: {err}"))?;
+            if entry.kind != "referral-delivered" || entry.get("recipient") != Some(recipient) {
+                continue;
+            }
+            checked += 1;
+            let message = entry.get("message_id").unwrap_or_default().to_owned();
+            let index: u64 = entry
+                .get("recipient_log_index")
+                .and_then(|i| i.parse().ok())
+                .ok_or("malformed delivered entry")?;
+            let leaf = entry
+                .get("recipient_leaf_hash")
+                .and_then(|h| hex::decode(h).ok())
+                .unwrap_or_default();
+            let found = recipient_log.entries.get(index as usize);
+            let ok = index < recipient_log.checkpoint.size
+                && found.is_some_and(|f| merkle::leaf_hash(f).as_slice() == leaf.as_slice())
+                && found
+                    .and_then(|f| corridor::audit::decode(f).ok())
+                    .is_some_and(|r| {
+                        r.get("message_id") == Some(message.as_str())
+                            && r.get("sender") == Some(sender)
+                    });
+            if !ok {
+                problems.push(format!(
+                    "{sender} holds {recipient}'s receipt for {message} naming {recipient}'s entry {index}, but that entry is missing from {recipient}'s log"
+                ));
+            }
+        }
+    }
+    emit(
+        auditor.output,
+        json!({"a": a, "b": b, "receipts_checked": checked, "problems": problems}),
+        || {
+            if problems.is_empty() {
+                format!(
+                    "{a} <-> {b}: all {checked} receipts are backed by entries in the recipient's log"
+                )
+            } else {
+                problems.join("\n")
+            }
+        },
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cross-check of {a} and {b} found {} receipt(s) without a matching entry",
+            problems.len()
+        ))
+    }
+}

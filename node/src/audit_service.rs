@@ -1,0 +1,448 @@
+//! The audit log's network face: the `Audit` service (checkpoint, entries, proofs) for
+//! auditors and witnesses over mutual TLS and for the node's own admin on the local API;
+//! the `Witness` service (c2sp.org/tlog-witness add-checkpoint) for the logs this node
+//! witnesses; and the checkpointer task that signs new checkpoints and collects
+//! cosignatures from this node's witnesses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corridor::checkpoint::{self, Checkpoint, NoteVerifier};
+use corridor::merkle;
+use corridor::{OrgId, Role};
+use corridor_proto::v1 as pb;
+use corridor_proto::v1::audit_server::Audit;
+use corridor_proto::v1::witness_client::WitnessClient;
+use corridor_proto::v1::witness_server::Witness;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, now_ms};
+use crate::storage::StoreError;
+use crate::tls::PeerInfo;
+use crate::workflows::Failure;
+
+/// Most entries one GetEntries call returns.
+pub const MAX_ENTRIES_PER_CALL: u64 = 1000;
+
+/// This node's log origin: a schema-less URL naming the federation and the org.
+pub fn origin(node: &Node) -> String {
+    corridor::audit::origin(&node.directory.federation, &node.org)
+}
+
+fn storage(e: StoreError) -> Status {
+    match e {
+        // Say plainly where the log is broken: auditors need to know.
+        StoreError::MissingEntry(_) => Status::data_loss(e.to_string()),
+        e => Failure::from(e).into(),
+    }
+}
+
+/// Who may read the audit log: members with the auditor or witness role over mutual TLS,
+/// and the node's admins on the local API.
+async fn authorize<T>(node: &Node, request: &Request<T>) -> Result<(), Status> {
+    if let Some(peer) = request.extensions().get::<PeerInfo>() {
+        let member = node
+            .directory
+            .get(&peer.org)
+            .ok_or_else(|| Status::permission_denied("not a member"))?;
+        if member.has_role(Role::Auditor) || member.has_role(Role::Witness) {
+            return Ok(());
+        }
+        return Err(Status::permission_denied(format!(
+            "{} has neither the auditor nor the witness role",
+            peer.org
+        )));
+    }
+    let user = crate::auth::authenticate(&node.store, request).await?;
+    if user.role == "admin" {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(
+            "reading the audit log needs an admin token",
+        ))
+    }
+}
+
+pub struct AuditService {
+    pub node: Arc<Node>,
+}
+
+impl AuditService {
+    async fn checked_size(&self, size: u64) -> Result<u64, Status> {
+        let current = self.node.store.audit_extent().await.map_err(storage)?;
+        if size > current {
+            return Err(Status::out_of_range(format!(
+                "tree size {size} is larger than the log ({current} entries)"
+            )));
+        }
+        Ok(size)
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        authorize(&self.node, &request).await?;
+        let (size, _, note) = self
+            .node
+            .store
+            .latest_checkpoint()
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| Status::unavailable("no checkpoint signed yet"))?;
+        let mut note = note;
+        for line in self.node.store.cosignatures(size).await.map_err(storage)? {
+            note.push_str(&line);
+            note.push('\n');
+        }
+        Ok(Response::new(pb::CheckpointResponse {
+            note,
+            origin: origin(&self.node),
+            verifier_key: log_verifier(&self.node).to_string(),
+        }))
+    }
+
+    async fn get_entries(
+        &self,
+        request: Request<pb::GetEntriesRequest>,
+    ) -> Result<Response<pb::GetEntriesResponse>, Status> {
+        authorize(&self.node, &request).await?;
+        let r = request.get_ref();
+        if r.start >= r.end || r.end - r.start > MAX_ENTRIES_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "entries range must be non-empty and at most {MAX_ENTRIES_PER_CALL} long"
+            )));
+        }
+        self.checked_size(r.end).await?;
+        let entries = self
+            .node
+            .store
+            .audit_entries(r.start, r.end)
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(pb::GetEntriesResponse { entries }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::InclusionProofResponse>, Status> {
+        authorize(&self.node, &request).await?;
+        let r = request.get_ref();
+        let size = self.checked_size(r.tree_size).await?;
+        let index = if r.leaf_hash.is_empty() {
+            r.index
+        } else {
+            self.node
+                .store
+                .audit_index_of(&r.leaf_hash)
+                .await
+                .map_err(storage)?
+                .ok_or_else(|| Status::not_found("no entry with that leaf hash"))?
+        };
+        if index >= size {
+            return Err(Status::out_of_range(format!(
+                "index {index} is not in a tree of size {size}"
+            )));
+        }
+        let proof = self
+            .node
+            .store
+            .with_audit_hashes(|reader| merkle::prove_record(size, index, reader))
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(pb::InclusionProofResponse {
+            index,
+            tree_size: size,
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::ConsistencyProofResponse>, Status> {
+        authorize(&self.node, &request).await?;
+        let r = request.get_ref();
+        let new = self.checked_size(r.new_size).await?;
+        if r.old_size > new {
+            return Err(Status::invalid_argument("old size is larger than new size"));
+        }
+        let proof = self
+            .node
+            .store
+            .with_audit_hashes(|reader| merkle::prove_tree(new, r.old_size, reader))
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(pb::ConsistencyProofResponse {
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
+
+/// The C2SP verifier of this node's checkpoints.
+pub fn log_verifier(node: &Node) -> NoteVerifier {
+    NoteVerifier::new(&origin(node), node.signing_key.verifying_key())
+}
+
+/// The name under which `org` cosigns checkpoints as a witness.
+pub fn witness_name(node: &Node, org: &OrgId) -> String {
+    corridor::audit::witness_name(&node.directory.federation, org)
+}
+
+pub struct WitnessService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Witness for WitnessService {
+    async fn add_checkpoint(
+        &self,
+        request: Request<pb::AddCheckpointRequest>,
+    ) -> Result<Response<pb::AddCheckpointResponse>, Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| {
+                Status::unauthenticated("witnessing is only offered to members over mutual TLS")
+            })?;
+        let node = &self.node;
+        if !node.config.audit.witness_for.contains(&peer.org) {
+            return Err(Status::permission_denied(format!(
+                "this node does not witness {}",
+                peer.org
+            )));
+        }
+        let member = node
+            .directory
+            .get(&peer.org)
+            .ok_or_else(|| Status::permission_denied("not a member"))?;
+        let log_origin = corridor::audit::origin(&node.directory.federation, &peer.org);
+        let log_key = NoteVerifier::new(&log_origin, member.signing_key);
+        let r = request.into_inner();
+        let proof = r
+            .consistency_proof
+            .iter()
+            .map(|h| <[u8; 32]>::try_from(h.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Status::invalid_argument("consistency proof hashes must be 32 bytes"))?;
+        let stored = node.store.witnessed(&log_origin).await.map_err(storage)?;
+        let stored_state = stored
+            .as_ref()
+            .map(|(size, root)| {
+                <[u8; 32]>::try_from(root.as_slice())
+                    .map(|root| corridor::witness::WitnessState { size: *size, root })
+            })
+            .transpose()
+            .map_err(|_| Status::internal("stored witness state is corrupt"))?;
+        let decision = corridor::witness::add_checkpoint(
+            &log_origin,
+            &log_key,
+            stored_state.as_ref(),
+            r.old_size,
+            &proof,
+            &r.checkpoint,
+        );
+        let checkpoint = match decision {
+            Ok(checkpoint) => checkpoint,
+            Err(corridor::witness::WitnessError::Conflict { witness_size }) => {
+                return Ok(Response::new(pb::AddCheckpointResponse {
+                    result: Some(pb::add_checkpoint_response::Result::ConflictSize(
+                        witness_size,
+                    )),
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(log = %peer.org, error = %e, "refused to cosign a checkpoint");
+                return Err(Status::failed_precondition(format!(
+                    "checkpoint refused: {e}"
+                )));
+            }
+        };
+        let now = now_ms();
+        let advanced = node
+            .store
+            .advance_witnessed(
+                &log_origin,
+                stored.map(|(size, _)| size),
+                checkpoint.size,
+                &checkpoint.root,
+                now,
+            )
+            .await
+            .map_err(storage)?;
+        if !advanced {
+            let current = node
+                .store
+                .witnessed(&log_origin)
+                .await
+                .map_err(storage)?
+                .map(|(size, _)| size)
+                .unwrap_or(0);
+            return Ok(Response::new(pb::AddCheckpointResponse {
+                result: Some(pb::add_checkpoint_response::Result::ConflictSize(current)),
+            }));
+        }
+        let line = checkpoint::cosign(
+            &checkpoint,
+            &witness_name(node, &node.org),
+            &node.signing_key,
+            (now / 1000) as u64,
+        );
+        tracing::debug!(log = %peer.org, size = checkpoint.size, "cosigned checkpoint");
+        Ok(Response::new(pb::AddCheckpointResponse {
+            result: Some(pb::add_checkpoint_response::Result::Cosignature(line)),
+        }))
+    }
+}
+
+/// Signs a checkpoint for the current tree if it grew, refusing to sign one that is not
+/// consistent with the last checkpoint signed (which would mean the stored log changed).
+pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
+    let size = node.store.audit_size().await?;
+    let last = node.store.latest_checkpoint().await?;
+    if let Some((last_size, ref last_root, _)) = last
+        && last_size >= size
+    {
+        if last_size > size {
+            tracing::error!(
+                last_size,
+                size,
+                "the stored log is shorter than a signed checkpoint; not signing"
+            );
+        }
+        let _ = last_root;
+        return Ok(None);
+    }
+    if size == 0 {
+        return Ok(None);
+    }
+    let root = node
+        .store
+        .with_audit_hashes(|reader| merkle::tree_hash(size, reader))
+        .await?;
+    if let Some((last_size, last_root, _)) = &last {
+        let again = node
+            .store
+            .with_audit_hashes(|reader| merkle::tree_hash(*last_size, reader))
+            .await?;
+        if again.as_slice() != last_root.as_slice() {
+            tracing::error!(
+                last_size,
+                "the stored log no longer matches the last signed checkpoint; not signing"
+            );
+            return Err(StoreError::Corrupt(
+                "audit log diverged from its last checkpoint",
+            ));
+        }
+    }
+    let checkpoint = Checkpoint {
+        origin: origin(node),
+        size,
+        root,
+    };
+    let note = checkpoint::sign(&checkpoint, &log_verifier(node), &node.signing_key);
+    node.store
+        .store_checkpoint(size, &root, &note, now_ms())
+        .await?;
+    tracing::debug!(size, "checkpoint signed");
+    Ok(Some(size))
+}
+
+async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Result<(), String> {
+    let member = node
+        .directory
+        .get(witness)
+        .ok_or_else(|| format!("{witness} is not a member"))?;
+    let channel = crate::delivery::channel_to(node, witness).map_err(|e| e.to_string())?;
+    let mut client = WitnessClient::new(channel);
+    let mut old = node
+        .store
+        .witness_view(witness.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..2 {
+        let proof = if old == 0 || old >= size {
+            Vec::new()
+        } else {
+            node.store
+                .with_audit_hashes(|reader| merkle::prove_tree(size, old, reader))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let response = client
+            .add_checkpoint(pb::AddCheckpointRequest {
+                old_size: old,
+                consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
+                checkpoint: note.to_owned(),
+            })
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        match response.result {
+            Some(pb::add_checkpoint_response::Result::Cosignature(line)) => {
+                let verifier = checkpoint::CosignatureVerifier::new(
+                    &witness_name(node, witness),
+                    member.signing_key,
+                );
+                verifier
+                    .verify_line(note, &line)
+                    .map_err(|e| format!("cosignature does not verify: {e}"))?;
+                node.store
+                    .store_cosignature(size, witness.as_str(), &line)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            Some(pb::add_checkpoint_response::Result::ConflictSize(theirs)) => {
+                if theirs > size {
+                    return Err(format!("witness has size {theirs}, larger than our log"));
+                }
+                node.store
+                    .set_witness_view(witness.as_str(), theirs)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                old = theirs;
+            }
+            None => return Err("empty answer".into()),
+        }
+    }
+    Err("witness kept answering with a conflict".into())
+}
+
+/// Signs checkpoints as the log grows and collects cosignatures — asking again, each
+/// round, every witness that has not cosigned the latest checkpoint — until `stop`.
+pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(node.config.audit.checkpoint_interval_ms);
+    loop {
+        if let Err(error) = sign_checkpoint(&node).await {
+            tracing::error!(%error, "checkpoint not signed");
+        }
+        if let Ok(Some((size, _, note))) = node.store.latest_checkpoint().await {
+            for witness in &node.config.audit.witnesses {
+                let seen = node.store.witness_view(witness.as_str()).await.unwrap_or(0);
+                let cosigned = node
+                    .store
+                    .cosignatures(size)
+                    .await
+                    .map(|lines| !lines.is_empty() && seen >= size)
+                    .unwrap_or(false);
+                if cosigned {
+                    continue;
+                }
+                if let Err(reason) = ask_witness(&node, witness, size, &note).await {
+                    tracing::warn!(%witness, size, %reason, "no cosignature");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

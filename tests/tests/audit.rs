@@ -1,0 +1,455 @@
+//! The audit log, end to end: checkpoints stay consistent across crashes, tampering with
+//! a node's database is caught and located, a forked log loses its witnesses, and a
+//! receipt without its entry in the recipient's log is found.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use corridor_proto::v1 as pb;
+use corridor_tests::*;
+
+const AUDITOR: &str = "auditor-demo";
+
+fn audit(fed: &Federation, state: &Path, args: &[&str]) -> Output {
+    Command::new(binary("corridor"))
+        .arg("audit")
+        .arg("--identity")
+        .arg(fed.org(AUDITOR).dir.as_os_str())
+        .arg("--state")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run corridor audit")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn failed(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+async fn sql(node: &TestNode, statements: &[&str]) {
+    use sqlx::ConnectOptions as _;
+    let db = node.org.dir.join("data").join("corridor.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .expect("open database");
+    for s in statements {
+        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+}
+
+async fn scalar(node: &TestNode, query: &str) -> i64 {
+    use sqlx::{ConnectOptions as _, Row as _};
+    let db = node.org.dir.join("data").join("corridor.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open database");
+    sqlx::query(sqlx::AssertSqlSafe(query.to_string()))
+        .fetch_one(&mut conn)
+        .await
+        .expect("query")
+        .get(0)
+}
+
+/// Waits until the node has signed a checkpoint covering its whole log.
+async fn wait_checkpointed(node: &TestNode) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let size = scalar(node, "SELECT COUNT(*) FROM audit_entries").await;
+        let signed = scalar(node, "SELECT COALESCE(MAX(size), 0) FROM checkpoints").await;
+        if size > 0 && signed == size {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of size {size} (latest {signed})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `witnesses` cosignatures of the latest checkpoint are stored.
+async fn wait_cosigned(node: &TestNode, witnesses: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = scalar(
+            node,
+            "SELECT COUNT(*) FROM cosignatures WHERE size = (SELECT MAX(size) FROM checkpoints)",
+        )
+        .await;
+        if n >= witnesses {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {n} cosignatures");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn some_events(node: &TestNode, n: usize) {
+    let mut c = node.client().await;
+    for _ in 0..n {
+        case_with_consent(&mut c, SHELTER_KH, "reintegration").await;
+    }
+}
+
+#[tokio::test]
+async fn restarts_while_appending_never_sign_inconsistent_checkpoints() {
+    let fed = Federation::demo("audit-restart");
+    let state = fed.dir.join("auditor");
+    let kh = fed.start(SHELTER_KH);
+    let _embassy = fed.start(EMBASSY);
+    let mut my = fed.start(SHELTER_MY);
+    for round in 0..4 {
+        some_events(&my, 3).await;
+        if round % 2 == 0 {
+            wait_checkpointed(&my).await;
+        }
+        // A crash at any point: sometimes right after appending, before the checkpoint.
+        my.kill();
+        my.start();
+        some_events(&my, 2).await;
+        wait_checkpointed(&my).await;
+        // Each verification checks consistency with every checkpoint verified before.
+        ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    }
+    wait_cosigned(&my, 2).await;
+    let out = ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
+    assert!(out.contains("quorum 2: MET"), "{out}");
+    drop(kh);
+}
+
+#[tokio::test]
+async fn tampering_is_detected_and_located() {
+    let fed = Federation::demo("audit-tamper");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 3).await;
+    wait_checkpointed(&my).await;
+    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+
+    // An entry changed (one byte of it).
+    let original = entry_hex(&my, 2).await;
+    let mut changed = hex::decode(&original).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    sql(
+        &my,
+        &[&format!(
+            "UPDATE audit_entries SET entry = x'{}' WHERE idx = 2",
+            hex::encode(changed)
+        )],
+    )
+    .await;
+    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    assert!(err.contains("entry 2"), "{err}");
+    sql(
+        &my,
+        &[&format!(
+            "UPDATE audit_entries SET entry = x'{original}' WHERE idx = 2"
+        )],
+    )
+    .await;
+    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+
+    // Two entries swapped.
+    sql(
+        &my,
+        &[
+            "UPDATE audit_entries SET idx = -1 WHERE idx = 3",
+            "UPDATE audit_entries SET idx = 3 WHERE idx = 4",
+            "UPDATE audit_entries SET idx = 4 WHERE idx = -1",
+        ],
+    )
+    .await;
+    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    assert!(err.contains("entry 3"), "{err}");
+    sql(
+        &my,
+        &[
+            "UPDATE audit_entries SET idx = -1 WHERE idx = 3",
+            "UPDATE audit_entries SET idx = 3 WHERE idx = 4",
+            "UPDATE audit_entries SET idx = 4 WHERE idx = -1",
+        ],
+    )
+    .await;
+    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+
+    // An entry deleted.
+    sql(&my, &["DELETE FROM audit_entries WHERE idx = 1"]).await;
+    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    assert!(err.contains("entry 1"), "{err}");
+
+    // A fresh auditor without earlier state still locates a change against the signed
+    // checkpoint.
+    let fresh = fed.dir.join("fresh-auditor");
+    let third = entry_hex(&my, 3).await;
+    sql(
+        &my,
+        &[&format!(
+            "INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES (1, x'{third}', x'00')"
+        )],
+    )
+    .await;
+    let err = failed(&audit(&fed, &fresh, &["verify", SHELTER_MY]));
+    assert!(err.contains("entry 1 does not match"), "{err}");
+}
+
+async fn entry_hex(node: &TestNode, idx: i64) -> String {
+    use sqlx::{ConnectOptions as _, Row as _};
+    let db = node.org.dir.join("data").join("corridor.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open database");
+    sqlx::query("SELECT hex(entry) FROM audit_entries WHERE idx = $1")
+        .bind(idx)
+        .fetch_one(&mut conn)
+        .await
+        .expect("entry")
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_forked_log_is_refused_by_its_witnesses() {
+    let fed = Federation::demo("audit-fork");
+    let state = fed.dir.join("auditor");
+    let kh = fed.start(SHELTER_KH);
+    let embassy = fed.start(EMBASSY);
+    let mut my = fed.start(SHELTER_MY);
+    some_events(&my, 4).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
+
+    // The node rewrites history: it drops its log's tail and everything it signed, and
+    // goes on as if the dropped entries never existed.
+    my.stop();
+    sql(
+        &my,
+        &[
+            "DELETE FROM audit_entries WHERE idx >= 2",
+            "DELETE FROM audit_hashes",
+            "DELETE FROM checkpoints",
+            "DELETE FROM cosignatures",
+            "DELETE FROM witness_views",
+        ],
+    )
+    .await;
+    // Rebuild the stored hashes of the kept prefix so that the node can go on appending.
+    // (A node that forks keeps a consistent-looking tree of its own.)
+    rebuild_hashes(&my).await;
+    my.start();
+    some_events(&my, 6).await;
+    wait_checkpointed(&my).await;
+    // Give the witnesses time to be asked, and refuse.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cosigned = scalar(
+        &my,
+        "SELECT COUNT(*) FROM cosignatures WHERE size = (SELECT MAX(size) FROM checkpoints)",
+    )
+    .await;
+    assert_eq!(cosigned, 0, "a witness cosigned a forked checkpoint");
+    let err = failed(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
+    assert!(err.contains("0 of the required 2"), "{err}");
+    for witness in [&kh, &embassy] {
+        let log = witness.log();
+        assert!(
+            log.contains("refused to cosign") || log.contains("conflict"),
+            "{}",
+            log
+        );
+    }
+}
+
+/// Recomputes a node's stored tree hashes from its entries, as a node that rewrote its
+/// log would.
+async fn rebuild_hashes(node: &TestNode) {
+    use sqlx::{ConnectOptions as _, Row as _};
+    let db = node.org.dir.join("data").join("corridor.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .expect("open database");
+    let rows = sqlx::query("SELECT entry FROM audit_entries ORDER BY idx")
+        .fetch_all(&mut conn)
+        .await
+        .expect("entries");
+    let mut stored: std::collections::HashMap<u64, corridor::merkle::Hash> = Default::default();
+    for (n, row) in rows.iter().enumerate() {
+        let entry: Vec<u8> = row.get(0);
+        let leaf = corridor::merkle::leaf_hash(&entry);
+        let reader = MapReader(&stored);
+        let hashes =
+            corridor::merkle::stored_hashes_for_record(n as u64, leaf, &reader).expect("hashes");
+        let first = corridor::merkle::stored_hash_index(0, n as u64);
+        for (i, h) in hashes.into_iter().enumerate() {
+            stored.insert(first + i as u64, h);
+        }
+    }
+    for (id, h) in stored {
+        sqlx::query("INSERT INTO audit_hashes (id, hash) VALUES ($1, $2)")
+            .bind(id as i64)
+            .bind(h.to_vec())
+            .execute(&mut conn)
+            .await
+            .expect("insert hash");
+    }
+}
+
+struct MapReader<'a>(&'a std::collections::HashMap<u64, corridor::merkle::Hash>);
+
+impl corridor::merkle::HashReader for MapReader<'_> {
+    fn read_hashes(
+        &self,
+        indexes: &[u64],
+    ) -> Result<Vec<corridor::merkle::Hash>, corridor::merkle::ReadError> {
+        indexes
+            .iter()
+            .map(|i| {
+                self.0
+                    .get(i)
+                    .copied()
+                    .ok_or(corridor::merkle::ReadError::Missing(*i))
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn cross_check_finds_a_receipt_without_its_entry() {
+    let fed = Federation::demo("audit-cross");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    let mut kh = fed.start(SHELTER_KH);
+    let mut s = my.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let sent = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        wait_final(&mut s, &sent.referral_id, Duration::from_secs(20))
+            .await
+            .state,
+        "delivered"
+    );
+    wait_checkpointed(&my).await;
+    wait_checkpointed(&kh).await;
+    let out = ok(&audit(
+        &fed,
+        &state,
+        &["cross-check", SHELTER_MY, SHELTER_KH],
+    ));
+    assert!(out.contains("all 1 receipts are backed"), "{out}");
+
+    // The recipient drops the entry its receipt names, and carries on.
+    let received = scalar(&kh, "SELECT MAX(idx) FROM audit_entries").await;
+    kh.stop();
+    sql(
+        &kh,
+        &[
+            &format!("DELETE FROM audit_entries WHERE idx >= {received}"),
+            "DELETE FROM audit_hashes",
+            "DELETE FROM checkpoints",
+            "DELETE FROM cosignatures",
+        ],
+    )
+    .await;
+    rebuild_hashes(&kh).await;
+    kh.start();
+    wait_checkpointed(&kh).await;
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["cross-check", SHELTER_MY, SHELTER_KH],
+    ));
+    assert!(
+        err.contains("1 receipt(s) without a matching entry"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(
+        &audit(&fed, &state, &["cross-check", SHELTER_MY, SHELTER_KH]).stdout,
+    )
+    .into_owned();
+    assert!(
+        out.contains(&sent.referral_id) && out.contains("missing from shelter-kh's log"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn export_verify_and_prove_offline() {
+    let fed = Federation::demo("audit-export");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    let export = fed.dir.join("my.export.json");
+    ok(&audit(
+        &fed,
+        &state,
+        &["export", SHELTER_MY, "--out", export.to_str().unwrap()],
+    ));
+    let out = ok(&audit(
+        &fed,
+        &state,
+        &["verify-export", export.to_str().unwrap()],
+    ));
+    assert!(out.contains("verified offline"), "{out}");
+    // A tampered export fails.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["entries"].as_array_mut().unwrap().swap(0, 1);
+    std::fs::write(&export, json.to_string()).unwrap();
+    failed(&audit(
+        &fed,
+        &state,
+        &["verify-export", export.to_str().unwrap()],
+    ));
+
+    let proof = fed.dir.join("entry.tlog-proof");
+    ok(&audit(
+        &fed,
+        &state,
+        &[
+            "prove",
+            SHELTER_MY,
+            "--index",
+            "1",
+            "--out",
+            proof.to_str().unwrap(),
+        ],
+    ));
+    let text = std::fs::read_to_string(&proof).unwrap();
+    assert!(text.starts_with("c2sp.org/tlog-proof@v1\n"), "{text}");
+    assert!(text.contains("\nindex 1\n"), "{text}");
+    assert!(text.contains("corridor.network/"), "{text}");
+    let _ = pb::GetCheckpointRequest {};
+}
