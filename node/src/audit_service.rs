@@ -70,7 +70,7 @@ pub struct AuditService {
 
 impl AuditService {
     async fn checked_size(&self, size: u64) -> Result<u64, Status> {
-        let current = self.node.store.audit_extent().await.map_err(storage)?;
+        let current = self.node.store.audit_size().await.map_err(storage)?;
         if size > current {
             return Err(Status::out_of_range(format!(
                 "tree size {size} is larger than the log ({current} entries)"
@@ -171,6 +171,12 @@ impl Audit for AuditService {
         let new = self.checked_size(r.new_size).await?;
         if r.old_size > new {
             return Err(Status::invalid_argument("old size is larger than new size"));
+        }
+        // The empty tree is a prefix of every tree: its proof is empty.
+        if r.old_size == 0 {
+            return Ok(Response::new(pb::ConsistencyProofResponse {
+                proof: Vec::new(),
+            }));
         }
         let proof = self
             .node

@@ -140,7 +140,8 @@ fn split(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
     if note.len() > MAX_NOTE_LEN {
         return Err(NoteError::TooLarge);
     }
-    if note.contains('\0') || note.contains('\r') {
+    // signed-note: no ASCII control character other than newline, anywhere.
+    if note.bytes().any(|b| b < 0x20 && b != b'\n') {
         return Err(NoteError::Malformed("control characters"));
     }
     let at = note
@@ -235,9 +236,18 @@ impl Checkpoint {
         )
     }
 
-    /// Parses a checkpoint text (extension lines are allowed and ignored).
+    /// Parses a checkpoint text (extension lines are allowed and ignored, but must be
+    /// non-empty; see [`Checkpoint::has_extensions`]).
     pub fn parse(text: &str) -> Result<Self, NoteError> {
-        let mut lines = text.split('\n');
+        let body = text
+            .strip_suffix('\n')
+            .ok_or(NoteError::BadCheckpoint("text must end with a newline"))?;
+        if body.split('\n').skip(3).any(str::is_empty) {
+            return Err(NoteError::BadCheckpoint(
+                "extension lines must be non-empty",
+            ));
+        }
+        let mut lines = body.split('\n');
         let origin = lines
             .next()
             .filter(|o| !o.is_empty())
@@ -268,6 +278,13 @@ impl Checkpoint {
             size,
             root,
         })
+    }
+
+    /// Whether a checkpoint text carries extension lines, which [`Checkpoint`] drops:
+    /// a cosignature made with [`cosign`] covers [`Checkpoint::body`] only, so it would
+    /// not verify against such a text.
+    pub fn has_extensions(text: &str) -> bool {
+        text.split('\n').filter(|l| !l.is_empty()).count() > 3
     }
 }
 
@@ -335,6 +352,10 @@ impl CosignatureVerifier {
             ts.try_into()
                 .map_err(|_| NoteError::BadSignature(self.name.clone()))?,
         );
+        // tlog-cosignature: the timestamp MUST NOT exceed 2^63 - 1.
+        if i64::try_from(timestamp).is_err() {
+            return Err(NoteError::BadSignature(self.name.clone()));
+        }
         self.key
             .verify(&cosigned_message(text, timestamp), sig)
             .map_err(|_| NoteError::BadSignature(self.name.clone()))?;
@@ -364,16 +385,20 @@ impl CosignatureVerifier {
     }
 }
 
-/// How many of `witnesses` validly cosigned `note`; Err if fewer than `quorum`.
+/// How many distinct `witnesses` validly cosigned `note`; Err if fewer than `quorum`.
+/// A witness listed twice counts once.
 pub fn verify_quorum(
     note: &str,
     witnesses: &[CosignatureVerifier],
     quorum: usize,
 ) -> Result<usize, NoteError> {
-    let count = witnesses
-        .iter()
-        .filter(|w| w.verify_note(note).is_ok())
-        .count();
+    let mut counted: Vec<&CosignatureVerifier> = Vec::new();
+    for w in witnesses {
+        if !counted.contains(&w) && w.verify_note(note).is_ok() {
+            counted.push(w);
+        }
+    }
+    let count = counted.len();
     if count < quorum {
         return Err(NoteError::NotSigned(format!(
             "{quorum} of {} witnesses (only {count})",
@@ -388,10 +413,7 @@ mod tests {
     use super::*;
 
     fn examples() -> serde_json::Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/testdata/c2sp-examples.json"
-        );
+        let path = crate::testdata::dir().join("c2sp-examples.json");
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 
@@ -502,6 +524,12 @@ mod tests {
             B64.encode(blob)
         );
         assert!(w.verify_line(&note, &bad).is_err());
+        // The same witness listed twice is one cosignature, not two.
+        assert!(verify_quorum(&cosigned, &[w.clone(), w.clone()], 2).is_err());
+        assert_eq!(verify_quorum(&cosigned, &[w.clone(), w.clone()], 1), Ok(1));
+        // A timestamp above 2^63 - 1 is refused even when signed.
+        let late = cosign(&cp, "corridor.network/demo/witness/b", &wkey, u64::MAX);
+        assert!(w.verify_line(&note, &late).is_err());
         // A note signature (type 0x01) by the same key is not a cosignature (type 0x04).
         let as_note = NoteVerifier::new("corridor.network/demo/witness/b", wkey.verifying_key());
         assert!(as_note.id != w.id);
@@ -524,6 +552,22 @@ mod tests {
         assert!(NoteVerifier::parse("a+b").is_err());
         assert!(NoteVerifier::parse("a+00000000+AQ==").is_err());
         assert!(Checkpoint::parse("o\n01\nAAAA\n").is_err());
+        let root = B64.encode([0u8; 32]);
+        assert!(Checkpoint::parse(&format!("o\n1\n{root}\n")).is_ok());
+        assert!(Checkpoint::parse(&format!("o\n1\n{root}")).is_err());
+        assert!(Checkpoint::parse(&format!("o\n1\n{root}\n\next\n")).is_err());
+        assert!(Checkpoint::has_extensions(&format!("o\n1\n{root}\next\n")));
+        assert!(!Checkpoint::has_extensions(&format!("o\n1\n{root}\n")));
+        // Any ASCII control character other than newline.
+        for c in ['\t', '\r', '\u{1b}', '\0'] {
+            let (key, verifier, _) = fixture();
+            let note = sign_note(&format!("a{c}b\n"), &verifier, &key);
+            assert_eq!(
+                verify_note(&note, &verifier),
+                Err(NoteError::Malformed("control characters")),
+                "{c:?}"
+            );
+        }
         assert!(Checkpoint::parse("o\n1\nAAAA\n").is_err());
         assert_eq!(
             verify_note(&"x".repeat(MAX_NOTE_LEN + 1), &verifier),

@@ -774,7 +774,7 @@ mod tests {
     const COUNTRIES: [&str; 3] = ["KH", "TH", "MY"];
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// Nothing outside consent ∩ purpose ever passes, and everything else the gate
         /// promises holds whenever it lets a referral through.

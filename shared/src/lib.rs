@@ -27,6 +27,25 @@ pub mod seal;
 pub mod sign;
 pub mod witness;
 
+/// Where the published test vectors live: `$CORRIDOR_TESTDATA` if set, else
+/// `../shared/testdata` beside the project's root.
+#[cfg(test)]
+pub(crate) mod testdata {
+    use std::path::{Path, PathBuf};
+
+    pub fn dir() -> PathBuf {
+        let dir = std::env::var_os("CORRIDOR_TESTDATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata"));
+        assert!(
+            dir.is_dir(),
+            "test vectors not found at {}: set CORRIDOR_TESTDATA to the shared testdata directory",
+            dir.display()
+        );
+        dir
+    }
+}
+
 pub use caseref::CaseRefKey;
 pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};
 pub use directory::{Directory, DirectoryError, Member, Role};

@@ -15,6 +15,10 @@ use crate::canonical::sha256;
 
 pub type Hash = [u8; 32];
 
+/// Largest tree the generation functions accept. Far beyond any real log, it keeps every
+/// stored-hash index (about twice the tree size) and every shift within a `u64`.
+pub const MAX_TREE_SIZE: u64 = 1 << 62;
+
 /// Why a proof does not verify or a tree operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MerkleError {
@@ -32,6 +36,8 @@ pub enum MerkleError {
     RootMismatch,
     #[error("stored hashes unavailable: {0}")]
     Read(#[from] ReadError),
+    #[error("tree size {0} exceeds the supported maximum")]
+    TooLarge(u64),
 }
 
 /// Why stored hashes could not be read.
@@ -94,18 +100,26 @@ pub fn root(leaves: &[Hash]) -> Hash {
     hash
 }
 
-/// Where level `level`'s `n`-th hash is stored (sumdb/tlog numbering).
+/// Where level `level`'s `n`-th hash is stored (sumdb/tlog numbering). Saturates rather
+/// than overflowing for positions no tree up to [`MAX_TREE_SIZE`] has.
 pub fn stored_hash_index(level: u32, n: u64) -> u64 {
     let mut n = n;
     for _ in 0..level {
-        n = 2 * n + 1;
+        n = n.saturating_mul(2).saturating_add(1);
     }
     let mut i = 0u64;
     while n > 0 {
-        i += n;
+        i = i.saturating_add(n);
         n >>= 1;
     }
-    i + u64::from(level)
+    i.saturating_add(u64::from(level))
+}
+
+fn check_size(size: u64) -> Result<(), MerkleError> {
+    if size > MAX_TREE_SIZE {
+        return Err(MerkleError::TooLarge(size));
+    }
+    Ok(())
 }
 
 /// How many hashes a tree of `n` leaves stores.
@@ -113,10 +127,10 @@ pub fn stored_hash_count(n: u64) -> u64 {
     if n == 0 {
         return 0;
     }
-    let mut count = stored_hash_index(0, n - 1) + 1;
+    let mut count = stored_hash_index(0, n - 1).saturating_add(1);
     let mut i = n - 1;
     while i & 1 != 0 {
-        count += 1;
+        count = count.saturating_add(1);
         i >>= 1;
     }
     count
@@ -129,6 +143,7 @@ pub fn stored_hashes_for_record(
     leaf: Hash,
     reader: &(impl HashReader + ?Sized),
 ) -> Result<Vec<Hash>, MerkleError> {
+    check_size(n)?;
     let m = (n + 1).trailing_zeros();
     let indexes: Vec<u64> = (0..m)
         .rev()
@@ -191,6 +206,7 @@ fn read(reader: &(impl HashReader + ?Sized), indexes: &[u64]) -> Result<Vec<Hash
 
 /// The root of the first `n` leaves, from stored hashes.
 pub fn tree_hash(n: u64, reader: &(impl HashReader + ?Sized)) -> Result<Hash, MerkleError> {
+    check_size(n)?;
     if n == 0 {
         return Ok(empty_root());
     }
@@ -247,6 +263,7 @@ pub fn prove_record(
     n: u64,
     reader: &(impl HashReader + ?Sized),
 ) -> Result<Vec<Hash>, MerkleError> {
+    check_size(t)?;
     if n >= t {
         return Err(MerkleError::IndexOutOfRange { index: n, size: t });
     }
@@ -313,6 +330,7 @@ pub fn prove_tree(
     n: u64,
     reader: &(impl HashReader + ?Sized),
 ) -> Result<Vec<Hash>, MerkleError> {
+    check_size(t)?;
     if n == 0 {
         return Err(MerkleError::FromEmptyTree);
     }
@@ -464,7 +482,7 @@ mod tests {
     use base64::engine::general_purpose::STANDARD as B64;
     use proptest::prelude::*;
     use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     /// An in-memory log keeping every stored hash, as a node's table does.
     #[derive(Default)]
@@ -495,7 +513,7 @@ mod tests {
     }
 
     fn testdata() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/merkle")
+        crate::testdata::dir().join("merkle")
     }
 
     fn b64(v: &serde_json::Value) -> Vec<u8> {
@@ -646,6 +664,24 @@ mod tests {
         assert!(hashes_from_slices(&[vec![0u8; 31]]).is_err());
         let empty = MemLog::default();
         assert!(tree_hash(3, &empty).is_err());
+        // Absurd sizes are errors, not arithmetic overflows.
+        for size in [MAX_TREE_SIZE + 1, u64::MAX] {
+            assert_eq!(tree_hash(size, &empty), Err(MerkleError::TooLarge(size)));
+            assert_eq!(
+                prove_record(size, 0, &empty),
+                Err(MerkleError::TooLarge(size))
+            );
+            assert_eq!(
+                prove_tree(size, 1, &empty),
+                Err(MerkleError::TooLarge(size))
+            );
+            assert_eq!(
+                stored_hashes_for_record(size, [0; 32], &empty),
+                Err(MerkleError::TooLarge(size))
+            );
+        }
+        let _ = stored_hash_index(u32::MAX, u64::MAX);
+        let _ = stored_hash_count(u64::MAX);
     }
 
     proptest! {

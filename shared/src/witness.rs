@@ -2,9 +2,11 @@
 //! stored for a log, a new signed checkpoint, the size the log believes the witness has,
 //! and a consistency proof, decide whether to cosign.
 //!
-//! A log at size 0 (nothing stored yet) is consistent with any first checkpoint: the
-//! witness convention for the empty tree. The caller stores the new state atomically
-//! (compare-and-swap on the old size) and only then returns the cosignature.
+//! A log at size 0 (nothing stored yet, or an empty checkpoint cosigned) is consistent
+//! with any later checkpoint, given an empty proof: the witness convention for the empty
+//! tree, applied here rather than in [`merkle::verify_consistency`], which refuses proofs
+//! from size 0. The caller stores the new state atomically (compare-and-swap on the old
+//! size) and only then returns the cosignature.
 
 use crate::checkpoint::{self, Checkpoint, NoteError, NoteVerifier};
 use crate::merkle::{self, Hash};
@@ -27,6 +29,8 @@ pub enum WitnessError {
     Shrinks { old: u64, new: u64 },
     #[error("checkpoint of size {size} has a different root than the one already cosigned: a fork")]
     Fork { size: u64 },
+    #[error("checkpoint has extension lines, which this witness does not cosign")]
+    ExtensionLines,
     #[error("checkpoint is not consistent with the one cosigned at size {old}: {reason}")]
     Inconsistent {
         old: u64,
@@ -43,8 +47,14 @@ pub fn add_checkpoint(
     proof: &[Hash],
     note: &str,
 ) -> Result<Checkpoint, WitnessError> {
-    let checkpoint = checkpoint::open(note, log_key).map_err(WitnessError::BadSignature)?;
-    if checkpoint.origin != origin {
+    let text = checkpoint::verify_note(note, log_key).map_err(WitnessError::BadSignature)?;
+    let checkpoint = Checkpoint::parse(text).map_err(WitnessError::BadSignature)?;
+    // The cosignature covers `checkpoint.body()`; for a text with extension lines it
+    // would not verify against the note the log holds.
+    if checkpoint.body() != text {
+        return Err(WitnessError::ExtensionLines);
+    }
+    if checkpoint.origin != origin || log_key.name() != origin {
         return Err(WitnessError::BadSignature(NoteError::WrongOrigin {
             found: checkpoint.origin,
             expected: origin.to_owned(),
@@ -61,7 +71,14 @@ pub fn add_checkpoint(
         });
     }
     match stored {
-        // The empty tree is a prefix of every tree.
+        // The empty tree is a prefix of every tree; tlog-witness: the proof MUST be empty.
+        _ if old_size == 0 && !proof.is_empty() => {
+            return Err(WitnessError::Inconsistent {
+                old: 0,
+                reason: merkle::MerkleError::WrongProofLength,
+            });
+        }
+        _ if old_size == 0 => {}
         None => {}
         Some(state) if state.size == checkpoint.size && state.root != checkpoint.root => {
             return Err(WitnessError::Fork {
@@ -215,5 +232,44 @@ mod tests {
             ),
             Err(WitnessError::BadSignature(_))
         ));
+    }
+
+    #[test]
+    fn the_empty_tree_needs_an_empty_proof_and_precedes_everything() {
+        let key = SigningKey::from_seed(&[1; 32]).unwrap();
+        let log = NoteVerifier::new(ORIGIN, key.verifying_key());
+        let l = leaves(6);
+        let six = note(&key, 6, root(&l));
+        // Nothing stored: a proof from size 0 must be empty.
+        assert!(matches!(
+            add_checkpoint(ORIGIN, &log, None, 0, &[[0; 32]], &six),
+            Err(WitnessError::Inconsistent { old: 0, .. })
+        ));
+        // An empty checkpoint cosigned before: growth from it needs no proof.
+        let empty = WitnessState {
+            size: 0,
+            root: root(&[]),
+        };
+        assert_eq!(
+            add_checkpoint(ORIGIN, &log, Some(&empty), 0, &[], &six).map(|c| c.size),
+            Ok(6)
+        );
+    }
+
+    #[test]
+    fn checkpoints_with_extension_lines_are_refused() {
+        let key = SigningKey::from_seed(&[1; 32]).unwrap();
+        let log = NoteVerifier::new(ORIGIN, key.verifying_key());
+        let cp = Checkpoint {
+            origin: ORIGIN.into(),
+            size: 1,
+            root: leaf_hash(b"x"),
+        };
+        let text = format!("{}extension\n", cp.body());
+        let note = checkpoint::sign_note(&text, &log, &key);
+        assert_eq!(
+            add_checkpoint(ORIGIN, &log, None, 0, &[], &note),
+            Err(WitnessError::ExtensionLines)
+        );
     }
 }
