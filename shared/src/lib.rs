@@ -27,25 +27,6 @@ pub mod seal;
 pub mod sign;
 pub mod witness;
 
-/// Where the published test vectors live: `$CORRIDOR_TESTDATA` if set, else
-/// `../shared/testdata` beside the project's root.
-#[cfg(test)]
-pub(crate) mod testdata {
-    use std::path::{Path, PathBuf};
-
-    pub fn dir() -> PathBuf {
-        let dir = std::env::var_os("CORRIDOR_TESTDATA")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata"));
-        assert!(
-            dir.is_dir(),
-            "test vectors not found at {}: set CORRIDOR_TESTDATA to the shared testdata directory",
-            dir.display()
-        );
-        dir
-    }
-}
-
 pub use caseref::CaseRefKey;
 pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};
 pub use directory::{Directory, DirectoryError, Member, Role};
@@ -67,3 +48,22 @@ pub const MAX_PAYLOAD_LEN: usize = seal::PADDING_BUCKETS[seal::PADDING_BUCKETS.l
 /// Largest encoded envelope a node accepts on the wire, in bytes: the largest sealed
 /// bucket plus generous room for the header, key and signature.
 pub const MAX_ENVELOPE_WIRE_LEN: usize = MAX_PAYLOAD_LEN + 1 + 16 + 4096;
+
+/// Where the published test vectors live: `$CORRIDOR_TESTDATA` if set, else
+/// `../shared/testdata` beside the project's root.
+#[cfg(test)]
+pub(crate) mod testdata {
+    use std::path::{Path, PathBuf};
+
+    pub fn dir() -> PathBuf {
+        let dir = std::env::var_os("CORRIDOR_TESTDATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata"));
+        assert!(
+            dir.is_dir(),
+            "test vectors not found at {}: set CORRIDOR_TESTDATA to the shared testdata directory",
+            dir.display()
+        );
+        dir
+    }
+}
