@@ -4,7 +4,10 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["corridor/v1/corridor.proto"];
+    let files = [
+        "corridor/v1/corridor.proto",
+        "corridor/bench/v1/bench.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

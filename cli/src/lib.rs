@@ -4,9 +4,11 @@
 //! * [`demo`] — a local three-node federation walking a referral end to end
 //! * [`commands`] — caseworker commands against a node's local API
 //! * [`audit`] — verifying nodes' audit logs
+//! * [`bench`] — measuring Corridor beside the transport and crypto limits
 //! * [`client`] — connecting to the local API with a bearer token
 
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod commands;
 pub mod demo;

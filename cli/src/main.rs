@@ -80,6 +80,16 @@ enum Command {
     Inbox,
     /// Verify nodes' audit logs (as an auditor org, over mutual TLS).
     Audit(corridor_cli::audit::AuditArgs),
+    /// Measure Corridor on this machine beside the bare transport and the cryptography.
+    Bench(corridor_cli::bench::BenchArgs),
+    /// The bare mTLS echo server of `corridor bench`.
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        org_dir: PathBuf,
+    },
     /// Print the purpose profiles (what each purpose requires and allows, and who may
     /// receive it), or with --fields the field catalogue.
     Profiles {
@@ -124,6 +134,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => dev_pki(&out, &federation, orgs, base_port),
         Command::Node { .. } => Err("`corridor node` must come first on the command line".into()),
         Command::Audit(args) => corridor_cli::audit::run(args, output).await,
+        Command::Bench(args) => corridor_cli::bench::run(args).await,
+        Command::BenchEcho { listen, org_dir } => {
+            corridor_cli::bench::echo_server(listen, &org_dir).await
+        }
         Command::Profiles { fields, format } => {
             let format = match (format, output) {
                 (commands::ProfilesOutput::Text, Output::Json) => commands::ProfilesOutput::Json,
@@ -144,7 +158,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 | Command::DevPki { .. }
                 | Command::Node { .. }
                 | Command::Profiles { .. }
-                | Command::Audit(_) => Ok(()),
+                | Command::Audit(_)
+                | Command::Bench(_)
+                | Command::BenchEcho { .. } => Ok(()),
             }
         }
     }

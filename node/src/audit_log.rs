@@ -27,10 +27,10 @@ impl HashReader for Recorder {
     }
 }
 
-/// Answers from hashes fetched beforehand.
-struct Fetched(HashMap<u64, Hash>);
+/// Answers from a map of hashes known in memory.
+pub(crate) struct Known<'a>(pub &'a HashMap<u64, Hash>);
 
-impl HashReader for Fetched {
+impl HashReader for Known<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> std::result::Result<Vec<Hash>, merkle::ReadError> {
         indexes
             .iter()
@@ -81,8 +81,8 @@ where
     let recorder = Recorder::default();
     op(&recorder).map_err(|_| StoreError::Corrupt("audit log arithmetic"))?;
     let wanted = recorder.0.into_inner().unwrap_or_default();
-    let fetched = Fetched(fetch(executor, &wanted).await?);
-    op(&fetched).map_err(|e| {
+    let fetched = fetch(executor, &wanted).await?;
+    op(&Known(&fetched)).map_err(|e| {
         tracing::error!(error = %e, "audit log hashes missing or corrupt");
         StoreError::Corrupt("audit log hashes missing")
     })

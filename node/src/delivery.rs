@@ -248,6 +248,8 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
             node.store.mark_retry(id, &reason, next).await
         }
     };
+    // Nobody listening is fine.
+    let _ = node.deliveries.send(id);
     if let Err(error) = stored {
         // The item stays queued and is retried; the receipt, if any, is asked for again.
         tracing::error!(referral = %id, %error, "could not record delivery attempt");

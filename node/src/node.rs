@@ -24,6 +24,9 @@ pub struct Node {
     pub tls: TlsMaterial,
     /// Woken when something is queued for delivery.
     pub outbox_ready: Notify,
+    /// Announces each envelope whose delivery attempt finished, so that a waiter wakes
+    /// only for its own referral.
+    pub deliveries: tokio::sync::broadcast::Sender<corridor::MessageId>,
 }
 
 /// Why the node could not start.
@@ -123,6 +126,7 @@ impl Node {
             store,
             tls,
             outbox_ready: Notify::new(),
+            deliveries: tokio::sync::broadcast::Sender::new(4096),
         }))
     }
 }

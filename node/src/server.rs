@@ -106,7 +106,16 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         )
         .add_service(AuditServer::new(AuditService { node: node.clone() }))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(local_listener),
+            // Small unary calls stall on delayed ACKs without TCP_NODELAY.
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(local_listener),
+                |conn| {
+                    if let Ok(stream) = &conn {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    conn
+                },
+            ),
             stopped(stop_rx.clone()),
         );
     let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx.clone()));

@@ -39,6 +39,33 @@ impl Federation for FederationService {
     }
 }
 
+async fn referral_status(
+    node: &Node,
+    id: MessageId,
+) -> Result<pb::GetReferralStatusResponse, Status> {
+    let status = node
+        .store
+        .outbox_status(id)
+        .await
+        .map_err(Failure::from)?
+        .ok_or_else(|| Status::not_found(format!("no sent referral {id}")))?;
+    let receipt = status
+        .receipt
+        .map(|bytes| pb::Receipt::decode(bytes.as_slice()))
+        .transpose()
+        .map_err(|_| Status::internal("stored receipt is corrupt"))?;
+    Ok(pb::GetReferralStatusResponse {
+        referral_id: status.message_id.to_hex(),
+        recipient: status.recipient,
+        purpose: status.purpose,
+        state: status.state,
+        attempts: u32::try_from(status.attempts).unwrap_or(u32::MAX),
+        last_error: status.last_error.unwrap_or_default(),
+        created_at_ms: status.created_at_ms,
+        receipt,
+    })
+}
+
 pub struct CaseworkerService {
     pub node: Arc<Node>,
 }
@@ -115,27 +142,48 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        let status = self
+        Ok(Response::new(referral_status(&self.node, id).await?))
+    }
+
+    async fn await_referral(
+        &self,
+        request: Request<pb::GetReferralStatusRequest>,
+    ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let id = referral_id(&request.get_ref().referral_id)?;
+        // Subscribe before looking, so no delivery between the two is missed.
+        let mut deliveries = self.node.deliveries.subscribe();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut status = referral_status(&self.node, id).await?;
+        while status.state == "queued" {
+            match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                // Another referral's attempt: keep waiting without touching the database.
+                Ok(Ok(done)) if done != id => continue,
+                // Ours, or we may have missed it (lagged): look again.
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    status = referral_status(&self.node, id).await?;
+                }
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break,
+            }
+        }
+        Ok(Response::new(status))
+    }
+
+    async fn get_outbox_stats(
+        &self,
+        request: Request<pb::OutboxStatsRequest>,
+    ) -> Result<Response<pb::OutboxStatsResponse>, Status> {
+        authenticate(&self.node.store, &request).await?;
+        let (queued, delivered, other) = self
             .node
             .store
-            .outbox_status(id)
+            .outbox_stats()
             .await
-            .map_err(Failure::from)?
-            .ok_or_else(|| Status::not_found(format!("no sent referral {id}")))?;
-        let receipt = status
-            .receipt
-            .map(|bytes| pb::Receipt::decode(bytes.as_slice()))
-            .transpose()
-            .map_err(|_| Status::internal("stored receipt is corrupt"))?;
-        Ok(Response::new(pb::GetReferralStatusResponse {
-            referral_id: status.message_id.to_hex(),
-            recipient: status.recipient,
-            purpose: status.purpose,
-            state: status.state,
-            attempts: u32::try_from(status.attempts).unwrap_or(u32::MAX),
-            last_error: status.last_error.unwrap_or_default(),
-            created_at_ms: status.created_at_ms,
-            receipt,
+            .map_err(Failure::from)?;
+        Ok(Response::new(pb::OutboxStatsResponse {
+            queued,
+            delivered,
+            other,
         }))
     }
 

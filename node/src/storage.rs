@@ -730,6 +730,24 @@ impl Store {
         row.map(outbox_status).transpose()
     }
 
+    /// (queued, delivered, other) counts of the outbox.
+    pub async fn outbox_stats(&self) -> Result<(u64, u64, u64)> {
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut stats = (0, 0, 0);
+        for r in rows {
+            let state: String = r.get(0);
+            let n = r.get::<i64, _>(1) as u64;
+            match state.as_str() {
+                "queued" => stats.0 += n,
+                "delivered" => stats.1 += n,
+                _ => stats.2 += n,
+            }
+        }
+        Ok(stats)
+    }
+
     // ---- inbox (receiving side) -------------------------------------------------------
 
     pub async fn seen(&self, id: MessageId) -> Result<Option<SeenMessage>> {
@@ -966,41 +984,66 @@ impl Store {
     // ---- audit log ---------------------------------------------------------------------
 
     /// Appends encoded entries inside `tx`; the caller holds the audit lock.
+    ///
+    /// Every hash a new leaf needs is either on the right edge of the tree as it stands
+    /// (its "frontier", at most 64 hashes) or made by an earlier leaf of the same batch,
+    /// so the batch reads the frontier once, computes in memory and writes with
+    /// multi-row inserts.
     async fn append(
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
         entries: &[Vec<u8>],
     ) -> Result<Vec<Appended>> {
         use corridor::merkle;
         // idx is the rowid: MAX is a lookup, COUNT would scan the table.
-        let mut n: u64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
+        let start: u64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
             .fetch_one(&mut **tx)
             .await?
             .get::<i64, _>(0)
             .try_into()
             .map_err(|_| StoreError::Corrupt("audit size"))?;
+        let frontier: Vec<u64> = (0..64u32)
+            .filter(|l| (start >> l) & 1 == 1)
+            .map(|l| merkle::stored_hash_index(l, (start >> l) - 1))
+            .collect();
+        let mut known = crate::audit_log::fetch(&mut **tx, &frontier).await?;
+        let mut new_hashes = Vec::new();
         let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
+        for (i, entry) in entries.iter().enumerate() {
+            let n = start + i as u64;
             let leaf = merkle::leaf_hash(entry);
-            let hashes = crate::audit_log::with_hashes(&mut **tx, |r| {
-                merkle::stored_hashes_for_record(n, leaf, r)
-            })
-            .await?;
+            let hashes =
+                merkle::stored_hashes_for_record(n, leaf, &crate::audit_log::Known(&known))
+                    .map_err(|_| StoreError::Corrupt("audit log frontier hashes missing"))?;
             let first = merkle::stored_hash_index(0, n);
-            for (i, h) in hashes.iter().enumerate() {
-                sqlx::query("INSERT INTO audit_hashes (id, hash) VALUES ($1, $2)")
-                    .bind((first + i as u64) as i64)
-                    .bind(&h[..])
-                    .execute(&mut **tx)
-                    .await?;
+            for (k, h) in hashes.into_iter().enumerate() {
+                known.insert(first + k as u64, h);
+                new_hashes.push((first + k as u64, h));
             }
-            sqlx::query("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES ($1, $2, $3)")
-                .bind(n as i64)
-                .bind(entry)
-                .bind(&leaf[..])
-                .execute(&mut **tx)
-                .await?;
             out.push((n, leaf));
-            n += 1;
+        }
+        for chunk in entries.iter().zip(&out).collect::<Vec<_>>().chunks(300) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES {values}");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (entry, (n, leaf)) in chunk {
+                q = q.bind(*n as i64).bind(entry.as_slice()).bind(leaf.to_vec());
+            }
+            q.execute(&mut **tx).await?;
+        }
+        for chunk in new_hashes.chunks(400) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("INSERT INTO audit_hashes (id, hash) VALUES {values}");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, h) in chunk {
+                q = q.bind(*id as i64).bind(h.to_vec());
+            }
+            q.execute(&mut **tx).await?;
         }
         Ok(out)
     }

@@ -11,5 +11,10 @@ pub mod v1 {
     tonic::include_proto!("corridor.v1");
 }
 
+/// Package `corridor.bench.v1`: the bare echo service of `corridor bench`.
+pub mod bench {
+    tonic::include_proto!("corridor.bench.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every Corridor proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("corridor_descriptor");

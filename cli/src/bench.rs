@@ -1,0 +1,835 @@
+//! `corridor bench`: how fast Corridor is on this machine, measured beside its own limits
+//! in one run — the bare transport (tonic unary echo over mutual TLS, separate process),
+//! the per-referral cryptography alone on one core, Corridor end to end between two node
+//! processes, the audit log, and a node's footprint — printed as a table and one JSON line
+//! with every figure and ratio.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use corridor::envelope::ENVELOPE_VERSION;
+use corridor::{
+    Envelope, EnvelopeHeader, MessageId, MessageKind, OrgId, Receipt, SealingKey, SigningKey,
+};
+use corridor_proto::bench::EchoMessage;
+use corridor_proto::bench::echo_client::EchoClient;
+use corridor_proto::bench::echo_server::{Echo, EchoServer};
+use corridor_proto::v1 as pb;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+use crate::client::{self, Client, explain};
+use crate::devpki::{self, GeneratedOrg, OrgSpec, Ports};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// A run of under a minute, for smoke tests (targets are not checked).
+    #[arg(long)]
+    pub quick: bool,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds per measured phase (default 5, or 1 with --quick).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Referrals queued for an offline recipient (default 100000, or 2000 with --quick).
+    #[arg(long)]
+    pub backlog: Option<u64>,
+    /// Audit-log size for the proof measurements (default 1000000, or 20000 with --quick).
+    #[arg(long)]
+    pub audit_entries: Option<u64>,
+    /// Where to keep the run's files (default: a temporary directory, removed after).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Latency samples in microseconds.
+#[derive(Default)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i] as f64 / 1000.0
+    }
+}
+
+/// Runs `op` from `concurrency` tasks for `secs`; returns (ops/s, p50 ms, p99 ms).
+async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    secs: f64,
+    op: F,
+) -> Result<(f64, f64, f64), String>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (op, stop) = (op.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                op().await?;
+                samples.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, String>(samples)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Samples::default();
+    for t in tasks {
+        all.0.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = all.0.len() as f64 / elapsed;
+    Ok((rate, all.pct(0.5), all.pct(0.99)))
+}
+
+/// Starts `op` at a fixed `rate` per second for `secs`; returns (p50 ms, p99 ms).
+async fn open_loop<F, Fut>(rate: f64, secs: f64, op: F) -> Result<(f64, f64), String>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    while Instant::now() < end {
+        ticker.tick().await;
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            op().await.map(|()| t.elapsed().as_micros() as u64)
+        }));
+    }
+    let mut all = Samples::default();
+    for t in tasks {
+        all.0.push(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok((all.pct(0.5), all.pct(0.99)))
+}
+
+// ---- transport -------------------------------------------------------------------------
+
+struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn echo(
+        &self,
+        r: tonic::Request<EchoMessage>,
+    ) -> Result<tonic::Response<EchoMessage>, tonic::Status> {
+        Ok(tonic::Response::new(r.into_inner()))
+    }
+}
+
+/// `corridor bench-echo`: the bare mTLS echo server, run as its own process.
+pub async fn echo_server(listen: std::net::SocketAddr, org_dir: &Path) -> Result<(), String> {
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(org_dir.join("tls.pem"))?,
+            read(org_dir.join("tls.key"))?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(org_dir.join("../ca.pem"))?));
+    Server::builder()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .add_service(EchoServer::new(EchoService))
+        .serve_with_shutdown(listen, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+// ---- helpers ---------------------------------------------------------------------------
+
+fn exe() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| e.to_string())
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+fn rss_kb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0.0)
+}
+
+async fn kill(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+async fn start_node(org: &GeneratedOrg) -> Result<(Child, f64), String> {
+    let t = Instant::now();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(org.dir.join("node.log"))
+        .map_err(|e| e.to_string())?;
+    let child = Command::new(exe()?)
+        .arg("node")
+        .arg("--config")
+        .arg(&org.config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{}", org.ports.local);
+    loop {
+        if let Ok(channel) = Endpoint::from_shared(url.clone())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            if health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+            {
+                return Ok((child, t.elapsed().as_secs_f64() * 1000.0));
+            }
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{} did not start", org.spec.id));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn token(org: &GeneratedOrg) -> Result<String, String> {
+    let out = Command::new(exe()?)
+        .arg("node")
+        .arg("--config")
+        .arg(&org.config)
+        .args(["create-admin-token", "--user", "bench"])
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+const PURPOSE: &str = "reintegration";
+
+/// A realistic referral: the fields reintegration requires, about 1 KiB in all.
+fn referral_fields() -> HashMap<String, String> {
+    [
+        ("preferred_name", "Bench Person".to_string()),
+        ("age_band", "25-29".to_string()),
+        ("languages", "Khmer, Malay".to_string()),
+        ("needs", "x".repeat(900)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String> {
+    let sent = client
+        .send_referral(pb::SendReferralRequest {
+            case_id: case_id.to_owned(),
+            recipient: "bench-recipient".into(),
+            purpose: PURPOSE.into(),
+            fields: referral_fields(),
+            consent_id: String::new(),
+        })
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner();
+    let status = client
+        .await_referral(pb::GetReferralStatusRequest {
+            referral_id: sent.referral_id,
+        })
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner();
+    if status.state != "delivered" {
+        return Err(format!(
+            "referral ended {}: {}",
+            status.state, status.last_error
+        ));
+    }
+    Ok(())
+}
+
+// ---- crypto ----------------------------------------------------------------------------
+
+/// The per-referral public-key work, alone, on this thread: seal, sign, verify, open,
+/// receipt sign, receipt verify. Returns referrals per second.
+fn crypto_limit(secs: f64) -> f64 {
+    let sender = SigningKey::from_seed(&[1; 32]).ok();
+    let recipient = SigningKey::from_seed(&[2; 32]).ok();
+    let (Some(sender), Some(recipient)) = (sender, recipient) else {
+        return 0.0;
+    };
+    let seal_key = SealingKey::derive(&[3; 32]);
+    let (Ok(a), Ok(b)) = (OrgId::new("bench-sender"), OrgId::new("bench-recipient")) else {
+        return 0.0;
+    };
+    let payload = vec![0x42u8; 1024];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let header = EnvelopeHeader {
+            version: ENVELOPE_VERSION,
+            message_id: MessageId([n as u8; 16]),
+            kind: MessageKind::Referral,
+            sender: a.clone(),
+            recipient: b.clone(),
+            route: vec![],
+            created_at_ms: 1,
+            expires_at_ms: 2,
+        };
+        let Ok(e) = Envelope::seal(header, &payload, seal_key.public_key(), &sender) else {
+            return 0.0;
+        };
+        let digest = e.digest();
+        let Ok(v) = e.verify(&b, &a, &sender.verifying_key(), 1) else {
+            return 0.0;
+        };
+        if v.open(&seal_key).is_err() {
+            return 0.0;
+        }
+        let r = Receipt::sign(
+            MessageId([0; 16]),
+            digest,
+            a.clone(),
+            b.clone(),
+            1,
+            n,
+            [0; 32],
+            &recipient,
+        );
+        if r.verify(
+            MessageId([0; 16]),
+            &digest,
+            &a,
+            &b,
+            &recipient.verifying_key(),
+        )
+        .is_err()
+        {
+            return 0.0;
+        }
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// SHA-256 of 64-byte inputs per second on this thread.
+fn sha256_rate(secs: f64) -> f64 {
+    let mut input = [7u8; 64];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..1000 {
+            let h = corridor::canonical::sha256(&input);
+            input[..32].copy_from_slice(&h);
+        }
+        n += 1000;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+// ---- the run ---------------------------------------------------------------------------
+
+struct Row(&'static str, String, String);
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let quick = args.quick;
+    let secs = args.seconds.unwrap_or(if quick { 1.0 } else { 5.0 });
+    let backlog = args.backlog.unwrap_or(if quick { 2000 } else { 100_000 });
+    let audit_entries = args
+        .audit_entries
+        .unwrap_or(if quick { 20_000 } else { 1_000_000 });
+    let c = args.concurrency.max(1);
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("corridor-bench-{}", std::process::id()))
+    });
+    let orgs: Vec<OrgSpec> = [
+        "bench-sender:MY:shelter:Bench sender",
+        "bench-recipient:KH:shelter:Bench recipient",
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<_, _>>()?;
+    let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
+    let generated = devpki::generate(
+        &dir,
+        "corridor-bench",
+        &orgs,
+        &[
+            Ports {
+                federation: ports[0],
+                local: ports[1],
+            },
+            Ports {
+                federation: ports[2],
+                local: ports[3],
+            },
+        ],
+    )?;
+    let result = measure(&generated, &dir, secs, backlog, audit_entries, c).await;
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (rows, figures) = result?;
+    println!(
+        "\ncorridor bench — {} on this machine, {c} in flight, 1 KiB payloads{}",
+        if quick { "quick run" } else { "full run" },
+        if quick { " (targets not checked)" } else { "" }
+    );
+    println!("{:<44} {:>16} {:>28}", "measure", "value", "target");
+    for Row(name, value, target) in &rows {
+        println!("{name:<44} {value:>16} {target:>28}");
+    }
+    println!("{}", Value::Object(figures));
+    Ok(())
+}
+
+async fn measure(
+    orgs: &[GeneratedOrg],
+    dir: &Path,
+    secs: f64,
+    backlog: u64,
+    audit_entries: u64,
+    c: usize,
+) -> Result<(Vec<Row>, serde_json::Map<String, Value>), String> {
+    let (sender_org, recipient_org) = (&orgs[0], &orgs[1]);
+    let mut f = serde_json::Map::new();
+    let mut rows = Vec::new();
+
+    // 1. Transport limit: bare echo over mTLS in a separate process.
+    eprintln!("transport: bare tonic echo over mutual TLS ...");
+    let echo_port = free_port()?;
+    let mut echo = Command::new(exe()?)
+        .args([
+            "bench-echo",
+            "--listen",
+            &format!("127.0.0.1:{echo_port}"),
+            "--org-dir",
+        ])
+        .arg(&recipient_org.dir)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(dir.join("ca.pem"))?))
+        .identity(Identity::from_pem(
+            read(sender_org.dir.join("tls.pem"))?,
+            read(sender_org.dir.join("tls.key"))?,
+        ));
+    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{echo_port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?;
+    let channel = loop {
+        if let Ok(ch) = endpoint.connect().await {
+            break ch;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let echo_client = EchoClient::new(channel);
+    let payload = vec![0x42u8; 1024];
+    let (echo_rate, echo_p50, echo_p99) = closed_loop(c, secs, move || {
+        let mut client = echo_client.clone();
+        let payload = payload.clone();
+        async move {
+            client
+                .echo(EchoMessage { payload })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    })
+    .await?;
+    kill(&mut echo).await;
+    f.insert("transport_rps".into(), json!(echo_rate));
+    f.insert("transport_p50_ms".into(), json!(echo_p50));
+    f.insert("transport_p99_ms".into(), json!(echo_p99));
+    rows.push(Row(
+        "bare mTLS echo (req/s, p50/p99 ms)",
+        format!("{echo_rate:.0}"),
+        format!("p50 {echo_p50:.2} p99 {echo_p99:.2}"),
+    ));
+
+    // 2. Crypto limit on one core.
+    eprintln!("crypto: per-referral public-key operations on one core ...");
+    let crypto = tokio::task::spawn_blocking(move || crypto_limit(secs))
+        .await
+        .map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    f.insert("crypto_referrals_per_s_one_core".into(), json!(crypto));
+    f.insert("cores".into(), json!(cores));
+    rows.push(Row(
+        "crypto limit, one core (referrals/s)",
+        format!("{crypto:.0}"),
+        String::new(),
+    ));
+
+    // 3. Corridor end to end.
+    eprintln!(
+        "end to end: two nodes, referrals through the local API until their receipts are committed ..."
+    );
+    let mut recipient_token = token(recipient_org).await?;
+    let sender_token = token(sender_org).await?;
+    let (mut recipient, _) = start_node(recipient_org).await?;
+    let (mut sender, start_ms) = start_node(sender_org).await?;
+    let sender_pid = sender.id().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kb(sender_pid) / 1024.0;
+    let url = format!("http://127.0.0.1:{}", sender_org.ports.local);
+    let mut client = client::connect(&url, &sender_token).await?;
+    let case_id = client
+        .create_case(pb::CreateCaseRequest {
+            label: String::new(),
+        })
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner()
+        .case_id;
+    client
+        .record_consent(pb::RecordConsentRequest {
+            case_id: case_id.clone(),
+            scope: Some(pb::ConsentScope {
+                purposes: vec![PURPOSE.into()],
+                recipient_orgs: vec!["bench-recipient".into()],
+                fields: referral_fields().into_keys().collect(),
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            }),
+            given_by: "person".into(),
+            method: "written".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| explain(&s))?;
+    // Unloaded single referral.
+    let op = {
+        let (client, case_id) = (client.clone(), case_id.clone());
+        move || {
+            let (mut client, case_id) = (client.clone(), case_id.clone());
+            async move { send_and_await(&mut client, &case_id).await }
+        }
+    };
+    let (_, single_p50, single_p99) = closed_loop(1, secs.min(2.0), op.clone()).await?;
+    let peak_rss = Arc::new(std::sync::Mutex::new(0f64));
+    let sampler = {
+        let peak = peak_rss.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = rss_kb(sender_pid) / 1024.0;
+                if let Ok(mut p) = peak.lock() {
+                    *p = p.max(r);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (e2e_rate, e2e_p50, e2e_p99) = closed_loop(c, secs, op.clone()).await?;
+    let (half_p50, half_p99) = open_loop(e2e_rate / 2.0, secs, op.clone()).await?;
+    sampler.abort();
+    let load_rss = peak_rss.lock().map(|p| *p).unwrap_or(0.0);
+    for (k, v) in [
+        ("e2e_single_p50_ms", single_p50),
+        ("e2e_single_p99_ms", single_p99),
+        ("e2e_rps", e2e_rate),
+        ("e2e_p50_ms", e2e_p50),
+        ("e2e_p99_ms", e2e_p99),
+        ("e2e_half_load_rps", e2e_rate / 2.0),
+        ("e2e_half_load_p50_ms", half_p50),
+        ("e2e_half_load_p99_ms", half_p99),
+        ("ratio_e2e_to_transport", e2e_rate / echo_rate.max(1e-9)),
+        (
+            "ratio_e2e_to_crypto_times_cores",
+            e2e_rate / (crypto * cores as f64).max(1e-9),
+        ),
+        ("node_start_to_serving_ms", start_ms),
+        ("node_rss_idle_mb", idle_rss),
+        ("node_rss_load_mb", load_rss),
+    ] {
+        f.insert(k.into(), json!(v));
+    }
+    rows.push(Row(
+        "single referral, unloaded (p50 ms)",
+        format!("{single_p50:.2}"),
+        "<= 3".into(),
+    ));
+    rows.push(Row(
+        "end to end, durable (referrals/s)",
+        format!("{e2e_rate:.0}"),
+        String::new(),
+    ));
+    rows.push(Row(
+        "  p50 / p99 at max (ms)",
+        format!("{e2e_p50:.1} / {e2e_p99:.1}"),
+        String::new(),
+    ));
+    rows.push(Row(
+        "  p50 / p99 at half of max (ms)",
+        format!("{half_p50:.1} / {half_p99:.1}"),
+        "p99 <= 20".into(),
+    ));
+    rows.push(Row(
+        "  ratio to bare transport",
+        format!("{:.3}", e2e_rate / echo_rate.max(1e-9)),
+        ">= 0.10".into(),
+    ));
+    rows.push(Row(
+        "  ratio to crypto limit x cores",
+        format!("{:.3}", e2e_rate / (crypto * cores as f64).max(1e-9)),
+        ">= 0.50".into(),
+    ));
+    rows.push(Row(
+        "node start to serving (ms)",
+        format!("{start_ms:.0}"),
+        "<= 300".into(),
+    ));
+    rows.push(Row(
+        "node RSS idle / under load (MB)",
+        format!("{idle_rss:.1} / {load_rss:.1}"),
+        "<= 20 / <= 100".into(),
+    ));
+
+    // 5. Backlog for an offline recipient, and its drain.
+    eprintln!("backlog: {backlog} referrals for an offline recipient ...");
+    kill(&mut recipient).await;
+    let per_task = backlog.div_ceil(c as u64);
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let (mut client, case_id) = (client.clone(), case_id.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                client
+                    .send_referral(pb::SendReferralRequest {
+                        case_id: case_id.clone(),
+                        recipient: "bench-recipient".into(),
+                        purpose: PURPOSE.into(),
+                        fields: referral_fields(),
+                        consent_id: String::new(),
+                    })
+                    .await
+                    .map_err(|s| explain(&s))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let backlog_rss = rss_kb(sender_pid) / 1024.0;
+    let queued = client
+        .get_outbox_stats(pb::OutboxStatsRequest {})
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner()
+        .queued;
+    let t = Instant::now();
+    let (new_recipient, _) = start_node(recipient_org).await?;
+    recipient = new_recipient;
+    loop {
+        let stats = client
+            .get_outbox_stats(pb::OutboxStatsRequest {})
+            .await
+            .map_err(|s| explain(&s))?
+            .into_inner();
+        if stats.queued == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(1800) {
+            return Err(format!(
+                "backlog did not drain: {} still queued",
+                stats.queued
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drain = queued as f64 / t.elapsed().as_secs_f64();
+    f.insert("backlog_queued".into(), json!(queued));
+    f.insert("node_rss_backlog_mb".into(), json!(backlog_rss));
+    f.insert("backlog_drain_per_s".into(), json!(drain));
+    f.insert(
+        "ratio_drain_to_e2e".into(),
+        json!(drain / e2e_rate.max(1e-9)),
+    );
+    rows.push(Row(
+        "node RSS with backlog queued (MB)",
+        format!("{backlog_rss:.1} ({queued} queued)"),
+        "<= 100".into(),
+    ));
+    rows.push(Row(
+        "backlog drain (referrals/s)",
+        format!("{drain:.0}"),
+        ">= 0.5 x end to end".into(),
+    ));
+    kill(&mut sender).await;
+    kill(&mut recipient).await;
+    recipient_token.clear();
+
+    // 4. Audit log.
+    eprintln!("audit log: {audit_entries} entries ...");
+    let audit = audit_figures(&dir.join("audit-bench.db"), audit_entries, secs).await?;
+    for (k, v) in &audit {
+        f.insert((*k).into(), json!(v));
+    }
+    let get = |k: &str| {
+        audit
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| *v)
+            .unwrap_or(0.0)
+    };
+    let sha = tokio::task::spawn_blocking(move || sha256_rate(secs.min(1.0)))
+        .await
+        .map_err(|e| e.to_string())?;
+    f.insert("sha256_64b_per_s".into(), json!(sha));
+    f.insert(
+        "ratio_offline_verify_to_sha256".into(),
+        json!(get("audit_offline_verify_per_s") / sha.max(1e-9)),
+    );
+    rows.push(Row(
+        "audit append (entries/s)",
+        format!("{:.0}", get("audit_append_per_s")),
+        ">= 50000".into(),
+    ));
+    rows.push(Row(
+        "audit proofs at size (p50 / p99 ms)",
+        format!(
+            "{:.3} / {:.3}",
+            get("audit_proof_p50_ms"),
+            get("audit_proof_p99_ms")
+        ),
+        "p99 <= 1 at 1M".into(),
+    ));
+    rows.push(Row(
+        "offline verification (entries/s)",
+        format!("{:.0}", get("audit_offline_verify_per_s")),
+        ">= 0.25 x SHA-256".into(),
+    ));
+    rows.push(Row(
+        "raw SHA-256, 64-byte inputs (/s)",
+        format!("{sha:.0}"),
+        String::new(),
+    ));
+    Ok((rows, f))
+}
+
+/// Append rate, proof latency at `entries`, and offline verification rate.
+async fn audit_figures(
+    db: &Path,
+    entries: u64,
+    secs: f64,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    use corridor::audit::{Event, encode};
+    let store = corridor_node::storage::Store::open(db)
+        .await
+        .map_err(|e| e.to_string())?;
+    let entry = |i: u64| encode(&Event::RetentionPurge { deleted: i }, i as i64);
+    let t = Instant::now();
+    let mut n = 0u64;
+    while n < entries {
+        let batch: Vec<Vec<u8>> = (n..(n + 1000).min(entries)).map(entry).collect();
+        n += batch.len() as u64;
+        store
+            .append_audit(&batch)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let append_rate = n as f64 / t.elapsed().as_secs_f64();
+    let size = store.audit_size().await.map_err(|e| e.to_string())?;
+    let mut samples = Samples::default();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < secs.min(2.0) {
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let index = i % size;
+        let old = 1 + (i >> 7) % size;
+        let t = Instant::now();
+        store
+            .with_audit_hashes(|r| corridor::merkle::prove_record(size, index, r))
+            .await
+            .map_err(|e| e.to_string())?;
+        samples.0.push(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        store
+            .with_audit_hashes(|r| corridor::merkle::prove_tree(size, old, r))
+            .await
+            .map_err(|e| e.to_string())?;
+        samples.0.push(t.elapsed().as_micros() as u64);
+    }
+    // Offline verification: decode every entry, hash it, rebuild the root.
+    let all = store
+        .audit_entries(0, size)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let leaves: Vec<_> = all
+        .iter()
+        .map(|e| corridor::audit::decode(e).map(|_| corridor::merkle::leaf_hash(e)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let _ = corridor::merkle::root(&leaves);
+    let verify_rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    store.close().await;
+    Ok(vec![
+        ("audit_append_per_s", append_rate),
+        ("audit_entries", size as f64),
+        ("audit_proof_p50_ms", samples.pct(0.5)),
+        ("audit_proof_p99_ms", samples.pct(0.99)),
+        ("audit_offline_verify_per_s", verify_rate),
+    ])
+}
