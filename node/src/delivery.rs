@@ -257,30 +257,36 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
 }
 
 /// Runs the delivery loop until `shutdown` turns true.
+///
+/// The loop looks for due items when something was queued, when a retry falls due, or
+/// when an attempt finishes while every slot was taken; it reads only ids, and loads an
+/// envelope once, when its attempt starts.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let clients = Arc::new(Clients::default());
     let in_flight = Arc::new(Mutex::new(HashSet::<MessageId>::new()));
-    let slots = Arc::new(Semaphore::new(node.config.delivery.max_in_flight));
+    let max = node.config.delivery.max_in_flight;
+    let slots = Arc::new(Semaphore::new(max));
     let finished = Arc::new(Notify::new());
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let now = now_ms();
-        match node.store.due(now, 256).await {
-            Ok(items) => {
-                for item in items {
+        let mut saturated = false;
+        match node.store.due_ids(now_ms(), (max * 4) as i64).await {
+            Ok(ids) => {
+                for id in ids {
                     let fresh = in_flight
                         .lock()
-                        .map(|mut set| set.insert(item.message_id))
+                        .map(|mut set| set.insert(id))
                         .unwrap_or(false);
                     if !fresh {
                         continue;
                     }
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
                         if let Ok(mut set) = in_flight.lock() {
-                            set.remove(&item.message_id);
+                            set.remove(&id);
                         }
+                        saturated = true;
                         break;
                     };
                     let (node, clients, in_flight, finished) = (
@@ -290,8 +296,11 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                         finished.clone(),
                     );
                     tokio::spawn(async move {
-                        let id = item.message_id;
-                        attempt(&node, &clients, item).await;
+                        match node.store.due_item(id).await {
+                            Ok(Some(item)) => attempt(&node, &clients, item).await,
+                            Ok(None) => {}
+                            Err(error) => tracing::error!(%error, "cannot read an outbox item"),
+                        }
                         if let Ok(mut set) = in_flight.lock() {
                             set.remove(&id);
                         }
@@ -306,11 +315,15 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             Ok(Some(at)) => (at - now_ms()).clamp(20, 1000),
             _ => 1000,
         };
-        tokio::select! {
-            _ = node.outbox_ready.notified() => {}
-            _ = finished.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(wait_ms.unsigned_abs())) => {}
-            _ = shutdown.changed() => {}
+        let sleep = tokio::time::sleep(Duration::from_millis(wait_ms.unsigned_abs()));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = node.outbox_ready.notified() => break,
+                _ = finished.notified() => if saturated { break },
+                _ = &mut sleep => break,
+                _ = shutdown.changed() => break,
+            }
         }
     }
 }

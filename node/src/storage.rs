@@ -605,34 +605,44 @@ impl Store {
         Ok(true)
     }
 
-    /// Queued items whose next attempt is due, oldest first.
-    pub async fn due(&self, now_ms: i64, limit: i64) -> Result<Vec<DueItem>> {
+    /// Ids of queued items whose next attempt is due, oldest first (cheap: no envelopes).
+    pub async fn due_ids(&self, now_ms: i64, limit: i64) -> Result<Vec<MessageId>> {
         let rows = sqlx::query(
-            "SELECT message_id, kind, recipient, consent_id, envelope, envelope_digest, attempts,
-                expires_at_ms
-             FROM outbox WHERE state = 'queued' AND next_attempt_at_ms <= $1
+            "SELECT message_id FROM outbox WHERE state = 'queued' AND next_attempt_at_ms <= $1
              ORDER BY next_attempt_at_ms LIMIT $2",
         )
         .bind(now_ms)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(DueItem {
-                    message_id: message_id(r.get(0))?,
-                    kind: r.get(1),
-                    recipient: r.get(2),
-                    consent_id: r.get(3),
-                    envelope: r
-                        .get::<Option<Vec<u8>>, _>(4)
-                        .ok_or(StoreError::Corrupt("queued envelope missing"))?,
-                    envelope_digest: r.get(5),
-                    attempts: r.get(6),
-                    expires_at_ms: r.get(7),
-                })
+        rows.into_iter().map(|r| message_id(r.get(0))).collect()
+    }
+
+    /// The queued item `id`, with its envelope, if it is still queued.
+    pub async fn due_item(&self, id: MessageId) -> Result<Option<DueItem>> {
+        let row = sqlx::query(
+            "SELECT message_id, kind, recipient, consent_id, envelope, envelope_digest, attempts,
+                expires_at_ms
+             FROM outbox WHERE message_id = $1 AND state = 'queued'",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(DueItem {
+                message_id: message_id(r.get(0))?,
+                kind: r.get(1),
+                recipient: r.get(2),
+                consent_id: r.get(3),
+                envelope: r
+                    .get::<Option<Vec<u8>>, _>(4)
+                    .ok_or(StoreError::Corrupt("queued envelope missing"))?,
+                envelope_digest: r.get(5),
+                attempts: r.get(6),
+                expires_at_ms: r.get(7),
             })
-            .collect()
+        })
+        .transpose()
     }
 
     /// When the earliest queued item is due, if any.
