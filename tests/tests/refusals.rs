@@ -346,3 +346,80 @@ async fn recipient_reruns_the_gate_and_stores_nothing_of_a_referral_beyond_conse
         .await
         .expect("honest referral");
 }
+
+/// A certificate the federation CA issued is still not enough: its org must be a member,
+/// and it must be the very certificate the directory lists for that org.
+#[tokio::test]
+async fn refuses_federation_certificates_the_directory_does_not_list() {
+    let fed = Federation::demo("refuse-nonmember");
+    let recipient = fed.start(SHELTER_KH);
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(fed.dir.join("ca.key")).unwrap())
+            .unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "refuse-nonmember federation CA (development)",
+    );
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let e = {
+        let h = corridor::EnvelopeHeader {
+            version: ENVELOPE_VERSION,
+            message_id: MessageId::random().unwrap(),
+            kind: MessageKind::Referral,
+            sender: OrgId::new(SHELTER_MY).unwrap(),
+            recipient: OrgId::new(SHELTER_KH).unwrap(),
+            route: vec![],
+            created_at_ms: corridor_node::node::now_ms(),
+            expires_at_ms: corridor_node::node::now_ms() + 60_000,
+        };
+        envelope(&fed, h)
+    };
+    for org in ["intruder", SHELTER_MY] {
+        // A fresh key and certificate, properly issued by the federation CA.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            format!("urn:corridor:org:{org}").try_into().unwrap(),
+        ));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let dir = fed.dir.join(format!("forged-{org}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tls.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+        let ca = std::fs::read(fed.dir.join("ca.pem")).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(
+                cert.pem(),
+                key.serialize_pem(),
+            ));
+        let result = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!(
+                "https://127.0.0.1:{}",
+                fed.org(SHELTER_KH).ports.federation
+            ))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            corridor_proto::v1::federation_client::FederationClient::new(channel)
+                .deliver(envelope_to_pb(&e))
+                .await
+                .map(|r| r.into_inner())
+        }
+        .await;
+        assert_transport_refusal(result.expect_err(org));
+    }
+    assert_nothing_stored(&recipient).await;
+    let log = recipient.log();
+    assert!(log.contains("org intruder is not a member"), "{log}");
+    assert!(
+        log.contains("certificate of shelter-my does not match the directory"),
+        "{log}"
+    );
+}
