@@ -522,7 +522,6 @@ async fn measure(
     eprintln!(
         "end to end: two nodes, referrals through the local API until their receipts are committed ..."
     );
-    let mut recipient_token = token(recipient_org).await?;
     let sender_token = token(sender_org).await?;
     let (mut recipient, _) = start_node(recipient_org).await?;
     let (mut sender, start_ms) = start_node(sender_org).await?;
@@ -716,7 +715,6 @@ async fn measure(
     ));
     kill(&mut sender).await;
     kill(&mut recipient).await;
-    recipient_token.clear();
 
     // 4. Audit log.
     eprintln!("audit log: {audit_entries} entries ...");

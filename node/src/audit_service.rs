@@ -312,7 +312,7 @@ impl Witness for WitnessService {
 pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
     let size = node.store.audit_size().await?;
     let last = node.store.latest_checkpoint().await?;
-    if let Some((last_size, ref last_root, _)) = last
+    if let Some((last_size, _, _)) = last
         && last_size >= size
     {
         if last_size > size {
@@ -322,7 +322,6 @@ pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
                 "the stored log is shorter than a signed checkpoint; not signing"
             );
         }
-        let _ = last_root;
         return Ok(None);
     }
     if size == 0 {

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use corridor_proto::v1 as pb;
 use corridor_tests::*;
 
 const AUDITOR: &str = "auditor-demo";
@@ -451,5 +450,4 @@ async fn export_verify_and_prove_offline() {
     assert!(text.starts_with("c2sp.org/tlog-proof@v1\n"), "{text}");
     assert!(text.contains("\nindex 1\n"), "{text}");
     assert!(text.contains("corridor.network/"), "{text}");
-    let _ = pb::GetCheckpointRequest {};
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use corridor::{MessageId, OrgId};
+use corridor::OrgId;
 use corridor_proto::v1 as pb;
 use corridor_tests::*;
 
@@ -146,6 +146,5 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
             .expect("purge receipt verifies");
         assert_eq!(receipt.purged_referrals.len(), 1, "{}", r.recipient);
         assert!(ids.contains(&receipt.purged_referrals[0].to_hex()));
-        let _: MessageId = receipt.withdrawal_id;
     }
 }
