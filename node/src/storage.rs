@@ -519,7 +519,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for item in withdrawals {
-            Self::insert_outbox(&mut tx, item).await?;
+            Self::insert_outbox(&mut tx, item, false).await?;
         }
         Self::append(&mut tx, &[audit.to_vec()]).await?;
         tx.commit().await?;
@@ -542,45 +542,21 @@ impl Store {
 
     // ---- outbox (sending side) --------------------------------------------------------
 
+    /// Inserts an outbox row; with `require_live_consent`, only while its consent is not
+    /// withdrawn (one statement, so a concurrent withdrawal cannot slip in between).
+    /// Returns whether the row was inserted.
     async fn insert_outbox(
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
         item: &NewOutboxItem<'_>,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
-                case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-                state, next_attempt_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11)",
-        )
-        .bind(&item.message_id.0[..])
-        .bind(item.kind)
-        .bind(item.case_id)
-        .bind(item.consent_id)
-        .bind(item.recipient.as_str())
-        .bind(item.purpose)
-        .bind(item.case_ref)
-        .bind(item.envelope)
-        .bind(&item.envelope_digest[..])
-        .bind(item.created_by)
-        .bind(item.created_at_ms)
-        .bind(item.expires_at_ms)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
-    /// Queues an envelope, unless its consent was withdrawn meanwhile. One statement, so
-    /// the check and the insert cannot be split by a concurrent withdrawal (and SQLite
-    /// takes the write lock at once instead of upgrading a read transaction).
-    pub async fn enqueue(&self, item: &NewOutboxItem<'_>, audit: &[u8]) -> Result<bool> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        require_live_consent: bool,
+    ) -> Result<bool> {
         let inserted = sqlx::query(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
                 case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
                 state, next_attempt_at_ms)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11
-             WHERE EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)",
+             WHERE NOT $13
+                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)",
         )
         .bind(&item.message_id.0[..])
         .bind(item.kind)
@@ -594,10 +570,20 @@ impl Store {
         .bind(item.created_by)
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
-        .execute(&mut *tx)
+        .bind(require_live_consent)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
-        if inserted != 1 {
+        Ok(inserted == 1)
+    }
+
+    /// Queues an envelope, unless its consent was withdrawn meanwhile. Taking the write
+    /// lock at once (BEGIN IMMEDIATE) avoids upgrading a read transaction.
+    pub async fn enqueue(&self, item: &NewOutboxItem<'_>, audit: &[u8]) -> Result<bool> {
+        let _log = self.audit.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let inserted = Self::insert_outbox(&mut tx, item, true).await?;
+        if !inserted {
             return Ok(false);
         }
         Self::append(&mut tx, &[audit.to_vec()]).await?;
