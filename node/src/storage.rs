@@ -1152,15 +1152,23 @@ impl Store {
         .bind(line)
         .execute(&mut *tx)
         .await?;
+        Self::upsert_witness_view(&mut *tx, witness, size).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn upsert_witness_view<'e, E>(executor: E, witness: &str, size: u64) -> Result<()>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    {
         sqlx::query(
             "INSERT INTO witness_views (witness, size) VALUES ($1, $2)
              ON CONFLICT(witness) DO UPDATE SET size = excluded.size",
         )
         .bind(witness)
         .bind(size as i64)
-        .execute(&mut *tx)
+        .execute(executor)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1173,15 +1181,7 @@ impl Store {
     }
 
     pub async fn set_witness_view(&self, witness: &str, size: u64) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO witness_views (witness, size) VALUES ($1, $2)
-             ON CONFLICT(witness) DO UPDATE SET size = excluded.size",
-        )
-        .bind(witness)
-        .bind(size as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::upsert_witness_view(&self.pool, witness, size).await
     }
 
     /// As a witness: the state stored for a log.
