@@ -780,10 +780,7 @@ async fn audit_figures(
     while n < entries {
         let batch: Vec<Vec<u8>> = (n..(n + 1000).min(entries)).map(entry).collect();
         n += batch.len() as u64;
-        store
-            .append_audit(&batch)
-            .await
-            .map_err(|e| e.to_string())?;
+        store.append_audit(batch).await.map_err(|e| e.to_string())?;
     }
     let append_rate = n as f64 / t.elapsed().as_secs_f64();
     let size = store.audit_size().await.map_err(|e| e.to_string())?;

@@ -204,16 +204,10 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
         Ok(answer) => {
             let r = node
                 .store
-                .mark_delivered(
-                    id,
-                    &answer.receipt,
-                    answer.purge_receipt.as_deref(),
-                    now,
-                    &answer.entry,
-                )
+                .mark_delivered(id, answer.receipt, answer.purge_receipt, now, answer.entry)
                 .await;
             if r.is_ok() {
-                if answer.purge_receipt.is_some() {
+                if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
                     tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "withdrawal delivered, purge receipt verified");
                 } else {
                     tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");

@@ -24,6 +24,7 @@ pub mod services;
 pub mod storage;
 pub mod tls;
 pub mod workflows;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -136,9 +137,15 @@ async fn run(args: Args) -> Result<(), String> {
                 auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;
             let now = node::now_ms();
             store
-                .issue_token(&user, "admin", &hash, now, |user| {
-                    corridor::audit::encode(&corridor::audit::Event::TokenIssued { user }, now)
-                })
+                .issue_token(
+                    &user,
+                    "admin",
+                    &hash,
+                    now,
+                    Box::new(move |user| {
+                        corridor::audit::encode(&corridor::audit::Event::TokenIssued { user }, now)
+                    }),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             store.close().await;

@@ -15,7 +15,8 @@ pub struct Node {
     pub org: OrgId,
     pub config: Config,
     pub directory: Arc<Directory>,
-    pub signing_key: SigningKey,
+    /// Shared with the writer task, which signs receipts once an entry's place is known.
+    pub signing_key: Arc<SigningKey>,
     pub sealing_key: SealingKey,
     pub case_refs: CaseRefKey,
     /// Key-encryption key for personal data at rest.
@@ -119,7 +120,7 @@ impl Node {
             org,
             config,
             directory,
-            signing_key,
+            signing_key: Arc::new(signing_key),
             sealing_key,
             case_refs,
             data_key,

@@ -169,7 +169,7 @@ async fn record_start(node: &Node) -> Result<(), StartError> {
         },
         crate::node::now_ms(),
     );
-    node.store.append_audit(&[entry]).await?;
+    node.store.append_audit(vec![entry]).await?;
     Ok(())
 }
 
@@ -178,9 +178,9 @@ async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(node.config.retention.check_interval_s);
     loop {
         let now = crate::node::now_ms();
-        let entry = |deleted| {
+        let entry = Box::new(move |deleted| {
             corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, now)
-        };
+        });
         match node.store.enforce_retention(now, entry).await {
             Ok(0) => {}
             Ok(deleted) => {

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use corridor::{MessageId, OrgId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
+use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
+
+use crate::writer::Writer;
 
 /// Why a storage operation failed. Messages never contain stored values.
 #[derive(Debug, thiserror::Error)]
@@ -24,16 +26,18 @@ pub enum StoreError {
     Corrupt(&'static str),
     #[error("audit entry {0} is missing from the log")]
     MissingEntry(u64),
+    #[error("storage is closed")]
+    Closed,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// Reads, and the few writes that do not touch the audit log.
     pool: SqlitePool,
-    /// Held from the start to the commit of every transaction that appends to the audit
-    /// log, so entries get consecutive indexes in commit order.
-    audit: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Every write that appends to the audit log goes through here (group commit).
+    writer: Writer,
 }
 
 /// Index and leaf hash of an appended audit entry.
@@ -81,29 +85,29 @@ pub struct ScopeColumns {
 }
 
 /// A new consent to record.
-pub struct NewConsent<'a> {
-    pub id: &'a str,
-    pub case_id: &'a str,
-    pub given_by: &'a str,
-    pub guardian_basis: &'a str,
-    pub method: &'a str,
-    pub language: &'a str,
+pub struct NewConsent {
+    pub id: String,
+    pub case_id: String,
+    pub given_by: String,
+    pub guardian_basis: String,
+    pub method: String,
+    pub language: String,
     pub recorded_by: i64,
     pub recorded_at_ms: i64,
     pub scope: ScopeColumns,
 }
 
 /// A sealed envelope to queue for delivery.
-pub struct NewOutboxItem<'a> {
+pub struct NewOutboxItem {
     pub message_id: MessageId,
     pub kind: i64,
-    pub case_id: &'a str,
-    pub consent_id: &'a str,
-    pub recipient: &'a OrgId,
-    pub purpose: &'a str,
-    pub case_ref: &'a str,
-    pub envelope: &'a [u8],
-    pub envelope_digest: &'a [u8; 32],
+    pub case_id: String,
+    pub consent_id: String,
+    pub recipient: OrgId,
+    pub purpose: String,
+    pub case_ref: String,
+    pub envelope: Vec<u8>,
+    pub envelope_digest: [u8; 32],
     pub created_by: i64,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,
@@ -161,30 +165,36 @@ pub struct SeenMessage {
 }
 
 /// What the receiving side stores for an accepted referral.
-pub struct AcceptedReferral<'a> {
+pub struct AcceptedReferral {
     pub message_id: MessageId,
-    pub sender: &'a OrgId,
-    pub envelope_digest: &'a [u8; 32],
-    pub purpose: &'a str,
-    pub case_ref: &'a str,
-    pub case_key_id: &'a str,
-    pub consent_id: &'a str,
+    pub sender: OrgId,
+    pub envelope_digest: [u8; 32],
+    pub purpose: String,
+    pub case_ref: String,
+    pub case_key_id: String,
+    pub consent_id: String,
     pub consent_expires_at_ms: i64,
-    pub payload_sealed: &'a [u8],
+    pub payload_sealed: Vec<u8>,
     pub received_at_ms: i64,
     pub retain_until_ms: i64,
+    /// Builds the answer (with the signed receipt) from the entry's place in the log.
+    pub respond: Respond,
 }
 
+/// Builds the answer to an accepted envelope from its audit entry's index and leaf hash;
+/// the answer is stored with it, so a replay gets the same one.
+pub type Respond = Box<dyn Fn(Appended) -> Vec<u8> + Send + Sync>;
+
 /// What the receiving side records for an accepted consent withdrawal.
-#[derive(Clone, Copy)]
-pub struct AcceptedWithdrawal<'a> {
+pub struct AcceptedWithdrawal {
     pub message_id: MessageId,
-    pub sender: &'a OrgId,
-    pub envelope_digest: &'a [u8; 32],
-    pub consent_id: &'a str,
+    pub sender: OrgId,
+    pub envelope_digest: [u8; 32],
+    pub consent_id: String,
     /// The referrals the purge receipt names; the purge must delete exactly these.
-    pub expected: &'a [MessageId],
+    pub expected: Vec<MessageId>,
     pub received_at_ms: i64,
+    pub respond: Respond,
 }
 
 /// Outcome of storing an accepted envelope.
@@ -193,6 +203,8 @@ pub enum AcceptOutcome {
     Stored(Vec<u8>),
     /// Already stored (a replay or a concurrent duplicate); answer with this.
     AlreadySeen(SeenMessage),
+    /// Refused: the sender withdrew the consent the referral travels under.
+    ConsentWithdrawn,
 }
 
 fn message_id(bytes: Vec<u8>) -> Result<MessageId> {
@@ -219,54 +231,60 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self {
-            pool,
-            audit: Default::default(),
-        })
+        let writer = Writer::start(options.connect().await?).await?;
+        Ok(Self { pool, writer })
     }
 
     // ---- users and tokens -------------------------------------------------------------
 
-    /// Creates a user (or reuses one of that name) and issues a token for it.
+    /// Creates a user (or reuses one of that name) and issues a token for it; `audit`
+    /// makes the log entry from the user's id.
     pub async fn issue_token(
         &self,
         name: &str,
         role: &str,
         token_hash: &[u8; 32],
         now_ms: i64,
-        audit: impl Fn(i64) -> Vec<u8>,
+        audit: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
     ) -> Result<()> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT(name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(role)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO tokens (token_hash, user_id, created_at_ms)
-             SELECT $1, id, $2 FROM users WHERE name = $3",
-        )
-        .bind(&token_hash[..])
-        .bind(now_ms)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-        let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
-        Self::append(&mut tx, &[audit(user)]).await?;
-        tx.commit().await?;
-        Ok(())
+        let data = (name.to_owned(), role.to_owned(), *token_hash, now_ms, audit);
+        self.writer
+            .run(
+                data,
+                |(name, role, token_hash, now_ms, audit), conn, log| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT(name) DO NOTHING",
+                        )
+                        .bind(name)
+                        .bind(role)
+                        .bind(now_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO tokens (token_hash, user_id, created_at_ms)
+                         SELECT $1, id, $2 FROM users WHERE name = $3",
+                        )
+                        .bind(&token_hash[..])
+                        .bind(now_ms)
+                        .bind(name)
+                        .execute(&mut *conn)
+                        .await?;
+                        let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
+                            .bind(name)
+                            .fetch_one(&mut *conn)
+                            .await?
+                            .get(0);
+                        log.append(audit(user))?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
     }
 
     pub async fn user_for_token(&self, token_hash: &[u8; 32]) -> Result<Option<User>> {
@@ -298,18 +316,29 @@ impl Store {
     /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that
     /// is stored now (the existing one wins a race).
     pub async fn ensure_case_key(&self, id: &str, wrapped: &[u8], now_ms: i64) -> Result<Vec<u8>> {
-        sqlx::query(
-            "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT(id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(wrapped)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        self.case_key(id)
-            .await?
-            .ok_or(StoreError::Corrupt("case key vanished"))
+        let data = (id.to_owned(), wrapped.to_vec(), now_ms);
+        self.writer
+            .run(data, |(id, wrapped, now_ms), conn, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT(id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(wrapped)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(
+                        sqlx::query("SELECT wrapped_key FROM case_keys WHERE id = $1")
+                            .bind(id)
+                            .fetch_one(&mut *conn)
+                            .await?
+                            .get(0),
+                    )
+                })
+            })
+            .await
     }
 
     /// Creates a case with its data key and encrypted label, in one transaction.
@@ -321,24 +350,38 @@ impl Store {
         user: i64,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)")
-            .bind(id)
-            .bind(wrapped_key)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO cases (id, label_sealed, created_by, created_at_ms) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(label_sealed)
-        .bind(user)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let data = (
+            id.to_owned(),
+            wrapped_key.to_vec(),
+            label_sealed.to_vec(),
+            user,
+            now_ms,
+        );
+        self.writer
+            .run(data, |(id, wrapped_key, label_sealed, user, now_ms), conn, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)",
+                    )
+                    .bind(id)
+                    .bind(wrapped_key)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO cases (id, label_sealed, created_by, created_at_ms)
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(id)
+                    .bind(label_sealed)
+                    .bind(user)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     pub async fn case_exists(&self, id: &str) -> Result<bool> {
@@ -351,36 +394,40 @@ impl Store {
 
     // ---- consents ---------------------------------------------------------------------
 
-    pub async fn record_consent(&self, c: &NewConsent<'_>, audit: &[u8]) -> Result<()> {
-        let s = &c.scope;
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT INTO consents (id, case_id, given_by, guardian_basis, method, language,
-                recorded_by, recorded_at_ms, purposes, recipient_orgs, recipient_roles, fields,
-                excluded_countries, no_family_contact, expires_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(c.id)
-        .bind(c.case_id)
-        .bind(c.given_by)
-        .bind(c.guardian_basis)
-        .bind(c.method)
-        .bind(c.language)
-        .bind(c.recorded_by)
-        .bind(c.recorded_at_ms)
-        .bind(&s.purposes)
-        .bind(&s.recipient_orgs)
-        .bind(&s.recipient_roles)
-        .bind(&s.fields)
-        .bind(&s.excluded_countries)
-        .bind(i64::from(s.no_family_contact))
-        .bind(s.expires_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        Self::append(&mut tx, &[audit.to_vec()]).await?;
-        tx.commit().await?;
-        Ok(())
+    pub async fn record_consent(&self, c: NewConsent, audit: Vec<u8>) -> Result<()> {
+        self.writer
+            .run((c, audit), |(c, audit), conn, log| {
+                Box::pin(async move {
+                    let s = &c.scope;
+                    sqlx::query(
+                        "INSERT INTO consents (id, case_id, given_by, guardian_basis, method,
+                            language, recorded_by, recorded_at_ms, purposes, recipient_orgs,
+                            recipient_roles, fields, excluded_countries, no_family_contact,
+                            expires_at_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                    )
+                    .bind(&c.id)
+                    .bind(&c.case_id)
+                    .bind(&c.given_by)
+                    .bind(&c.guardian_basis)
+                    .bind(&c.method)
+                    .bind(&c.language)
+                    .bind(c.recorded_by)
+                    .bind(c.recorded_at_ms)
+                    .bind(&s.purposes)
+                    .bind(&s.recipient_orgs)
+                    .bind(&s.recipient_roles)
+                    .bind(&s.fields)
+                    .bind(&s.excluded_countries)
+                    .bind(i64::from(s.no_family_contact))
+                    .bind(s.expires_at_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    log.append(audit.clone())?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
@@ -440,32 +487,36 @@ impl Store {
     pub async fn narrow_consent(
         &self,
         id: &str,
-        s: &ScopeColumns,
+        scope: ScopeColumns,
         now_ms: i64,
-        audit: &[u8],
+        audit: Vec<u8>,
     ) -> Result<()> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE consents SET purposes = $2, recipient_orgs = $3, recipient_roles = $4,
-                fields = $5, excluded_countries = $6, no_family_contact = $7, expires_at_ms = $8,
-                narrowed_at_ms = $9
-             WHERE id = $1 AND withdrawn_at_ms IS NULL",
-        )
-        .bind(id)
-        .bind(&s.purposes)
-        .bind(&s.recipient_orgs)
-        .bind(&s.recipient_roles)
-        .bind(&s.fields)
-        .bind(&s.excluded_countries)
-        .bind(i64::from(s.no_family_contact))
-        .bind(s.expires_at_ms)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        Self::append(&mut tx, &[audit.to_vec()]).await?;
-        tx.commit().await?;
-        Ok(())
+        let data = (id.to_owned(), scope, now_ms, audit);
+        self.writer
+            .run(data, |(id, s, now_ms, audit), conn, log| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE consents SET purposes = $2, recipient_orgs = $3,
+                            recipient_roles = $4, fields = $5, excluded_countries = $6,
+                            no_family_contact = $7, expires_at_ms = $8, narrowed_at_ms = $9
+                         WHERE id = $1 AND withdrawn_at_ms IS NULL",
+                    )
+                    .bind(id)
+                    .bind(&s.purposes)
+                    .bind(&s.recipient_orgs)
+                    .bind(&s.recipient_roles)
+                    .bind(&s.fields)
+                    .bind(&s.excluded_countries)
+                    .bind(i64::from(s.no_family_contact))
+                    .bind(s.expires_at_ms)
+                    .bind(*now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    log.append(audit.clone())?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
@@ -494,36 +545,44 @@ impl Store {
         &self,
         consent_id: &str,
         now_ms: i64,
-        withdrawals: &[NewOutboxItem<'_>],
-        audit: &[u8],
+        withdrawals: Vec<NewOutboxItem>,
+        audit: Vec<u8>,
     ) -> Result<bool> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let changed = sqlx::query(
-            "UPDATE consents SET withdrawn_at_ms = $2 WHERE id = $1 AND withdrawn_at_ms IS NULL",
-        )
-        .bind(consent_id)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if changed == 0 {
-            return Ok(false);
-        }
-        sqlx::query(
-            "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
-                last_error = 'consent withdrawn before delivery'
-             WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
-        )
-        .bind(consent_id)
-        .execute(&mut *tx)
-        .await?;
-        for item in withdrawals {
-            Self::insert_outbox(&mut tx, item, false).await?;
-        }
-        Self::append(&mut tx, &[audit.to_vec()]).await?;
-        tx.commit().await?;
-        Ok(true)
+        let data = (consent_id.to_owned(), now_ms, withdrawals, audit);
+        self.writer
+            .run(
+                data,
+                |(consent_id, now_ms, withdrawals, audit), conn, log| {
+                    Box::pin(async move {
+                        let changed = sqlx::query(
+                            "UPDATE consents SET withdrawn_at_ms = $2
+                         WHERE id = $1 AND withdrawn_at_ms IS NULL",
+                        )
+                        .bind(consent_id)
+                        .bind(*now_ms)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                        if changed == 0 {
+                            return Ok(false);
+                        }
+                        sqlx::query(
+                            "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                            last_error = 'consent withdrawn before delivery'
+                         WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
+                        )
+                        .bind(consent_id)
+                        .execute(&mut *conn)
+                        .await?;
+                        for item in withdrawals {
+                            Self::insert_outbox(conn, item, false).await?;
+                        }
+                        log.append(audit.clone())?;
+                        Ok(true)
+                    })
+                },
+            )
+            .await
     }
 
     /// Every envelope sent under a consent, with its answers.
@@ -546,8 +605,8 @@ impl Store {
     /// withdrawn (one statement, so a concurrent withdrawal cannot slip in between).
     /// Returns whether the row was inserted.
     async fn insert_outbox(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        item: &NewOutboxItem<'_>,
+        conn: &mut SqliteConnection,
+        item: &NewOutboxItem,
         require_live_consent: bool,
     ) -> Result<bool> {
         let inserted = sqlx::query(
@@ -560,35 +619,36 @@ impl Store {
         )
         .bind(&item.message_id.0[..])
         .bind(item.kind)
-        .bind(item.case_id)
-        .bind(item.consent_id)
+        .bind(&item.case_id)
+        .bind(&item.consent_id)
         .bind(item.recipient.as_str())
-        .bind(item.purpose)
-        .bind(item.case_ref)
-        .bind(item.envelope)
+        .bind(&item.purpose)
+        .bind(&item.case_ref)
+        .bind(&item.envelope)
         .bind(&item.envelope_digest[..])
         .bind(item.created_by)
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
         .bind(require_live_consent)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
         Ok(inserted == 1)
     }
 
-    /// Queues an envelope, unless its consent was withdrawn meanwhile. Taking the write
-    /// lock at once (BEGIN IMMEDIATE) avoids upgrading a read transaction.
-    pub async fn enqueue(&self, item: &NewOutboxItem<'_>, audit: &[u8]) -> Result<bool> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let inserted = Self::insert_outbox(&mut tx, item, true).await?;
-        if !inserted {
-            return Ok(false);
-        }
-        Self::append(&mut tx, &[audit.to_vec()]).await?;
-        tx.commit().await?;
-        Ok(true)
+    /// Queues an envelope, unless its consent was withdrawn meanwhile.
+    pub async fn enqueue(&self, item: NewOutboxItem, audit: Vec<u8>) -> Result<bool> {
+        self.writer
+            .run((item, audit), |(item, audit), conn, log| {
+                Box::pin(async move {
+                    if !Self::insert_outbox(conn, item, true).await? {
+                        return Ok(false);
+                    }
+                    log.append(audit.clone())?;
+                    Ok(true)
+                })
+            })
+            .await
     }
 
     /// Ids of queued items whose next attempt is due, oldest first (cheap: no envelopes).
@@ -644,40 +704,47 @@ impl Store {
     pub async fn mark_delivered(
         &self,
         id: MessageId,
-        receipt: &[u8],
-        purge_receipt: Option<&[u8]>,
+        receipt: Vec<u8>,
+        purge_receipt: Option<Vec<u8>>,
         now_ms: i64,
-        audit: &[u8],
+        audit: Vec<u8>,
     ) -> Result<()> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let fresh = sqlx::query(
-            "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
-             VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING",
-        )
-        .bind(&id.0[..])
-        .bind(receipt)
-        .bind(purge_receipt)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if fresh == 1 {
-            Self::append(&mut tx, &[audit.to_vec()]).await?;
-        }
-        // 'withdrawn' too: an attempt in flight when the consent was withdrawn may still
-        // have arrived; the withdrawal sent to that recipient covers it.
-        sqlx::query(
-            "UPDATE outbox SET state = 'delivered', delivered_at_ms = $2, attempts = attempts + 1,
-                last_error = NULL, envelope = NULL
-             WHERE message_id = $1 AND state IN ('queued', 'withdrawn')",
-        )
-        .bind(&id.0[..])
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let data = (id, receipt, purge_receipt, now_ms, audit);
+        self.writer
+            .run(
+                data,
+                |(id, receipt, purge_receipt, now_ms, audit), conn, log| {
+                    Box::pin(async move {
+                        let fresh = sqlx::query(
+                        "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING",
+                    )
+                    .bind(&id.0[..])
+                    .bind(receipt)
+                    .bind(purge_receipt)
+                    .bind(*now_ms)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                        if fresh == 1 {
+                            log.append(audit.clone())?;
+                        }
+                        // 'withdrawn' too: an attempt in flight when the consent was withdrawn
+                        // may still have arrived; the withdrawal sent to that recipient covers it.
+                        sqlx::query(
+                            "UPDATE outbox SET state = 'delivered', delivered_at_ms = $2,
+                            attempts = attempts + 1, last_error = NULL, envelope = NULL
+                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn')",
+                        )
+                        .bind(&id.0[..])
+                        .bind(*now_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
     }
 
     /// Records a failed attempt and when to try again.
@@ -687,30 +754,46 @@ impl Store {
         error: &str,
         next_attempt_at_ms: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at_ms = $3
-             WHERE message_id = $1 AND state = 'queued'",
-        )
-        .bind(&id.0[..])
-        .bind(error)
-        .bind(next_attempt_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let data = (id, error.to_owned(), next_attempt_at_ms);
+        self.writer
+            .run(data, |(id, error, next_attempt_at_ms), conn, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
+                            next_attempt_at_ms = $3
+                         WHERE message_id = $1 AND state = 'queued'",
+                    )
+                    .bind(&id.0[..])
+                    .bind(error)
+                    .bind(*next_attempt_at_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     /// Ends delivery of an item for good (`refused` or `expired`).
-    pub async fn mark_final(&self, id: MessageId, state: &str, error: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3, envelope = NULL
-             WHERE message_id = $1 AND state = 'queued'",
-        )
-        .bind(&id.0[..])
-        .bind(state)
-        .bind(error)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    pub async fn mark_final(&self, id: MessageId, state: &'static str, error: &str) -> Result<()> {
+        let data = (id, state, error.to_owned());
+        self.writer
+            .run(data, |(id, state, error), conn, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3,
+                            envelope = NULL
+                         WHERE message_id = $1 AND state = 'queued'",
+                    )
+                    .bind(&id.0[..])
+                    .bind(*state)
+                    .bind(error)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     pub async fn outbox_status(&self, id: MessageId) -> Result<Option<OutboxStatus>> {
@@ -760,90 +843,102 @@ impl Store {
         }))
     }
 
-    pub async fn consent_withdrawn_by(&self, sender: &OrgId, consent_id: &str) -> Result<bool> {
-        let row =
-            sqlx::query("SELECT 1 FROM withdrawn_consents WHERE sender = $1 AND consent_id = $2")
-                .bind(sender.as_str())
-                .bind(consent_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.is_some())
-    }
-
+    /// Records an accepted envelope with its answer, unless `unless_withdrawn` names a
+    /// consent `sender` has withdrawn. Returns the outcome if nothing was inserted.
     async fn insert_seen(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        conn: &mut SqliteConnection,
         id: MessageId,
         sender: &OrgId,
         digest: &[u8; 32],
         response: &[u8],
         now_ms: i64,
-    ) -> Result<bool> {
+        unless_withdrawn: Option<&str>,
+    ) -> Result<Option<AcceptOutcome>> {
         let inserted = sqlx::query(
             "INSERT INTO seen_messages (message_id, sender, envelope_digest, response, received_at_ms)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO NOTHING",
+             SELECT $1, $2, $3, $4, $5
+             WHERE $6 IS NULL OR NOT EXISTS
+                (SELECT 1 FROM withdrawn_consents WHERE sender = $2 AND consent_id = $6)
+             ON CONFLICT(message_id) DO NOTHING",
         )
         .bind(&id.0[..])
         .bind(sender.as_str())
         .bind(&digest[..])
         .bind(response)
         .bind(now_ms)
-        .execute(&mut **tx)
+        .bind(unless_withdrawn)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
-    }
-
-    async fn already_seen(&self, id: MessageId) -> Result<AcceptOutcome> {
-        self.seen(id)
-            .await?
-            .map(AcceptOutcome::AlreadySeen)
-            .ok_or(StoreError::Corrupt("seen message vanished"))
+        if inserted == 1 {
+            return Ok(None);
+        }
+        // Nothing inserted: the id was seen before (a replay or a concurrent duplicate),
+        // or the consent is withdrawn.
+        let seen = sqlx::query(
+            "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(Some(match seen {
+            Some(r) => AcceptOutcome::AlreadySeen(SeenMessage {
+                sender: r.get(0),
+                envelope_digest: r.get(1),
+                response: r.get(2),
+            }),
+            None => AcceptOutcome::ConsentWithdrawn,
+        }))
     }
 
     /// Stores an accepted referral and the answer that acknowledges it, exactly once per
-    /// message id.
+    /// message id, unless the sender has withdrawn its consent (checked in the same
+    /// transaction, so a concurrent withdrawal cannot slip in between).
     pub async fn accept_referral(
         &self,
-        a: &AcceptedReferral<'_>,
-        audit: &[u8],
-        respond: impl FnOnce(Appended) -> Vec<u8>,
+        a: AcceptedReferral,
+        audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let appended = Self::append(&mut tx, &[audit.to_vec()]).await?;
-        let response = respond(appended[0]);
-        if !Self::insert_seen(
-            &mut tx,
-            a.message_id,
-            a.sender,
-            a.envelope_digest,
-            &response,
-            a.received_at_ms,
-        )
-        .await?
-        {
-            drop(tx);
-            return self.already_seen(a.message_id).await;
-        }
-        sqlx::query(
-            "INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id, consent_id,
-                consent_expires_at_ms, payload_sealed, received_at_ms, retain_until_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(&a.message_id.0[..])
-        .bind(a.sender.as_str())
-        .bind(a.purpose)
-        .bind(a.case_ref)
-        .bind(a.case_key_id)
-        .bind(a.consent_id)
-        .bind(a.consent_expires_at_ms)
-        .bind(a.payload_sealed)
-        .bind(a.received_at_ms)
-        .bind(a.retain_until_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(AcceptOutcome::Stored(response))
+        self.writer
+            .run((a, audit), |(a, audit), conn, log| {
+                Box::pin(async move {
+                    let response = (a.respond)(log.next(audit));
+                    if let Some(outcome) = Self::insert_seen(
+                        conn,
+                        a.message_id,
+                        &a.sender,
+                        &a.envelope_digest,
+                        &response,
+                        a.received_at_ms,
+                        Some(&a.consent_id),
+                    )
+                    .await?
+                    {
+                        return Ok(outcome);
+                    }
+                    sqlx::query(
+                        "INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id,
+                            consent_id, consent_expires_at_ms, payload_sealed, received_at_ms,
+                            retain_until_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(&a.message_id.0[..])
+                    .bind(a.sender.as_str())
+                    .bind(&a.purpose)
+                    .bind(&a.case_ref)
+                    .bind(&a.case_key_id)
+                    .bind(&a.consent_id)
+                    .bind(a.consent_expires_at_ms)
+                    .bind(&a.payload_sealed)
+                    .bind(a.received_at_ms)
+                    .bind(a.retain_until_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    log.append(audit.clone())?;
+                    Ok(AcceptOutcome::Stored(response))
+                })
+            })
+            .await
     }
 
     /// The referrals a withdrawal from `sender` for `consent_id` would purge.
@@ -863,85 +958,92 @@ impl Store {
 
     /// Applies a withdrawal in one transaction: records that the envelope was seen with
     /// its answer, remembers the consent as withdrawn, deletes the referrals under it and
-    /// destroys the data keys no referral needs any more. Returns the ids purged.
+    /// destroys the data keys no referral needs any more.
     pub async fn purge_consent(
         &self,
-        w: &AcceptedWithdrawal<'_>,
-        audit: &[u8],
-        respond: impl FnOnce(Appended) -> Vec<u8>,
+        w: AcceptedWithdrawal,
+        audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
-        let AcceptedWithdrawal {
-            message_id: id,
-            sender,
-            envelope_digest: digest,
-            consent_id,
-            expected,
-            received_at_ms: now_ms,
-        } = *w;
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let appended = Self::append(&mut tx, &[audit.to_vec()]).await?;
-        let response = respond(appended[0]);
-        if !Self::insert_seen(&mut tx, id, sender, digest, &response, now_ms).await? {
-            drop(tx);
-            return self.already_seen(id).await;
-        }
-        sqlx::query(
-            "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT(sender, consent_id) DO NOTHING",
-        )
-        .bind(sender.as_str())
-        .bind(consent_id)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        let purged = sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
-            .bind(sender.as_str())
-            .bind(consent_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if purged != expected.len() as u64 {
-            // A referral arrived between reading and purging: answer with the truth next time.
-            return Err(StoreError::Corrupt("inbox changed during purge; retry"));
-        }
-        Self::shred_orphan_received_keys(&mut tx).await?;
-        tx.commit().await?;
-        Ok(AcceptOutcome::Stored(response))
+        self.writer
+            .run((w, audit), |(w, audit), conn, log| {
+                Box::pin(async move {
+                    let response = (w.respond)(log.next(audit));
+                    if let Some(outcome) = Self::insert_seen(
+                        conn,
+                        w.message_id,
+                        &w.sender,
+                        &w.envelope_digest,
+                        &response,
+                        w.received_at_ms,
+                        None,
+                    )
+                    .await?
+                    {
+                        return Ok(outcome);
+                    }
+                    sqlx::query(
+                        "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms)
+                         VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO NOTHING",
+                    )
+                    .bind(w.sender.as_str())
+                    .bind(&w.consent_id)
+                    .bind(w.received_at_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    let purged =
+                        sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
+                            .bind(w.sender.as_str())
+                            .bind(&w.consent_id)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected();
+                    if purged != w.expected.len() as u64 {
+                        // A referral arrived between reading and purging: the job fails,
+                        // nothing of it stays, and the sender's retry gets the truth.
+                        return Err(StoreError::Corrupt("inbox changed during purge; retry"));
+                    }
+                    Self::shred_orphan_received_keys(conn).await?;
+                    log.append(audit.clone())?;
+                    Ok(AcceptOutcome::Stored(response))
+                })
+            })
+            .await
     }
 
-    async fn shred_orphan_received_keys(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    ) -> Result<u64> {
+    async fn shred_orphan_received_keys(conn: &mut SqliteConnection) -> Result<u64> {
         Ok(sqlx::query(
             "DELETE FROM case_keys WHERE id LIKE 'in:%'
              AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
         )
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await?
         .rows_affected())
     }
 
     /// Deletes received referrals past their retention and shreds the keys no longer
-    /// needed. Returns how many referrals were deleted.
+    /// needed; `audit` makes the log entry from the count. Returns how many referrals
+    /// were deleted.
     pub async fn enforce_retention(
         &self,
         now_ms: i64,
-        audit: impl Fn(u64) -> Vec<u8>,
+        audit: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
     ) -> Result<u64> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        Self::shred_orphan_received_keys(&mut tx).await?;
-        if deleted > 0 {
-            Self::append(&mut tx, &[audit(deleted)]).await?;
-        }
-        tx.commit().await?;
-        Ok(deleted)
+        self.writer
+            .run((now_ms, audit), |(now_ms, audit), conn, log| {
+                Box::pin(async move {
+                    let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
+                        .bind(*now_ms)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    Self::shred_orphan_received_keys(conn).await?;
+                    if deleted > 0 {
+                        log.append(audit(deleted))?;
+                    }
+                    Ok(deleted)
+                })
+            })
+            .await
     }
 
     /// Moves the WAL into the database file and truncates it, so that deleted pages
@@ -979,78 +1081,13 @@ impl Store {
 
     // ---- audit log ---------------------------------------------------------------------
 
-    /// Appends encoded entries inside `tx`; the caller holds the audit lock.
-    ///
-    /// Every hash a new leaf needs is either on the right edge of the tree as it stands
-    /// (its "frontier", at most 64 hashes) or made by an earlier leaf of the same batch,
-    /// so the batch reads the frontier once, computes in memory and writes with
-    /// multi-row inserts.
-    async fn append(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        entries: &[Vec<u8>],
-    ) -> Result<Vec<Appended>> {
-        use corridor::merkle;
-        // idx is the rowid: MAX is a lookup, COUNT would scan the table.
-        let start: u64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
-            .fetch_one(&mut **tx)
-            .await?
-            .get::<i64, _>(0)
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("audit size"))?;
-        let frontier: Vec<u64> = (0..64u32)
-            .filter(|l| (start >> l) & 1 == 1)
-            .map(|l| merkle::stored_hash_index(l, (start >> l) - 1))
-            .collect();
-        let mut known = crate::audit_log::fetch(&mut **tx, &frontier).await?;
-        let mut new_hashes = Vec::new();
-        let mut out = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let n = start + i as u64;
-            let leaf = merkle::leaf_hash(entry);
-            let hashes =
-                merkle::stored_hashes_for_record(n, leaf, &crate::audit_log::Known(&known))
-                    .map_err(|_| StoreError::Corrupt("audit log frontier hashes missing"))?;
-            let first = merkle::stored_hash_index(0, n);
-            for (k, h) in hashes.into_iter().enumerate() {
-                known.insert(first + k as u64, h);
-                new_hashes.push((first + k as u64, h));
-            }
-            out.push((n, leaf));
-        }
-        for chunk in entries.iter().zip(&out).collect::<Vec<_>>().chunks(300) {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES {values}");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (entry, (n, leaf)) in chunk {
-                q = q.bind(*n as i64).bind(entry.as_slice()).bind(leaf.to_vec());
-            }
-            q.execute(&mut **tx).await?;
-        }
-        for chunk in new_hashes.chunks(400) {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO audit_hashes (id, hash) VALUES {values}");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, h) in chunk {
-                q = q.bind(*id as i64).bind(h.to_vec());
-            }
-            q.execute(&mut **tx).await?;
-        }
-        Ok(out)
-    }
-
-    /// Appends entries in a transaction of their own (events that change nothing else).
-    pub async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<Vec<Appended>> {
-        let _log = self.audit.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let appended = Self::append(&mut tx, entries).await?;
-        tx.commit().await?;
-        Ok(appended)
+    /// Appends entries for events that change nothing else.
+    pub async fn append_audit(&self, entries: Vec<Vec<u8>>) -> Result<Vec<Appended>> {
+        self.writer
+            .run(entries, |entries, _, log| {
+                Box::pin(async move { entries.iter().map(|e| log.append(e.clone())).collect() })
+            })
+            .await
     }
 
     /// The number of entries: one past the highest index (a gap left by tampering is
@@ -1232,6 +1269,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

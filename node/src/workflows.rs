@@ -20,7 +20,7 @@ use crate::convert;
 use crate::node::{Node, now_ms};
 use crate::storage::{
     AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, NewConsent, NewOutboxItem,
-    ScopeColumns, User,
+    Respond, ScopeColumns, User,
 };
 use crate::tls::PeerInfo;
 
@@ -364,18 +364,18 @@ pub async fn record_consent(
     );
     node.store
         .record_consent(
-            &NewConsent {
-                id: &id,
-                case_id: &req.case_id,
-                given_by,
-                guardian_basis: req.guardian_basis.trim(),
-                method,
-                language: req.language.trim(),
+            NewConsent {
+                id: id.clone(),
+                case_id: req.case_id.clone(),
+                given_by: given_by.to_owned(),
+                guardian_basis: req.guardian_basis.trim().to_owned(),
+                method: method.to_owned(),
+                language: req.language.trim().to_owned(),
                 recorded_by: user.id,
                 recorded_at_ms: now,
                 scope: scope_columns(&scope),
             },
-            &entry,
+            entry,
         )
         .await?;
     tracing::info!(case = %req.case_id, consent = %id, user = %user.name, "consent recorded");
@@ -424,7 +424,7 @@ pub async fn narrow_consent(
         now,
     );
     node.store
-        .narrow_consent(&row.id, &scope_columns(&narrower), now, &entry)
+        .narrow_consent(&row.id, scope_columns(&narrower), now, entry)
         .await?;
     tracing::info!(consent = %row.id, user = %user.name, "consent narrowed");
     get_consent(node, &row.id).await
@@ -586,21 +586,21 @@ pub async fn send_referral(
     let queued = node
         .store
         .enqueue(
-            &NewOutboxItem {
+            NewOutboxItem {
                 message_id,
                 kind: MessageKind::Referral.as_i32().into(),
-                case_id: &req.case_id,
-                consent_id: &consent.id,
-                recipient: &recipient_id,
-                purpose: purpose.as_str(),
-                case_ref: &case_ref,
-                envelope: &convert::envelope_to_pb(&envelope).encode_to_vec(),
-                envelope_digest: &envelope.digest(),
+                case_id: req.case_id.clone(),
+                consent_id: consent.id.clone(),
+                recipient: recipient_id.clone(),
+                purpose: purpose.as_str().to_owned(),
+                case_ref: case_ref.clone(),
+                envelope: convert::envelope_to_pb(&envelope).encode_to_vec(),
+                envelope_digest: envelope.digest(),
                 created_by: user.id,
                 created_at_ms: now,
                 expires_at_ms: envelope.header.expires_at_ms,
             },
-            &entry,
+            entry,
         )
         .await?;
     if !queued {
@@ -660,43 +660,38 @@ pub async fn withdraw_consent(
         )?;
         envelopes.push((org, case_ref.clone(), envelope));
     }
-    let encoded: Vec<_> = envelopes
-        .iter()
-        .map(|(_, _, e)| convert::envelope_to_pb(e).encode_to_vec())
-        .collect();
-    let digests: Vec<_> = envelopes.iter().map(|(_, _, e)| e.digest()).collect();
-    let items: Vec<NewOutboxItem<'_>> = envelopes
-        .iter()
-        .zip(encoded.iter().zip(digests.iter()))
-        .map(|((org, case_ref, e), (bytes, digest))| NewOutboxItem {
+    let items: Vec<NewOutboxItem> = envelopes
+        .into_iter()
+        .map(|(org, case_ref, e)| NewOutboxItem {
             message_id: e.header.message_id,
             kind: MessageKind::ConsentWithdrawal.as_i32().into(),
-            case_id: &row.case_id,
-            consent_id,
+            case_id: row.case_id.clone(),
+            consent_id: consent_id.to_owned(),
             recipient: org,
-            purpose: "",
+            purpose: String::new(),
             case_ref,
-            envelope: bytes,
-            envelope_digest: digest,
+            envelope: convert::envelope_to_pb(&e).encode_to_vec(),
+            envelope_digest: e.digest(),
             created_by: user.id,
             created_at_ms: now,
             expires_at_ms: e.header.expires_at_ms,
         })
         .collect();
+    let recipients = items.len();
     let entry = audit::encode(
         &Event::ConsentWithdrawn {
             consent_id: consent_id.to_owned(),
             case: local_pseudonym(node, &row.case_id),
             user: user.id,
-            recipients: items.len() as u64,
+            recipients: recipients as u64,
         },
         now,
     );
     node.store
-        .withdraw_consent(consent_id, now, &items, &entry)
+        .withdraw_consent(consent_id, now, items, entry)
         .await?;
     node.outbox_ready.notify_one();
-    tracing::info!(consent = %consent_id, user = %user.name, recipients = items.len(), "consent withdrawn");
+    tracing::info!(consent = %consent_id, user = %user.name, recipients, "consent withdrawn");
     consent_status(node, consent_id).await
 }
 
@@ -766,7 +761,7 @@ pub async fn read_referral(
         .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
     // No read of personal data without its audit entry.
     node.store
-        .append_audit(&[audit::encode(
+        .append_audit(vec![audit::encode(
             &Event::PersonalDataRead {
                 message_id: id,
                 case: row.case_ref.clone(),
@@ -819,7 +814,7 @@ pub async fn receive_envelope(
             },
             now_ms(),
         );
-        if let Err(error) = node.store.append_audit(&[entry]).await {
+        if let Err(error) = node.store.append_audit(vec![entry]).await {
             tracing::error!(%error, "could not log a refused envelope");
         }
     }
@@ -865,25 +860,39 @@ async fn receive(
     }
 }
 
-/// The signed receipt for an accepted envelope, naming its audit-log entry.
-fn receipt(
+/// Builds the answer to an accepted envelope once its audit entry's place is known: the
+/// signed receipt naming that entry, and for a withdrawal the purge receipt.
+fn responder(
     node: &Node,
     sender: &OrgId,
     message_id: MessageId,
     digest: &[u8; 32],
     now: i64,
-    (log_index, leaf_hash): crate::storage::Appended,
-) -> pb::Receipt {
-    convert::receipt_to_pb(&Receipt::sign(
-        message_id,
-        *digest,
-        sender.clone(),
+    purge_receipt: Option<pb::PurgeReceipt>,
+) -> Respond {
+    let (key, me, sender, digest) = (
+        node.signing_key.clone(),
         node.org.clone(),
-        now,
-        log_index,
-        leaf_hash,
-        &node.signing_key,
-    ))
+        sender.clone(),
+        *digest,
+    );
+    Box::new(move |(log_index, leaf_hash)| {
+        let receipt = Receipt::sign(
+            message_id,
+            digest,
+            sender.clone(),
+            me.clone(),
+            now,
+            log_index,
+            leaf_hash,
+            &key,
+        );
+        pb::DeliverResponse {
+            receipt: Some(convert::receipt_to_pb(&receipt)),
+            purge_receipt: purge_receipt.clone(),
+        }
+        .encode_to_vec()
+    })
 }
 
 async fn accept_referral(
@@ -938,16 +947,6 @@ async fn accept_referral(
             &payload.case_ref,
         )
         .map_err(|e| Failure::new(Code::PermissionDenied, format!("referral refused: {e}")))?;
-    if node
-        .store
-        .consent_withdrawn_by(&sender.id, &consent_receipt.consent_id)
-        .await?
-    {
-        return Err(Failure::precondition(format!(
-            "referral refused: consent {} was withdrawn",
-            consent_receipt.consent_id
-        )));
-    }
     let me = node
         .directory
         .get(&node.org)
@@ -988,31 +987,24 @@ async fn accept_referral(
         },
         now,
     );
-    let respond = |appended| {
-        pb::DeliverResponse {
-            receipt: Some(receipt(node, &sender.id, message_id, digest, now, appended)),
-            purge_receipt: None,
-        }
-        .encode_to_vec()
-    };
     let outcome = node
         .store
         .accept_referral(
-            &AcceptedReferral {
+            AcceptedReferral {
                 message_id,
-                sender: &sender.id,
-                envelope_digest: digest,
-                purpose: purpose.as_str(),
-                case_ref: &payload.case_ref,
-                case_key_id: &case_key_id,
-                consent_id: &consent_receipt.consent_id,
+                sender: sender.id.clone(),
+                envelope_digest: *digest,
+                purpose: purpose.as_str().to_owned(),
+                case_ref: payload.case_ref.clone(),
+                case_key_id,
+                consent_id: consent_receipt.consent_id.clone(),
                 consent_expires_at_ms: consent_receipt.expires_at_ms,
-                payload_sealed: &payload_sealed,
+                payload_sealed,
                 received_at_ms: now,
                 retain_until_ms: now.saturating_add(node.config.retention.retention_ms(purpose)),
+                respond: responder(node, &sender.id, message_id, digest, now, None),
             },
-            &entry,
-            respond,
+            entry,
         )
         .await?;
     match outcome {
@@ -1021,6 +1013,10 @@ async fn accept_referral(
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+        AcceptOutcome::ConsentWithdrawn => Err(Failure::precondition(format!(
+            "referral refused: consent {} was withdrawn",
+            consent_receipt.consent_id
+        ))),
     }
 }
 
@@ -1063,26 +1059,27 @@ async fn accept_withdrawal(
         },
         now,
     );
-    let respond = |appended| {
-        pb::DeliverResponse {
-            receipt: Some(receipt(node, &sender.id, message_id, digest, now, appended)),
-            purge_receipt: Some(convert::purge_receipt_to_pb(&purge_receipt)),
-        }
-        .encode_to_vec()
-    };
+    let purged_count = purged.len();
     let outcome = node
         .store
         .purge_consent(
-            &AcceptedWithdrawal {
+            AcceptedWithdrawal {
                 message_id,
-                sender: &sender.id,
-                envelope_digest: digest,
-                consent_id: &w.consent_id,
-                expected: &purged,
+                sender: sender.id.clone(),
+                envelope_digest: *digest,
+                consent_id: w.consent_id.clone(),
+                expected: purged,
                 received_at_ms: now,
+                respond: responder(
+                    node,
+                    &sender.id,
+                    message_id,
+                    digest,
+                    now,
+                    Some(convert::purge_receipt_to_pb(&purge_receipt)),
+                ),
             },
-            &entry,
-            respond,
+            entry,
         )
         .await?;
     match outcome {
@@ -1091,10 +1088,14 @@ async fn accept_withdrawal(
             if let Err(error) = node.store.checkpoint().await {
                 tracing::warn!(%error, "WAL checkpoint after purge failed");
             }
-            tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged.len(), "consent withdrawn by sender; data purged");
+            tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged_count, "consent withdrawn by sender; data purged");
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+        AcceptOutcome::ConsentWithdrawn => Err(Failure::internal(
+            "storage answered a withdrawal as withdrawn",
+            &w.consent_id,
+        )),
     }
 }
 

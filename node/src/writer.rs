@@ -1,0 +1,304 @@
+//! Group commit: the one task that writes state which appends to the audit log.
+//!
+//! Every change that appends an audit entry is a *job* sent to this task. The task takes
+//! whatever jobs are waiting, runs them one after another inside a single `BEGIN
+//! IMMEDIATE` transaction on its own connection, writes their audit entries with
+//! multi-row inserts, commits once (one fsync for the whole group) and only then answers
+//! each caller. Under load a group grows while the previous commit is on its way to disk,
+//! so the durable-commit cost is shared; unloaded a group is one job and nothing waits.
+//!
+//! Being the only appender, the task keeps the log's size and right-edge hashes (its
+//! "frontier") in memory, so an append reads nothing. If any job of a group fails, the
+//! group is rolled back and each of its jobs is run again alone, so one bad job never
+//! fails or half-writes another.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use corridor::merkle::{self, Hash};
+use sqlx::{Connection as _, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::storage::{Appended, Result, StoreError};
+
+/// Most jobs in one group: bounds how long one transaction holds the write lock.
+const MAX_GROUP: usize = 256;
+/// Jobs waiting for the writer before callers wait to hand theirs in.
+const QUEUE: usize = 4096;
+
+/// The future of one job's statements, borrowing its data, the connection and the log.
+pub type Step<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+/// The statements of one job: runs against the group's open transaction. It may be run
+/// twice (alone, after its group failed), so it reads its input by reference.
+pub type Op<D, T> = for<'c> fn(&'c D, &'c mut SqliteConnection, &'c mut LogAppender) -> Step<'c, T>;
+
+/// Audit entries appended by the current group, computed in memory and written when the
+/// group commits.
+pub struct LogAppender {
+    /// Entries committed before this group.
+    committed: u64,
+    /// The stored hashes the next append needs (the frontier), and the new ones.
+    known: HashMap<u64, Hash>,
+    pending: Vec<(Vec<u8>, Hash)>,
+    new_hashes: Vec<(u64, Hash)>,
+}
+
+impl LogAppender {
+    /// Reads the log's size and frontier.
+    async fn load(conn: &mut SqliteConnection) -> Result<Self> {
+        use sqlx::Row as _;
+        // idx is the rowid: MAX is a lookup, COUNT would scan the table.
+        let size: u64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
+            .fetch_one(&mut *conn)
+            .await?
+            .get::<i64, _>(0)
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("audit size"))?;
+        let known = crate::audit_log::fetch(&mut *conn, &frontier(size)).await?;
+        Ok(Self {
+            committed: size,
+            known,
+            pending: Vec::new(),
+            new_hashes: Vec::new(),
+        })
+    }
+
+    /// The index and leaf hash `entry` gets if it is appended next.
+    pub fn next(&self, entry: &[u8]) -> Appended {
+        (
+            self.committed + self.pending.len() as u64,
+            merkle::leaf_hash(entry),
+        )
+    }
+
+    /// Appends an entry: computes its index and the tree hashes it completes.
+    pub fn append(&mut self, entry: Vec<u8>) -> Result<Appended> {
+        let (n, leaf) = self.next(&entry);
+        let hashes =
+            merkle::stored_hashes_for_record(n, leaf, &crate::audit_log::Known(&self.known))
+                .map_err(|_| StoreError::Corrupt("audit log frontier hashes missing"))?;
+        let first = merkle::stored_hash_index(0, n);
+        for (k, h) in hashes.into_iter().enumerate() {
+            self.known.insert(first + k as u64, h);
+            self.new_hashes.push((first + k as u64, h));
+        }
+        self.pending.push((entry, leaf));
+        Ok((n, leaf))
+    }
+
+    /// Writes the group's entries and hashes with multi-row inserts.
+    async fn write(&self, conn: &mut SqliteConnection) -> Result<()> {
+        for (c, chunk) in self.pending.chunks(300).enumerate() {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES {values}");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (i, (entry, leaf)) in chunk.iter().enumerate() {
+                let n = self.committed + (c * 300 + i) as u64;
+                q = q.bind(n as i64).bind(entry.as_slice()).bind(leaf.to_vec());
+            }
+            q.execute(&mut *conn).await?;
+        }
+        for chunk in self.new_hashes.chunks(400) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("INSERT INTO audit_hashes (id, hash) VALUES {values}");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, h) in chunk {
+                q = q.bind(*id as i64).bind(h.to_vec());
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// The group committed: its entries are part of the log.
+    fn committed(&mut self) {
+        self.committed += self.pending.len() as u64;
+        self.pending.clear();
+        self.new_hashes.clear();
+        let keep = frontier(self.committed);
+        self.known.retain(|id, _| keep.contains(id));
+    }
+
+    /// The group rolled back: forget what it appended.
+    fn rolled_back(&mut self) {
+        for (id, _) in self.new_hashes.drain(..) {
+            self.known.remove(&id);
+        }
+        self.pending.clear();
+    }
+}
+
+/// Stored-hash indexes of the complete subtrees on the right edge of a tree of `size`.
+fn frontier(size: u64) -> Vec<u64> {
+    (0..64u32)
+        .filter(|l| (size >> l) & 1 == 1)
+        .map(|l| merkle::stored_hash_index(l, (size >> l) - 1))
+        .collect()
+}
+
+/// A job with its result type erased, as the writer task holds it.
+trait Job: Send {
+    fn run<'c>(
+        &'c mut self,
+        conn: &'c mut SqliteConnection,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()>;
+    /// Answers the caller: the job's output if its group committed, else the error.
+    fn finish(self: Box<Self>, failure: Option<StoreError>);
+}
+
+struct Typed<D, T> {
+    data: D,
+    op: Op<D, T>,
+    output: Option<T>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
+    fn run<'c>(
+        &'c mut self,
+        conn: &'c mut SqliteConnection,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()> {
+        Box::pin(async move {
+            let output = (self.op)(&self.data, conn, log).await?;
+            self.output = Some(output);
+            Ok(())
+        })
+    }
+
+    fn finish(self: Box<Self>, failure: Option<StoreError>) {
+        let result = match (failure, self.output) {
+            (Some(error), _) => Err(error),
+            (None, Some(output)) => Ok(output),
+            (None, None) => Err(StoreError::Corrupt("a write job did not run")),
+        };
+        // The caller may have gone away (its request was cancelled); the write stands.
+        let _ = self.reply.send(result);
+    }
+}
+
+enum Message {
+    Job(Box<dyn Job>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle through which the node hands jobs to the writer task.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    jobs: mpsc::Sender<Message>,
+}
+
+impl Writer {
+    /// Starts the writer task on `conn`, which it owns from now on.
+    pub async fn start(mut conn: SqliteConnection) -> Result<Self> {
+        let log = LogAppender::load(&mut conn).await?;
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(run(conn, log, queue));
+        Ok(Self { jobs })
+    }
+
+    /// Runs `op` on `data` in the next group and returns its output once the group is
+    /// committed.
+    pub async fn run<D, T>(&self, data: D, op: Op<D, T>) -> Result<T>
+    where
+        D: Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Typed {
+            data,
+            op,
+            output: None,
+            reply,
+        };
+        self.jobs
+            .send(Message::Job(Box::new(job)))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Finishes the jobs already handed in and closes the writer's connection.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.jobs.send(Message::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::Receiver<Message>) {
+    let mut group: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_GROUP);
+    let mut closing = None;
+    while closing.is_none() {
+        match queue.recv().await {
+            Some(Message::Job(job)) => group.push(job),
+            Some(Message::Close(done)) => closing = Some(done),
+            None => break,
+        }
+        while closing.is_none() && group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(Message::Job(job)) => group.push(job),
+                Ok(Message::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        match commit_group(&mut conn, &mut log, &mut group).await {
+            Ok(()) => group.drain(..).for_each(|job| job.finish(None)),
+            Err(error) if group.len() == 1 => {
+                if let Some(job) = group.pop() {
+                    job.finish(Some(error));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
+                for mut job in group.drain(..) {
+                    let alone =
+                        commit_group(&mut conn, &mut log, std::slice::from_mut(&mut job)).await;
+                    job.finish(alone.err());
+                }
+            }
+        }
+    }
+    if let Err(error) = conn.close().await {
+        tracing::warn!(%error, "closing the writer's connection failed");
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
+async fn commit_group(
+    conn: &mut SqliteConnection,
+    log: &mut LogAppender,
+    group: &mut [Box<dyn Job>],
+) -> Result<()> {
+    let result = async {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        for job in group.iter_mut() {
+            job.run(&mut tx, log).await?;
+        }
+        log.write(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => log.committed(),
+        Err(_) => log.rolled_back(),
+    }
+    result
+}
