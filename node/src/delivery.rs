@@ -1,6 +1,10 @@
 //! Durable delivery from the outbox: at-least-once, in order of due time, with capped
 //! exponential backoff and jitter, surviving restarts (all state is in the outbox table).
 //!
+//! A freshly queued envelope is also handed to the loop in memory ([`Handoff`]), so its
+//! first attempt starts without reading it back; the outbox table stays the record, and
+//! whatever the hand-off cannot take (all slots busy, a restart) is found there.
+//!
 //! An item is delivered when the recipient's receipt verifies against the envelope we
 //! sent; receipt and state change are committed together. A recipient's refusal of the
 //! envelope itself (bad signature, wrong recipient, …) ends delivery with state
@@ -16,7 +20,7 @@ use corridor_proto::v1 as pb;
 use corridor_proto::v1::federation_client::FederationClient;
 use prost::Message as _;
 use ring::rand::SecureRandom as _;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tonic::Code;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -38,6 +42,66 @@ fn random_u32() -> u32 {
     // On failure fall back to no jitter rather than stop delivering.
     let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
     u32::from_le_bytes(bytes)
+}
+
+/// Freshly queued envelopes on their way from the workflows to the delivery loop.
+pub struct Handoff {
+    sender: mpsc::Sender<DueItem>,
+    receiver: Mutex<Option<mpsc::Receiver<DueItem>>>,
+}
+
+impl Handoff {
+    pub fn new(capacity: usize) -> Self {
+        let (sender, receiver) = mpsc::channel(capacity);
+        Self {
+            sender,
+            receiver: Mutex::new(Some(receiver)),
+        }
+    }
+
+    /// Offers an item that is durably queued; if the hand-off is full the loop finds it
+    /// in the outbox instead.
+    pub fn offer(&self, item: DueItem) -> bool {
+        self.sender.try_send(item).is_ok()
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::Receiver<DueItem>> {
+        self.receiver.lock().ok().and_then(|mut r| r.take())
+    }
+}
+
+/// Callers waiting for the end of a delivery attempt of a given envelope.
+#[derive(Default)]
+pub struct Waiters(Mutex<HashMap<MessageId, Vec<oneshot::Sender<()>>>>);
+
+impl Waiters {
+    /// Resolves when the next attempt to deliver `id` ends (or the waiter is dropped).
+    pub fn wait(&self, id: MessageId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut map) = self.0.lock() {
+            map.entry(id).or_default().push(tx);
+        }
+        rx
+    }
+
+    /// Forgets waiters of `id` that gave up.
+    pub fn forget(&self, id: MessageId) {
+        if let Ok(mut map) = self.0.lock()
+            && let Some(list) = map.get_mut(&id)
+        {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                map.remove(&id);
+            }
+        }
+    }
+
+    fn attempt_ended(&self, id: MessageId) {
+        let list = self.0.lock().ok().and_then(|mut map| map.remove(&id));
+        for w in list.into_iter().flatten() {
+            let _ = w.send(());
+        }
+    }
 }
 
 enum AttemptError {
@@ -242,25 +306,93 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
             node.store.mark_retry(id, &reason, next).await
         }
     };
-    // Nobody listening is fine.
-    let _ = node.deliveries.send(id);
+    node.waiters.attempt_ended(id);
     if let Err(error) = stored {
         // The item stays queued and is retried; the receipt, if any, is asked for again.
         tracing::error!(referral = %id, %error, "could not record delivery attempt");
     }
 }
 
+/// Starts attempts, at most `max_in_flight` at once and never two for one envelope.
+struct Dispatcher {
+    node: Arc<Node>,
+    clients: Arc<Clients>,
+    in_flight: Arc<Mutex<HashSet<MessageId>>>,
+    slots: Arc<Semaphore>,
+    finished: Arc<Notify>,
+}
+
+enum Launch {
+    Started,
+    /// An attempt for it is running already.
+    InFlight,
+    /// Every slot is taken; the item stays queued in the outbox.
+    Busy,
+}
+
+impl Dispatcher {
+    /// Starts an attempt for `id`; with `item` it is delivered as given, otherwise it is
+    /// read from the outbox (and skipped if no longer queued).
+    fn launch(&self, id: MessageId, item: Option<DueItem>) -> Launch {
+        let fresh = self
+            .in_flight
+            .lock()
+            .map(|mut set| set.insert(id))
+            .unwrap_or(false);
+        if !fresh {
+            return Launch::InFlight;
+        }
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            if let Ok(mut set) = self.in_flight.lock() {
+                set.remove(&id);
+            }
+            return Launch::Busy;
+        };
+        let (node, clients, in_flight, finished) = (
+            self.node.clone(),
+            self.clients.clone(),
+            self.in_flight.clone(),
+            self.finished.clone(),
+        );
+        tokio::spawn(async move {
+            let item = match item {
+                Some(item) => Ok(Some(item)),
+                None => node.store.due_item(id).await,
+            };
+            match item {
+                Ok(Some(item)) => attempt(&node, &clients, item).await,
+                Ok(None) => {}
+                Err(error) => tracing::error!(%error, "cannot read an outbox item"),
+            }
+            if let Ok(mut set) = in_flight.lock() {
+                set.remove(&id);
+            }
+            drop(permit);
+            finished.notify_one();
+        });
+        Launch::Started
+    }
+}
+
 /// Runs the delivery loop until `shutdown` turns true.
 ///
-/// The loop looks for due items when something was queued, when a retry falls due, or
-/// when an attempt finishes while every slot was taken; it reads only ids, and loads an
-/// envelope once, when its attempt starts.
+/// Fresh items arrive through the hand-off and start at once. The loop looks in the
+/// outbox when something was queued without the hand-off, when a retry falls due, or
+/// when an attempt finishes while an item had to wait for a slot; it reads only ids, and
+/// loads an envelope once, when its attempt starts.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let clients = Arc::new(Clients::default());
-    let in_flight = Arc::new(Mutex::new(HashSet::<MessageId>::new()));
+    let Some(mut handoff) = node.handoff.take_receiver() else {
+        tracing::error!("the delivery loop is already running");
+        return;
+    };
     let max = node.config.delivery.max_in_flight;
-    let slots = Arc::new(Semaphore::new(max));
-    let finished = Arc::new(Notify::new());
+    let dispatcher = Dispatcher {
+        node: node.clone(),
+        clients: Arc::new(Clients::default()),
+        in_flight: Arc::new(Mutex::new(HashSet::new())),
+        slots: Arc::new(Semaphore::new(max)),
+        finished: Arc::new(Notify::new()),
+    };
     loop {
         if *shutdown.borrow() {
             return;
@@ -269,38 +401,10 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         match node.store.due_ids(now_ms(), (max * 4) as i64).await {
             Ok(ids) => {
                 for id in ids {
-                    let fresh = in_flight
-                        .lock()
-                        .map(|mut set| set.insert(id))
-                        .unwrap_or(false);
-                    if !fresh {
-                        continue;
-                    }
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        if let Ok(mut set) = in_flight.lock() {
-                            set.remove(&id);
-                        }
+                    if let Launch::Busy = dispatcher.launch(id, None) {
                         saturated = true;
                         break;
-                    };
-                    let (node, clients, in_flight, finished) = (
-                        node.clone(),
-                        clients.clone(),
-                        in_flight.clone(),
-                        finished.clone(),
-                    );
-                    tokio::spawn(async move {
-                        match node.store.due_item(id).await {
-                            Ok(Some(item)) => attempt(&node, &clients, item).await,
-                            Ok(None) => {}
-                            Err(error) => tracing::error!(%error, "cannot read an outbox item"),
-                        }
-                        if let Ok(mut set) = in_flight.lock() {
-                            set.remove(&id);
-                        }
-                        drop(permit);
-                        finished.notify_one();
-                    });
+                    }
                 }
             }
             Err(error) => tracing::error!(%error, "cannot read the outbox"),
@@ -313,8 +417,13 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         tokio::pin!(sleep);
         loop {
             tokio::select! {
+                Some(item) = handoff.recv() => {
+                    if let Launch::Busy = dispatcher.launch(item.message_id, Some(item)) {
+                        saturated = true;
+                    }
+                }
                 _ = node.outbox_ready.notified() => break,
-                _ = finished.notified() => if saturated { break },
+                _ = dispatcher.finished.notified() => if saturated { break },
                 _ = &mut sleep => break,
                 _ = shutdown.changed() => break,
             }

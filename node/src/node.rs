@@ -23,11 +23,12 @@ pub struct Node {
     pub data_key: corridor::at_rest::KeyEncryptionKey,
     pub store: Store,
     pub tls: TlsMaterial,
-    /// Woken when something is queued for delivery.
+    /// Woken when something is queued for delivery that the hand-off did not take.
     pub outbox_ready: Notify,
-    /// Announces each envelope whose delivery attempt finished, so that a waiter wakes
-    /// only for its own referral.
-    pub deliveries: tokio::sync::broadcast::Sender<corridor::MessageId>,
+    /// Freshly queued envelopes, passed to the delivery loop in memory.
+    pub handoff: crate::delivery::Handoff,
+    /// Callers waiting for the end of a delivery attempt.
+    pub waiters: crate::delivery::Waiters,
 }
 
 /// Why the node could not start.
@@ -127,7 +128,8 @@ impl Node {
             store,
             tls,
             outbox_ready: Notify::new(),
-            deliveries: tokio::sync::broadcast::Sender::new(4096),
+            handoff: crate::delivery::Handoff::new(1024),
+            waiters: Default::default(),
         }))
     }
 }

@@ -151,21 +151,20 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        // Subscribe before looking, so no delivery between the two is missed.
-        let mut deliveries = self.node.deliveries.subscribe();
+        // Register before looking, so that no attempt ending between the two is missed.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut attempt = self.node.waiters.wait(id);
         let mut status = referral_status(&self.node, id).await?;
         while status.state == "queued" {
-            match tokio::time::timeout_at(deadline, deliveries.recv()).await {
-                // Another referral's attempt: keep waiting without touching the database.
-                Ok(Ok(done)) if done != id => continue,
-                // Ours, or we may have missed it (lagged): look again.
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(_) => {
+                    attempt = self.node.waiters.wait(id);
                     status = referral_status(&self.node, id).await?;
                 }
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break,
+                Err(_) => break,
             }
         }
+        self.node.waiters.forget(id);
         Ok(Response::new(status))
     }
 

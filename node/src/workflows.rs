@@ -19,8 +19,8 @@ use tonic::{Code, Status};
 use crate::convert;
 use crate::node::{Node, now_ms};
 use crate::storage::{
-    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, NewConsent, NewOutboxItem,
-    Respond, ScopeColumns, User,
+    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, DueItem, NewConsent,
+    NewOutboxItem, Respond, ScopeColumns, User,
 };
 use crate::tls::PeerInfo;
 
@@ -512,14 +512,15 @@ pub async fn send_referral(
     }
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
-    if !node.store.case_exists(&req.case_id).await? {
+    let now = now_ms();
+    let rows = node.store.consents_for_case(&req.case_id).await?;
+    // A case with consents exists (foreign key); only an empty answer needs a second look.
+    if rows.is_empty() && !node.store.case_exists(&req.case_id).await? {
         return Err(Failure::not_found(format!(
             "case {} not found",
             req.case_id
         )));
     }
-    let now = now_ms();
-    let rows = node.store.consents_for_case(&req.case_id).await?;
     let rows: Vec<_> = if req.consent_id.is_empty() {
         rows
     } else {
@@ -583,6 +584,18 @@ pub async fn send_referral(
         },
         now,
     );
+    let encoded = convert::envelope_to_pb(&envelope).encode_to_vec();
+    let digest = envelope.digest();
+    let due = DueItem {
+        message_id,
+        kind: MessageKind::Referral.as_i32().into(),
+        recipient: recipient_id.to_string(),
+        consent_id: consent.id.clone(),
+        envelope: encoded.clone(),
+        envelope_digest: digest.to_vec(),
+        attempts: 0,
+        expires_at_ms: envelope.header.expires_at_ms,
+    };
     let queued = node
         .store
         .enqueue(
@@ -594,8 +607,8 @@ pub async fn send_referral(
                 recipient: recipient_id.clone(),
                 purpose: purpose.as_str().to_owned(),
                 case_ref: case_ref.clone(),
-                envelope: convert::envelope_to_pb(&envelope).encode_to_vec(),
-                envelope_digest: envelope.digest(),
+                envelope: encoded,
+                envelope_digest: digest,
                 created_by: user.id,
                 created_at_ms: now,
                 expires_at_ms: envelope.header.expires_at_ms,
@@ -609,7 +622,9 @@ pub async fn send_referral(
             consent.id
         )));
     }
-    node.outbox_ready.notify_one();
+    if !node.handoff.offer(due) {
+        node.outbox_ready.notify_one();
+    }
     tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
     Ok(message_id)
 }
