@@ -183,6 +183,45 @@ fn rss_kb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) a process has used so far; `None` for this process.
+fn cpu_s(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Median latency of a 4 KiB write followed by `fdatasync` in `dir`, in milliseconds:
+/// the cost of one durable commit on this disk.
+fn fsync_ms(dir: &Path, n: usize) -> Result<f64, String> {
+    use std::io::{Seek as _, Write as _};
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    let block = [0x5au8; 4096];
+    let mut samples = Samples::default();
+    for _ in 0..n {
+        let t = Instant::now();
+        file.seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| file.write_all(&block))
+            .and_then(|_| file.sync_data())
+            .map_err(|e| e.to_string())?;
+        samples.0.push(t.elapsed().as_micros() as u64);
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(samples.pct(0.5))
+}
+
 async fn kill(child: &mut Child) {
     if let Some(pid) = child.id() {
         let _ = Command::new("kill")
@@ -576,7 +615,24 @@ async fn measure(
             }
         })
     };
+    let recipient_pid = recipient.id();
+    let cpu_before = (
+        cpu_s(Some(sender_pid)),
+        recipient_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0),
+        cpu_s(None),
+    );
+    let e2e_started = Instant::now();
     let (e2e_rate, e2e_p50, e2e_p99) = closed_loop(c, secs, op.clone()).await?;
+    let referrals = e2e_rate * e2e_started.elapsed().as_secs_f64();
+    let per_referral_us = |before: f64, after: f64| (after - before) * 1e6 / referrals.max(1.0);
+    let cpu_sender = per_referral_us(cpu_before.0, cpu_s(Some(sender_pid)));
+    let cpu_recipient = per_referral_us(
+        cpu_before.1,
+        recipient_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0),
+    );
+    let cpu_generator = per_referral_us(cpu_before.2, cpu_s(None));
+    let cpu_total = cpu_sender + cpu_recipient + cpu_generator;
+    let fsync = fsync_ms(&sender_org.dir, if secs < 2.0 { 50 } else { 200 })?;
     let (half_p50, half_p99) = open_loop(e2e_rate / 2.0, secs, op.clone()).await?;
     sampler.abort();
     let load_rss = peak_rss.lock().map(|p| *p).unwrap_or(0.0);
@@ -594,6 +650,12 @@ async fn measure(
             "ratio_e2e_to_crypto_times_cores",
             e2e_rate / (crypto * cores as f64).max(1e-9),
         ),
+        ("cpu_us_per_referral_sender", cpu_sender),
+        ("cpu_us_per_referral_recipient", cpu_recipient),
+        ("cpu_us_per_referral_generator", cpu_generator),
+        ("cpu_bound_rps", cores as f64 * 1e6 / cpu_total.max(1e-9)),
+        ("cpu_us_per_referral_crypto_limit", 1e6 / crypto.max(1e-9)),
+        ("fsync_p50_ms", fsync),
         ("node_start_to_serving_ms", start_ms),
         ("node_rss_idle_mb", idle_rss),
         ("node_rss_load_mb", load_rss),
@@ -604,6 +666,11 @@ async fn measure(
         "single referral, unloaded (p50 ms)",
         format!("{single_p50:.2}"),
         "<= 3".into(),
+    ));
+    rows.push(Row(
+        "  one durable commit here: write + fdatasync (p50 ms)",
+        format!("{fsync:.2}"),
+        "3 in series per referral".into(),
     ));
     rows.push(Row(
         "end to end, durable (referrals/s)",
@@ -629,6 +696,11 @@ async fn measure(
         "  ratio to crypto limit x cores",
         format!("{:.3}", e2e_rate / (crypto * cores as f64).max(1e-9)),
         ">= 0.50".into(),
+    ));
+    rows.push(Row(
+        "  CPU per referral: sender / recipient / load (us)",
+        format!("{cpu_sender:.0} / {cpu_recipient:.0} / {cpu_generator:.0}"),
+        format!("crypto alone {:.0}", 1e6 / crypto.max(1e-9)),
     ));
     rows.push(Row(
         "node start to serving (ms)",

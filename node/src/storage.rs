@@ -38,7 +38,18 @@ pub struct Store {
     pool: SqlitePool,
     /// Every write that appends to the audit log goes through here (group commit).
     writer: Writer,
+    /// Recently looked-up tokens, so that a burst of requests costs one lookup.
+    tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
 }
+
+/// Users by token hash, each with when it was looked up.
+type TokenCache = std::collections::HashMap<[u8; 32], (User, std::time::Instant)>;
+
+/// How long a looked-up token is trusted without asking the database again: a token
+/// revoked in the database stops working within this time.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Most tokens remembered at once.
+const TOKEN_CACHE_MAX: usize = 1024;
 
 /// Index and leaf hash of an appended audit entry.
 pub type Appended = (u64, corridor::merkle::Hash);
@@ -235,7 +246,11 @@ impl Store {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         let writer = Writer::start(options.connect().await?).await?;
-        Ok(Self { pool, writer })
+        Ok(Self {
+            pool,
+            writer,
+            tokens: Default::default(),
+        })
     }
 
     // ---- users and tokens -------------------------------------------------------------
@@ -288,6 +303,26 @@ impl Store {
     }
 
     pub async fn user_for_token(&self, token_hash: &[u8; 32]) -> Result<Option<User>> {
+        if let Ok(cache) = self.tokens.lock()
+            && let Some((user, at)) = cache.get(token_hash)
+            && at.elapsed() < TOKEN_CACHE_TTL
+        {
+            return Ok(Some(user.clone()));
+        }
+        let user = self.lookup_token(token_hash).await?;
+        if let (Some(user), Ok(mut cache)) = (&user, self.tokens.lock()) {
+            if cache.len() >= TOKEN_CACHE_MAX {
+                cache.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+                if cache.len() >= TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(*token_hash, (user.clone(), std::time::Instant::now()));
+        }
+        Ok(user)
+    }
+
+    async fn lookup_token(&self, token_hash: &[u8; 32]) -> Result<Option<User>> {
         let row = sqlx::query(
             "SELECT u.id, u.name, u.role FROM tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = $1 AND t.revoked_at_ms IS NULL",
@@ -843,8 +878,8 @@ impl Store {
         }))
     }
 
-    /// Records an accepted envelope with its answer, unless `unless_withdrawn` names a
-    /// consent `sender` has withdrawn. Returns the outcome if nothing was inserted.
+    /// Records an accepted withdrawal with its answer; returns the outcome if nothing
+    /// was inserted.
     async fn insert_seen(
         conn: &mut SqliteConnection,
         id: MessageId,
@@ -852,43 +887,42 @@ impl Store {
         digest: &[u8; 32],
         response: &[u8],
         now_ms: i64,
-        unless_withdrawn: Option<&str>,
     ) -> Result<Option<AcceptOutcome>> {
         let inserted = sqlx::query(
             "INSERT INTO seen_messages (message_id, sender, envelope_digest, response, received_at_ms)
-             SELECT $1, $2, $3, $4, $5
-             WHERE $6 IS NULL OR NOT EXISTS
-                (SELECT 1 FROM withdrawn_consents WHERE sender = $2 AND consent_id = $6)
-             ON CONFLICT(message_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO NOTHING",
         )
         .bind(&id.0[..])
         .bind(sender.as_str())
         .bind(&digest[..])
         .bind(response)
         .bind(now_ms)
-        .bind(unless_withdrawn)
         .execute(&mut *conn)
         .await?
         .rows_affected();
         if inserted == 1 {
             return Ok(None);
         }
-        // Nothing inserted: the id was seen before (a replay or a concurrent duplicate),
-        // or the consent is withdrawn.
+        Self::not_accepted(conn, id).await.map(Some)
+    }
+
+    /// Why an envelope was not recorded as seen: the id was seen before (a replay or a
+    /// concurrent duplicate), or else the consent it travels under is withdrawn.
+    async fn not_accepted(conn: &mut SqliteConnection, id: MessageId) -> Result<AcceptOutcome> {
         let seen = sqlx::query(
             "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
         )
         .bind(&id.0[..])
         .fetch_optional(&mut *conn)
         .await?;
-        Ok(Some(match seen {
+        Ok(match seen {
             Some(r) => AcceptOutcome::AlreadySeen(SeenMessage {
                 sender: r.get(0),
                 envelope_digest: r.get(1),
                 response: r.get(2),
             }),
             None => AcceptOutcome::ConsentWithdrawn,
-        }))
+        })
     }
 
     /// Stores an accepted referral and the answer that acknowledges it, exactly once per
@@ -903,37 +937,40 @@ impl Store {
             .run((a, audit), |(a, audit), conn, log| {
                 Box::pin(async move {
                     let response = (a.respond)(log.next(audit));
-                    if let Some(outcome) = Self::insert_seen(
-                        conn,
-                        a.message_id,
-                        &a.sender,
-                        &a.envelope_digest,
-                        &response,
-                        a.received_at_ms,
-                        Some(&a.consent_id),
-                    )
-                    .await?
-                    {
-                        return Ok(outcome);
-                    }
-                    sqlx::query(
-                        "INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id,
+                    // One round trip: the inbox row is inserted only if the seen row was
+                    // (changes() is the count of the statement before).
+                    let inserted = sqlx::query(
+                        "INSERT INTO seen_messages
+                            (message_id, sender, envelope_digest, response, received_at_ms)
+                         SELECT $1, $2, $3, $4, $5
+                         WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
+                                           WHERE sender = $2 AND consent_id = $6)
+                         ON CONFLICT(message_id) DO NOTHING;
+                         INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id,
                             consent_id, consent_expires_at_ms, payload_sealed, received_at_ms,
                             retain_until_ms)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                         SELECT $1, $2, $7, $8, $9, $6, $10, $11, $5, $12 WHERE changes() = 1",
                     )
                     .bind(&a.message_id.0[..])
                     .bind(a.sender.as_str())
+                    .bind(&a.envelope_digest[..])
+                    .bind(&response)
+                    .bind(a.received_at_ms)
+                    .bind(&a.consent_id)
                     .bind(&a.purpose)
                     .bind(&a.case_ref)
                     .bind(&a.case_key_id)
-                    .bind(&a.consent_id)
                     .bind(a.consent_expires_at_ms)
                     .bind(&a.payload_sealed)
-                    .bind(a.received_at_ms)
                     .bind(a.retain_until_ms)
                     .execute(&mut *conn)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                    match inserted {
+                        2 => {}
+                        0 => return Self::not_accepted(conn, a.message_id).await,
+                        _ => return Err(StoreError::Corrupt("inbox row without its seen row")),
+                    }
                     log.append(audit.clone())?;
                     Ok(AcceptOutcome::Stored(response))
                 })
@@ -975,7 +1012,6 @@ impl Store {
                         &w.envelope_digest,
                         &response,
                         w.received_at_ms,
-                        None,
                     )
                     .await?
                     {

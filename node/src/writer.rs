@@ -88,33 +88,32 @@ impl LogAppender {
         Ok((n, leaf))
     }
 
-    /// Writes the group's entries and hashes with multi-row inserts.
-    async fn write(&self, conn: &mut SqliteConnection) -> Result<()> {
-        for (c, chunk) in self.pending.chunks(300).enumerate() {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO audit_entries (idx, entry, leaf_hash) VALUES {values}");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (i, (entry, leaf)) in chunk.iter().enumerate() {
-                let n = self.committed + (c * 300 + i) as u64;
-                q = q.bind(n as i64).bind(entry.as_slice()).bind(leaf.to_vec());
-            }
-            q.execute(&mut *conn).await?;
+    /// Writes the group's entries and hashes and commits, in one round trip to SQLite
+    /// and with one fixed query whatever the group's size: the rows travel as two JSON
+    /// arrays of hex strings that SQLite unpacks (`json_each`, `unhex`).
+    async fn write_and_commit(&self, conn: &mut SqliteConnection) -> Result<()> {
+        if self.pending.is_empty() {
+            sqlx::query("COMMIT").execute(&mut *conn).await?;
+            return Ok(());
         }
-        for chunk in self.new_hashes.chunks(400) {
-            let values = (0..chunk.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO audit_hashes (id, hash) VALUES {values}");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, h) in chunk {
-                q = q.bind(*id as i64).bind(h.to_vec());
-            }
-            q.execute(&mut *conn).await?;
-        }
+        let entries = json_rows(
+            self.pending
+                .iter()
+                .map(|(entry, leaf)| [entry.as_slice(), leaf.as_slice()]),
+        );
+        let hashes = json_rows(self.new_hashes.iter().map(|(id, h)| (*id, h.as_slice())));
+        sqlx::query(
+            "INSERT INTO audit_entries (idx, entry, leaf_hash)
+                SELECT $1 + key, unhex(value ->> 0), unhex(value ->> 1) FROM json_each($2);
+             INSERT INTO audit_hashes (id, hash)
+                SELECT value ->> 0, unhex(value ->> 1) FROM json_each($3);
+             COMMIT",
+        )
+        .bind(self.committed as i64)
+        .bind(entries)
+        .bind(hashes)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
@@ -134,6 +133,44 @@ impl LogAppender {
         }
         self.pending.clear();
     }
+}
+
+/// One row of a JSON array of rows: a JSON array of its values.
+trait JsonRow {
+    fn write(&self, out: &mut String);
+}
+
+impl JsonRow for [&[u8]; 2] {
+    fn write(&self, out: &mut String) {
+        out.push_str("[\"");
+        out.push_str(&hex::encode(self[0]));
+        out.push_str("\",\"");
+        out.push_str(&hex::encode(self[1]));
+        out.push_str("\"]");
+    }
+}
+
+impl JsonRow for (u64, &[u8]) {
+    fn write(&self, out: &mut String) {
+        out.push('[');
+        out.push_str(&self.0.to_string());
+        out.push_str(",\"");
+        out.push_str(&hex::encode(self.1));
+        out.push_str("\"]");
+    }
+}
+
+/// A JSON array of rows (numbers and hex strings only: nothing needs escaping).
+fn json_rows<R: JsonRow>(rows: impl Iterator<Item = R>) -> String {
+    let mut out = String::from("[");
+    for (i, row) in rows.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        row.write(&mut out);
+    }
+    out.push(']');
+    out
 }
 
 /// Stored-hash indexes of the complete subtrees on the right edge of a tree of `size`.
@@ -281,24 +318,29 @@ async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::
 }
 
 /// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
+///
+/// The transaction is opened and closed with plain statements rather than sqlx's
+/// transaction guard so that the audit writes and the `COMMIT` share one round trip.
 async fn commit_group(
     conn: &mut SqliteConnection,
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
 ) -> Result<()> {
     let result = async {
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         for job in group.iter_mut() {
-            job.run(&mut tx, log).await?;
+            job.run(conn, log).await?;
         }
-        log.write(&mut tx).await?;
-        tx.commit().await?;
-        Ok(())
+        log.write_and_commit(conn).await
     }
     .await;
     match result {
         Ok(()) => log.committed(),
-        Err(_) => log.rolled_back(),
+        Err(_) => {
+            // Nothing of the group may stay; "no transaction is active" is fine here.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            log.rolled_back();
+        }
     }
     result
 }
