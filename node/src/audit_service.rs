@@ -134,20 +134,24 @@ impl Audit for AuditService {
         authorize(&self.node, &request).await?;
         let r = request.get_ref();
         let size = self.checked_size(r.tree_size).await?;
-        let index = if r.leaf_hash.is_empty() {
-            r.index
-        } else {
-            self.node
-                .store
-                .audit_index_of(&r.leaf_hash)
-                .await
-                .map_err(storage)?
-                .ok_or_else(|| Status::not_found("no entry with that leaf hash"))?
-        };
+        let index = r.index;
         if index >= size {
             return Err(Status::out_of_range(format!(
                 "index {index} is not in a tree of size {size}"
             )));
+        }
+        if !r.leaf_hash.is_empty() {
+            let entry = self
+                .node
+                .store
+                .audit_entries(index, index + 1)
+                .await
+                .map_err(storage)?;
+            if entry.first().map(|e| merkle::leaf_hash(e).to_vec()) != Some(r.leaf_hash.clone()) {
+                return Err(Status::not_found(format!(
+                    "entry {index} does not have that leaf hash"
+                )));
+            }
         }
         let proof = self
             .node

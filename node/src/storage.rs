@@ -242,6 +242,9 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A local file needs no liveness ping before each use; the ping doubled the
+            // cost of every read.
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
@@ -750,31 +753,27 @@ impl Store {
                 data,
                 |(id, receipt, purge_receipt, now_ms, audit), conn, log| {
                     Box::pin(async move {
+                        // One round trip. 'withdrawn' too: an attempt in flight when the
+                        // consent was withdrawn may still have arrived; the withdrawal sent to
+                        // that recipient covers it. The receipt row comes back only if it is
+                        // new, and only then is the delivery logged.
                         let fresh = sqlx::query(
-                        "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
-                         VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING",
-                    )
-                    .bind(&id.0[..])
-                    .bind(receipt)
-                    .bind(purge_receipt)
-                    .bind(*now_ms)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                        if fresh == 1 {
-                            log.append(audit.clone())?;
-                        }
-                        // 'withdrawn' too: an attempt in flight when the consent was withdrawn
-                        // may still have arrived; the withdrawal sent to that recipient covers it.
-                        sqlx::query(
-                            "UPDATE outbox SET state = 'delivered', delivered_at_ms = $2,
+                            "UPDATE outbox SET state = 'delivered', delivered_at_ms = $4,
                             attempts = attempts + 1, last_error = NULL, envelope = NULL
-                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn')",
+                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn');
+                         INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING
+                         RETURNING 1",
                         )
                         .bind(&id.0[..])
+                        .bind(receipt)
+                        .bind(purge_receipt)
                         .bind(*now_ms)
-                        .execute(&mut *conn)
+                        .fetch_all(&mut *conn)
                         .await?;
+                        if !fresh.is_empty() {
+                            log.append(audit.clone())?;
+                        }
                         Ok(())
                     })
                 },
@@ -1159,14 +1158,6 @@ impl Store {
         Ok(out)
     }
 
-    pub async fn audit_index_of(&self, leaf_hash: &[u8]) -> Result<Option<u64>> {
-        let row = sqlx::query("SELECT MIN(idx) FROM audit_entries WHERE leaf_hash = $1")
-            .bind(leaf_hash)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.get::<Option<i64>, _>(0).map(|i| i as u64))
-    }
-
     /// Runs a Merkle read (root, proof) against the stored hashes.
     pub async fn with_audit_hashes<T>(
         &self,
@@ -1302,6 +1293,12 @@ impl Store {
             .rows_affected(),
         };
         Ok(changed == 1)
+    }
+
+    /// One trivial query: the cost of a round trip to SQLite's worker thread.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn close(&self) {
