@@ -134,6 +134,18 @@ impl Federation {
         ca_dir: &Path,
         to: &str,
     ) -> Result<FederationClient<Channel>, tonic::transport::Error> {
+        let channel = self.federation_channel(as_org, ca_dir, to).await?;
+        Ok(FederationClient::new(channel).max_encoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// A mutual-TLS channel to `to`'s federation listener presenting `as_org`'s
+    /// certificate (or none), for any service served there.
+    pub async fn federation_channel(
+        &self,
+        as_org: Option<&GeneratedOrg>,
+        ca_dir: &Path,
+        to: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = std::fs::read(ca_dir.join("ca.pem")).expect("CA file");
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(org) = as_org {
@@ -141,14 +153,13 @@ impl Federation {
             let key = std::fs::read(org.dir.join("tls.key")).expect("key");
             tls = tls.identity(Identity::from_pem(cert, key));
         }
-        let channel = Endpoint::from_shared(format!(
+        Endpoint::from_shared(format!(
             "https://127.0.0.1:{}",
             self.org(to).ports.federation
         ))?
         .tls_config(tls)?
         .connect()
-        .await?;
-        Ok(FederationClient::new(channel).max_encoding_message_size(64 * 1024 * 1024))
+        .await
     }
 }
 

@@ -451,3 +451,45 @@ async fn export_verify_and_prove_offline() {
     assert!(text.contains("\nindex 1\n"), "{text}");
     assert!(text.contains("corridor.network/"), "{text}");
 }
+
+#[tokio::test]
+async fn a_proof_asked_with_a_leaf_hash_is_checked_against_the_entry_at_that_index() {
+    use corridor_proto::v1 as pb;
+    use corridor_proto::v1::audit_client::AuditClient;
+    let fed = Federation::demo("audit-leaf");
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    let channel = fed
+        .federation_channel(Some(fed.org(AUDITOR)), &fed.dir, SHELTER_MY)
+        .await
+        .expect("auditor connects");
+    let mut audit = AuditClient::new(channel);
+    let size = scalar(&my, "SELECT MAX(size) FROM checkpoints").await as u64;
+    assert!(size >= 2, "log has {size} entries");
+    let entries = audit
+        .get_entries(pb::GetEntriesRequest { start: 0, end: 2 })
+        .await
+        .expect("entries")
+        .into_inner()
+        .entries;
+    let leaf = corridor::merkle::leaf_hash(&entries[1]).to_vec();
+    let ask = |leaf_hash: Vec<u8>| pb::GetInclusionProofRequest {
+        tree_size: size,
+        index: 1,
+        leaf_hash,
+    };
+    let proof = audit
+        .get_inclusion_proof(ask(leaf.clone()))
+        .await
+        .expect("proof for the right leaf hash")
+        .into_inner();
+    assert_eq!((proof.index, proof.tree_size), (1, size));
+    let wrong = corridor::merkle::leaf_hash(&entries[0]).to_vec();
+    let refused = audit
+        .get_inclusion_proof(ask(wrong))
+        .await
+        .expect_err("another entry's leaf hash is refused");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("entry 1"), "{refused:?}");
+}
