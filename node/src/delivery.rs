@@ -433,7 +433,27 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::backoff_ms;
+    use super::{Waiters, backoff_ms};
+    use corridor::MessageId;
+
+    #[test]
+    fn waiters_wake_for_their_own_envelope_and_leave_nothing_behind() {
+        let waiters = Waiters::default();
+        let (mine, other) = (MessageId([1; 16]), MessageId([2; 16]));
+        let mut woken = waiters.wait(mine);
+        let mut not_woken = waiters.wait(other);
+        waiters.attempt_ended(mine);
+        assert!(woken.try_recv().is_ok());
+        assert!(not_woken.try_recv().is_err());
+        // A waiter that gave up is forgotten; one still waiting is kept.
+        let gave_up = waiters.wait(other);
+        drop(gave_up);
+        waiters.forget(other);
+        assert_eq!(waiters.0.lock().unwrap().get(&other).map(Vec::len), Some(1));
+        drop(not_woken);
+        waiters.forget(other);
+        assert!(waiters.0.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn backoff_grows_exponentially_within_jittered_bounds_and_is_capped() {

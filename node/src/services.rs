@@ -151,20 +151,24 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        // Register before looking, so that no attempt ending between the two is missed.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut attempt = self.node.waiters.wait(id);
-        let mut status = referral_status(&self.node, id).await?;
-        while status.state == "queued" {
-            match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(_) => {
-                    attempt = self.node.waiters.wait(id);
-                    status = referral_status(&self.node, id).await?;
+        let status = async {
+            loop {
+                // Register before looking, so that no attempt ending between the two is
+                // missed.
+                let attempt = self.node.waiters.wait(id);
+                let status = referral_status(&self.node, id).await?;
+                if status.state != "queued"
+                    || tokio::time::timeout_at(deadline, attempt).await.is_err()
+                {
+                    return Ok::<_, Status>(status);
                 }
-                Err(_) => break,
             }
         }
+        .await;
+        // Every registration of this call is dropped by now: forget them all.
         self.node.waiters.forget(id);
+        let status = status?;
         Ok(Response::new(status))
     }
 

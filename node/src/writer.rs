@@ -344,3 +344,66 @@ async fn commit_group(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::Store;
+    use corridor::merkle;
+
+    fn entry(i: u64) -> Vec<u8> {
+        corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted: i }, 0)
+    }
+
+    /// On a current-thread runtime every job below is queued before the writer runs, so
+    /// they form one group; the one that breaks a foreign key must fail alone.
+    #[tokio::test]
+    async fn a_failing_job_fails_alone_and_the_rest_of_its_group_commits() {
+        let dir = std::env::temp_dir().join(format!("corridor-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Store::open(&dir.join("writer.db")).await.expect("open");
+        store
+            .issue_token("alice", "admin", &[7; 32], 0, Box::new(|_| entry(0)))
+            .await
+            .expect("token");
+        let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
+        let alice = alice.expect("alice exists").id;
+        let (good, bad, appended, more) = tokio::join!(
+            store.create_case("case-good", b"key", b"label", alice, 1),
+            store.create_case("case-bad", b"key", b"label", alice + 99, 1),
+            store.append_audit(vec![entry(1), entry(2)]),
+            store.append_audit(vec![entry(3)]),
+        );
+        assert!(good.is_ok(), "{good:?}");
+        assert!(
+            bad.is_err(),
+            "a case by a user that does not exist must fail"
+        );
+        let appended = appended.expect("append");
+        let more = more.expect("append");
+        let indexes: Vec<u64> = appended.iter().chain(&more).map(|a| a.0).collect();
+        assert_eq!(indexes, vec![1, 2, 3]);
+        assert!(store.case_exists("case-good").await.expect("read"));
+        assert!(!store.case_exists("case-bad").await.expect("read"));
+
+        // What is stored is one consistent tree: its stored hashes give the root of its
+        // entries, and the cached frontier carries on from it after a reopen.
+        let check = |store: Store| async move {
+            let size = store.audit_size().await.expect("size");
+            let entries = store.audit_entries(0, size).await.expect("entries");
+            let leaves: Vec<_> = entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+            let stored = store
+                .with_audit_hashes(|r| merkle::tree_hash(size, r))
+                .await
+                .expect("tree hash");
+            assert_eq!(stored, merkle::root(&leaves));
+            size
+        };
+        assert_eq!(check(store.clone()).await, 4);
+        store.close().await;
+        let store = Store::open(&dir.join("writer.db")).await.expect("reopen");
+        store.append_audit(vec![entry(4)]).await.expect("append");
+        assert_eq!(check(store.clone()).await, 5);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
