@@ -423,3 +423,38 @@ async fn refuses_federation_certificates_the_directory_does_not_list() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_referral_under_a_consent_its_sender_withdrew_is_refused_on_arrival() {
+    let fed = Federation::demo("refuse-withdrawn");
+    let recipient = fed.start(SHELTER_KH);
+    // The sender withdraws "consent-test" (the consent `valid_payload` travels under).
+    let mut h = header(SHELTER_MY, SHELTER_KH);
+    h.kind = MessageKind::ConsentWithdrawal;
+    let withdrawal = pb::ConsentWithdrawal {
+        consent_id: "consent-test".into(),
+        case_ref: "ref-test".into(),
+        referral_ids: vec![],
+        withdrawn_at_ms: corridor_node::node::now_ms(),
+    }
+    .encode_to_vec();
+    let w = Envelope::seal(
+        h,
+        &withdrawal,
+        &fed.sealing_public_key(SHELTER_KH),
+        &fed.signing_key(SHELTER_MY),
+    )
+    .unwrap();
+    let answer = deliver_as(&fed, SHELTER_MY, &w)
+        .await
+        .expect("withdrawal accepted");
+    assert!(answer.purge_receipt.is_some(), "{answer:?}");
+    // A referral under it that arrives afterwards is refused and leaves nothing behind.
+    let e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &e).await,
+        Code::FailedPrecondition,
+        "consent consent-test was withdrawn",
+    );
+    assert_nothing_stored(&recipient).await;
+}
