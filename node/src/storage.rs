@@ -2,6 +2,9 @@
 //!
 //! Every function that changes state does so in one transaction, so a crash leaves either
 //! all of a change or none of it; callers acknowledge only after the function returns.
+//! Changes that append to the audit log (and the other hot-path writes) are jobs for the
+//! group-commit writer ([`crate::writer`]), which may commit several callers' changes in
+//! one transaction but returns to each only after that commit; reads use a small pool.
 //! Values that are protocol objects (envelopes, receipts, payloads) are stored as their
 //! protobuf encodings.
 
