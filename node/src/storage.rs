@@ -127,6 +127,22 @@ pub struct NewOutboxItem {
     pub expires_at_ms: i64,
 }
 
+impl NewOutboxItem {
+    /// The item as the delivery loop sees it before its first attempt.
+    pub fn due(&self) -> DueItem {
+        DueItem {
+            message_id: self.message_id,
+            kind: self.kind,
+            recipient: self.recipient.to_string(),
+            consent_id: self.consent_id.clone(),
+            envelope: self.envelope.clone(),
+            envelope_digest: self.envelope_digest.to_vec(),
+            attempts: 0,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+}
+
 /// An outbox row due for a delivery attempt.
 #[derive(Debug, Clone)]
 pub struct DueItem {

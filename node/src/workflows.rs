@@ -19,8 +19,8 @@ use tonic::{Code, Status};
 use crate::convert;
 use crate::node::{Node, now_ms};
 use crate::storage::{
-    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, DueItem, NewConsent,
-    NewOutboxItem, Respond, ScopeColumns, User,
+    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, NewConsent, NewOutboxItem,
+    Respond, ScopeColumns, User,
 };
 use crate::tls::PeerInfo;
 
@@ -584,38 +584,22 @@ pub async fn send_referral(
         },
         now,
     );
-    let encoded = convert::envelope_to_pb(&envelope).encode_to_vec();
-    let digest = envelope.digest();
-    let due = DueItem {
+    let item = NewOutboxItem {
         message_id,
         kind: MessageKind::Referral.as_i32().into(),
-        recipient: recipient_id.to_string(),
+        case_id: req.case_id.clone(),
         consent_id: consent.id.clone(),
-        envelope: encoded.clone(),
-        envelope_digest: digest.to_vec(),
-        attempts: 0,
+        recipient: recipient_id.clone(),
+        purpose: purpose.as_str().to_owned(),
+        case_ref: case_ref.clone(),
+        envelope: convert::envelope_to_pb(&envelope).encode_to_vec(),
+        envelope_digest: envelope.digest(),
+        created_by: user.id,
+        created_at_ms: now,
         expires_at_ms: envelope.header.expires_at_ms,
     };
-    let queued = node
-        .store
-        .enqueue(
-            NewOutboxItem {
-                message_id,
-                kind: MessageKind::Referral.as_i32().into(),
-                case_id: req.case_id.clone(),
-                consent_id: consent.id.clone(),
-                recipient: recipient_id.clone(),
-                purpose: purpose.as_str().to_owned(),
-                case_ref: case_ref.clone(),
-                envelope: encoded,
-                envelope_digest: digest,
-                created_by: user.id,
-                created_at_ms: now,
-                expires_at_ms: envelope.header.expires_at_ms,
-            },
-            entry,
-        )
-        .await?;
+    let due = item.due();
+    let queued = node.store.enqueue(item, entry).await?;
     if !queued {
         return Err(Failure::precondition(format!(
             "referral refused: consent {} was withdrawn",
