@@ -249,7 +249,11 @@ async fn start_node(org: &GeneratedOrg) -> Result<(Child, f64), String> {
         .arg("node")
         .arg("--config")
         .arg(&org.config)
-        .env("RUST_LOG", "warn")
+        // The nodes' log filter; profiling may ask for more (e.g. `sqlx=debug`).
+        .env(
+            "RUST_LOG",
+            std::env::var("CORRIDOR_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -310,6 +314,7 @@ fn referral_fields() -> HashMap<String, String> {
     .collect()
 }
 
+/// Sends a referral and waits for its verified receipt, in one call (`wait`).
 async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String> {
     let sent = client
         .send_referral(pb::SendReferralRequest {
@@ -318,17 +323,12 @@ async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String
             purpose: PURPOSE.into(),
             fields: referral_fields(),
             consent_id: String::new(),
+            wait: true,
         })
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
-    let status = client
-        .await_referral(pb::GetReferralStatusRequest {
-            referral_id: sent.referral_id,
-        })
-        .await
-        .map_err(|s| explain(&s))?
-        .into_inner();
+    let status = sent.status.unwrap_or_default();
     if status.state != "delivered" {
         return Err(format!(
             "referral ended {}: {}",
@@ -729,6 +729,7 @@ async fn measure(
                         purpose: PURPOSE.into(),
                         fields: referral_fields(),
                         consent_id: String::new(),
+                        wait: false,
                     })
                     .await
                     .map_err(|s| explain(&s))?;

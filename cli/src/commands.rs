@@ -153,6 +153,10 @@ pub struct SendReferral {
     /// Consent to send under (default: the newest consent of the case that allows it).
     #[arg(long)]
     pub consent: Option<String>,
+    /// Wait (up to 30 s) until the referral is delivered with a verified receipt, or
+    /// refused, expired or withdrawn; exit non-zero unless it was delivered.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 fn parse_field(s: &str) -> Result<(String, String), String> {
@@ -549,20 +553,37 @@ pub async fn referral(
                     purpose: s.purpose,
                     fields,
                     consent_id: s.consent.unwrap_or_default(),
+                    wait: s.wait,
                 })
                 .await
                 .map_err(|st| explain(&st))?
                 .into_inner();
-            print(
-                output,
-                &json!({ "referral_id": r.referral_id, "state": r.state }),
-                || {
-                    format!(
-                        "referral {} {} for delivery to {}",
-                        r.referral_id, r.state, s.recipient
-                    )
-                },
-            );
+            match &r.status {
+                Some(status) => {
+                    print_status(output, status);
+                    if status.state != "delivered" {
+                        return Err(match status.state.as_str() {
+                            "queued" => format!(
+                                "referral {} is not delivered yet; it stays queued (see `corridor referral status {}`)",
+                                r.referral_id, r.referral_id
+                            ),
+                            state => {
+                                format!("referral {} was not delivered: {state}", r.referral_id)
+                            }
+                        });
+                    }
+                }
+                None => print(
+                    output,
+                    &json!({ "referral_id": r.referral_id, "state": r.state }),
+                    || {
+                        format!(
+                            "referral {} {} for delivery to {}",
+                            r.referral_id, r.state, s.recipient
+                        )
+                    },
+                ),
+            }
         }
         ReferralCommand::Show { id } => {
             let r = client
@@ -602,36 +623,40 @@ pub async fn referral(
                 .await
                 .map_err(|s| explain(&s))?
                 .into_inner();
-            let receipt = r.receipt.as_ref().map(receipt_json);
-            print(
-                output,
-                &json!({
-                    "referral_id": r.referral_id, "recipient": r.recipient, "purpose": r.purpose,
-                    "state": r.state, "attempts": r.attempts, "last_error": r.last_error,
-                    "created_at_ms": r.created_at_ms, "receipt": receipt,
-                }),
-                || {
-                    let mut text = format!(
-                        "referral {}\n  to:       {}\n  purpose:  {}\n  state:    {}\n  attempts: {}",
-                        r.referral_id, r.recipient, r.purpose, r.state, r.attempts
-                    );
-                    if !r.last_error.is_empty() {
-                        text.push_str(&format!("\n  last error: {}", r.last_error));
-                    }
-                    if let Some(rc) = &r.receipt {
-                        text.push_str(&format!(
-                            "\n  receipt:  signed by {} at {}, envelope digest {}",
-                            rc.recipient,
-                            format_time(rc.received_at_ms),
-                            hex::encode(&rc.envelope_digest)
-                        ));
-                    }
-                    text
-                },
-            );
+            print_status(output, &r);
         }
     }
     Ok(())
+}
+
+fn print_status(output: Output, r: &pb::GetReferralStatusResponse) {
+    let receipt = r.receipt.as_ref().map(receipt_json);
+    print(
+        output,
+        &json!({
+            "referral_id": r.referral_id, "recipient": r.recipient, "purpose": r.purpose,
+            "state": r.state, "attempts": r.attempts, "last_error": r.last_error,
+            "created_at_ms": r.created_at_ms, "receipt": receipt,
+        }),
+        || {
+            let mut text = format!(
+                "referral {}\n  to:       {}\n  purpose:  {}\n  state:    {}\n  attempts: {}",
+                r.referral_id, r.recipient, r.purpose, r.state, r.attempts
+            );
+            if !r.last_error.is_empty() {
+                text.push_str(&format!("\n  last error: {}", r.last_error));
+            }
+            if let Some(rc) = &r.receipt {
+                text.push_str(&format!(
+                    "\n  receipt:  signed by {} at {}, envelope digest {}",
+                    rc.recipient,
+                    format_time(rc.received_at_ms),
+                    hex::encode(&rc.envelope_digest)
+                ));
+            }
+            text
+        },
+    );
 }
 
 pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {

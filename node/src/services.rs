@@ -39,6 +39,41 @@ impl Federation for FederationService {
     }
 }
 
+/// Waits (up to 30 s) until a sent referral is no longer queued, then answers its status.
+/// `first_attempt`, registered before the referral could be attempted, spares the first
+/// look at its status.
+async fn settled_status(
+    node: &Node,
+    id: MessageId,
+    mut first_attempt: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Result<pb::GetReferralStatusResponse, Status> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = async {
+        loop {
+            let attempt = match first_attempt.take() {
+                Some(attempt) => attempt,
+                None => {
+                    // Register before looking, so that no attempt ending between the two
+                    // is missed.
+                    let attempt = node.waiters.wait(id);
+                    let status = referral_status(node, id).await?;
+                    if status.state != "queued" {
+                        return Ok(status);
+                    }
+                    attempt
+                }
+            };
+            if tokio::time::timeout_at(deadline, attempt).await.is_err() {
+                return referral_status(node, id).await;
+            }
+        }
+    }
+    .await;
+    // Every registration of this call is dropped by now: forget them all.
+    node.waiters.forget(id);
+    status
+}
+
 async fn referral_status(
     node: &Node,
     id: MessageId,
@@ -100,10 +135,17 @@ impl Caseworker for CaseworkerService {
         request: Request<pb::SendReferralRequest>,
     ) -> Result<Response<pb::SendReferralResponse>, Status> {
         let user = authenticate(&self.node.store, &request).await?;
-        let id = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
+        let wait = request.get_ref().wait;
+        let queued = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
+        let status = if wait {
+            Some(settled_status(&self.node, queued.id, queued.first_attempt).await?)
+        } else {
+            None
+        };
         Ok(Response::new(pb::SendReferralResponse {
-            referral_id: id.to_hex(),
-            state: "queued".into(),
+            referral_id: queued.id.to_hex(),
+            state: status.as_ref().map_or("queued", |s| &s.state).to_owned(),
+            status,
         }))
     }
 
@@ -151,25 +193,7 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        let status = async {
-            loop {
-                // Register before looking, so that no attempt ending between the two is
-                // missed.
-                let attempt = self.node.waiters.wait(id);
-                let status = referral_status(&self.node, id).await?;
-                if status.state != "queued"
-                    || tokio::time::timeout_at(deadline, attempt).await.is_err()
-                {
-                    return Ok::<_, Status>(status);
-                }
-            }
-        }
-        .await;
-        // Every registration of this call is dropped by now: forget them all.
-        self.node.waiters.forget(id);
-        let status = status?;
-        Ok(Response::new(status))
+        Ok(Response::new(settled_status(&self.node, id, None).await?))
     }
 
     async fn get_outbox_stats(

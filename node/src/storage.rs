@@ -16,7 +16,7 @@ use corridor::{MessageId, OrgId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
 
-use crate::writer::Writer;
+use crate::writer::{Tx, Writer};
 
 /// Why a storage operation failed. Messages never contain stored values.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,10 @@ pub struct Store {
     writer: Writer,
     /// Recently looked-up tokens, so that a burst of requests costs one lookup.
     tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
+    /// Wrapped data keys of cases, so that a referral for a known case reads nothing
+    /// before it is stored. A cached key is only a guess: the transaction that stores a
+    /// referral checks that it is still the case's key (see [`AcceptOutcome`]).
+    case_keys: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
 }
 
 /// Users by token hash, each with when it was looked up.
@@ -53,6 +57,8 @@ type TokenCache = std::collections::HashMap<[u8; 32], (User, std::time::Instant)
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Most tokens remembered at once.
 const TOKEN_CACHE_MAX: usize = 1024;
+/// Most case keys remembered at once (wrapped keys: about 100 bytes each).
+const CASE_KEY_CACHE_MAX: usize = 4096;
 
 /// Index and leaf hash of an appended audit entry.
 pub type Appended = (u64, corridor::merkle::Hash);
@@ -202,6 +208,8 @@ pub struct AcceptedReferral {
     pub purpose: String,
     pub case_ref: String,
     pub case_key_id: String,
+    /// The wrapped key `payload_sealed` is sealed under: it must still be the case's.
+    pub wrapped_case_key: Vec<u8>,
     pub consent_id: String,
     pub consent_expires_at_ms: i64,
     pub payload_sealed: Vec<u8>,
@@ -235,6 +243,9 @@ pub enum AcceptOutcome {
     AlreadySeen(SeenMessage),
     /// Refused: the sender withdrew the consent the referral travels under.
     ConsentWithdrawn,
+    /// Not stored: the data key the payload was sealed under is no longer the case's key
+    /// (it was shredded meanwhile). Seal it again under [`Store::case_key`]'s answer.
+    CaseKeyChanged,
 }
 
 fn message_id(bytes: Vec<u8>) -> Result<MessageId> {
@@ -272,6 +283,7 @@ impl Store {
             pool,
             writer,
             tokens: Default::default(),
+            case_keys: Default::default(),
         })
     }
 
@@ -289,38 +301,36 @@ impl Store {
     ) -> Result<()> {
         let data = (name.to_owned(), role.to_owned(), *token_hash, now_ms, audit);
         self.writer
-            .run(
-                data,
-                |(name, role, token_hash, now_ms, audit), conn, log| {
-                    Box::pin(async move {
-                        sqlx::query(
-                            "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
+            .run(data, |(name, role, token_hash, now_ms, audit), tx, log| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    sqlx::query(
+                        "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
                          ON CONFLICT(name) DO NOTHING",
-                        )
-                        .bind(name)
-                        .bind(role)
-                        .bind(now_ms)
-                        .execute(&mut *conn)
-                        .await?;
-                        sqlx::query(
-                            "INSERT INTO tokens (token_hash, user_id, created_at_ms)
+                    )
+                    .bind(name)
+                    .bind(role)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO tokens (token_hash, user_id, created_at_ms)
                          SELECT $1, id, $2 FROM users WHERE name = $3",
-                        )
-                        .bind(&token_hash[..])
-                        .bind(now_ms)
+                    )
+                    .bind(&token_hash[..])
+                    .bind(now_ms)
+                    .bind(name)
+                    .execute(&mut *conn)
+                    .await?;
+                    let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
                         .bind(name)
-                        .execute(&mut *conn)
-                        .await?;
-                        let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
-                            .bind(name)
-                            .fetch_one(&mut *conn)
-                            .await?
-                            .get(0);
-                        log.append(audit(user))?;
-                        Ok(())
-                    })
-                },
-            )
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .get(0);
+                    log.append(audit(user))?;
+                    Ok(())
+                })
+            })
             .await
     }
 
@@ -361,13 +371,38 @@ impl Store {
 
     // ---- data keys and cases ----------------------------------------------------------
 
-    /// The wrapped data key of a case, if it still exists.
+    /// The wrapped data key of a case, if it still exists (as far as the cache knows).
     pub async fn case_key(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        if let Ok(cache) = self.case_keys.lock()
+            && let Some(wrapped) = cache.get(id)
+        {
+            return Ok(Some(wrapped.clone()));
+        }
         let row = sqlx::query("SELECT wrapped_key FROM case_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        let wrapped: Option<Vec<u8>> = row.map(|r| r.get(0));
+        if let Some(wrapped) = &wrapped {
+            self.remember_case_key(id, wrapped);
+        }
+        Ok(wrapped)
+    }
+
+    fn remember_case_key(&self, id: &str, wrapped: &[u8]) {
+        if let Ok(mut cache) = self.case_keys.lock() {
+            if cache.len() >= CASE_KEY_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(id.to_owned(), wrapped.to_vec());
+        }
+    }
+
+    /// Drops cached case keys (after keys were shredded, or one was found stale).
+    fn forget_case_keys(&self) {
+        if let Ok(mut cache) = self.case_keys.lock() {
+            cache.clear();
+        }
     }
 
     /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that
@@ -375,8 +410,9 @@ impl Store {
     pub async fn ensure_case_key(&self, id: &str, wrapped: &[u8], now_ms: i64) -> Result<Vec<u8>> {
         let data = (id.to_owned(), wrapped.to_vec(), now_ms);
         self.writer
-            .run(data, |(id, wrapped, now_ms), conn, _| {
+            .run(data, |(id, wrapped, now_ms), tx, _| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     sqlx::query(
                         "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)
                          ON CONFLICT(id) DO NOTHING",
@@ -396,6 +432,7 @@ impl Store {
                 })
             })
             .await
+            .inspect(|wrapped: &Vec<u8>| self.remember_case_key(id, wrapped))
     }
 
     /// Creates a case with its data key and encrypted label, in one transaction.
@@ -415,8 +452,9 @@ impl Store {
             now_ms,
         );
         self.writer
-            .run(data, |(id, wrapped_key, label_sealed, user, now_ms), conn, _| {
+            .run(data, |(id, wrapped_key, label_sealed, user, now_ms), tx, _| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     sqlx::query(
                         "INSERT INTO case_keys (id, wrapped_key, created_at_ms) VALUES ($1, $2, $3)",
                     )
@@ -453,8 +491,9 @@ impl Store {
 
     pub async fn record_consent(&self, c: NewConsent, audit: Vec<u8>) -> Result<()> {
         self.writer
-            .run((c, audit), |(c, audit), conn, log| {
+            .run((c, audit), |(c, audit), tx, log| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     let s = &c.scope;
                     sqlx::query(
                         "INSERT INTO consents (id, case_id, given_by, guardian_basis, method,
@@ -550,8 +589,9 @@ impl Store {
     ) -> Result<()> {
         let data = (id.to_owned(), scope, now_ms, audit);
         self.writer
-            .run(data, |(id, s, now_ms, audit), conn, log| {
+            .run(data, |(id, s, now_ms, audit), tx, log| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     sqlx::query(
                         "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
@@ -607,38 +647,36 @@ impl Store {
     ) -> Result<bool> {
         let data = (consent_id.to_owned(), now_ms, withdrawals, audit);
         self.writer
-            .run(
-                data,
-                |(consent_id, now_ms, withdrawals, audit), conn, log| {
-                    Box::pin(async move {
-                        let changed = sqlx::query(
-                            "UPDATE consents SET withdrawn_at_ms = $2
+            .run(data, |(consent_id, now_ms, withdrawals, audit), tx, log| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    let changed = sqlx::query(
+                        "UPDATE consents SET withdrawn_at_ms = $2
                          WHERE id = $1 AND withdrawn_at_ms IS NULL",
-                        )
-                        .bind(consent_id)
-                        .bind(*now_ms)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
-                        if changed == 0 {
-                            return Ok(false);
-                        }
-                        sqlx::query(
-                            "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                    )
+                    .bind(consent_id)
+                    .bind(*now_ms)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if changed == 0 {
+                        return Ok(false);
+                    }
+                    sqlx::query(
+                        "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
                             last_error = 'consent withdrawn before delivery'
                          WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
-                        )
-                        .bind(consent_id)
-                        .execute(&mut *conn)
-                        .await?;
-                        for item in withdrawals {
-                            Self::insert_outbox(conn, item, false).await?;
-                        }
-                        log.append(audit.clone())?;
-                        Ok(true)
-                    })
-                },
-            )
+                    )
+                    .bind(consent_id)
+                    .execute(&mut *conn)
+                    .await?;
+                    for item in withdrawals {
+                        Self::insert_outbox(tx, item, false).await?;
+                    }
+                    log.append(audit.clone())?;
+                    Ok(true)
+                })
+            })
             .await
     }
 
@@ -662,18 +700,19 @@ impl Store {
     /// withdrawn (one statement, so a concurrent withdrawal cannot slip in between).
     /// Returns whether the row was inserted.
     async fn insert_outbox(
-        conn: &mut SqliteConnection,
+        tx: &mut Tx,
         item: &NewOutboxItem,
         require_live_consent: bool,
     ) -> Result<bool> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(tx.sql(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
                 case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
                 state, next_attempt_at_ms)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11
              WHERE NOT $13
-                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)",
-        )
+                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)
+             RETURNING 1",
+        ))
         .bind(&item.message_id.0[..])
         .bind(item.kind)
         .bind(&item.case_id)
@@ -687,18 +726,17 @@ impl Store {
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
         .bind(require_live_consent)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+        .fetch_all(tx.conn().await?)
+        .await?;
+        Ok(!inserted.is_empty())
     }
 
     /// Queues an envelope, unless its consent was withdrawn meanwhile.
     pub async fn enqueue(&self, item: NewOutboxItem, audit: Vec<u8>) -> Result<bool> {
         self.writer
-            .run((item, audit), |(item, audit), conn, log| {
+            .run((item, audit), |(item, audit), tx, log| {
                 Box::pin(async move {
-                    if !Self::insert_outbox(conn, item, true).await? {
+                    if !Self::insert_outbox(tx, item, true).await? {
                         return Ok(false);
                     }
                     log.append(audit.clone())?;
@@ -770,25 +808,25 @@ impl Store {
         self.writer
             .run(
                 data,
-                |(id, receipt, purge_receipt, now_ms, audit), conn, log| {
+                |(id, receipt, purge_receipt, now_ms, audit), tx, log| {
                     Box::pin(async move {
                         // One round trip. 'withdrawn' too: an attempt in flight when the
                         // consent was withdrawn may still have arrived; the withdrawal sent to
                         // that recipient covers it. The receipt row comes back only if it is
                         // new, and only then is the delivery logged.
-                        let fresh = sqlx::query(
+                        let fresh = sqlx::query(tx.sql(
                             "UPDATE outbox SET state = 'delivered', delivered_at_ms = $4,
                             attempts = attempts + 1, last_error = NULL, envelope = NULL
                          WHERE message_id = $1 AND state IN ('queued', 'withdrawn');
                          INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
                          VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING
                          RETURNING 1",
-                        )
+                        ))
                         .bind(&id.0[..])
                         .bind(receipt)
                         .bind(purge_receipt)
                         .bind(*now_ms)
-                        .fetch_all(&mut *conn)
+                        .fetch_all(tx.conn().await?)
                         .await?;
                         if !fresh.is_empty() {
                             log.append(audit.clone())?;
@@ -809,8 +847,9 @@ impl Store {
     ) -> Result<()> {
         let data = (id, error.to_owned(), next_attempt_at_ms);
         self.writer
-            .run(data, |(id, error, next_attempt_at_ms), conn, _| {
+            .run(data, |(id, error, next_attempt_at_ms), tx, _| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     sqlx::query(
                         "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
                             next_attempt_at_ms = $3
@@ -831,8 +870,9 @@ impl Store {
     pub async fn mark_final(&self, id: MessageId, state: &'static str, error: &str) -> Result<()> {
         let data = (id, state, error.to_owned());
         self.writer
-            .run(data, |(id, state, error), conn, _| {
+            .run(data, |(id, state, error), tx, _| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     sqlx::query(
                         "UPDATE outbox SET state = $2, attempts = attempts + 1, last_error = $3,
                             envelope = NULL
@@ -921,12 +961,17 @@ impl Store {
         if inserted == 1 {
             return Ok(None);
         }
-        Self::not_accepted(conn, id).await.map(Some)
+        Self::not_accepted(conn, id, None).await.map(Some)
     }
 
     /// Why an envelope was not recorded as seen: the id was seen before (a replay or a
-    /// concurrent duplicate), or else the consent it travels under is withdrawn.
-    async fn not_accepted(conn: &mut SqliteConnection, id: MessageId) -> Result<AcceptOutcome> {
+    /// concurrent duplicate), or else (for a referral, whose `consent` is given) the
+    /// consent it travels under is withdrawn, or else its data key is stale.
+    async fn not_accepted(
+        conn: &mut SqliteConnection,
+        id: MessageId,
+        consent: Option<(&str, &str)>,
+    ) -> Result<AcceptOutcome> {
         let seen = sqlx::query(
             "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
         )
@@ -939,36 +984,56 @@ impl Store {
                 envelope_digest: r.get(1),
                 response: r.get(2),
             }),
-            None => AcceptOutcome::ConsentWithdrawn,
+            None => {
+                let Some((sender, consent_id)) = consent else {
+                    return Err(StoreError::Corrupt("an unseen envelope was not recorded"));
+                };
+                let withdrawn = sqlx::query(
+                    "SELECT 1 FROM withdrawn_consents WHERE sender = $1 AND consent_id = $2",
+                )
+                .bind(sender)
+                .bind(consent_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if withdrawn.is_some() {
+                    AcceptOutcome::ConsentWithdrawn
+                } else {
+                    AcceptOutcome::CaseKeyChanged
+                }
+            }
         })
     }
 
     /// Stores an accepted referral and the answer that acknowledges it, exactly once per
-    /// message id, unless the sender has withdrawn its consent (checked in the same
-    /// transaction, so a concurrent withdrawal cannot slip in between).
+    /// message id, unless the sender has withdrawn its consent or the case's data key is
+    /// no longer the one it is sealed under (both checked in the same transaction, so a
+    /// concurrent withdrawal or key shredding cannot slip in between).
     pub async fn accept_referral(
         &self,
         a: AcceptedReferral,
         audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
         self.writer
-            .run((a, audit), |(a, audit), conn, log| {
+            .run((a, audit), |(a, audit), tx, log| {
                 Box::pin(async move {
                     let response = (a.respond)(log.next(audit));
-                    // One round trip: the inbox row is inserted only if the seen row was
-                    // (changes() is the count of the statement before).
-                    let inserted = sqlx::query(
+                    // One round trip: the inbox row is inserted (and comes back) only if
+                    // the seen row was (changes() is the count of the statement before).
+                    let stored = sqlx::query(tx.sql(
                         "INSERT INTO seen_messages
                             (message_id, sender, envelope_digest, response, received_at_ms)
                          SELECT $1, $2, $3, $4, $5
                          WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
                                            WHERE sender = $2 AND consent_id = $6)
+                           AND EXISTS (SELECT 1 FROM case_keys
+                                       WHERE id = $9 AND wrapped_key = $13)
                          ON CONFLICT(message_id) DO NOTHING;
                          INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id,
                             consent_id, consent_expires_at_ms, payload_sealed, received_at_ms,
                             retain_until_ms)
-                         SELECT $1, $2, $7, $8, $9, $6, $10, $11, $5, $12 WHERE changes() = 1",
-                    )
+                         SELECT $1, $2, $7, $8, $9, $6, $10, $11, $5, $12 WHERE changes() = 1
+                         RETURNING 1",
+                    ))
                     .bind(&a.message_id.0[..])
                     .bind(a.sender.as_str())
                     .bind(&a.envelope_digest[..])
@@ -981,19 +1046,23 @@ impl Store {
                     .bind(a.consent_expires_at_ms)
                     .bind(&a.payload_sealed)
                     .bind(a.retain_until_ms)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                    match inserted {
-                        2 => {}
-                        0 => return Self::not_accepted(conn, a.message_id).await,
-                        _ => return Err(StoreError::Corrupt("inbox row without its seen row")),
+                    .bind(&a.wrapped_case_key)
+                    .fetch_all(tx.conn().await?)
+                    .await?;
+                    if stored.is_empty() {
+                        let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
+                        return Self::not_accepted(tx.conn().await?, a.message_id, consent).await;
                     }
                     log.append(audit.clone())?;
                     Ok(AcceptOutcome::Stored(response))
                 })
             })
             .await
+            .inspect(|outcome| {
+                if matches!(outcome, AcceptOutcome::CaseKeyChanged) {
+                    self.forget_case_keys();
+                }
+            })
     }
 
     /// The referrals a withdrawal from `sender` for `consent_id` would purge.
@@ -1020,8 +1089,9 @@ impl Store {
         audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
         self.writer
-            .run((w, audit), |(w, audit), conn, log| {
+            .run((w, audit), |(w, audit), tx, log| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     let response = (w.respond)(log.next(audit));
                     if let Some(outcome) = Self::insert_seen(
                         conn,
@@ -1062,6 +1132,7 @@ impl Store {
                 })
             })
             .await
+            .inspect(|_| self.forget_case_keys())
     }
 
     async fn shred_orphan_received_keys(conn: &mut SqliteConnection) -> Result<u64> {
@@ -1083,8 +1154,9 @@ impl Store {
         audit: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
     ) -> Result<u64> {
         self.writer
-            .run((now_ms, audit), |(now_ms, audit), conn, log| {
+            .run((now_ms, audit), |(now_ms, audit), tx, log| {
                 Box::pin(async move {
+                    let conn = tx.conn().await?;
                     let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
                         .bind(*now_ms)
                         .execute(&mut *conn)
@@ -1098,6 +1170,7 @@ impl Store {
                 })
             })
             .await
+            .inspect(|_| self.forget_case_keys())
     }
 
     /// Moves the WAL into the database file and truncates it, so that deleted pages
@@ -1354,4 +1427,69 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
         payload_sealed: r.get(7),
         received_at_ms: r.get(8),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn referral(wrapped_case_key: &[u8]) -> AcceptedReferral {
+        AcceptedReferral {
+            message_id: MessageId([1; 16]),
+            sender: OrgId::new("shelter-my").expect("org id"),
+            envelope_digest: [2; 32],
+            purpose: "reintegration".into(),
+            case_ref: "case-ref".into(),
+            case_key_id: "in:shelter-my:case-ref".into(),
+            wrapped_case_key: wrapped_case_key.to_vec(),
+            consent_id: "consent-1".into(),
+            consent_expires_at_ms: 10,
+            payload_sealed: b"sealed".to_vec(),
+            received_at_ms: 1,
+            retain_until_ms: 10,
+            respond: Box::new(|(index, _)| format!("receipt for entry {index}").into_bytes()),
+        }
+    }
+
+    fn entry() -> Vec<u8> {
+        corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted: 0 }, 0)
+    }
+
+    /// The case key cache is only a guess: a referral sealed under a key that is no
+    /// longer the case's (shredded and replaced meanwhile) stores nothing, and the next
+    /// look-up asks the database again.
+    #[tokio::test]
+    async fn a_referral_sealed_under_a_stale_case_key_is_not_stored() {
+        let dir = std::env::temp_dir().join(format!("corridor-case-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Store::open(&dir.join("store.db")).await.expect("open");
+        let id = "in:shelter-my:case-ref";
+        store.ensure_case_key(id, b"key-1", 0).await.expect("key");
+        sqlx::query("UPDATE case_keys SET wrapped_key = $1 WHERE id = $2")
+            .bind(&b"key-2"[..])
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .expect("replace the key behind the cache");
+        let stale = store.case_key(id).await.expect("read").expect("a key");
+        assert_eq!(stale, b"key-1", "the cache answers first");
+
+        let outcome = store.accept_referral(referral(&stale), entry()).await;
+        assert!(matches!(outcome, Ok(AcceptOutcome::CaseKeyChanged)));
+        let message = MessageId([1; 16]);
+        assert!(store.seen(message).await.expect("read").is_none());
+        assert!(store.inbox_item(message).await.expect("read").is_none());
+        assert_eq!(store.audit_size().await.expect("size"), 0);
+
+        let current = store.case_key(id).await.expect("read").expect("a key");
+        assert_eq!(current, b"key-2", "the stale key was forgotten");
+        let stored = store.accept_referral(referral(&current), entry()).await;
+        assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
+        let replayed = store.accept_referral(referral(&current), entry()).await;
+        assert!(matches!(replayed, Ok(AcceptOutcome::AlreadySeen(_))));
+        assert!(store.inbox_item(message).await.expect("read").is_some());
+        assert_eq!(store.audit_size().await.expect("size"), 1);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -499,12 +499,20 @@ fn seal(
     )
 }
 
-/// Gates, seals, signs and queues a referral. Returns its id once it is durably queued.
+/// A referral durably queued.
+pub struct Queued {
+    pub id: MessageId,
+    /// If the caller asked to wait: resolves when the first attempt to deliver it ends.
+    /// Registered before the referral could be attempted, so that end cannot be missed.
+    pub first_attempt: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Gates, seals, signs and queues a referral. Answers once it is durably queued.
 pub async fn send_referral(
     node: &Node,
     user: &User,
     req: pb::SendReferralRequest,
-) -> Result<MessageId, Failure> {
+) -> Result<Queued, Failure> {
     let recipient_id = parse_org("recipient", &req.recipient)?;
     let recipient = member(node, &recipient_id)?;
     if recipient_id == node.org {
@@ -599,8 +607,10 @@ pub async fn send_referral(
         expires_at_ms: envelope.header.expires_at_ms,
     };
     let due = item.due();
+    let first_attempt = req.wait.then(|| node.waiters.wait(message_id));
     let queued = node.store.enqueue(item, entry).await?;
     if !queued {
+        node.waiters.forget(message_id);
         return Err(Failure::precondition(format!(
             "referral refused: consent {} was withdrawn",
             consent.id
@@ -610,7 +620,10 @@ pub async fn send_referral(
         node.outbox_ready.notify_one();
     }
     tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
-    Ok(message_id)
+    Ok(Queued {
+        id: message_id,
+        first_attempt,
+    })
 }
 
 /// Withdraws a consent: nothing more leaves under it, queued referrals are cancelled,
@@ -955,27 +968,10 @@ async fn accept_referral(
         Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}")).rule("consent-gate")
     })?;
 
-    // Encrypt under the data key of this received case before anything is stored.
+    // Encrypt under the data key of this received case before anything is stored. The
+    // key may be shredded meanwhile (a withdrawal or retention purge); then the store
+    // refuses the stale key and the payload is sealed again under the case's new one.
     let case_key_id = format!("in:{}:{}", sender.id, payload.case_ref);
-    let wrapped = match node.store.case_key(&case_key_id).await? {
-        Some(w) => w,
-        None => {
-            let (_, wrapped) = node
-                .data_key
-                .new_data_key(&case_key_id)
-                .map_err(data_failure)?;
-            node.store
-                .ensure_case_key(&case_key_id, &wrapped, now)
-                .await?
-        }
-    };
-    let key = node
-        .data_key
-        .unwrap_data_key(&case_key_id, &wrapped)
-        .map_err(data_failure)?;
-    let payload_sealed = key
-        .encrypt(&case_key_id, &message_id.to_hex(), plaintext)
-        .map_err(data_failure)?;
     let entry = audit::encode(
         &Event::ReferralReceived {
             message_id,
@@ -986,26 +982,54 @@ async fn accept_referral(
         },
         now,
     );
-    let outcome = node
-        .store
-        .accept_referral(
-            AcceptedReferral {
-                message_id,
-                sender: sender.id.clone(),
-                envelope_digest: *digest,
-                purpose: purpose.as_str().to_owned(),
-                case_ref: payload.case_ref.clone(),
-                case_key_id,
-                consent_id: consent_receipt.consent_id.clone(),
-                consent_expires_at_ms: consent_receipt.expires_at_ms,
-                payload_sealed,
-                received_at_ms: now,
-                retain_until_ms: now.saturating_add(node.config.retention.retention_ms(purpose)),
-                respond: responder(node, &sender.id, message_id, digest, now, None),
-            },
-            entry,
-        )
-        .await?;
+    let mut attempts = 0;
+    let outcome = loop {
+        attempts += 1;
+        let wrapped = match node.store.case_key(&case_key_id).await? {
+            Some(w) => w,
+            None => {
+                let (_, wrapped) = node
+                    .data_key
+                    .new_data_key(&case_key_id)
+                    .map_err(data_failure)?;
+                node.store
+                    .ensure_case_key(&case_key_id, &wrapped, now)
+                    .await?
+            }
+        };
+        let key = node
+            .data_key
+            .unwrap_data_key(&case_key_id, &wrapped)
+            .map_err(data_failure)?;
+        let payload_sealed = key
+            .encrypt(&case_key_id, &message_id.to_hex(), plaintext)
+            .map_err(data_failure)?;
+        let outcome = node
+            .store
+            .accept_referral(
+                AcceptedReferral {
+                    message_id,
+                    sender: sender.id.clone(),
+                    envelope_digest: *digest,
+                    purpose: purpose.as_str().to_owned(),
+                    case_ref: payload.case_ref.clone(),
+                    case_key_id: case_key_id.clone(),
+                    wrapped_case_key: wrapped,
+                    consent_id: consent_receipt.consent_id.clone(),
+                    consent_expires_at_ms: consent_receipt.expires_at_ms,
+                    payload_sealed,
+                    received_at_ms: now,
+                    retain_until_ms: now
+                        .saturating_add(node.config.retention.retention_ms(purpose)),
+                    respond: responder(node, &sender.id, message_id, digest, now, None),
+                },
+                entry.clone(),
+            )
+            .await?;
+        if !matches!(outcome, AcceptOutcome::CaseKeyChanged) || attempts == 3 {
+            break outcome;
+        }
+    };
     match outcome {
         AcceptOutcome::Stored(response) => {
             tracing::info!(referral = %message_id, sender = %sender.id, %purpose, "referral received");
@@ -1016,6 +1040,11 @@ async fn accept_referral(
             "referral refused: consent {} was withdrawn",
             consent_receipt.consent_id
         ))),
+        // Transient: not a refusal of the envelope; the sender tries again later.
+        AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
+            "the case's data key kept changing while the referral was stored",
+            message_id,
+        )),
     }
 }
 
@@ -1091,8 +1120,8 @@ async fn accept_withdrawal(
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
-        AcceptOutcome::ConsentWithdrawn => Err(Failure::internal(
-            "storage answered a withdrawal as withdrawn",
+        AcceptOutcome::ConsentWithdrawn | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
+            "storage answered a withdrawal as a referral",
             &w.consent_id,
         )),
     }

@@ -12,12 +12,13 @@
 //! group is rolled back and each of its jobs is run again alone, so one bad job never
 //! fails or half-writes another.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
 use corridor::merkle::{self, Hash};
-use sqlx::{Connection as _, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::storage::{Appended, Result, StoreError};
@@ -30,9 +31,46 @@ const QUEUE: usize = 4096;
 /// The future of one job's statements, borrowing its data, the connection and the log.
 pub type Step<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
 
-/// The statements of one job: runs against the group's open transaction. It may be run
-/// twice (alone, after its group failed), so it reads its input by reference.
-pub type Op<D, T> = for<'c> fn(&'c D, &'c mut SqliteConnection, &'c mut LogAppender) -> Step<'c, T>;
+/// The statements of one job: runs inside the group's transaction. It may be run twice
+/// (alone, after its group failed), so it reads its input by reference.
+pub type Op<D, T> = for<'c> fn(&'c D, &'c mut Tx, &'c mut LogAppender) -> Step<'c, T>;
+
+/// The writer's connection, and whether the current group's transaction is open yet.
+///
+/// The transaction opens with the group's first statement: `BEGIN IMMEDIATE` travels in
+/// front of it in one query, because each query is a round trip to SQLite's thread and,
+/// unloaded, the round trips in series are most of a referral's latency.
+pub struct Tx {
+    conn: SqliteConnection,
+    open: bool,
+}
+
+impl Tx {
+    /// The connection, inside the group's transaction (opened first if need be).
+    pub async fn conn(&mut self) -> Result<&mut SqliteConnection> {
+        if !self.open {
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut self.conn)
+                .await?;
+            self.open = true;
+        }
+        Ok(&mut self.conn)
+    }
+
+    /// `sql` as the next statement of the group: if it is the first, with the
+    /// `BEGIN IMMEDIATE` that opens the transaction folded in front. Run it on
+    /// [`Tx::conn`], and read its outcome from `RETURNING` rows, not `rows_affected`:
+    /// sqlx adds SQLite's `changes()` after every statement, and after `BEGIN` that is
+    /// still the count of the previous group's last statement.
+    pub fn sql(&mut self, sql: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
+        if self.open {
+            AssertSqlSafe(Cow::Borrowed(sql))
+        } else {
+            self.open = true;
+            AssertSqlSafe(Cow::Owned(format!("BEGIN IMMEDIATE;\n{sql}")))
+        }
+    }
+}
 
 /// Audit entries appended by the current group, computed in memory and written when the
 /// group commits.
@@ -91,9 +129,11 @@ impl LogAppender {
     /// Writes the group's entries and hashes and commits, in one round trip to SQLite
     /// and with one fixed query whatever the group's size: the rows travel as two JSON
     /// arrays of hex strings that SQLite unpacks (`json_each`, `unhex`).
-    async fn write_and_commit(&self, conn: &mut SqliteConnection) -> Result<()> {
+    async fn write_and_commit(&self, tx: &mut Tx) -> Result<()> {
         if self.pending.is_empty() {
-            sqlx::query("COMMIT").execute(&mut *conn).await?;
+            if tx.open {
+                sqlx::query("COMMIT").execute(tx.conn().await?).await?;
+            }
             return Ok(());
         }
         let entries = json_rows(
@@ -102,17 +142,17 @@ impl LogAppender {
                 .map(|(entry, leaf)| [entry.as_slice(), leaf.as_slice()]),
         );
         let hashes = json_rows(self.new_hashes.iter().map(|(id, h)| (*id, h.as_slice())));
-        sqlx::query(
+        sqlx::query(tx.sql(
             "INSERT INTO audit_entries (idx, entry, leaf_hash)
                 SELECT $1 + key, unhex(value ->> 0), unhex(value ->> 1) FROM json_each($2);
              INSERT INTO audit_hashes (id, hash)
                 SELECT value ->> 0, unhex(value ->> 1) FROM json_each($3);
              COMMIT",
-        )
+        ))
         .bind(self.committed as i64)
         .bind(entries)
         .bind(hashes)
-        .execute(&mut *conn)
+        .execute(tx.conn().await?)
         .await?;
         Ok(())
     }
@@ -183,11 +223,7 @@ fn frontier(size: u64) -> Vec<u64> {
 
 /// A job with its result type erased, as the writer task holds it.
 trait Job: Send {
-    fn run<'c>(
-        &'c mut self,
-        conn: &'c mut SqliteConnection,
-        log: &'c mut LogAppender,
-    ) -> Step<'c, ()>;
+    fn run<'c>(&'c mut self, tx: &'c mut Tx, log: &'c mut LogAppender) -> Step<'c, ()>;
     /// Answers the caller: the job's output if its group committed, else the error.
     fn finish(self: Box<Self>, failure: Option<StoreError>);
 }
@@ -200,13 +236,9 @@ struct Typed<D, T> {
 }
 
 impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
-    fn run<'c>(
-        &'c mut self,
-        conn: &'c mut SqliteConnection,
-        log: &'c mut LogAppender,
-    ) -> Step<'c, ()> {
+    fn run<'c>(&'c mut self, tx: &'c mut Tx, log: &'c mut LogAppender) -> Step<'c, ()> {
         Box::pin(async move {
-            let output = (self.op)(&self.data, conn, log).await?;
+            let output = (self.op)(&self.data, tx, log).await?;
             self.output = Some(output);
             Ok(())
         })
@@ -239,7 +271,7 @@ impl Writer {
     pub async fn start(mut conn: SqliteConnection) -> Result<Self> {
         let log = LogAppender::load(&mut conn).await?;
         let (jobs, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(run(conn, log, queue));
+        tokio::spawn(run(Tx { conn, open: false }, log, queue));
         Ok(Self { jobs })
     }
 
@@ -273,7 +305,7 @@ impl Writer {
     }
 }
 
-async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::Receiver<Message>) {
+async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message>) {
     let mut group: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_GROUP);
     let mut closing = None;
     while closing.is_none() {
@@ -292,7 +324,7 @@ async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::
         if group.is_empty() {
             continue;
         }
-        match commit_group(&mut conn, &mut log, &mut group).await {
+        match commit_group(&mut tx, &mut log, &mut group).await {
             Ok(()) => group.drain(..).for_each(|job| job.finish(None)),
             Err(error) if group.len() == 1 => {
                 if let Some(job) = group.pop() {
@@ -303,13 +335,13 @@ async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::
                 tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
                 for mut job in group.drain(..) {
                     let alone =
-                        commit_group(&mut conn, &mut log, std::slice::from_mut(&mut job)).await;
+                        commit_group(&mut tx, &mut log, std::slice::from_mut(&mut job)).await;
                     job.finish(alone.err());
                 }
             }
         }
     }
-    if let Err(error) = conn.close().await {
+    if let Err(error) = tx.conn.close().await {
         tracing::warn!(%error, "closing the writer's connection failed");
     }
     if let Some(done) = closing {
@@ -320,28 +352,29 @@ async fn run(mut conn: SqliteConnection, mut log: LogAppender, mut queue: mpsc::
 /// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
 ///
 /// The transaction is opened and closed with plain statements rather than sqlx's
-/// transaction guard so that the audit writes and the `COMMIT` share one round trip.
+/// transaction guard so that they share round trips with the group's own statements
+/// (see [`Tx`]).
 async fn commit_group(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
 ) -> Result<()> {
     let result = async {
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         for job in group.iter_mut() {
-            job.run(conn, log).await?;
+            job.run(tx, log).await?;
         }
-        log.write_and_commit(conn).await
+        log.write_and_commit(tx).await
     }
     .await;
     match result {
         Ok(()) => log.committed(),
         Err(_) => {
             // Nothing of the group may stay; "no transaction is active" is fine here.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
             log.rolled_back();
         }
     }
+    tx.open = false;
     result
 }
 

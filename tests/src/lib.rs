@@ -381,6 +381,7 @@ pub fn referral(case_id: &str, to: &str, purpose: &str) -> pb::SendReferralReque
         purpose: purpose.into(),
         fields: required_fields(purpose),
         consent_id: String::new(),
+        wait: false,
     }
 }
 

@@ -164,6 +164,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
                 purpose: purpose.to_string(),
                 fields,
                 consent_id: String::new(),
+                wait: false,
             })
             .await
             .expect("send")

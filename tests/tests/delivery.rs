@@ -8,6 +8,42 @@ use corridor::{MessageId, OrgId};
 use corridor_proto::v1 as pb;
 use corridor_tests::*;
 
+/// With `wait`, one call queues the referral and answers once its verified receipt is
+/// committed at the sender, with the status a later look also gives.
+#[tokio::test]
+async fn send_with_wait_answers_with_the_delivered_status() {
+    let fed = Federation::demo("send-wait");
+    let _recipient = fed.start(SHELTER_KH);
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let request = pb::SendReferralRequest {
+        wait: true,
+        ..referral(&case_id, SHELTER_KH, "reintegration")
+    };
+    let sent = s.send_referral(request).await.expect("send").into_inner();
+    let status = sent.status.expect("a status, since the call waited");
+    assert_eq!(
+        status.state, "delivered",
+        "last error: {}",
+        status.last_error
+    );
+    assert_eq!(sent.state, "delivered");
+    assert_eq!(status.referral_id, sent.referral_id);
+    assert!(
+        status.receipt.is_some(),
+        "a delivered referral has its receipt"
+    );
+    let later = s
+        .get_referral_status(pb::GetReferralStatusRequest {
+            referral_id: sent.referral_id.clone(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(later, status);
+}
+
 #[tokio::test]
 async fn referral_is_delivered_and_its_receipt_verifies() {
     let fed = Federation::demo("deliver");
