@@ -72,11 +72,21 @@ impl Handoff {
 
 /// Callers waiting for the end of a delivery attempt of a given envelope.
 #[derive(Default)]
-pub struct Waiters(Mutex<HashMap<MessageId, Vec<oneshot::Sender<()>>>>);
+pub struct Waiters(Mutex<HashMap<MessageId, Vec<oneshot::Sender<Option<Delivered>>>>>);
+
+/// An attempt that ended with the envelope delivered and its verified answer committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// Attempts made, this one included.
+    pub attempts: i64,
+    /// The recipient's signed receipt, as stored.
+    pub receipt: Vec<u8>,
+}
 
 impl Waiters {
-    /// Resolves when the next attempt to deliver `id` ends (or the waiter is dropped).
-    pub fn wait(&self, id: MessageId) -> oneshot::Receiver<()> {
+    /// Resolves when the next attempt to deliver `id` ends (or the waiter is dropped):
+    /// with what was delivered if it succeeded, else `None` (look at the stored state).
+    pub fn wait(&self, id: MessageId) -> oneshot::Receiver<Option<Delivered>> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut map) = self.0.lock() {
             map.entry(id).or_default().push(tx);
@@ -96,10 +106,10 @@ impl Waiters {
         }
     }
 
-    fn attempt_ended(&self, id: MessageId) {
+    fn attempt_ended(&self, id: MessageId, delivered: Option<Delivered>) {
         let list = self.0.lock().ok().and_then(|mut map| map.remove(&id));
         for w in list.into_iter().flatten() {
-            let _ = w.send(());
+            let _ = w.send(delivered.clone());
         }
     }
 }
@@ -264,13 +274,19 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
     let id = item.message_id;
     let result = deliver_once(node, clients, &item).await;
     let now = now_ms();
+    let mut delivered = None;
     let stored = match result {
         Ok(answer) => {
+            let receipt = answer.receipt.clone();
             let r = node
                 .store
                 .mark_delivered(id, answer.receipt, answer.purge_receipt, now, answer.entry)
                 .await;
             if r.is_ok() {
+                delivered = Some(Delivered {
+                    attempts: item.attempts + 1,
+                    receipt,
+                });
                 if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
                     tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "withdrawal delivered, purge receipt verified");
                 } else {
@@ -306,7 +322,7 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
             node.store.mark_retry(id, &reason, next).await
         }
     };
-    node.waiters.attempt_ended(id);
+    node.waiters.attempt_ended(id, delivered);
     if let Err(error) = stored {
         // The item stays queued and is retried; the receipt, if any, is asked for again.
         tracing::error!(referral = %id, %error, "could not record delivery attempt");
@@ -433,7 +449,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Waiters, backoff_ms};
+    use super::{Delivered, Waiters, backoff_ms};
     use corridor::MessageId;
 
     #[test]
@@ -442,8 +458,12 @@ mod tests {
         let (mine, other) = (MessageId([1; 16]), MessageId([2; 16]));
         let mut woken = waiters.wait(mine);
         let mut not_woken = waiters.wait(other);
-        waiters.attempt_ended(mine);
-        assert!(woken.try_recv().is_ok());
+        let delivered = Delivered {
+            attempts: 1,
+            receipt: vec![7],
+        };
+        waiters.attempt_ended(mine, Some(delivered.clone()));
+        assert_eq!(woken.try_recv().ok(), Some(Some(delivered)));
         assert!(not_woken.try_recv().is_err());
         // A waiter that gave up is forgotten; one still waiting is kept.
         let gave_up = waiters.wait(other);

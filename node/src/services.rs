@@ -12,9 +12,11 @@ use corridor_proto::v1 as pb;
 use corridor_proto::v1::caseworker_server::Caseworker;
 use corridor_proto::v1::federation_server::Federation;
 use prost::Message as _;
+use tokio::sync::oneshot::Receiver;
 use tonic::{Request, Response, Status};
 
 use crate::auth::authenticate;
+use crate::delivery::Delivered;
 use crate::node::Node;
 use crate::tls::PeerInfo;
 use crate::workflows::{self, Failure};
@@ -40,18 +42,18 @@ impl Federation for FederationService {
 }
 
 /// Waits (up to 30 s) until a sent referral is no longer queued, then answers its status.
-/// `first_attempt`, registered before the referral could be attempted, spares the first
-/// look at its status.
+/// `first_attempt` (registered before the referral could be attempted, with its status as
+/// queued) spares the looks at the stored status when that attempt delivers it.
 async fn settled_status(
     node: &Node,
     id: MessageId,
-    mut first_attempt: Option<tokio::sync::oneshot::Receiver<()>>,
+    mut first_attempt: Option<(Receiver<Option<Delivered>>, pb::GetReferralStatusResponse)>,
 ) -> Result<pb::GetReferralStatusResponse, Status> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let status = async {
         loop {
-            let attempt = match first_attempt.take() {
-                Some(attempt) => attempt,
+            let (attempt, queued) = match first_attempt.take() {
+                Some((attempt, queued)) => (attempt, Some(queued)),
                 None => {
                     // Register before looking, so that no attempt ending between the two
                     // is missed.
@@ -60,11 +62,15 @@ async fn settled_status(
                     if status.state != "queued" {
                         return Ok(status);
                     }
-                    attempt
+                    (attempt, None)
                 }
             };
-            if tokio::time::timeout_at(deadline, attempt).await.is_err() {
-                return referral_status(node, id).await;
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => return referral_status(node, id).await,
+                Ok(Ok(Some(delivered))) if let Some(queued) = queued => {
+                    return delivered_status(queued, delivered);
+                }
+                Ok(_) => {}
             }
         }
     }
@@ -72,6 +78,22 @@ async fn settled_status(
     // Every registration of this call is dropped by now: forget them all.
     node.waiters.forget(id);
     status
+}
+
+/// The status of a referral as queued, once `delivered`: what a look at the stored
+/// status would give.
+fn delivered_status(
+    queued: pb::GetReferralStatusResponse,
+    delivered: Delivered,
+) -> Result<pb::GetReferralStatusResponse, Status> {
+    let receipt = pb::Receipt::decode(delivered.receipt.as_slice())
+        .map_err(|_| Status::internal("stored receipt is corrupt"))?;
+    Ok(pb::GetReferralStatusResponse {
+        state: "delivered".into(),
+        attempts: u32::try_from(delivered.attempts).unwrap_or(u32::MAX),
+        receipt: Some(receipt),
+        ..queued
+    })
 }
 
 async fn referral_status(
@@ -138,7 +160,8 @@ impl Caseworker for CaseworkerService {
         let wait = request.get_ref().wait;
         let queued = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
         let status = if wait {
-            Some(settled_status(&self.node, queued.id, queued.first_attempt).await?)
+            let first = queued.first_attempt.map(|attempt| (attempt, queued.status));
+            Some(settled_status(&self.node, queued.id, first).await?)
         } else {
             None
         };

@@ -47,6 +47,39 @@ pub struct Store {
     /// before it is stored. A cached key is only a guess: the transaction that stores a
     /// referral checks that it is still the case's key (see [`AcceptOutcome`]).
     case_keys: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    /// Consents by case, so that sending a referral reads nothing before it is queued.
+    /// Also only a guess: the transaction that queues a referral checks that its consent
+    /// is neither withdrawn nor narrowed since (see [`Enqueued`]). Every consent write
+    /// clears it.
+    consents: std::sync::Arc<std::sync::Mutex<ConsentCache>>,
+}
+
+/// Consents by case id, and how many times the cache was cleared: a read that started
+/// before a clearing must not fill the cache with what it read.
+#[derive(Default)]
+struct ConsentCache {
+    by_case: std::collections::HashMap<String, Vec<ConsentRow>>,
+    generation: u64,
+}
+
+/// Counts only: consents name people, and nothing personal may reach a log.
+impl std::fmt::Debug for ConsentCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsentCache")
+            .field("cases", &self.by_case.len())
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// What became of a referral handed to [`Store::enqueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// Not queued: its consent was withdrawn.
+    ConsentWithdrawn,
+    /// Not queued: its consent was narrowed after it was read; gate it again.
+    ConsentChanged,
 }
 
 /// Users by token hash, each with when it was looked up.
@@ -59,6 +92,8 @@ pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 const TOKEN_CACHE_MAX: usize = 1024;
 /// Most case keys remembered at once (wrapped keys: about 100 bytes each).
 const CASE_KEY_CACHE_MAX: usize = 4096;
+/// Most cases whose consents are remembered at once.
+const CONSENT_CACHE_MAX: usize = 4096;
 
 /// Index and leaf hash of an appended audit entry.
 pub type Appended = (u64, corridor::merkle::Hash);
@@ -284,6 +319,7 @@ impl Store {
             writer,
             tokens: Default::default(),
             case_keys: Default::default(),
+            consents: Default::default(),
         })
     }
 
@@ -490,7 +526,8 @@ impl Store {
     // ---- consents ---------------------------------------------------------------------
 
     pub async fn record_consent(&self, c: NewConsent, audit: Vec<u8>) -> Result<()> {
-        self.writer
+        let result = self
+            .writer
             .run((c, audit), |(c, audit), tx, log| {
                 Box::pin(async move {
                     let conn = tx.conn().await?;
@@ -523,7 +560,9 @@ impl Store {
                     Ok(())
                 })
             })
-            .await
+            .await;
+        self.forget_consents();
+        result
     }
 
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
@@ -554,7 +593,36 @@ impl Store {
     }
 
     /// The consents of a case, newest first.
-    pub async fn consents_for_case(&self, case_id: &str) -> Result<Vec<ConsentRow>> {
+    /// The consents of a case, newest first; `fresh` reads past the cache.
+    pub async fn consents_for_case(&self, case_id: &str, fresh: bool) -> Result<Vec<ConsentRow>> {
+        let mut generation = 0;
+        if let Ok(cache) = self.consents.lock() {
+            if !fresh && let Some(rows) = cache.by_case.get(case_id) {
+                return Ok(rows.clone());
+            }
+            generation = cache.generation;
+        }
+        let rows = self.read_consents_for_case(case_id).await?;
+        if let Ok(mut cache) = self.consents.lock()
+            && cache.generation == generation
+        {
+            if cache.by_case.len() >= CONSENT_CACHE_MAX {
+                cache.by_case.clear();
+            }
+            cache.by_case.insert(case_id.to_owned(), rows.clone());
+        }
+        Ok(rows)
+    }
+
+    /// Consents changed: what the cache holds may be stale.
+    fn forget_consents(&self) {
+        if let Ok(mut cache) = self.consents.lock() {
+            cache.by_case.clear();
+            cache.generation += 1;
+        }
+    }
+
+    async fn read_consents_for_case(&self, case_id: &str) -> Result<Vec<ConsentRow>> {
         let sql = format!(
             "SELECT {} FROM consents c LEFT JOIN users u ON u.id = c.recorded_by
              WHERE c.case_id = $1 ORDER BY c.recorded_at_ms DESC, c.rowid DESC",
@@ -588,14 +656,16 @@ impl Store {
         audit: Vec<u8>,
     ) -> Result<()> {
         let data = (id.to_owned(), scope, now_ms, audit);
-        self.writer
+        let result = self
+            .writer
             .run(data, |(id, s, now_ms, audit), tx, log| {
                 Box::pin(async move {
                     let conn = tx.conn().await?;
                     sqlx::query(
                         "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
-                            no_family_contact = $7, expires_at_ms = $8, narrowed_at_ms = $9
+                            no_family_contact = $7, expires_at_ms = $8,
+                            narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
                          WHERE id = $1 AND withdrawn_at_ms IS NULL",
                     )
                     .bind(id)
@@ -613,7 +683,9 @@ impl Store {
                     Ok(())
                 })
             })
-            .await
+            .await;
+        self.forget_consents();
+        result
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
@@ -646,7 +718,8 @@ impl Store {
         audit: Vec<u8>,
     ) -> Result<bool> {
         let data = (consent_id.to_owned(), now_ms, withdrawals, audit);
-        self.writer
+        let result = self
+            .writer
             .run(data, |(consent_id, now_ms, withdrawals, audit), tx, log| {
                 Box::pin(async move {
                     let conn = tx.conn().await?;
@@ -671,13 +744,15 @@ impl Store {
                     .execute(&mut *conn)
                     .await?;
                     for item in withdrawals {
-                        Self::insert_outbox(tx, item, false).await?;
+                        Self::insert_outbox(tx, item, None).await?;
                     }
                     log.append(audit.clone())?;
                     Ok(true)
                 })
             })
-            .await
+            .await;
+        self.forget_consents();
+        result
     }
 
     /// Every envelope sent under a consent, with its answers.
@@ -696,13 +771,14 @@ impl Store {
 
     // ---- outbox (sending side) --------------------------------------------------------
 
-    /// Inserts an outbox row; with `require_live_consent`, only while its consent is not
-    /// withdrawn (one statement, so a concurrent withdrawal cannot slip in between).
-    /// Returns whether the row was inserted.
+    /// Inserts an outbox row; with `consent_as_read`, only while its consent is neither
+    /// withdrawn nor narrowed since it was read (its `narrowed_at_ms` unchanged): one
+    /// statement, so a concurrent change cannot slip in between. Returns whether the row
+    /// was inserted.
     async fn insert_outbox(
         tx: &mut Tx,
         item: &NewOutboxItem,
-        require_live_consent: bool,
+        consent_as_read: Option<Option<i64>>,
     ) -> Result<bool> {
         let inserted = sqlx::query(tx.sql(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
@@ -710,7 +786,8 @@ impl Store {
                 state, next_attempt_at_ms)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11
              WHERE NOT $13
-                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL)
+                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL
+                                                   AND narrowed_at_ms IS $14)
              RETURNING 1",
         ))
         .bind(&item.message_id.0[..])
@@ -725,22 +802,39 @@ impl Store {
         .bind(item.created_by)
         .bind(item.created_at_ms)
         .bind(item.expires_at_ms)
-        .bind(require_live_consent)
+        .bind(consent_as_read.is_some())
+        .bind(consent_as_read.flatten())
         .fetch_all(tx.conn().await?)
         .await?;
         Ok(!inserted.is_empty())
     }
 
-    /// Queues an envelope, unless its consent was withdrawn meanwhile.
-    pub async fn enqueue(&self, item: NewOutboxItem, audit: Vec<u8>) -> Result<bool> {
+    /// Queues a referral, unless its consent was withdrawn or narrowed since it was read
+    /// (`consent_narrowed_at_ms` is its last narrowing as read).
+    pub async fn enqueue(
+        &self,
+        item: NewOutboxItem,
+        consent_narrowed_at_ms: Option<i64>,
+        audit: Vec<u8>,
+    ) -> Result<Enqueued> {
+        let data = (item, consent_narrowed_at_ms, audit);
         self.writer
-            .run((item, audit), |(item, audit), tx, log| {
+            .run(data, |(item, narrowed_at_ms, audit), tx, log| {
                 Box::pin(async move {
-                    if !Self::insert_outbox(tx, item, true).await? {
-                        return Ok(false);
+                    if Self::insert_outbox(tx, item, Some(*narrowed_at_ms)).await? {
+                        log.append(audit.clone())?;
+                        return Ok(Enqueued::Queued);
                     }
-                    log.append(audit.clone())?;
-                    Ok(true)
+                    let withdrawn: Option<bool> = sqlx::query_scalar(
+                        "SELECT withdrawn_at_ms IS NOT NULL FROM consents WHERE id = $1",
+                    )
+                    .bind(&item.consent_id)
+                    .fetch_optional(tx.conn().await?)
+                    .await?;
+                    Ok(match withdrawn {
+                        Some(false) => Enqueued::ConsentChanged,
+                        Some(true) | None => Enqueued::ConsentWithdrawn,
+                    })
                 })
             })
             .await
@@ -1453,6 +1547,119 @@ mod tests {
 
     fn entry() -> Vec<u8> {
         corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted: 0 }, 0)
+    }
+
+    fn scope(fields: &str) -> ScopeColumns {
+        ScopeColumns {
+            purposes: "reintegration".into(),
+            recipient_orgs: "shelter-kh".into(),
+            recipient_roles: String::new(),
+            fields: fields.into(),
+            excluded_countries: String::new(),
+            no_family_contact: false,
+            expires_at_ms: i64::MAX,
+        }
+    }
+
+    fn outbox_item(n: u8) -> NewOutboxItem {
+        NewOutboxItem {
+            message_id: MessageId([n; 16]),
+            kind: 1,
+            case_id: "case-1".into(),
+            consent_id: "consent-1".into(),
+            recipient: OrgId::new("shelter-kh").expect("org id"),
+            purpose: "reintegration".into(),
+            case_ref: "case-ref".into(),
+            envelope: b"envelope".to_vec(),
+            envelope_digest: [n; 32],
+            created_by: 1,
+            created_at_ms: 1,
+            expires_at_ms: i64::MAX,
+        }
+    }
+
+    /// The consent cache is only a guess too: a referral gated on a consent that was
+    /// narrowed or withdrawn after it was read is not queued, and leaves nothing behind.
+    #[tokio::test]
+    async fn a_referral_under_a_consent_changed_since_it_was_read_is_not_queued() {
+        let dir = std::env::temp_dir().join(format!("corridor-consent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Store::open(&dir.join("store.db")).await.expect("open");
+        store
+            .issue_token("alice", "caseworker", &[7; 32], 0, Box::new(|_| entry()))
+            .await
+            .expect("token");
+        let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
+        let alice = alice.expect("alice exists").id;
+        store
+            .create_case("case-1", b"key", b"label", alice, 1)
+            .await
+            .expect("case");
+        let consent = NewConsent {
+            id: "consent-1".into(),
+            case_id: "case-1".into(),
+            given_by: "person".into(),
+            guardian_basis: String::new(),
+            method: "written".into(),
+            language: "km".into(),
+            recorded_by: alice,
+            recorded_at_ms: 1,
+            scope: scope("age_band needs"),
+        };
+        store
+            .record_consent(consent, entry())
+            .await
+            .expect("consent");
+        let read = store
+            .consents_for_case("case-1", false)
+            .await
+            .expect("read");
+        assert_eq!(read[0].narrowed_at_ms, None);
+
+        // Narrowed behind the cache's back, as by a narrowing that commits meanwhile.
+        sqlx::query("UPDATE consents SET fields = 'age_band', narrowed_at_ms = 5")
+            .execute(&store.pool)
+            .await
+            .expect("narrow");
+        let cached = store
+            .consents_for_case("case-1", false)
+            .await
+            .expect("read");
+        assert_eq!(cached[0].narrowed_at_ms, None, "the cache answers first");
+        let size = store.audit_size().await.expect("size");
+        let stale = store.enqueue(outbox_item(1), None, entry()).await;
+        assert!(matches!(stale, Ok(Enqueued::ConsentChanged)), "{stale:?}");
+        let not_queued = store.outbox_status(MessageId([1; 16])).await.expect("read");
+        assert!(not_queued.is_none());
+        assert_eq!(store.audit_size().await.expect("size"), size);
+
+        let fresh = store.consents_for_case("case-1", true).await.expect("read");
+        assert_eq!(fresh[0].narrowed_at_ms, Some(5));
+        let queued = store.enqueue(outbox_item(2), Some(5), entry()).await;
+        assert!(matches!(queued, Ok(Enqueued::Queued)), "{queued:?}");
+
+        // A narrowing through the store clears the cache and always moves the mark on,
+        // even within the same millisecond.
+        store
+            .narrow_consent("consent-1", scope("age_band"), 5, entry())
+            .await
+            .expect("narrow");
+        let read = store
+            .consents_for_case("case-1", false)
+            .await
+            .expect("read");
+        assert_eq!(read[0].narrowed_at_ms, Some(6));
+        store
+            .withdraw_consent("consent-1", 7, Vec::new(), entry())
+            .await
+            .expect("withdraw");
+        let withdrawn = store.enqueue(outbox_item(3), Some(6), entry()).await;
+        assert!(
+            matches!(withdrawn, Ok(Enqueued::ConsentWithdrawn)),
+            "{withdrawn:?}"
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The case key cache is only a guess: a referral sealed under a key that is no

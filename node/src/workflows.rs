@@ -17,10 +17,11 @@ use prost::Message as _;
 use tonic::{Code, Status};
 
 use crate::convert;
+use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
-    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, NewConsent, NewOutboxItem,
-    Respond, ScopeColumns, User,
+    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, Enqueued, NewConsent,
+    NewOutboxItem, Respond, ScopeColumns, User,
 };
 use crate::tls::PeerInfo;
 
@@ -502,12 +503,19 @@ fn seal(
 /// A referral durably queued.
 pub struct Queued {
     pub id: MessageId,
+    /// Its status as queued.
+    pub status: pb::GetReferralStatusResponse,
     /// If the caller asked to wait: resolves when the first attempt to deliver it ends.
     /// Registered before the referral could be attempted, so that end cannot be missed.
-    pub first_attempt: Option<tokio::sync::oneshot::Receiver<()>>,
+    pub first_attempt: Option<tokio::sync::oneshot::Receiver<Option<Delivered>>>,
 }
 
 /// Gates, seals, signs and queues a referral. Answers once it is durably queued.
+///
+/// The consents are read (perhaps from the store's cache) before the referral is sealed,
+/// and the transaction that queues it checks that the chosen consent is still as read:
+/// if it was withdrawn or narrowed meanwhile, the referral is gated and sealed again from
+/// a fresh read, so nothing leaves under a scope that no longer holds.
 pub async fn send_referral(
     node: &Node,
     user: &User,
@@ -520,8 +528,83 @@ pub async fn send_referral(
     }
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
+    let mut fresh = false;
+    loop {
+        let sealed =
+            gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh).await?;
+        let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
+        let created_at_ms = sealed.item.created_at_ms;
+        let due = sealed.item.due();
+        let first_attempt = req.wait.then(|| node.waiters.wait(message_id));
+        let outcome = node
+            .store
+            .enqueue(sealed.item, sealed.consent_narrowed_at_ms, sealed.audit)
+            .await?;
+        if outcome != Enqueued::Queued {
+            node.waiters.forget(message_id);
+        }
+        match outcome {
+            Enqueued::Queued => {
+                if !node.handoff.offer(due) {
+                    node.outbox_ready.notify_one();
+                }
+                tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
+                return Ok(Queued {
+                    id: message_id,
+                    status: pb::GetReferralStatusResponse {
+                        referral_id: message_id.to_hex(),
+                        recipient: recipient_id.to_string(),
+                        purpose: purpose.as_str().to_owned(),
+                        state: "queued".into(),
+                        attempts: 0,
+                        last_error: String::new(),
+                        created_at_ms,
+                        receipt: None,
+                    },
+                    first_attempt,
+                });
+            }
+            // The consents read were stale: gate again on what is stored now.
+            Enqueued::ConsentWithdrawn | Enqueued::ConsentChanged if !fresh => fresh = true,
+            Enqueued::ConsentWithdrawn => {
+                return Err(Failure::precondition(format!(
+                    "referral refused: consent {consent_id} was withdrawn"
+                )));
+            }
+            Enqueued::ConsentChanged => {
+                return Err(Failure::new(
+                    Code::Aborted,
+                    format!(
+                        "consent {consent_id} changed while the referral was sent; send it again"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A referral gated and sealed, ready to be queued.
+struct SealedReferral {
+    item: NewOutboxItem,
+    /// The chosen consent's last narrowing as read: it must be unchanged when queued.
+    consent_narrowed_at_ms: Option<i64>,
+    audit: Vec<u8>,
+}
+
+/// Runs the consent gate over the case's consents (`fresh`: read past the cache), then
+/// builds, seals and signs the referral under the consent that allows it.
+async fn gate_and_seal(
+    node: &Node,
+    user: &User,
+    req: &pb::SendReferralRequest,
+    recipient: &Member,
+    purpose: Purpose,
+    field_names: &BTreeSet<Field>,
+    fresh: bool,
+) -> Result<SealedReferral, Failure> {
+    let recipient_id = &recipient.id;
     let now = now_ms();
-    let rows = node.store.consents_for_case(&req.case_id).await?;
+    let rows = node.store.consents_for_case(&req.case_id, fresh).await?;
     // A case with consents exists (foreign key); only an empty answer needs a second look.
     if rows.is_empty() && !node.store.case_exists(&req.case_id).await? {
         return Err(Failure::not_found(format!(
@@ -545,14 +628,18 @@ pub async fn send_referral(
         chosen
     };
     let scopes = rows.iter().map(scope_of).collect::<Result<Vec<_>, _>>()?;
-    let consent = consent::gate_case(&scopes, recipient, purpose, &field_names, now).map_err(
+    let consent = consent::gate_case(&scopes, recipient, purpose, field_names, now).map_err(
         |refusal| {
             tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, %refusal, "referral refused by the consent gate");
             Failure::precondition(format!("referral refused: {refusal}"))
         },
     )?;
+    let consent_narrowed_at_ms = rows
+        .iter()
+        .find(|r| r.id == consent.id)
+        .and_then(|r| r.narrowed_at_ms);
 
-    let case_ref = node.case_refs.reference(&req.case_id, &recipient_id);
+    let case_ref = node.case_refs.reference(&req.case_id, recipient_id);
     let consent_receipt = ConsentReceipt::issue(
         consent,
         node.org.clone(),
@@ -561,7 +648,7 @@ pub async fn send_referral(
         now,
         &node.signing_key,
     );
-    let mut fields: Vec<_> = req.fields.into_iter().collect();
+    let mut fields: Vec<_> = req.fields.iter().collect();
     fields.sort();
     let payload = pb::ReferralPayload {
         case_ref: case_ref.clone(),
@@ -569,9 +656,9 @@ pub async fn send_referral(
         fields: fields
             .into_iter()
             .filter_map(|(name, value)| {
-                Field::parse(&name).ok().map(|f| pb::FieldValue {
+                Field::parse(name).ok().map(|f| pb::FieldValue {
                     field: convert::field_to_pb(f),
-                    value,
+                    value: value.clone(),
                 })
             })
             .collect(),
@@ -581,7 +668,7 @@ pub async fn send_referral(
     let ttl = envelope_ttl_ms(node).min(consent.expires_at_ms.saturating_sub(now));
     let envelope = seal(node, MessageKind::Referral, recipient, &payload, now, ttl)?;
     let message_id = envelope.header.message_id;
-    let entry = audit::encode(
+    let audit = audit::encode(
         &Event::ReferralSent {
             message_id,
             recipient: recipient_id.clone(),
@@ -599,30 +686,17 @@ pub async fn send_referral(
         consent_id: consent.id.clone(),
         recipient: recipient_id.clone(),
         purpose: purpose.as_str().to_owned(),
-        case_ref: case_ref.clone(),
+        case_ref,
         envelope: convert::envelope_to_pb(&envelope).encode_to_vec(),
         envelope_digest: envelope.digest(),
         created_by: user.id,
         created_at_ms: now,
         expires_at_ms: envelope.header.expires_at_ms,
     };
-    let due = item.due();
-    let first_attempt = req.wait.then(|| node.waiters.wait(message_id));
-    let queued = node.store.enqueue(item, entry).await?;
-    if !queued {
-        node.waiters.forget(message_id);
-        return Err(Failure::precondition(format!(
-            "referral refused: consent {} was withdrawn",
-            consent.id
-        )));
-    }
-    if !node.handoff.offer(due) {
-        node.outbox_ready.notify_one();
-    }
-    tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
-    Ok(Queued {
-        id: message_id,
-        first_attempt,
+    Ok(SealedReferral {
+        item,
+        consent_narrowed_at_ms,
+        audit,
     })
 }
 
