@@ -929,20 +929,39 @@ async fn receive(
         })?;
     let message_id = verified.header().message_id;
     let digest = verified.digest();
-    if let Some(seen) = node.store.seen(message_id).await? {
+    // A referral's replay is recognised by the transaction that would store it, so the
+    // common case reads nothing first. A withdrawal reads and signs before it is
+    // stored, so its replay is looked for first.
+    if verified.header().kind == MessageKind::ConsentWithdrawal
+        && let Some(seen) = node.store.seen(message_id).await?
+    {
         return replay_answer(seen, &peer.org, &digest);
     }
-    let opened = verified.open(&node.sealing_key).map_err(|e| {
-        tracing::warn!(peer = %peer.org, envelope = %message_id, error = %e, "envelope does not open");
-        envelope_failure(e)
-    })?;
-    match opened.header.kind {
-        MessageKind::Referral => {
-            accept_referral(node, sender, message_id, &digest, &opened.payload, now).await
+    let result = async {
+        let opened = verified.open(&node.sealing_key).map_err(|e| {
+            tracing::warn!(peer = %peer.org, envelope = %message_id, error = %e, "envelope does not open");
+            envelope_failure(e)
+        })?;
+        match opened.header.kind {
+            MessageKind::Referral => {
+                accept_referral(node, sender, message_id, &digest, &opened.payload, now).await
+            }
+            MessageKind::ConsentWithdrawal => {
+                accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
+            }
         }
-        MessageKind::ConsentWithdrawal => {
-            accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
+    }
+    .await;
+    match result {
+        // A replay of an envelope accepted before gets its first answer, even where it
+        // would be refused now (its consent has expired since, say).
+        Err(failure) if failure.code != Code::Internal => {
+            match node.store.seen(message_id).await? {
+                Some(seen) => replay_answer(seen, &peer.org, &digest),
+                None => Err(failure),
+            }
         }
+        answer => answer,
     }
 }
 

@@ -246,6 +246,69 @@ async fn replays_are_answered_with_the_same_receipt_and_processed_once() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
+/// A replay of an envelope accepted before gets its first answer even where the same
+/// envelope would be refused now: here, the consent it carries has expired since.
+#[tokio::test]
+async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
+    use corridor::consent::{ConsentReceipt, ConsentScope, Restrictions};
+    let fed = Federation::demo("replay-expired");
+    let recipient = fed.start(SHELTER_KH);
+    let purpose = corridor::Purpose::Reintegration;
+    let now = corridor_node::node::now_ms();
+    let scope = ConsentScope {
+        id: "consent-brief".into(),
+        purposes: [purpose].into(),
+        recipient_orgs: [OrgId::new(SHELTER_KH).unwrap()].into(),
+        recipient_roles: Default::default(),
+        fields: corridor::profile::profile(purpose)
+            .required
+            .iter()
+            .copied()
+            .collect(),
+        restrictions: Restrictions::default(),
+        expires_at_ms: now + 1_500,
+        withdrawn_at_ms: None,
+    };
+    let receipt = ConsentReceipt::issue(
+        &scope,
+        OrgId::new(SHELTER_MY).unwrap(),
+        OrgId::new(SHELTER_KH).unwrap(),
+        "ref-test".into(),
+        now,
+        &fed.signing_key(SHELTER_MY),
+    );
+    let mut payload = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    payload.consent_receipt = Some(corridor_node::convert::consent_receipt_to_pb(&receipt));
+    let seal = || {
+        Envelope::seal(
+            header(SHELTER_MY, SHELTER_KH),
+            &payload.encode_to_vec(),
+            &fed.sealing_public_key(SHELTER_KH),
+            &fed.signing_key(SHELTER_MY),
+        )
+        .unwrap()
+    };
+    let e = seal();
+    let first = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("accepted while the consent holds");
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+
+    let refused = deliver_as(&fed, SHELTER_MY, &seal()).await;
+    assert_eq!(
+        refused
+            .expect_err("a new envelope under the expired consent")
+            .code(),
+        Code::PermissionDenied
+    );
+    let replayed = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("the replay is acknowledged");
+    assert_eq!(first, replayed, "a replay gets the original receipt");
+    let mut c = recipient.client().await;
+    assert_eq!(inbox(&mut c).await.len(), 1, "stored exactly once");
+}
+
 /// A member that bypasses its own gate — signing a referral with more than the consent
 /// it carries allows — is refused by the recipient, and nothing of it is stored.
 #[tokio::test]
