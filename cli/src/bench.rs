@@ -202,6 +202,30 @@ fn cpu_s(pid: Option<u32>) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Context switches so far, voluntary and not, summed over the threads of a process (this
+/// one if `pid` is `None`): each is a hand-off between threads, the cost that dominates
+/// once the work per step is small.
+fn context_switches(pid: Option<u32>) -> f64 {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/task"),
+        None => "/proc/self/task".to_owned(),
+    };
+    let Ok(tasks) = std::fs::read_dir(dir) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// Median latency of a 4 KiB write followed by `fdatasync` in `dir`, in milliseconds:
 /// the cost of one durable commit on this disk.
 fn fsync_ms(dir: &Path, n: usize) -> Result<f64, String> {
@@ -621,6 +645,12 @@ async fn measure(
         recipient_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0),
         cpu_s(None),
     );
+    let switches_before = (
+        context_switches(Some(sender_pid)),
+        recipient_pid
+            .map(|p| context_switches(Some(p)))
+            .unwrap_or(0.0),
+    );
     let e2e_started = Instant::now();
     let (e2e_rate, e2e_p50, e2e_p99) = closed_loop(c, secs, op.clone()).await?;
     let referrals = e2e_rate * e2e_started.elapsed().as_secs_f64();
@@ -631,6 +661,14 @@ async fn measure(
         recipient_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0),
     );
     let cpu_generator = per_referral_us(cpu_before.2, cpu_s(None));
+    let per_referral = |before: f64, after: f64| (after - before) / referrals.max(1.0);
+    let switches_sender = per_referral(switches_before.0, context_switches(Some(sender_pid)));
+    let switches_recipient = per_referral(
+        switches_before.1,
+        recipient_pid
+            .map(|p| context_switches(Some(p)))
+            .unwrap_or(0.0),
+    );
     let cpu_total = cpu_sender + cpu_recipient + cpu_generator;
     let fsync = fsync_ms(&sender_org.dir, if secs < 2.0 { 50 } else { 200 })?;
     let (half_p50, half_p99) = open_loop(e2e_rate / 2.0, secs, op.clone()).await?;
@@ -653,6 +691,11 @@ async fn measure(
         ("cpu_us_per_referral_sender", cpu_sender),
         ("cpu_us_per_referral_recipient", cpu_recipient),
         ("cpu_us_per_referral_generator", cpu_generator),
+        ("context_switches_per_referral_sender", switches_sender),
+        (
+            "context_switches_per_referral_recipient",
+            switches_recipient,
+        ),
         ("cpu_bound_rps", cores as f64 * 1e6 / cpu_total.max(1e-9)),
         ("cpu_us_per_referral_crypto_limit", 1e6 / crypto.max(1e-9)),
         ("fsync_p50_ms", fsync),
@@ -701,6 +744,11 @@ async fn measure(
         "  CPU per referral: sender / recipient / load (us)",
         format!("{cpu_sender:.0} / {cpu_recipient:.0} / {cpu_generator:.0}"),
         format!("crypto alone {:.0}", 1e6 / crypto.max(1e-9)),
+    ));
+    rows.push(Row(
+        "  context switches per referral: sender / recipient",
+        format!("{switches_sender:.1} / {switches_recipient:.1}"),
+        String::new(),
     ));
     rows.push(Row(
         "node start to serving (ms)",
