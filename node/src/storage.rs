@@ -2,9 +2,10 @@
 //!
 //! Every function that changes state does so in one transaction, so a crash leaves either
 //! all of a change or none of it; callers acknowledge only after the function returns.
-//! Changes that append to the audit log (and the other hot-path writes) are jobs for the
-//! group-commit writer ([`crate::writer`]), which may commit several callers' changes in
-//! one transaction but returns to each only after that commit; reads use a small pool.
+//! Every change is a job for the group-commit writer ([`crate::writer`]), which may
+//! commit several callers' changes in one transaction but returns to each only after that
+//! commit; being the only writer, it never waits for SQLite's write lock. Reads use a
+//! small pool (and, for consents and case keys, a cache that writes check against).
 //! Values that are protocol objects (envelopes, receipts, payloads) are stored as their
 //! protobuf encodings.
 
@@ -37,9 +38,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// Reads, and the few writes that do not touch the audit log.
+    /// Reads only: every write goes through the writer.
     pool: SqlitePool,
-    /// Every write that appends to the audit log goes through here (group commit).
+    /// Every write goes through here (group commit).
     writer: Writer,
     /// Recently looked-up tokens, so that a burst of requests costs one lookup.
     tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
@@ -1270,10 +1271,7 @@ impl Store {
     /// Moves the WAL into the database file and truncates it, so that deleted pages
     /// (zeroed by secure_delete) do not linger in the WAL.
     pub async fn checkpoint(&self) -> Result<()> {
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.writer.checkpoint().await
     }
 
     pub async fn inbox(&self, limit: i64) -> Result<Vec<InboxRow>> {
@@ -1369,16 +1367,24 @@ impl Store {
         note: &str,
         now_ms: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO checkpoints (size, root, note, signed_at_ms) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(size as i64)
-        .bind(root)
-        .bind(note)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let data = (size as i64, root.to_vec(), note.to_owned(), now_ms);
+        self.writer
+            .run(data, |(size, root, note, now_ms), tx, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO checkpoints (size, root, note, signed_at_ms)
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(*size)
+                    .bind(root)
+                    .bind(note)
+                    .bind(*now_ms)
+                    .execute(tx.conn().await?)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     pub async fn cosignatures(&self, size: u64) -> Result<Vec<String>> {
@@ -1392,19 +1398,24 @@ impl Store {
     /// Records a witness's cosignature of our checkpoint of `size`, and that it now stands
     /// at that size.
     pub async fn store_cosignature(&self, size: u64, witness: &str, line: &str) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT INTO cosignatures (size, witness, line) VALUES ($1, $2, $3)
-             ON CONFLICT(size, witness) DO UPDATE SET line = excluded.line",
-        )
-        .bind(size as i64)
-        .bind(witness)
-        .bind(line)
-        .execute(&mut *tx)
-        .await?;
-        Self::upsert_witness_view(&mut *tx, witness, size).await?;
-        tx.commit().await?;
-        Ok(())
+        let data = (size, witness.to_owned(), line.to_owned());
+        self.writer
+            .run(data, |(size, witness, line), tx, _| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    sqlx::query(
+                        "INSERT INTO cosignatures (size, witness, line) VALUES ($1, $2, $3)
+                         ON CONFLICT(size, witness) DO UPDATE SET line = excluded.line",
+                    )
+                    .bind(*size as i64)
+                    .bind(witness)
+                    .bind(line)
+                    .execute(&mut *conn)
+                    .await?;
+                    Self::upsert_witness_view(conn, witness, *size).await
+                })
+            })
+            .await
     }
 
     async fn upsert_witness_view<'e, E>(executor: E, witness: &str, size: u64) -> Result<()>
@@ -1431,7 +1442,13 @@ impl Store {
     }
 
     pub async fn set_witness_view(&self, witness: &str, size: u64) -> Result<()> {
-        Self::upsert_witness_view(&self.pool, witness, size).await
+        self.writer
+            .run((witness.to_owned(), size), |(witness, size), tx, _| {
+                Box::pin(async move {
+                    Self::upsert_witness_view(tx.conn().await?, witness, *size).await
+                })
+            })
+            .await
     }
 
     /// As a witness: the state stored for a log.
@@ -1453,32 +1470,51 @@ impl Store {
         new_root: &[u8],
         now_ms: i64,
     ) -> Result<bool> {
-        let changed = match old_size {
-            None => sqlx::query(
-                "INSERT INTO witnessed_logs (origin, size, root, updated_at_ms) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT(origin) DO NOTHING",
+        let data = (
+            origin.to_owned(),
+            old_size,
+            new_size as i64,
+            new_root.to_vec(),
+            now_ms,
+        );
+        self.writer
+            .run(
+                data,
+                |(origin, old_size, new_size, new_root, now_ms), tx, _| {
+                    Box::pin(async move {
+                        // A statement of its own (not folded behind BEGIN): rows_affected
+                        // is this statement's count.
+                        let conn = tx.conn().await?;
+                        let changed = match old_size {
+                            None => sqlx::query(
+                                "INSERT INTO witnessed_logs (origin, size, root, updated_at_ms)
+                             VALUES ($1, $2, $3, $4) ON CONFLICT(origin) DO NOTHING",
+                            )
+                            .bind(origin)
+                            .bind(*new_size)
+                            .bind(new_root)
+                            .bind(*now_ms)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected(),
+                            Some(old) => sqlx::query(
+                                "UPDATE witnessed_logs SET size = $2, root = $3, updated_at_ms = $4
+                             WHERE origin = $1 AND size = $5",
+                            )
+                            .bind(origin)
+                            .bind(*new_size)
+                            .bind(new_root)
+                            .bind(*now_ms)
+                            .bind(*old as i64)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected(),
+                        };
+                        Ok(changed == 1)
+                    })
+                },
             )
-            .bind(origin)
-            .bind(new_size as i64)
-            .bind(new_root)
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected(),
-            Some(old) => sqlx::query(
-                "UPDATE witnessed_logs SET size = $2, root = $3, updated_at_ms = $4
-                 WHERE origin = $1 AND size = $5",
-            )
-            .bind(origin)
-            .bind(new_size as i64)
-            .bind(new_root)
-            .bind(now_ms)
-            .bind(old as i64)
-            .execute(&self.pool)
-            .await?
-            .rows_affected(),
-        };
-        Ok(changed == 1)
+            .await
     }
 
     /// One trivial query: the cost of a round trip to SQLite's worker thread.

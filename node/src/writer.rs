@@ -1,6 +1,7 @@
-//! Group commit: the one task that writes state which appends to the audit log.
+//! Group commit: the one task that writes to the database.
 //!
-//! Every change that appends an audit entry is a *job* sent to this task. The task takes
+//! Every change is a *job* sent to this task: one writer means no connection ever waits
+//! for SQLite's write lock (whose busy handler sleeps in steps of up to 100 ms). The task takes
 //! whatever jobs are waiting, runs them one after another inside a single `BEGIN
 //! IMMEDIATE` transaction on its own connection, writes their audit entries with
 //! multi-row inserts, commits once (one fsync for the whole group) and only then answers
@@ -27,6 +28,8 @@ use crate::storage::{Appended, Result, StoreError};
 const MAX_GROUP: usize = 256;
 /// Jobs waiting for the writer before callers wait to hand theirs in.
 const QUEUE: usize = 4096;
+/// A group commit slower than this is logged: every caller in it waited that long.
+const SLOW_GROUP: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The future of one job's statements, borrowing its data, the connection and the log.
 pub type Step<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
@@ -257,6 +260,8 @@ impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
 
 enum Message {
     Job(Box<dyn Job>),
+    /// Move the WAL into the database file and truncate it, between two groups.
+    Checkpoint(oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -296,6 +301,19 @@ impl Writer {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Commits the jobs already handed in, then moves the WAL into the database file and
+    /// truncates it. Done here because a checkpoint needs the write lock: taken by any
+    /// other connection, it would make this task wait in SQLite's busy handler, whose
+    /// sleeps of up to 100 ms would stall every caller.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let (done, result) = oneshot::channel();
+        self.jobs
+            .send(Message::Checkpoint(done))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Finishes the jobs already handed in and closes the writer's connection.
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
@@ -307,38 +325,33 @@ impl Writer {
 
 async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message>) {
     let mut group: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_GROUP);
-    let mut closing = None;
+    let (mut closing, mut checkpoint) = (None, None);
     while closing.is_none() {
         match queue.recv().await {
             Some(Message::Job(job)) => group.push(job),
+            Some(Message::Checkpoint(done)) => checkpoint = Some(done),
             Some(Message::Close(done)) => closing = Some(done),
             None => break,
         }
-        while closing.is_none() && group.len() < MAX_GROUP {
+        while closing.is_none() && checkpoint.is_none() && group.len() < MAX_GROUP {
             match queue.try_recv() {
                 Ok(Message::Job(job)) => group.push(job),
+                Ok(Message::Checkpoint(done)) => checkpoint = Some(done),
                 Ok(Message::Close(done)) => closing = Some(done),
                 Err(_) => break,
             }
         }
-        if group.is_empty() {
-            continue;
+        if !group.is_empty() {
+            commit_and_answer(&mut tx, &mut log, &mut group).await;
         }
-        match commit_group(&mut tx, &mut log, &mut group).await {
-            Ok(()) => group.drain(..).for_each(|job| job.finish(None)),
-            Err(error) if group.len() == 1 => {
-                if let Some(job) = group.pop() {
-                    job.finish(Some(error));
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
-                for mut job in group.drain(..) {
-                    let alone =
-                        commit_group(&mut tx, &mut log, std::slice::from_mut(&mut job)).await;
-                    job.finish(alone.err());
-                }
-            }
+        if let Some(done) = checkpoint.take() {
+            // Between groups, so outside any transaction, and no other connection writes.
+            let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&mut tx.conn)
+                .await
+                .map(|_| ())
+                .map_err(StoreError::from);
+            let _ = done.send(result);
         }
     }
     if let Err(error) = tx.conn.close().await {
@@ -346,6 +359,36 @@ async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message
     }
     if let Some(done) = closing {
         let _ = done.send(());
+    }
+}
+
+/// Commits `group` and answers its callers; if it fails, runs each job alone so that
+/// only the failing ones fail.
+async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<Box<dyn Job>>) {
+    let started = std::time::Instant::now();
+    let result = commit_group(tx, log, group).await;
+    let took = started.elapsed();
+    if took > SLOW_GROUP {
+        tracing::warn!(
+            jobs = group.len(),
+            took_ms = took.as_millis() as u64,
+            "slow group commit"
+        );
+    }
+    match result {
+        Ok(()) => group.drain(..).for_each(|job| job.finish(None)),
+        Err(error) if group.len() == 1 => {
+            if let Some(job) = group.pop() {
+                job.finish(Some(error));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
+            for mut job in group.drain(..) {
+                let alone = commit_group(tx, log, std::slice::from_mut(&mut job)).await;
+                job.finish(alone.err());
+            }
+        }
     }
 }
 
