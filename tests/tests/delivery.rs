@@ -42,6 +42,28 @@ async fn send_with_wait_answers_with_the_delivered_status() {
         .expect("status")
         .into_inner();
     assert_eq!(later, status);
+
+    // The same through the CLI: it exits zero once the referral is delivered and shows
+    // the receipt.
+    let mut cli = std::process::Command::new(binary("corridor"));
+    cli.args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args([
+            "--output", "json", "referral", "send", "--wait", "--case", &case_id,
+        ])
+        .args(["--to", SHELTER_KH, "--purpose", "reintegration"]);
+    for (name, value) in required_fields("reintegration") {
+        cli.args(["--field", &format!("{name}={value}")]);
+    }
+    let out = cli.output().expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(shown["state"], "delivered", "{shown}");
+    assert_eq!(shown["receipt"]["recipient"], SHELTER_KH, "{shown}");
 }
 
 #[tokio::test]
