@@ -14,6 +14,7 @@
 pub mod audit_log;
 pub mod audit_service;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod convert;
 pub mod delivery;

@@ -17,6 +17,7 @@ use corridor::{MessageId, OrgId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
 
+use crate::cache::GuessCache;
 use crate::writer::{Tx, Writer};
 
 /// Why a storage operation failed. Messages never contain stored values.
@@ -44,33 +45,26 @@ pub struct Store {
     writer: Writer,
     /// Recently looked-up tokens, so that a burst of requests costs one lookup.
     tokens: std::sync::Arc<std::sync::Mutex<TokenCache>>,
-    /// Wrapped data keys of cases, so that a referral for a known case reads nothing
-    /// before it is stored. A cached key is only a guess: the transaction that stores a
-    /// referral checks that it is still the case's key (see [`AcceptOutcome`]).
-    case_keys: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    /// Wrapped data keys of received cases, so that a referral for a known case reads
+    /// nothing before it is stored. A cached key is only a guess: the transaction that
+    /// stores a referral checks that it is still the case's key (see [`AcceptOutcome`]).
+    case_keys: GuessCache<Vec<u8>>,
     /// Consents by case, so that sending a referral reads nothing before it is queued.
     /// Also only a guess: the transaction that queues a referral checks that its consent
     /// is neither withdrawn nor narrowed since (see [`Enqueued`]). Every consent write
-    /// clears it.
-    consents: std::sync::Arc<std::sync::Mutex<ConsentCache>>,
+    /// clears it once committed.
+    consents: GuessCache<Vec<ConsentRow>>,
 }
 
-/// Consents by case id, and how many times the cache was cleared: a read that started
-/// before a clearing must not fill the cache with what it read.
-#[derive(Default)]
-struct ConsentCache {
-    by_case: std::collections::HashMap<String, Vec<ConsentRow>>,
-    generation: u64,
-}
-
-/// Counts only: consents name people, and nothing personal may reach a log.
-impl std::fmt::Debug for ConsentCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsentCache")
-            .field("cases", &self.by_case.len())
-            .field("generation", &self.generation)
-            .finish()
-    }
+/// What became of a consent handed to [`Store::withdraw_consent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    Withdrawn,
+    /// It was withdrawn already; nothing changed.
+    AlreadyWithdrawn,
+    /// Nothing changed: the referrals that may have reached a recipient are no longer the
+    /// ones read (one was queued meanwhile, say). Read them again.
+    ReferralsChanged,
 }
 
 /// What became of a referral handed to [`Store::enqueue`].
@@ -319,8 +313,8 @@ impl Store {
             pool,
             writer,
             tokens: Default::default(),
-            case_keys: Default::default(),
-            consents: Default::default(),
+            case_keys: GuessCache::new(CASE_KEY_CACHE_MAX),
+            consents: GuessCache::new(CONSENT_CACHE_MAX),
         })
     }
 
@@ -410,41 +404,26 @@ impl Store {
 
     /// The wrapped data key of a case, if it still exists (as far as the cache knows).
     pub async fn case_key(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        if let Ok(cache) = self.case_keys.lock()
-            && let Some(wrapped) = cache.get(id)
-        {
-            return Ok(Some(wrapped.clone()));
-        }
+        let read_at = match self.case_keys.get(id) {
+            Ok(wrapped) => return Ok(Some(wrapped)),
+            Err(generation) => generation,
+        };
         let row = sqlx::query("SELECT wrapped_key FROM case_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
         let wrapped: Option<Vec<u8>> = row.map(|r| r.get(0));
         if let Some(wrapped) = &wrapped {
-            self.remember_case_key(id, wrapped);
+            self.case_keys.fill(id, wrapped.clone(), read_at);
         }
         Ok(wrapped)
-    }
-
-    fn remember_case_key(&self, id: &str, wrapped: &[u8]) {
-        if let Ok(mut cache) = self.case_keys.lock() {
-            if cache.len() >= CASE_KEY_CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(id.to_owned(), wrapped.to_vec());
-        }
-    }
-
-    /// Drops cached case keys (after keys were shredded, or one was found stale).
-    fn forget_case_keys(&self) {
-        if let Ok(mut cache) = self.case_keys.lock() {
-            cache.clear();
-        }
     }
 
     /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that
     /// is stored now (the existing one wins a race).
     pub async fn ensure_case_key(&self, id: &str, wrapped: &[u8], now_ms: i64) -> Result<Vec<u8>> {
+        // A key shredded after this write commits must not be cached by it.
+        let read_at = self.case_keys.generation();
         let data = (id.to_owned(), wrapped.to_vec(), now_ms);
         self.writer
             .run(data, |(id, wrapped, now_ms), tx, _| {
@@ -469,7 +448,7 @@ impl Store {
                 })
             })
             .await
-            .inspect(|wrapped: &Vec<u8>| self.remember_case_key(id, wrapped))
+            .inspect(|wrapped: &Vec<u8>| self.case_keys.fill(id, wrapped.clone(), read_at))
     }
 
     /// Creates a case with its data key and encrypted label, in one transaction.
@@ -527,43 +506,44 @@ impl Store {
     // ---- consents ---------------------------------------------------------------------
 
     pub async fn record_consent(&self, c: NewConsent, audit: Vec<u8>) -> Result<()> {
-        let result = self
-            .writer
-            .run((c, audit), |(c, audit), tx, log| {
-                Box::pin(async move {
-                    let conn = tx.conn().await?;
-                    let s = &c.scope;
-                    sqlx::query(
-                        "INSERT INTO consents (id, case_id, given_by, guardian_basis, method,
+        self.writer
+            .run_then(
+                (c, audit),
+                |(c, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        let s = &c.scope;
+                        sqlx::query(
+                            "INSERT INTO consents (id, case_id, given_by, guardian_basis, method,
                             language, recorded_by, recorded_at_ms, purposes, recipient_orgs,
                             recipient_roles, fields, excluded_countries, no_family_contact,
                             expires_at_ms)
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-                    )
-                    .bind(&c.id)
-                    .bind(&c.case_id)
-                    .bind(&c.given_by)
-                    .bind(&c.guardian_basis)
-                    .bind(&c.method)
-                    .bind(&c.language)
-                    .bind(c.recorded_by)
-                    .bind(c.recorded_at_ms)
-                    .bind(&s.purposes)
-                    .bind(&s.recipient_orgs)
-                    .bind(&s.recipient_roles)
-                    .bind(&s.fields)
-                    .bind(&s.excluded_countries)
-                    .bind(i64::from(s.no_family_contact))
-                    .bind(s.expires_at_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                    log.append(audit.clone())?;
-                    Ok(())
-                })
-            })
-            .await;
-        self.forget_consents();
-        result
+                        )
+                        .bind(&c.id)
+                        .bind(&c.case_id)
+                        .bind(&c.given_by)
+                        .bind(&c.guardian_basis)
+                        .bind(&c.method)
+                        .bind(&c.language)
+                        .bind(c.recorded_by)
+                        .bind(c.recorded_at_ms)
+                        .bind(&s.purposes)
+                        .bind(&s.recipient_orgs)
+                        .bind(&s.recipient_roles)
+                        .bind(&s.fields)
+                        .bind(&s.excluded_countries)
+                        .bind(i64::from(s.no_family_contact))
+                        .bind(s.expires_at_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                        log.append(audit.clone())?;
+                        Ok(())
+                    })
+                },
+                Some(self.consents.clearer()),
+            )
+            .await
     }
 
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
@@ -593,34 +573,16 @@ impl Store {
         }
     }
 
-    /// The consents of a case, newest first.
     /// The consents of a case, newest first; `fresh` reads past the cache.
     pub async fn consents_for_case(&self, case_id: &str, fresh: bool) -> Result<Vec<ConsentRow>> {
-        let mut generation = 0;
-        if let Ok(cache) = self.consents.lock() {
-            if !fresh && let Some(rows) = cache.by_case.get(case_id) {
-                return Ok(rows.clone());
-            }
-            generation = cache.generation;
-        }
+        let read_at = match self.consents.get(case_id) {
+            Ok(rows) if !fresh => return Ok(rows),
+            Ok(_) => self.consents.generation(),
+            Err(generation) => generation,
+        };
         let rows = self.read_consents_for_case(case_id).await?;
-        if let Ok(mut cache) = self.consents.lock()
-            && cache.generation == generation
-        {
-            if cache.by_case.len() >= CONSENT_CACHE_MAX {
-                cache.by_case.clear();
-            }
-            cache.by_case.insert(case_id.to_owned(), rows.clone());
-        }
+        self.consents.fill(case_id, rows.clone(), read_at);
         Ok(rows)
-    }
-
-    /// Consents changed: what the cache holds may be stale.
-    fn forget_consents(&self) {
-        if let Ok(mut cache) = self.consents.lock() {
-            cache.by_case.clear();
-            cache.generation += 1;
-        }
     }
 
     async fn read_consents_for_case(&self, case_id: &str) -> Result<Vec<ConsentRow>> {
@@ -657,36 +619,37 @@ impl Store {
         audit: Vec<u8>,
     ) -> Result<()> {
         let data = (id.to_owned(), scope, now_ms, audit);
-        let result = self
-            .writer
-            .run(data, |(id, s, now_ms, audit), tx, log| {
-                Box::pin(async move {
-                    let conn = tx.conn().await?;
-                    sqlx::query(
-                        "UPDATE consents SET purposes = $2, recipient_orgs = $3,
+        self.writer
+            .run_then(
+                data,
+                |(id, s, now_ms, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        sqlx::query(
+                            "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
                             no_family_contact = $7, expires_at_ms = $8,
                             narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
                          WHERE id = $1 AND withdrawn_at_ms IS NULL",
-                    )
-                    .bind(id)
-                    .bind(&s.purposes)
-                    .bind(&s.recipient_orgs)
-                    .bind(&s.recipient_roles)
-                    .bind(&s.fields)
-                    .bind(&s.excluded_countries)
-                    .bind(i64::from(s.no_family_contact))
-                    .bind(s.expires_at_ms)
-                    .bind(*now_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                    log.append(audit.clone())?;
-                    Ok(())
-                })
-            })
-            .await;
-        self.forget_consents();
-        result
+                        )
+                        .bind(id)
+                        .bind(&s.purposes)
+                        .bind(&s.recipient_orgs)
+                        .bind(&s.recipient_roles)
+                        .bind(&s.fields)
+                        .bind(&s.excluded_countries)
+                        .bind(i64::from(s.no_family_contact))
+                        .bind(s.expires_at_ms)
+                        .bind(*now_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                        log.append(audit.clone())?;
+                        Ok(())
+                    })
+                },
+                Some(self.consents.clearer()),
+            )
+            .await
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
@@ -709,51 +672,69 @@ impl Store {
     }
 
     /// Withdraws a consent in one transaction: marks it withdrawn, cancels referrals
-    /// under it that are still queued (they never leave), and queues the withdrawal
-    /// envelopes. Returns false if it was already withdrawn (nothing changes then).
+    /// under it that are still queued, and queues the withdrawal envelopes, which were
+    /// made for the recipients of `expected` (what [`Store::referrals_under_consent`]
+    /// gave). Nothing changes unless those are still all the referrals under it: one
+    /// queued meanwhile may be on its way to a recipient no withdrawal would reach.
     pub async fn withdraw_consent(
         &self,
         consent_id: &str,
         now_ms: i64,
+        expected: Vec<MessageId>,
         withdrawals: Vec<NewOutboxItem>,
         audit: Vec<u8>,
-    ) -> Result<bool> {
-        let data = (consent_id.to_owned(), now_ms, withdrawals, audit);
-        let result = self
-            .writer
-            .run(data, |(consent_id, now_ms, withdrawals, audit), tx, log| {
-                Box::pin(async move {
-                    let conn = tx.conn().await?;
-                    let changed = sqlx::query(
-                        "UPDATE consents SET withdrawn_at_ms = $2
+    ) -> Result<Withdrawal> {
+        // In the order SQLite sorts blobs: bytewise.
+        let mut expected: Vec<Vec<u8>> = expected.iter().map(|id| id.0.to_vec()).collect();
+        expected.sort();
+        let data = (consent_id.to_owned(), now_ms, expected, withdrawals, audit);
+        self.writer
+            .run_then(
+                data,
+                |(consent_id, now_ms, expected, withdrawals, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        let current: Vec<Vec<u8>> = sqlx::query_scalar(
+                            "SELECT message_id FROM outbox
+                         WHERE consent_id = $1 AND kind = 1 AND state IN ('queued', 'delivered')
+                         ORDER BY message_id",
+                        )
+                        .bind(consent_id)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        if &current != expected {
+                            return Ok(Withdrawal::ReferralsChanged);
+                        }
+                        let changed = sqlx::query(
+                            "UPDATE consents SET withdrawn_at_ms = $2
                          WHERE id = $1 AND withdrawn_at_ms IS NULL",
-                    )
-                    .bind(consent_id)
-                    .bind(*now_ms)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                    if changed == 0 {
-                        return Ok(false);
-                    }
-                    sqlx::query(
-                        "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                        )
+                        .bind(consent_id)
+                        .bind(*now_ms)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                        if changed == 0 {
+                            return Ok(Withdrawal::AlreadyWithdrawn);
+                        }
+                        sqlx::query(
+                            "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
                             last_error = 'consent withdrawn before delivery'
                          WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
-                    )
-                    .bind(consent_id)
-                    .execute(&mut *conn)
-                    .await?;
-                    for item in withdrawals {
-                        Self::insert_outbox(tx, item, None).await?;
-                    }
-                    log.append(audit.clone())?;
-                    Ok(true)
-                })
-            })
-            .await;
-        self.forget_consents();
-        result
+                        )
+                        .bind(consent_id)
+                        .execute(&mut *conn)
+                        .await?;
+                        for item in withdrawals {
+                            Self::insert_outbox(tx, item, None).await?;
+                        }
+                        log.append(audit.clone())?;
+                        Ok(Withdrawal::Withdrawn)
+                    })
+                },
+                Some(self.consents.clearer()),
+            )
+            .await
     }
 
     /// Every envelope sent under a consent, with its answers.
@@ -1155,7 +1136,7 @@ impl Store {
             .await
             .inspect(|outcome| {
                 if matches!(outcome, AcceptOutcome::CaseKeyChanged) {
-                    self.forget_case_keys();
+                    self.case_keys.clear();
                 }
             })
     }
@@ -1184,50 +1165,53 @@ impl Store {
         audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
         self.writer
-            .run((w, audit), |(w, audit), tx, log| {
-                Box::pin(async move {
-                    let conn = tx.conn().await?;
-                    let response = (w.respond)(log.next(audit));
-                    if let Some(outcome) = Self::insert_seen(
-                        conn,
-                        w.message_id,
-                        &w.sender,
-                        &w.envelope_digest,
-                        &response,
-                        w.received_at_ms,
-                    )
-                    .await?
-                    {
-                        return Ok(outcome);
-                    }
-                    sqlx::query(
-                        "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms)
+            .run_then(
+                (w, audit),
+                |(w, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        let response = (w.respond)(log.next(audit));
+                        if let Some(outcome) = Self::insert_seen(
+                            conn,
+                            w.message_id,
+                            &w.sender,
+                            &w.envelope_digest,
+                            &response,
+                            w.received_at_ms,
+                        )
+                        .await?
+                        {
+                            return Ok(outcome);
+                        }
+                        sqlx::query(
+                            "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms)
                          VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO NOTHING",
-                    )
-                    .bind(w.sender.as_str())
-                    .bind(&w.consent_id)
-                    .bind(w.received_at_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                    let purged =
-                        sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
-                            .bind(w.sender.as_str())
-                            .bind(&w.consent_id)
-                            .execute(&mut *conn)
-                            .await?
-                            .rows_affected();
-                    if purged != w.expected.len() as u64 {
-                        // A referral arrived between reading and purging: the job fails,
-                        // nothing of it stays, and the sender's retry gets the truth.
-                        return Err(StoreError::Corrupt("inbox changed during purge; retry"));
-                    }
-                    Self::shred_orphan_received_keys(conn).await?;
-                    log.append(audit.clone())?;
-                    Ok(AcceptOutcome::Stored(response))
-                })
-            })
+                        )
+                        .bind(w.sender.as_str())
+                        .bind(&w.consent_id)
+                        .bind(w.received_at_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                        let purged =
+                            sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
+                                .bind(w.sender.as_str())
+                                .bind(&w.consent_id)
+                                .execute(&mut *conn)
+                                .await?
+                                .rows_affected();
+                        if purged != w.expected.len() as u64 {
+                            // A referral arrived between reading and purging: the job fails,
+                            // nothing of it stays, and the sender's retry gets the truth.
+                            return Err(StoreError::Corrupt("inbox changed during purge; retry"));
+                        }
+                        Self::shred_orphan_received_keys(conn).await?;
+                        log.append(audit.clone())?;
+                        Ok(AcceptOutcome::Stored(response))
+                    })
+                },
+                Some(self.case_keys.clearer()),
+            )
             .await
-            .inspect(|_| self.forget_case_keys())
     }
 
     async fn shred_orphan_received_keys(conn: &mut SqliteConnection) -> Result<u64> {
@@ -1249,23 +1233,26 @@ impl Store {
         audit: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
     ) -> Result<u64> {
         self.writer
-            .run((now_ms, audit), |(now_ms, audit), tx, log| {
-                Box::pin(async move {
-                    let conn = tx.conn().await?;
-                    let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
-                        .bind(*now_ms)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
-                    Self::shred_orphan_received_keys(conn).await?;
-                    if deleted > 0 {
-                        log.append(audit(deleted))?;
-                    }
-                    Ok(deleted)
-                })
-            })
+            .run_then(
+                (now_ms, audit),
+                |(now_ms, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
+                            .bind(*now_ms)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected();
+                        Self::shred_orphan_received_keys(conn).await?;
+                        if deleted > 0 {
+                            log.append(audit(deleted))?;
+                        }
+                        Ok(deleted)
+                    })
+                },
+                Some(self.case_keys.clearer()),
+            )
             .await
-            .inspect(|_| self.forget_case_keys())
     }
 
     /// Moves the WAL into the database file and truncates it, so that deleted pages
@@ -1615,7 +1602,8 @@ mod tests {
     }
 
     /// The consent cache is only a guess too: a referral gated on a consent that was
-    /// narrowed or withdrawn after it was read is not queued, and leaves nothing behind.
+    /// narrowed or withdrawn after it was read is not queued, and leaves nothing behind;
+    /// a withdrawal is written only for the referrals it was made for.
     #[tokio::test]
     async fn a_referral_under_a_consent_changed_since_it_was_read_is_not_queued() {
         let dir = std::env::temp_dir().join(format!("corridor-consent-{}", std::process::id()));
@@ -1685,14 +1673,32 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(read[0].narrowed_at_ms, Some(6));
-        store
-            .withdraw_consent("consent-1", 7, Vec::new(), entry())
-            .await
-            .expect("withdraw");
-        let withdrawn = store.enqueue(outbox_item(3), Some(6), entry()).await;
+        // A withdrawal made for the referrals read before one was queued changes
+        // nothing: that referral's recipient would get no withdrawal.
+        let missed = store
+            .withdraw_consent("consent-1", 7, Vec::new(), Vec::new(), entry())
+            .await;
         assert!(
-            matches!(withdrawn, Ok(Enqueued::ConsentWithdrawn)),
+            matches!(missed, Ok(Withdrawal::ReferralsChanged)),
+            "{missed:?}"
+        );
+        let withdrawn = store
+            .withdraw_consent(
+                "consent-1",
+                7,
+                vec![MessageId([2; 16])],
+                Vec::new(),
+                entry(),
+            )
+            .await;
+        assert!(
+            matches!(withdrawn, Ok(Withdrawal::Withdrawn)),
             "{withdrawn:?}"
+        );
+        let refused = store.enqueue(outbox_item(3), Some(6), entry()).await;
+        assert!(
+            matches!(refused, Ok(Enqueued::ConsentWithdrawn)),
+            "{refused:?}"
         );
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

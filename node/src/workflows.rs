@@ -21,7 +21,7 @@ use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
     AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, Enqueued, NewConsent,
-    NewOutboxItem, Respond, ScopeColumns, User,
+    NewOutboxItem, Respond, ScopeColumns, User, Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -530,20 +530,34 @@ pub async fn send_referral(
     let field_names = check_fields(&req.fields)?;
     let mut fresh = false;
     loop {
-        let sealed =
-            gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh).await?;
+        let sealed = match gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh)
+            .await
+        {
+            Ok(sealed) => sealed,
+            // The consents came from the cache, which may lag a consent just recorded
+            // (its clearing runs after the commit): refuse only on a fresh read.
+            Err(failure)
+                if !fresh && matches!(failure.code, Code::FailedPrecondition | Code::NotFound) =>
+            {
+                fresh = true;
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
         let due = sealed.item.due();
-        let first_attempt = req.wait.then(|| node.waiters.wait(message_id));
+        let mut first_attempt = req.wait.then(|| node.waiters.wait(message_id));
         let outcome = node
             .store
             .enqueue(sealed.item, sealed.consent_narrowed_at_ms, sealed.audit)
-            .await?;
-        if outcome != Enqueued::Queued {
+            .await;
+        if !matches!(outcome, Ok(Enqueued::Queued)) {
+            // Never queued, so no attempt will end it: drop the registration now.
+            drop(first_attempt.take());
             node.waiters.forget(message_id);
         }
-        match outcome {
+        match outcome? {
             Enqueued::Queued => {
                 if !node.handoff.offer(due) {
                     node.outbox_ready.notify_one();
@@ -711,71 +725,97 @@ pub async fn withdraw_consent(
     if row.withdrawn_at_ms.is_some() {
         return consent_status(node, consent_id).await;
     }
-    let now = now_ms();
-    let mut per_recipient: std::collections::BTreeMap<String, (String, Vec<MessageId>)> =
-        Default::default();
-    for (recipient, case_ref, id) in node.store.referrals_under_consent(consent_id).await? {
-        per_recipient
-            .entry(recipient)
-            .or_insert_with(|| (case_ref, Vec::new()))
-            .1
-            .push(id);
-    }
-    let mut envelopes = Vec::new();
-    for (recipient, (case_ref, ids)) in &per_recipient {
-        let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
-        let Some(m) = node.directory.get(&org) else {
-            tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge");
-            continue;
-        };
-        let payload = pb::ConsentWithdrawal {
-            consent_id: consent_id.to_owned(),
-            case_ref: case_ref.clone(),
-            referral_ids: ids.iter().map(|i| i.0.to_vec()).collect(),
-            withdrawn_at_ms: now,
+    // The recipients to ask for a purge are read before the withdrawal is written; the
+    // transaction that writes it checks they are still all there is.
+    let mut attempt = 0;
+    let recipients = loop {
+        attempt += 1;
+        let now = now_ms();
+        let mut per_recipient: std::collections::BTreeMap<String, (String, Vec<MessageId>)> =
+            Default::default();
+        for (recipient, case_ref, id) in node.store.referrals_under_consent(consent_id).await? {
+            per_recipient
+                .entry(recipient)
+                .or_insert_with(|| (case_ref, Vec::new()))
+                .1
+                .push(id);
         }
-        .encode_to_vec();
-        // Withdrawals live as long as any envelope may: the sender keeps trying.
-        let envelope = seal(
-            node,
-            MessageKind::ConsentWithdrawal,
-            m,
-            &payload,
+        let mut envelopes = Vec::new();
+        for (recipient, (case_ref, ids)) in &per_recipient {
+            let org =
+                OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+            let Some(m) = node.directory.get(&org) else {
+                tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge");
+                continue;
+            };
+            let payload = pb::ConsentWithdrawal {
+                consent_id: consent_id.to_owned(),
+                case_ref: case_ref.clone(),
+                referral_ids: ids.iter().map(|i| i.0.to_vec()).collect(),
+                withdrawn_at_ms: now,
+            }
+            .encode_to_vec();
+            // Withdrawals live as long as any envelope may: the sender keeps trying.
+            let envelope = seal(
+                node,
+                MessageKind::ConsentWithdrawal,
+                m,
+                &payload,
+                now,
+                MAX_LIFETIME_MS,
+            )?;
+            envelopes.push((org, case_ref.clone(), envelope));
+        }
+        let items: Vec<NewOutboxItem> = envelopes
+            .into_iter()
+            .map(|(org, case_ref, e)| NewOutboxItem {
+                message_id: e.header.message_id,
+                kind: MessageKind::ConsentWithdrawal.as_i32().into(),
+                case_id: row.case_id.clone(),
+                consent_id: consent_id.to_owned(),
+                recipient: org,
+                purpose: String::new(),
+                case_ref,
+                envelope: convert::envelope_to_pb(&e).encode_to_vec(),
+                envelope_digest: e.digest(),
+                created_by: user.id,
+                created_at_ms: now,
+                expires_at_ms: e.header.expires_at_ms,
+            })
+            .collect();
+        let recipients = items.len();
+        let entry = audit::encode(
+            &Event::ConsentWithdrawn {
+                consent_id: consent_id.to_owned(),
+                case: local_pseudonym(node, &row.case_id),
+                user: user.id,
+                recipients: recipients as u64,
+            },
             now,
-            MAX_LIFETIME_MS,
-        )?;
-        envelopes.push((org, case_ref.clone(), envelope));
-    }
-    let items: Vec<NewOutboxItem> = envelopes
-        .into_iter()
-        .map(|(org, case_ref, e)| NewOutboxItem {
-            message_id: e.header.message_id,
-            kind: MessageKind::ConsentWithdrawal.as_i32().into(),
-            case_id: row.case_id.clone(),
-            consent_id: consent_id.to_owned(),
-            recipient: org,
-            purpose: String::new(),
-            case_ref,
-            envelope: convert::envelope_to_pb(&e).encode_to_vec(),
-            envelope_digest: e.digest(),
-            created_by: user.id,
-            created_at_ms: now,
-            expires_at_ms: e.header.expires_at_ms,
-        })
-        .collect();
-    let recipients = items.len();
-    let entry = audit::encode(
-        &Event::ConsentWithdrawn {
-            consent_id: consent_id.to_owned(),
-            case: local_pseudonym(node, &row.case_id),
-            user: user.id,
-            recipients: recipients as u64,
-        },
-        now,
-    );
-    node.store
-        .withdraw_consent(consent_id, now, items, entry)
-        .await?;
+        );
+        let expected = per_recipient
+            .values()
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
+        match node
+            .store
+            .withdraw_consent(consent_id, now, expected, items, entry)
+            .await?
+        {
+            Withdrawal::Withdrawn | Withdrawal::AlreadyWithdrawn => break recipients,
+            // A referral was queued (or ended) meanwhile: its recipient may need a
+            // withdrawal too, so look again.
+            Withdrawal::ReferralsChanged if attempt < 5 => continue,
+            Withdrawal::ReferralsChanged => {
+                return Err(Failure::new(
+                    Code::Aborted,
+                    format!(
+                        "referrals kept changing under consent {consent_id} while it was withdrawn; withdraw it again"
+                    ),
+                ));
+            }
+        }
+    };
     node.outbox_ready.notify_one();
     tracing::info!(consent = %consent_id, user = %user.name, recipients, "consent withdrawn");
     consent_status(node, consent_id).await
@@ -1081,6 +1121,11 @@ async fn accept_referral(
         let wrapped = match node.store.case_key(&case_key_id).await? {
             Some(w) => w,
             None => {
+                // A replay of a referral whose data was purged since must not bring a
+                // key for its case back.
+                if let Some(seen) = node.store.seen(message_id).await? {
+                    return replay_answer(seen, &sender.id, digest);
+                }
                 let (_, wrapped) = node
                     .data_key
                     .new_data_key(&case_key_id)

@@ -231,10 +231,14 @@ trait Job: Send {
     fn finish(self: Box<Self>, failure: Option<StoreError>);
 }
 
+/// Runs in the writer task once a job's group has committed.
+pub type OnCommit = Box<dyn FnOnce() + Send>;
+
 struct Typed<D, T> {
     data: D,
     op: Op<D, T>,
     output: Option<T>,
+    on_commit: Option<OnCommit>,
     reply: oneshot::Sender<Result<T>>,
 }
 
@@ -250,7 +254,12 @@ impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
     fn finish(self: Box<Self>, failure: Option<StoreError>) {
         let result = match (failure, self.output) {
             (Some(error), _) => Err(error),
-            (None, Some(output)) => Ok(output),
+            (None, Some(output)) => {
+                if let Some(on_commit) = self.on_commit {
+                    on_commit();
+                }
+                Ok(output)
+            }
             (None, None) => Err(StoreError::Corrupt("a write job did not run")),
         };
         // The caller may have gone away (its request was cancelled); the write stands.
@@ -287,11 +296,28 @@ impl Writer {
         D: Send + Sync + 'static,
         T: Send + 'static,
     {
+        self.run_then(data, op, None).await
+    }
+
+    /// As [`Writer::run`], and `on_commit` runs in the writer task right after the commit,
+    /// whether or not the caller is still waiting (its request may be cancelled): for what
+    /// must follow a committed change, such as dropping cached copies of what it changed.
+    pub async fn run_then<D, T>(
+        &self,
+        data: D,
+        op: Op<D, T>,
+        on_commit: Option<OnCommit>,
+    ) -> Result<T>
+    where
+        D: Send + Sync + 'static,
+        T: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job = Typed {
             data,
             op,
             output: None,
+            on_commit,
             reply,
         };
         self.jobs
