@@ -658,13 +658,23 @@ impl Store {
         &self,
         consent_id: &str,
     ) -> Result<Vec<(String, String, MessageId)>> {
+        Self::select_referrals_under_consent(&self.pool, consent_id).await
+    }
+
+    async fn select_referrals_under_consent<'e, E>(
+        executor: E,
+        consent_id: &str,
+    ) -> Result<Vec<(String, String, MessageId)>>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    {
         let rows = sqlx::query(
             "SELECT recipient, case_ref, message_id FROM outbox
              WHERE consent_id = $1 AND kind = 1 AND state IN ('queued', 'delivered')
              ORDER BY recipient, created_at_ms",
         )
         .bind(consent_id)
-        .fetch_all(&self.pool)
+        .fetch_all(executor)
         .await?;
         rows.into_iter()
             .map(|r| Ok((r.get(0), r.get(1), message_id(r.get(2))?)))
@@ -680,12 +690,10 @@ impl Store {
         &self,
         consent_id: &str,
         now_ms: i64,
-        expected: Vec<MessageId>,
+        mut expected: Vec<MessageId>,
         withdrawals: Vec<NewOutboxItem>,
         audit: Vec<u8>,
     ) -> Result<Withdrawal> {
-        // In the order SQLite sorts blobs: bytewise.
-        let mut expected: Vec<Vec<u8>> = expected.iter().map(|id| id.0.to_vec()).collect();
         expected.sort();
         let data = (consent_id.to_owned(), now_ms, expected, withdrawals, audit);
         self.writer
@@ -694,14 +702,13 @@ impl Store {
                 |(consent_id, now_ms, expected, withdrawals, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let current: Vec<Vec<u8>> = sqlx::query_scalar(
-                            "SELECT message_id FROM outbox
-                         WHERE consent_id = $1 AND kind = 1 AND state IN ('queued', 'delivered')
-                         ORDER BY message_id",
-                        )
-                        .bind(consent_id)
-                        .fetch_all(&mut *conn)
-                        .await?;
+                        let mut current: Vec<MessageId> =
+                            Self::select_referrals_under_consent(&mut *conn, consent_id)
+                                .await?
+                                .into_iter()
+                                .map(|(_, _, id)| id)
+                                .collect();
+                        current.sort();
                         if &current != expected {
                             return Ok(Withdrawal::ReferralsChanged);
                         }
@@ -1547,8 +1554,32 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A new store in a directory of its own (`name` and this process's id).
+    pub(crate) async fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("corridor-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Store::open(&dir.join("store.db")).await.expect("open");
+        (store, dir)
+    }
+
+    /// Adds the user "alice" (one audit entry, `audit`) and returns her id.
+    pub(crate) async fn add_alice(store: &Store, audit: Vec<u8>) -> i64 {
+        store
+            .issue_token(
+                "alice",
+                "admin",
+                &[7; 32],
+                0,
+                Box::new(move |_| audit.clone()),
+            )
+            .await
+            .expect("token");
+        let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
+        alice.expect("alice exists").id
+    }
 
     fn referral(wrapped_case_key: &[u8]) -> AcceptedReferral {
         AcceptedReferral {
@@ -1606,15 +1637,8 @@ mod tests {
     /// a withdrawal is written only for the referrals it was made for.
     #[tokio::test]
     async fn a_referral_under_a_consent_changed_since_it_was_read_is_not_queued() {
-        let dir = std::env::temp_dir().join(format!("corridor-consent-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let store = Store::open(&dir.join("store.db")).await.expect("open");
-        store
-            .issue_token("alice", "caseworker", &[7; 32], 0, Box::new(|_| entry()))
-            .await
-            .expect("token");
-        let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
-        let alice = alice.expect("alice exists").id;
+        let (store, dir) = temp_store("consent").await;
+        let alice = add_alice(&store, entry()).await;
         store
             .create_case("case-1", b"key", b"label", alice, 1)
             .await
@@ -1709,9 +1733,7 @@ mod tests {
     /// look-up asks the database again.
     #[tokio::test]
     async fn a_referral_sealed_under_a_stale_case_key_is_not_stored() {
-        let dir = std::env::temp_dir().join(format!("corridor-case-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let store = Store::open(&dir.join("store.db")).await.expect("open");
+        let (store, dir) = temp_store("case-key").await;
         let id = "in:shelter-my:case-ref";
         store.ensure_case_key(id, b"key-1", 0).await.expect("key");
         sqlx::query("UPDATE case_keys SET wrapped_key = $1 WHERE id = $2")

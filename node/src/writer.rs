@@ -450,6 +450,7 @@ async fn commit_group(
 #[cfg(test)]
 mod tests {
     use crate::storage::Store;
+    use crate::storage::tests::{add_alice, temp_store};
     use corridor::merkle;
 
     fn entry(i: u64) -> Vec<u8> {
@@ -460,15 +461,8 @@ mod tests {
     /// they form one group; the one that breaks a foreign key must fail alone.
     #[tokio::test]
     async fn a_failing_job_fails_alone_and_the_rest_of_its_group_commits() {
-        let dir = std::env::temp_dir().join(format!("corridor-writer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let store = Store::open(&dir.join("writer.db")).await.expect("open");
-        store
-            .issue_token("alice", "admin", &[7; 32], 0, Box::new(|_| entry(0)))
-            .await
-            .expect("token");
-        let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
-        let alice = alice.expect("alice exists").id;
+        let (store, dir) = temp_store("writer").await;
+        let alice = add_alice(&store, entry(0)).await;
         let (good, bad, appended, more) = tokio::join!(
             store.create_case("case-good", b"key", b"label", alice, 1),
             store.create_case("case-bad", b"key", b"label", alice + 99, 1),
@@ -502,7 +496,7 @@ mod tests {
         };
         assert_eq!(check(store.clone()).await, 4);
         store.close().await;
-        let store = Store::open(&dir.join("writer.db")).await.expect("reopen");
+        let store = Store::open(&dir.join("store.db")).await.expect("reopen");
         store.append_audit(vec![entry(4)]).await.expect("append");
         assert_eq!(check(store.clone()).await, 5);
         store.close().await;

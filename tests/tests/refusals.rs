@@ -32,10 +32,15 @@ fn payload(fed: &Federation, sender: &str, recipient: &str) -> Vec<u8> {
 
 /// A correctly sealed and signed envelope from `sender` to `recipient`.
 fn envelope(fed: &Federation, h: EnvelopeHeader) -> Envelope {
+    let payload = payload(fed, h.sender.as_str(), h.recipient.as_str());
+    seal_as_sender(fed, h, &payload)
+}
+
+/// `payload` sealed to the header's recipient and signed by its sender.
+fn seal_as_sender(fed: &Federation, h: EnvelopeHeader, payload: &[u8]) -> Envelope {
     let recipient = h.recipient.to_string();
     let signer = fed.signing_key(h.sender.as_str());
-    let payload = payload(fed, h.sender.as_str(), &recipient);
-    Envelope::seal(h, &payload, &fed.sealing_public_key(&recipient), &signer).unwrap()
+    Envelope::seal(h, payload, &fed.sealing_public_key(&recipient), &signer).unwrap()
 }
 
 async fn assert_nothing_stored(node: &TestNode) {
@@ -280,13 +285,11 @@ async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
     let mut payload = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
     payload.consent_receipt = Some(corridor_node::convert::consent_receipt_to_pb(&receipt));
     let seal = || {
-        Envelope::seal(
+        seal_as_sender(
+            &fed,
             header(SHELTER_MY, SHELTER_KH),
             &payload.encode_to_vec(),
-            &fed.sealing_public_key(SHELTER_KH),
-            &fed.signing_key(SHELTER_MY),
         )
-        .unwrap()
     };
     let e = seal();
     let first = deliver_as(&fed, SHELTER_MY, &e)
@@ -316,13 +319,11 @@ async fn recipient_reruns_the_gate_and_stores_nothing_of_a_referral_beyond_conse
     let fed = Federation::demo("bypass");
     let recipient = fed.start(SHELTER_KH);
     let seal = |payload: pb::ReferralPayload| {
-        Envelope::seal(
+        seal_as_sender(
+            &fed,
             header(SHELTER_MY, SHELTER_KH),
             &payload.encode_to_vec(),
-            &fed.sealing_public_key(SHELTER_KH),
-            &fed.signing_key(SHELTER_MY),
         )
-        .unwrap()
     };
     let field = |f: corridor::Field, v: &str| pb::FieldValue {
         field: corridor_node::convert::field_to_pb(f),
