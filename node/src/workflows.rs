@@ -114,9 +114,14 @@ fn local_pseudonym(node: &Node, case_id: &str) -> String {
     node.case_refs.reference(case_id, &node.org)
 }
 
+/// A fresh local id (of a case or a consent): 16 random bytes in hex after `prefix`.
 fn random_id(prefix: &str) -> Result<String, Failure> {
-    let id = MessageId::random().map_err(|e| Failure::internal("randomness unavailable", e))?;
-    Ok(format!("{prefix}-{}", id.to_hex()))
+    use ring::rand::SecureRandom as _;
+    let mut id = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| Failure::internal("randomness unavailable", EnvelopeError::Randomness))?;
+    Ok(format!("{prefix}-{}", hex::encode(id)))
 }
 
 fn parse_org(field: &str, value: &str) -> Result<OrgId, Failure> {
@@ -476,7 +481,7 @@ fn seal(
     ttl_ms: i64,
 ) -> Result<Envelope, Failure> {
     let message_id =
-        MessageId::random().map_err(|e| Failure::internal("randomness unavailable", e))?;
+        MessageId::new(now).map_err(|e| Failure::internal("randomness unavailable", e))?;
     let header = EnvelopeHeader {
         version: ENVELOPE_VERSION,
         message_id,

@@ -15,7 +15,7 @@ fn header(sender: &str, recipient: &str) -> EnvelopeHeader {
     let now = corridor_node::node::now_ms();
     EnvelopeHeader {
         version: ENVELOPE_VERSION,
-        message_id: MessageId::random().unwrap(),
+        message_id: MessageId::new(now).unwrap(),
         kind: MessageKind::Referral,
         sender: OrgId::new(sender).unwrap(),
         recipient: OrgId::new(recipient).unwrap(),
@@ -430,7 +430,7 @@ async fn refuses_federation_certificates_the_directory_does_not_list() {
     let e = {
         let h = corridor::EnvelopeHeader {
             version: ENVELOPE_VERSION,
-            message_id: MessageId::random().unwrap(),
+            message_id: MessageId::new(corridor_node::node::now_ms()).unwrap(),
             kind: MessageKind::Referral,
             sender: OrgId::new(SHELTER_MY).unwrap(),
             recipient: OrgId::new(SHELTER_KH).unwrap(),
