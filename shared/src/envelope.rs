@@ -568,7 +568,10 @@ mod tests {
     fn message_ids_are_distinct_and_sort_by_creation_time() {
         let ms = 1_764_000_000_000;
         let (a, b) = (MessageId::new(ms).unwrap(), MessageId::new(ms).unwrap());
-        assert_ne!(a, b, "80 random bits tell ids of the same millisecond apart");
+        assert_ne!(
+            a, b,
+            "80 random bits tell ids of the same millisecond apart"
+        );
         assert_eq!(a.0[..6], b.0[..6]);
         assert_eq!(a.0[..6], ms.to_be_bytes()[2..]);
         for later in [ms + 1, ms + 1_000, ms + 86_400_000] {
