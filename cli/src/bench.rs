@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use corridor::consent::ConsentScope;
 use corridor::envelope::ENVELOPE_VERSION;
 use corridor::{
-    Envelope, EnvelopeHeader, MessageId, MessageKind, OrgId, Receipt, SealingKey, SigningKey,
+    ConsentReceipt, Envelope, EnvelopeHeader, Field, MessageId, MessageKind, OrgId, Purpose,
+    Receipt, SealingKey, SigningKey,
 };
 use corridor_proto::bench::EchoMessage;
 use corridor_proto::bench::echo_client::EchoClient;
@@ -426,6 +428,46 @@ fn crypto_limit(secs: f64) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Microseconds of one consent receipt issued and verified on this thread: the
+/// signature and verification a referral needs beyond the six operations of
+/// [`crypto_limit`], because its consent receipt is signed on its own (so that it can be
+/// shown without the personal data it travels with).
+fn consent_receipt_us(secs: f64) -> f64 {
+    let Ok(key) = SigningKey::from_seed(&[1; 32]) else {
+        return 0.0;
+    };
+    let (Ok(a), Ok(b), Ok(purpose)) = (
+        OrgId::new("bench-sender"),
+        OrgId::new("bench-recipient"),
+        Purpose::parse(PURPOSE),
+    ) else {
+        return 0.0;
+    };
+    let scope = ConsentScope {
+        id: "consent-bench".into(),
+        purposes: [purpose].into(),
+        recipient_orgs: [b.clone()].into(),
+        recipient_roles: Default::default(),
+        fields: referral_fields()
+            .keys()
+            .filter_map(|f| Field::parse(f).ok())
+            .collect(),
+        restrictions: Default::default(),
+        expires_at_ms: 2,
+        withdrawn_at_ms: None,
+    };
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let r = ConsentReceipt::issue(&scope, a.clone(), b.clone(), "ref".into(), 1, &key);
+        if r.verify(&a, &key.verifying_key(), &b, "ref").is_err() {
+            return 0.0;
+        }
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
 /// SHA-256 of 64-byte inputs per second on this thread.
 fn sha256_rate(secs: f64) -> f64 {
     let mut input = [7u8; 64];
@@ -489,9 +531,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         if quick { "quick run" } else { "full run" },
         if quick { " (targets not checked)" } else { "" }
     );
-    println!("{:<44} {:>16} {:>28}", "measure", "value", "target");
+    println!("{:<52} {:>16} {:>28}", "measure", "value", "target");
     for Row(name, value, target) in &rows {
-        println!("{name:<44} {value:>16} {target:>28}");
+        println!("{name:<52} {value:>16} {target:>28}");
     }
     println!("{}", Value::Object(figures));
     Ok(())
@@ -543,6 +585,9 @@ async fn measure(
     };
     let echo_client = EchoClient::new(channel);
     let payload = vec![0x42u8; 1024];
+    let echo_pid = echo.id();
+    let echo_cpu_before = cpu_s(echo_pid) + cpu_s(None);
+    let echo_started = Instant::now();
     let (echo_rate, echo_p50, echo_p99) = closed_loop(c, secs, move || {
         let mut client = echo_client.clone();
         let payload = payload.clone();
@@ -555,8 +600,12 @@ async fn measure(
         }
     })
     .await?;
+    // Client and server together: what one request costs this machine.
+    let echo_cpu_us = (cpu_s(echo_pid) + cpu_s(None) - echo_cpu_before) * 1e6
+        / (echo_rate * echo_started.elapsed().as_secs_f64()).max(1.0);
     kill(&mut echo).await;
     f.insert("transport_rps".into(), json!(echo_rate));
+    f.insert("cpu_us_per_echo_request".into(), json!(echo_cpu_us));
     f.insert("transport_p50_ms".into(), json!(echo_p50));
     f.insert("transport_p99_ms".into(), json!(echo_p99));
     rows.push(Row(
@@ -564,12 +613,22 @@ async fn measure(
         format!("{echo_rate:.0}"),
         format!("p50 {echo_p50:.2} p99 {echo_p99:.2}"),
     ));
+    rows.push(Row(
+        "  CPU per request, client + server (us)",
+        format!("{echo_cpu_us:.0}"),
+        String::new(),
+    ));
 
     // 2. Crypto limit on one core.
     eprintln!("crypto: per-referral public-key operations on one core ...");
-    let crypto = tokio::task::spawn_blocking(move || crypto_limit(secs))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (crypto, consent_us) = tokio::task::spawn_blocking(move || {
+        (
+            crypto_limit(secs),
+            consent_receipt_us((secs / 4.0).max(0.25)),
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -578,6 +637,12 @@ async fn measure(
     rows.push(Row(
         "crypto limit, one core (referrals/s)",
         format!("{crypto:.0}"),
+        String::new(),
+    ));
+    f.insert("cpu_us_consent_receipt".into(), json!(consent_us));
+    rows.push(Row(
+        "  + consent receipt signed and verified (us)",
+        format!("{consent_us:.0}"),
         String::new(),
     ));
 
@@ -711,7 +776,7 @@ async fn measure(
         "<= 3".into(),
     ));
     rows.push(Row(
-        "  one durable commit here: write + fdatasync (p50 ms)",
+        "  one write + fdatasync here (p50 ms)",
         format!("{fsync:.2}"),
         "3 in series per referral".into(),
     ));
@@ -739,6 +804,28 @@ async fn measure(
         "  ratio to crypto limit x cores",
         format!("{:.3}", e2e_rate / (crypto * cores as f64).max(1e-9)),
         ">= 0.50".into(),
+    ));
+    // What end to end would reach if storage and Corridor's own logic cost nothing: the
+    // public-key work the nodes do plus two requests, all cores busy.
+    let floor_us = 1e6 / crypto.max(1e-9) + consent_us + 2.0 * echo_cpu_us;
+    let floor_rps = cores as f64 * 1e6 / floor_us.max(1e-9);
+    f.insert("floor_crypto_and_rpcs_rps".into(), json!(floor_rps));
+    f.insert(
+        "ratio_floor_to_transport".into(),
+        json!(floor_rps / echo_rate.max(1e-9)),
+    );
+    f.insert(
+        "ratio_floor_to_crypto_times_cores".into(),
+        json!(floor_rps / (crypto * cores as f64).max(1e-9)),
+    );
+    rows.push(Row(
+        "  floor: crypto + 2 requests only (ref/s, ratios)",
+        format!("{floor_rps:.0}"),
+        format!(
+            "{:.3} / {:.3}",
+            floor_rps / echo_rate.max(1e-9),
+            floor_rps / (crypto * cores as f64).max(1e-9)
+        ),
     ));
     rows.push(Row(
         "  CPU per referral: sender / recipient / load (us)",
