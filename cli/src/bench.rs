@@ -585,8 +585,11 @@ async fn measure(
     };
     let echo_client = EchoClient::new(channel);
     let payload = vec![0x42u8; 1024];
+    // Client (this process) and server together; `cpu_s(None)` is this process, so an
+    // unknown server pid counts nothing rather than this process twice.
     let echo_pid = echo.id();
-    let echo_cpu_before = cpu_s(echo_pid) + cpu_s(None);
+    let echo_cpu = move || echo_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0) + cpu_s(None);
+    let echo_cpu_before = echo_cpu();
     let echo_started = Instant::now();
     let (echo_rate, echo_p50, echo_p99) = closed_loop(c, secs, move || {
         let mut client = echo_client.clone();
@@ -600,8 +603,7 @@ async fn measure(
         }
     })
     .await?;
-    // Client and server together: what one request costs this machine.
-    let echo_cpu_us = (cpu_s(echo_pid) + cpu_s(None) - echo_cpu_before) * 1e6
+    let echo_cpu_us = (echo_cpu() - echo_cpu_before) * 1e6
         / (echo_rate * echo_started.elapsed().as_secs_f64()).max(1.0);
     kill(&mut echo).await;
     f.insert("transport_rps".into(), json!(echo_rate));
