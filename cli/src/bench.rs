@@ -953,6 +953,11 @@ async fn measure(
         String::new(),
     ));
     rows.push(Row(
+        "  CPU per round trip, back to back (us)",
+        format!("{:.1}", get("cpu_us_per_sqlite_round_trip")),
+        String::new(),
+    ));
+    rows.push(Row(
         "audit append (entries/s)",
         format!("{:.0}", get("audit_append_per_s")),
         ">= 50000".into(),
@@ -1007,6 +1012,14 @@ async fn audit_figures(
         store.ping().await.map_err(|e| e.to_string())?;
         idle_trip.0.push(t.elapsed().as_micros() as u64);
     }
+    // The CPU one round trip costs, back to back: the price of every statement the
+    // writer sends to SQLite's worker thread, hand-offs included.
+    let trips = 2_000;
+    let cpu_before = cpu_s(None);
+    for _ in 0..trips {
+        store.ping().await.map_err(|e| e.to_string())?;
+    }
+    let trip_cpu_us = (cpu_s(None) - cpu_before) * 1e6 / f64::from(trips);
 
     let size = store.audit_size().await.map_err(|e| e.to_string())?;
     let mut samples = Samples::default();
@@ -1048,6 +1061,7 @@ async fn audit_figures(
     Ok(vec![
         ("audit_append_per_s", append_rate),
         ("sqlite_idle_round_trip_p50_ms", idle_trip.pct(0.5)),
+        ("cpu_us_per_sqlite_round_trip", trip_cpu_us),
         ("audit_entries", size as f64),
         ("audit_proof_p50_ms", samples.pct(0.5)),
         ("audit_proof_p99_ms", samples.pct(0.99)),
