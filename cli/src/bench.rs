@@ -811,23 +811,18 @@ async fn measure(
     // public-key work the nodes do plus two requests, all cores busy.
     let floor_us = 1e6 / crypto.max(1e-9) + consent_us + 2.0 * echo_cpu_us;
     let floor_rps = cores as f64 * 1e6 / floor_us.max(1e-9);
+    let floor_to_echo = floor_rps / echo_rate.max(1e-9);
+    let floor_to_crypto = floor_rps / (crypto * cores as f64).max(1e-9);
     f.insert("floor_crypto_and_rpcs_rps".into(), json!(floor_rps));
-    f.insert(
-        "ratio_floor_to_transport".into(),
-        json!(floor_rps / echo_rate.max(1e-9)),
-    );
+    f.insert("ratio_floor_to_transport".into(), json!(floor_to_echo));
     f.insert(
         "ratio_floor_to_crypto_times_cores".into(),
-        json!(floor_rps / (crypto * cores as f64).max(1e-9)),
+        json!(floor_to_crypto),
     );
     rows.push(Row(
         "  floor: crypto + 2 requests only (ref/s, ratios)",
         format!("{floor_rps:.0}"),
-        format!(
-            "{:.3} / {:.3}",
-            floor_rps / echo_rate.max(1e-9),
-            floor_rps / (crypto * cores as f64).max(1e-9)
-        ),
+        format!("{floor_to_echo:.3} / {floor_to_crypto:.3}"),
     ));
     rows.push(Row(
         "  CPU per referral: sender / recipient / load (us)",
