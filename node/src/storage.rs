@@ -278,6 +278,14 @@ pub enum AcceptOutcome {
     CaseKeyChanged,
 }
 
+/// Queued items due by `$1`, oldest first, at most `$2`. Both due-scan queries name
+/// `state = 'queued'` as written so that SQLite can use the partial index `outbox_due`.
+const DUE_IDS_SQL: &str =
+    "SELECT message_id FROM outbox WHERE state = 'queued' AND next_attempt_at_ms <= $1
+     ORDER BY next_attempt_at_ms LIMIT $2";
+/// When the earliest queued item is due.
+const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at_ms) FROM outbox WHERE state = 'queued'";
+
 fn message_id(bytes: Vec<u8>) -> Result<MessageId> {
     MessageId::from_bytes(&bytes).map_err(|_| StoreError::Corrupt("message id"))
 }
@@ -831,14 +839,11 @@ impl Store {
 
     /// Ids of queued items whose next attempt is due, oldest first (cheap: no envelopes).
     pub async fn due_ids(&self, now_ms: i64, limit: i64) -> Result<Vec<MessageId>> {
-        let rows = sqlx::query(
-            "SELECT message_id FROM outbox WHERE state = 'queued' AND next_attempt_at_ms <= $1
-             ORDER BY next_attempt_at_ms LIMIT $2",
-        )
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(DUE_IDS_SQL)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(|r| message_id(r.get(0))).collect()
     }
 
@@ -871,9 +876,7 @@ impl Store {
 
     /// When the earliest queued item is due, if any.
     pub async fn next_due_at(&self) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT MIN(next_attempt_at_ms) FROM outbox WHERE state = 'queued'")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(NEXT_DUE_SQL).fetch_one(&self.pool).await?;
         Ok(row.get(0))
     }
 
@@ -1630,6 +1633,45 @@ pub(crate) mod tests {
             created_at_ms: 1,
             expires_at_ms: i64::MAX,
         }
+    }
+
+    /// The delivery loop's scans read the partial index of queued items, not the outbox.
+    #[tokio::test]
+    async fn the_due_scans_use_the_index_of_queued_items() {
+        let (store, dir) = temp_store("due-plan").await;
+        // (seq, name, unique, origin, partial)
+        let partial: Vec<(i64, String, i64, String, i64)> =
+            sqlx::query_as("PRAGMA index_list(outbox)")
+                .fetch_all(&store.pool)
+                .await
+                .expect("index list");
+        assert!(
+            partial.iter().any(|i| i.1 == "outbox_due" && i.4 == 1),
+            "outbox_due must be partial: {partial:?}"
+        );
+        for (sql, params) in [(DUE_IDS_SQL, 2), (NEXT_DUE_SQL, 0)] {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+            for _ in 0..params {
+                query = query.bind(0i64);
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&store.pool)
+                .await
+                .expect("plan")
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+            assert!(
+                plan.iter().any(|step| step.contains("INDEX outbox_due")),
+                "{sql}: {plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|step| step.starts_with("SCAN outbox")),
+                "{sql}: {plan:?}"
+            );
+        }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The consent cache is only a guess too: a referral gated on a consent that was

@@ -143,8 +143,8 @@ impl LogAppender {
             self.pending
                 .iter()
                 .map(|(entry, leaf)| [entry.as_slice(), leaf.as_slice()]),
-        );
-        let hashes = json_rows(self.new_hashes.iter().map(|(id, h)| (*id, h.as_slice())));
+        )?;
+        let hashes = json_rows(self.new_hashes.iter().map(|(id, h)| (*id, h.as_slice())))?;
         sqlx::query(tx.sql(
             "INSERT INTO audit_entries (idx, entry, leaf_hash)
                 SELECT $1 + key, unhex(value ->> 0), unhex(value ->> 1) FROM json_each($2);
@@ -180,40 +180,52 @@ impl LogAppender {
 
 /// One row of a JSON array of rows: a JSON array of its values.
 trait JsonRow {
-    fn write(&self, out: &mut String);
+    fn write(&self, out: &mut Vec<u8>) -> Result<()>;
 }
 
 impl JsonRow for [&[u8]; 2] {
-    fn write(&self, out: &mut String) {
-        out.push_str("[\"");
-        out.push_str(&hex::encode(self[0]));
-        out.push_str("\",\"");
-        out.push_str(&hex::encode(self[1]));
-        out.push_str("\"]");
+    fn write(&self, out: &mut Vec<u8>) -> Result<()> {
+        out.extend_from_slice(b"[\"");
+        push_hex(out, self[0])?;
+        out.extend_from_slice(b"\",\"");
+        push_hex(out, self[1])?;
+        out.extend_from_slice(b"\"]");
+        Ok(())
     }
 }
 
 impl JsonRow for (u64, &[u8]) {
-    fn write(&self, out: &mut String) {
-        out.push('[');
-        out.push_str(&self.0.to_string());
-        out.push_str(",\"");
-        out.push_str(&hex::encode(self.1));
-        out.push_str("\"]");
+    fn write(&self, out: &mut Vec<u8>) -> Result<()> {
+        out.push(b'[');
+        out.extend_from_slice(self.0.to_string().as_bytes());
+        out.extend_from_slice(b",\"");
+        push_hex(out, self.1)?;
+        out.extend_from_slice(b"\"]");
+        Ok(())
     }
 }
 
+/// Appends `bytes` in lowercase hex. In place: `hex::encode` builds its string one
+/// `char` at a time, which made the audit rows' encoding a visible share of the writer.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    let start = out.len();
+    out.resize(start + 2 * bytes.len(), 0);
+    hex::encode_to_slice(bytes, &mut out[start..])
+        .map_err(|_| StoreError::Corrupt("hex buffer of the wrong length"))
+}
+
 /// A JSON array of rows (numbers and hex strings only: nothing needs escaping).
-fn json_rows<R: JsonRow>(rows: impl Iterator<Item = R>) -> String {
-    let mut out = String::from("[");
+fn json_rows<R: JsonRow>(rows: impl Iterator<Item = R>) -> Result<String> {
+    let mut out = Vec::with_capacity(1024);
+    out.push(b'[');
     for (i, row) in rows.enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        row.write(&mut out);
+        row.write(&mut out)?;
     }
-    out.push(']');
-    out
+    out.push(b']');
+    String::from_utf8(out).map_err(|_| StoreError::Corrupt("audit rows are not ASCII"))
 }
 
 /// Stored-hash indexes of the complete subtrees on the right edge of a tree of `size`.
@@ -449,9 +461,27 @@ async fn commit_group(
 
 #[cfg(test)]
 mod tests {
+    use super::json_rows;
     use crate::storage::Store;
     use crate::storage::tests::{add_alice, temp_store};
     use corridor::merkle;
+
+    #[test]
+    fn audit_rows_travel_as_json_arrays_of_hex() {
+        let (a, b) = (vec![0x00, 0xab, 0xff], vec![0x10]);
+        let entries =
+            json_rows([[a.as_slice(), b.as_slice()], [b.as_slice(), &[][..]]].into_iter());
+        assert_eq!(entries.expect("ascii"), r#"[["00abff","10"],["10",""]]"#);
+        let hashes = json_rows([(7u64, a.as_slice()), (u64::MAX, b.as_slice())].into_iter());
+        assert_eq!(
+            hashes.expect("ascii"),
+            r#"[[7,"00abff"],[18446744073709551615,"10"]]"#
+        );
+        assert_eq!(
+            json_rows(std::iter::empty::<(u64, &[u8])>()).expect("ascii"),
+            "[]"
+        );
+    }
 
     fn entry(i: u64) -> Vec<u8> {
         corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted: i }, 0)
