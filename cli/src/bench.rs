@@ -191,17 +191,37 @@ fn cpu_s(pid: Option<u32>) -> f64 {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".to_owned(),
     };
-    // Fields after the command name (which may hold spaces) start at the last ')'.
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / 100.0)
-        })
+        .and_then(|s| stat_cpu_s(&s))
         .unwrap_or(0.0)
+}
+
+/// CPU seconds of the threads of process `pid` whose name starts with `prefix`, such as
+/// the threads on which sqlx runs SQLite (`sqlx-sqlite-worker-N`, cut to 15 bytes).
+fn thread_cpu_s(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.split_once('(')
+                .is_some_and(|(_, name)| name.starts_with(prefix))
+        })
+        .filter_map(|stat| stat_cpu_s(&stat))
+        .sum()
+}
+
+/// User + system CPU seconds from the text of a `/proc/.../stat` file.
+fn stat_cpu_s(stat: &str) -> Option<f64> {
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Context switches so far, voluntary and not, summed over the threads of a process (this
@@ -326,6 +346,8 @@ async fn token(org: &GeneratedOrg) -> Result<String, String> {
 }
 
 const PURPOSE: &str = "reintegration";
+/// How the threads on which sqlx runs SQLite are named (as cut to 15 bytes).
+const SQLITE_THREADS: &str = "sqlx-sqlite-wor";
 
 /// A realistic referral: the fields reintegration requires, about 1 KiB in all.
 fn referral_fields() -> HashMap<String, String> {
@@ -718,6 +740,10 @@ async fn measure(
             .map(|p| context_switches(Some(p)))
             .unwrap_or(0.0),
     );
+    // The nodes' CPU on the threads where sqlx runs SQLite: storage's share, apart from
+    // the runtime's threads (requests, crypto, the workflows).
+    let sqlite_cpu = |pid: Option<u32>| pid.map(|p| thread_cpu_s(p, SQLITE_THREADS)).unwrap_or(0.0);
+    let sqlite_before = (sqlite_cpu(Some(sender_pid)), sqlite_cpu(recipient_pid));
     let e2e_started = Instant::now();
     let (e2e_rate, e2e_p50, e2e_p99) = closed_loop(c, secs, op.clone()).await?;
     let referrals = e2e_rate * e2e_started.elapsed().as_secs_f64();
@@ -728,6 +754,8 @@ async fn measure(
         recipient_pid.map(|p| cpu_s(Some(p))).unwrap_or(0.0),
     );
     let cpu_generator = per_referral_us(cpu_before.2, cpu_s(None));
+    let sqlite_sender = per_referral_us(sqlite_before.0, sqlite_cpu(Some(sender_pid)));
+    let sqlite_recipient = per_referral_us(sqlite_before.1, sqlite_cpu(recipient_pid));
     let per_referral = |before: f64, after: f64| (after - before) / referrals.max(1.0);
     let switches_sender = per_referral(switches_before.0, context_switches(Some(sender_pid)));
     let switches_recipient = per_referral(
@@ -757,6 +785,11 @@ async fn measure(
         ),
         ("cpu_us_per_referral_sender", cpu_sender),
         ("cpu_us_per_referral_recipient", cpu_recipient),
+        ("cpu_us_per_referral_sender_sqlite_threads", sqlite_sender),
+        (
+            "cpu_us_per_referral_recipient_sqlite_threads",
+            sqlite_recipient,
+        ),
         ("cpu_us_per_referral_generator", cpu_generator),
         ("context_switches_per_referral_sender", switches_sender),
         (
@@ -828,6 +861,11 @@ async fn measure(
         "  CPU per referral: sender / recipient / load (us)",
         format!("{cpu_sender:.0} / {cpu_recipient:.0} / {cpu_generator:.0}"),
         format!("crypto alone {:.0}", 1e6 / crypto.max(1e-9)),
+    ));
+    rows.push(Row(
+        "    of which on SQLite's threads: sender / recipient",
+        format!("{sqlite_sender:.0} / {sqlite_recipient:.0}"),
+        String::new(),
     ));
     rows.push(Row(
         "  context switches per referral: sender / recipient",
@@ -1062,4 +1100,53 @@ async fn audit_figures(
         ("audit_proof_p99_ms", samples.pct(0.99)),
         ("audit_offline_verify_per_s", verify_rate),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{stat_cpu_s, thread_cpu_s};
+
+    #[test]
+    fn cpu_time_is_read_after_the_last_parenthesis_of_the_command_name() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime ...
+        let stat = "42 (odd) name (x) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0";
+        assert_eq!(stat_cpu_s(stat), Some(3.0));
+        assert_eq!(stat_cpu_s("42 (truncated"), None);
+    }
+
+    #[test]
+    fn the_cpu_of_threads_is_summed_by_name() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (spun_tx, spun_rx) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::Builder::new()
+            .name("bench-busy-test".into())
+            .spawn(move || {
+                // Spin until this thread's own clock shows 0.1 s of CPU (whatever else
+                // the machine is doing), or give up after 20 s.
+                let own = || {
+                    std::fs::read_to_string("/proc/thread-self/stat")
+                        .ok()
+                        .and_then(|s| stat_cpu_s(&s))
+                        .unwrap_or(0.0)
+                };
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while own() < 0.1 && started.elapsed() < std::time::Duration::from_secs(20) {
+                    for _ in 0..100_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                let _ = spun_tx.send(());
+                let _ = done_rx.recv();
+            })
+            .expect("spawn");
+        spun_rx.recv().expect("spun");
+        let pid = std::process::id();
+        let busy_s = thread_cpu_s(pid, "bench-busy-tes");
+        assert!(busy_s >= 0.1, "the busy thread used {busy_s} s");
+        assert_eq!(thread_cpu_s(pid, "no-such-thread"), 0.0);
+        let _ = done_tx.send(());
+        busy.join().expect("join");
+    }
 }
