@@ -661,7 +661,8 @@ impl Store {
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
-    /// recipient: (recipient, case_ref, message id).
+    /// recipient: (recipient, case_ref, message id). An expired one too: an attempt
+    /// whose answer was lost may have been stored.
     pub async fn referrals_under_consent(
         &self,
         consent_id: &str,
@@ -678,7 +679,8 @@ impl Store {
     {
         let rows = sqlx::query(
             "SELECT recipient, case_ref, message_id FROM outbox
-             WHERE consent_id = $1 AND kind = 1 AND state IN ('queued', 'delivered')
+             WHERE consent_id = $1 AND kind = 1
+               AND state IN ('queued', 'delivered', 'expired')
              ORDER BY recipient, created_at_ms",
         )
         .bind(consent_id)
@@ -1661,6 +1663,57 @@ pub(crate) mod tests {
                 "{sql}: {plan:?}"
             );
         }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A withdrawal asks every recipient that may hold a referral to purge it: one whose
+    /// referral expired too, since an attempt whose answer was lost may have arrived.
+    #[tokio::test]
+    async fn a_withdrawal_reaches_the_recipients_of_expired_referrals() {
+        let (store, dir) = temp_store("withdraw-expired").await;
+        let alice = add_alice(&store, entry()).await;
+        store
+            .create_case("case-1", b"key", b"label", alice, 1)
+            .await
+            .expect("case");
+        let consent = NewConsent {
+            id: "consent-1".into(),
+            case_id: "case-1".into(),
+            given_by: "person".into(),
+            guardian_basis: String::new(),
+            method: "written".into(),
+            language: "km".into(),
+            recorded_by: alice,
+            recorded_at_ms: 1,
+            scope: scope("age_band"),
+        };
+        store
+            .record_consent(consent, entry())
+            .await
+            .expect("consent");
+        for n in 1..=3 {
+            let mut item = outbox_item(n);
+            item.created_by = alice;
+            store.enqueue(item, None, entry()).await.expect("queued");
+        }
+        store
+            .mark_final(MessageId([1; 16]), "expired", "timed out")
+            .await
+            .expect("expired");
+        store
+            .mark_final(MessageId([2; 16]), "refused", "refused by recipient")
+            .await
+            .expect("refused");
+        let mut under: Vec<MessageId> = store
+            .referrals_under_consent("consent-1")
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|(_, _, id)| id)
+            .collect();
+        under.sort();
+        assert_eq!(under, vec![MessageId([1; 16]), MessageId([3; 16])]);
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -966,14 +966,23 @@ async fn receive(
         )
     })?;
     let now = now_ms();
-    let verified = envelope
-        .verify(&node.org, &peer.org, &sender.signing_key, now)
-        .map_err(|e| {
+    let (message_id, digest) = (envelope.header.message_id, envelope.digest());
+    let verified = match envelope.verify(&node.org, &peer.org, &sender.signing_key, now) {
+        Ok(verified) => verified,
+        Err(e) => {
+            // An envelope accepted before gets its first answer even where it would be
+            // refused now (expired since, say): the sender would otherwise record a
+            // refusal for a referral this node holds, and send it no withdrawal.
+            if let Some(seen) = node.store.seen(message_id).await?
+                && seen.sender == peer.org.as_str()
+                && seen.envelope_digest == digest
+            {
+                return replay_answer(seen, &peer.org, &digest);
+            }
             tracing::warn!(peer = %peer.org, error = %e, "envelope refused");
-            envelope_failure(e)
-        })?;
-    let message_id = verified.header().message_id;
-    let digest = verified.digest();
+            return Err(envelope_failure(e));
+        }
+    };
     // A referral's replay is recognised by the transaction that would store it, so the
     // common case reads nothing first. A withdrawal reads and signs before it is
     // stored, so its replay is looked for first.

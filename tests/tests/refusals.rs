@@ -312,6 +312,37 @@ async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
     assert_eq!(inbox(&mut c).await.len(), 1, "stored exactly once");
 }
 
+/// The same after the envelope itself has expired: its sender retries an attempt whose
+/// answer was lost, and must learn that the referral arrived, not that it was refused
+/// (it would then send that recipient no withdrawal).
+#[tokio::test]
+async fn a_replay_gets_its_first_answer_after_its_envelope_expired() {
+    let fed = Federation::demo("replay-envelope-expired");
+    let recipient = fed.start(SHELTER_KH);
+    let short_lived = || {
+        let mut h = header(SHELTER_MY, SHELTER_KH);
+        h.expires_at_ms = h.created_at_ms + 1_000;
+        envelope(&fed, h)
+    };
+    let (e, never_sent) = (short_lived(), short_lived());
+    let first = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("accepted before it expires");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let refused = deliver_as(&fed, SHELTER_MY, &never_sent).await;
+    assert_eq!(
+        refused.expect_err("an expired envelope never seen").code(),
+        Code::FailedPrecondition
+    );
+    let replayed = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("the replay is acknowledged");
+    assert_eq!(first, replayed, "a replay gets the original receipt");
+    let mut c = recipient.client().await;
+    assert_eq!(inbox(&mut c).await.len(), 1, "stored exactly once");
+}
+
 /// A member that bypasses its own gate — signing a referral with more than the consent
 /// it carries allows — is refused by the recipient, and nothing of it is stored.
 #[tokio::test]
