@@ -1065,8 +1065,10 @@ async fn accept_referral(
     let payload = pb::ReferralPayload::decode(plaintext)
         .map_err(|_| Failure::invalid("referral payload is not a valid ReferralPayload"))?;
     let purpose = parse_purpose(&payload.purpose)?;
-    if payload.case_ref.is_empty() || payload.case_ref.len() > 128 {
-        return Err(Failure::invalid("referral case_ref must be 1-128 bytes"));
+    if !corridor::caseref::is_case_ref(&payload.case_ref) {
+        return Err(Failure::invalid(
+            "referral case_ref is not a case reference (ref- and 32 lowercase hex digits)",
+        ));
     }
     if payload.fields.len() > MAX_FIELDS {
         return Err(Failure::invalid(format!(
@@ -1210,9 +1212,15 @@ async fn accept_withdrawal(
 ) -> Result<pb::DeliverResponse, Failure> {
     let w = pb::ConsentWithdrawal::decode(plaintext)
         .map_err(|_| Failure::invalid("withdrawal payload is not a valid ConsentWithdrawal"))?;
-    if w.consent_id.is_empty() || w.consent_id.len() > 128 {
+    // Both go into this node's audit log and the purge receipt: identifiers only.
+    if !corridor::consent::is_consent_id(&w.consent_id) {
         return Err(Failure::invalid(
-            "withdrawal consent_id must be 1-128 bytes",
+            "withdrawal consent_id is not a consent id (consent- and 32 lowercase hex digits)",
+        ));
+    }
+    if !corridor::caseref::is_case_ref(&w.case_ref) {
+        return Err(Failure::invalid(
+            "withdrawal case_ref is not a case reference (ref- and 32 lowercase hex digits)",
         ));
     }
     let purged = node

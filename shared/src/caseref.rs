@@ -9,6 +9,15 @@ use crate::org::OrgId;
 
 const LABEL: &[u8] = b"corridor/v1/case-ref\0";
 
+/// Whether `text` has the form of a case reference: `ref-` and 32 lowercase hex digits.
+///
+/// A recipient accepts nothing else where a case reference belongs, so a peer cannot put
+/// free text (a person's name, say) into the records and audit entries it keeps under it.
+pub fn is_case_ref(text: &str) -> bool {
+    text.strip_prefix("ref-")
+        .is_some_and(|hex| crate::is_lower_hex(hex, 32))
+}
+
 /// Secret key for deriving case references; derive it once per node from key material
 /// that never leaves the node.
 pub struct CaseRefKey(ring::hmac::Key);
@@ -39,6 +48,26 @@ impl CaseRefKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_form_of_a_reference_is_a_case_reference() {
+        let key = CaseRefKey::derive(&[1; 32]);
+        let made = key.reference("case-1", &OrgId::new("a").unwrap());
+        assert!(is_case_ref(&made), "{made}");
+        for bad in [
+            "",
+            "ref-",
+            "ref-test",
+            "Ref-0123456789abcdef0123456789abcdef",
+            "ref-0123456789ABCDEF0123456789abcdef",
+            "ref-0123456789abcdef0123456789abcde",
+            "ref-0123456789abcdef0123456789abcdef0",
+            "ref-0123456789abcdef0123456789abcdeg",
+            "Maria Santos",
+        ] {
+            assert!(!is_case_ref(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn stable_per_recipient_and_different_across_recipients() {

@@ -59,6 +59,14 @@ impl std::str::FromStr for RoleInCountry {
     }
 }
 
+/// Whether `text` has the form of a consent id: `consent-` and 32 lowercase hex digits.
+/// Consent ids travel to recipients and into audit entries, so nothing else is accepted
+/// from a peer where one belongs.
+pub fn is_consent_id(text: &str) -> bool {
+    text.strip_prefix("consent-")
+        .is_some_and(|hex| crate::is_lower_hex(hex, 32))
+}
+
 /// Whether `text` has the form of an ISO 3166-1 alpha-2 code (two capital letters).
 pub fn is_country_code(text: &str) -> bool {
     text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
@@ -356,6 +364,12 @@ pub enum ConsentReceiptError {
     BadSignature,
     #[error("consent receipt is for case reference other than the referral's")]
     WrongCase,
+    #[error("consent receipt's case reference is not of the form ref- and 32 hex digits")]
+    MalformedCaseRef,
+    #[error("consent receipt's consent id is not of the form consent- and 32 hex digits")]
+    MalformedConsentId,
+    #[error("consent receipt excludes a country that is not an ISO 3166-1 alpha-2 code")]
+    MalformedCountry,
 }
 
 impl ConsentReceipt {
@@ -402,7 +416,8 @@ impl ConsentReceipt {
             .finish()
     }
 
-    /// Checks who issued the receipt and for whom, and its signature.
+    /// Checks who issued the receipt and for whom, the form of what it names (it goes
+    /// into the recipient's records and audit log), and its signature.
     pub fn verify(
         &self,
         sender: &OrgId,
@@ -424,6 +439,20 @@ impl ConsentReceipt {
         }
         if self.case_ref != case_ref {
             return Err(ConsentReceiptError::WrongCase);
+        }
+        if !crate::caseref::is_case_ref(&self.case_ref) {
+            return Err(ConsentReceiptError::MalformedCaseRef);
+        }
+        if !is_consent_id(&self.consent_id) {
+            return Err(ConsentReceiptError::MalformedConsentId);
+        }
+        if !self
+            .restrictions
+            .excluded_countries
+            .iter()
+            .all(|c| is_country_code(c))
+        {
+            return Err(ConsentReceiptError::MalformedCountry);
         }
         sender_key
             .verify(&self.signed_bytes(), &self.signature)
@@ -476,9 +505,13 @@ mod tests {
         .into()
     }
 
+    const CONSENT_1: &str = "consent-0123456789abcdef0123456789abcdef";
+    const REF_1: &str = "ref-00000000000000000000000000000001";
+    const REF_2: &str = "ref-00000000000000000000000000000002";
+
     fn consent() -> ConsentScope {
         ConsentScope {
-            id: "consent-1".into(),
+            id: CONSENT_1.into(),
             purposes: [Purpose::Reintegration, Purpose::NationalityVerification].into(),
             recipient_orgs: [OrgId::new("shelter-kh").unwrap()].into(),
             recipient_roles: BTreeSet::new(),
@@ -648,7 +681,7 @@ mod tests {
         let refusal = gate(&consent(), &th, Purpose::LegalAid, &fields, 2000).unwrap_err();
         let text = refusal.to_string();
         for word in [
-            "consent-1",
+            CONSENT_1,
             "expired",
             "legal-aid",
             "ngo-th",
@@ -711,23 +744,63 @@ mod tests {
         let key = SigningKey::from_seed(&[3; 32]).unwrap();
         let my = OrgId::new("shelter-my").unwrap();
         let kh = OrgId::new("shelter-kh").unwrap();
-        let r = ConsentReceipt::issue(&consent(), my.clone(), kh.clone(), "ref-1".into(), 10, &key);
-        r.verify(&my, &key.verifying_key(), &kh, "ref-1").unwrap();
-        assert!(r.verify(&kh, &key.verifying_key(), &kh, "ref-1").is_err());
-        assert!(r.verify(&my, &key.verifying_key(), &my, "ref-1").is_err());
-        assert!(r.verify(&my, &key.verifying_key(), &kh, "ref-2").is_err());
+        let r = ConsentReceipt::issue(&consent(), my.clone(), kh.clone(), REF_1.into(), 10, &key);
+        r.verify(&my, &key.verifying_key(), &kh, REF_1).unwrap();
+        assert!(r.verify(&kh, &key.verifying_key(), &kh, REF_1).is_err());
+        assert!(r.verify(&my, &key.verifying_key(), &my, REF_1).is_err());
+        assert!(r.verify(&my, &key.verifying_key(), &kh, REF_2).is_err());
         let mut t = r.clone();
         t.fields.insert(Field::Phone);
         assert_eq!(
-            t.verify(&my, &key.verifying_key(), &kh, "ref-1"),
+            t.verify(&my, &key.verifying_key(), &kh, REF_1),
             Err(ConsentReceiptError::BadSignature)
         );
         let mut t = r.clone();
         t.expires_at_ms += 1;
-        assert!(t.verify(&my, &key.verifying_key(), &kh, "ref-1").is_err());
+        assert!(t.verify(&my, &key.verifying_key(), &kh, REF_1).is_err());
         let mut t = r.clone();
         t.restrictions.excluded_countries.insert("TH".into());
-        assert!(t.verify(&my, &key.verifying_key(), &kh, "ref-1").is_err());
+        assert!(t.verify(&my, &key.verifying_key(), &kh, REF_1).is_err());
+    }
+
+    /// What a receipt names goes into the recipient's records and audit log: free text
+    /// where an identifier belongs is refused, even under a valid signature.
+    #[test]
+    fn a_consent_receipt_naming_free_text_is_refused() {
+        let key = SigningKey::from_seed(&[3; 32]).unwrap();
+        let my = OrgId::new("shelter-my").unwrap();
+        let kh = OrgId::new("shelter-kh").unwrap();
+        let issue = |consent: &ConsentScope, case_ref: &str| {
+            ConsentReceipt::issue(consent, my.clone(), kh.clone(), case_ref.into(), 10, &key)
+        };
+        let name = "Maria Santos";
+        assert_eq!(
+            issue(&consent(), name).verify(&my, &key.verifying_key(), &kh, name),
+            Err(ConsentReceiptError::MalformedCaseRef)
+        );
+        let mut named = consent();
+        named.id = name.into();
+        assert_eq!(
+            issue(&named, REF_1).verify(&my, &key.verifying_key(), &kh, REF_1),
+            Err(ConsentReceiptError::MalformedConsentId)
+        );
+        let mut excluding = consent();
+        excluding
+            .restrictions
+            .excluded_countries
+            .insert(name.into());
+        assert_eq!(
+            issue(&excluding, REF_1).verify(&my, &key.verifying_key(), &kh, REF_1),
+            Err(ConsentReceiptError::MalformedCountry)
+        );
+        assert!(is_consent_id(CONSENT_1));
+        for bad in [
+            "consent-1",
+            "consent-",
+            "CONSENT-0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(!is_consent_id(bad), "{bad:?}");
+        }
     }
 
     fn arb_scope() -> impl Strategy<Value = ConsentScope> {

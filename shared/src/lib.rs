@@ -49,6 +49,12 @@ pub const MAX_PAYLOAD_LEN: usize = seal::PADDING_BUCKETS[seal::PADDING_BUCKETS.l
 /// bucket plus generous room for the header, key and signature.
 pub const MAX_ENVELOPE_WIRE_LEN: usize = MAX_PAYLOAD_LEN + 1 + 16 + 4096;
 
+/// Whether `text` is exactly `len` lowercase hex digits: the form of the random part of
+/// the opaque identifiers peers exchange.
+pub(crate) fn is_lower_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Where the published test vectors live: `$CORRIDOR_TESTDATA` if set, else
 /// `../shared/testdata` beside the project's root.
 #[cfg(test)]

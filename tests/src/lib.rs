@@ -438,6 +438,10 @@ pub async fn inbox(client: &mut Caseworker) -> Vec<pb::InboxItem> {
         .items
 }
 
+/// The consent and case reference `valid_payload` travels under.
+pub const TEST_CONSENT_ID: &str = "consent-00000000000000000000000000000e57";
+pub const TEST_CASE_REF: &str = "ref-00000000000000000000000000000e57";
+
 /// A referral payload for `recipient` carrying exactly the fields reintegration
 /// requires, with a consent receipt for them signed by `sender` — what an honest sender
 /// would seal. Tests change it to play a dishonest one.
@@ -447,7 +451,7 @@ pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::Ref
     let required = corridor::profile::profile(purpose).required;
     let now = corridor_node::node::now_ms();
     let scope = ConsentScope {
-        id: "consent-test".into(),
+        id: TEST_CONSENT_ID.into(),
         purposes: [purpose].into(),
         recipient_orgs: [OrgId::new(recipient).expect("org")].into(),
         recipient_roles: Default::default(),
@@ -460,12 +464,12 @@ pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::Ref
         &scope,
         OrgId::new(sender).expect("org"),
         OrgId::new(recipient).expect("org"),
-        "ref-test".into(),
+        TEST_CASE_REF.into(),
         now,
         &fed.signing_key(sender),
     );
     pb::ReferralPayload {
-        case_ref: "ref-test".into(),
+        case_ref: TEST_CASE_REF.into(),
         purpose: purpose.as_str().into(),
         fields: required
             .iter()

@@ -261,7 +261,7 @@ async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
     let purpose = corridor::Purpose::Reintegration;
     let now = corridor_node::node::now_ms();
     let scope = ConsentScope {
-        id: "consent-brief".into(),
+        id: "consent-000000000000000000000000000b71ef".into(),
         purposes: [purpose].into(),
         recipient_orgs: [OrgId::new(SHELTER_KH).unwrap()].into(),
         recipient_roles: Default::default(),
@@ -278,7 +278,7 @@ async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
         &scope,
         OrgId::new(SHELTER_MY).unwrap(),
         OrgId::new(SHELTER_KH).unwrap(),
-        "ref-test".into(),
+        TEST_CASE_REF.into(),
         now,
         &fed.signing_key(SHELTER_MY),
     );
@@ -523,12 +523,12 @@ async fn refuses_federation_certificates_the_directory_does_not_list() {
 async fn a_referral_under_a_consent_its_sender_withdrew_is_refused_on_arrival() {
     let fed = Federation::demo("refuse-withdrawn");
     let recipient = fed.start(SHELTER_KH);
-    // The sender withdraws "consent-test" (the consent `valid_payload` travels under).
+    // The sender withdraws the consent `valid_payload` travels under.
     let mut h = header(SHELTER_MY, SHELTER_KH);
     h.kind = MessageKind::ConsentWithdrawal;
     let withdrawal = pb::ConsentWithdrawal {
-        consent_id: "consent-test".into(),
-        case_ref: "ref-test".into(),
+        consent_id: TEST_CONSENT_ID.into(),
+        case_ref: TEST_CASE_REF.into(),
         referral_ids: vec![],
         withdrawn_at_ms: corridor_node::node::now_ms(),
     }
@@ -549,7 +549,7 @@ async fn a_referral_under_a_consent_its_sender_withdrew_is_refused_on_arrival() 
     assert_code(
         deliver_as(&fed, SHELTER_MY, &e).await,
         Code::FailedPrecondition,
-        "consent consent-test was withdrawn",
+        &format!("consent {TEST_CONSENT_ID} was withdrawn"),
     );
     assert_nothing_stored(&recipient).await;
 }
