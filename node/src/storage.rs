@@ -618,27 +618,32 @@ impl Store {
         Ok(row.map(Self::consent_row))
     }
 
-    /// Replaces a consent's scope with a narrower one (the caller has checked it is).
+    /// Replaces a consent's scope with a narrower one (the caller has checked it is
+    /// narrower than the scope it read), unless the consent was withdrawn or narrowed
+    /// since (its `narrowed_at_ms` no longer `as_read`): a narrowing checked against a
+    /// stale scope could widen the current one. Returns whether it was replaced.
     pub async fn narrow_consent(
         &self,
         id: &str,
         scope: ScopeColumns,
+        as_read: Option<i64>,
         now_ms: i64,
         audit: Vec<u8>,
-    ) -> Result<()> {
-        let data = (id.to_owned(), scope, now_ms, audit);
+    ) -> Result<bool> {
+        let data = (id.to_owned(), scope, as_read, now_ms, audit);
         self.writer
             .run_then(
                 data,
-                |(id, s, now_ms, audit), tx, log| {
+                |(id, s, as_read, now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        sqlx::query(
+                        let updated = sqlx::query(
                             "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
                             no_family_contact = $7, expires_at_ms = $8,
                             narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
-                         WHERE id = $1 AND withdrawn_at_ms IS NULL",
+                         WHERE id = $1 AND withdrawn_at_ms IS NULL AND narrowed_at_ms IS $10
+                         RETURNING 1",
                         )
                         .bind(id)
                         .bind(&s.purposes)
@@ -649,10 +654,14 @@ impl Store {
                         .bind(i64::from(s.no_family_contact))
                         .bind(s.expires_at_ms)
                         .bind(*now_ms)
-                        .execute(&mut *conn)
+                        .bind(*as_read)
+                        .fetch_optional(&mut *conn)
                         .await?;
+                        if updated.is_none() {
+                            return Ok(false);
+                        }
                         log.append(audit.clone())?;
-                        Ok(())
+                        Ok(true)
                     })
                 },
                 Some(self.consents.clearer()),
@@ -1774,15 +1783,38 @@ pub(crate) mod tests {
 
         // A narrowing through the store clears the cache and always moves the mark on,
         // even within the same millisecond.
-        store
-            .narrow_consent("consent-1", scope("age_band"), 5, entry())
+        let narrowed = store
+            .narrow_consent("consent-1", scope("age_band"), Some(5), 5, entry())
             .await
             .expect("narrow");
+        assert!(narrowed);
         let read = store
             .consents_for_case("case-1", false)
             .await
             .expect("read");
         assert_eq!(read[0].narrowed_at_ms, Some(6));
+        // A narrowing checked against the scope as it was before that one is not
+        // stored: checked against a stale scope, it could widen the current one.
+        let size = store.audit_size().await.expect("size");
+        let stale = store
+            .narrow_consent(
+                "consent-1",
+                scope("age_band,languages"),
+                Some(5),
+                5,
+                entry(),
+            )
+            .await
+            .expect("narrow");
+        assert!(!stale, "a narrowing of a stale read was stored");
+        let read = store.consents_for_case("case-1", true).await.expect("read");
+        assert_eq!(read[0].fields, vec!["age_band".to_string()]);
+        assert_eq!(read[0].narrowed_at_ms, Some(6));
+        assert_eq!(
+            store.audit_size().await.expect("size"),
+            size,
+            "nothing logged"
+        );
         // A withdrawal made for the referrals read before one was queued changes
         // nothing: that referral's recipient would get no withdrawal.
         let missed = store

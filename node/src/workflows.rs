@@ -400,40 +400,63 @@ pub async fn get_consent(node: &Node, id: &str) -> Result<pb::ConsentView, Failu
 }
 
 /// Narrows a consent; anything that would widen it is refused with what widens.
+///
+/// The narrowing is checked against the consent as read, and stored only if the consent
+/// is still as read; if another narrowing (or a withdrawal) landed in between, it is
+/// checked again against what is stored now, so two concurrent narrowings can never
+/// together widen a consent.
 pub async fn narrow_consent(
     node: &Node,
     user: &User,
     req: pb::NarrowConsentRequest,
 ) -> Result<pb::ConsentView, Failure> {
-    let row = consent_row(node, &req.consent_id).await?;
-    if row.withdrawn_at_ms.is_some() {
-        return Err(Failure::precondition(
-            "a withdrawn consent cannot be narrowed",
-        ));
-    }
-    let current = scope_of(&row)?;
     let wire = req
         .scope
         .as_ref()
         .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
-    let narrower = parse_scope(node, &row.id, wire)?;
-    current
-        .check_narrowing(&narrower)
-        .map_err(|e| Failure::invalid(e.to_string()))?;
-    let now = now_ms();
-    let entry = audit::encode(
-        &Event::ConsentNarrowed {
-            consent_id: row.id.clone(),
-            case: local_pseudonym(node, &row.case_id),
-            user: user.id,
-        },
-        now,
-    );
-    node.store
-        .narrow_consent(&row.id, scope_columns(&narrower), now, entry)
-        .await?;
-    tracing::info!(consent = %row.id, user = %user.name, "consent narrowed");
-    get_consent(node, &row.id).await
+    for _ in 0..5 {
+        let row = consent_row(node, &req.consent_id).await?;
+        if row.withdrawn_at_ms.is_some() {
+            return Err(Failure::precondition(
+                "a withdrawn consent cannot be narrowed",
+            ));
+        }
+        let current = scope_of(&row)?;
+        let narrower = parse_scope(node, &row.id, wire)?;
+        current
+            .check_narrowing(&narrower)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
+        let now = now_ms();
+        let entry = audit::encode(
+            &Event::ConsentNarrowed {
+                consent_id: row.id.clone(),
+                case: local_pseudonym(node, &row.case_id),
+                user: user.id,
+            },
+            now,
+        );
+        if node
+            .store
+            .narrow_consent(
+                &row.id,
+                scope_columns(&narrower),
+                row.narrowed_at_ms,
+                now,
+                entry,
+            )
+            .await?
+        {
+            tracing::info!(consent = %row.id, user = user.id, "consent narrowed");
+            return get_consent(node, &row.id).await;
+        }
+    }
+    Err(Failure::new(
+        Code::Aborted,
+        format!(
+            "consent {} kept changing while it was narrowed; narrow it again",
+            req.consent_id
+        ),
+    ))
 }
 
 fn check_fields(fields: &HashMap<String, String>) -> Result<BTreeSet<Field>, Failure> {
