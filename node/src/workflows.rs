@@ -59,7 +59,7 @@ impl Failure {
         };
         Self {
             code,
-            message: message.into(),
+            message: bounded_message(message.into()),
             rule,
         }
     }
@@ -81,6 +81,23 @@ impl Failure {
         tracing::error!(%error, "{context}");
         Self::new(Code::Internal, format!("{context}; see the node's log"))
     }
+}
+
+/// Longest status message, in bytes. Messages may quote what the caller sent (an id
+/// that was not found, say); quoted whole, an oversized one would come back in the
+/// `grpc-message` header and break the response instead of explaining it.
+pub const MAX_MESSAGE_LEN: usize = 512;
+
+fn bounded_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_LEN {
+        let mut end = MAX_MESSAGE_LEN - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 impl From<Failure> for Status {
@@ -150,7 +167,7 @@ pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String
     node.store
         .create_case(&id, &wrapped, &label_sealed, user.id, now_ms())
         .await?;
-    tracing::info!(case = %id, user = %user.name, "case created");
+    tracing::info!(case = %id, user = user.id, "case created");
     Ok(id)
 }
 
@@ -384,7 +401,7 @@ pub async fn record_consent(
             entry,
         )
         .await?;
-    tracing::info!(case = %req.case_id, consent = %id, user = %user.name, "consent recorded");
+    tracing::info!(case = %req.case_id, consent = %id, user = user.id, "consent recorded");
     Ok(id)
 }
 
@@ -845,7 +862,7 @@ pub async fn withdraw_consent(
         }
     };
     node.outbox_ready.notify_one();
-    tracing::info!(consent = %consent_id, user = %user.name, recipients, "consent withdrawn");
+    tracing::info!(consent = %consent_id, user = user.id, recipients, "consent withdrawn");
     consent_status(node, consent_id).await
 }
 
@@ -924,7 +941,7 @@ pub async fn read_referral(
             now_ms(),
         )])
         .await?;
-    tracing::info!(referral = %id, case_ref = %row.case_ref, user = %user.name, "personal data read");
+    tracing::info!(referral = %id, case_ref = %row.case_ref, user = user.id, "personal data read");
     Ok(pb::GetReferralResponse {
         referral_id: id.to_hex(),
         sender: row.sender,
@@ -1330,4 +1347,24 @@ fn replay_answer(
     tracing::info!(sender = %sender, "duplicate envelope answered with its original answer");
     pb::DeliverResponse::decode(seen.response.as_slice())
         .map_err(|e| Failure::internal("stored answer is corrupt", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Failure, MAX_MESSAGE_LEN};
+
+    #[test]
+    fn a_message_quoting_oversized_input_is_cut_short() {
+        let long_id = "é".repeat(100_000);
+        let failure = Failure::not_found(format!("consent {long_id} not found"));
+        assert!(
+            failure.message.len() <= MAX_MESSAGE_LEN,
+            "{}",
+            failure.message.len()
+        );
+        assert!(failure.message.starts_with("consent éé"));
+        assert!(failure.message.ends_with('…'));
+        let short = Failure::not_found("case case-1 not found");
+        assert_eq!(short.message, "case case-1 not found");
+    }
 }
