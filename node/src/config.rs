@@ -53,6 +53,13 @@ use std::path::{Path, PathBuf};
 use corridor::OrgId;
 use serde::Deserialize;
 
+/// Most deliveries in flight at once that a configuration may ask for.
+const MAX_IN_FLIGHT: usize = 10_000;
+/// Most concurrent federation connections that a configuration may allow.
+const MAX_CONNECTIONS: usize = 100_000;
+/// Largest federation message a configuration may allow: 64 MiB.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -302,12 +309,18 @@ impl Config {
         if d.envelope_ttl_hours == 0 || d.envelope_ttl_hours > 24 * 30 {
             return Err("delivery.envelope_ttl_hours must be between 1 and 720".into());
         }
-        if d.max_in_flight == 0 {
-            return Err("delivery.max_in_flight must be at least 1".into());
+        // Upper bounds too: each is a semaphore's size, and a semaphore of more permits
+        // than tokio allows panics in the task that creates it.
+        if d.max_in_flight == 0 || d.max_in_flight > MAX_IN_FLIGHT {
+            return Err(format!(
+                "delivery.max_in_flight must be between 1 and {MAX_IN_FLIGHT}"
+            ));
         }
         let f = &self.federation;
-        if f.max_message_bytes < 4096 {
-            return Err("federation.max_message_bytes must be at least 4096".into());
+        if f.max_message_bytes < 4096 || f.max_message_bytes > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "federation.max_message_bytes must be between 4096 and {MAX_MESSAGE_BYTES}"
+            ));
         }
         for (purpose, days) in &self.retention.purposes {
             corridor::Purpose::parse(purpose).map_err(|e| format!("retention.purposes: {e}"))?;
@@ -328,8 +341,10 @@ impl Config {
         if self.retention.default_days == 0 || self.retention.check_interval_s == 0 {
             return Err("retention.default_days and check_interval_s must be at least 1".into());
         }
-        if f.max_connections == 0 {
-            return Err("federation.max_connections must be at least 1".into());
+        if f.max_connections == 0 || f.max_connections > MAX_CONNECTIONS {
+            return Err(format!(
+                "federation.max_connections must be between 1 and {MAX_CONNECTIONS}"
+            ));
         }
         Ok(())
     }
@@ -369,6 +384,22 @@ mod tests {
             (
                 "org_id = \"a\"\n[delivery]\ninitial_backoff_ms = 0\n",
                 "backoff",
+            ),
+            (
+                "org_id = \"a\"\n[delivery]\nmax_in_flight = 100000000\n",
+                "max_in_flight",
+            ),
+            (
+                "org_id = \"a\"\n[federation]\nmax_connections = 0\n",
+                "max_connections",
+            ),
+            (
+                "org_id = \"a\"\n[federation]\nmax_connections = 1000000000000\n",
+                "max_connections",
+            ),
+            (
+                "org_id = \"a\"\n[federation]\nmax_message_bytes = 1000000000000\n",
+                "max_message_bytes",
             ),
         ] {
             std::fs::write(&path, text).unwrap();
