@@ -148,8 +148,14 @@ pub struct SendReferral {
     #[arg(long)]
     pub purpose: String,
     /// A field to disclose, as name=value (repeat); names from `corridor profiles --fields`.
+    /// Values given here are visible to other users of this machine (process list, shell
+    /// history): for personal data prefer --fields-file.
     #[arg(long = "field", value_parser = parse_field)]
     pub fields: Vec<(String, String)>,
+    /// Fields to disclose from a TOML file of `name = "value"` lines, or `-` for standard
+    /// input; combines with --field.
+    #[arg(long = "fields-file", value_name = "PATH")]
+    pub fields_file: Option<std::path::PathBuf>,
     /// Consent to send under (default: the newest consent of the case that allows it).
     #[arg(long)]
     pub consent: Option<String>,
@@ -157,6 +163,45 @@ pub struct SendReferral {
     /// refused, expired or withdrawn; exit non-zero unless it was delivered.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// The fields of a referral: from `--fields-file` (a TOML table of strings; `-` is
+/// standard input), then `--field`. A name given twice is an error, not a silent choice.
+/// Errors never quote a value: it may be personal data.
+fn referral_fields(
+    file: Option<&std::path::Path>,
+    flags: Vec<(String, String)>,
+) -> Result<HashMap<String, String>, String> {
+    let mut fields = HashMap::new();
+    if let Some(path) = file {
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("cannot read the fields from standard input: {e}"))?;
+            text
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?
+        };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            format!(
+                "fields file is not TOML (name = \"value\" lines): {}",
+                e.message()
+            )
+        })?;
+        for (name, value) in table {
+            let toml::Value::String(value) = value else {
+                return Err(format!("field {name} in the fields file is not a string"));
+            };
+            fields.insert(name, value);
+        }
+    }
+    for (name, value) in flags {
+        if fields.insert(name.clone(), value).is_some() {
+            return Err(format!("field {name} is given twice"));
+        }
+    }
+    Ok(fields)
 }
 
 fn parse_field(s: &str) -> Result<(String, String), String> {
@@ -545,7 +590,7 @@ pub async fn referral(
 ) -> Result<(), String> {
     match cmd {
         ReferralCommand::Send(s) => {
-            let fields: HashMap<String, String> = s.fields.into_iter().collect();
+            let fields = referral_fields(s.fields_file.as_deref(), s.fields)?;
             let r = client
                 .send_referral(pb::SendReferralRequest {
                     case_id: s.case_id,
@@ -712,5 +757,36 @@ mod tests {
             Ok(("age_band".into(), "25-29".into()))
         );
         assert!(parse_field("oops").is_err());
+    }
+
+    #[test]
+    fn fields_come_from_a_file_and_flags_and_no_value_is_quoted_in_errors() {
+        let dir = std::env::temp_dir().join(format!("corridor-fields-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("fields.toml");
+        std::fs::write(
+            &file,
+            "preferred_name = \"Srey Mom\"\nage_band = \"25-29\"\n",
+        )
+        .expect("write");
+        let flag = vec![("languages".to_string(), "Khmer".to_string())];
+        let fields = referral_fields(Some(&file), flag).expect("fields");
+        assert_eq!(fields.len(), 3);
+        assert_eq!(fields["preferred_name"], "Srey Mom");
+        assert_eq!(fields["languages"], "Khmer");
+
+        let twice = vec![("age_band".to_string(), "30-34".to_string())];
+        let err = referral_fields(Some(&file), twice).expect_err("twice");
+        assert!(err.contains("age_band") && !err.contains("30-34"), "{err}");
+
+        std::fs::write(&file, "preferred_name = Srey Mom\n").expect("write");
+        let err = referral_fields(Some(&file), vec![]).expect_err("not TOML");
+        assert!(err.contains("not TOML") && !err.contains("Srey"), "{err}");
+        std::fs::write(&file, "age_band = 25\n").expect("write");
+        let err = referral_fields(Some(&file), vec![]).expect_err("not a string");
+        assert!(err.contains("age_band"), "{err}");
+        let err = referral_fields(Some(&dir.join("missing.toml")), vec![]).expect_err("missing");
+        assert!(err.contains("cannot read"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
