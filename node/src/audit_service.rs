@@ -369,7 +369,8 @@ async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Res
         .get(witness)
         .ok_or_else(|| format!("{witness} is not a member"))?;
     let channel = crate::delivery::channel_to(node, witness).map_err(|e| e.to_string())?;
-    let mut client = WitnessClient::new(channel);
+    let mut client = WitnessClient::new(channel)
+        .max_decoding_message_size(crate::server::MAX_CONTROL_MESSAGE_BYTES);
     let mut old = node
         .store
         .witness_view(witness.as_str())

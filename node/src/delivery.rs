@@ -155,12 +155,17 @@ impl Clients {
             .channels
             .lock()
             .map_err(|_| AttemptError::Retry("channel cache poisoned".into()))?;
-        if let Some(channel) = channels.get(org) {
-            return Ok(FederationClient::new(channel.clone()));
-        }
-        let channel = channel_to(node, org).map_err(AttemptError::Permanent)?;
-        channels.insert(org.clone(), channel.clone());
-        Ok(FederationClient::new(channel))
+        let channel = match channels.get(org) {
+            Some(channel) => channel.clone(),
+            None => {
+                let channel = channel_to(node, org).map_err(AttemptError::Permanent)?;
+                channels.insert(org.clone(), channel.clone());
+                channel
+            }
+        };
+        // A peer's answer is bounded as its requests are.
+        Ok(FederationClient::new(channel)
+            .max_decoding_message_size(node.config.federation.max_message_bytes))
     }
 }
 

@@ -20,6 +20,9 @@ use crate::{delivery, tls};
 
 /// Largest request the local API accepts, in bytes.
 pub const MAX_LOCAL_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest audit or witness request, and witness answer, in bytes: ranges, proofs
+/// asked for, notes and cosignatures are all small.
+pub const MAX_CONTROL_MESSAGE_BYTES: usize = 64 * 1024;
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
@@ -91,10 +94,13 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             FederationServer::new(FederationService { node: node.clone() })
                 .max_decoding_message_size(f.max_message_bytes),
         )
-        .add_service(AuditServer::new(AuditService { node: node.clone() }))
+        .add_service(
+            AuditServer::new(AuditService { node: node.clone() })
+                .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
+        )
         .add_service(
             WitnessServer::new(WitnessService { node: node.clone() })
-                .max_decoding_message_size(64 * 1024),
+                .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let local = Server::builder()
@@ -104,7 +110,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             CaseworkerServer::new(CaseworkerService { node: node.clone() })
                 .max_decoding_message_size(MAX_LOCAL_MESSAGE_BYTES),
         )
-        .add_service(AuditServer::new(AuditService { node: node.clone() }))
+        .add_service(
+            AuditServer::new(AuditService { node: node.clone() })
+                .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             // Small unary calls stall on delayed ACKs without TCP_NODELAY.
             tokio_stream::StreamExt::map(

@@ -492,4 +492,10 @@ async fn a_proof_asked_with_a_leaf_hash_is_checked_against_the_entry_at_that_ind
         .expect_err("another entry's leaf hash is refused");
     assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
     assert!(refused.message().contains("entry 1"), "{refused:?}");
+    // Audit requests are small; an oversized one is refused before it is decoded.
+    let oversized = audit
+        .get_inclusion_proof(ask(vec![0; 100 * 1024]))
+        .await
+        .expect_err("a 100 KiB request is refused");
+    assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
 }
