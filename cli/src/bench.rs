@@ -389,17 +389,14 @@ async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String
 // ---- crypto ----------------------------------------------------------------------------
 
 /// The per-referral public-key work, alone, on this thread: seal, sign, verify, open,
-/// receipt sign, receipt verify. Returns referrals per second.
-fn crypto_limit(secs: f64) -> f64 {
-    let sender = SigningKey::from_seed(&[1; 32]).ok();
-    let recipient = SigningKey::from_seed(&[2; 32]).ok();
-    let (Some(sender), Some(recipient)) = (sender, recipient) else {
-        return 0.0;
-    };
+/// receipt sign, receipt verify. Returns referrals per second, or why one failed.
+fn crypto_limit(secs: f64) -> Result<f64, String> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| format!("crypto limit: {what}: {e}");
+    let sender = SigningKey::from_seed(&[1; 32]).map_err(|e| failed("key", &e))?;
+    let recipient = SigningKey::from_seed(&[2; 32]).map_err(|e| failed("key", &e))?;
     let seal_key = SealingKey::derive(&[3; 32]);
-    let (Ok(a), Ok(b)) = (OrgId::new("bench-sender"), OrgId::new("bench-recipient")) else {
-        return 0.0;
-    };
+    let a = OrgId::new("bench-sender").map_err(|e| failed("org", &e))?;
+    let b = OrgId::new("bench-recipient").map_err(|e| failed("org", &e))?;
     let payload = vec![0x42u8; 1024];
     let start = Instant::now();
     let mut n = 0u64;
@@ -414,16 +411,13 @@ fn crypto_limit(secs: f64) -> f64 {
             created_at_ms: 1,
             expires_at_ms: 2,
         };
-        let Ok(e) = Envelope::seal(header, &payload, seal_key.public_key(), &sender) else {
-            return 0.0;
-        };
+        let e = Envelope::seal(header, &payload, seal_key.public_key(), &sender)
+            .map_err(|e| failed("seal", &e))?;
         let digest = e.digest();
-        let Ok(v) = e.verify(&b, &a, &sender.verifying_key(), 1) else {
-            return 0.0;
-        };
-        if v.open(&seal_key).is_err() {
-            return 0.0;
-        }
+        let v = e
+            .verify(&b, &a, &sender.verifying_key(), 1)
+            .map_err(|e| failed("verify", &e))?;
+        v.open(&seal_key).map_err(|e| failed("open", &e))?;
         let r = Receipt::sign(
             MessageId([0; 16]),
             digest,
@@ -434,39 +428,32 @@ fn crypto_limit(secs: f64) -> f64 {
             [0; 32],
             &recipient,
         );
-        if r.verify(
+        r.verify(
             MessageId([0; 16]),
             &digest,
             &a,
             &b,
             &recipient.verifying_key(),
         )
-        .is_err()
-        {
-            return 0.0;
-        }
+        .map_err(|e| failed("receipt", &e))?;
         n += 1;
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Microseconds of one consent receipt issued and verified on this thread: the
 /// signature and verification a referral needs beyond the six operations of
 /// [`crypto_limit`], because its consent receipt is signed on its own (so that it can be
 /// shown without the personal data it travels with).
-fn consent_receipt_us(secs: f64) -> f64 {
-    let Ok(key) = SigningKey::from_seed(&[1; 32]) else {
-        return 0.0;
-    };
-    let (Ok(a), Ok(b), Ok(purpose)) = (
-        OrgId::new("bench-sender"),
-        OrgId::new("bench-recipient"),
-        Purpose::parse(PURPOSE),
-    ) else {
-        return 0.0;
-    };
+fn consent_receipt_us(secs: f64) -> Result<f64, String> {
+    let key = SigningKey::from_seed(&[1; 32]).map_err(|e| e.to_string())?;
+    let a = OrgId::new("bench-sender").map_err(|e| e.to_string())?;
+    let b = OrgId::new("bench-recipient").map_err(|e| e.to_string())?;
+    let purpose = Purpose::parse(PURPOSE).map_err(|e| e.to_string())?;
+    // Identifiers of the form a recipient accepts (`ref-` or `consent-` and 32 hex digits).
+    let (consent_id, case_ref) = (format!("consent-{:032x}", 1), format!("ref-{:032x}", 1));
     let scope = ConsentScope {
-        id: "consent-bench".into(),
+        id: consent_id,
         purposes: [purpose].into(),
         recipient_orgs: [b.clone()].into(),
         recipient_roles: Default::default(),
@@ -481,13 +468,12 @@ fn consent_receipt_us(secs: f64) -> f64 {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < secs {
-        let r = ConsentReceipt::issue(&scope, a.clone(), b.clone(), "ref".into(), 1, &key);
-        if r.verify(&a, &key.verifying_key(), &b, "ref").is_err() {
-            return 0.0;
-        }
+        let r = ConsentReceipt::issue(&scope, a.clone(), b.clone(), case_ref.clone(), 1, &key);
+        r.verify(&a, &key.verifying_key(), &b, &case_ref)
+            .map_err(|e| format!("the consent receipt measured does not verify: {e}"))?;
         n += 1;
     }
-    start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
+    Ok(start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64)
 }
 
 /// SHA-256 of 64-byte inputs per second on this thread.
@@ -646,13 +632,13 @@ async fn measure(
     // 2. Crypto limit on one core.
     eprintln!("crypto: per-referral public-key operations on one core ...");
     let (crypto, consent_us) = tokio::task::spawn_blocking(move || {
-        (
-            crypto_limit(secs),
-            consent_receipt_us((secs / 4.0).max(0.25)),
-        )
+        Ok::<_, String>((
+            crypto_limit(secs)?,
+            consent_receipt_us((secs / 4.0).max(0.25))?,
+        ))
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())??;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -1104,7 +1090,17 @@ async fn audit_figures(
 
 #[cfg(test)]
 mod tests {
-    use super::{stat_cpu_s, thread_cpu_s};
+    use super::{consent_receipt_us, crypto_limit, stat_cpu_s, thread_cpu_s};
+
+    /// Both loops run the protocol's real checks, so a rule they break (an identifier
+    /// of the wrong form, say) fails here rather than as a zero in the bench's table.
+    #[test]
+    fn the_crypto_measurements_run_the_real_operations() {
+        let rate = crypto_limit(0.05).expect("crypto limit");
+        assert!(rate > 0.0, "{rate}");
+        let us = consent_receipt_us(0.05).expect("consent receipt");
+        assert!(us > 0.0, "{us}");
+    }
 
     #[test]
     fn cpu_time_is_read_after_the_last_parenthesis_of_the_command_name() {
