@@ -106,7 +106,7 @@ impl Waiters {
         }
     }
 
-    fn attempt_ended(&self, id: MessageId, delivered: Option<Delivered>) {
+    pub(crate) fn attempt_ended(&self, id: MessageId, delivered: Option<Delivered>) {
         let list = self.0.lock().ok().and_then(|mut map| map.remove(&id));
         for w in list.into_iter().flatten() {
             let _ = w.send(delivered.clone());

@@ -621,7 +621,12 @@ impl Store {
     /// Replaces a consent's scope with a narrower one (the caller has checked it is
     /// narrower than the scope it read), unless the consent was withdrawn or narrowed
     /// since (its `narrowed_at_ms` no longer `as_read`): a narrowing checked against a
-    /// stale scope could widen the current one. Returns whether it was replaced.
+    /// stale scope could widen the current one.
+    ///
+    /// In the same transaction, referrals still queued under the consent are cancelled
+    /// (state `cancelled`, envelope dropped): they were sealed under the wider scope, and
+    /// the sender cannot open them to gate them again. Returns their ids, or `None` if
+    /// the consent was not narrowed.
     pub async fn narrow_consent(
         &self,
         id: &str,
@@ -629,7 +634,7 @@ impl Store {
         as_read: Option<i64>,
         now_ms: i64,
         audit: Vec<u8>,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<MessageId>>> {
         let data = (id.to_owned(), scope, as_read, now_ms, audit);
         self.writer
             .run_then(
@@ -658,10 +663,22 @@ impl Store {
                         .fetch_optional(&mut *conn)
                         .await?;
                         if updated.is_none() {
-                            return Ok(false);
+                            return Ok(None);
                         }
+                        let cancelled = sqlx::query(
+                            "UPDATE outbox SET state = 'cancelled', envelope = NULL,
+                                last_error = 'consent narrowed before delivery; send it again'
+                             WHERE consent_id = $1 AND kind = 1 AND state = 'queued'
+                             RETURNING message_id",
+                        )
+                        .bind(id)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .into_iter()
+                        .map(|r| message_id(r.get(0)))
+                        .collect::<Result<Vec<_>>>()?;
                         log.append(audit.clone())?;
-                        Ok(true)
+                        Ok(Some(cancelled))
                     })
                 },
                 Some(self.consents.clearer()),
@@ -907,14 +924,15 @@ impl Store {
                 data,
                 |(id, receipt, purge_receipt, now_ms, audit), tx, log| {
                     Box::pin(async move {
-                        // One round trip. 'withdrawn' too: an attempt in flight when the
-                        // consent was withdrawn may still have arrived; the withdrawal sent to
-                        // that recipient covers it. The receipt row comes back only if it is
-                        // new, and only then is the delivery logged.
+                        // One round trip. 'withdrawn' and 'cancelled' too: an attempt in
+                        // flight when the consent was withdrawn or narrowed may still have
+                        // arrived (a withdrawal sent to that recipient covers the former).
+                        // The receipt row comes back only if it is new, and only then is the
+                        // delivery logged.
                         let fresh = sqlx::query(tx.sql(
                             "UPDATE outbox SET state = 'delivered', delivered_at_ms = $4,
                             attempts = attempts + 1, last_error = NULL, envelope = NULL
-                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn');
+                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn', 'cancelled');
                          INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
                          VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING
                          RETURNING 1",
@@ -1787,7 +1805,16 @@ pub(crate) mod tests {
             .narrow_consent("consent-1", scope("age_band"), Some(5), 5, entry())
             .await
             .expect("narrow");
-        assert!(narrowed);
+        // The referral queued under the wider scope is cancelled with it, its sealed
+        // envelope dropped: it must not leave under a scope that no longer holds.
+        assert_eq!(narrowed, Some(vec![MessageId([2; 16])]));
+        let (state, sealed): (String, bool) =
+            sqlx::query_as("SELECT state, envelope IS NOT NULL FROM outbox WHERE message_id = $1")
+                .bind(&[2u8; 16][..])
+                .fetch_one(&store.pool)
+                .await
+                .expect("row");
+        assert_eq!((state.as_str(), sealed), ("cancelled", false));
         let read = store
             .consents_for_case("case-1", false)
             .await
@@ -1806,7 +1833,7 @@ pub(crate) mod tests {
             )
             .await
             .expect("narrow");
-        assert!(!stale, "a narrowing of a stale read was stored");
+        assert!(stale.is_none(), "a narrowing of a stale read was stored");
         let read = store.consents_for_case("case-1", true).await.expect("read");
         assert_eq!(read[0].fields, vec!["age_band".to_string()]);
         assert_eq!(read[0].narrowed_at_ms, Some(6));
@@ -1815,6 +1842,8 @@ pub(crate) mod tests {
             size,
             "nothing logged"
         );
+        let queued = store.enqueue(outbox_item(4), Some(6), entry()).await;
+        assert!(matches!(queued, Ok(Enqueued::Queued)), "{queued:?}");
         // A withdrawal made for the referrals read before one was queued changes
         // nothing: that referral's recipient would get no withdrawal.
         let missed = store
@@ -1828,7 +1857,7 @@ pub(crate) mod tests {
             .withdraw_consent(
                 "consent-1",
                 7,
-                vec![MessageId([2; 16])],
+                vec![MessageId([4; 16])],
                 Vec::new(),
                 entry(),
             )

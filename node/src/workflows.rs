@@ -421,7 +421,8 @@ pub async fn get_consent(node: &Node, id: &str) -> Result<pb::ConsentView, Failu
 /// The narrowing is checked against the consent as read, and stored only if the consent
 /// is still as read; if another narrowing (or a withdrawal) landed in between, it is
 /// checked again against what is stored now, so two concurrent narrowings can never
-/// together widen a consent.
+/// together widen a consent. Referrals still queued under it are cancelled: they were
+/// sealed under the wider scope (see [`crate::storage::Store::narrow_consent`]).
 pub async fn narrow_consent(
     node: &Node,
     user: &User,
@@ -452,7 +453,7 @@ pub async fn narrow_consent(
             },
             now,
         );
-        if node
+        if let Some(cancelled) = node
             .store
             .narrow_consent(
                 &row.id,
@@ -463,7 +464,11 @@ pub async fn narrow_consent(
             )
             .await?
         {
-            tracing::info!(consent = %row.id, user = user.id, "consent narrowed");
+            // Whoever waits for one of them learns now that it will not be attempted.
+            for id in &cancelled {
+                node.waiters.attempt_ended(*id, None);
+            }
+            tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), "consent narrowed");
             return get_consent(node, &row.id).await;
         }
     }
