@@ -63,7 +63,9 @@ pub enum AuditCommand {
         policy: Policy,
     },
     /// Rebuild a node's tree from its entries, check it against its checkpoint and
-    /// against every checkpoint verified before, and remember what was verified.
+    /// against every checkpoint verified before, and remember what was verified; fails
+    /// too unless the witness quorum cosigned the checkpoint (`--quorum 0` to check the
+    /// entries alone).
     Verify {
         org: String,
         #[command(flatten)]
@@ -196,7 +198,7 @@ impl Auditor {
         org: &str,
         policy: &Policy,
     ) -> Result<(Vec<CosignatureVerifier>, usize), String> {
-        let ids: Vec<OrgId> = if policy.witnesses.is_empty() {
+        let mut ids: Vec<OrgId> = if policy.witnesses.is_empty() {
             self.directory
                 .members()
                 .filter(|m| m.has_role(Role::Witness) && m.id.as_str() != org)
@@ -209,6 +211,12 @@ impl Auditor {
                 .map(|w| OrgId::new(w).map_err(|e| format!("{w:?}: {e}")))
                 .collect::<Result<_, _>>()?
         };
+        // A witness named twice counts once, and a log cannot witness itself.
+        ids.sort();
+        ids.dedup();
+        if ids.iter().any(|id| id.as_str() == org) {
+            return Err(format!("{org} cannot witness its own log"));
+        }
         let verifiers = ids
             .iter()
             .map(|id| {
@@ -554,26 +562,38 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
             verified_at_ms: corridor_node::node::now_ms(),
         });
     }
+    // The checkpoint is pinned even without its quorum: it is the log's own signed word,
+    // and a later one inconsistent with it is a fork this auditor can then prove.
     auditor.save_state(org, &state)?;
     let secs = started.elapsed().as_secs_f64();
+    let quorum_met = names.len() >= quorum;
     emit(
         auditor.output,
         json!({
-            "org": org, "size": cp.size, "ok": true, "cosigned_by": names, "quorum": quorum,
-            "entries_by_kind": kinds, "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
+            "org": org, "size": cp.size, "ok": quorum_met, "cosigned_by": names, "quorum": quorum,
+            "quorum_met": quorum_met, "entries_by_kind": kinds,
+            "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
         }),
         || {
             let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
             format!(
-                "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; cosigned by {} of {} witnesses; {}",
+                "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; cosigned by {} of {} witnesses, quorum {quorum}: {}; {}",
                 cp.size,
                 state.checkpoints.len().saturating_sub(1),
                 names.len(),
                 verifiers.len(),
+                if quorum_met { "MET" } else { "NOT MET" },
                 kinds.join(", ")
             )
         },
     );
+    if !quorum_met {
+        // Without its witnesses, this log may be showing this auditor a view of its own.
+        return Err(format!(
+            "{org}: its entries verify, but only {} of the required {quorum} witnesses cosigned its checkpoint",
+            names.len()
+        ));
+    }
     Ok(())
 }
 

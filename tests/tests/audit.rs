@@ -132,11 +132,30 @@ async fn restarts_while_appending_never_sign_inconsistent_checkpoints() {
         some_events(&my, 2).await;
         wait_checkpointed(&my).await;
         // Each verification checks consistency with every checkpoint verified before.
-        ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+        ok(&audit(
+            &fed,
+            &state,
+            &["verify", SHELTER_MY, "--quorum", "0"],
+        ));
     }
     wait_cosigned(&my, 2).await;
     let out = ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
     assert!(out.contains("quorum 2: MET"), "{out}");
+    let out = ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    assert!(out.contains("quorum 2: MET"), "{out}");
+    // A witness named twice counts once: one cosignature is not a quorum of two.
+    let kh_only = [
+        "verify",
+        SHELTER_MY,
+        "--witness",
+        SHELTER_KH,
+        "--witness",
+        SHELTER_KH,
+        "--quorum",
+        "2",
+    ];
+    let err = failed(&audit(&fed, &state, &kh_only));
+    assert!(err.contains("only 1 of the required 2"), "{err}");
     drop(kh);
 }
 
@@ -147,7 +166,14 @@ async fn tampering_is_detected_and_located() {
     let my = fed.start(SHELTER_MY);
     some_events(&my, 3).await;
     wait_checkpointed(&my).await;
-    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    // No witness runs here: the entries verify, the quorum does not, and that fails.
+    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    assert!(err.contains("witnesses cosigned its checkpoint"), "{err}");
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
 
     // An entry changed (one byte of it).
     let original = entry_hex(&my, 2).await;
@@ -162,7 +188,11 @@ async fn tampering_is_detected_and_located() {
         )],
     )
     .await;
-    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
     assert!(err.contains("entry 2"), "{err}");
     sql(
         &my,
@@ -171,7 +201,11 @@ async fn tampering_is_detected_and_located() {
         )],
     )
     .await;
-    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
 
     // Two entries swapped.
     sql(
@@ -183,7 +217,11 @@ async fn tampering_is_detected_and_located() {
         ],
     )
     .await;
-    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
     assert!(err.contains("entry 3"), "{err}");
     sql(
         &my,
@@ -194,11 +232,19 @@ async fn tampering_is_detected_and_located() {
         ],
     )
     .await;
-    ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
 
     // An entry deleted.
     sql(&my, &["DELETE FROM audit_entries WHERE idx = 1"]).await;
-    let err = failed(&audit(&fed, &state, &["verify", SHELTER_MY]));
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
     assert!(err.contains("entry 1"), "{err}");
 
     // A fresh auditor without earlier state still locates a change against the signed
@@ -212,7 +258,11 @@ async fn tampering_is_detected_and_located() {
         )],
     )
     .await;
-    let err = failed(&audit(&fed, &fresh, &["verify", SHELTER_MY]));
+    let err = failed(&audit(
+        &fed,
+        &fresh,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
     assert!(err.contains("entry 1 does not match"), "{err}");
 }
 
