@@ -373,14 +373,22 @@ impl CosignatureVerifier {
     }
 
     /// Verifies one cosignature line (as a witness returns it) against a note's text.
+    ///
+    /// Exactly one line of this witness's: the line is appended to the note the log
+    /// serves, so anything more (a second line claiming the log's own name, say) would let
+    /// a witness make the log's checkpoint fail for every verifier.
     pub fn verify_line(&self, note: &str, line: &str) -> Result<u64, NoteError> {
         let (text, _) = split(note)?;
         let wrapped = format!("x\n\n{line}\n");
         let (_, lines) = split(&wrapped)?;
-        let line = lines
-            .iter()
-            .find(|l| l.name == self.name && l.id == self.id)
-            .ok_or_else(|| NoteError::NotSigned(self.name.clone()))?;
+        let [line] = lines.as_slice() else {
+            return Err(NoteError::Malformed(
+                "a cosignature must be exactly one line",
+            ));
+        };
+        if line.name != self.name || line.id != self.id {
+            return Err(NoteError::NotSigned(self.name.clone()));
+        }
         self.check(text, line)
     }
 }
@@ -530,6 +538,17 @@ mod tests {
         // A timestamp above 2^63 - 1 is refused even when signed.
         let late = cosign(&cp, "corridor.network/demo/witness/b", &wkey, u64::MAX);
         assert!(w.verify_line(&note, &late).is_err());
+        // A valid cosignature with a line smuggled after it, here a bad signature in the
+        // log's own name that would break the log's note for every verifier, is refused.
+        let log_line = note.lines().last().unwrap();
+        let forged_log_line = format!("{}A", &log_line[..log_line.len() - 1]);
+        let smuggled = format!("{line}\n{forged_log_line}");
+        assert_eq!(
+            w.verify_line(&note, &smuggled),
+            Err(NoteError::Malformed(
+                "a cosignature must be exactly one line"
+            ))
+        );
         // A note signature (type 0x01) by the same key is not a cosignature (type 0x04).
         let as_note = NoteVerifier::new("corridor.network/demo/witness/b", wkey.verifying_key());
         assert!(as_note.id != w.id);

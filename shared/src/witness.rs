@@ -31,6 +31,8 @@ pub enum WitnessError {
     Fork { size: u64 },
     #[error("checkpoint has extension lines, which this witness does not cosign")]
     ExtensionLines,
+    #[error("checkpoint of size 0 does not carry the empty tree's root")]
+    EmptyTreeRoot,
     #[error("checkpoint is not consistent with the one cosigned at size {old}: {reason}")]
     Inconsistent {
         old: u64,
@@ -63,6 +65,11 @@ pub fn add_checkpoint(
     let witness_size = stored.map_or(0, |s| s.size);
     if old_size != witness_size {
         return Err(WitnessError::Conflict { witness_size });
+    }
+    // Every size-0 checkpoint of a log names the same tree; any other root would be a
+    // fork that no consistency proof can reveal.
+    if checkpoint.size == 0 && checkpoint.root != merkle::root(&[]) {
+        return Err(WitnessError::EmptyTreeRoot);
     }
     if checkpoint.size < old_size {
         return Err(WitnessError::Shrinks {
@@ -146,6 +153,26 @@ mod tests {
             }
         }
         sub(m, all, true)
+    }
+
+    /// The empty tree is the same tree for everyone: a size-0 checkpoint with another
+    /// root is refused, with or without anything cosigned before.
+    #[test]
+    fn an_empty_tree_has_one_root() {
+        let key = SigningKey::from_seed(&[1; 32]).unwrap();
+        let log = NoteVerifier::new(ORIGIN, key.verifying_key());
+        let empty = add_checkpoint(ORIGIN, &log, None, 0, &[], &note(&key, 0, root(&[])));
+        assert_eq!(empty.map(|c| c.size), Ok(0));
+        let state = WitnessState {
+            size: 0,
+            root: root(&[]),
+        };
+        for stored in [None, Some(&state)] {
+            assert_eq!(
+                add_checkpoint(ORIGIN, &log, stored, 0, &[], &note(&key, 0, [7; 32])),
+                Err(WitnessError::EmptyTreeRoot)
+            );
+        }
     }
 
     #[test]
