@@ -194,7 +194,9 @@ async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(deleted) => {
                 tracing::info!(deleted, "received referrals past retention deleted");
-                let _ = node.store.checkpoint().await;
+                if let Err(error) = node.store.checkpoint().await {
+                    tracing::warn!(%error, "WAL checkpoint after retention purge failed");
+                }
             }
             Err(error) => tracing::error!(%error, "retention check failed"),
         }

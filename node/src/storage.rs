@@ -33,6 +33,8 @@ pub enum StoreError {
     MissingEntry(u64),
     #[error("storage is closed")]
     Closed,
+    #[error("the WAL could not be emptied: a reader still holds an older snapshot")]
+    CheckpointBusy,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -1295,7 +1297,9 @@ impl Store {
     }
 
     /// Moves the WAL into the database file and truncates it, so that deleted pages
-    /// (zeroed by secure_delete) do not linger in the WAL.
+    /// (zeroed by secure_delete) do not linger in the WAL. SQLite waits (up to the busy
+    /// timeout) for readers of older snapshots; if one outlasts it, the WAL is not empty
+    /// and this says so ([`StoreError::CheckpointBusy`]) rather than report a clean purge.
     pub async fn checkpoint(&self) -> Result<()> {
         self.writer.checkpoint().await
     }

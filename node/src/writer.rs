@@ -384,11 +384,15 @@ async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message
         }
         if let Some(done) = checkpoint.take() {
             // Between groups, so outside any transaction, and no other connection writes.
-            let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&mut tx.conn)
+            // The first column says whether a reader kept it from finishing.
+            let result = sqlx::query_scalar::<_, i64>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut tx.conn)
                 .await
-                .map(|_| ())
-                .map_err(StoreError::from);
+                .map_err(StoreError::from)
+                .and_then(|busy| match busy {
+                    0 => Ok(()),
+                    _ => Err(StoreError::CheckpointBusy),
+                });
             let _ = done.send(result);
         }
     }
