@@ -654,6 +654,15 @@ fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
 
 async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> {
     let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
+    // Entries count only if they are the ones each log signed.
+    for (org, log) in &logs {
+        let leaves: Vec<Hash> = log.entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+        if merkle::root(&leaves) != log.checkpoint.root {
+            return Err(format!(
+                "{org}'s entries do not hash to its signed checkpoint; `corridor audit verify {org}` locates the change"
+            ));
+        }
+    }
     let mut problems = Vec::new();
     let mut checked = 0u64;
     for (from, to) in [(0usize, 1usize), (1, 0)] {

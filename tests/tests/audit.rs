@@ -451,6 +451,29 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
         out.contains(&sent.referral_id) && out.contains("missing from shelter-kh's log"),
         "{out}"
     );
+
+    // Entries a log serves count only if they hash to what it signed.
+    let original = entry_hex(&my, 0).await;
+    let mut changed = hex::decode(&original).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    sql(
+        &my,
+        &[&format!(
+            "UPDATE audit_entries SET entry = x'{}' WHERE idx = 0",
+            hex::encode(changed)
+        )],
+    )
+    .await;
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["cross-check", SHELTER_MY, SHELTER_KH],
+    ));
+    assert!(
+        err.contains("shelter-my's entries do not hash to its signed checkpoint"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
