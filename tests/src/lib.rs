@@ -481,3 +481,36 @@ pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::Ref
         consent_receipt: Some(corridor_node::convert::consent_receipt_to_pb(&receipt)),
     }
 }
+
+/// A connection to a node's database, for tests that look at or change what it stored.
+pub async fn open_db(node: &TestNode, read_only: bool) -> sqlx::SqliteConnection {
+    use sqlx::ConnectOptions as _;
+    sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(node.org.dir.join("data").join("corridor.db"))
+        .read_only(read_only)
+        .connect()
+        .await
+        .expect("open database")
+}
+
+/// Runs `statements` on a node's database (stopped, or between its own writes).
+pub async fn sql(node: &TestNode, statements: &[&str]) {
+    let mut conn = open_db(node, false).await;
+    for s in statements {
+        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+}
+
+/// The first column of the first row `query` gives on a node's database.
+pub async fn scalar(node: &TestNode, query: &str) -> i64 {
+    use sqlx::Row as _;
+    let mut conn = open_db(node, true).await;
+    sqlx::query(sqlx::AssertSqlSafe(query.to_string()))
+        .fetch_one(&mut conn)
+        .await
+        .expect("query")
+        .get(0)
+}

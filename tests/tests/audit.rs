@@ -41,38 +41,6 @@ fn failed(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-async fn sql(node: &TestNode, statements: &[&str]) {
-    use sqlx::ConnectOptions as _;
-    let db = node.org.dir.join("data").join("corridor.db");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .connect()
-        .await
-        .expect("open database");
-    for s in statements {
-        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{s}: {e}"));
-    }
-}
-
-async fn scalar(node: &TestNode, query: &str) -> i64 {
-    use sqlx::{ConnectOptions as _, Row as _};
-    let db = node.org.dir.join("data").join("corridor.db");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .connect()
-        .await
-        .expect("open database");
-    sqlx::query(sqlx::AssertSqlSafe(query.to_string()))
-        .fetch_one(&mut conn)
-        .await
-        .expect("query")
-        .get(0)
-}
-
 /// Waits until the node has signed a checkpoint covering its whole log.
 async fn wait_checkpointed(node: &TestNode) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -267,14 +235,8 @@ async fn tampering_is_detected_and_located() {
 }
 
 async fn entry_hex(node: &TestNode, idx: i64) -> String {
-    use sqlx::{ConnectOptions as _, Row as _};
-    let db = node.org.dir.join("data").join("corridor.db");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .connect()
-        .await
-        .expect("open database");
+    use sqlx::Row as _;
+    let mut conn = open_db(node, true).await;
     sqlx::query("SELECT hex(entry) FROM audit_entries WHERE idx = $1")
         .bind(idx)
         .fetch_one(&mut conn)
@@ -338,13 +300,8 @@ async fn a_forked_log_is_refused_by_its_witnesses() {
 /// Recomputes a node's stored tree hashes from its entries, as a node that rewrote its
 /// log would.
 async fn rebuild_hashes(node: &TestNode) {
-    use sqlx::{ConnectOptions as _, Row as _};
-    let db = node.org.dir.join("data").join("corridor.db");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .connect()
-        .await
-        .expect("open database");
+    use sqlx::Row as _;
+    let mut conn = open_db(node, false).await;
     let rows = sqlx::query("SELECT entry FROM audit_entries ORDER BY idx")
         .fetch_all(&mut conn)
         .await
