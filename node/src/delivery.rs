@@ -305,14 +305,33 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
             node.store.mark_final(id, "refused", &reason).await
         }
         Err(AttemptError::Retry(reason)) if now >= item.expires_at_ms => {
-            tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
-            node.store
-                .mark_final(
-                    id,
-                    "expired",
-                    &format!("expired undelivered; last error: {reason}"),
-                )
-                .await
+            // A withdrawal is asked for until the recipient purges: in a new envelope.
+            let renewed = if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
+                match crate::workflows::renew_withdrawal(node, id).await {
+                    Ok(renewed) => {
+                        tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "withdrawal expired before delivery; renewed");
+                        true
+                    }
+                    Err(failure) => {
+                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery and could not be renewed");
+                        false
+                    }
+                }
+            } else {
+                tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
+                false
+            };
+            if renewed {
+                Ok(())
+            } else {
+                node.store
+                    .mark_final(
+                        id,
+                        "expired",
+                        &format!("expired undelivered; last error: {reason}"),
+                    )
+                    .await
+            }
         }
         Err(AttemptError::Retry(reason)) => {
             let d = &node.config.delivery;

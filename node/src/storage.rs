@@ -194,6 +194,16 @@ pub struct DueItem {
     pub expires_at_ms: i64,
 }
 
+/// A queued withdrawal, as its renewal needs it.
+#[derive(Debug, Clone)]
+pub struct QueuedWithdrawal {
+    pub case_id: String,
+    pub consent_id: String,
+    pub recipient: String,
+    pub case_ref: String,
+    pub created_by: i64,
+}
+
 /// What the sender knows about an envelope it sent.
 #[derive(Debug, Clone)]
 pub struct OutboxStatus {
@@ -952,6 +962,49 @@ impl Store {
                     })
                 },
             )
+            .await
+    }
+
+    /// The queued withdrawal `id`, as a renewal needs it.
+    pub async fn withdrawal_to_renew(&self, id: MessageId) -> Result<Option<QueuedWithdrawal>> {
+        let row = sqlx::query(
+            "SELECT case_id, consent_id, recipient, case_ref, created_by FROM outbox
+             WHERE message_id = $1 AND kind = 2 AND state = 'queued'",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| QueuedWithdrawal {
+            case_id: r.get(0),
+            consent_id: r.get(1),
+            recipient: r.get(2),
+            case_ref: r.get(3),
+            created_by: r.get(4),
+        }))
+    }
+
+    /// Ends the queued withdrawal `old`, whose envelope expired undelivered, and queues
+    /// `renewal` in its place, in one transaction. False if `old` was no longer queued.
+    pub async fn renew_withdrawal(&self, old: MessageId, renewal: NewOutboxItem) -> Result<bool> {
+        self.writer
+            .run((old, renewal), |(old, renewal), tx, _| {
+                Box::pin(async move {
+                    let ended = sqlx::query(tx.sql(
+                        "UPDATE outbox SET state = 'expired', attempts = attempts + 1,
+                            envelope = NULL, last_error = 'expired undelivered; renewed'
+                         WHERE message_id = $1 AND kind = 2 AND state = 'queued'
+                         RETURNING 1",
+                    ))
+                    .bind(&old.0[..])
+                    .fetch_optional(tx.conn().await?)
+                    .await?;
+                    if ended.is_none() {
+                        return Ok(false);
+                    }
+                    Self::insert_outbox(tx, renewal, None).await?;
+                    Ok(true)
+                })
+            })
             .await
     }
 

@@ -790,7 +790,7 @@ pub async fn withdraw_consent(
                 .1
                 .push(id);
         }
-        let mut envelopes = Vec::new();
+        let mut items = Vec::new();
         for (recipient, (case_ref, ids)) in &per_recipient {
             let org =
                 OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
@@ -798,41 +798,20 @@ pub async fn withdraw_consent(
                 tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge");
                 continue;
             };
-            let payload = pb::ConsentWithdrawal {
-                consent_id: consent_id.to_owned(),
-                case_ref: case_ref.clone(),
-                referral_ids: ids.iter().map(|i| i.0.to_vec()).collect(),
-                withdrawn_at_ms: now,
-            }
-            .encode_to_vec();
-            // Withdrawals live as long as any envelope may: the sender keeps trying.
-            let envelope = seal(
+            items.push(withdrawal_item(
                 node,
-                MessageKind::ConsentWithdrawal,
                 m,
-                &payload,
+                WithdrawalOf {
+                    case_id: &row.case_id,
+                    consent_id,
+                    case_ref,
+                    referrals: ids,
+                    withdrawn_at_ms: now,
+                    by: user.id,
+                },
                 now,
-                MAX_LIFETIME_MS,
-            )?;
-            envelopes.push((org, case_ref.clone(), envelope));
+            )?);
         }
-        let items: Vec<NewOutboxItem> = envelopes
-            .into_iter()
-            .map(|(org, case_ref, e)| NewOutboxItem {
-                message_id: e.header.message_id,
-                kind: MessageKind::ConsentWithdrawal.as_i32().into(),
-                case_id: row.case_id.clone(),
-                consent_id: consent_id.to_owned(),
-                recipient: org,
-                purpose: String::new(),
-                case_ref,
-                envelope: convert::envelope_to_pb(&e).encode_to_vec(),
-                envelope_digest: e.digest(),
-                created_by: user.id,
-                created_at_ms: now,
-                expires_at_ms: e.header.expires_at_ms,
-            })
-            .collect();
         let recipients = items.len();
         let entry = audit::encode(
             &Event::ConsentWithdrawn {
@@ -869,6 +848,112 @@ pub async fn withdraw_consent(
     node.outbox_ready.notify_one();
     tracing::info!(consent = %consent_id, user = user.id, recipients, "consent withdrawn");
     consent_status(node, consent_id).await
+}
+
+/// What one withdrawal envelope says, and for whom it is queued.
+struct WithdrawalOf<'a> {
+    case_id: &'a str,
+    consent_id: &'a str,
+    /// The case's reference at the recipient.
+    case_ref: &'a str,
+    /// The referrals sent there under the consent.
+    referrals: &'a [MessageId],
+    withdrawn_at_ms: i64,
+    /// The user who withdrew the consent.
+    by: i64,
+}
+
+/// A withdrawal for `recipient`, sealed and signed, ready to queue.
+fn withdrawal_item(
+    node: &Node,
+    recipient: &Member,
+    w: WithdrawalOf<'_>,
+    now: i64,
+) -> Result<NewOutboxItem, Failure> {
+    let payload = pb::ConsentWithdrawal {
+        consent_id: w.consent_id.to_owned(),
+        case_ref: w.case_ref.to_owned(),
+        referral_ids: w.referrals.iter().map(|i| i.0.to_vec()).collect(),
+        withdrawn_at_ms: w.withdrawn_at_ms,
+    }
+    .encode_to_vec();
+    // Withdrawals live as long as any envelope may, and are renewed when that ends.
+    let e = seal(
+        node,
+        MessageKind::ConsentWithdrawal,
+        recipient,
+        &payload,
+        now,
+        MAX_LIFETIME_MS,
+    )?;
+    Ok(NewOutboxItem {
+        message_id: e.header.message_id,
+        kind: MessageKind::ConsentWithdrawal.as_i32().into(),
+        case_id: w.case_id.to_owned(),
+        consent_id: w.consent_id.to_owned(),
+        recipient: recipient.id.clone(),
+        purpose: String::new(),
+        case_ref: w.case_ref.to_owned(),
+        envelope: convert::envelope_to_pb(&e).encode_to_vec(),
+        envelope_digest: e.digest(),
+        created_by: w.by,
+        created_at_ms: now,
+        expires_at_ms: e.header.expires_at_ms,
+    })
+}
+
+/// Renews a withdrawal whose envelope expired undelivered (its recipient was away for
+/// longer than an envelope may live): the same withdrawal in a new envelope is queued in
+/// the transaction that ends the old one, so the recipient is asked until it purges.
+/// Returns the new envelope's id, or `None` if the old one was no longer queued.
+pub async fn renew_withdrawal(
+    node: &Node,
+    expired: MessageId,
+) -> Result<Option<MessageId>, Failure> {
+    let Some(old) = node.store.withdrawal_to_renew(expired).await? else {
+        return Ok(None);
+    };
+    let consent = consent_row(node, &old.consent_id).await?;
+    let withdrawn_at_ms = consent.withdrawn_at_ms.ok_or_else(|| {
+        Failure::internal(
+            "a withdrawal is queued for a consent not withdrawn",
+            &old.consent_id,
+        )
+    })?;
+    let recipient =
+        OrgId::new(&old.recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+    let Some(member) = node.directory.get(&recipient) else {
+        return Err(Failure::precondition(format!(
+            "{recipient} is no longer a member and cannot be asked to purge"
+        )));
+    };
+    let referrals: Vec<MessageId> = node
+        .store
+        .referrals_under_consent(&old.consent_id)
+        .await?
+        .into_iter()
+        .filter(|(to, _, _)| *to == old.recipient)
+        .map(|(_, _, id)| id)
+        .collect();
+    let item = withdrawal_item(
+        node,
+        member,
+        WithdrawalOf {
+            case_id: &old.case_id,
+            consent_id: &old.consent_id,
+            case_ref: &old.case_ref,
+            referrals: &referrals,
+            withdrawn_at_ms,
+            by: old.created_by,
+        },
+        now_ms(),
+    )?;
+    let renewed = item.message_id;
+    if !node.store.renew_withdrawal(expired, item).await? {
+        return Ok(None);
+    }
+    node.outbox_ready.notify_one();
+    Ok(Some(renewed))
 }
 
 /// A consent with, per recipient, the referrals it got and whether it has purged them.

@@ -19,7 +19,7 @@ async fn consent_status(s: &mut Caseworker, consent_id: &str) -> pb::ConsentStat
 #[tokio::test]
 async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
     let fed = Federation::four("withdraw");
-    let sender = fed.start(SHELTER_MY);
+    let mut sender = fed.start(SHELTER_MY);
     let kh = fed.start(SHELTER_KH);
     let embassy = fed.start(EMBASSY);
     let mut ngo = fed.start(NGO_TH);
@@ -106,6 +106,41 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
             "{} still holds data",
             node.org.spec.id
         );
+    }
+
+    // The NGO stays away longer than an envelope may live: the withdrawal's envelope
+    // expires undelivered, and the sender renews it rather than give up.
+    sender.stop();
+    let ngo_withdrawal = format!("kind = 2 AND recipient = '{NGO_TH}'");
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE outbox SET expires_at_ms = 1, next_attempt_at_ms = 0 WHERE {ngo_withdrawal}"
+        )],
+    )
+    .await;
+    sender.start();
+    s = sender.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let renewed = scalar(
+            &sender,
+            &format!("SELECT COUNT(*) FROM outbox WHERE {ngo_withdrawal} AND state = 'queued' AND expires_at_ms > 1"),
+        )
+        .await;
+        let ended = scalar(
+            &sender,
+            &format!("SELECT COUNT(*) FROM outbox WHERE {ngo_withdrawal} AND state = 'expired' AND last_error = 'expired undelivered; renewed'"),
+        )
+        .await;
+        if (renewed, ended) == (1, 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired withdrawal was not renewed: {renewed} queued, {ended} ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Back online, the NGO gets the withdrawal, purges and answers.
