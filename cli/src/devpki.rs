@@ -21,19 +21,26 @@ pub struct OrgSpec {
     pub id: OrgId,
     pub name: String,
     pub country: String,
+    /// For a state authority, the state it acts for where that is not `country`.
+    pub represents: Option<String>,
     pub roles: Vec<Role>,
 }
 
 impl std::str::FromStr for OrgSpec {
     type Err = String;
-    /// `id:COUNTRY:role[+role...][:Display name]`, e.g. `kh-embassy-kl:MY:embassy:Embassy of Cambodia`.
+    /// `id:COUNTRY[/REPRESENTS]:role[+role...][:Display name]`, e.g.
+    /// `kh-embassy-kl:MY/KH:embassy:Embassy of Cambodia` (in MY, acting for KH).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.splitn(4, ':');
         let (Some(id), Some(country), Some(roles)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!(
-                "org {s:?} must be id:COUNTRY:role[+role][:name], e.g. shelter-my:MY:shelter"
+                "org {s:?} must be id:COUNTRY[/REPRESENTS]:role[+role][:name], e.g. shelter-my:MY:shelter"
             ));
+        };
+        let (country, represents) = match country.split_once('/') {
+            Some((country, state)) => (country, Some(state.to_owned())),
+            None => (country, None),
         };
         let id = OrgId::new(id).map_err(|e| format!("org {id:?}: {e}"))?;
         let roles = roles
@@ -48,6 +55,7 @@ impl std::str::FromStr for OrgSpec {
             name: parts.next().unwrap_or(id.as_str()).to_owned(),
             id,
             country: country.to_owned(),
+            represents,
             roles,
         })
     }
@@ -60,7 +68,7 @@ pub fn demo_orgs() -> Vec<OrgSpec> {
     [
         "shelter-my:MY:shelter+witness:Harbour Shelter, Kuala Lumpur (demo)",
         "shelter-kh:KH:shelter+witness:Reintegration Shelter, Phnom Penh (demo)",
-        "kh-embassy-kl:MY:embassy+witness:Embassy of Cambodia in Kuala Lumpur (demo)",
+        "kh-embassy-kl:MY/KH:embassy+witness:Embassy of Cambodia in Kuala Lumpur (demo)",
         "auditor-demo:MY:auditor:Independent Auditor (demo)",
     ]
     .iter()
@@ -205,6 +213,7 @@ pub fn generate(
             id: spec.id.to_string(),
             name: spec.name.clone(),
             country: spec.country.clone(),
+            represents: spec.represents.clone(),
             roles: spec.roles.clone(),
             endpoint: format!("https://127.0.0.1:{}", ports.federation),
             signing_key: signing.verifying_key().to_base64(),

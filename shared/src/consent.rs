@@ -131,7 +131,7 @@ impl fmt::Display for Reason {
             ),
             Self::CountryExcluded { recipient, country } => write!(
                 f,
-                "recipient {recipient} is in {country}, a country the consent excludes"
+                "recipient {recipient} is in or acts for {country}, a country the consent excludes"
             ),
             Self::FamilyContactForbidden => {
                 write!(
@@ -217,15 +217,18 @@ pub fn gate(
             purpose,
         });
     }
-    if consent
-        .restrictions
-        .excluded_countries
-        .contains(&recipient.country)
+    // Excluding a country excludes organisations there and the authorities acting for
+    // it wherever they sit ("never to the authorities of the origin country").
+    for country in [Some(&recipient.country), recipient.represents.as_ref()]
+        .into_iter()
+        .flatten()
     {
-        reasons.push(Reason::CountryExcluded {
-            recipient: recipient.id.clone(),
-            country: recipient.country.clone(),
-        });
+        if consent.restrictions.excluded_countries.contains(country) {
+            reasons.push(Reason::CountryExcluded {
+                recipient: recipient.id.clone(),
+                country: country.clone(),
+            });
+        }
     }
     if consent.restrictions.no_family_contact && purpose == Purpose::FamilyTracing {
         reasons.push(Reason::FamilyContactForbidden);
@@ -487,6 +490,7 @@ mod tests {
             id: OrgId::new(id).unwrap(),
             name: id.into(),
             country: country.into(),
+            represents: None,
             roles: vec![role],
             endpoint: "https://127.0.0.1:1".into(),
             signing_key: SigningKey::from_seed(&[1; 32]).unwrap().verifying_key(),
@@ -660,6 +664,33 @@ mod tests {
             refused(gate(&excluded, &kh, Purpose::Reintegration, &f, 0)),
             vec![Reason::CountryExcluded {
                 recipient: kh.id.clone(),
+                country: "KH".into()
+            }]
+        );
+
+        // The Cambodian embassy in Kuala Lumpur sits in MY but acts for KH: a consent
+        // that excludes KH excludes it, even where the consent names it.
+        let mut embassy = member("kh-embassy-kl", "MY", Role::Embassy);
+        embassy.represents = Some("KH".into());
+        let mut to_embassy = c.clone();
+        to_embassy.recipient_orgs.insert(embassy.id.clone());
+        to_embassy.purposes.insert(Purpose::NationalityVerification);
+        let verify_fields: BTreeSet<Field> = profile(Purpose::NationalityVerification)
+            .required
+            .iter()
+            .copied()
+            .collect();
+        to_embassy.fields.extend(verify_fields.iter().copied());
+        let nv = Purpose::NationalityVerification;
+        assert_eq!(gate(&to_embassy, &embassy, nv, &verify_fields, 0), Ok(()));
+        to_embassy
+            .restrictions
+            .excluded_countries
+            .insert("KH".into());
+        assert_eq!(
+            refused(gate(&to_embassy, &embassy, nv, &verify_fields, 0)),
+            vec![Reason::CountryExcluded {
+                recipient: embassy.id.clone(),
                 country: "KH".into()
             }]
         );

@@ -57,8 +57,12 @@ impl Role {
 pub struct Member {
     pub id: OrgId,
     pub name: String,
-    /// ISO 3166-1 alpha-2 country code.
+    /// ISO 3166-1 alpha-2 country code of where the member is.
     pub country: String,
+    /// For a state authority: the state it acts for, where that is not `country` (the
+    /// Cambodian embassy in Kuala Lumpur is in MY and represents KH). A consent that
+    /// excludes a country excludes the authorities that represent it, wherever they are.
+    pub represents: Option<String>,
     pub roles: Vec<Role>,
     /// `https://host:port` of the member's federation listener.
     pub endpoint: String,
@@ -75,6 +79,10 @@ pub struct MemberEntry {
     pub id: String,
     pub name: String,
     pub country: String,
+    /// For a state authority (embassy, government): the state it represents, if it is
+    /// not `country`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub represents: Option<String>,
     pub roles: Vec<Role>,
     pub endpoint: String,
     /// Base64 Ed25519 public key.
@@ -168,6 +176,7 @@ impl Member {
             id: self.id.to_string(),
             name: self.name.clone(),
             country: self.country.clone(),
+            represents: self.represents.clone(),
             roles: self.roles.clone(),
             endpoint: self.endpoint.clone(),
             signing_key: self.signing_key.to_base64(),
@@ -179,10 +188,24 @@ impl Member {
 
 fn validate(entry: MemberEntry) -> Result<Member, String> {
     let id = OrgId::new(&entry.id).map_err(|e| format!("id: {e}"))?;
-    let country_ok =
-        entry.country.len() == 2 && entry.country.bytes().all(|b| b.is_ascii_uppercase());
-    if !country_ok {
+    if !crate::consent::is_country_code(&entry.country) {
         return Err(format!("{id}: country must be an ISO 3166-1 alpha-2 code"));
+    }
+    if let Some(state) = &entry.represents {
+        if !crate::consent::is_country_code(state) {
+            return Err(format!(
+                "{id}: represents must be an ISO 3166-1 alpha-2 code"
+            ));
+        }
+        if !entry
+            .roles
+            .iter()
+            .any(|r| matches!(r, Role::Embassy | Role::Government))
+        {
+            return Err(format!(
+                "{id}: only a state authority (embassy, government) represents a state"
+            ));
+        }
     }
     if entry.roles.is_empty() {
         return Err(format!("{id}: at least one role is required"));
@@ -202,6 +225,7 @@ fn validate(entry: MemberEntry) -> Result<Member, String> {
         id,
         name: entry.name,
         country: entry.country,
+        represents: entry.represents,
         roles: entry.roles,
         endpoint: entry.endpoint,
         signing_key,
@@ -222,6 +246,7 @@ mod tests {
             id: id.into(),
             name: "Shelter".into(),
             country: "MY".into(),
+            represents: None,
             roles: vec![Role::Shelter],
             endpoint: "https://127.0.0.1:7000".into(),
             signing_key: SigningKey::from_seed(&[1; 32])
@@ -251,6 +276,22 @@ mod tests {
         assert_eq!(dir.members().count(), 2);
         let again = Directory::from_toml(&file(vec![a.to_entry()])).unwrap();
         assert_eq!(again.members().count(), 1);
+        // The state an authority acts for survives the file form; others have none.
+        let mut embassy = entry("kh-embassy-kl");
+        embassy.roles = vec![Role::Embassy];
+        embassy.represents = Some("KH".into());
+        let dir = Directory::from_toml(&file(vec![embassy])).unwrap();
+        let e = dir.get(&OrgId::new("kh-embassy-kl").unwrap()).unwrap();
+        assert_eq!(
+            (e.country.as_str(), e.represents.as_deref()),
+            ("MY", Some("KH"))
+        );
+        let again = Directory::from_toml(&file(vec![e.to_entry()])).unwrap();
+        assert_eq!(
+            again.members().next().unwrap().represents.as_deref(),
+            Some("KH")
+        );
+        assert_eq!(a.represents, None);
     }
 
     #[test]
@@ -263,6 +304,17 @@ mod tests {
             (Box::new(|e| e.signing_key = "AAAA".into()), "signing_key"),
             (Box::new(|e| e.sealing_key = "!!".into()), "sealing_key"),
             (Box::new(|e| e.cert_sha256 = "abc".into()), "cert_sha256"),
+            (
+                Box::new(|e| {
+                    e.roles = vec![Role::Embassy];
+                    e.represents = Some("Cambodia".into());
+                }),
+                "represents",
+            ),
+            (
+                Box::new(|e| e.represents = Some("KH".into())),
+                "only a state authority",
+            ),
         ];
         for (tamper, word) in cases {
             let mut e = entry("a-my");
