@@ -372,6 +372,7 @@ async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String
             fields: referral_fields(),
             consent_id: String::new(),
             wait: true,
+            request_id: String::new(),
         })
         .await
         .map_err(|s| explain(&s))?
@@ -886,6 +887,7 @@ async fn measure(
                         fields: referral_fields(),
                         consent_id: String::new(),
                         wait: false,
+                        request_id: String::new(),
                     })
                     .await
                     .map_err(|s| explain(&s))?;

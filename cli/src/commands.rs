@@ -163,6 +163,11 @@ pub struct SendReferral {
     /// refused, expired or withdrawn; exit non-zero unless it was delivered.
     #[arg(long)]
     pub wait: bool,
+    /// An id you choose for this referral (up to 64 characters): running the command
+    /// again with the same id, after a timeout say, answers with the referral already
+    /// queued instead of sending it twice.
+    #[arg(long = "request-id")]
+    pub request_id: Option<String>,
 }
 
 /// The fields of a referral: from `--fields-file` (a TOML table of strings; `-` is
@@ -599,6 +604,7 @@ pub async fn referral(
                     fields,
                     consent_id: s.consent.unwrap_or_default(),
                     wait: s.wait,
+                    request_id: s.request_id.unwrap_or_default(),
                 })
                 .await
                 .map_err(|st| explain(&st))?

@@ -181,6 +181,28 @@ pub fn purge_receipt_from_pb(r: pb::PurgeReceipt) -> Result<corridor::PurgeRecei
     })
 }
 
+/// A sent referral's stored status as the local API shows it; Err if its stored receipt
+/// does not decode.
+pub fn outbox_status_to_pb(
+    status: crate::storage::OutboxStatus,
+) -> Result<pb::GetReferralStatusResponse, prost::DecodeError> {
+    use prost::Message as _;
+    let receipt = status
+        .receipt
+        .map(|bytes| pb::Receipt::decode(bytes.as_slice()))
+        .transpose()?;
+    Ok(pb::GetReferralStatusResponse {
+        referral_id: status.message_id.to_hex(),
+        recipient: status.recipient,
+        purpose: status.purpose,
+        state: status.state,
+        attempts: u32::try_from(status.attempts).unwrap_or(u32::MAX),
+        last_error: status.last_error.unwrap_or_default(),
+        created_at_ms: status.created_at_ms,
+        receipt,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

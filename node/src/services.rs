@@ -106,21 +106,8 @@ async fn referral_status(
         .await
         .map_err(Failure::from)?
         .ok_or_else(|| Status::not_found(format!("no sent referral {id}")))?;
-    let receipt = status
-        .receipt
-        .map(|bytes| pb::Receipt::decode(bytes.as_slice()))
-        .transpose()
-        .map_err(|_| Status::internal("stored receipt is corrupt"))?;
-    Ok(pb::GetReferralStatusResponse {
-        referral_id: status.message_id.to_hex(),
-        recipient: status.recipient,
-        purpose: status.purpose,
-        state: status.state,
-        attempts: u32::try_from(status.attempts).unwrap_or(u32::MAX),
-        last_error: status.last_error.unwrap_or_default(),
-        created_at_ms: status.created_at_ms,
-        receipt,
-    })
+    crate::convert::outbox_status_to_pb(status)
+        .map_err(|_| Status::internal("stored receipt is corrupt"))
 }
 
 pub struct CaseworkerService {
@@ -159,6 +146,7 @@ impl Caseworker for CaseworkerService {
         let user = authenticate(&self.node.store, &request).await?;
         let wait = request.get_ref().wait;
         let queued = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
+        let state_now = queued.status.state.clone();
         let status = if wait {
             let first = queued.first_attempt.map(|attempt| (attempt, queued.status));
             Some(settled_status(&self.node, queued.id, first).await?)
@@ -167,7 +155,7 @@ impl Caseworker for CaseworkerService {
         };
         Ok(Response::new(pb::SendReferralResponse {
             referral_id: queued.id.to_hex(),
-            state: status.as_ref().map_or("queued", |s| &s.state).to_owned(),
+            state: status.as_ref().map_or(state_now, |s| s.state.clone()),
             status,
         }))
     }

@@ -70,13 +70,25 @@ pub enum Withdrawal {
 }
 
 /// What became of a referral handed to [`Store::enqueue`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     Queued,
     /// Not queued: its consent was withdrawn.
     ConsentWithdrawn,
     /// Not queued: its consent was narrowed after it was read; gate it again.
     ConsentChanged,
+    /// Not queued: its request key was used before, for this referral.
+    AlreadyQueued(RequestedReferral),
+}
+
+/// The referral queued under a request key: what the caller asked for, as far as it is
+/// not personal data, so that a retry can be told apart from a reuse of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedReferral {
+    pub message_id: MessageId,
+    pub case_id: String,
+    pub recipient: String,
+    pub purpose: String,
 }
 
 /// Users by token hash, each with when it was looked up.
@@ -163,6 +175,8 @@ pub struct NewOutboxItem {
     pub created_by: i64,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,
+    /// The caller's user id and request id, if it gave one (`user:request`).
+    pub request_key: Option<String>,
 }
 
 impl NewOutboxItem {
@@ -820,11 +834,12 @@ impl Store {
         let inserted = sqlx::query(tx.sql(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
                 case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-                state, next_attempt_at_ms)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11
+                state, next_attempt_at_ms, request_key)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11, $15
              WHERE NOT $13
                 OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL
                                                    AND narrowed_at_ms IS $14)
+             ON CONFLICT (request_key) WHERE request_key IS NOT NULL DO NOTHING
              RETURNING 1",
         ))
         .bind(&item.message_id.0[..])
@@ -841,6 +856,7 @@ impl Store {
         .bind(item.expires_at_ms)
         .bind(consent_as_read.is_some())
         .bind(consent_as_read.flatten())
+        .bind(&item.request_key)
         .fetch_all(tx.conn().await?)
         .await?;
         Ok(!inserted.is_empty())
@@ -862,6 +878,12 @@ impl Store {
                         log.append(audit.clone())?;
                         return Ok(Enqueued::Queued);
                     }
+                    // Its request key may have been used meanwhile (a concurrent retry).
+                    if let Some(key) = &item.request_key
+                        && let Some(first) = Self::select_requested(tx.conn().await?, key).await?
+                    {
+                        return Ok(Enqueued::AlreadyQueued(first));
+                    }
                     let withdrawn: Option<bool> = sqlx::query_scalar(
                         "SELECT withdrawn_at_ms IS NOT NULL FROM consents WHERE id = $1",
                     )
@@ -875,6 +897,32 @@ impl Store {
                 })
             })
             .await
+    }
+
+    /// The referral queued under `request_key` (`user:request`), if any.
+    pub async fn requested_referral(&self, request_key: &str) -> Result<Option<RequestedReferral>> {
+        Self::select_requested(&self.pool, request_key).await
+    }
+
+    async fn select_requested<'e, E>(executor: E, key: &str) -> Result<Option<RequestedReferral>>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    {
+        let row = sqlx::query(
+            "SELECT message_id, case_id, recipient, purpose FROM outbox WHERE request_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(executor)
+        .await?;
+        row.map(|r| {
+            Ok(RequestedReferral {
+                message_id: message_id(r.get(0))?,
+                case_id: r.get(1),
+                recipient: r.get(2),
+                purpose: r.get(3),
+            })
+        })
+        .transpose()
     }
 
     /// Ids of queued items whose next attempt is due, oldest first (cheap: no envelopes).
@@ -1718,6 +1766,7 @@ pub(crate) mod tests {
             created_by: 1,
             created_at_ms: 1,
             expires_at_ms: i64::MAX,
+            request_key: None,
         }
     }
 
@@ -1798,6 +1847,68 @@ pub(crate) mod tests {
             .collect();
         under.sort();
         assert_eq!(under, vec![MessageId([1; 16]), MessageId([3; 16])]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An item queued under a request key is queued once: the second gets the first.
+    #[tokio::test]
+    async fn a_request_key_queues_one_referral() {
+        let (store, dir) = temp_store("request-key").await;
+        let alice = add_alice(&store, entry()).await;
+        store
+            .create_case("case-1", b"key", b"label", alice, 1)
+            .await
+            .expect("case");
+        let consent = NewConsent {
+            id: "consent-1".into(),
+            case_id: "case-1".into(),
+            given_by: "person".into(),
+            guardian_basis: String::new(),
+            method: "written".into(),
+            language: "km".into(),
+            recorded_by: alice,
+            recorded_at_ms: 1,
+            scope: scope("age_band"),
+        };
+        store
+            .record_consent(consent, entry())
+            .await
+            .expect("consent");
+        let keyed = |n| NewOutboxItem {
+            created_by: alice,
+            request_key: Some(format!("{alice}:retry-me")),
+            ..outbox_item(n)
+        };
+        let first = store.enqueue(keyed(1), None, entry()).await;
+        assert!(matches!(first, Ok(Enqueued::Queued)), "{first:?}");
+        let size = store.audit_size().await.expect("size");
+        let second = store
+            .enqueue(keyed(2), None, entry())
+            .await
+            .expect("enqueue");
+        let Enqueued::AlreadyQueued(got) = second else {
+            panic!("{second:?}");
+        };
+        assert_eq!(got.message_id, MessageId([1; 16]));
+        assert_eq!(
+            (got.case_id.as_str(), got.purpose.as_str()),
+            ("case-1", "reintegration")
+        );
+        assert!(
+            store
+                .outbox_status(MessageId([2; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        assert_eq!(
+            store.audit_size().await.expect("size"),
+            size,
+            "nothing logged"
+        );
+        let looked_up = store.requested_referral(&format!("{alice}:retry-me")).await;
+        assert_eq!(looked_up.expect("read"), Some(got));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

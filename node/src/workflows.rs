@@ -578,6 +578,12 @@ pub async fn send_referral(
     }
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
+    let request_key = request_key(user, &req.request_id)?;
+    if let Some(key) = &request_key
+        && let Some(first) = node.store.requested_referral(key).await?
+    {
+        return already_queued(node, &req, first).await;
+    }
     let mut fresh = false;
     loop {
         let sealed = match gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh)
@@ -594,6 +600,8 @@ pub async fn send_referral(
             }
             Err(failure) => return Err(failure),
         };
+        let mut sealed = sealed;
+        sealed.item.request_key.clone_from(&request_key);
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
         let due = sealed.item.due();
@@ -635,6 +643,7 @@ pub async fn send_referral(
                     "referral refused: consent {consent_id} was withdrawn"
                 )));
             }
+            Enqueued::AlreadyQueued(first) => return already_queued(node, &req, first).await,
             Enqueued::ConsentChanged => {
                 return Err(Failure::new(
                     Code::Aborted,
@@ -645,6 +654,61 @@ pub async fn send_referral(
             }
         }
     }
+}
+
+/// Longest request id a caller may give, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// The key under which a referral with `request_id` is queued: per user, so that one
+/// user's ids never collide with another's. `None` if the caller gave none.
+fn request_key(user: &User, request_id: &str) -> Result<Option<String>, Failure> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    if request_id.len() > MAX_REQUEST_ID_LEN || !request_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Failure::invalid(format!(
+            "request_id must be 1-{MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(Some(format!("{}:{request_id}", user.id)))
+}
+
+/// The answer to a retried `SendReferral`: the referral its first call queued, if this
+/// call asks for the same one.
+async fn already_queued(
+    node: &Node,
+    req: &pb::SendReferralRequest,
+    first: crate::storage::RequestedReferral,
+) -> Result<Queued, Failure> {
+    if (
+        first.case_id.as_str(),
+        first.recipient.as_str(),
+        first.purpose.as_str(),
+    ) != (
+        req.case_id.as_str(),
+        req.recipient.as_str(),
+        req.purpose.as_str(),
+    ) {
+        return Err(Failure::new(
+            Code::AlreadyExists,
+            "request_id was used before for a referral of another case, recipient or purpose",
+        ));
+    }
+    let status = node
+        .store
+        .outbox_status(first.message_id)
+        .await?
+        .ok_or_else(|| Failure::internal("a requested referral has no status", first.message_id))
+        .and_then(|s| {
+            convert::outbox_status_to_pb(s)
+                .map_err(|e| Failure::internal("stored receipt is corrupt", e))
+        })?;
+    tracing::info!(referral = %first.message_id, "retried request answered with the referral it queued");
+    Ok(Queued {
+        id: first.message_id,
+        status,
+        first_attempt: None,
+    })
 }
 
 /// A referral gated and sealed, ready to be queued.
@@ -756,6 +820,7 @@ async fn gate_and_seal(
         created_by: user.id,
         created_at_ms: now,
         expires_at_ms: envelope.header.expires_at_ms,
+        request_key: None,
     };
     Ok(SealedReferral {
         item,
@@ -899,6 +964,7 @@ fn withdrawal_item(
         created_by: w.by,
         created_at_ms: now,
         expires_at_ms: e.header.expires_at_ms,
+        request_key: None,
     })
 }
 

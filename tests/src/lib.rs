@@ -382,6 +382,7 @@ pub fn referral(case_id: &str, to: &str, purpose: &str) -> pb::SendReferralReque
         fields: required_fields(purpose),
         consent_id: String::new(),
         wait: false,
+        request_id: String::new(),
     }
 }
 

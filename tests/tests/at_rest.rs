@@ -165,6 +165,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
                 fields,
                 consent_id: String::new(),
                 wait: false,
+                request_id: String::new(),
             })
             .await
             .expect("send")

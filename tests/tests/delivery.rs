@@ -66,6 +66,67 @@ async fn send_with_wait_answers_with_the_delivered_status() {
     assert_eq!(shown["receipt"]["recipient"], SHELTER_KH, "{shown}");
 }
 
+/// A retried call with the same request id (after a timeout, say) answers with the
+/// referral the first call queued: the recipient gets it once.
+#[tokio::test]
+async fn a_retried_send_with_its_request_id_sends_nothing_twice() {
+    let fed = Federation::demo("send-retry");
+    let recipient = fed.start(SHELTER_KH);
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let request = pb::SendReferralRequest {
+        wait: true,
+        request_id: "caseworker-7f3a".into(),
+        ..referral(&case_id, SHELTER_KH, "reintegration")
+    };
+    let first = s
+        .send_referral(request.clone())
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(first.state, "delivered");
+    let again = s
+        .send_referral(request.clone())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(again.referral_id, first.referral_id);
+    assert_eq!(again.state, "delivered");
+    let without_wait = pb::SendReferralRequest {
+        wait: false,
+        ..request.clone()
+    };
+    let again = s
+        .send_referral(without_wait)
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        (again.referral_id.as_str(), again.state.as_str()),
+        (first.referral_id.as_str(), "delivered")
+    );
+    let mut r = recipient.client().await;
+    assert_eq!(inbox(&mut r).await.len(), 1, "the recipient got it once");
+
+    // The same id for another referral is refused, not taken for a retry.
+    let other = pb::SendReferralRequest {
+        purpose: "shelter-placement".into(),
+        ..request.clone()
+    };
+    let refused = s.send_referral(other).await.expect_err("another referral");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    let bad = pb::SendReferralRequest {
+        request_id: "has spaces".into(),
+        ..request
+    };
+    let refused = s
+        .send_referral(bad)
+        .await
+        .expect_err("a malformed request id");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+}
+
 #[tokio::test]
 async fn referral_is_delivered_and_its_receipt_verifies() {
     let fed = Federation::demo("deliver");
