@@ -1752,6 +1752,31 @@ pub(crate) mod tests {
         }
     }
 
+    /// Alice, her case "case-1" and its consent "consent-1" to `fields`; returns her id.
+    async fn case_with_consent(store: &Store, fields: &str) -> i64 {
+        let alice = add_alice(store, entry()).await;
+        store
+            .create_case("case-1", b"key", b"label", alice, 1)
+            .await
+            .expect("case");
+        let consent = NewConsent {
+            id: "consent-1".into(),
+            case_id: "case-1".into(),
+            given_by: "person".into(),
+            guardian_basis: String::new(),
+            method: "written".into(),
+            language: "km".into(),
+            recorded_by: alice,
+            recorded_at_ms: 1,
+            scope: scope(fields),
+        };
+        store
+            .record_consent(consent, entry())
+            .await
+            .expect("consent");
+        alice
+    }
+
     fn outbox_item(n: u8) -> NewOutboxItem {
         NewOutboxItem {
             message_id: MessageId([n; 16]),
@@ -1805,26 +1830,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_withdrawal_reaches_the_recipients_of_expired_referrals() {
         let (store, dir) = temp_store("withdraw-expired").await;
-        let alice = add_alice(&store, entry()).await;
-        store
-            .create_case("case-1", b"key", b"label", alice, 1)
-            .await
-            .expect("case");
-        let consent = NewConsent {
-            id: "consent-1".into(),
-            case_id: "case-1".into(),
-            given_by: "person".into(),
-            guardian_basis: String::new(),
-            method: "written".into(),
-            language: "km".into(),
-            recorded_by: alice,
-            recorded_at_ms: 1,
-            scope: scope("age_band"),
-        };
-        store
-            .record_consent(consent, entry())
-            .await
-            .expect("consent");
+        let alice = case_with_consent(&store, "age_band").await;
         for n in 1..=3 {
             let mut item = outbox_item(n);
             item.created_by = alice;
@@ -1855,26 +1861,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_request_key_queues_one_referral() {
         let (store, dir) = temp_store("request-key").await;
-        let alice = add_alice(&store, entry()).await;
-        store
-            .create_case("case-1", b"key", b"label", alice, 1)
-            .await
-            .expect("case");
-        let consent = NewConsent {
-            id: "consent-1".into(),
-            case_id: "case-1".into(),
-            given_by: "person".into(),
-            guardian_basis: String::new(),
-            method: "written".into(),
-            language: "km".into(),
-            recorded_by: alice,
-            recorded_at_ms: 1,
-            scope: scope("age_band"),
-        };
-        store
-            .record_consent(consent, entry())
-            .await
-            .expect("consent");
+        let alice = case_with_consent(&store, "age_band").await;
         let keyed = |n| NewOutboxItem {
             created_by: alice,
             request_key: Some(format!("{alice}:retry-me")),
@@ -1919,26 +1906,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_referral_under_a_consent_changed_since_it_was_read_is_not_queued() {
         let (store, dir) = temp_store("consent").await;
-        let alice = add_alice(&store, entry()).await;
-        store
-            .create_case("case-1", b"key", b"label", alice, 1)
-            .await
-            .expect("case");
-        let consent = NewConsent {
-            id: "consent-1".into(),
-            case_id: "case-1".into(),
-            given_by: "person".into(),
-            guardian_basis: String::new(),
-            method: "written".into(),
-            language: "km".into(),
-            recorded_by: alice,
-            recorded_at_ms: 1,
-            scope: scope("age_band needs"),
-        };
-        store
-            .record_consent(consent, entry())
-            .await
-            .expect("consent");
+        case_with_consent(&store, "age_band needs").await;
         let read = store
             .consents_for_case("case-1", false)
             .await
