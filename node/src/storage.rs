@@ -485,6 +485,30 @@ impl Store {
             .inspect(|wrapped: &Vec<u8>| self.case_keys.fill(id, wrapped.clone(), read_at))
     }
 
+    /// Shreds the data key of received case `id` unless a stored referral needs it: for a
+    /// key made for a referral that was then refused, which must not outlive it.
+    pub async fn drop_unused_received_key(&self, id: &str) -> Result<bool> {
+        self.writer
+            .run_then(
+                id.to_owned(),
+                |id, tx, _| {
+                    Box::pin(async move {
+                        let dropped = sqlx::query(tx.sql(
+                            "DELETE FROM case_keys WHERE id = $1 AND id LIKE 'in:%'
+                               AND NOT EXISTS (SELECT 1 FROM inbox WHERE case_key_id = $1)
+                             RETURNING 1",
+                        ))
+                        .bind(id)
+                        .fetch_optional(tx.conn().await?)
+                        .await?;
+                        Ok(dropped.is_some())
+                    })
+                },
+                Some(self.case_keys.clearer()),
+            )
+            .await
+    }
+
     /// Creates a case with its data key and encrypted label, in one transaction.
     pub async fn create_case(
         &self,

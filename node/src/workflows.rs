@@ -1386,10 +1386,16 @@ async fn accept_referral(
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
-        AcceptOutcome::ConsentWithdrawn => Err(Failure::precondition(format!(
-            "referral refused: consent {} was withdrawn",
-            consent_receipt.consent_id
-        ))),
+        AcceptOutcome::ConsentWithdrawn => {
+            // A key made for this referral alone would otherwise stay until a purge.
+            if let Err(error) = node.store.drop_unused_received_key(&case_key_id).await {
+                tracing::warn!(%error, "could not shred the key of a refused referral");
+            }
+            Err(Failure::precondition(format!(
+                "referral refused: consent {} was withdrawn",
+                consent_receipt.consent_id
+            )))
+        }
         // Transient: not a refusal of the envelope; the sender tries again later.
         AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
             "the case's data key kept changing while the referral was stored",

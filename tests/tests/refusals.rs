@@ -552,4 +552,11 @@ async fn a_referral_under_a_consent_its_sender_withdrew_is_refused_on_arrival() 
         &format!("consent {TEST_CONSENT_ID} was withdrawn"),
     );
     assert_nothing_stored(&recipient).await;
+    // Nor a data key for its case.
+    let keys = scalar(
+        &recipient,
+        "SELECT COUNT(*) FROM case_keys WHERE id LIKE 'in:%'",
+    )
+    .await;
+    assert_eq!(keys, 0, "a key made for a refused referral stayed");
 }
