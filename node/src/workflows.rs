@@ -586,21 +586,20 @@ pub async fn send_referral(
     }
     let mut fresh = false;
     loop {
-        let sealed = match gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh)
-            .await
-        {
-            Ok(sealed) => sealed,
-            // The consents came from the cache, which may lag a consent just recorded
-            // (its clearing runs after the commit): refuse only on a fresh read.
-            Err(failure)
-                if !fresh && matches!(failure.code, Code::FailedPrecondition | Code::NotFound) =>
-            {
-                fresh = true;
-                continue;
-            }
-            Err(failure) => return Err(failure),
-        };
-        let mut sealed = sealed;
+        let mut sealed =
+            match gate_and_seal(node, user, &req, recipient, purpose, &field_names, fresh).await {
+                Ok(sealed) => sealed,
+                // The consents came from the cache, which may lag a consent just recorded
+                // (its clearing runs after the commit): refuse only on a fresh read.
+                Err(failure)
+                    if !fresh
+                        && matches!(failure.code, Code::FailedPrecondition | Code::NotFound) =>
+                {
+                    fresh = true;
+                    continue;
+                }
+                Err(failure) => return Err(failure),
+            };
         sealed.item.request_key.clone_from(&request_key);
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
@@ -1162,14 +1161,14 @@ async fn receive(
         )
     })?;
     let now = now_ms();
-    let (message_id, digest) = (envelope.header.message_id, envelope.digest());
-    let verified = match envelope.verify(&node.org, &peer.org, &sender.signing_key, now) {
+    let verified = match envelope.verify_or_return(&node.org, &peer.org, &sender.signing_key, now) {
         Ok(verified) => verified,
-        Err(e) => {
+        Err((e, envelope)) => {
             // An envelope accepted before gets its first answer even where it would be
             // refused now (expired since, say): the sender would otherwise record a
             // refusal for a referral this node holds, and send it no withdrawal.
-            if let Some(seen) = node.store.seen(message_id).await?
+            let digest = envelope.digest();
+            if let Some(seen) = node.store.seen(envelope.header.message_id).await?
                 && seen.sender == peer.org.as_str()
                 && seen.envelope_digest == digest
             {
@@ -1179,6 +1178,7 @@ async fn receive(
             return Err(envelope_failure(e));
         }
     };
+    let (message_id, digest) = (verified.header().message_id, verified.digest());
     // A referral's replay is recognised by the transaction that would store it, so the
     // common case reads nothing first. A withdrawal reads and signs before it is
     // stored, so its replay is looked for first.

@@ -270,6 +270,36 @@ impl Envelope {
         sender_key: &VerifyingKey,
         now_ms: i64,
     ) -> Result<VerifiedEnvelope, EnvelopeError> {
+        self.verify_or_return(local, authenticated_peer, sender_key, now_ms)
+            .map_err(|(error, _)| error)
+    }
+
+    /// As [`Envelope::verify`], but a refused envelope comes back with the error, for a
+    /// caller that still needs it (to recognise a replay of one it accepted before).
+    pub fn verify_or_return(
+        self,
+        local: &OrgId,
+        authenticated_peer: &OrgId,
+        sender_key: &VerifyingKey,
+        now_ms: i64,
+    ) -> Result<VerifiedEnvelope, (EnvelopeError, Box<Envelope>)> {
+        match self.check(local, authenticated_peer, sender_key, now_ms) {
+            Ok(digest) => Ok(VerifiedEnvelope {
+                digest,
+                envelope: self,
+            }),
+            Err(error) => Err((error, Box::new(self))),
+        }
+    }
+
+    /// Every acceptance rule; the digest if the envelope passes them.
+    fn check(
+        &self,
+        local: &OrgId,
+        authenticated_peer: &OrgId,
+        sender_key: &VerifyingKey,
+        now_ms: i64,
+    ) -> Result<[u8; 32], EnvelopeError> {
         let h = &self.header;
         if h.version != ENVELOPE_VERSION {
             return Err(EnvelopeError::UnsupportedVersion(h.version));
@@ -312,10 +342,7 @@ impl Envelope {
         sender_key
             .verify(&signed, &self.signature)
             .map_err(|_: KeyError| EnvelopeError::BadSignature)?;
-        Ok(VerifiedEnvelope {
-            digest: sha256(&signed),
-            envelope: self,
-        })
+        Ok(sha256(&signed))
     }
 }
 
