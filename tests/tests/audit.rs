@@ -144,18 +144,7 @@ async fn tampering_is_detected_and_located() {
     ));
 
     // An entry changed (one byte of it).
-    let original = entry_hex(&my, 2).await;
-    let mut changed = hex::decode(&original).unwrap();
-    let last = changed.len() - 1;
-    changed[last] ^= 1;
-    sql(
-        &my,
-        &[&format!(
-            "UPDATE audit_entries SET entry = x'{}' WHERE idx = 2",
-            hex::encode(changed)
-        )],
-    )
-    .await;
+    let original = change_entry(&my, 2).await;
     let err = failed(&audit(
         &fed,
         &state,
@@ -232,6 +221,24 @@ async fn tampering_is_detected_and_located() {
         &["verify", SHELTER_MY, "--quorum", "0"],
     ));
     assert!(err.contains("entry 1 does not match"), "{err}");
+}
+
+/// Flips one bit of the log entry at `idx`, as a node rewriting its log would; returns
+/// the entry as it was, in hex.
+async fn change_entry(node: &TestNode, idx: i64) -> String {
+    let original = entry_hex(node, idx).await;
+    let mut changed = hex::decode(&original).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    sql(
+        node,
+        &[&format!(
+            "UPDATE audit_entries SET entry = x'{}' WHERE idx = {idx}",
+            hex::encode(changed)
+        )],
+    )
+    .await;
+    original
 }
 
 async fn entry_hex(node: &TestNode, idx: i64) -> String {
@@ -410,18 +417,7 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
     );
 
     // Entries a log serves count only if they hash to what it signed.
-    let original = entry_hex(&my, 0).await;
-    let mut changed = hex::decode(&original).unwrap();
-    let last = changed.len() - 1;
-    changed[last] ^= 1;
-    sql(
-        &my,
-        &[&format!(
-            "UPDATE audit_entries SET entry = x'{}' WHERE idx = 0",
-            hex::encode(changed)
-        )],
-    )
-    .await;
+    change_entry(&my, 0).await;
     let err = failed(&audit(
         &fed,
         &state,
