@@ -40,7 +40,7 @@
 //! max_backoff_ms = 60000
 //! envelope_ttl_hours = 72
 //! request_timeout_ms = 10000
-//! max_in_flight = 32
+//! max_in_flight = 128                  # attempts at once; more wait in the outbox
 //!
 //! [log]
 //! filter = "info"                       # tracing filter; RUST_LOG overrides it
@@ -168,6 +168,9 @@ pub struct DeliveryConfig {
     pub max_backoff_ms: u64,
     pub envelope_ttl_hours: u64,
     pub request_timeout_ms: u64,
+    /// Delivery attempts running at once. A referral queued while all are busy is read
+    /// back from the outbox when one ends, three reads instead of none: below the load a
+    /// node carries, this costs more CPU per referral than the attempts it bounds.
     pub max_in_flight: usize,
 }
 
@@ -234,7 +237,7 @@ impl Default for DeliveryConfig {
             max_backoff_ms: 60_000,
             envelope_ttl_hours: 72,
             request_timeout_ms: 10_000,
-            max_in_flight: 32,
+            max_in_flight: 128,
         }
     }
 }
