@@ -471,7 +471,15 @@ fn consent_receipt_us(secs: f64) -> Result<f64, String> {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < secs {
-        let r = ConsentReceipt::issue(&scope, a.clone(), b.clone(), case_ref.clone(), 1, &key);
+        let r = ConsentReceipt::issue(
+            &scope,
+            scope.id.clone(),
+            a.clone(),
+            b.clone(),
+            case_ref.clone(),
+            1,
+            &key,
+        );
         r.verify(&a, &key.verifying_key(), &b, &case_ref)
             .map_err(|e| format!("the consent receipt measured does not verify: {e}"))?;
         n += 1;

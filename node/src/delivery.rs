@@ -258,7 +258,7 @@ async fn deliver_once(
         purge
             .verify(
                 item.message_id,
-                &item.consent_id,
+                &item.consent_ref,
                 &node.org,
                 &recipient,
                 &member.signing_key,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use corridor::{CaseRefKey, Directory, OrgId, SealingKey, SigningKey};
+use corridor::{Directory, OrgId, PairwiseKey, SealingKey, SigningKey};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -18,7 +18,8 @@ pub struct Node {
     /// Shared with the writer task, which signs receipts once an entry's place is known.
     pub signing_key: Arc<SigningKey>,
     pub sealing_key: SealingKey,
-    pub case_refs: CaseRefKey,
+    /// Derives the case and consent references each recipient knows.
+    pub pairwise: PairwiseKey,
     /// Key-encryption key for personal data at rest.
     pub data_key: corridor::at_rest::KeyEncryptionKey,
     pub store: Store,
@@ -116,14 +117,14 @@ impl Node {
             }
         }
         let store = open_store(&config).await?;
-        let case_refs = CaseRefKey::derive(signing_key.to_base64().as_bytes());
+        let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
         Ok(Arc::new(Self {
             org,
             config,
             directory,
             signing_key: Arc::new(signing_key),
             sealing_key,
-            case_refs,
+            pairwise,
             data_key,
             store,
             tls,

@@ -167,6 +167,8 @@ pub struct NewOutboxItem {
     pub kind: i64,
     pub case_id: String,
     pub consent_id: String,
+    /// The id under which the recipient knows the consent.
+    pub consent_ref: String,
     pub recipient: OrgId,
     pub purpose: String,
     pub case_ref: String,
@@ -187,6 +189,7 @@ impl NewOutboxItem {
             kind: self.kind,
             recipient: self.recipient.to_string(),
             consent_id: self.consent_id.clone(),
+            consent_ref: self.consent_ref.clone(),
             envelope: self.envelope.clone(),
             envelope_digest: self.envelope_digest.to_vec(),
             attempts: 0,
@@ -202,6 +205,8 @@ pub struct DueItem {
     pub kind: i64,
     pub recipient: String,
     pub consent_id: String,
+    /// The id under which the recipient knows the consent.
+    pub consent_ref: String,
     pub envelope: Vec<u8>,
     pub envelope_digest: Vec<u8>,
     pub attempts: i64,
@@ -213,9 +218,21 @@ pub struct DueItem {
 pub struct QueuedWithdrawal {
     pub case_id: String,
     pub consent_id: String,
+    pub consent_ref: String,
     pub recipient: String,
     pub case_ref: String,
     pub created_by: i64,
+}
+
+/// A referral sent (or on its way) under a consent, as a withdrawal needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentReferral {
+    pub recipient: String,
+    /// The case's reference at the recipient.
+    pub case_ref: String,
+    /// The consent's id at the recipient.
+    pub consent_ref: String,
+    pub message_id: MessageId,
 }
 
 /// What the sender knows about an envelope it sent.
@@ -737,24 +754,21 @@ impl Store {
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
-    /// recipient: (recipient, case_ref, message id). An expired one too: an attempt
-    /// whose answer was lost may have been stored.
-    pub async fn referrals_under_consent(
-        &self,
-        consent_id: &str,
-    ) -> Result<Vec<(String, String, MessageId)>> {
+    /// recipient. An expired one too: an attempt whose answer was lost may have been
+    /// stored.
+    pub async fn referrals_under_consent(&self, consent_id: &str) -> Result<Vec<SentReferral>> {
         Self::select_referrals_under_consent(&self.pool, consent_id).await
     }
 
     async fn select_referrals_under_consent<'e, E>(
         executor: E,
         consent_id: &str,
-    ) -> Result<Vec<(String, String, MessageId)>>
+    ) -> Result<Vec<SentReferral>>
     where
         E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
     {
         let rows = sqlx::query(
-            "SELECT recipient, case_ref, message_id FROM outbox
+            "SELECT recipient, case_ref, consent_ref, message_id FROM outbox
              WHERE consent_id = $1 AND kind = 1
                AND state IN ('queued', 'delivered', 'expired')
              ORDER BY recipient, created_at_ms",
@@ -763,7 +777,14 @@ impl Store {
         .fetch_all(executor)
         .await?;
         rows.into_iter()
-            .map(|r| Ok((r.get(0), r.get(1), message_id(r.get(2))?)))
+            .map(|r| {
+                Ok(SentReferral {
+                    recipient: r.get(0),
+                    case_ref: r.get(1),
+                    consent_ref: r.get(2),
+                    message_id: message_id(r.get(3))?,
+                })
+            })
             .collect()
     }
 
@@ -792,7 +813,7 @@ impl Store {
                             Self::select_referrals_under_consent(&mut *conn, consent_id)
                                 .await?
                                 .into_iter()
-                                .map(|(_, _, id)| id)
+                                .map(|r| r.message_id)
                                 .collect();
                         current.sort();
                         if &current != expected {
@@ -858,8 +879,8 @@ impl Store {
         let inserted = sqlx::query(tx.sql(
             "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
                 case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-                state, next_attempt_at_ms, request_key)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11, $15
+                state, next_attempt_at_ms, request_key, consent_ref)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11, $15, $16
              WHERE NOT $13
                 OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL
                                                    AND narrowed_at_ms IS $14)
@@ -881,6 +902,7 @@ impl Store {
         .bind(consent_as_read.is_some())
         .bind(consent_as_read.flatten())
         .bind(&item.request_key)
+        .bind(&item.consent_ref)
         .fetch_all(tx.conn().await?)
         .await?;
         Ok(!inserted.is_empty())
@@ -963,7 +985,7 @@ impl Store {
     pub async fn due_item(&self, id: MessageId) -> Result<Option<DueItem>> {
         let row = sqlx::query(
             "SELECT message_id, kind, recipient, consent_id, envelope, envelope_digest, attempts,
-                expires_at_ms
+                expires_at_ms, consent_ref
              FROM outbox WHERE message_id = $1 AND state = 'queued'",
         )
         .bind(&id.0[..])
@@ -975,6 +997,7 @@ impl Store {
                 kind: r.get(1),
                 recipient: r.get(2),
                 consent_id: r.get(3),
+                consent_ref: r.get(8),
                 envelope: r
                     .get::<Option<Vec<u8>>, _>(4)
                     .ok_or(StoreError::Corrupt("queued envelope missing"))?,
@@ -1040,7 +1063,7 @@ impl Store {
     /// The queued withdrawal `id`, as a renewal needs it.
     pub async fn withdrawal_to_renew(&self, id: MessageId) -> Result<Option<QueuedWithdrawal>> {
         let row = sqlx::query(
-            "SELECT case_id, consent_id, recipient, case_ref, created_by FROM outbox
+            "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref FROM outbox
              WHERE message_id = $1 AND kind = 2 AND state = 'queued'",
         )
         .bind(&id.0[..])
@@ -1052,6 +1075,7 @@ impl Store {
             recipient: r.get(2),
             case_ref: r.get(3),
             created_by: r.get(4),
+            consent_ref: r.get(5),
         }))
     }
 
@@ -1807,6 +1831,7 @@ pub(crate) mod tests {
             kind: 1,
             case_id: "case-1".into(),
             consent_id: "consent-1".into(),
+            consent_ref: "consent-1-at-kh".into(),
             recipient: OrgId::new("shelter-kh").expect("org id"),
             purpose: "reintegration".into(),
             case_ref: "case-ref".into(),
@@ -1873,7 +1898,7 @@ pub(crate) mod tests {
             .await
             .expect("read")
             .into_iter()
-            .map(|(_, _, id)| id)
+            .map(|r| r.message_id)
             .collect();
         under.sort();
         assert_eq!(under, vec![MessageId([1; 16]), MessageId([3; 16])]);

@@ -3,7 +3,7 @@
 //! referral from a peer. Each workflow checks everything before it writes, and writes in
 //! one transaction, so bad input never leaves a partial write.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use corridor::audit::{self, Event};
 use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
@@ -128,7 +128,7 @@ pub fn envelope_failure(e: EnvelopeError) -> Failure {
 
 /// The pseudonym under which this node's audit log names one of its own cases.
 fn local_pseudonym(node: &Node, case_id: &str) -> String {
-    node.case_refs.reference(case_id, &node.org)
+    node.pairwise.case_ref(case_id, &node.org)
 }
 
 /// A fresh local id (of a case or a consent): 16 random bytes in hex after `prefix`.
@@ -766,9 +766,11 @@ async fn gate_and_seal(
         .find(|r| r.id == consent.id)
         .and_then(|r| r.narrowed_at_ms);
 
-    let case_ref = node.case_refs.reference(&req.case_id, recipient_id);
+    let case_ref = node.pairwise.case_ref(&req.case_id, recipient_id);
+    let consent_ref = node.pairwise.consent_ref(&consent.id, recipient_id);
     let consent_receipt = ConsentReceipt::issue(
         consent,
+        consent_ref.clone(),
         node.org.clone(),
         recipient_id.clone(),
         case_ref.clone(),
@@ -811,6 +813,7 @@ async fn gate_and_seal(
         kind: MessageKind::Referral.as_i32().into(),
         case_id: req.case_id.clone(),
         consent_id: consent.id.clone(),
+        consent_ref,
         recipient: recipient_id.clone(),
         purpose: purpose.as_str().to_owned(),
         case_ref,
@@ -845,17 +848,19 @@ pub async fn withdraw_consent(
     let recipients = loop {
         attempt += 1;
         let now = now_ms();
-        let mut per_recipient: std::collections::BTreeMap<String, (String, Vec<MessageId>)> =
-            Default::default();
-        for (recipient, case_ref, id) in node.store.referrals_under_consent(consent_id).await? {
+        // One withdrawal per recipient and consent id it holds: a recipient of referrals
+        // queued before consent ids became pairwise holds the consent's own id too.
+        let mut per_recipient: BTreeMap<(String, String), (String, Vec<MessageId>)> =
+            BTreeMap::new();
+        for sent in node.store.referrals_under_consent(consent_id).await? {
             per_recipient
-                .entry(recipient)
-                .or_insert_with(|| (case_ref, Vec::new()))
+                .entry((sent.recipient, sent.consent_ref))
+                .or_insert_with(|| (sent.case_ref, Vec::new()))
                 .1
-                .push(id);
+                .push(sent.message_id);
         }
         let mut items = Vec::new();
-        for (recipient, (case_ref, ids)) in &per_recipient {
+        for ((recipient, consent_ref), (case_ref, ids)) in &per_recipient {
             let org =
                 OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
             let Some(m) = node.directory.get(&org) else {
@@ -868,6 +873,7 @@ pub async fn withdraw_consent(
                 WithdrawalOf {
                     case_id: &row.case_id,
                     consent_id,
+                    consent_ref,
                     case_ref,
                     referrals: ids,
                     withdrawn_at_ms: now,
@@ -918,6 +924,8 @@ pub async fn withdraw_consent(
 struct WithdrawalOf<'a> {
     case_id: &'a str,
     consent_id: &'a str,
+    /// The consent's id at the recipient.
+    consent_ref: &'a str,
     /// The case's reference at the recipient.
     case_ref: &'a str,
     /// The referrals sent there under the consent.
@@ -935,7 +943,7 @@ fn withdrawal_item(
     now: i64,
 ) -> Result<NewOutboxItem, Failure> {
     let payload = pb::ConsentWithdrawal {
-        consent_id: w.consent_id.to_owned(),
+        consent_id: w.consent_ref.to_owned(),
         case_ref: w.case_ref.to_owned(),
         referral_ids: w.referrals.iter().map(|i| i.0.to_vec()).collect(),
         withdrawn_at_ms: w.withdrawn_at_ms,
@@ -955,6 +963,7 @@ fn withdrawal_item(
         kind: MessageKind::ConsentWithdrawal.as_i32().into(),
         case_id: w.case_id.to_owned(),
         consent_id: w.consent_id.to_owned(),
+        consent_ref: w.consent_ref.to_owned(),
         recipient: recipient.id.clone(),
         purpose: String::new(),
         case_ref: w.case_ref.to_owned(),
@@ -997,8 +1006,8 @@ pub async fn renew_withdrawal(
         .referrals_under_consent(&old.consent_id)
         .await?
         .into_iter()
-        .filter(|(to, _, _)| *to == old.recipient)
-        .map(|(_, _, id)| id)
+        .filter(|sent| sent.recipient == old.recipient && sent.consent_ref == old.consent_ref)
+        .map(|sent| sent.message_id)
         .collect();
     let item = withdrawal_item(
         node,
@@ -1006,6 +1015,7 @@ pub async fn renew_withdrawal(
         WithdrawalOf {
             case_id: &old.case_id,
             consent_id: &old.consent_id,
+            consent_ref: &old.consent_ref,
             case_ref: &old.case_ref,
             referrals: &referrals,
             withdrawn_at_ms,

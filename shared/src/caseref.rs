@@ -1,13 +1,16 @@
-//! Pairwise case references: each recipient sees a different, stable reference for the
-//! same case, so two recipients cannot link their records by reference.
+//! Pairwise references: each recipient sees a different, stable reference for the same
+//! case, and for the same consent, so two recipients cannot link their records through
+//! the identifiers we gave them.
 //!
-//! The reference is HMAC-SHA256 over the case id and recipient, keyed with a node secret,
-//! truncated to 128 bits and hex-encoded.
+//! A reference is HMAC-SHA256 over a label, the local id and the recipient, keyed with a
+//! node secret, truncated to 128 bits and hex-encoded. Case and consent references have
+//! labels of their own, so the two never coincide.
 
 use crate::canonical::Canonical;
 use crate::org::OrgId;
 
-const LABEL: &[u8] = b"corridor/v1/case-ref\0";
+const CASE_LABEL: &[u8] = b"corridor/v1/case-ref\0";
+const CONSENT_LABEL: &[u8] = b"corridor/v1/consent-ref\0";
 
 /// Whether `text` has the form of a case reference: `ref-` and 32 lowercase hex digits.
 ///
@@ -18,11 +21,11 @@ pub fn is_case_ref(text: &str) -> bool {
         .is_some_and(|hex| crate::is_lower_hex(hex, 32))
 }
 
-/// Secret key for deriving case references; derive it once per node from key material
-/// that never leaves the node.
-pub struct CaseRefKey(ring::hmac::Key);
+/// Secret key for deriving pairwise references; derive it once per node from key
+/// material that never leaves the node.
+pub struct PairwiseKey(ring::hmac::Key);
 
-impl CaseRefKey {
+impl PairwiseKey {
     /// Derives the key from node secret material (for example the signing seed) with a
     /// distinct label, so the reference key is independent of the secret's other uses.
     pub fn derive(node_secret: &[u8]) -> Self {
@@ -34,14 +37,26 @@ impl CaseRefKey {
         ))
     }
 
-    /// The reference under which `recipient` knows case `case_id`.
-    pub fn reference(&self, case_id: &str, recipient: &OrgId) -> String {
-        let input = Canonical::new(LABEL)
-            .str(case_id)
+    /// The reference under which `recipient` knows case `case_id`: `ref-` and 32 hex
+    /// digits.
+    pub fn case_ref(&self, case_id: &str, recipient: &OrgId) -> String {
+        format!("ref-{}", self.tag(CASE_LABEL, case_id, recipient))
+    }
+
+    /// The id under which `recipient` knows consent `consent_id`: `consent-` and 32 hex
+    /// digits, the form of a consent id. Without it every recipient of referrals under one
+    /// consent would hold the same id, which links their records as a shared case
+    /// reference would.
+    pub fn consent_ref(&self, consent_id: &str, recipient: &OrgId) -> String {
+        format!("consent-{}", self.tag(CONSENT_LABEL, consent_id, recipient))
+    }
+
+    fn tag(&self, label: &[u8], id: &str, recipient: &OrgId) -> String {
+        let input = Canonical::new(label)
+            .str(id)
             .str(recipient.as_str())
             .finish();
-        let tag = ring::hmac::sign(&self.0, &input);
-        format!("ref-{}", hex::encode(&tag.as_ref()[..16]))
+        hex::encode(&ring::hmac::sign(&self.0, &input).as_ref()[..16])
     }
 }
 
@@ -51,9 +66,12 @@ mod tests {
 
     #[test]
     fn only_the_form_of_a_reference_is_a_case_reference() {
-        let key = CaseRefKey::derive(&[1; 32]);
-        let made = key.reference("case-1", &OrgId::new("a").unwrap());
+        let key = PairwiseKey::derive(&[1; 32]);
+        let made = key.case_ref("case-1", &OrgId::new("a").unwrap());
         assert!(is_case_ref(&made), "{made}");
+        let consent = key.consent_ref("consent-1", &OrgId::new("a").unwrap());
+        assert!(crate::consent::is_consent_id(&consent), "{consent}");
+        assert!(!is_case_ref(&consent), "{consent}");
         for bad in [
             "",
             "ref-",
@@ -71,16 +89,18 @@ mod tests {
 
     #[test]
     fn stable_per_recipient_and_different_across_recipients() {
-        let key = CaseRefKey::derive(&[1; 32]);
+        let key = PairwiseKey::derive(&[1; 32]);
+        let other_node = PairwiseKey::derive(&[2; 32]);
         let a = OrgId::new("a").unwrap();
         let b = OrgId::new("b").unwrap();
-        assert_eq!(key.reference("case-1", &a), key.reference("case-1", &a));
-        assert_ne!(key.reference("case-1", &a), key.reference("case-1", &b));
-        assert_ne!(key.reference("case-1", &a), key.reference("case-2", &a));
-        let other_node = CaseRefKey::derive(&[2; 32]);
-        assert_ne!(
-            key.reference("case-1", &a),
-            other_node.reference("case-1", &a)
-        );
+        for derive in [PairwiseKey::case_ref, PairwiseKey::consent_ref] {
+            assert_eq!(derive(&key, "id-1", &a), derive(&key, "id-1", &a));
+            assert_ne!(derive(&key, "id-1", &a), derive(&key, "id-1", &b));
+            assert_ne!(derive(&key, "id-1", &a), derive(&key, "id-2", &a));
+            assert_ne!(derive(&key, "id-1", &a), derive(&other_node, "id-1", &a));
+        }
+        // The two kinds are separate: the same id gives unrelated digits.
+        let (case, consent) = (key.case_ref("id-1", &a), key.consent_ref("id-1", &a));
+        assert_ne!(case.strip_prefix("ref-"), consent.strip_prefix("consent-"));
     }
 }

@@ -376,9 +376,12 @@ pub enum ConsentReceiptError {
 }
 
 impl ConsentReceipt {
-    /// Issues a receipt of `consent` for one recipient and signs it.
+    /// Issues a receipt of `consent` for one recipient and signs it. `consent_ref` is the
+    /// id under which that recipient knows the consent: its own, so that recipients
+    /// cannot link their records through it ([`crate::PairwiseKey::consent_ref`]).
     pub fn issue(
         consent: &ConsentScope,
+        consent_ref: String,
         sender: OrgId,
         recipient: OrgId,
         case_ref: String,
@@ -386,7 +389,7 @@ impl ConsentReceipt {
         key: &SigningKey,
     ) -> Self {
         let mut receipt = Self {
-            consent_id: consent.id.clone(),
+            consent_id: consent_ref,
             sender,
             recipient,
             case_ref,
@@ -775,7 +778,16 @@ mod tests {
         let key = SigningKey::from_seed(&[3; 32]).unwrap();
         let my = OrgId::new("shelter-my").unwrap();
         let kh = OrgId::new("shelter-kh").unwrap();
-        let r = ConsentReceipt::issue(&consent(), my.clone(), kh.clone(), REF_1.into(), 10, &key);
+        let c = consent();
+        let r = ConsentReceipt::issue(
+            &c,
+            c.id.clone(),
+            my.clone(),
+            kh.clone(),
+            REF_1.into(),
+            10,
+            &key,
+        );
         r.verify(&my, &key.verifying_key(), &kh, REF_1).unwrap();
         assert!(r.verify(&kh, &key.verifying_key(), &kh, REF_1).is_err());
         assert!(r.verify(&my, &key.verifying_key(), &my, REF_1).is_err());
@@ -802,7 +814,16 @@ mod tests {
         let my = OrgId::new("shelter-my").unwrap();
         let kh = OrgId::new("shelter-kh").unwrap();
         let issue = |consent: &ConsentScope, case_ref: &str| {
-            ConsentReceipt::issue(consent, my.clone(), kh.clone(), case_ref.into(), 10, &key)
+            let id = consent.id.clone();
+            ConsentReceipt::issue(
+                consent,
+                id,
+                my.clone(),
+                kh.clone(),
+                case_ref.into(),
+                10,
+                &key,
+            )
         };
         let name = "Maria Santos";
         assert_eq!(
@@ -922,7 +943,7 @@ mod tests {
         #[test]
         fn receipt_scope_is_no_wider_than_the_consent(scope in arb_scope()) {
             let key = SigningKey::from_seed(&[3; 32]).unwrap();
-            let r = ConsentReceipt::issue(&scope, OrgId::new("a").unwrap(), OrgId::new("b").unwrap(), "ref".into(), 0, &key);
+            let r = ConsentReceipt::issue(&scope, scope.id.clone(), OrgId::new("a").unwrap(), OrgId::new("b").unwrap(), "ref".into(), 0, &key);
             let s = r.scope();
             prop_assert!(s.fields.is_subset(&scope.fields));
             prop_assert!(s.purposes.is_subset(&scope.purposes));

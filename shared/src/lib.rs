@@ -27,7 +27,7 @@ pub mod seal;
 pub mod sign;
 pub mod witness;
 
-pub use caseref::CaseRefKey;
+pub use caseref::PairwiseKey;
 pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{

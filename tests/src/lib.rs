@@ -463,6 +463,7 @@ pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::Ref
     };
     let receipt = ConsentReceipt::issue(
         &scope,
+        TEST_CONSENT_ID.into(),
         OrgId::new(sender).expect("org"),
         OrgId::new(recipient).expect("org"),
         TEST_CASE_REF.into(),

@@ -276,6 +276,7 @@ async fn a_replay_gets_its_first_answer_after_its_consent_expired() {
     };
     let receipt = ConsentReceipt::issue(
         &scope,
+        TEST_CONSENT_ID.into(),
         OrgId::new(SHELTER_MY).unwrap(),
         OrgId::new(SHELTER_KH).unwrap(),
         TEST_CASE_REF.into(),

@@ -50,6 +50,9 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
         assert_eq!(st.state, "delivered", "{to}: {}", st.last_error);
         ids.push(sent.referral_id);
     }
+    // Each recipient knows the consent by an id of its own, so that recipients cannot
+    // link their records through it.
+    let mut held = std::collections::HashMap::new();
     for node in [&kh, &embassy, &ngo] {
         let mut c = node.client().await;
         assert_eq!(
@@ -58,7 +61,16 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
             "{} has its referral",
             node.org.spec.id
         );
+        let id: String = sqlx::query_scalar("SELECT consent_id FROM inbox")
+            .fetch_one(&mut open_db(node, true).await)
+            .await
+            .expect("held consent id");
+        assert!(corridor::consent::is_consent_id(&id), "{id}");
+        held.insert(node.org.spec.id.to_string(), id);
     }
+    let distinct: std::collections::HashSet<_> = held.values().collect();
+    assert_eq!(distinct.len(), 3, "one consent id per recipient: {held:?}");
+    assert!(!distinct.contains(&consent_id), "{held:?}");
 
     // The NGO in Thailand is offline when the person withdraws.
     ngo.kill();
@@ -161,7 +173,7 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
     assert!(inbox(&mut c).await.is_empty(), "the NGO still holds data");
 
     // The sender holds three purge receipts that verify with each purger's directory key
-    // and name the referral each purged.
+    // and name the consent as that purger knows it and the referral it purged.
     let my = OrgId::new(SHELTER_MY).unwrap();
     assert_eq!(st.recipients.len(), 3);
     for r in &st.recipients {
@@ -173,7 +185,7 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
         receipt
             .verify(
                 receipt.withdrawal_id,
-                &consent_id,
+                &held[&r.recipient],
                 &my,
                 &purger,
                 &fed.directory.get(&purger).unwrap().signing_key,
