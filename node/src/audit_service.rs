@@ -38,21 +38,38 @@ fn storage(e: StoreError) -> Status {
     }
 }
 
-/// Who may read the audit log: members with the auditor or witness role over mutual TLS,
-/// and the node's admins on the local API.
-async fn authorize<T>(node: &Node, request: &Request<T>) -> Result<(), Status> {
+/// What a caller asks of the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Checkpoints and proofs: hashes, what a witness needs to cosign.
+    Proofs,
+    /// The entries themselves. They hold no personal data, but their case pseudonyms,
+    /// recipients, purposes and times link the events of one person's case, so only
+    /// auditors read them: a witness is a working member (a shelter, an embassy), which
+    /// must not learn where else a person it knows was referred.
+    Entries,
+}
+
+/// Who may read the audit log: members with the auditor role over mutual TLS, witnesses
+/// its proofs only, and the node's admins on the local API.
+async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Result<(), Status> {
     if let Some(peer) = request.extensions().get::<PeerInfo>() {
         let member = node
             .directory
             .get(&peer.org)
             .ok_or_else(|| Status::permission_denied("not a member"))?;
-        if member.has_role(Role::Auditor) || member.has_role(Role::Witness) {
+        if member.has_role(Role::Auditor)
+            || (access == Access::Proofs && member.has_role(Role::Witness))
+        {
             return Ok(());
         }
-        return Err(Status::permission_denied(format!(
-            "{} has neither the auditor nor the witness role",
-            peer.org
-        )));
+        return Err(Status::permission_denied(match access {
+            Access::Proofs => format!("{} has neither the auditor nor the witness role", peer.org),
+            Access::Entries => format!(
+                "{} does not have the auditor role, which reading audit entries needs",
+                peer.org
+            ),
+        }));
     }
     let user = crate::auth::authenticate(&node.store, request).await?;
     if user.role == "admin" {
@@ -86,7 +103,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
-        authorize(&self.node, &request).await?;
+        authorize(&self.node, &request, Access::Proofs).await?;
         let (size, _, note) = self
             .node
             .store
@@ -110,7 +127,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::GetEntriesRequest>,
     ) -> Result<Response<pb::GetEntriesResponse>, Status> {
-        authorize(&self.node, &request).await?;
+        authorize(&self.node, &request, Access::Entries).await?;
         let r = request.get_ref();
         if r.start >= r.end || r.end - r.start > MAX_ENTRIES_PER_CALL {
             return Err(Status::invalid_argument(format!(
@@ -131,7 +148,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::GetInclusionProofRequest>,
     ) -> Result<Response<pb::InclusionProofResponse>, Status> {
-        authorize(&self.node, &request).await?;
+        authorize(&self.node, &request, Access::Proofs).await?;
         let r = request.get_ref();
         let size = self.checked_size(r.tree_size).await?;
         let index = r.index;
@@ -170,7 +187,7 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::GetConsistencyProofRequest>,
     ) -> Result<Response<pb::ConsistencyProofResponse>, Status> {
-        authorize(&self.node, &request).await?;
+        authorize(&self.node, &request, Access::Proofs).await?;
         let r = request.get_ref();
         let new = self.checked_size(r.new_size).await?;
         if r.old_size > new {

@@ -479,7 +479,7 @@ async fn export_verify_and_prove_offline() {
 }
 
 #[tokio::test]
-async fn a_proof_asked_with_a_leaf_hash_is_checked_against_the_entry_at_that_index() {
+async fn proofs_are_checked_against_entries_and_only_auditors_read_entries() {
     use corridor_proto::v1 as pb;
     use corridor_proto::v1::audit_client::AuditClient;
     let fed = Federation::demo("audit-leaf");
@@ -524,4 +524,29 @@ async fn a_proof_asked_with_a_leaf_hash_is_checked_against_the_entry_at_that_ind
         .await
         .expect_err("a 100 KiB request is refused");
     assert_eq!(oversized.code(), tonic::Code::OutOfRange, "{oversized:?}");
+
+    // A witness (here the embassy) gets checkpoints and proofs, not the entries, which
+    // would tell it where else the people it knows were referred.
+    let channel = fed
+        .federation_channel(Some(fed.org(EMBASSY)), &fed.dir, SHELTER_MY)
+        .await
+        .expect("witness connects");
+    let mut witness = AuditClient::new(channel);
+    let refused = witness
+        .get_entries(pb::GetEntriesRequest { start: 0, end: 2 })
+        .await
+        .expect_err("a witness does not read entries");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("auditor role"), "{refused:?}");
+    witness
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            old_size: 1,
+            new_size: size,
+        })
+        .await
+        .expect("a witness reads consistency proofs");
+    witness
+        .get_inclusion_proof(ask(Vec::new()))
+        .await
+        .expect("a witness reads inclusion proofs");
 }
