@@ -12,6 +12,7 @@
 //! unreachable peer, timeout, overload — is retried.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,30 @@ pub fn backoff_ms(attempts: i64, initial_ms: u64, max_ms: u64, random: u32) -> u
     cap / 2 + u64::from(random) % (cap / 2 + 1)
 }
 
+/// How long before its envelope expires a withdrawal is renewed rather than sent. One that
+/// reached its recipient expired (the recipient's clock may run a little ahead) would be
+/// refused, and a refusal is final: the recipient would never be asked to purge.
+const WITHDRAWAL_RENEWAL_MARGIN_MS: i64 = 60_000;
+
+/// How soon the loop looks in the outbox again when every item due is in flight already:
+/// their attempts end at their own pace, and looking every few milliseconds would only
+/// compete with them for the database.
+const IN_FLIGHT_RESCAN_MS: i64 = 250;
+
+fn is_withdrawal(item: &DueItem) -> bool {
+    item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32())
+}
+
+/// Whether `item`'s envelope is at the end of its life, or a withdrawal's near it.
+fn expiring(item: &DueItem, now: i64) -> bool {
+    let margin = if is_withdrawal(item) {
+        WITHDRAWAL_RENEWAL_MARGIN_MS
+    } else {
+        0
+    };
+    now >= item.expires_at_ms.saturating_sub(margin)
+}
+
 fn random_u32() -> u32 {
     let mut bytes = [0u8; 4];
     // On failure fall back to no jitter rather than stop delivering.
@@ -44,10 +69,40 @@ fn random_u32() -> u32 {
     u32::from_le_bytes(bytes)
 }
 
+/// Counts the changes that end queued referrals before they are sent: narrowings and
+/// withdrawals of their consents.
+///
+/// An attempt notes the count from before it last knew its item to be queued (it queued
+/// it, or read it as queued). If the count has moved when the attempt is about to send,
+/// it reads the item's state again and sends only if it is still queued: once a
+/// narrowing or withdrawal is answered, nothing it ended leaves the node. The count
+/// moves rarely, so the read is rare.
+#[derive(Default)]
+pub struct Revocations(AtomicU64);
+
+impl Revocations {
+    /// The count now: note it before confirming an item is queued.
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Call once a change that ended queued referrals has committed, before answering it.
+    pub fn revoked(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An item due for an attempt, with the [`Revocations`] count from before it was last
+/// known to be queued.
+pub struct Noted {
+    pub item: DueItem,
+    pub revocations: u64,
+}
+
 /// Freshly queued envelopes on their way from the workflows to the delivery loop.
 pub struct Handoff {
-    sender: mpsc::Sender<DueItem>,
-    receiver: Mutex<Option<mpsc::Receiver<DueItem>>>,
+    sender: mpsc::Sender<Noted>,
+    receiver: Mutex<Option<mpsc::Receiver<Noted>>>,
 }
 
 impl Handoff {
@@ -61,11 +116,11 @@ impl Handoff {
 
     /// Offers an item that is durably queued; if the hand-off is full the loop finds it
     /// in the outbox instead.
-    pub fn offer(&self, item: DueItem) -> bool {
+    pub fn offer(&self, item: Noted) -> bool {
         self.sender.try_send(item).is_ok()
     }
 
-    fn take_receiver(&self) -> Option<mpsc::Receiver<DueItem>> {
+    fn take_receiver(&self) -> Option<mpsc::Receiver<Noted>> {
         self.receiver.lock().ok().and_then(|mut r| r.take())
     }
 }
@@ -117,6 +172,8 @@ impl Waiters {
 enum AttemptError {
     Retry(String),
     Permanent(String),
+    /// Not sent: the item is no longer queued (a narrowing or withdrawal ended it).
+    NotQueued,
 }
 
 /// One lazily connected channel per recipient, reused across deliveries.
@@ -181,7 +238,13 @@ async fn deliver_once(
     node: &Node,
     clients: &Clients,
     item: &DueItem,
+    revocations: u64,
 ) -> Result<Answer, AttemptError> {
+    if is_withdrawal(item) && expiring(item, now_ms()) {
+        return Err(AttemptError::Retry(
+            "its envelope is about to expire".into(),
+        ));
+    }
     let recipient = OrgId::new(&item.recipient)
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
     let member = node
@@ -196,6 +259,14 @@ async fn deliver_once(
         .try_into()
         .map_err(|_| AttemptError::Permanent("stored digest is corrupt".into()))?;
     let mut client = clients.get(node, &recipient)?;
+    if node.revocations.current() != revocations {
+        let queued = node.store.due_item(item.message_id).await.map_err(|e| {
+            AttemptError::Retry(format!("cannot read whether it is still queued: {e}"))
+        })?;
+        if queued.is_none() {
+            return Err(AttemptError::NotQueued);
+        }
+    }
     let response = match client.deliver(envelope).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
@@ -275,9 +346,9 @@ async fn deliver_once(
     })
 }
 
-async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
+async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: Noted) {
     let id = item.message_id;
-    let result = deliver_once(node, clients, &item).await;
+    let result = deliver_once(node, clients, &item, revocations).await;
     let now = now_ms();
     let mut delivered = None;
     let stored = match result {
@@ -300,57 +371,65 @@ async fn attempt(node: &Node, clients: &Clients, item: DueItem) {
             }
             r
         }
+        Err(AttemptError::NotQueued) => {
+            tracing::info!(referral = %id, recipient = %item.recipient, "not sent: no longer queued");
+            Ok(())
+        }
         Err(AttemptError::Permanent(reason)) => {
             tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");
             node.store.mark_final(id, "refused", &reason).await
         }
-        Err(AttemptError::Retry(reason)) if now >= item.expires_at_ms => {
-            // A withdrawal is asked for until the recipient purges: in a new envelope.
-            let renewed = if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
+        Err(AttemptError::Retry(reason)) if expiring(&item, now) => {
+            let expired = format!("expired undelivered; last error: {reason}");
+            if !is_withdrawal(&item) {
+                tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
+                node.store.mark_final(id, "expired", &expired).await
+            } else {
+                // A withdrawal is asked for until the recipient purges: in a new envelope.
                 match crate::workflows::renew_withdrawal(node, id).await {
                     Ok(renewed) => {
                         tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "withdrawal expired before delivery; renewed");
-                        true
+                        Ok(())
                     }
+                    // The recipient left the federation: there is no one to ask any more.
+                    Err(failure) if failure.code == Code::FailedPrecondition => {
+                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery and cannot be renewed");
+                        node.store.mark_final(id, "expired", &expired).await
+                    }
+                    // Anything else may pass (a busy database, a full disk): try again.
                     Err(failure) => {
-                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery and could not be renewed");
-                        false
+                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery; renewing it failed, will retry");
+                        retry_later(node, &item, &failure.message, now).await
                     }
                 }
-            } else {
-                tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
-                false
-            };
-            if renewed {
-                Ok(())
-            } else {
-                node.store
-                    .mark_final(
-                        id,
-                        "expired",
-                        &format!("expired undelivered; last error: {reason}"),
-                    )
-                    .await
             }
         }
-        Err(AttemptError::Retry(reason)) => {
-            let d = &node.config.delivery;
-            let delay = backoff_ms(
-                item.attempts,
-                d.initial_backoff_ms,
-                d.max_backoff_ms,
-                random_u32(),
-            );
-            tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, %reason, "delivery failed, will retry");
-            let next = now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
-            node.store.mark_retry(id, &reason, next).await
-        }
+        Err(AttemptError::Retry(reason)) => retry_later(node, &item, &reason, now).await,
     };
     node.waiters.attempt_ended(id, delivered);
     if let Err(error) = stored {
         // The item stays queued and is retried; the receipt, if any, is asked for again.
         tracing::error!(referral = %id, %error, "could not record delivery attempt");
     }
+}
+
+/// Schedules the next attempt of `item` after a failed one, with backoff.
+async fn retry_later(
+    node: &Node,
+    item: &DueItem,
+    reason: &str,
+    now: i64,
+) -> crate::storage::Result<()> {
+    let d = &node.config.delivery;
+    let delay = backoff_ms(
+        item.attempts,
+        d.initial_backoff_ms,
+        d.max_backoff_ms,
+        random_u32(),
+    );
+    tracing::info!(referral = %item.message_id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, %reason, "delivery failed, will retry");
+    let next = now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
+    node.store.mark_retry(item.message_id, reason, next).await
 }
 
 /// Starts attempts, at most `max_in_flight` at once and never two for one envelope.
@@ -373,7 +452,7 @@ enum Launch {
 impl Dispatcher {
     /// Starts an attempt for `id`; with `item` it is delivered as given, otherwise it is
     /// read from the outbox (and skipped if no longer queued).
-    fn launch(&self, id: MessageId, item: Option<DueItem>) -> Launch {
+    fn launch(&self, id: MessageId, item: Option<Noted>) -> Launch {
         let fresh = self
             .in_flight
             .lock()
@@ -396,8 +475,14 @@ impl Dispatcher {
         );
         tokio::spawn(async move {
             let item = match item {
-                Some(item) => Ok(Some(item)),
-                None => node.store.due_item(id).await,
+                Some(noted) => Ok(Some(noted)),
+                None => {
+                    let revocations = node.revocations.current();
+                    node.store
+                        .due_item(id)
+                        .await
+                        .map(|item| item.map(|item| Noted { item, revocations }))
+                }
             };
             match item {
                 Ok(Some(item)) => attempt(&node, &clients, item).await,
@@ -438,18 +523,26 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         let mut saturated = false;
+        // Whether everything due is in flight already (its row stays queued until then).
+        let mut all_in_flight = false;
         match node.store.due_ids(now_ms(), (max * 4) as i64).await {
             Ok(ids) => {
+                all_in_flight = !ids.is_empty();
                 for id in ids {
-                    if let Launch::Busy = dispatcher.launch(id, None) {
-                        saturated = true;
-                        break;
+                    match dispatcher.launch(id, None) {
+                        Launch::Busy => {
+                            saturated = true;
+                            break;
+                        }
+                        Launch::Started => all_in_flight = false,
+                        Launch::InFlight => {}
                     }
                 }
             }
             Err(error) => tracing::error!(%error, "cannot read the outbox"),
         }
         let wait_ms = match node.store.next_due_at().await {
+            Ok(Some(at)) if all_in_flight => (at - now_ms()).clamp(IN_FLIGHT_RESCAN_MS, 1000),
             Ok(Some(at)) => (at - now_ms()).clamp(20, 1000),
             _ => 1000,
         };
@@ -457,8 +550,8 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                Some(item) = handoff.recv() => {
-                    if let Launch::Busy = dispatcher.launch(item.message_id, Some(item)) {
+                Some(noted) = handoff.recv() => {
+                    if let Launch::Busy = dispatcher.launch(noted.item.message_id, Some(noted)) {
                         saturated = true;
                     }
                 }
@@ -473,8 +566,9 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Delivered, Waiters, backoff_ms};
-    use corridor::MessageId;
+    use super::{Delivered, Waiters, backoff_ms, expiring};
+    use crate::storage::DueItem;
+    use corridor::{MessageId, MessageKind};
 
     #[test]
     fn waiters_wake_for_their_own_envelope_and_leave_nothing_behind() {
@@ -497,6 +591,31 @@ mod tests {
         drop(not_woken);
         waiters.forget(other);
         assert!(waiters.0.lock().unwrap().is_empty());
+    }
+
+    /// A withdrawal that reached its recipient expired would be refused for good, so it
+    /// is renewed a minute before its envelope expires; a referral lives to the end.
+    #[test]
+    fn a_withdrawal_is_renewed_before_its_envelope_expires() {
+        let item = |kind: MessageKind| DueItem {
+            message_id: MessageId([1; 16]),
+            kind: kind.as_i32().into(),
+            recipient: "shelter-kh".into(),
+            consent_id: "consent-1".into(),
+            consent_ref: "consent-1".into(),
+            envelope: Vec::new(),
+            envelope_digest: Vec::new(),
+            attempts: 0,
+            expires_at_ms: 100_000,
+        };
+        let (withdrawal, referral) = (
+            item(MessageKind::ConsentWithdrawal),
+            item(MessageKind::Referral),
+        );
+        assert!(!expiring(&withdrawal, 39_999));
+        assert!(expiring(&withdrawal, 40_000));
+        assert!(!expiring(&referral, 99_999));
+        assert!(expiring(&referral, 100_000));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Node {
     pub handoff: crate::delivery::Handoff,
     /// Callers waiting for the end of a delivery attempt.
     pub waiters: crate::delivery::Waiters,
+    /// Narrowings and withdrawals that ended queued referrals, for attempts to notice.
+    pub revocations: crate::delivery::Revocations,
 }
 
 /// Why the node could not start.
@@ -130,6 +132,7 @@ impl Node {
             tls,
             outbox_ready: Notify::new(),
             handoff: crate::delivery::Handoff::new(1024),
+            revocations: Default::default(),
             waiters: Default::default(),
         }))
     }

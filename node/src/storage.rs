@@ -754,7 +754,8 @@ impl Store {
     }
 
     /// Referrals sent under a consent that may have reached (or may still reach) their
-    /// recipient. An expired one too: an attempt whose answer was lost may have been
+    /// recipient: all but the refused. An expired, cancelled or withdrawn one too: an
+    /// attempt whose answer was lost, or one in flight when it ended, may have been
     /// stored.
     pub async fn referrals_under_consent(&self, consent_id: &str) -> Result<Vec<SentReferral>> {
         Self::select_referrals_under_consent(&self.pool, consent_id).await
@@ -770,7 +771,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT recipient, case_ref, consent_ref, message_id FROM outbox
              WHERE consent_id = $1 AND kind = 1
-               AND state IN ('queued', 'delivered', 'expired')
+               AND state != 'refused'
              ORDER BY recipient, created_at_ms",
         )
         .bind(consent_id)
@@ -1041,7 +1042,8 @@ impl Store {
                             attempts = attempts + 1, last_error = NULL, envelope = NULL
                          WHERE message_id = $1 AND state IN ('queued', 'withdrawn', 'cancelled');
                          INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
-                         VALUES ($1, $2, $3, $4) ON CONFLICT(message_id) DO NOTHING
+                         SELECT $1, $2, $3, $4 WHERE changes() = 1
+                         ON CONFLICT(message_id) DO NOTHING
                          RETURNING 1",
                         ))
                         .bind(&id.0[..])
@@ -1382,16 +1384,25 @@ impl Store {
                         .bind(w.received_at_ms)
                         .execute(&mut *conn)
                         .await?;
-                        let purged =
-                            sqlx::query("DELETE FROM inbox WHERE sender = $1 AND consent_id = $2")
-                                .bind(w.sender.as_str())
-                                .bind(&w.consent_id)
-                                .execute(&mut *conn)
-                                .await?
-                                .rows_affected();
-                        if purged != w.expected.len() as u64 {
-                            // A referral arrived between reading and purging: the job fails,
-                            // nothing of it stays, and the sender's retry gets the truth.
+                        let mut purged = sqlx::query(
+                            "DELETE FROM inbox WHERE sender = $1 AND consent_id = $2
+                             RETURNING message_id",
+                        )
+                        .bind(w.sender.as_str())
+                        .bind(&w.consent_id)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .into_iter()
+                        .map(|r| message_id(r.get(0)))
+                        .collect::<Result<Vec<_>>>()?;
+                        purged.sort();
+                        let mut expected = w.expected.clone();
+                        expected.sort();
+                        if purged != expected {
+                            // The inbox changed between reading and purging (a referral
+                            // arrived, or retention deleted one): the purge receipt would
+                            // name the wrong referrals. The job fails, nothing of it stays,
+                            // and the sender's retry gets the truth.
                             return Err(StoreError::Corrupt("inbox changed during purge; retry"));
                         }
                         Self::shred_orphan_received_keys(conn).await?;
@@ -1875,12 +1886,13 @@ pub(crate) mod tests {
     }
 
     /// A withdrawal asks every recipient that may hold a referral to purge it: one whose
-    /// referral expired too, since an attempt whose answer was lost may have arrived.
+    /// referral expired or was cancelled (by a narrowing) too, since an attempt whose
+    /// answer was lost may have arrived. Only a refused one is known not to have.
     #[tokio::test]
-    async fn a_withdrawal_reaches_the_recipients_of_expired_referrals() {
+    async fn a_withdrawal_reaches_the_recipients_of_expired_and_cancelled_referrals() {
         let (store, dir) = temp_store("withdraw-expired").await;
         let alice = case_with_consent(&store, "age_band").await;
-        for n in 1..=3 {
+        for n in 1..=4 {
             let mut item = outbox_item(n);
             item.created_by = alice;
             store.enqueue(item, None, entry()).await.expect("queued");
@@ -1893,6 +1905,10 @@ pub(crate) mod tests {
             .mark_final(MessageId([2; 16]), "refused", "refused by recipient")
             .await
             .expect("refused");
+        store
+            .mark_final(MessageId([4; 16]), "cancelled", "consent narrowed")
+            .await
+            .expect("cancelled");
         let mut under: Vec<MessageId> = store
             .referrals_under_consent("consent-1")
             .await
@@ -1901,7 +1917,10 @@ pub(crate) mod tests {
             .map(|r| r.message_id)
             .collect();
         under.sort();
-        assert_eq!(under, vec![MessageId([1; 16]), MessageId([3; 16])]);
+        assert_eq!(
+            under,
+            vec![MessageId([1; 16]), MessageId([3; 16]), MessageId([4; 16])]
+        );
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -2038,11 +2057,12 @@ pub(crate) mod tests {
             matches!(missed, Ok(Withdrawal::ReferralsChanged)),
             "{missed:?}"
         );
+        // The cancelled referral counts too: an attempt may have been on its way.
         let withdrawn = store
             .withdraw_consent(
                 "consent-1",
                 7,
-                vec![MessageId([4; 16])],
+                vec![MessageId([2; 16]), MessageId([4; 16])],
                 Vec::new(),
                 entry(),
             )

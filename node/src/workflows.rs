@@ -464,6 +464,8 @@ pub async fn narrow_consent(
             )
             .await?
         {
+            // An attempt about to send one of them notices, and does not.
+            node.revocations.revoked();
             // Whoever waits for one of them learns now that it will not be attempted.
             for id in &cancelled {
                 node.waiters.attempt_ended(*id, None);
@@ -603,7 +605,12 @@ pub async fn send_referral(
         sealed.item.request_key.clone_from(&request_key);
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
-        let due = sealed.item.due();
+        let due = crate::delivery::Noted {
+            item: sealed.item.due(),
+            // Before the transaction that queues it: a narrowing or withdrawal that ends it
+            // after that moves the count.
+            revocations: node.revocations.current(),
+        };
         let mut first_attempt = req.wait.then(|| node.waiters.wait(message_id));
         let outcome = node
             .store
@@ -901,7 +908,16 @@ pub async fn withdraw_consent(
             .withdraw_consent(consent_id, now, expected, items, entry)
             .await?
         {
-            Withdrawal::Withdrawn | Withdrawal::AlreadyWithdrawn => break recipients,
+            Withdrawal::Withdrawn => {
+                // An attempt about to send a referral it ended notices, and does not.
+                node.revocations.revoked();
+                // Whoever waits for one of them learns now that it ended.
+                for id in per_recipient.values().flat_map(|(_, ids)| ids) {
+                    node.waiters.attempt_ended(*id, None);
+                }
+                break recipients;
+            }
+            Withdrawal::AlreadyWithdrawn => break recipients,
             // A referral was queued (or ended) meanwhile: its recipient may need a
             // withdrawal too, so look again.
             Withdrawal::ReferralsChanged if attempt < 5 => continue,
