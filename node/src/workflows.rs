@@ -776,7 +776,7 @@ async fn gate_and_seal(
     let case_ref = node.pairwise.case_ref(&req.case_id, recipient_id);
     let consent_ref = node.pairwise.consent_ref(&consent.id, recipient_id);
     let consent_receipt = ConsentReceipt::issue(
-        consent,
+        &consent.disclosed_by(purpose, field_names),
         consent_ref.clone(),
         node.org.clone(),
         recipient_id.clone(),

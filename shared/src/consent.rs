@@ -301,6 +301,24 @@ pub fn gate_case<'a>(
 pub struct WideningError(pub String);
 
 impl ConsentScope {
+    /// What of this consent one referral discloses: its purpose and the fields it
+    /// carries (as far as the consent covers them), with the consent's restrictions and
+    /// expiry, which bind what the recipient does with the data. A consent receipt is
+    /// issued from this, not from the whole consent, so that a recipient does not learn
+    /// the person's other purposes or what other kinds of data are held about them.
+    pub fn disclosed_by(&self, purpose: Purpose, fields: &BTreeSet<Field>) -> ConsentScope {
+        ConsentScope {
+            purposes: self
+                .purposes
+                .iter()
+                .copied()
+                .filter(|p| *p == purpose)
+                .collect(),
+            fields: self.fields.intersection(fields).copied().collect(),
+            ..self.clone()
+        }
+    }
+
     /// Checks that `narrower` only takes away from this scope: no new purpose, field or
     /// recipient, no later expiry, no restriction lifted.
     pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), WideningError> {
@@ -935,6 +953,38 @@ mod tests {
                         || scope.recipient_roles.iter().any(|rc| rc.country == country
                             && rc.role.is_none_or(|r| r == role)));
                 }
+            }
+        }
+
+        /// A receipt issued for one referral lets the recipient's gate pass exactly that
+        /// referral, and names nothing of the consent beyond it.
+        #[test]
+        fn a_receipt_discloses_the_referral_and_admits_it(
+            scope in arb_scope(),
+            org in 0usize..3,
+            purpose in 0usize..8,
+            fields in proptest::collection::btree_set(0usize..Field::ALL.len(), 0..12),
+            now in 0i64..100,
+        ) {
+            let (id, country, role) = ORGS[org];
+            let recipient = member(id, country, role);
+            let purpose = Purpose::ALL[purpose];
+            let fields: BTreeSet<Field> = fields.into_iter().map(|i| Field::ALL[i]).collect();
+            let key = SigningKey::from_seed(&[3; 32]).unwrap();
+            let r = ConsentReceipt::issue(
+                &scope.disclosed_by(purpose, &fields),
+                scope.id.clone(),
+                OrgId::new("a").unwrap(),
+                recipient.id.clone(),
+                "ref".into(),
+                0,
+                &key,
+            );
+            let s = r.scope();
+            prop_assert!(s.purposes.iter().all(|p| *p == purpose));
+            prop_assert!(s.fields.is_subset(&fields));
+            if gate(&scope, &recipient, purpose, &fields, now).is_ok() {
+                prop_assert!(gate(&s, &recipient, purpose, &fields, now).is_ok());
             }
         }
 
