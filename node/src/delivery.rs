@@ -11,7 +11,7 @@
 //! `refused`; an envelope that outlives its expiry ends with `expired`; anything else —
 //! unreachable peer, timeout, overload — is retried.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -432,18 +432,51 @@ async fn retry_later(
     node.store.mark_retry(item.message_id, reason, next).await
 }
 
+/// Envelopes with an attempt running, and those whose attempt ended lately.
+#[derive(Default)]
+struct Attempts {
+    running: HashSet<MessageId>,
+    /// The last [`ENDED_REMEMBERED`] ids whose attempt ended, oldest first.
+    ended: VecDeque<MessageId>,
+    ended_set: HashSet<MessageId>,
+}
+
+/// How many ended attempts the dispatcher remembers: far more than can end while a
+/// hand-off copy waits in its channel.
+const ENDED_REMEMBERED: usize = 4096;
+
+impl Attempts {
+    /// Whether an attempt for `id` ended lately.
+    fn ended_lately(&self, id: &MessageId) -> bool {
+        self.ended_set.contains(id)
+    }
+
+    fn end(&mut self, id: MessageId) {
+        self.running.remove(&id);
+        if self.ended_set.insert(id) {
+            self.ended.push_back(id);
+        }
+        while self.ended.len() > ENDED_REMEMBERED {
+            if let Some(oldest) = self.ended.pop_front() {
+                self.ended_set.remove(&oldest);
+            }
+        }
+    }
+}
+
 /// Starts attempts, at most `max_in_flight` at once and never two for one envelope.
 struct Dispatcher {
     node: Arc<Node>,
     clients: Arc<Clients>,
-    in_flight: Arc<Mutex<HashSet<MessageId>>>,
+    attempts: Arc<Mutex<Attempts>>,
     slots: Arc<Semaphore>,
     finished: Arc<Notify>,
 }
 
 enum Launch {
     Started,
-    /// An attempt for it is running already.
+    /// An attempt for it is running already, or (for a hand-off copy) has run: the
+    /// outbox found the item first, and the copy is stale.
     InFlight,
     /// Every slot is taken; the item stays queued in the outbox.
     Busy,
@@ -454,23 +487,23 @@ impl Dispatcher {
     /// read from the outbox (and skipped if no longer queued).
     fn launch(&self, id: MessageId, item: Option<Noted>) -> Launch {
         let fresh = self
-            .in_flight
+            .attempts
             .lock()
-            .map(|mut set| set.insert(id))
+            .map(|mut a| !(item.is_some() && a.ended_lately(&id)) && a.running.insert(id))
             .unwrap_or(false);
         if !fresh {
             return Launch::InFlight;
         }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            if let Ok(mut set) = self.in_flight.lock() {
-                set.remove(&id);
+            if let Ok(mut a) = self.attempts.lock() {
+                a.running.remove(&id);
             }
             return Launch::Busy;
         };
-        let (node, clients, in_flight, finished) = (
+        let (node, clients, attempts, finished) = (
             self.node.clone(),
             self.clients.clone(),
-            self.in_flight.clone(),
+            self.attempts.clone(),
             self.finished.clone(),
         );
         tokio::spawn(async move {
@@ -489,8 +522,8 @@ impl Dispatcher {
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "cannot read an outbox item"),
             }
-            if let Ok(mut set) = in_flight.lock() {
-                set.remove(&id);
+            if let Ok(mut a) = attempts.lock() {
+                a.end(id);
             }
             drop(permit);
             finished.notify_one();
@@ -514,7 +547,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let dispatcher = Dispatcher {
         node: node.clone(),
         clients: Arc::new(Clients::default()),
-        in_flight: Arc::new(Mutex::new(HashSet::new())),
+        attempts: Default::default(),
         slots: Arc::new(Semaphore::new(max)),
         finished: Arc::new(Notify::new()),
     };
@@ -566,7 +599,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Delivered, Waiters, backoff_ms, expiring};
+    use super::{Attempts, Delivered, ENDED_REMEMBERED, Waiters, backoff_ms, expiring};
     use crate::storage::DueItem;
     use corridor::{MessageId, MessageKind};
 
@@ -591,6 +624,29 @@ mod tests {
         drop(not_woken);
         waiters.forget(other);
         assert!(waiters.0.lock().unwrap().is_empty());
+    }
+
+    /// A hand-off copy of an envelope whose attempt ended is recognised as stale; the
+    /// memory of ended attempts is bounded.
+    #[test]
+    fn ended_attempts_are_remembered_within_a_bound() {
+        let mut attempts = Attempts::default();
+        let id = |n: u32| {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            MessageId(bytes)
+        };
+        assert!(attempts.running.insert(id(0)));
+        attempts.end(id(0));
+        assert!(attempts.running.is_empty());
+        assert!(attempts.ended_lately(&id(0)));
+        for n in 1..=ENDED_REMEMBERED as u32 {
+            attempts.end(id(n));
+        }
+        assert!(!attempts.ended_lately(&id(0)), "the oldest is forgotten");
+        assert!(attempts.ended_lately(&id(ENDED_REMEMBERED as u32)));
+        assert_eq!(attempts.ended.len(), ENDED_REMEMBERED);
+        assert_eq!(attempts.ended_set.len(), ENDED_REMEMBERED);
     }
 
     /// A withdrawal that reached its recipient expired would be refused for good, so it
