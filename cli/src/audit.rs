@@ -252,7 +252,8 @@ impl Auditor {
     async fn fetch(&self, org: &str) -> Result<Fetched, String> {
         let mut client = self.client(org).await?;
         let (checkpoint, note, verifier) = self.checkpoint(&mut client, org).await?;
-        let mut entries = Vec::with_capacity(checkpoint.size as usize);
+        // The size is the audited node's word: reserve for one page, not for what it claims.
+        let mut entries = Vec::with_capacity(checkpoint.size.min(1000) as usize);
         let mut start = 0;
         while start < checkpoint.size {
             let end = (start + 1000).min(checkpoint.size);

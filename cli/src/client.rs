@@ -27,8 +27,23 @@ pub async fn connect(url: &str, token: &str) -> Result<Client, String> {
     let value = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| "the token contains characters that cannot be sent".to_string())?;
-    let channel = Endpoint::from_shared(url.to_owned())
-        .map_err(|_| format!("{url} is not a valid node address (expected http://host:port)"))?
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|_| format!("{url} is not a valid node address (expected http://host:port)"))?;
+    // The local API is plain HTTP/2: the token would cross the network in the clear.
+    let host = endpoint.uri().host().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(format!(
+            "{url} is not on this machine: the local API is not encrypted, so the CLI sends \
+             tokens only over loopback (reach a remote node through an SSH tunnel)"
+        ));
+    }
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await

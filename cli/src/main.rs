@@ -30,7 +30,7 @@ struct Cli {
     /// Bearer token (prefer the CORRIDOR_TOKEN environment variable or --token-file).
     #[arg(long, global = true, env = "CORRIDOR_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the bearer token.
+    /// File holding the bearer token (readable by its owner only: mode 0600).
     #[arg(long, global = true, env = "CORRIDOR_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Output format.
@@ -113,9 +113,11 @@ fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, S
         return Ok(t);
     }
     if let Some(path) = token_file {
-        return std::fs::read_to_string(&path)
+        // A token is a secret: its file must be readable by its owner only, as keys are.
+        let bytes = corridor_node::keys::read_secret_file(&path).map_err(|e| e.to_string())?;
+        return String::from_utf8(bytes)
             .map(|t| t.trim().to_owned())
-            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()));
+            .map_err(|_| format!("the token file {} is not UTF-8 text", path.display()));
     }
     Err("no token: set CORRIDOR_TOKEN, or pass --token or --token-file".into())
 }

@@ -35,6 +35,38 @@ fn unreachable_node_is_explained() {
     );
 }
 
+/// Tokens are secrets: never sent in the clear across the network, never read from a
+/// file others can read.
+#[test]
+fn tokens_stay_on_this_machine_and_in_private_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (ok, stderr) = corridor(&["--node", "http://10.1.2.3:7080", "--token", "x", "inbox"]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("corridor: http://10.1.2.3:7080 is not on this machine"),
+        "{stderr}"
+    );
+    let file = std::env::temp_dir().join(format!("corridor-cli-token-{}", std::process::id()));
+    std::fs::write(&file, "crt_x\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = file.to_str().unwrap();
+    let (ok, stderr) = corridor(&["--token-file", path, "inbox"]);
+    assert!(!ok);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Readable now: the token is read, and the (absent) node is what fails.
+    let (ok, stderr) = corridor(&[
+        "--node",
+        "http://127.0.0.1:1",
+        "--token-file",
+        path,
+        "inbox",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot reach the node"), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 fn dev_pki_refuses_a_non_empty_directory_and_writes_private_keys_0600() {
     use std::os::unix::fs::PermissionsExt as _;

@@ -9,18 +9,18 @@ use corridor::{SealingKey, SigningKey};
 /// Why a secret could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    #[error("cannot read key file {path}: {source}")]
+    #[error("cannot read secret file {path}: {source}")]
     Read {
         path: String,
         source: std::io::Error,
     },
     #[error(
-        "key file {path} is accessible by group or others (mode {mode:o}); run: chmod 600 {path}"
+        "secret file {path} is accessible by group or others (mode {mode:o}); run: chmod 600 {path}"
     )]
     TooOpen { path: String, mode: u32 },
-    #[error("key file {path} is not a regular file")]
+    #[error("secret file {path} is not a regular file")]
     NotAFile { path: String },
-    #[error("key file {path} is malformed: {reason}")]
+    #[error("secret file {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },
 }
 

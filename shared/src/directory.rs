@@ -114,6 +114,14 @@ pub enum DirectoryError {
     Member { index: usize, problem: String },
     #[error("org {0} is listed twice")]
     Duplicate(OrgId),
+    /// Two members with one key would be one party counted twice (as two witnesses, say)
+    /// or one able to pass for the other.
+    #[error("orgs {first} and {second} have the same {what}: each member needs its own")]
+    SharedKey {
+        what: &'static str,
+        first: OrgId,
+        second: OrgId,
+    },
     #[error("directory has no members")]
     Empty,
 }
@@ -139,6 +147,7 @@ impl Directory {
             return Err(DirectoryError::Empty);
         }
         let mut members = BTreeMap::new();
+        let mut keys: BTreeMap<(&'static str, Vec<u8>), OrgId> = BTreeMap::new();
         for (index, entry) in file.members.into_iter().enumerate() {
             let member = validate(entry).map_err(|problem| DirectoryError::Member {
                 index: index + 1,
@@ -146,6 +155,19 @@ impl Directory {
             })?;
             if members.contains_key(&member.id) {
                 return Err(DirectoryError::Duplicate(member.id));
+            }
+            for key in [
+                ("signing key", member.signing_key.to_base64().into_bytes()),
+                ("sealing key", member.sealing_key.to_base64().into_bytes()),
+                ("certificate", member.cert_sha256.to_vec()),
+            ] {
+                if let Some(first) = keys.insert(key.clone(), member.id.clone()) {
+                    return Err(DirectoryError::SharedKey {
+                        what: key.0,
+                        first,
+                        second: member.id,
+                    });
+                }
             }
             members.insert(member.id.clone(), member);
         }
@@ -241,7 +263,9 @@ mod tests {
     use crate::seal::SealingKey;
     use crate::sign::SigningKey;
 
+    /// A member whose keys and certificate are its own (derived from its id).
     fn entry(id: &str) -> MemberEntry {
+        let seed = crate::canonical::sha256(id.as_bytes());
         MemberEntry {
             id: id.into(),
             name: "Shelter".into(),
@@ -249,12 +273,12 @@ mod tests {
             represents: None,
             roles: vec![Role::Shelter],
             endpoint: "https://127.0.0.1:7000".into(),
-            signing_key: SigningKey::from_seed(&[1; 32])
+            signing_key: SigningKey::from_seed(&seed)
                 .unwrap()
                 .verifying_key()
                 .to_base64(),
-            sealing_key: SealingKey::derive(&[2; 32]).public_key().to_base64(),
-            cert_sha256: "ab".repeat(32),
+            sealing_key: SealingKey::derive(&seed).public_key().to_base64(),
+            cert_sha256: hex::encode(crate::canonical::sha256(&seed)),
         }
     }
 
@@ -328,6 +352,28 @@ mod tests {
             Directory::from_toml(&file(vec![entry("a-my"), entry("a-my")])),
             Err(DirectoryError::Duplicate(_))
         ));
+        assert!(Directory::from_toml(&file(vec![entry("a-my"), entry("b-my")])).is_ok());
+        type Share = fn(&mut MemberEntry, &MemberEntry);
+        let sharing: [(&str, Share); 3] = [
+            ("signing key", |b, a| {
+                b.signing_key.clone_from(&a.signing_key)
+            }),
+            ("sealing key", |b, a| {
+                b.sealing_key.clone_from(&a.sealing_key)
+            }),
+            ("certificate", |b, a| {
+                b.cert_sha256.clone_from(&a.cert_sha256)
+            }),
+        ];
+        for (what, share) in sharing {
+            let (a, mut b) = (entry("a-my"), entry("b-my"));
+            share(&mut b, &a);
+            let err = Directory::from_toml(&file(vec![a, b])).unwrap_err();
+            assert!(
+                matches!(err, DirectoryError::SharedKey { what: w, .. } if w == what),
+                "{err}"
+            );
+        }
         assert!(matches!(
             Directory::from_toml("federation = 1"),
             Err(DirectoryError::Syntax(_))
