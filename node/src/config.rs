@@ -13,7 +13,7 @@
 //! key = "tls.key"                       # its private key (PEM, mode 0600)
 //! handshake_timeout_ms = 5000
 //! max_message_bytes = 300000            # larger messages are refused
-//! max_connections = 1024
+//! max_connections = 1024               # members' connections (handshakes not counted)
 //!
 //! [local]                               # caseworker API (bearer tokens)
 //! listen = "127.0.0.1:7080"
@@ -144,6 +144,8 @@ pub struct FederationConfig {
     pub key: PathBuf,
     pub handshake_timeout_ms: u64,
     pub max_message_bytes: usize,
+    /// Members' connections open at once. A connection counts once its handshake proved
+    /// a member; handshakes in progress have their own bounds (see `tls`).
     pub max_connections: usize,
 }
 

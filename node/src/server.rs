@@ -88,6 +88,9 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         f.max_connections,
     );
     let federation = Server::builder()
+        // A member that vanished without closing its connection gives its slot back.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(health_service.clone())
         .add_service(reflection.clone())
         .add_service(

@@ -9,11 +9,12 @@
 //! The client side (delivery) checks the server the same way against the org it means to
 //! reach, so an envelope header is never shown to anyone else.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -377,9 +378,70 @@ impl AsyncWrite for FederationConn {
     }
 }
 
+/// TLS handshakes in progress at once, and from one address. A client that has not
+/// proved it is a member holds no connection slot, and one address cannot take every
+/// handshake: otherwise anyone able to open TCP connections could keep members out by
+/// opening connections and never finishing their handshakes.
+const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+
+/// Handshakes in progress, in all and per address.
+#[derive(Clone)]
+struct Handshakes {
+    all: Arc<Semaphore>,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One handshake's place; given back when dropped.
+struct HandshakeSlot {
+    _all: OwnedSemaphorePermit,
+    address: IpAddr,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Handshakes {
+    fn new() -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            by_address: Default::default(),
+        }
+    }
+
+    /// A place for a handshake from `address`, if there is one.
+    fn enter(&self, address: IpAddr) -> Option<HandshakeSlot> {
+        let all = self.all.clone().try_acquire_owned().ok()?;
+        let mut by_address = self.by_address.lock().ok()?;
+        let count = by_address.entry(address).or_insert(0);
+        if *count >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(HandshakeSlot {
+            _all: all,
+            address,
+            by_address: self.by_address.clone(),
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut by_address) = self.by_address.lock()
+            && let Some(count) = by_address.get_mut(&self.address)
+        {
+            *count -= 1;
+            if *count == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections, runs each TLS handshake in its own task with a timeout, and
-/// yields the connections of authenticated members. At most `max_connections` are open
-/// at once; further clients wait in the kernel's accept queue.
+/// yields the connections of authenticated members. At most `max_connections` members'
+/// connections are open at once; a handshake takes a slot only once it has succeeded,
+/// and at most [`MAX_HANDSHAKES`] (from one address [`MAX_HANDSHAKES_PER_ADDRESS`]) run at
+/// once. A connection that finds no place is closed at once; members retry.
 pub fn accept_members(
     listener: TcpListener,
     config: rustls::ServerConfig,
@@ -390,11 +452,9 @@ pub fn accept_members(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let limit = Arc::new(Semaphore::new(max_connections));
+    let handshakes = Handshakes::new();
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
             let (tcp, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -403,10 +463,17 @@ pub fn accept_members(
                     continue;
                 }
             };
+            let Some(slot) = handshakes.enter(remote.ip()) else {
+                tracing::info!(%remote, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let directory = directory.clone();
-            let tx = tx.clone();
+            let (acceptor, directory, tx, limit) = (
+                acceptor.clone(),
+                directory.clone(),
+                tx.clone(),
+                limit.clone(),
+            );
             tokio::spawn(async move {
                 let stream =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -420,6 +487,7 @@ pub fn accept_members(
                             return;
                         }
                     };
+                drop(slot);
                 let org = stream
                     .get_ref()
                     .1
@@ -433,6 +501,10 @@ pub fn accept_members(
                         tracing::warn!(%remote, %error, "connection without member identity");
                         return;
                     }
+                };
+                let Ok(permit) = limit.try_acquire_owned() else {
+                    tracing::warn!(%remote, peer = %org, "federation connection limit reached; connection closed");
+                    return;
                 };
                 tracing::debug!(%remote, peer = %org, "member connected");
                 let conn = FederationConn {

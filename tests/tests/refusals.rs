@@ -109,6 +109,56 @@ async fn refuses_connections_without_a_member_certificate() {
     assert!(log.contains("UnknownIssuer"), "{log}");
 }
 
+/// Connections that never finish their TLS handshake hold no connection slot: with two
+/// slots and twenty such connections open, a member still gets in at once. (Before, each
+/// took a slot for its 5 s handshake timeout, and the member waited behind them all.)
+#[tokio::test]
+async fn unfinished_handshakes_do_not_keep_members_out() {
+    let fed = Federation::demo("handshakes");
+    let config = fed.org(SHELTER_KH).config.clone();
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen(
+        "key = \"tls.key\"\n",
+        "key = \"tls.key\"\nmax_connections = 2\n",
+        1,
+    );
+    assert!(text.contains("max_connections = 2"), "{text}");
+    std::fs::write(&config, text).expect("config");
+    let recipient = fed.start(SHELTER_KH);
+    let address = format!("127.0.0.1:{}", fed.org(SHELTER_KH).ports.federation);
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(
+            tokio::net::TcpStream::connect(&address)
+                .await
+                .expect("tcp connect"),
+        );
+    }
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(4), async {
+        let channel = fed
+            .federation_channel(Some(fed.org(SHELTER_MY)), &fed.dir, SHELTER_KH)
+            .await
+            .map_err(|e| e.to_string())?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|s| s.to_string())
+    })
+    .await;
+    let answer = answer.unwrap_or_else(|_| {
+        panic!(
+            "a member waited {:?} behind connections that never handshake",
+            started.elapsed()
+        )
+    });
+    assert!(answer.is_ok(), "{answer:?}");
+    drop(silent);
+    drop(recipient);
+}
+
 /// The TLS handshake failed, so the RPC fails at the transport: which code the client
 /// library reports depends on when it notices the closed connection.
 fn assert_transport_refusal(status: tonic::Status) {
