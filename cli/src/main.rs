@@ -67,6 +67,17 @@ enum Command {
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
     },
+    /// Sign a federation directory with a governance key: appends the signature to
+    /// `<directory>.sig`, where nodes look for it. A node accepts a directory signed by
+    /// the threshold of distinct governance keys its configuration names.
+    SignDirectory {
+        /// The directory file, exactly as it will be published.
+        #[arg(long)]
+        directory: PathBuf,
+        /// The governance key (base64 Ed25519 seed, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Cases.
     #[command(subcommand)]
     Case(CaseCommand),
@@ -135,6 +146,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             base_port,
         } => dev_pki(&out, &federation, orgs, base_port),
         Command::Node { .. } => Err("`corridor node` must come first on the command line".into()),
+        Command::SignDirectory { directory, key } => sign_directory(&directory, &key),
         Command::Audit(args) => corridor_cli::audit::run(args, output).await,
         Command::Bench(args) => corridor_cli::bench::run(args).await,
         Command::BenchEcho { listen, org_dir } => {
@@ -158,6 +170,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Command::Inbox => commands::inbox(&mut client, output).await,
                 Command::Demo { .. }
                 | Command::DevPki { .. }
+                | Command::SignDirectory { .. }
                 | Command::Node { .. }
                 | Command::Profiles { .. }
                 | Command::Audit(_)
@@ -166,6 +179,40 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
     }
+}
+
+fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let key = corridor_node::keys::load_signing_key(key).map_err(|e| e.to_string())?;
+    let body = std::fs::read(directory)
+        .map_err(|e| format!("cannot read the directory {}: {e}", directory.display()))?;
+    // Only a valid directory is worth a signature.
+    let text = String::from_utf8(body)
+        .map_err(|_| format!("the directory {} is not UTF-8 text", directory.display()))?;
+    let parsed = corridor::Directory::from_toml(&text)
+        .map_err(|e| format!("the directory {} is invalid: {e}", directory.display()))?;
+    let mut path = directory.as_os_str().to_owned();
+    path.push(".sig");
+    let path = PathBuf::from(path);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    writeln!(
+        file,
+        "{}",
+        corridor::directory::signature_line(text.as_bytes(), &key)
+    )
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!(
+        "signed serial {} of {} with key {}; signatures in {}",
+        parsed.serial,
+        parsed.federation,
+        key.verifying_key().to_base64(),
+        path.display()
+    );
+    Ok(())
 }
 
 fn dev_pki(

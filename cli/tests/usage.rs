@@ -86,6 +86,7 @@ fn dev_pki_refuses_a_non_empty_directory_and_writes_private_keys_0600() {
         "ngo-th/tls.key",
         "ngo-th/signing.key",
         "ngo-th/sealing.key",
+        "governance/board-1.key",
     ] {
         let mode = std::fs::metadata(dir.join(key))
             .unwrap()
@@ -105,5 +106,49 @@ fn dev_pki_refuses_a_non_empty_directory_and_writes_private_keys_0600() {
     let (ok, stderr) = corridor(&["dev-pki", "--out", "/tmp/x", "--org", "Bad:MY:shelter"]);
     assert!(!ok);
     assert!(stderr.contains("org"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A directory is published with the signatures of a threshold of governance keys, one
+/// `corridor sign-directory` each; a node accepts it only once there are enough.
+#[test]
+fn a_directory_takes_effect_once_enough_governance_keys_signed_it() {
+    let dir = std::env::temp_dir().join(format!("corridor-cli-sign-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let (ok, stderr) = corridor(&["dev-pki", "--out", out, "--org", "ngo-th:TH:ngo"]);
+    assert!(ok, "{stderr}");
+    std::fs::remove_file(dir.join("directory.toml.sig")).unwrap();
+    let config = dir.join("ngo-th/node.toml");
+    let check = || corridor(&["node", "--config", config.to_str().unwrap(), "check-config"]);
+    let (ok, stderr) = check();
+    assert!(
+        !ok && stderr.contains("cannot read its signatures"),
+        "{stderr}"
+    );
+    let directory = dir.join("directory.toml");
+    let sign = |board: &str| {
+        let key = dir.join("governance").join(board);
+        corridor(&[
+            "sign-directory",
+            "--directory",
+            directory.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ])
+    };
+    let (ok, stderr) = sign("board-1.key");
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = check();
+    assert!(
+        !ok && stderr.contains("signed by 1 governance key(s) of the 2"),
+        "{stderr}"
+    );
+    // The same key again still counts once.
+    assert!(sign("board-1.key").0);
+    assert!(!check().0);
+    assert!(sign("board-3.key").0);
+    let (ok, stderr) = check();
+    assert!(ok, "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,7 +4,12 @@
 //! ```toml
 //! org_id = "shelter-my"                 # required: this node's org id
 //! data_dir = "."                        # SQLite database and runtime state
-//! directory = "directory.toml"          # federation directory file
+//! directory = "directory.toml"          # federation directory file; its governance
+//!                                       # signatures are in directory.toml.sig
+//!
+//! [governance]                          # required: who signs the directory
+//! keys = ["<base64 Ed25519 public key>", ...]
+//! threshold = 2                         # signatures of distinct keys a directory needs
 //!
 //! [federation]                          # listener for other nodes (mutual TLS)
 //! listen = "0.0.0.0:7443"
@@ -68,6 +73,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default = "defaults::directory")]
     pub directory: PathBuf,
+    pub governance: GovernanceConfig,
     #[serde(default)]
     pub federation: FederationConfig,
     #[serde(default)]
@@ -85,6 +91,28 @@ pub struct Config {
     /// The file this configuration was read from.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// The federation's governance keys: the node accepts a directory only with `threshold`
+/// signatures of distinct ones among them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GovernanceConfig {
+    /// Base64 Ed25519 public keys.
+    pub keys: Vec<String>,
+    pub threshold: usize,
+}
+
+impl GovernanceConfig {
+    pub fn governance(&self) -> Result<corridor::directory::Governance, String> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| corridor::VerifyingKey::from_base64(k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("governance.keys: {e}"))?;
+        corridor::directory::Governance::new(keys, self.threshold).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +335,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.governance.governance()?;
         let d = &self.delivery;
         if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
             return Err("delivery: need 0 < initial_backoff_ms <= max_backoff_ms".into());
@@ -364,12 +393,21 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// A governance section of one key, which every configuration needs.
+    fn governance() -> String {
+        let key = corridor::SigningKey::from_seed(&[1; 32]).unwrap();
+        format!(
+            "[governance]\nkeys = [\"{}\"]\nthreshold = 1\n",
+            key.verifying_key().to_base64()
+        )
+    }
+
     #[test]
     fn minimal_config_gets_defaults_and_resolved_paths() {
         let dir = std::env::temp_dir().join(format!("corridor-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("node.toml");
-        std::fs::write(&path, "org_id = \"shelter-my\"\n").unwrap();
+        std::fs::write(&path, format!("org_id = \"shelter-my\"\n{}", governance())).unwrap();
         let c = Config::load(&path).unwrap();
         assert_eq!(c.org_id.as_str(), "shelter-my");
         assert_eq!(c.local.listen.to_string(), "127.0.0.1:7080");
@@ -405,6 +443,23 @@ mod tests {
             (
                 "org_id = \"a\"\n[federation]\nmax_message_bytes = 1000000000000\n",
                 "max_message_bytes",
+            ),
+        ] {
+            // The governance section goes after the top-level keys, before the rest.
+            let (first, rest) = text.split_once('\n').unwrap();
+            std::fs::write(&path, format!("{first}\n{}{rest}", governance())).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(word), "{err} should mention {word}");
+        }
+        for (text, word) in [
+            ("org_id = \"a\"\n".to_string(), "governance"),
+            (
+                format!("org_id = \"a\"\n{}", governance().replace("= 1", "= 0")),
+                "threshold",
+            ),
+            (
+                "org_id = \"a\"\n[governance]\nkeys = [\"x\"]\nthreshold = 1\n".to_string(),
+                "governance.keys",
             ),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -245,6 +245,12 @@ async fn deliver_once(
             "its envelope is about to expire".into(),
         ));
     }
+    if !node.directory.is_current(now_ms()) {
+        // Fail closed: who is a member is no longer known.
+        return Err(AttemptError::Retry(
+            "this node's federation directory has expired; install a newer one".into(),
+        ));
+    }
     let recipient = OrgId::new(&item.recipient)
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
     let member = node

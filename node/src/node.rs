@@ -57,15 +57,26 @@ pub enum StartError {
     Listen { addr: String, reason: String },
 }
 
-pub fn load_directory(path: &std::path::Path) -> Result<Directory, StartError> {
-    let text = std::fs::read_to_string(path).map_err(|e| StartError::Directory {
+/// Reads the configured directory and its signatures (`<directory>.sig`), and accepts it
+/// only as signed by the configured governance keys and not expired.
+pub fn load_directory(config: &Config) -> Result<Directory, StartError> {
+    let path = &config.directory;
+    let failed = |reason: String| StartError::Directory {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason,
+    };
+    let mut signatures_path = path.as_os_str().to_owned();
+    signatures_path.push(".sig");
+    let body = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let signatures = std::fs::read_to_string(&signatures_path).map_err(|e| {
+        failed(format!(
+            "cannot read its signatures {}: {e}",
+            std::path::Path::new(&signatures_path).display()
+        ))
     })?;
-    Directory::from_toml(&text).map_err(|e| StartError::Directory {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    let governance = config.governance.governance().map_err(failed)?;
+    Directory::from_signed(&body, &signatures, &governance, now_ms())
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// Opens the database of a configuration (creating the data directory if needed).
@@ -81,7 +92,7 @@ impl Node {
     /// Loads everything the configuration names and checks that it is consistent: the
     /// directory lists this org with exactly these public keys and this certificate.
     pub async fn load(config: Config) -> Result<Arc<Self>, StartError> {
-        let directory = Arc::new(load_directory(&config.directory)?);
+        let directory = Arc::new(load_directory(&config)?);
         let org = config.org_id.clone();
         let member = directory
             .get(&org)
@@ -119,6 +130,15 @@ impl Node {
             }
         }
         let store = open_store(&config).await?;
+        if let Some(newer) = store.accept_directory_serial(directory.serial).await? {
+            return Err(StartError::Directory {
+                path: config.directory.display().to_string(),
+                reason: format!(
+                    "its serial {} is older than serial {newer}, which this node accepted before; install the newer directory",
+                    directory.serial
+                ),
+            });
+        }
         let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
         Ok(Arc::new(Self {
             org,

@@ -36,6 +36,11 @@ impl Federation for FederationService {
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
+        if !self.node.directory.is_current(crate::node::now_ms()) {
+            return Err(Status::unavailable(
+                "this node's federation directory has expired: it accepts nothing until a newer one is installed",
+            ));
+        }
         let response = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
         Ok(Response::new(response))
     }

@@ -1708,6 +1708,35 @@ impl Store {
     }
 
     /// One trivial query: the cost of a round trip to SQLite's worker thread.
+    /// Records that the directory of `serial` is in use, unless this node accepted a
+    /// newer one before: then returns that one's serial and records nothing.
+    pub async fn accept_directory_serial(&self, serial: u64) -> Result<Option<u64>> {
+        let serial = i64::try_from(serial).map_err(|_| StoreError::Corrupt("directory serial"))?;
+        self.writer
+            .run(serial, |serial, tx, _log| {
+                Box::pin(async move {
+                    let accepted: Option<i64> = sqlx::query_scalar(
+                        tx.sql("SELECT serial FROM directory_state WHERE id = 1 AND serial > $1"),
+                    )
+                    .bind(*serial)
+                    .fetch_optional(tx.conn().await?)
+                    .await?;
+                    if let Some(newer) = accepted {
+                        return Ok(Some(u64::try_from(newer).unwrap_or(0)));
+                    }
+                    sqlx::query(
+                        "INSERT INTO directory_state (id, serial) VALUES (1, $1)
+                         ON CONFLICT(id) DO UPDATE SET serial = excluded.serial",
+                    )
+                    .bind(*serial)
+                    .execute(tx.conn().await?)
+                    .await?;
+                    Ok(None)
+                })
+            })
+            .await
+    }
+
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
         Ok(())

@@ -502,6 +502,10 @@ pub fn accept_members(
                         return;
                     }
                 };
+                if !directory.is_current(crate::node::now_ms()) {
+                    tracing::warn!(%remote, peer = %org, "the federation directory has expired: connection closed until a newer one is installed");
+                    return;
+                }
                 let Ok(permit) = limit.try_acquire_owned() else {
                     tracing::warn!(%remote, peer = %org, "federation connection limit reached; connection closed");
                     return;

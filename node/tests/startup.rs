@@ -32,15 +32,31 @@ fn missing_config_is_named() {
     );
 }
 
-#[test]
-fn world_readable_key_is_refused() {
-    let dir = temp_dir("perm");
-    std::fs::write(dir.join("node.toml"), "org_id = \"shelter-my\"\n").unwrap();
+/// A node directory whose directory is signed by its one governance key.
+fn node_dir(tag: &str) -> std::path::PathBuf {
+    let dir = temp_dir(tag);
+    let board = corridor::SigningKey::from_seed(&[7; 32]).unwrap();
     std::fs::write(
-        dir.join("directory.toml"),
-        "federation = \"t\"\nserial = 1\n[[member]]\nid = \"shelter-my\"\nname = \"S\"\ncountry = \"MY\"\nroles = [\"shelter\"]\nendpoint = \"https://127.0.0.1:1\"\nsigning_key = \"A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=\"\nsealing_key = \"A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=\"\ncert_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+        dir.join("node.toml"),
+        format!(
+            "org_id = \"shelter-my\"\n[governance]\nkeys = [\"{}\"]\nthreshold = 1\n",
+            board.verifying_key().to_base64()
+        ),
     )
     .unwrap();
+    let directory = "federation = \"t\"\nserial = 1\nexpires_at_ms = 4102444800000\n[[member]]\nid = \"shelter-my\"\nname = \"S\"\ncountry = \"MY\"\nroles = [\"shelter\"]\nendpoint = \"https://127.0.0.1:1\"\nsigning_key = \"A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=\"\nsealing_key = \"A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=\"\ncert_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
+    std::fs::write(dir.join("directory.toml"), directory).unwrap();
+    std::fs::write(
+        dir.join("directory.toml.sig"),
+        corridor::directory::signature_line(directory.as_bytes(), &board),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn world_readable_key_is_refused() {
+    let dir = node_dir("perm");
     let key = dir.join("signing.key");
     std::fs::write(&key, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -49,6 +65,33 @@ fn world_readable_key_is_refused() {
     assert!(!ok);
     assert!(stderr.contains("chmod 600"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A directory whose bytes its governance signatures do not cover is refused, in one
+/// sentence that says why.
+#[test]
+fn a_directory_without_its_governance_signatures_is_refused() {
+    let dir = node_dir("unsigned");
+    let path = dir.join("directory.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("name = \"S\"", "name = \"Someone else\""),
+    )
+    .unwrap();
+    let config = dir.join("node.toml");
+    let (ok, stderr) = node(&["--config", config.to_str().unwrap(), "check-config"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("signed by 0 governance key(s) of the 1 it needs"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    std::fs::remove_file(dir.join("directory.toml.sig")).unwrap();
+    let (ok, stderr) = node(&["--config", config.to_str().unwrap(), "check-config"]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read its signatures"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

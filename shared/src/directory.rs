@@ -1,18 +1,25 @@
 //! The federation directory: who the members are, what roles they hold, where they are
 //! reached and which keys and certificate speak for them.
 //!
-//! For now the directory is a TOML file distributed out of band; a signed, serial-numbered
-//! directory replaces it later without changing this interface. A peer is who its
-//! certificate and this directory both say it is: the certificate's org URI must name a
-//! member and its SHA-256 fingerprint must equal the one listed here.
+//! The directory is a TOML file distributed out of band, with a serial number and an
+//! expiry, and signed by k of the federation's n governance keys: the signatures travel
+//! beside it, one line each, in `<directory>.sig`, over the file's exact bytes. A node
+//! accepts a directory only with k valid signatures of distinct governance keys, before
+//! its expiry, and (see the node) never one older than it accepted before. A peer is who
+//! its certificate and this directory both say it is: the certificate's org URI must name
+//! a member and its SHA-256 fingerprint must equal the one listed here.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::canonical::Canonical;
 use crate::org::OrgId;
 use crate::seal::SealingPublicKey;
-use crate::sign::VerifyingKey;
+use crate::sign::{SigningKey, VerifyingKey};
+
+/// Domain separation of governance signatures over a directory file.
+const SIGNATURE_LABEL: &[u8] = b"corridor/v1/directory\0";
 
 /// What an organisation does in the federation; roles gate actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -101,6 +108,9 @@ pub struct DirectoryFile {
     pub federation: String,
     /// Increases with every published change.
     pub serial: u64,
+    /// After this (milliseconds since the Unix epoch) nodes refuse the directory and
+    /// federation traffic stops until a newer one is installed: fail closed.
+    pub expires_at_ms: i64,
     #[serde(rename = "member")]
     pub members: Vec<MemberEntry>,
 }
@@ -124,6 +134,58 @@ pub enum DirectoryError {
     },
     #[error("directory has no members")]
     Empty,
+    #[error(
+        "directory is signed by {valid} governance key(s) of the {needed} it needs (checked against the configured governance keys)"
+    )]
+    NotSigned { valid: usize, needed: usize },
+    #[error("directory signatures line {line} is not `<public key> <signature>` in base64")]
+    SignatureLine { line: usize },
+    #[error("directory serial {serial} expired at {expires_at_ms} ms since the epoch")]
+    Expired { serial: u64, expires_at_ms: i64 },
+    #[error("governance: {0}")]
+    Governance(String),
+}
+
+/// The federation's governance keys and how many of them must sign a directory.
+#[derive(Debug, Clone)]
+pub struct Governance {
+    keys: Vec<VerifyingKey>,
+    threshold: usize,
+}
+
+impl Governance {
+    /// `threshold` of `keys` must sign; the keys must be distinct.
+    pub fn new(keys: Vec<VerifyingKey>, threshold: usize) -> Result<Self, DirectoryError> {
+        if threshold == 0 || threshold > keys.len() {
+            return Err(DirectoryError::Governance(format!(
+                "threshold {threshold} must be between 1 and the number of keys ({})",
+                keys.len()
+            )));
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if keys[..i].contains(key) {
+                return Err(DirectoryError::Governance(
+                    "a governance key is listed twice".into(),
+                ));
+            }
+        }
+        Ok(Self { keys, threshold })
+    }
+}
+
+/// What a governance key signs: the directory file's exact bytes, domain-separated.
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    Canonical::new(SIGNATURE_LABEL).bytes(body).finish()
+}
+
+/// One line of a directory's signatures file: `key`'s signature over `body`.
+pub fn signature_line(body: &[u8], key: &SigningKey) -> String {
+    use base64::Engine as _;
+    format!(
+        "{} {}",
+        key.verifying_key().to_base64(),
+        base64::engine::general_purpose::STANDARD.encode(key.sign(&signed_message(body)))
+    )
 }
 
 /// The validated federation directory.
@@ -131,11 +193,65 @@ pub enum DirectoryError {
 pub struct Directory {
     pub federation: String,
     pub serial: u64,
+    pub expires_at_ms: i64,
     members: BTreeMap<OrgId, Member>,
 }
 
 impl Directory {
-    /// Parses and validates a directory file.
+    /// Verifies a directory file's governance signatures (`signatures`: the lines of its
+    /// `.sig` file) and expiry, then parses and validates it. Each governance key counts
+    /// once; lines by other keys are ignored, so a file may carry signatures for several
+    /// governance sets.
+    pub fn from_signed(
+        body: &str,
+        signatures: &str,
+        governance: &Governance,
+        now_ms: i64,
+    ) -> Result<Self, DirectoryError> {
+        use base64::Engine as _;
+        let message = signed_message(body.as_bytes());
+        let mut signed_by: Vec<&VerifyingKey> = Vec::new();
+        for (index, line) in signatures.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let malformed = DirectoryError::SignatureLine { line: index + 1 };
+            let (key, signature) = line.split_once(' ').ok_or(malformed.clone())?;
+            let key = VerifyingKey::from_base64(key.trim()).map_err(|_| malformed.clone())?;
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(signature.trim())
+                .map_err(|_| malformed)?;
+            let Some(governing) = governance.keys.iter().find(|k| **k == key) else {
+                continue;
+            };
+            if !signed_by.contains(&governing) && governing.verify(&message, &signature).is_ok() {
+                signed_by.push(governing);
+            }
+        }
+        if signed_by.len() < governance.threshold {
+            return Err(DirectoryError::NotSigned {
+                valid: signed_by.len(),
+                needed: governance.threshold,
+            });
+        }
+        let directory = Self::from_toml(body)?;
+        if !directory.is_current(now_ms) {
+            return Err(DirectoryError::Expired {
+                serial: directory.serial,
+                expires_at_ms: directory.expires_at_ms,
+            });
+        }
+        Ok(directory)
+    }
+
+    /// Whether the directory is still in force at `now_ms`.
+    pub fn is_current(&self, now_ms: i64) -> bool {
+        now_ms < self.expires_at_ms
+    }
+
+    /// Parses and validates a directory file, without checking its signatures: for
+    /// tools that only read it. A node loads its directory with [`Directory::from_signed`].
     pub fn from_toml(text: &str) -> Result<Self, DirectoryError> {
         let file: DirectoryFile =
             toml::from_str(text).map_err(|e| DirectoryError::Syntax(e.message().to_owned()))?;
@@ -174,6 +290,7 @@ impl Directory {
         Ok(Self {
             federation: file.federation,
             serial: file.serial,
+            expires_at_ms: file.expires_at_ms,
             members,
         })
     }
@@ -286,9 +403,71 @@ mod tests {
         toml::to_string(&DirectoryFile {
             federation: "test".into(),
             serial: 1,
+            expires_at_ms: 1_000,
             members,
         })
         .unwrap()
+    }
+
+    /// A directory counts only valid signatures of distinct governance keys, over its
+    /// exact bytes, and only until it expires.
+    #[test]
+    fn a_directory_needs_k_of_n_governance_signatures_and_expires() {
+        let gov: Vec<SigningKey> = (1..=3u8)
+            .map(|i| SigningKey::from_seed(&[i; 32]).unwrap())
+            .collect();
+        let outsider = SigningKey::from_seed(&[9; 32]).unwrap();
+        let governance =
+            Governance::new(gov.iter().map(|k| k.verifying_key()).collect(), 2).unwrap();
+        let body = file(vec![entry("a-my"), entry("b-my")]);
+        let sign = |keys: &[&SigningKey]| {
+            keys.iter()
+                .map(|k| signature_line(body.as_bytes(), k))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let open = |sigs: &str, now| Directory::from_signed(&body, sigs, &governance, now);
+
+        let directory = open(&sign(&[&gov[0], &gov[2]]), 999).expect("2 of 3 sign");
+        assert_eq!((directory.serial, directory.expires_at_ms), (1, 1_000));
+        assert!(directory.is_current(999) && !directory.is_current(1_000));
+        // The same key twice, or a key outside the governance set, does not make two.
+        for sigs in [sign(&[&gov[0], &gov[0]]), sign(&[&gov[1], &outsider])] {
+            assert_eq!(
+                open(&sigs, 0).unwrap_err(),
+                DirectoryError::NotSigned {
+                    valid: 1,
+                    needed: 2
+                }
+            );
+        }
+        // A signature over other bytes (one changed member) does not count.
+        let tampered = body.replacen("b-my", "c-my", 1);
+        assert!(matches!(
+            Directory::from_signed(&tampered, &sign(&[&gov[0], &gov[1]]), &governance, 0),
+            Err(DirectoryError::NotSigned { valid: 0, .. })
+        ));
+        // Comments and blank lines are fine; anything else malformed is named.
+        let commented = format!("# by the board\n\n{}", sign(&[&gov[0], &gov[1]]));
+        assert!(open(&commented, 0).is_ok());
+        assert_eq!(
+            open("not-a-signature", 0).unwrap_err(),
+            DirectoryError::SignatureLine { line: 1 }
+        );
+        // Expired: refused however well signed.
+        assert_eq!(
+            open(&sign(&[&gov[0], &gov[1], &gov[2]]), 1_000).unwrap_err(),
+            DirectoryError::Expired {
+                serial: 1,
+                expires_at_ms: 1_000
+            }
+        );
+        // A governance set must be able to sign at all, without counting a key twice.
+        let keys = |n: usize| gov[..n].iter().map(|k| k.verifying_key()).collect();
+        assert!(Governance::new(keys(3), 0).is_err());
+        assert!(Governance::new(keys(2), 3).is_err());
+        let twice = vec![gov[0].verifying_key(), gov[0].verifying_key()];
+        assert!(Governance::new(twice, 1).is_err());
     }
 
     #[test]

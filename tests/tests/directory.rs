@@ -1,0 +1,54 @@
+//! The federation directory a node runs on is one its governance signed, and never one
+//! older than it accepted before: a rollback could bring back a member since removed.
+
+use std::process::Command;
+
+use corridor_tests::*;
+
+/// Rewrites the federation's directory with `serial` and signs it with two of the
+/// governance board's three keys.
+fn publish(fed: &Federation, serial: u64) {
+    let path = fed.dir.join("directory.toml");
+    let text = std::fs::read_to_string(&path).expect("directory");
+    let start = text.find("serial = ").expect("serial line");
+    let end = start + text[start..].find('\n').expect("end of line");
+    let text = format!("{}serial = {serial}{}", &text[..start], &text[end..]);
+    std::fs::write(&path, &text).expect("directory");
+    let signatures: String = [1, 2]
+        .iter()
+        .map(|i| {
+            let key = corridor_node::keys::load_signing_key(
+                &fed.dir.join("governance").join(format!("board-{i}.key")),
+            )
+            .expect("board key");
+            corridor::directory::signature_line(text.as_bytes(), &key) + "\n"
+        })
+        .collect();
+    std::fs::write(fed.dir.join("directory.toml.sig"), signatures).expect("signatures");
+}
+
+#[tokio::test]
+async fn a_node_refuses_a_directory_older_than_one_it_accepted() {
+    let fed = Federation::demo("rollback");
+    publish(&fed, 2);
+    let mut node = fed.start(SHELTER_MY);
+    node.stop();
+
+    // Serial 1, well signed, but older than the 2 the node ran on.
+    publish(&fed, 1);
+    let out = Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(&fed.org(SHELTER_MY).config)
+        .output()
+        .expect("run corridor-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("its serial 1 is older than serial 2, which this node accepted before"),
+        "{stderr}"
+    );
+
+    // The newer one again, or a newer still, is fine.
+    publish(&fed, 3);
+    node.start();
+}
