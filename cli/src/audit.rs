@@ -24,6 +24,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::commands::Output;
 
+/// A file naming the federation's governance keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GovernanceFile {
+    governance: corridor_node::config::GovernanceConfig,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct AuditArgs {
     /// Directory with the auditor org's tls.pem and tls.key (an org with the auditor or
@@ -33,9 +40,16 @@ pub struct AuditArgs {
     /// Federation CA certificate (default: ../ca.pem next to the identity).
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// Federation directory (default: ../directory.toml next to the identity).
+    /// Federation directory (default: ../directory.toml next to the identity); its
+    /// governance signatures are read from `<directory>.sig`.
     #[arg(long)]
     pub directory: Option<PathBuf>,
+    /// The governance keys the directory must be signed by: a TOML file with a
+    /// `[governance]` section as in a node's configuration (default: ../governance.toml
+    /// next to the identity). The keys that verify the logs come from the directory, so
+    /// the directory is trusted only as signed.
+    #[arg(long)]
+    pub governance: Option<PathBuf>,
     /// Where the auditor keeps what it verified.
     #[arg(long, env = "CORRIDOR_AUDIT_STATE", default_value = ".corridor-audit")]
     pub state: PathBuf,
@@ -151,8 +165,25 @@ impl Auditor {
             .directory
             .clone()
             .unwrap_or_else(|| parent.join("directory.toml"));
-        let directory = Directory::from_toml(&String::from_utf8_lossy(&read(&dir_path)?))
-            .map_err(|e| format!("{}: {e}", dir_path.display()))?;
+        let governance_path = args
+            .governance
+            .clone()
+            .unwrap_or_else(|| parent.join("governance.toml"));
+        let governance =
+            toml::from_str::<GovernanceFile>(&String::from_utf8_lossy(&read(&governance_path)?))
+                .map_err(|e| format!("{}: {}", governance_path.display(), e.message()))?
+                .governance
+                .governance()
+                .map_err(|e| format!("{}: {e}", governance_path.display()))?;
+        let mut sig_path = dir_path.as_os_str().to_owned();
+        sig_path.push(".sig");
+        let directory = Directory::from_signed(
+            &String::from_utf8_lossy(&read(&dir_path)?),
+            &String::from_utf8_lossy(&read(Path::new(&sig_path))?),
+            &governance,
+            corridor_node::node::now_ms(),
+        )
+        .map_err(|e| format!("{}: {e}", dir_path.display()))?;
         Ok(Self {
             directory,
             ca,

@@ -288,6 +288,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
         identity: Some(auditor.dir.clone()),
         ca: None,
         directory: None,
+        governance: None,
         state: state.clone(),
         command,
     };

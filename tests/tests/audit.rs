@@ -550,3 +550,20 @@ async fn proofs_are_checked_against_entries_and_only_auditors_read_entries() {
         .await
         .expect("a witness reads inclusion proofs");
 }
+
+/// The keys that verify the logs come from the directory, so an auditor trusts a
+/// directory only as its governance signed it: one changed after signing is refused
+/// before any node is asked anything.
+#[test]
+fn an_auditor_refuses_a_directory_its_governance_did_not_sign() {
+    let fed = Federation::demo("audit-unsigned");
+    let state = fed.dir.join("auditor-state");
+    let path = fed.dir.join("directory.toml");
+    let text = std::fs::read_to_string(&path).expect("directory");
+    std::fs::write(&path, text.replacen("(demo)", "(forged)", 1)).expect("directory");
+    let err = failed(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
+    assert!(
+        err.contains("signed by 0 governance key(s) of the 2 it needs"),
+        "{err}"
+    );
+}
