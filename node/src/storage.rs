@@ -1707,7 +1707,6 @@ impl Store {
             .await
     }
 
-    /// One trivial query: the cost of a round trip to SQLite's worker thread.
     /// Records that the directory of `serial` is in use, unless this node accepted a
     /// newer one before: then returns that one's serial and records nothing.
     pub async fn accept_directory_serial(&self, serial: u64) -> Result<Option<u64>> {
@@ -1737,6 +1736,7 @@ impl Store {
             .await
     }
 
+    /// One trivial query: the cost of a round trip to SQLite's worker thread.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
         Ok(())

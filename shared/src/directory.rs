@@ -262,6 +262,10 @@ impl Directory {
         if file.members.is_empty() {
             return Err(DirectoryError::Empty);
         }
+        // Nodes store the serial as a signed 64-bit integer.
+        if i64::try_from(file.serial).is_err() {
+            return Err(DirectoryError::Syntax("serial must be below 2^63".into()));
+        }
         let mut members = BTreeMap::new();
         let mut keys: BTreeMap<(&'static str, Vec<u8>), OrgId> = BTreeMap::new();
         for (index, entry) in file.members.into_iter().enumerate() {
@@ -556,6 +560,12 @@ mod tests {
         assert!(matches!(
             Directory::from_toml("federation = 1"),
             Err(DirectoryError::Syntax(_))
+        ));
+        let huge =
+            file(vec![entry("a-my")]).replace("serial = 1", &format!("serial = {}", u64::MAX));
+        assert!(matches!(
+            Directory::from_toml(&huge),
+            Err(DirectoryError::Syntax(m)) if m.contains("serial")
         ));
         assert!(matches!(
             Directory::from_toml(&file(vec![])),
