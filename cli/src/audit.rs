@@ -175,11 +175,9 @@ impl Auditor {
                 .governance
                 .governance()
                 .map_err(|e| format!("{}: {e}", governance_path.display()))?;
-        let mut sig_path = dir_path.as_os_str().to_owned();
-        sig_path.push(".sig");
         let directory = Directory::from_signed(
             &String::from_utf8_lossy(&read(&dir_path)?),
-            &String::from_utf8_lossy(&read(Path::new(&sig_path))?),
+            &String::from_utf8_lossy(&read(&corridor::directory::signatures_path(&dir_path))?),
             &governance,
             corridor_node::node::now_ms(),
         )

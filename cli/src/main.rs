@@ -191,9 +191,7 @@ fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<
         .map_err(|_| format!("the directory {} is not UTF-8 text", directory.display()))?;
     let parsed = corridor::Directory::from_toml(&text)
         .map_err(|e| format!("the directory {} is invalid: {e}", directory.display()))?;
-    let mut path = directory.as_os_str().to_owned();
-    path.push(".sig");
-    let path = PathBuf::from(path);
+    let path = corridor::directory::signatures_path(directory);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

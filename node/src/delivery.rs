@@ -315,7 +315,7 @@ async fn deliver_once(
         },
         now,
     );
-    let purge_receipt = if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
+    let purge_receipt = if is_withdrawal(item) {
         // A withdrawal is done only when the recipient proves it purged.
         let purge = response.purge_receipt.ok_or_else(|| {
             AttemptError::Retry("withdrawal answered without a purge receipt".into())
@@ -369,7 +369,7 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                     attempts: item.attempts + 1,
                     receipt,
                 });
-                if item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()) {
+                if is_withdrawal(&item) {
                     tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "withdrawal delivered, purge receipt verified");
                 } else {
                     tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");

@@ -65,13 +65,12 @@ pub fn load_directory(config: &Config) -> Result<Directory, StartError> {
         path: path.display().to_string(),
         reason,
     };
-    let mut signatures_path = path.as_os_str().to_owned();
-    signatures_path.push(".sig");
+    let signatures_path = corridor::directory::signatures_path(path);
     let body = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
     let signatures = std::fs::read_to_string(&signatures_path).map_err(|e| {
         failed(format!(
             "cannot read its signatures {}: {e}",
-            std::path::Path::new(&signatures_path).display()
+            signatures_path.display()
         ))
     })?;
     let governance = config.governance.governance().map_err(failed)?;

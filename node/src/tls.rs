@@ -386,7 +386,6 @@ const MAX_HANDSHAKES: usize = 256;
 const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
 
 /// Handshakes in progress, in all and per address.
-#[derive(Clone)]
 struct Handshakes {
     all: Arc<Semaphore>,
     by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,

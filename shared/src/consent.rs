@@ -914,6 +914,23 @@ mod tests {
         ("kh-embassy-kl", "MY", Role::Embassy),
     ];
     const ROLES: [Role; 3] = [Role::Shelter, Role::Ngo, Role::Embassy];
+
+    /// A referral to gate: a recipient (one of [`ORGS`]), a purpose and some fields.
+    fn arb_referral() -> impl Strategy<Value = (Member, Purpose, BTreeSet<Field>)> {
+        (
+            0usize..ORGS.len(),
+            0usize..Purpose::ALL.len(),
+            proptest::collection::btree_set(0usize..Field::ALL.len(), 0..12),
+        )
+            .prop_map(|(org, purpose, fields)| {
+                let (id, country, role) = ORGS[org];
+                (
+                    member(id, country, role),
+                    Purpose::ALL[purpose],
+                    fields.into_iter().map(|i| Field::ALL[i]).collect(),
+                )
+            })
+    }
     const COUNTRIES: [&str; 3] = ["KH", "TH", "MY"];
 
     proptest! {
@@ -924,15 +941,10 @@ mod tests {
         #[test]
         fn nothing_outside_consent_and_purpose_passes(
             scope in arb_scope(),
-            org in 0usize..3,
-            purpose in 0usize..8,
-            fields in proptest::collection::btree_set(0usize..Field::ALL.len(), 0..12),
+            (recipient, purpose, fields) in arb_referral(),
             now in 0i64..100,
         ) {
-            let (id, country, role) = ORGS[org];
-            let recipient = member(id, country, role);
-            let purpose = Purpose::ALL[purpose];
-            let fields: BTreeSet<Field> = fields.into_iter().map(|i| Field::ALL[i]).collect();
+            let (country, role) = (recipient.country.as_str(), recipient.roles[0]);
             let profile = profile(purpose);
             if gate(&scope, &recipient, purpose, &fields, now).is_ok() {
                 for f in &fields {
@@ -961,15 +973,9 @@ mod tests {
         #[test]
         fn a_receipt_discloses_the_referral_and_admits_it(
             scope in arb_scope(),
-            org in 0usize..3,
-            purpose in 0usize..8,
-            fields in proptest::collection::btree_set(0usize..Field::ALL.len(), 0..12),
+            (recipient, purpose, fields) in arb_referral(),
             now in 0i64..100,
         ) {
-            let (id, country, role) = ORGS[org];
-            let recipient = member(id, country, role);
-            let purpose = Purpose::ALL[purpose];
-            let fields: BTreeSet<Field> = fields.into_iter().map(|i| Field::ALL[i]).collect();
             let key = SigningKey::from_seed(&[3; 32]).unwrap();
             let r = ConsentReceipt::issue(
                 &scope.disclosed_by(purpose, &fields),

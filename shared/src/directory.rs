@@ -178,6 +178,14 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
     Canonical::new(SIGNATURE_LABEL).bytes(body).finish()
 }
 
+/// Where the governance signatures of the directory file at `directory` are: beside it,
+/// with `.sig` appended to its name.
+pub fn signatures_path(directory: &std::path::Path) -> std::path::PathBuf {
+    let mut path = directory.as_os_str().to_owned();
+    path.push(".sig");
+    path.into()
+}
+
 /// One line of a directory's signatures file: `key`'s signature over `body`.
 pub fn signature_line(body: &[u8], key: &SigningKey) -> String {
     use base64::Engine as _;
