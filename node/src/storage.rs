@@ -18,7 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
 
 use crate::cache::GuessCache;
-use crate::writer::{Tx, Writer};
+use crate::writer::{self, LogAppender, RowWrite, Rows, Step, Tx, Writer};
 
 /// Why a storage operation failed. Messages never contain stored values.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum StoreError {
     MissingEntry(u64),
     #[error("storage is closed")]
     Closed,
+    /// A row write's answer named a place in the log that an earlier row of its group,
+    /// not stored after all, left to another entry; the group runs again job by job.
+    #[error("an answer named the wrong place in the audit log")]
+    PlaceMoved,
     #[error("the WAL could not be emptied: a reader still holds an older snapshot")]
     CheckpointBusy,
 }
@@ -877,36 +881,9 @@ impl Store {
         item: &NewOutboxItem,
         consent_as_read: Option<Option<i64>>,
     ) -> Result<bool> {
-        let inserted = sqlx::query(tx.sql(
-            "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
-                case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-                state, next_attempt_at_ms, request_key, consent_ref)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'queued', $11, $15, $16
-             WHERE NOT $13
-                OR EXISTS (SELECT 1 FROM consents WHERE id = $4 AND withdrawn_at_ms IS NULL
-                                                   AND narrowed_at_ms IS $14)
-             ON CONFLICT (request_key) WHERE request_key IS NOT NULL DO NOTHING
-             RETURNING 1",
-        ))
-        .bind(&item.message_id.0[..])
-        .bind(item.kind)
-        .bind(&item.case_id)
-        .bind(&item.consent_id)
-        .bind(item.recipient.as_str())
-        .bind(&item.purpose)
-        .bind(&item.case_ref)
-        .bind(&item.envelope)
-        .bind(&item.envelope_digest[..])
-        .bind(item.created_by)
-        .bind(item.created_at_ms)
-        .bind(item.expires_at_ms)
-        .bind(consent_as_read.is_some())
-        .bind(consent_as_read.flatten())
-        .bind(&item.request_key)
-        .bind(&item.consent_ref)
-        .fetch_all(tx.conn().await?)
-        .await?;
-        Ok(!inserted.is_empty())
+        let mut rows = Rows::default();
+        rows.row(|row| outbox_row(item, consent_as_read, row))?;
+        Ok(!writer::run_rows(tx, QUEUE_SQL, rows).await?.is_empty())
     }
 
     /// Queues a referral, unless its consent was withdrawn or narrowed since it was read
@@ -917,31 +894,11 @@ impl Store {
         consent_narrowed_at_ms: Option<i64>,
         audit: Vec<u8>,
     ) -> Result<Enqueued> {
-        let data = (item, consent_narrowed_at_ms, audit);
         self.writer
-            .run(data, |(item, narrowed_at_ms, audit), tx, log| {
-                Box::pin(async move {
-                    if Self::insert_outbox(tx, item, Some(*narrowed_at_ms)).await? {
-                        log.append(audit.clone())?;
-                        return Ok(Enqueued::Queued);
-                    }
-                    // Its request key may have been used meanwhile (a concurrent retry).
-                    if let Some(key) = &item.request_key
-                        && let Some(first) = Self::select_requested(tx.conn().await?, key).await?
-                    {
-                        return Ok(Enqueued::AlreadyQueued(first));
-                    }
-                    let withdrawn: Option<bool> = sqlx::query_scalar(
-                        "SELECT withdrawn_at_ms IS NOT NULL FROM consents WHERE id = $1",
-                    )
-                    .bind(&item.consent_id)
-                    .fetch_optional(tx.conn().await?)
-                    .await?;
-                    Ok(match withdrawn {
-                        Some(false) => Enqueued::ConsentChanged,
-                        Some(true) | None => Enqueued::ConsentWithdrawn,
-                    })
-                })
+            .write_row(QueueReferral {
+                item,
+                consent_narrowed_at_ms,
+                audit,
             })
             .await
     }
@@ -1026,39 +983,14 @@ impl Store {
         now_ms: i64,
         audit: Vec<u8>,
     ) -> Result<()> {
-        let data = (id, receipt, purge_receipt, now_ms, audit);
         self.writer
-            .run(
-                data,
-                |(id, receipt, purge_receipt, now_ms, audit), tx, log| {
-                    Box::pin(async move {
-                        // One round trip. 'withdrawn' and 'cancelled' too: an attempt in
-                        // flight when the consent was withdrawn or narrowed may still have
-                        // arrived (a withdrawal sent to that recipient covers the former).
-                        // The receipt row comes back only if it is new, and only then is the
-                        // delivery logged.
-                        let fresh = sqlx::query(tx.sql(
-                            "UPDATE outbox SET state = 'delivered', delivered_at_ms = $4,
-                            attempts = attempts + 1, last_error = NULL, envelope = NULL
-                         WHERE message_id = $1 AND state IN ('queued', 'withdrawn', 'cancelled');
-                         INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
-                         SELECT $1, $2, $3, $4 WHERE changes() = 1
-                         ON CONFLICT(message_id) DO NOTHING
-                         RETURNING 1",
-                        ))
-                        .bind(&id.0[..])
-                        .bind(receipt)
-                        .bind(purge_receipt)
-                        .bind(*now_ms)
-                        .fetch_all(tx.conn().await?)
-                        .await?;
-                        if !fresh.is_empty() {
-                            log.append(audit.clone())?;
-                        }
-                        Ok(())
-                    })
-                },
-            )
+            .write_row(Delivered {
+                id,
+                receipt,
+                purge_receipt,
+                now_ms,
+                audit,
+            })
             .await
     }
 
@@ -1278,52 +1210,15 @@ impl Store {
     /// concurrent withdrawal or key shredding cannot slip in between).
     pub async fn accept_referral(
         &self,
-        a: AcceptedReferral,
+        referral: AcceptedReferral,
         audit: Vec<u8>,
     ) -> Result<AcceptOutcome> {
         self.writer
-            .run((a, audit), |(a, audit), tx, log| {
-                Box::pin(async move {
-                    let response = (a.respond)(log.next(audit));
-                    // One round trip: the inbox row is inserted (and comes back) only if
-                    // the seen row was (changes() is the count of the statement before).
-                    let stored = sqlx::query(tx.sql(
-                        "INSERT INTO seen_messages
-                            (message_id, sender, envelope_digest, response, received_at_ms)
-                         SELECT $1, $2, $3, $4, $5
-                         WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
-                                           WHERE sender = $2 AND consent_id = $6)
-                           AND EXISTS (SELECT 1 FROM case_keys
-                                       WHERE id = $9 AND wrapped_key = $13)
-                         ON CONFLICT(message_id) DO NOTHING;
-                         INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id,
-                            consent_id, consent_expires_at_ms, payload_sealed, received_at_ms,
-                            retain_until_ms)
-                         SELECT $1, $2, $7, $8, $9, $6, $10, $11, $5, $12 WHERE changes() = 1
-                         RETURNING 1",
-                    ))
-                    .bind(&a.message_id.0[..])
-                    .bind(a.sender.as_str())
-                    .bind(&a.envelope_digest[..])
-                    .bind(&response)
-                    .bind(a.received_at_ms)
-                    .bind(&a.consent_id)
-                    .bind(&a.purpose)
-                    .bind(&a.case_ref)
-                    .bind(&a.case_key_id)
-                    .bind(a.consent_expires_at_ms)
-                    .bind(&a.payload_sealed)
-                    .bind(a.retain_until_ms)
-                    .bind(&a.wrapped_case_key)
-                    .fetch_all(tx.conn().await?)
-                    .await?;
-                    if stored.is_empty() {
-                        let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
-                        return Self::not_accepted(tx.conn().await?, a.message_id, consent).await;
-                    }
-                    log.append(audit.clone())?;
-                    Ok(AcceptOutcome::Stored(response))
-                })
+            .write_row(Accept {
+                referral,
+                audit,
+                response: Vec::new(),
+                place: 0,
             })
             .await
             .inspect(|outcome| {
@@ -1778,6 +1673,248 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
     })
 }
 
+/// Inserts the outbox rows of [`outbox_row`], each only if its consent is as read (when
+/// checked: a withdrawn consent, or one narrowed since, stops it) and its request key is
+/// new; returns the message id of each row inserted.
+const QUEUE_SQL: &str =
+    "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
+        case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
+        state, next_attempt_at_ms, request_key, consent_ref)
+     SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6,
+        r ->> 7, substr($2, r ->> 8, r ->> 9), substr($2, r ->> 10, r ->> 11), r ->> 12,
+        r ->> 13, r ->> 14, 'queued', r ->> 13, r ->> 17, r ->> 18
+     FROM (SELECT value AS r FROM json_each($1))
+     WHERE NOT (r ->> 15)
+        OR EXISTS (SELECT 1 FROM consents WHERE id = r ->> 4 AND withdrawn_at_ms IS NULL
+                                           AND narrowed_at_ms IS r ->> 16)
+     ON CONFLICT (request_key) WHERE request_key IS NOT NULL DO NOTHING
+     RETURNING message_id";
+
+/// An outbox item as a row of [`QUEUE_SQL`]; `consent_as_read` as in
+/// [`Store::insert_outbox`].
+fn outbox_row(
+    item: &NewOutboxItem,
+    consent_as_read: Option<Option<i64>>,
+    row: &mut Rows,
+) -> Result<()> {
+    row.blob(&item.message_id.0)
+        .int(item.kind)
+        .text(&item.case_id)?
+        .text(&item.consent_id)?
+        .text(item.recipient.as_str())?
+        .text(&item.purpose)?
+        .text(&item.case_ref)?
+        .blob(&item.envelope)
+        .blob(&item.envelope_digest)
+        .int(item.created_by)
+        .int(item.created_at_ms)
+        .int(item.expires_at_ms)
+        .int(i64::from(consent_as_read.is_some()))
+        .opt_int(consent_as_read.flatten())
+        .opt_text(item.request_key.as_deref())?
+        .text(&item.consent_ref)?;
+    Ok(())
+}
+
+/// A referral to queue (see [`Store::enqueue`]).
+struct QueueReferral {
+    item: NewOutboxItem,
+    consent_narrowed_at_ms: Option<i64>,
+    audit: Vec<u8>,
+}
+
+impl RowWrite for QueueReferral {
+    type Output = Enqueued;
+    const SQL: &'static str = QUEUE_SQL;
+
+    fn key(&self) -> &[u8] {
+        &self.item.message_id.0
+    }
+
+    fn encode(&mut self, _ahead: u64, _log: &LogAppender, row: &mut Rows) -> Result<()> {
+        outbox_row(&self.item, Some(self.consent_narrowed_at_ms), row)
+    }
+
+    fn finish<'c>(
+        &'c self,
+        written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, Enqueued> {
+        Box::pin(async move {
+            let item = &self.item;
+            if written {
+                log.append(self.audit.clone())?;
+                return Ok(Enqueued::Queued);
+            }
+            // Its request key may have been used meanwhile (a concurrent retry).
+            if let Some(key) = &item.request_key
+                && let Some(first) = Store::select_requested(tx.conn().await?, key).await?
+            {
+                return Ok(Enqueued::AlreadyQueued(first));
+            }
+            let withdrawn: Option<bool> = sqlx::query_scalar(
+                "SELECT withdrawn_at_ms IS NOT NULL FROM consents WHERE id = $1",
+            )
+            .bind(&item.consent_id)
+            .fetch_optional(tx.conn().await?)
+            .await?;
+            Ok(match withdrawn {
+                Some(false) => Enqueued::ConsentChanged,
+                Some(true) | None => Enqueued::ConsentWithdrawn,
+            })
+        })
+    }
+}
+
+/// Records verified answers: a receipt row for each delivery not recorded before, and
+/// the item marked delivered. 'withdrawn' and 'cancelled' too: an attempt in flight when
+/// the consent was withdrawn or narrowed may still have arrived (a withdrawal sent to that
+/// recipient covers the former). Returns the message id of each receipt that is new: only
+/// such a delivery is logged. An item in those states never has a receipt yet (only a
+/// delivery records one, and it leaves them), so its receipt row is the one just written.
+/// `+state` keeps the update on the primary key: by the state index it would visit every
+/// queued item.
+const DELIVERED_SQL: &str =
+    "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
+        SELECT m, substr($2, r ->> 2, r ->> 3), substr($2, r ->> 4, r ->> 5), r ->> 6
+        FROM (SELECT substr($2, value ->> 0, value ->> 1) AS m, value AS r FROM json_each($1))
+        WHERE EXISTS (SELECT 1 FROM outbox WHERE message_id = m
+                      AND state IN ('queued', 'withdrawn', 'cancelled'))
+        ON CONFLICT(message_id) DO NOTHING
+        RETURNING message_id;
+     UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_error = NULL,
+            envelope = NULL, delivered_at_ms =
+                (SELECT verified_at_ms FROM receipts WHERE message_id = outbox.message_id)
+        WHERE message_id IN (SELECT substr($2, value ->> 0, value ->> 1) FROM json_each($1))
+          AND +state IN ('queued', 'withdrawn', 'cancelled')";
+
+/// A verified answer to record (see [`Store::mark_delivered`]).
+struct Delivered {
+    id: MessageId,
+    receipt: Vec<u8>,
+    purge_receipt: Option<Vec<u8>>,
+    now_ms: i64,
+    audit: Vec<u8>,
+}
+
+impl RowWrite for Delivered {
+    type Output = ();
+    const SQL: &'static str = DELIVERED_SQL;
+
+    fn key(&self) -> &[u8] {
+        &self.id.0
+    }
+
+    fn encode(&mut self, _ahead: u64, _log: &LogAppender, row: &mut Rows) -> Result<()> {
+        row.blob(&self.id.0)
+            .blob(&self.receipt)
+            .opt_blob(self.purge_receipt.as_deref())
+            .int(self.now_ms);
+        Ok(())
+    }
+
+    fn finish<'c>(
+        &'c self,
+        written: bool,
+        _tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()> {
+        Box::pin(async move {
+            if written {
+                log.append(self.audit.clone())?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Stores accepted referrals: the seen row with its answer, unless the sender withdrew
+/// the consent or the case's data key is no longer the one the payload is sealed under,
+/// and, only where that row is new (its answer is this row's), the inbox row. Returns
+/// the message id of each referral stored.
+const ACCEPT_SQL: &str = "INSERT INTO seen_messages
+        (message_id, sender, envelope_digest, response, received_at_ms)
+        SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, substr($2, r ->> 3, r ->> 4),
+            substr($2, r ->> 5, r ->> 6), r ->> 7
+        FROM (SELECT value AS r FROM json_each($1))
+        WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
+                          WHERE sender = r ->> 2 AND consent_id = r ->> 8)
+          AND EXISTS (SELECT 1 FROM case_keys
+                      WHERE id = r ->> 11 AND wrapped_key = substr($2, r ->> 16, r ->> 17))
+        ON CONFLICT(message_id) DO NOTHING;
+     INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id, consent_id,
+            consent_expires_at_ms, payload_sealed, received_at_ms, retain_until_ms)
+        SELECT s.message_id, r ->> 2, r ->> 9, r ->> 10, r ->> 11, r ->> 8, r ->> 12,
+            substr($2, r ->> 13, r ->> 14), r ->> 7, r ->> 15
+        FROM (SELECT value AS r FROM json_each($1))
+        CROSS JOIN seen_messages s ON s.message_id = substr($2, r ->> 0, r ->> 1)
+                            AND s.response = substr($2, r ->> 5, r ->> 6)
+        WHERE true
+        ON CONFLICT(message_id) DO NOTHING
+        RETURNING message_id";
+
+/// An accepted referral to store (see [`Store::accept_referral`]).
+struct Accept {
+    referral: AcceptedReferral,
+    audit: Vec<u8>,
+    /// The answer, built for the place in the log (`place`) the entry gets if every row
+    /// before it in the statement is stored.
+    response: Vec<u8>,
+    place: u64,
+}
+
+impl RowWrite for Accept {
+    type Output = AcceptOutcome;
+    const SQL: &'static str = ACCEPT_SQL;
+
+    fn key(&self) -> &[u8] {
+        &self.referral.message_id.0
+    }
+
+    fn encode(&mut self, ahead: u64, log: &LogAppender, row: &mut Rows) -> Result<()> {
+        let a = &self.referral;
+        let appended = log.upcoming(ahead, &self.audit);
+        self.place = appended.0;
+        self.response = (a.respond)(appended);
+        row.blob(&a.message_id.0)
+            .text(a.sender.as_str())?
+            .blob(&a.envelope_digest)
+            .blob(&self.response)
+            .int(a.received_at_ms)
+            .text(&a.consent_id)?
+            .text(&a.purpose)?
+            .text(&a.case_ref)?
+            .text(&a.case_key_id)?
+            .int(a.consent_expires_at_ms)
+            .blob(&a.payload_sealed)
+            .int(a.retain_until_ms)
+            .blob(&a.wrapped_case_key);
+        Ok(())
+    }
+
+    fn finish<'c>(
+        &'c self,
+        written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, AcceptOutcome> {
+        Box::pin(async move {
+            let a = &self.referral;
+            if !written {
+                let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
+                return Store::not_accepted(tx.conn().await?, a.message_id, consent).await;
+            }
+            let (place, _) = log.append(self.audit.clone())?;
+            if place != self.place {
+                // A row before it was not stored, so its answer names the wrong place.
+                return Err(StoreError::PlaceMoved);
+            }
+            Ok(AcceptOutcome::Stored(self.response.clone()))
+        })
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -2112,6 +2249,156 @@ pub(crate) mod tests {
     /// The case key cache is only a guess: a referral sealed under a key that is no
     /// longer the case's (shredded and replaced meanwhile) stores nothing, and the next
     /// look-up asks the database again.
+    /// On a current-thread runtime every write below is queued before the writer runs,
+    /// so they form one group and share one statement per kind. Each keeps its own
+    /// outcome: a replay within the group gets the first copy's answer, a referral under a
+    /// stale key is refused, and every answer names the place its entry really has in the
+    /// log, although a row before it was not stored (the group then runs job by job).
+    #[tokio::test]
+    async fn accepted_referrals_of_one_group_keep_their_own_outcomes() {
+        let (store, dir) = temp_store("accept-rows").await;
+        store
+            .ensure_case_key("in:shelter-my:case-ref", b"key-1", 0)
+            .await
+            .expect("key");
+        let with_id = |n: u8, key: &[u8]| AcceptedReferral {
+            message_id: MessageId([n; 16]),
+            envelope_digest: [n; 32],
+            ..referral(key)
+        };
+        let outcomes = tokio::join!(
+            store.accept_referral(with_id(1, b"key-1"), entry()),
+            store.accept_referral(with_id(1, b"key-1"), entry()),
+            store.accept_referral(with_id(2, b"key-1"), entry()),
+            store.accept_referral(with_id(3, b"stale"), entry()),
+            store.accept_referral(with_id(4, b"key-1"), entry()),
+        );
+        let answer = |n: u64| format!("receipt for entry {n}").into_bytes();
+        assert!(matches!(&outcomes.0, Ok(AcceptOutcome::Stored(r)) if *r == answer(0)));
+        assert!(
+            matches!(&outcomes.1, Ok(AcceptOutcome::AlreadySeen(s)) if s.response == answer(0))
+        );
+        assert!(matches!(&outcomes.2, Ok(AcceptOutcome::Stored(r)) if *r == answer(1)));
+        assert!(matches!(outcomes.3, Ok(AcceptOutcome::CaseKeyChanged)));
+        assert!(matches!(&outcomes.4, Ok(AcceptOutcome::Stored(r)) if *r == answer(2)));
+        for (n, place) in [(1, 0), (2, 1), (4, 2)] {
+            let seen = store.seen(MessageId([n; 16])).await.expect("read");
+            assert_eq!(seen.expect("seen").response, answer(place));
+            let stored = store.inbox_item(MessageId([n; 16])).await.expect("read");
+            assert_eq!(stored.expect("stored").payload_sealed, b"sealed");
+        }
+        assert!(
+            store
+                .seen(MessageId([3; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        assert!(
+            store
+                .inbox_item(MessageId([3; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        assert_eq!(store.audit_size().await.expect("size"), 3);
+
+        // Without a refusal among them the rows of one group are all stored in one go.
+        let outcomes = tokio::join!(
+            store.accept_referral(with_id(5, b"key-1"), entry()),
+            store.accept_referral(with_id(6, b"key-1"), entry()),
+        );
+        assert!(matches!(&outcomes.0, Ok(AcceptOutcome::Stored(r)) if *r == answer(3)));
+        assert!(matches!(&outcomes.1, Ok(AcceptOutcome::Stored(r)) if *r == answer(4)));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Queued referrals and delivery receipts of one group (see above) keep their own
+    /// outcomes too, and values travel exactly, whatever characters a request id holds.
+    #[tokio::test]
+    async fn queued_and_delivered_rows_of_one_group_keep_their_own_outcomes() {
+        let (store, dir) = temp_store("outbox-rows").await;
+        let alice = case_with_consent(&store, "age_band").await;
+        let item = |n: u8, request: Option<&str>| NewOutboxItem {
+            created_by: alice,
+            request_key: request.map(|r| format!("{alice}:{r}")),
+            envelope: vec![n; 100 * usize::from(n)],
+            ..outbox_item(n)
+        };
+        let odd = r#"q"u\o\"te'\n"#;
+        let size = store.audit_size().await.expect("size");
+        let queued = tokio::join!(
+            store.enqueue(item(1, None), None, entry()),
+            store.enqueue(item(2, Some(odd)), None, entry()),
+            store.enqueue(item(3, Some(odd)), None, entry()),
+            store.enqueue(item(4, None), Some(5), entry()),
+            store.enqueue(item(5, None), None, entry()),
+        );
+        assert!(matches!(queued.0, Ok(Enqueued::Queued)));
+        assert!(matches!(queued.1, Ok(Enqueued::Queued)));
+        assert!(
+            matches!(&queued.2, Ok(Enqueued::AlreadyQueued(first)) if first.message_id == MessageId([2; 16])),
+            "{:?}",
+            queued.2
+        );
+        assert!(matches!(queued.3, Ok(Enqueued::ConsentChanged)));
+        assert!(matches!(queued.4, Ok(Enqueued::Queued)));
+        assert_eq!(store.audit_size().await.expect("size"), size + 3);
+        let requested = store
+            .requested_referral(&format!("{alice}:{odd}"))
+            .await
+            .expect("read");
+        assert_eq!(requested.map(|r| r.message_id), Some(MessageId([2; 16])));
+        for n in [1, 2, 5] {
+            let due = store.due_item(MessageId([n; 16])).await.expect("read");
+            let due = due.expect("queued");
+            assert_eq!(due.envelope, vec![n; 100 * usize::from(n)]);
+            assert_eq!(due.envelope_digest, vec![n; 32]);
+        }
+
+        let delivered = tokio::join!(
+            store.mark_delivered(MessageId([1; 16]), b"receipt-1".to_vec(), None, 7, entry()),
+            store.mark_delivered(MessageId([1; 16]), b"again".to_vec(), None, 8, entry()),
+            store.mark_delivered(
+                MessageId([2; 16]),
+                b"receipt-2".to_vec(),
+                Some(b"purged".to_vec()),
+                9,
+                entry()
+            ),
+        );
+        assert!(delivered.0.is_ok() && delivered.1.is_ok() && delivered.2.is_ok());
+        assert_eq!(store.audit_size().await.expect("size"), size + 5);
+        let status = |n: u8| {
+            let store = store.clone();
+            async move {
+                let status = store.outbox_status(MessageId([n; 16])).await.expect("read");
+                status.expect("an item")
+            }
+        };
+        let (one, two, five) = (status(1).await, status(2).await, status(5).await);
+        assert_eq!(
+            (one.state.as_str(), one.attempts, one.receipt.as_deref()),
+            ("delivered", 1, Some(&b"receipt-1"[..]))
+        );
+        assert_eq!(one.purge_receipt, None);
+        assert_eq!(two.receipt.as_deref(), Some(&b"receipt-2"[..]));
+        assert_eq!(two.purge_receipt.as_deref(), Some(&b"purged"[..]));
+        assert_eq!((five.state.as_str(), five.receipt), ("queued", None));
+        let delivered_at: Vec<i64> = sqlx::query_scalar(
+            "SELECT delivered_at_ms FROM outbox WHERE message_id IN ($1, $2) ORDER BY message_id",
+        )
+        .bind(&[1u8; 16][..])
+        .bind(&[2u8; 16][..])
+        .fetch_all(&store.pool)
+        .await
+        .expect("read");
+        assert_eq!(delivered_at, vec![7, 9]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_referral_sealed_under_a_stale_case_key_is_not_stored() {
         let (store, dir) = temp_store("case-key").await;

@@ -8,6 +8,11 @@
 //! each caller. Under load a group grows while the previous commit is on its way to disk,
 //! so the durable-commit cost is shared; unloaded a group is one job and nothing waits.
 //!
+//! The writes every referral makes are *row writes* ([`RowWrite`]): the rows of one kind
+//! in a group travel together to one statement, so a group costs one round trip to
+//! SQLite's thread per kind instead of one per job. Such a round trip (a hand-off to
+//! another thread and back) costs more CPU here than the statement it carries.
+//!
 //! Being the only appender, the task keeps the log's size and right-edge hashes (its
 //! "frontier") in memory, so an append reads nothing. If any job of a group fails, the
 //! group is rolled back and each of its jobs is run again alone, so one bad job never
@@ -112,6 +117,12 @@ impl LogAppender {
             self.committed + self.pending.len() as u64,
             merkle::leaf_hash(entry),
         )
+    }
+
+    /// The index and leaf hash `entry` gets if `ahead` entries are appended before it.
+    pub fn upcoming(&self, ahead: u64, entry: &[u8]) -> Appended {
+        let (n, leaf) = self.next(entry);
+        (n + ahead, leaf)
     }
 
     /// Appends an entry: computes its index and the tree hashes it completes.
@@ -236,11 +247,173 @@ fn frontier(size: u64) -> Vec<u64> {
         .collect()
 }
 
+/// A write that is one row of a statement shared by every write of its kind in a group.
+///
+/// The statement ([`RowWrite::SQL`]) reads the group's rows from `json_each($1)`: each row
+/// is a JSON array of its values, in the order [`RowWrite::encode`] wrote them, and a
+/// blob value is its 1-based offset and length in `$2`, the rows' blobs end to end, to be
+/// read with `substr($2, offset, length)`. It returns the key of every row it wrote (its
+/// first column; a row written twice, as by a retry in the same group, comes back once).
+/// Everything a row write does beyond its row (its audit entry, the reads an unusual
+/// outcome needs) happens in [`RowWrite::finish`], in the same transaction; a row it
+/// wrote appends exactly one entry to the log there, and one it did not, none.
+pub trait RowWrite: Send + Sync + 'static {
+    type Output: Send + 'static;
+    /// The statement for a group's rows of this kind.
+    const SQL: &'static str;
+    /// The key the statement returns for this row if it wrote it.
+    fn key(&self) -> &[u8];
+    /// Writes the row's values. `ahead` is how many entries the rows before it in the
+    /// statement append to the log if all are written (see [`LogAppender::upcoming`]).
+    fn encode(&mut self, ahead: u64, log: &LogAppender, row: &mut Rows) -> Result<()>;
+    /// After the statement: `written` says whether it wrote this row.
+    fn finish<'c>(
+        &'c self,
+        written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, Self::Output>;
+}
+
+/// The rows of one kind in a group, as their statement reads them (see [`RowWrite`]).
+#[derive(Default)]
+pub struct Rows {
+    json: Vec<u8>,
+    blobs: Vec<u8>,
+    /// Whether the current row has a value yet (for the commas).
+    started: bool,
+}
+
+impl Rows {
+    /// Adds a row whose values `values` writes.
+    pub fn row(&mut self, values: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.begin();
+        values(self)?;
+        self.end();
+        Ok(())
+    }
+
+    fn begin(&mut self) {
+        self.json
+            .extend_from_slice(if self.json.is_empty() { b"[[" } else { b",[" });
+        self.started = false;
+    }
+
+    fn end(&mut self) {
+        self.json.push(b']');
+    }
+
+    fn separate(&mut self) {
+        if self.started {
+            self.json.push(b',');
+        }
+        self.started = true;
+    }
+
+    pub fn int(&mut self, value: i64) -> &mut Self {
+        self.separate();
+        self.json.extend_from_slice(value.to_string().as_bytes());
+        self
+    }
+
+    pub fn opt_int(&mut self, value: Option<i64>) -> &mut Self {
+        match value {
+            Some(v) => self.int(v),
+            None => self.null(),
+        }
+    }
+
+    fn null(&mut self) -> &mut Self {
+        self.separate();
+        self.json.extend_from_slice(b"null");
+        self
+    }
+
+    /// A string, escaped as JSON.
+    pub fn text(&mut self, value: &str) -> Result<&mut Self> {
+        self.separate();
+        serde_json::to_writer(&mut self.json, value)
+            .map_err(|_| StoreError::Corrupt("a row value could not be written"))?;
+        Ok(self)
+    }
+
+    pub fn opt_text(&mut self, value: Option<&str>) -> Result<&mut Self> {
+        match value {
+            Some(v) => self.text(v),
+            None => Ok(self.null()),
+        }
+    }
+
+    /// A blob: two values, its offset (1-based) and length in the blobs.
+    pub fn blob(&mut self, value: &[u8]) -> &mut Self {
+        let offset = self.blobs.len() as i64 + 1;
+        self.blobs.extend_from_slice(value);
+        self.int(offset).int(value.len() as i64)
+    }
+
+    /// An optional blob: two nulls for none (`substr` of them is NULL).
+    pub fn opt_blob(&mut self, value: Option<&[u8]>) -> &mut Self {
+        match value {
+            Some(v) => self.blob(v),
+            None => self.null().null(),
+        }
+    }
+
+    fn json(&mut self) -> Result<String> {
+        let mut json = std::mem::take(&mut self.json);
+        if json.is_empty() {
+            json.push(b'[');
+        }
+        json.push(b']');
+        String::from_utf8(json).map_err(|_| StoreError::Corrupt("rows are not UTF-8"))
+    }
+}
+
 /// A job with its result type erased, as the writer task holds it.
 trait Job: Send {
-    fn run<'c>(&'c mut self, tx: &'c mut Tx, log: &'c mut LogAppender) -> Step<'c, ()>;
+    /// For a row write: the statement it shares with the other rows of its kind.
+    fn shared(&self) -> Option<&'static str> {
+        None
+    }
+    /// For a row write: its key, as its statement returns it.
+    fn key(&self) -> &[u8] {
+        &[]
+    }
+    /// For a row write: adds its row.
+    fn encode(&mut self, _ahead: u64, _log: &LogAppender, _rows: &mut Rows) -> Result<()> {
+        Ok(())
+    }
+    /// Runs the job (for a row write, what follows its statement, which says whether it
+    /// wrote the row).
+    fn run<'c>(
+        &'c mut self,
+        written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()>;
     /// Answers the caller: the job's output if its group committed, else the error.
     fn finish(self: Box<Self>, failure: Option<StoreError>);
+}
+
+/// Answers a caller once its job's group is over.
+fn answer<T>(
+    failure: Option<StoreError>,
+    output: Option<T>,
+    on_commit: Option<OnCommit>,
+    reply: oneshot::Sender<Result<T>>,
+) {
+    let result = match (failure, output) {
+        (Some(error), _) => Err(error),
+        (None, Some(output)) => {
+            if let Some(on_commit) = on_commit {
+                on_commit();
+            }
+            Ok(output)
+        }
+        (None, None) => Err(StoreError::Corrupt("a write job did not run")),
+    };
+    // The caller may have gone away (its request was cancelled); the write stands.
+    let _ = reply.send(result);
 }
 
 /// Runs in the writer task once a job's group has committed.
@@ -255,7 +428,12 @@ struct Typed<D, T> {
 }
 
 impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
-    fn run<'c>(&'c mut self, tx: &'c mut Tx, log: &'c mut LogAppender) -> Step<'c, ()> {
+    fn run<'c>(
+        &'c mut self,
+        _written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()> {
         Box::pin(async move {
             let output = (self.op)(&self.data, tx, log).await?;
             self.output = Some(output);
@@ -264,18 +442,43 @@ impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
     }
 
     fn finish(self: Box<Self>, failure: Option<StoreError>) {
-        let result = match (failure, self.output) {
-            (Some(error), _) => Err(error),
-            (None, Some(output)) => {
-                if let Some(on_commit) = self.on_commit {
-                    on_commit();
-                }
-                Ok(output)
-            }
-            (None, None) => Err(StoreError::Corrupt("a write job did not run")),
-        };
-        // The caller may have gone away (its request was cancelled); the write stands.
-        let _ = self.reply.send(result);
+        answer(failure, self.output, self.on_commit, self.reply);
+    }
+}
+
+struct RowJob<R: RowWrite> {
+    row: R,
+    output: Option<R::Output>,
+    reply: oneshot::Sender<Result<R::Output>>,
+}
+
+impl<R: RowWrite> Job for RowJob<R> {
+    fn shared(&self) -> Option<&'static str> {
+        Some(R::SQL)
+    }
+
+    fn key(&self) -> &[u8] {
+        self.row.key()
+    }
+
+    fn encode(&mut self, ahead: u64, log: &LogAppender, rows: &mut Rows) -> Result<()> {
+        rows.row(|rows| self.row.encode(ahead, log, rows))
+    }
+
+    fn run<'c>(
+        &'c mut self,
+        written: bool,
+        tx: &'c mut Tx,
+        log: &'c mut LogAppender,
+    ) -> Step<'c, ()> {
+        Box::pin(async move {
+            self.output = Some(self.row.finish(written, tx, log).await?);
+            Ok(())
+        })
+    }
+
+    fn finish(self: Box<Self>, failure: Option<StoreError>) {
+        answer(failure, self.output, None, self.reply);
     }
 }
 
@@ -330,6 +533,22 @@ impl Writer {
             op,
             output: None,
             on_commit,
+            reply,
+        };
+        self.jobs
+            .send(Message::Job(Box::new(job)))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes `row` in the next group, in one statement with the other rows of its kind,
+    /// and returns its output once the group is committed.
+    pub async fn write_row<R: RowWrite>(&self, row: R) -> Result<R::Output> {
+        let (reply, answer) = oneshot::channel();
+        let job = RowJob {
+            row,
+            output: None,
             reply,
         };
         self.jobs
@@ -445,8 +664,9 @@ async fn commit_group(
     group: &mut [Box<dyn Job>],
 ) -> Result<()> {
     let result = async {
-        for job in group.iter_mut() {
-            job.run(tx, log).await?;
+        write_rows(tx, log, group).await?;
+        for job in group.iter_mut().filter(|job| job.shared().is_none()) {
+            job.run(false, tx, log).await?;
         }
         log.write_and_commit(tx).await
     }
@@ -461,6 +681,46 @@ async fn commit_group(
     }
     tx.open = false;
     result
+}
+
+/// Runs a [`RowWrite`] statement over `rows` inside the group's transaction; returns the
+/// keys of the rows it wrote. For a job that writes such rows among other statements.
+pub async fn run_rows(tx: &mut Tx, sql: &'static str, mut rows: Rows) -> Result<Vec<Vec<u8>>> {
+    Ok(sqlx::query_scalar(tx.sql(sql))
+        .bind(rows.json()?)
+        .bind(rows.blobs)
+        .fetch_all(tx.conn().await?)
+        .await?)
+}
+
+/// Runs the group's row writes: one statement per kind, in the order each kind first
+/// appears, then each row's own `finish`, in order.
+async fn write_rows(tx: &mut Tx, log: &mut LogAppender, group: &mut [Box<dyn Job>]) -> Result<()> {
+    let mut kinds: Vec<&'static str> = Vec::new();
+    for job in group.iter() {
+        if let Some(sql) = job.shared()
+            && !kinds.contains(&sql)
+        {
+            kinds.push(sql);
+        }
+    }
+    for sql in kinds {
+        let mut rows = Rows::default();
+        let of_kind = group.iter_mut().filter(|job| job.shared() == Some(sql));
+        for (ahead, job) in (0u64..).zip(of_kind) {
+            job.encode(ahead, log, &mut rows)?;
+        }
+        let mut written = run_rows(tx, sql, rows).await?;
+        for job in group.iter_mut().filter(|job| job.shared() == Some(sql)) {
+            // A key written twice comes back once: it counts for the first of its rows.
+            let found = written.iter().position(|key| key.as_slice() == job.key());
+            if let Some(at) = found {
+                written.swap_remove(at);
+            }
+            job.run(found.is_some(), tx, log).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
