@@ -2051,6 +2051,35 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The row statements look each row up by key: none walks a table or the index of
+    /// queued items (which holds the whole backlog) per group.
+    #[tokio::test]
+    async fn the_row_statements_look_rows_up_by_key() {
+        let (store, dir) = temp_store("row-plans").await;
+        for sql in [QUEUE_SQL, DELIVERED_SQL, ACCEPT_SQL] {
+            for statement in sql.split(';') {
+                let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "EXPLAIN QUERY PLAN {statement}"
+                )))
+                .bind("[]")
+                .bind(Vec::<u8>::new())
+                .fetch_all(&store.pool)
+                .await
+                .expect("plan")
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+                let walks = |step: &String| {
+                    (step.starts_with("SCAN") && !step.starts_with("SCAN json_each"))
+                        || step.contains("outbox_due")
+                };
+                assert!(!plan.iter().any(walks), "{statement}: {plan:?}");
+            }
+        }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A withdrawal asks every recipient that may hold a referral to purge it: one whose
     /// referral expired or was cancelled (by a narrowing) too, since an attempt whose
     /// answer was lost may have arrived. Only a refused one is known not to have.
