@@ -141,8 +141,8 @@ impl LogAppender {
     }
 
     /// Writes the group's entries and hashes and commits, in one round trip to SQLite
-    /// and with one fixed query whatever the group's size: the rows travel as two JSON
-    /// arrays of hex strings that SQLite unpacks (`json_each`, `unhex`).
+    /// and with one fixed query whatever the group's size: the entries and the hashes
+    /// travel as [`Rows`], one JSON array and one blob each.
     async fn write_and_commit(&self, tx: &mut Tx) -> Result<()> {
         if self.pending.is_empty() {
             if tx.open {
@@ -150,22 +150,37 @@ impl LogAppender {
             }
             return Ok(());
         }
-        let entries = json_rows(
-            self.pending
-                .iter()
-                .map(|(entry, leaf)| [entry.as_slice(), leaf.as_slice()]),
-        )?;
-        let hashes = json_rows(self.new_hashes.iter().map(|(id, h)| (*id, h.as_slice())))?;
+        let mut entries = Rows::default();
+        for (entry, leaf) in &self.pending {
+            entries.row(|row| {
+                row.blob(entry).blob(leaf);
+                Ok(())
+            })?;
+        }
+        let mut hashes = Rows::default();
+        for (id, hash) in &self.new_hashes {
+            let id = i64::try_from(*id).map_err(|_| StoreError::Corrupt("audit hash index"))?;
+            hashes.row(|row| {
+                row.int(id).blob(hash);
+                Ok(())
+            })?;
+        }
+        let (entries, entry_blobs) = entries.into_params()?;
+        let (hashes, hash_blobs) = hashes.into_params()?;
         sqlx::query(tx.sql(
             "INSERT INTO audit_entries (idx, entry, leaf_hash)
-                SELECT $1 + key, unhex(value ->> 0), unhex(value ->> 1) FROM json_each($2);
+                SELECT $1 + key, substr($3, value ->> 0, value ->> 1),
+                    substr($3, value ->> 2, value ->> 3)
+                FROM json_each($2);
              INSERT INTO audit_hashes (id, hash)
-                SELECT value ->> 0, unhex(value ->> 1) FROM json_each($3);
+                SELECT value ->> 0, substr($5, value ->> 1, value ->> 2) FROM json_each($4);
              COMMIT",
         ))
         .bind(self.committed as i64)
         .bind(entries)
+        .bind(entry_blobs)
         .bind(hashes)
+        .bind(hash_blobs)
         .execute(tx.conn().await?)
         .await?;
         Ok(())
@@ -187,56 +202,6 @@ impl LogAppender {
         }
         self.pending.clear();
     }
-}
-
-/// One row of a JSON array of rows: a JSON array of its values.
-trait JsonRow {
-    fn write(&self, out: &mut Vec<u8>) -> Result<()>;
-}
-
-impl JsonRow for [&[u8]; 2] {
-    fn write(&self, out: &mut Vec<u8>) -> Result<()> {
-        out.extend_from_slice(b"[\"");
-        push_hex(out, self[0])?;
-        out.extend_from_slice(b"\",\"");
-        push_hex(out, self[1])?;
-        out.extend_from_slice(b"\"]");
-        Ok(())
-    }
-}
-
-impl JsonRow for (u64, &[u8]) {
-    fn write(&self, out: &mut Vec<u8>) -> Result<()> {
-        out.push(b'[');
-        out.extend_from_slice(self.0.to_string().as_bytes());
-        out.extend_from_slice(b",\"");
-        push_hex(out, self.1)?;
-        out.extend_from_slice(b"\"]");
-        Ok(())
-    }
-}
-
-/// Appends `bytes` in lowercase hex. In place: `hex::encode` builds its string one
-/// `char` at a time, which made the audit rows' encoding a visible share of the writer.
-fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
-    let start = out.len();
-    out.resize(start + 2 * bytes.len(), 0);
-    hex::encode_to_slice(bytes, &mut out[start..])
-        .map_err(|_| StoreError::Corrupt("hex buffer of the wrong length"))
-}
-
-/// A JSON array of rows (numbers and hex strings only: nothing needs escaping).
-fn json_rows<R: JsonRow>(rows: impl Iterator<Item = R>) -> Result<String> {
-    let mut out = Vec::with_capacity(1024);
-    out.push(b'[');
-    for (i, row) in rows.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        row.write(&mut out)?;
-    }
-    out.push(b']');
-    String::from_utf8(out).map_err(|_| StoreError::Corrupt("audit rows are not ASCII"))
 }
 
 /// Stored-hash indexes of the complete subtrees on the right edge of a tree of `size`.
@@ -359,13 +324,17 @@ impl Rows {
         }
     }
 
-    fn json(&mut self) -> Result<String> {
-        let mut json = std::mem::take(&mut self.json);
+    /// The two parameters a statement reads the rows from: the JSON array of rows and
+    /// the blobs.
+    fn into_params(self) -> Result<(String, Vec<u8>)> {
+        let mut json = self.json;
         if json.is_empty() {
             json.push(b'[');
         }
         json.push(b']');
-        String::from_utf8(json).map_err(|_| StoreError::Corrupt("rows are not UTF-8"))
+        let json =
+            String::from_utf8(json).map_err(|_| StoreError::Corrupt("rows are not UTF-8"))?;
+        Ok((json, self.blobs))
     }
 }
 
@@ -446,6 +415,7 @@ impl<D: Send + Sync, T: Send> Job for Typed<D, T> {
     }
 }
 
+/// A [`RowWrite`] as the writer task holds it.
 struct RowJob<R: RowWrite> {
     row: R,
     output: Option<R::Output>,
@@ -654,6 +624,8 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
 }
 
 /// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
+/// Its row writes run first, then its other jobs in order: no caller in a group has been
+/// answered yet, so any order of its jobs is one they could have arrived in.
 ///
 /// The transaction is opened and closed with plain statements rather than sqlx's
 /// transaction guard so that they share round trips with the group's own statements
@@ -685,10 +657,11 @@ async fn commit_group(
 
 /// Runs a [`RowWrite`] statement over `rows` inside the group's transaction; returns the
 /// keys of the rows it wrote. For a job that writes such rows among other statements.
-pub async fn run_rows(tx: &mut Tx, sql: &'static str, mut rows: Rows) -> Result<Vec<Vec<u8>>> {
+pub async fn run_rows(tx: &mut Tx, sql: &'static str, rows: Rows) -> Result<Vec<Vec<u8>>> {
+    let (json, blobs) = rows.into_params()?;
     Ok(sqlx::query_scalar(tx.sql(sql))
-        .bind(rows.json()?)
-        .bind(rows.blobs)
+        .bind(json)
+        .bind(blobs)
         .fetch_all(tx.conn().await?)
         .await?)
 }
@@ -725,26 +698,36 @@ async fn write_rows(tx: &mut Tx, log: &mut LogAppender, group: &mut [Box<dyn Job
 
 #[cfg(test)]
 mod tests {
-    use super::json_rows;
+    use super::Rows;
     use crate::storage::Store;
     use crate::storage::tests::{add_alice, temp_store};
     use corridor::merkle;
 
     #[test]
-    fn audit_rows_travel_as_json_arrays_of_hex() {
-        let (a, b) = (vec![0x00, 0xab, 0xff], vec![0x10]);
-        let entries =
-            json_rows([[a.as_slice(), b.as_slice()], [b.as_slice(), &[][..]]].into_iter());
-        assert_eq!(entries.expect("ascii"), r#"[["00abff","10"],["10",""]]"#);
-        let hashes = json_rows([(7u64, a.as_slice()), (u64::MAX, b.as_slice())].into_iter());
+    fn rows_travel_as_json_arrays_with_blobs_by_offset() {
+        let mut rows = Rows::default();
+        rows.row(|row| {
+            row.blob(&[0x00, 0xab])
+                .text("a \"quoted\" \\ line\n")?
+                .int(-7)
+                .opt_int(None)
+                .opt_blob(None);
+            Ok(())
+        })
+        .expect("row");
+        rows.row(|row| {
+            row.opt_text(None)?.blob(&[]).blob(&[0xff]).int(i64::MAX);
+            Ok(())
+        })
+        .expect("row");
+        let (json, blobs) = rows.into_params().expect("params");
         assert_eq!(
-            hashes.expect("ascii"),
-            r#"[[7,"00abff"],[18446744073709551615,"10"]]"#
+            json,
+            r#"[[1,2,"a \"quoted\" \\ line\n",-7,null,null,null],[null,3,0,3,1,9223372036854775807]]"#
         );
-        assert_eq!(
-            json_rows(std::iter::empty::<(u64, &[u8])>()).expect("ascii"),
-            "[]"
-        );
+        assert_eq!(blobs, vec![0x00, 0xab, 0xff]);
+        let (json, blobs) = Rows::default().into_params().expect("params");
+        assert_eq!((json.as_str(), blobs.len()), ("[]", 0));
     }
 
     fn entry(i: u64) -> Vec<u8> {
