@@ -505,11 +505,7 @@ impl Writer {
             on_commit,
             reply,
         };
-        self.jobs
-            .send(Message::Job(Box::new(job)))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.submit(Box::new(job), answer).await
     }
 
     /// Writes `row` in the next group, in one statement with the other rows of its kind,
@@ -521,8 +517,17 @@ impl Writer {
             output: None,
             reply,
         };
+        self.submit(Box::new(job), answer).await
+    }
+
+    /// Hands `job` to the writer task and waits for its `answer`.
+    async fn submit<T>(
+        &self,
+        job: Box<dyn Job>,
+        answer: oneshot::Receiver<Result<T>>,
+    ) -> Result<T> {
         self.jobs
-            .send(Message::Job(Box::new(job)))
+            .send(Message::Job(job))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
