@@ -1683,7 +1683,7 @@ const QUEUE_SQL: &str =
      SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6,
         r ->> 7, substr($2, r ->> 8, r ->> 9), substr($2, r ->> 10, r ->> 11), r ->> 12,
         r ->> 13, r ->> 14, 'queued', r ->> 13, r ->> 17, r ->> 18
-     FROM (SELECT value AS r FROM json_each($1))
+     FROM (SELECT value AS r FROM jsonb_each($1))
      WHERE NOT (r ->> 15)
         OR EXISTS (SELECT 1 FROM consents WHERE id = r ->> 4 AND withdrawn_at_ms IS NULL
                                            AND narrowed_at_ms IS r ->> 16)
@@ -1778,7 +1778,7 @@ impl RowWrite for QueueReferral {
 const DELIVERED_SQL: &str =
     "INSERT INTO receipts (message_id, receipt, purge_receipt, verified_at_ms)
         SELECT m, substr($2, r ->> 2, r ->> 3), substr($2, r ->> 4, r ->> 5), r ->> 6
-        FROM (SELECT substr($2, value ->> 0, value ->> 1) AS m, value AS r FROM json_each($1))
+        FROM (SELECT substr($2, value ->> 0, value ->> 1) AS m, value AS r FROM jsonb_each($1))
         WHERE EXISTS (SELECT 1 FROM outbox WHERE message_id = m
                       AND state IN ('queued', 'withdrawn', 'cancelled'))
         ON CONFLICT(message_id) DO NOTHING
@@ -1786,7 +1786,7 @@ const DELIVERED_SQL: &str =
      UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_error = NULL,
             envelope = NULL, delivered_at_ms =
                 (SELECT verified_at_ms FROM receipts WHERE message_id = outbox.message_id)
-        WHERE message_id IN (SELECT substr($2, value ->> 0, value ->> 1) FROM json_each($1))
+        WHERE message_id IN (SELECT substr($2, value ->> 0, value ->> 1) FROM jsonb_each($1))
           AND +state IN ('queued', 'withdrawn', 'cancelled')";
 
 /// A verified answer to record (see [`Store::mark_delivered`]).
@@ -1837,7 +1837,7 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
         (message_id, sender, envelope_digest, response, received_at_ms)
         SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, substr($2, r ->> 3, r ->> 4),
             substr($2, r ->> 5, r ->> 6), r ->> 7
-        FROM (SELECT value AS r FROM json_each($1))
+        FROM (SELECT value AS r FROM jsonb_each($1))
         WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
                           WHERE sender = r ->> 2 AND consent_id = r ->> 8)
           AND EXISTS (SELECT 1 FROM case_keys
@@ -1847,7 +1847,7 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
             consent_expires_at_ms, payload_sealed, received_at_ms, retain_until_ms)
         SELECT s.message_id, r ->> 2, r ->> 9, r ->> 10, r ->> 11, r ->> 8, r ->> 12,
             substr($2, r ->> 13, r ->> 14), r ->> 7, r ->> 15
-        FROM (SELECT value AS r FROM json_each($1))
+        FROM (SELECT value AS r FROM jsonb_each($1))
         CROSS JOIN seen_messages s ON s.message_id = substr($2, r ->> 0, r ->> 1)
                             AND s.response = substr($2, r ->> 5, r ->> 6)
         WHERE true
@@ -2070,7 +2070,7 @@ pub(crate) mod tests {
                 .map(|r| r.get::<String, _>(3))
                 .collect();
                 let walks = |step: &String| {
-                    (step.starts_with("SCAN") && !step.starts_with("SCAN json_each"))
+                    (step.starts_with("SCAN") && !step.starts_with("SCAN jsonb_each"))
                         || step.contains("outbox_due")
                 };
                 assert!(!plan.iter().any(walks), "{statement}: {plan:?}");

@@ -171,9 +171,9 @@ impl LogAppender {
             "INSERT INTO audit_entries (idx, entry, leaf_hash)
                 SELECT $1 + key, substr($3, value ->> 0, value ->> 1),
                     substr($3, value ->> 2, value ->> 3)
-                FROM json_each($2);
+                FROM jsonb_each($2);
              INSERT INTO audit_hashes (id, hash)
-                SELECT value ->> 0, substr($5, value ->> 1, value ->> 2) FROM json_each($4);
+                SELECT value ->> 0, substr($5, value ->> 1, value ->> 2) FROM jsonb_each($4);
              COMMIT",
         ))
         .bind(self.committed as i64)
@@ -214,10 +214,12 @@ fn frontier(size: u64) -> Vec<u64> {
 
 /// A write that is one row of a statement shared by every write of its kind in a group.
 ///
-/// The statement ([`RowWrite::SQL`]) reads the group's rows from `json_each($1)`: each row
-/// is a JSON array of its values, in the order [`RowWrite::encode`] wrote them, and a
+/// The statement ([`RowWrite::SQL`]) reads the group's rows from `jsonb_each($1)`: each
+/// row is a JSON array of its values, in the order [`RowWrite::encode`] wrote them, and a
 /// blob value is its 1-based offset and length in `$2`, the rows' blobs end to end, to be
-/// read with `substr($2, offset, length)`. It returns the key of every row it wrote (its
+/// read with `substr($2, offset, length)`. (`jsonb_each` hands each row over in SQLite's
+/// binary form, which `->>` reads as it is; `json_each` hands it over as text, which
+/// every `->>` would parse again.) It returns the key of every row it wrote (its
 /// first column; a row written twice, as by a retry in the same group, comes back once).
 /// Everything a row write does beyond its row (its audit entry, the reads an unusual
 /// outcome needs) happens in [`RowWrite::finish`], in the same transaction; a row it
