@@ -5,7 +5,9 @@
 //! with every figure and ratio.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -389,6 +391,48 @@ async fn send_and_await(client: &mut Client, case_id: &str) -> Result<(), String
     Ok(())
 }
 
+/// One referral sent and waited for, as the operation of a load phase.
+fn referral_op(
+    client: Client,
+    case_id: String,
+) -> impl Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Clone + Send + 'static
+{
+    move || {
+        let (mut client, case_id) = (client.clone(), case_id.clone());
+        Box::pin(async move { send_and_await(&mut client, &case_id).await })
+    }
+}
+
+/// Runs one phase of load on the sending node from a runtime of its own: one thread, with
+/// its own connection to the node's local API.
+///
+/// A load generator should cost the client's work per request and little else. On the
+/// bench's shared multi-thread runtime every answer, arriving tens of milliseconds after
+/// its request, woke a parked worker thread and handed tasks between the two, so the
+/// generator took more CPU per referral than a whole bare echo request, and that CPU came
+/// out of the two cores the nodes share with it. The echo keeps the multi-thread runtime:
+/// there both threads are always busy.
+async fn generate<T, W, Fut>(url: &str, token: &str, case_id: &str, work: W) -> Result<T, String>
+where
+    T: Send + 'static,
+    W: FnOnce(Client, String) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let (url, token, case_id) = (url.to_owned(), token.to_owned(), case_id.to_owned());
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the load generator's runtime: {e}"))?
+            .block_on(async move {
+                let client = client::connect(&url, &token).await?;
+                work(client, case_id).await
+            })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 // ---- crypto ----------------------------------------------------------------------------
 
 /// The per-referral public-key work, alone, on this thread: seal, sign, verify, open,
@@ -704,14 +748,12 @@ async fn measure(
         .await
         .map_err(|s| explain(&s))?;
     // Unloaded single referral.
-    let op = {
-        let (client, case_id) = (client.clone(), case_id.clone());
-        move || {
-            let (mut client, case_id) = (client.clone(), case_id.clone());
-            async move { send_and_await(&mut client, &case_id).await }
-        }
-    };
-    let (_, single_p50, single_p99) = closed_loop(1, secs.min(2.0), op.clone()).await?;
+    let single_secs = secs.min(2.0);
+    let (_, single_p50, single_p99) =
+        generate(&url, &sender_token, &case_id, move |client, case_id| {
+            closed_loop(1, single_secs, referral_op(client, case_id))
+        })
+        .await?;
     let peak_rss = Arc::new(std::sync::Mutex::new(0f64));
     let sampler = {
         let peak = peak_rss.clone();
@@ -742,7 +784,11 @@ async fn measure(
     let sqlite_cpu = |pid: Option<u32>| pid.map(|p| thread_cpu_s(p, SQLITE_THREADS)).unwrap_or(0.0);
     let sqlite_before = (sqlite_cpu(Some(sender_pid)), sqlite_cpu(recipient_pid));
     let e2e_started = Instant::now();
-    let (e2e_rate, e2e_p50, e2e_p99) = closed_loop(c, secs, op.clone()).await?;
+    let (e2e_rate, e2e_p50, e2e_p99) =
+        generate(&url, &sender_token, &case_id, move |client, case_id| {
+            closed_loop(c, secs, referral_op(client, case_id))
+        })
+        .await?;
     let referrals = e2e_rate * e2e_started.elapsed().as_secs_f64();
     let per_referral_us = |before: f64, after: f64| (after - before) * 1e6 / referrals.max(1.0);
     let cpu_sender = per_referral_us(cpu_before.0, cpu_s(Some(sender_pid)));
@@ -763,7 +809,10 @@ async fn measure(
     );
     let cpu_total = cpu_sender + cpu_recipient + cpu_generator;
     let fsync = fsync_ms(&sender_org.dir, if secs < 2.0 { 50 } else { 200 })?;
-    let (half_p50, half_p99) = open_loop(e2e_rate / 2.0, secs, op.clone()).await?;
+    let (half_p50, half_p99) = generate(&url, &sender_token, &case_id, move |client, case_id| {
+        open_loop(e2e_rate / 2.0, secs, referral_op(client, case_id))
+    })
+    .await?;
     sampler.abort();
     let load_rss = peak_rss.lock().map(|p| *p).unwrap_or(0.0);
     for (k, v) in [
