@@ -1735,18 +1735,14 @@ impl RowWrite for QueueReferral {
         outbox_row(&self.item, Some(self.consent_narrowed_at_ms), row)
     }
 
-    fn finish<'c>(
-        &'c self,
-        written: bool,
-        tx: &'c mut Tx,
-        log: &'c mut LogAppender,
-    ) -> Step<'c, Enqueued> {
+    fn written(&self, log: &mut LogAppender) -> Result<Enqueued> {
+        log.append(self.audit.clone())?;
+        Ok(Enqueued::Queued)
+    }
+
+    fn not_written<'c>(&'c self, tx: &'c mut Tx, _log: &'c mut LogAppender) -> Step<'c, Enqueued> {
         Box::pin(async move {
             let item = &self.item;
-            if written {
-                log.append(self.audit.clone())?;
-                return Ok(Enqueued::Queued);
-            }
             // Its request key may have been used meanwhile (a concurrent retry).
             if let Some(key) = &item.request_key
                 && let Some(first) = Store::select_requested(tx.conn().await?, key).await?
@@ -1814,18 +1810,14 @@ impl RowWrite for Delivered {
         Ok(())
     }
 
-    fn finish<'c>(
-        &'c self,
-        written: bool,
-        _tx: &'c mut Tx,
-        log: &'c mut LogAppender,
-    ) -> Step<'c, ()> {
-        Box::pin(async move {
-            if written {
-                log.append(self.audit.clone())?;
-            }
-            Ok(())
-        })
+    fn written(&self, log: &mut LogAppender) -> Result<()> {
+        log.append(self.audit.clone())?;
+        Ok(())
+    }
+
+    /// A receipt recorded before: its delivery is logged already.
+    fn not_written<'c>(&'c self, _tx: &'c mut Tx, _log: &'c mut LogAppender) -> Step<'c, ()> {
+        Box::pin(async move { Ok(()) })
     }
 }
 
@@ -1893,24 +1885,24 @@ impl RowWrite for Accept {
         Ok(())
     }
 
-    fn finish<'c>(
+    fn written(&self, log: &mut LogAppender) -> Result<AcceptOutcome> {
+        let (place, _) = log.append(self.audit.clone())?;
+        if place != self.place {
+            // A row before it was not stored, so its answer names the wrong place.
+            return Err(StoreError::PlaceMoved);
+        }
+        Ok(AcceptOutcome::Stored(self.response.clone()))
+    }
+
+    fn not_written<'c>(
         &'c self,
-        written: bool,
         tx: &'c mut Tx,
-        log: &'c mut LogAppender,
+        _log: &'c mut LogAppender,
     ) -> Step<'c, AcceptOutcome> {
         Box::pin(async move {
             let a = &self.referral;
-            if !written {
-                let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
-                return Store::not_accepted(tx.conn().await?, a.message_id, consent).await;
-            }
-            let (place, _) = log.append(self.audit.clone())?;
-            if place != self.place {
-                // A row before it was not stored, so its answer names the wrong place.
-                return Err(StoreError::PlaceMoved);
-            }
-            Ok(AcceptOutcome::Stored(self.response.clone()))
+            let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
+            Store::not_accepted(tx.conn().await?, a.message_id, consent).await
         })
     }
 }
@@ -2357,6 +2349,7 @@ pub(crate) mod tests {
         };
         let odd = r#"q"u\o\"te'\n"#;
         let size = store.audit_size().await.expect("size");
+        let at_once = store.writer.groups_at_once();
         let queued = tokio::join!(
             store.enqueue(item(1, None), None, entry()),
             store.enqueue(item(2, Some(odd)), None, entry()),
@@ -2374,6 +2367,11 @@ pub(crate) mod tests {
         assert!(matches!(queued.3, Ok(Enqueued::ConsentChanged)));
         assert!(matches!(queued.4, Ok(Enqueued::Queued)));
         assert_eq!(store.audit_size().await.expect("size"), size + 3);
+        assert_eq!(
+            store.writer.groups_at_once(),
+            at_once,
+            "a group with rows not written runs the usual way"
+        );
         let requested = store
             .requested_referral(&format!("{alice}:{odd}"))
             .await
@@ -2399,6 +2397,8 @@ pub(crate) mod tests {
         );
         assert!(delivered.0.is_ok() && delivered.1.is_ok() && delivered.2.is_ok());
         assert_eq!(store.audit_size().await.expect("size"), size + 5);
+        assert_eq!(store.writer.groups_at_once(), at_once);
+
         let status = |n: u8| {
             let store = store.clone();
             async move {
@@ -2424,6 +2424,43 @@ pub(crate) mod tests {
         .await
         .expect("read");
         assert_eq!(delivered_at, vec![7, 9]);
+
+        // The usual group, every row written: rows, entries and commit in one query,
+        // with the same outcomes as the usual way (two kinds, so two guards).
+        let usual = tokio::join!(
+            store.enqueue(item(6, None), None, entry()),
+            store.mark_delivered(MessageId([5; 16]), b"receipt-5".to_vec(), None, 10, entry()),
+            store.enqueue(item(7, Some("fresh")), None, entry()),
+        );
+        assert!(matches!(usual.0, Ok(Enqueued::Queued)));
+        assert!(usual.1.is_ok());
+        assert!(matches!(usual.2, Ok(Enqueued::Queued)));
+        assert_eq!(store.writer.groups_at_once(), at_once + 1);
+        assert_eq!(store.audit_size().await.expect("size"), size + 8);
+        let five = status(5).await;
+        assert_eq!(
+            (five.state.as_str(), five.receipt.as_deref()),
+            ("delivered", Some(&b"receipt-5"[..]))
+        );
+        for n in [6, 7] {
+            let due = store.due_item(MessageId([n; 16])).await.expect("read");
+            assert_eq!(due.expect("queued").envelope, vec![n; 100 * usize::from(n)]);
+        }
+        let tree = store.audit_size().await.expect("size");
+        let entries = store.audit_entries(0, tree).await.expect("entries");
+        let leaves: Vec<_> = entries
+            .iter()
+            .map(|e| corridor::merkle::leaf_hash(e))
+            .collect();
+        let stored = store
+            .with_audit_hashes(|r| corridor::merkle::tree_hash(tree, r))
+            .await
+            .expect("tree hash");
+        assert_eq!(
+            stored,
+            corridor::merkle::root(&leaves),
+            "the hashes written at once"
+        );
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
