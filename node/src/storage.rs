@@ -1768,7 +1768,8 @@ impl RowWrite for QueueReferral {
 /// the consent was withdrawn or narrowed may still have arrived (a withdrawal sent to that
 /// recipient covers the former). Returns the message id of each receipt that is new: only
 /// such a delivery is logged. An item in those states never has a receipt yet (only a
-/// delivery records one, and it leaves them), so its receipt row is the one just written.
+/// delivery records one, and it leaves them), so its receipt row is the one just written,
+/// and the update, the last statement, changes one item per new receipt.
 /// `+state` keeps the update on the primary key: by the state index it would visit every
 /// queued item.
 const DELIVERED_SQL: &str =
