@@ -409,8 +409,8 @@ fn referral_op(
 /// A load generator should cost the client's work per request and little else. On the
 /// bench's shared multi-thread runtime every answer, arriving tens of milliseconds after
 /// its request, woke a parked worker thread and handed tasks between the two, so the
-/// generator took more CPU per referral than a whole bare echo request, and that CPU came
-/// out of the two cores the nodes share with it. The echo keeps the multi-thread runtime:
+/// generator took about as much CPU per referral as a whole bare echo request (client and
+/// server), and that CPU came out of the two cores the nodes share with it. The echo keeps the multi-thread runtime:
 /// there both threads are always busy.
 async fn generate<T, W, Fut>(url: &str, token: &str, case_id: &str, work: W) -> Result<T, String>
 where
