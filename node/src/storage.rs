@@ -1911,6 +1911,7 @@ impl RowWrite for Accept {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use corridor::merkle;
 
     /// A new store in a directory of its own (`name` and this process's id).
     pub(crate) async fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
@@ -1921,6 +1922,20 @@ pub(crate) mod tests {
     }
 
     /// Adds the user "alice" (one audit entry, `audit`) and returns her id.
+    /// The audit log's size, once its stored hashes are checked to give the root of its
+    /// entries: what is stored is one consistent tree.
+    pub(crate) async fn stored_tree_size(store: &Store) -> u64 {
+        let size = store.audit_size().await.expect("size");
+        let entries = store.audit_entries(0, size).await.expect("entries");
+        let leaves: Vec<_> = entries.iter().map(|e| merkle::leaf_hash(e)).collect();
+        let stored = store
+            .with_audit_hashes(|r| merkle::tree_hash(size, r))
+            .await
+            .expect("tree hash");
+        assert_eq!(stored, merkle::root(&leaves), "stored hashes and entries");
+        size
+    }
+
     pub(crate) async fn add_alice(store: &Store, audit: Vec<u8>) -> i64 {
         store
             .issue_token(
@@ -2447,21 +2462,7 @@ pub(crate) mod tests {
             let due = store.due_item(MessageId([n; 16])).await.expect("read");
             assert_eq!(due.expect("queued").envelope, vec![n; 100 * usize::from(n)]);
         }
-        let tree = store.audit_size().await.expect("size");
-        let entries = store.audit_entries(0, tree).await.expect("entries");
-        let leaves: Vec<_> = entries
-            .iter()
-            .map(|e| corridor::merkle::leaf_hash(e))
-            .collect();
-        let stored = store
-            .with_audit_hashes(|r| corridor::merkle::tree_hash(tree, r))
-            .await
-            .expect("tree hash");
-        assert_eq!(
-            stored,
-            corridor::merkle::root(&leaves),
-            "the hashes written at once"
-        );
+        assert_eq!(stored_tree_size(&store).await, size + 8);
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
