@@ -17,15 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corridor::{MessageId, MessageKind, OrgId, audit};
-use corridor_proto::v1 as pb;
 use corridor_proto::v1::federation_client::FederationClient;
 use prost::Message as _;
+use prost::bytes::Bytes;
 use ring::rand::SecureRandom as _;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tonic::Code;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::convert;
+use crate::courier::{Courier, NotDelivered};
 use crate::node::{Node, now_ms};
 use crate::storage::DueItem;
 
@@ -176,10 +177,26 @@ enum AttemptError {
     NotQueued,
 }
 
-/// One lazily connected channel per recipient, reused across deliveries.
+/// One courier per recipient, over a lazily connected channel, reused across deliveries.
 #[derive(Default)]
 struct Clients {
-    channels: Mutex<HashMap<OrgId, Channel>>,
+    couriers: Mutex<HashMap<OrgId, Arc<Courier>>>,
+}
+
+/// Whether a refusal with `code` ends an envelope's delivery: the recipient judged the
+/// envelope itself, or cannot take it at all. Any other code may pass; the envelope is
+/// sent again later.
+pub(crate) fn refusal_is_final(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
 }
 
 /// A lazily connected mutual-TLS channel to a member's federation listener that accepts
@@ -207,22 +224,21 @@ pub fn channel_to(node: &Node, org: &OrgId) -> Result<Channel, String> {
 }
 
 impl Clients {
-    fn get(&self, node: &Node, org: &OrgId) -> Result<FederationClient<Channel>, AttemptError> {
-        let mut channels = self
-            .channels
+    fn get(&self, node: &Node, org: &OrgId) -> Result<Arc<Courier>, AttemptError> {
+        let mut couriers = self
+            .couriers
             .lock()
-            .map_err(|_| AttemptError::Retry("channel cache poisoned".into()))?;
-        let channel = match channels.get(org) {
-            Some(channel) => channel.clone(),
-            None => {
-                let channel = channel_to(node, org).map_err(AttemptError::Permanent)?;
-                channels.insert(org.clone(), channel.clone());
-                channel
-            }
-        };
+            .map_err(|_| AttemptError::Retry("courier cache poisoned".into()))?;
+        if let Some(courier) = couriers.get(org) {
+            return Ok(courier.clone());
+        }
+        let channel = channel_to(node, org).map_err(AttemptError::Permanent)?;
+        let max_bytes = node.config.federation.max_message_bytes;
         // A peer's answer is bounded as its requests are.
-        Ok(FederationClient::new(channel)
-            .max_decoding_message_size(node.config.federation.max_message_bytes))
+        let client = FederationClient::new(channel).max_decoding_message_size(max_bytes);
+        let courier = Courier::new(client, max_bytes, node.revocations.clone());
+        couriers.insert(org.clone(), courier.clone());
+        Ok(courier)
     }
 }
 
@@ -257,36 +273,36 @@ async fn deliver_once(
         .directory
         .get(&recipient)
         .ok_or_else(|| AttemptError::Permanent(format!("{recipient} is no longer a member")))?;
-    let envelope = pb::Envelope::decode(item.envelope.as_slice())
-        .map_err(|_| AttemptError::Permanent("stored envelope is corrupt".into()))?;
     let digest: [u8; 32] = item
         .envelope_digest
         .as_slice()
         .try_into()
         .map_err(|_| AttemptError::Permanent("stored digest is corrupt".into()))?;
-    let mut client = clients.get(node, &recipient)?;
-    if node.revocations.current() != revocations {
-        let queued = node.store.due_item(item.message_id).await.map_err(|e| {
-            AttemptError::Retry(format!("cannot read whether it is still queued: {e}"))
-        })?;
-        if queued.is_none() {
-            return Err(AttemptError::NotQueued);
+    let courier = clients.get(node, &recipient)?;
+    let envelope = Bytes::from(item.envelope.clone());
+    let mut revocations = revocations;
+    let response = loop {
+        let now = node.revocations.current();
+        if now != revocations {
+            let queued = node.store.due_item(item.message_id).await.map_err(|e| {
+                AttemptError::Retry(format!("cannot read whether it is still queued: {e}"))
+            })?;
+            if queued.is_none() {
+                return Err(AttemptError::NotQueued);
+            }
+            revocations = now;
         }
-    }
-    let response = match client.deliver(envelope).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            let message = format!("{}: {}", status.code(), status.message());
-            return Err(match status.code() {
-                Code::InvalidArgument
-                | Code::PermissionDenied
-                | Code::Unauthenticated
-                | Code::FailedPrecondition
-                | Code::AlreadyExists
-                | Code::OutOfRange
-                | Code::Unimplemented => AttemptError::Permanent(message),
-                _ => AttemptError::Retry(message),
-            });
+        match courier.deliver(envelope.clone(), revocations).await {
+            Ok(response) => break response,
+            Err(NotDelivered::Revoked) => continue,
+            Err(NotDelivered::Failed(status)) => {
+                let message = format!("{}: {}", status.code(), status.message());
+                return Err(if refusal_is_final(status.code()) {
+                    AttemptError::Permanent(message)
+                } else {
+                    AttemptError::Retry(message)
+                });
+            }
         }
     };
     let receipt = response

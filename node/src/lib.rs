@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod convert;
+pub mod courier;
 pub mod delivery;
 pub mod keys;
 pub mod node;

@@ -31,7 +31,7 @@ pub struct Node {
     /// Callers waiting for the end of a delivery attempt.
     pub waiters: crate::delivery::Waiters,
     /// Narrowings and withdrawals that ended queued referrals, for attempts to notice.
-    pub revocations: crate::delivery::Revocations,
+    pub revocations: Arc<crate::delivery::Revocations>,
 }
 
 /// Why the node could not start.

@@ -31,19 +31,71 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::Envelope>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
-        let peer = request
-            .extensions()
-            .get::<PeerInfo>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
-        if !self.node.directory.is_current(crate::node::now_ms()) {
-            return Err(Status::unavailable(
-                "this node's federation directory has expired: it accepts nothing until a newer one is installed",
-            ));
-        }
+        let peer = authenticated_member(&self.node, &request)?;
         let response = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
         Ok(Response::new(response))
     }
+
+    async fn deliver_batch(
+        &self,
+        request: Request<pb::DeliverBatchRequest>,
+    ) -> Result<Response<pb::DeliverBatchResponse>, Status> {
+        let peer = authenticated_member(&self.node, &request)?;
+        let envelopes = request.into_inner().envelopes;
+        if envelopes.len() > corridor::envelope::MAX_BATCH_ENVELOPES {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {} envelopes",
+                corridor::envelope::MAX_BATCH_ENVELOPES
+            )));
+        }
+        // Each envelope in a task of its own, as if it had come alone: their public-key
+        // work spreads over the cores and their commits share the writer's groups.
+        let handled: Vec<_> = envelopes
+            .into_iter()
+            .map(|bytes| {
+                let (node, peer) = (self.node.clone(), peer.clone());
+                tokio::spawn(async move {
+                    let envelope = pb::Envelope::decode(bytes).map_err(|_| {
+                        Status::invalid_argument("an envelope of the batch is not an Envelope")
+                    })?;
+                    Ok::<_, Status>(workflows::receive_envelope(&node, &peer, envelope).await?)
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(handled.len());
+        for task in handled {
+            let outcome = match task.await {
+                Ok(Ok(accepted)) => pb::deliver_outcome::Outcome::Accepted(accepted),
+                Ok(Err(status)) => pb::deliver_outcome::Outcome::Refused(pb::DeliverRefusal {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }),
+                Err(_) => pb::deliver_outcome::Outcome::Refused(pb::DeliverRefusal {
+                    code: tonic::Code::Internal as i32,
+                    message: "handling the envelope failed".into(),
+                }),
+            };
+            outcomes.push(pb::DeliverOutcome {
+                outcome: Some(outcome),
+            });
+        }
+        Ok(Response::new(pb::DeliverBatchResponse { outcomes }))
+    }
+}
+
+/// The member a federation request comes from, if this node accepts envelopes now.
+fn authenticated_member<T>(node: &Node, request: &Request<T>) -> Result<PeerInfo, Status> {
+    let peer = request
+        .extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
+    if !node.directory.is_current(crate::node::now_ms()) {
+        return Err(Status::unavailable(
+            "this node's federation directory has expired: it accepts nothing until a newer one is installed",
+        ));
+    }
+    Ok(peer)
 }
 
 /// Waits (up to 30 s) until a sent referral is no longer queued, then answers its status.

@@ -30,6 +30,10 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 /// Longest route (number of relays) an envelope may carry.
 pub const MAX_ROUTE_LEN: usize = 8;
 
+/// Most envelopes one batch (`DeliverBatch`) may carry; the recipient's limit on a
+/// message's size bounds the batch's bytes as well.
+pub const MAX_BATCH_ENVELOPES: usize = 256;
+
 /// A 16-byte message id chosen by the sender: its creation time, then random bits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(pub [u8; 16]);

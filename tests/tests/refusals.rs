@@ -301,6 +301,89 @@ async fn replays_are_answered_with_the_same_receipt_and_processed_once() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
+/// Each envelope of a batch gets the answer `Deliver` gives it alone: an accepted one its
+/// own receipt, a refused one its own refusal, a replay within the batch the first answer,
+/// and none is stored twice. A batch beyond the limit is refused whole.
+#[tokio::test]
+async fn a_batch_answers_each_envelope_as_deliver_would_alone() {
+    use corridor_proto::v1::deliver_outcome::Outcome;
+    let fed = Federation::demo("batch");
+    let recipient = fed.start(SHELTER_KH);
+    let first = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let second = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let mut tampered = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    tampered.header.expires_at_ms += 1000;
+    let misaddressed = envelope(&fed, header(SHELTER_MY, EMBASSY));
+    let encoded = |e: &Envelope| envelope_to_pb(e).encode_to_vec().into();
+    let batch = vec![
+        encoded(&first),
+        encoded(&tampered),
+        encoded(&second),
+        encoded(&first),
+        b"\xff\xff not an envelope".to_vec().into(),
+        encoded(&misaddressed),
+    ];
+    let mut client = fed
+        .federation_client(Some(fed.org(SHELTER_MY)), &fed.dir, SHELTER_KH)
+        .await
+        .expect("connect");
+    let outcomes = client
+        .deliver_batch(pb::DeliverBatchRequest { envelopes: batch })
+        .await
+        .expect("the batch is answered")
+        .into_inner()
+        .outcomes;
+    assert_eq!(outcomes.len(), 6, "one outcome per envelope");
+    let accepted = |i: usize| match &outcomes[i].outcome {
+        Some(Outcome::Accepted(answer)) => answer.clone(),
+        other => panic!("envelope {i} should be accepted: {other:?}"),
+    };
+    let refused = |i: usize| match &outcomes[i].outcome {
+        Some(Outcome::Refused(r)) => (Code::from_i32(r.code), r.message.clone()),
+        other => panic!("envelope {i} should be refused: {other:?}"),
+    };
+    let kh_key = fed.signing_key(SHELTER_KH).verifying_key();
+    let (my, kh) = (
+        OrgId::new(SHELTER_MY).unwrap(),
+        OrgId::new(SHELTER_KH).unwrap(),
+    );
+    for (i, e) in [(0, &first), (2, &second)] {
+        let receipt = corridor_node::convert::receipt_from_pb(accepted(i).receipt.unwrap())
+            .expect("a receipt");
+        receipt
+            .verify(e.header.message_id, &e.digest(), &my, &kh, &kh_key)
+            .expect("its receipt verifies");
+    }
+    assert_eq!(accepted(3), accepted(0), "a replay gets the first answer");
+    assert_eq!(
+        deliver_as(&fed, SHELTER_MY, &first).await.expect("replay"),
+        accepted(0),
+        "and so does a replay alone"
+    );
+    for (i, e) in [(1, &tampered), (5, &misaddressed)] {
+        let alone = deliver_as(&fed, SHELTER_MY, e).await.expect_err("refused");
+        assert_eq!(refused(i), (alone.code(), alone.message().to_owned()));
+    }
+    assert_eq!(refused(4).0, Code::InvalidArgument);
+    let mut c = recipient.client().await;
+    assert_eq!(inbox(&mut c).await.len(), 2, "each accepted once");
+
+    let third = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let limit = corridor::envelope::MAX_BATCH_ENVELOPES;
+    let mut envelopes = vec![prost::bytes::Bytes::new(); limit];
+    envelopes.push(encoded(&third));
+    let status = client
+        .deliver_batch(pb::DeliverBatchRequest { envelopes })
+        .await
+        .expect_err("too many envelopes");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains(&format!("at most {limit}")),
+        "{status:?}"
+    );
+    assert_eq!(inbox(&mut c).await.len(), 2, "nothing of it is stored");
+}
+
 /// A replay of an envelope accepted before gets its first answer even where the same
 /// envelope would be refused now: here, the consent it carries has expired since.
 #[tokio::test]
