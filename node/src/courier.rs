@@ -140,13 +140,7 @@ impl Courier {
         loop {
             let permit = self.requests.clone().try_acquire_owned().ok()?;
             let mut queue = self.queue.lock().ok()?;
-            let revocations = self.revocations.current();
-            let (batch, revoked): (Vec<_>, Vec<_>) = take_batch(&mut queue, self.max_bytes)
-                .into_iter()
-                .partition(|p| p.revocations == revocations);
-            for pending in revoked {
-                let _ = pending.answer.send(Err(NotDelivered::Revoked));
-            }
+            let batch = self.still_sendable(take_batch(&mut queue, self.max_bytes));
             if !batch.is_empty() {
                 return Some((batch, permit));
             }
@@ -158,6 +152,19 @@ impl Courier {
         }
     }
 
+    /// The envelopes of `batch` whose attempts saw the latest narrowing or withdrawal;
+    /// the others' attempts are told to look again.
+    fn still_sendable(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        let revocations = self.revocations.current();
+        let (sendable, revoked): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|p| p.revocations == revocations);
+        for pending in revoked {
+            let _ = pending.answer.send(Err(NotDelivered::Revoked));
+        }
+        sendable
+    }
+
     fn singly(&self) -> bool {
         self.singly_until
             .lock()
@@ -167,31 +174,33 @@ impl Courier {
 
     /// Sends `batch` and answers each envelope's attempt.
     async fn send(&self, batch: Vec<Pending>) {
-        let (envelopes, answers): (Vec<Bytes>, Vec<_>) =
-            batch.into_iter().map(|p| (p.envelope, p.answer)).unzip();
         if self.singly() {
-            return self.send_singly(envelopes, answers).await;
+            return self.send_singly(batch).await;
         }
-        tracing::debug!(envelopes = envelopes.len(), "sending a batch");
+        tracing::debug!(envelopes = batch.len(), "sending a batch");
         let request = pb::DeliverBatchRequest {
-            envelopes: envelopes.clone(),
+            envelopes: batch.iter().map(|p| p.envelope.clone()).collect(),
         };
         match self.client.clone().deliver_batch(request).await {
             Ok(response) => {
                 let outcomes = response.into_inner().outcomes;
-                if outcomes.len() != answers.len() {
+                if outcomes.len() != batch.len() {
                     let status = Status::unknown(format!(
                         "the member answered a batch of {} with {} outcomes",
-                        answers.len(),
+                        batch.len(),
                         outcomes.len()
                     ));
-                    for answer in answers {
-                        let _ = answer.send(Err(NotDelivered::Failed(status.clone())));
+                    for pending in batch {
+                        let _ = pending
+                            .answer
+                            .send(Err(NotDelivered::Failed(status.clone())));
                     }
                     return;
                 }
-                for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(verdict(outcome).map_err(NotDelivered::Failed));
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending
+                        .answer
+                        .send(verdict(outcome).map_err(NotDelivered::Failed));
                 }
             }
             Err(status) if refusal_is_final(status.code()) => {
@@ -200,29 +209,32 @@ impl Courier {
                 {
                     *until = Some(Instant::now() + SINGLY_FOR);
                 }
-                self.send_singly(envelopes, answers).await;
+                self.send_singly(batch).await;
             }
             Err(status) => {
-                for answer in answers {
-                    let _ = answer.send(Err(NotDelivered::Failed(status.clone())));
+                for pending in batch {
+                    let _ = pending
+                        .answer
+                        .send(Err(NotDelivered::Failed(status.clone())));
                 }
             }
         }
     }
 
-    /// Sends each envelope in a `Deliver` request of its own, all at once.
-    async fn send_singly(&self, envelopes: Vec<Bytes>, answers: Vec<oneshot::Sender<Verdict>>) {
-        let requests: Vec<_> = envelopes
+    /// Sends each envelope in a `Deliver` request of its own, all at once; like a batch,
+    /// only those whose attempts saw the latest narrowing or withdrawal.
+    async fn send_singly(&self, batch: Vec<Pending>) {
+        let requests: Vec<_> = self
+            .still_sendable(batch)
             .into_iter()
-            .zip(answers)
-            .map(|(envelope, answer)| {
+            .map(|pending| {
                 let mut client = self.client.clone();
                 tokio::spawn(async move {
-                    let result = match pb::Envelope::decode(envelope) {
+                    let result = match pb::Envelope::decode(pending.envelope) {
                         Ok(envelope) => client.deliver(envelope).await.map(|r| r.into_inner()),
                         Err(_) => Err(Status::invalid_argument("stored envelope is corrupt")),
                     };
-                    let _ = answer.send(result.map_err(NotDelivered::Failed));
+                    let _ = pending.answer.send(result.map_err(NotDelivered::Failed));
                 })
             })
             .collect();
