@@ -290,7 +290,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tonic::transport::{Endpoint, Server};
+    use tonic::transport::{Channel, Endpoint, Server};
     use tonic::{Code, Request, Response, Status};
 
     /// A member from before batches: it answers `Deliver` and knows no `DeliverBatch`.
@@ -319,21 +319,109 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_member_without_batches_gets_envelopes_one_by_one() {
-        let member = MemberWithoutBatches::default();
+    /// A federation client over plain TCP to `service`, served on a loopback port.
+    async fn serve<S: Federation>(service: FederationServer<S>) -> FederationClient<Channel> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(
             Server::builder()
-                .add_service(FederationServer::new(member.clone()))
+                .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .unwrap()
             .connect_lazy();
+        FederationClient::new(channel)
+    }
+
+    /// A member that answers batches slowly, each envelope with a receipt naming it, and
+    /// counts its requests.
+    #[derive(Clone, Default)]
+    struct SlowMember {
+        in_flight: Arc<AtomicUsize>,
+        most_in_flight: Arc<AtomicUsize>,
+        batches: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Federation for SlowMember {
+        async fn deliver(
+            &self,
+            _: Request<pb::Envelope>,
+        ) -> Result<Response<pb::DeliverResponse>, Status> {
+            Err(Status::internal("batches only"))
+        }
+
+        async fn deliver_batch(
+            &self,
+            request: Request<pb::DeliverBatchRequest>,
+        ) -> Result<Response<pb::DeliverBatchResponse>, Status> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            let envelopes = request.into_inner().envelopes;
+            self.batches.lock().unwrap().push(envelopes.len());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let outcomes = envelopes
+                .into_iter()
+                .map(|envelope| pb::DeliverOutcome {
+                    outcome: Some(pb::deliver_outcome::Outcome::Accepted(
+                        pb::DeliverResponse {
+                            receipt: Some(pb::Receipt {
+                                message_id: envelope.to_vec(),
+                                ..Default::default()
+                            }),
+                            purge_receipt: None,
+                        },
+                    )),
+                })
+                .collect();
+            Ok(Response::new(pb::DeliverBatchResponse { outcomes }))
+        }
+    }
+
+    /// Envelopes that arrive while every request is taken wait and leave together;
+    /// each attempt gets the answer about its own envelope.
+    #[tokio::test]
+    async fn envelopes_queued_behind_busy_requests_leave_together() {
+        let member = SlowMember::default();
+        let client = serve(FederationServer::new(member.clone())).await;
+        let courier = Courier::new(client, 300_000, Arc::default());
+        let attempts: Vec<_> = (0..40)
+            .map(|n| {
+                let courier = courier.clone();
+                tokio::spawn(async move {
+                    let envelope = Bytes::from(format!("envelope {n}"));
+                    let answer = courier
+                        .deliver(envelope.clone(), 0)
+                        .await
+                        .expect("delivered");
+                    assert_eq!(answer.receipt.unwrap().message_id, envelope.to_vec());
+                })
+            })
+            .collect();
+        for attempt in attempts {
+            attempt.await.expect("each attempt gets its own answer");
+        }
+        let batches = member.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 40, "{batches:?}");
+        assert!(
+            batches.len() < 40,
+            "some envelopes travelled together: {batches:?}"
+        );
+        let most = member.most_in_flight.load(Ordering::SeqCst);
+        assert!(
+            most <= super::REQUESTS_PER_MEMBER,
+            "{most} requests at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_member_without_batches_gets_envelopes_one_by_one() {
+        let member = MemberWithoutBatches::default();
+        let client = serve(FederationServer::new(member.clone())).await;
         let revocations = Arc::new(super::Revocations::default());
-        let courier = Courier::new(FederationClient::new(channel), 300_000, revocations.clone());
+        let courier = Courier::new(client, 300_000, revocations.clone());
         let envelope = Bytes::from(pb::Envelope::default().encode_to_vec());
         let counts = || {
             (
