@@ -74,10 +74,11 @@ fn random_u32() -> u32 {
 /// withdrawals of their consents.
 ///
 /// An attempt notes the count from before it last knew its item to be queued (it queued
-/// it, or read it as queued). If the count has moved when the attempt is about to send,
-/// it reads the item's state again and sends only if it is still queued: once a
-/// narrowing or withdrawal is answered, nothing it ended leaves the node. The count
-/// moves rarely, so the read is rare.
+/// it, or read it as queued). If the count has moved when the attempt hands its envelope
+/// to the courier, or when the courier forms the request that would carry it
+/// ([`Courier`]), the attempt reads the item's state again and sends only if it is still
+/// queued: once a narrowing or withdrawal is answered, nothing it ended leaves the node.
+/// The count moves rarely, so the read is rare.
 #[derive(Default)]
 pub struct Revocations(AtomicU64);
 
