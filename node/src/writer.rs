@@ -14,10 +14,13 @@
 //! SQLite's thread for the whole group. Such a round trip (a hand-off to another thread
 //! and back) costs more CPU here than the statements it carries.
 //!
-//! Being the only appender, the task keeps the log's size and right-edge hashes (its
-//! "frontier") in memory, so an append reads nothing. If any job of a group fails, the
-//! group is rolled back and each of its jobs is run again alone, so one bad job never
-//! fails or half-writes another.
+//! The task keeps the log's size and right-edge hashes (its "frontier") in memory, so an
+//! append reads nothing. It is the node's only appender, but not always the database's:
+//! `corridor-node create-admin-token` may append to it while the node runs. Such an entry
+//! takes the index the task would give its next one, so that group fails on the index and
+//! the task catches up (the stored size and frontier, read again) and runs it once more.
+//! If any job of a group fails otherwise, the group is rolled back and each of its jobs is
+//! run again alone, so one bad job never fails or half-writes another.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -99,14 +102,9 @@ pub struct LogAppender {
 impl LogAppender {
     /// Reads the log's size and frontier.
     async fn load(conn: &mut SqliteConnection) -> Result<Self> {
-        use sqlx::Row as _;
-        // idx is the rowid: MAX is a lookup, COUNT would scan the table.
-        let size: u64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
-            .fetch_one(&mut *conn)
-            .await?
-            .get::<i64, _>(0)
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("audit size"))?;
+        let size = stored_size(&mut *conn).await?;
+        // Stored hashes never change once written, so this frontier stays right for
+        // `size` even if another process appends meanwhile.
         let known = crate::audit_log::fetch(&mut *conn, &frontier(size)).await?;
         Ok(Self {
             committed: size,
@@ -114,6 +112,31 @@ impl LogAppender {
             pending: Vec::new(),
             new_hashes: Vec::new(),
         })
+    }
+
+    /// Catches up with entries another process appended since this log was read;
+    /// between groups only. Returns whether there were any.
+    async fn catch_up(&mut self, conn: &mut SqliteConnection) -> Result<bool> {
+        let stored = stored_size(&mut *conn).await?;
+        if stored <= self.committed {
+            if stored < self.committed {
+                // Entries this task committed are gone: not something to write over. The
+                // checkpointer refuses to sign such a log.
+                tracing::error!(
+                    stored,
+                    written = self.committed,
+                    "the stored audit log is shorter than this node wrote"
+                );
+            }
+            return Ok(false);
+        }
+        tracing::warn!(
+            from = self.committed,
+            to = stored,
+            "the audit log grew outside this node (another process appended to it); continuing from its stored size"
+        );
+        *self = Self::load(conn).await?;
+        Ok(true)
     }
 
     /// The index and leaf hash `entry` gets if it is appended next.
@@ -235,6 +258,15 @@ impl AuditParams {
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// The number of entries stored in the log.
+async fn stored_size(conn: &mut SqliteConnection) -> Result<u64> {
+    // idx is the rowid: MAX is a lookup, COUNT would scan the table.
+    let size: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries")
+        .fetch_one(conn)
+        .await?;
+    u64::try_from(size).map_err(|_| StoreError::Corrupt("audit size"))
+}
 
 /// Stored-hash indexes of the complete subtrees on the right edge of a tree of `size`.
 fn frontier(size: u64) -> Vec<u64> {
@@ -665,7 +697,7 @@ async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message
 /// only the failing ones fail.
 async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<Box<dyn Job>>) {
     let started = std::time::Instant::now();
-    let result = commit_group(tx, log, group).await;
+    let result = commit_group_caught_up(tx, log, group).await;
     let took = started.elapsed();
     if took > SLOW_GROUP {
         tracing::warn!(
@@ -684,11 +716,29 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
         Err(error) => {
             tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
             for mut job in group.drain(..) {
-                let alone = commit_group(tx, log, std::slice::from_mut(&mut job)).await;
+                let alone = commit_group_caught_up(tx, log, std::slice::from_mut(&mut job)).await;
                 job.finish(alone.err());
             }
         }
     }
+}
+
+/// [`commit_group`], run once more if it failed because another process appended to the
+/// log: its entries took the indexes this group's were given.
+async fn commit_group_caught_up(
+    tx: &mut Tx,
+    log: &mut LogAppender,
+    group: &mut [Box<dyn Job>],
+) -> Result<()> {
+    let result = commit_group(tx, log, group).await;
+    if result.is_err() {
+        match log.catch_up(&mut tx.conn).await {
+            Ok(true) => return commit_group(tx, log, group).await,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "could not read the audit log's stored size"),
+        }
+    }
+    result
 }
 
 /// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
@@ -934,6 +984,42 @@ mod tests {
         store.append_audit(vec![entry(4)]).await.expect("append");
         assert_eq!(stored_tree_size(&store).await, 5);
         store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `corridor-node create-admin-token` appends to the log of a running node from
+    /// another process: the node's writer must carry on after its entry, not fail every
+    /// later write on an index already taken.
+    #[tokio::test]
+    async fn a_writer_carries_on_after_entries_another_process_appended() {
+        let (node, dir) = temp_store("writer-catch-up").await;
+        let appended = node.append_audit(vec![entry(0), entry(1)]).await;
+        assert_eq!(appended.expect("append")[1].0, 1);
+        let other = Store::open(&dir.join("store.db"))
+            .await
+            .expect("open again");
+        let theirs = other.append_audit(vec![entry(2)]).await.expect("append");
+        assert_eq!(theirs[0].0, 2);
+
+        // Two jobs in one group, both from a writer that last saw two entries.
+        let (one, two) = tokio::join!(
+            node.append_audit(vec![entry(3)]),
+            node.append_audit(vec![entry(4), entry(5)]),
+        );
+        let indexes: Vec<u64> = one
+            .expect("append after the other process's entry")
+            .iter()
+            .chain(&two.expect("append in the same group"))
+            .map(|a| a.0)
+            .collect();
+        assert_eq!(indexes, vec![3, 4, 5]);
+        // A job with its own statements, and the other writer catching up in turn.
+        add_alice(&node, entry(6)).await;
+        let theirs = other.append_audit(vec![entry(7)]).await.expect("append");
+        assert_eq!(theirs[0].0, 7);
+        assert_eq!(stored_tree_size(&node).await, 8);
+        other.close().await;
+        node.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

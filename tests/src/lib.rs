@@ -172,10 +172,16 @@ impl Drop for Federation {
 }
 
 fn admin_token(config: &Path) -> String {
+    issue_admin_token(config, "test-caseworker")
+}
+
+/// Runs `corridor-node create-admin-token` for `user` (the node may be running) and
+/// returns the token.
+pub fn issue_admin_token(config: &Path, user: &str) -> String {
     let out = Command::new(binary("corridor-node"))
         .arg("--config")
         .arg(config)
-        .args(["create-admin-token", "--user", "test-caseworker"])
+        .args(["create-admin-token", "--user", user])
         .output()
         .expect("run corridor-node create-admin-token");
     assert!(

@@ -429,6 +429,37 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
     );
 }
 
+/// An operator may issue a token while the node runs: `create-admin-token` appends its
+/// entry to the node's log from another process. The node must go on writing after it,
+/// and its log must stay one tree that verifies.
+#[tokio::test]
+async fn a_token_issued_while_the_node_runs_leaves_it_writing() {
+    let fed = Federation::demo("audit-token-while-running");
+    let state = fed.dir.join("auditor");
+    let mut my = fed.start(SHELTER_MY);
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    for round in 0..2 {
+        my.token = issue_admin_token(&my.org.config, &format!("second-admin-{round}"));
+        // Recording a consent appends to the log: with the node's frontier stale it
+        // failed on the index the token's entry took, and every later append with it.
+        some_events(&my, 2).await;
+        wait_checkpointed(&my).await;
+        ok(&audit(
+            &fed,
+            &state,
+            &["verify", SHELTER_MY, "--quorum", "0"],
+        ));
+    }
+    let tokens = scalar(&my, "SELECT COUNT(*) FROM tokens").await;
+    assert_eq!(tokens, 3, "the tokens issued while the node ran are stored");
+    assert!(
+        my.log().contains("the audit log grew outside this node"),
+        "{}",
+        my.log()
+    );
+}
+
 #[tokio::test]
 async fn export_verify_and_prove_offline() {
     let fed = Federation::demo("audit-export");
