@@ -295,10 +295,20 @@ pub fn gate_case<'a>(
     }))
 }
 
-/// How a narrowed scope would widen the consent instead.
+/// Why a scope is not a narrowing of a consent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("narrowing may not widen the consent: {0}; record a new consent instead")]
-pub struct WideningError(pub String);
+pub enum NarrowingError {
+    /// It would widen the consent instead: what it adds or lifts.
+    #[error("narrowing may not widen the consent: {0}; record a new consent instead")]
+    Widens(String),
+    /// It takes nothing away. Refused rather than recorded: a narrowing ends the
+    /// referrals still queued under the consent, and a caller who meant to remove
+    /// something (a misspelt field, say) must not be told it was.
+    #[error(
+        "the narrowing changes nothing: it removes no purpose, recipient or field the consent has, adds no restriction and does not bring the expiry forward"
+    )]
+    ChangesNothing,
+}
 
 impl ConsentScope {
     /// What of this consent one referral discloses: its purpose and the fields it
@@ -319,9 +329,9 @@ impl ConsentScope {
         }
     }
 
-    /// Checks that `narrower` only takes away from this scope: no new purpose, field or
-    /// recipient, no later expiry, no restriction lifted.
-    pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), WideningError> {
+    /// Checks that `narrower` only takes away from this scope (no new purpose, field or
+    /// recipient, no later expiry, no restriction lifted) and takes something away.
+    pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), NarrowingError> {
         let mut widened = Vec::new();
         for p in narrower.purposes.difference(&self.purposes) {
             widened.push(format!("adds purpose {p}"));
@@ -348,11 +358,19 @@ impl ConsentScope {
         if self.restrictions.no_family_contact && !narrower.restrictions.no_family_contact {
             widened.push("lifts the ban on family contact".into());
         }
-        if widened.is_empty() {
-            Ok(())
-        } else {
-            Err(WideningError(widened.join(", ")))
+        if !widened.is_empty() {
+            return Err(NarrowingError::Widens(widened.join(", ")));
         }
+        let unchanged = narrower.purposes == self.purposes
+            && narrower.fields == self.fields
+            && narrower.recipient_orgs == self.recipient_orgs
+            && narrower.recipient_roles == self.recipient_roles
+            && narrower.expires_at_ms == self.expires_at_ms
+            && narrower.restrictions == self.restrictions;
+        if unchanged {
+            return Err(NarrowingError::ChangesNothing);
+        }
+        Ok(())
     }
 }
 
@@ -788,7 +806,46 @@ mod tests {
         );
         let mut lifted = n.clone();
         lifted.restrictions.no_family_contact = false;
-        assert!(n.check_narrowing(&lifted).is_err());
+        assert!(matches!(
+            n.check_narrowing(&lifted),
+            Err(NarrowingError::Widens(_))
+        ));
+    }
+
+    #[test]
+    fn a_narrowing_must_take_something_away() {
+        let c = consent();
+        assert_eq!(
+            c.check_narrowing(&c.clone()),
+            Err(NarrowingError::ChangesNothing)
+        );
+        // The id and the withdrawal are not part of what a narrowing changes.
+        let mut renamed = c.clone();
+        renamed.id = "other".into();
+        assert_eq!(
+            c.check_narrowing(&renamed),
+            Err(NarrowingError::ChangesNothing)
+        );
+        // Each single change that takes something away is a narrowing.
+        let changes: [fn(&mut ConsentScope); 6] = [
+            |n| {
+                n.fields.pop_first();
+            },
+            |n| n.recipient_orgs.clear(),
+            |n| {
+                n.purposes.pop_first();
+            },
+            |n| n.expires_at_ms -= 1,
+            |n| n.restrictions.no_family_contact = true,
+            |n| {
+                n.restrictions.excluded_countries.insert("TH".into());
+            },
+        ];
+        for change in changes {
+            let mut n = c.clone();
+            change(&mut n);
+            assert_eq!(c.check_narrowing(&n), Ok(()), "{n:?}");
+        }
     }
 
     #[test]

@@ -247,3 +247,49 @@ async fn narrowing_is_allowed_widening_is_refused() {
         "{status:?}"
     );
 }
+
+/// A narrowing that takes nothing away (a misspelt field, say) is refused rather than
+/// recorded, and the referrals queued under the consent, which a narrowing ends, stay
+/// queued.
+#[tokio::test]
+async fn a_narrowing_that_changes_nothing_is_refused_and_ends_nothing() {
+    let fed = Federation::demo("narrow-nothing");
+    // The recipient is not started: the referral stays queued.
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let queued = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("referral queued")
+        .into_inner();
+    let request = pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    };
+    let scope = s
+        .get_consent(request.clone())
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope;
+    let status = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id: consent_id.clone(),
+            scope,
+        })
+        .await
+        .expect_err("a narrowing that changes nothing");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("changes nothing"), "{status:?}");
+    let view = s.get_consent(request).await.expect("consent").into_inner();
+    assert_eq!(view.narrowed_at_ms, 0, "recorded as narrowed");
+    let referral_status = s
+        .get_referral_status(pb::GetReferralStatusRequest {
+            referral_id: queued.referral_id,
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(referral_status.state, "queued");
+}
