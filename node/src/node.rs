@@ -79,11 +79,31 @@ pub fn load_directory(config: &Config) -> Result<Directory, StartError> {
 }
 
 /// Opens the database of a configuration (creating the data directory if needed).
+///
+/// The data directory is made readable by its owner only: the database holds personal
+/// data (sealed, but also its metadata), and SQLite creates its files with the process's
+/// umask, which outside the shipped systemd unit usually lets everyone read them.
 pub async fn open_store(config: &Config) -> Result<Store, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+    let failed = |e: std::io::Error| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         reason: e.to_string(),
-    })?;
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(failed)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&config.data_dir)
+            .map_err(failed)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(
+                &config.data_dir,
+                std::fs::Permissions::from_mode(mode & 0o700),
+            )
+            .map_err(failed)?;
+        }
+    }
     Ok(Store::open(&config.database_path()).await?)
 }
 
@@ -129,6 +149,17 @@ impl Node {
             }
         }
         let store = open_store(&config).await?;
+        // A wrong key file would let the node accept referrals (and sign receipts for
+        // them) that it could never read back, nor those stored before.
+        if let Some((case, wrapped)) = store.some_case_key().await?
+            && data_key.unwrap_data_key(&case, &wrapped).is_err()
+        {
+            return Err(StartError::Mismatch(format!(
+                "data key {} does not open the data keys stored in {}: it is not the key this database was written with; restore that key file",
+                config.keys.data_key.display(),
+                config.database_path().display()
+            )));
+        }
         if let Some(newer) = store.accept_directory_serial(directory.serial).await? {
             return Err(StartError::Directory {
                 path: config.directory.display().to_string(),

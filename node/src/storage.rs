@@ -474,6 +474,15 @@ impl Store {
         Ok(wrapped)
     }
 
+    /// Any one stored data key, with its id: enough to check that the node's key file is
+    /// the one they were wrapped with.
+    pub async fn some_case_key(&self) -> Result<Option<(String, Vec<u8>)>> {
+        let row = sqlx::query("SELECT id, wrapped_key FROM case_keys LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
     /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that
     /// is stored now (the existing one wins a race).
     pub async fn ensure_case_key(&self, id: &str, wrapped: &[u8], now_ms: i64) -> Result<Vec<u8>> {

@@ -233,3 +233,47 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
         assert!(inbox(&mut c).await.is_empty());
     }
 }
+
+/// A node started with another data key than the one its database was written with would
+/// accept referrals, and sign receipts for them, that it could never read back: it
+/// refuses to start, and `check-config` says why. Its data directory is its owner's alone.
+#[tokio::test]
+async fn a_node_refuses_a_data_key_that_does_not_open_its_stored_keys() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::process::Command;
+
+    let fed = Federation::demo("at-rest-wrong-key");
+    let mut my = fed.start(SHELTER_MY);
+    let mut client = my.client().await;
+    case_with_consent(&mut client, SHELTER_KH, "reintegration").await;
+    my.stop();
+    let data_dir = my.org.dir.join("data");
+    let mode = std::fs::metadata(&data_dir)
+        .expect("data dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "data directory mode {mode:o}");
+
+    let key_file = my.org.dir.join("data.key");
+    let right_key = std::fs::read(&key_file).expect("data key");
+    // Another well-formed key; the file keeps its owner-only mode.
+    std::fs::write(&key_file, "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n").expect("write key");
+    for args in [&["check-config"][..], &[][..]] {
+        let out = Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&my.org.config)
+            .args(args)
+            .output()
+            .expect("run corridor-node");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+        assert!(
+            stderr.contains("does not open the data keys stored in"),
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::write(&key_file, right_key).expect("restore key");
+    my.start();
+    let mut client = my.client().await;
+    case_with_consent(&mut client, SHELTER_KH, "reintegration").await;
+}
