@@ -32,6 +32,9 @@ pub struct Node {
     pub waiters: crate::delivery::Waiters,
     /// Narrowings and withdrawals that ended queued referrals, for attempts to notice.
     pub revocations: Arc<crate::delivery::Revocations>,
+    /// Turns true when the node is asked to stop: listeners drain, background tasks end,
+    /// and calls that wait (for a delivery) answer with what they have.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why the node could not start.
@@ -184,6 +187,7 @@ impl Node {
             handoff: crate::delivery::Handoff::new(1024),
             revocations: Default::default(),
             waiters: Default::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 }

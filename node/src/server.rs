@@ -78,7 +78,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         .build_v1()
         .map_err(|e| StartError::Mismatch(format!("reflection setup failed: {e}")))?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx = node.stopping.subscribe();
     let f = &node.config.federation;
     let incoming = tls::accept_members(
         fed_listener,
@@ -147,7 +147,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 
     termination_signal().await;
     tracing::info!("stopping");
-    let _ = stop_tx.send(true);
+    node.stopping.send_replace(true);
     for (name, task) in [("federation", federation), ("local", local)] {
         match task.await {
             Ok(Ok(())) => {}

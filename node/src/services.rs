@@ -98,15 +98,17 @@ fn authenticated_member<T>(node: &Node, request: &Request<T>) -> Result<PeerInfo
     Ok(peer)
 }
 
-/// Waits (up to 30 s) until a sent referral is no longer queued, then answers its status.
-/// `first_attempt` (registered before the referral could be attempted, with its status as
-/// queued) spares the looks at the stored status when that attempt delivers it.
+/// Waits (up to 30 s, or until the node is asked to stop) until a sent referral is no
+/// longer queued, then answers its status. `first_attempt` (registered before the
+/// referral could be attempted, with its status as queued) spares the looks at the stored
+/// status when that attempt delivers it.
 async fn settled_status(
     node: &Node,
     id: MessageId,
     mut first_attempt: Option<(Receiver<Option<Delivered>>, pb::GetReferralStatusResponse)>,
 ) -> Result<pb::GetReferralStatusResponse, Status> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut stopping = node.stopping.subscribe();
     let status = async {
         loop {
             let (attempt, queued) = match first_attempt.take() {
@@ -122,7 +124,14 @@ async fn settled_status(
                     (attempt, None)
                 }
             };
-            match tokio::time::timeout_at(deadline, attempt).await {
+            // A stop waits for the calls in progress: this one must not hold it up.
+            let ended = tokio::select! {
+                ended = tokio::time::timeout_at(deadline, attempt) => ended,
+                _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
+                    return referral_status(node, id).await;
+                }
+            };
+            match ended {
                 Err(_) => return referral_status(node, id).await,
                 Ok(Ok(Some(delivered))) if let Some(queued) = queued => {
                     return delivered_status(queued, delivered);

@@ -66,6 +66,35 @@ async fn send_with_wait_answers_with_the_delivered_status() {
     assert_eq!(shown["receipt"]["recipient"], SHELTER_KH, "{shown}");
 }
 
+/// A stop does not wait for the calls that wait for a delivery (up to 30 s, as long as a
+/// service manager gives a stop): they answer at once with what they have, the referral
+/// still queued, and the node stops by itself instead of being killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_answers_the_calls_waiting_for_a_delivery() {
+    let fed = Federation::demo("stop-while-waiting");
+    // The recipient is not started: the referral stays queued.
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let request = pb::SendReferralRequest {
+        wait: true,
+        ..referral(&case_id, SHELTER_KH, "reintegration")
+    };
+    let waiting = tokio::spawn(async move { s.send_referral(request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Without an answer the stop would wait for the call, and `stop` kill the node
+    // after 10 s, cutting the call off.
+    tokio::task::spawn_blocking(move || sender.stop())
+        .await
+        .expect("stop");
+    let sent = waiting
+        .await
+        .expect("call task")
+        .expect("the waiting call is answered, not cut off")
+        .into_inner();
+    assert_eq!(sent.state, "queued");
+}
+
 /// A retried call with the same request id (after a timeout, say) answers with the
 /// referral the first call queued: the recipient gets it once.
 #[tokio::test]
