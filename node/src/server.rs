@@ -60,6 +60,19 @@ async fn termination_signal() {
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let node = Node::load(config).await?;
     record_start(&node).await?;
+    match crate::workflows::seal_legacy_consent_details(&node).await {
+        Ok(0) => {}
+        Ok(sealed) => tracing::info!(
+            sealed,
+            "sealed the details of consents recorded in plaintext"
+        ),
+        Err(failure) => {
+            return Err(StartError::Mismatch(format!(
+                "cannot seal the details of consents recorded in plaintext: {}",
+                failure.message
+            )));
+        }
+    }
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
     let fed_addr = fed_listener.local_addr().ok();

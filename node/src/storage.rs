@@ -125,9 +125,12 @@ pub struct ConsentRow {
     pub id: String,
     pub case_id: String,
     pub given_by: String,
-    pub guardian_basis: String,
+    /// The guardian's basis and the language, sealed under the case's data key
+    /// ([`ConsentDetails`]); `None` only for a row written before they were sealed.
+    pub details_sealed: Option<Vec<u8>>,
+    /// Those details in plaintext: empty, but for a row written before they were sealed.
+    pub legacy_details: ConsentDetails,
     pub method: String,
-    pub language: String,
     pub recorded_by: String,
     pub recorded_at_ms: i64,
     pub purposes: Vec<String>,
@@ -152,14 +155,21 @@ pub struct ScopeColumns {
     pub expires_at_ms: i64,
 }
 
+/// The free-text details of a consent: personal data, so stored sealed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsentDetails {
+    pub guardian_basis: String,
+    pub language: String,
+}
+
 /// A new consent to record.
 pub struct NewConsent {
     pub id: String,
     pub case_id: String,
     pub given_by: String,
-    pub guardian_basis: String,
+    /// [`ConsentDetails`], sealed under the case's data key.
+    pub details_sealed: Vec<u8>,
     pub method: String,
-    pub language: String,
     pub recorded_by: i64,
     pub recorded_at_ms: i64,
     pub scope: ScopeColumns,
@@ -605,15 +615,14 @@ impl Store {
                             "INSERT INTO consents (id, case_id, given_by, guardian_basis, method,
                             language, recorded_by, recorded_at_ms, purposes, recipient_orgs,
                             recipient_roles, fields, excluded_countries, no_family_contact,
-                            expires_at_ms)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                            expires_at_ms, details_sealed)
+                         VALUES ($1, $2, $3, '', $4, '', $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                            $14)",
                         )
                         .bind(&c.id)
                         .bind(&c.case_id)
                         .bind(&c.given_by)
-                        .bind(&c.guardian_basis)
                         .bind(&c.method)
-                        .bind(&c.language)
                         .bind(c.recorded_by)
                         .bind(c.recorded_at_ms)
                         .bind(&s.purposes)
@@ -623,6 +632,7 @@ impl Store {
                         .bind(&s.excluded_countries)
                         .bind(i64::from(s.no_family_contact))
                         .bind(s.expires_at_ms)
+                        .bind(&c.details_sealed)
                         .execute(&mut *conn)
                         .await?;
                         log.append(audit.clone())?;
@@ -637,16 +647,19 @@ impl Store {
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
         c.language, COALESCE(u.name, ''), c.recorded_at_ms, c.purposes, c.recipient_orgs,
         c.recipient_roles, c.fields, c.excluded_countries, c.no_family_contact, c.expires_at_ms,
-        c.withdrawn_at_ms, c.narrowed_at_ms";
+        c.withdrawn_at_ms, c.narrowed_at_ms, c.details_sealed";
 
     fn consent_row(r: sqlx::sqlite::SqliteRow) -> ConsentRow {
         ConsentRow {
             id: r.get(0),
             case_id: r.get(1),
             given_by: r.get(2),
-            guardian_basis: r.get(3),
+            legacy_details: ConsentDetails {
+                guardian_basis: r.get(3),
+                language: r.get(5),
+            },
+            details_sealed: r.get(17),
             method: r.get(4),
-            language: r.get(5),
             recorded_by: r.get(6),
             recorded_at_ms: r.get(7),
             purposes: split_list(r.get(8)),
@@ -659,6 +672,52 @@ impl Store {
             withdrawn_at_ms: r.get(15),
             narrowed_at_ms: r.get(16),
         }
+    }
+
+    /// Consents written before their details were sealed: (id, case id, details).
+    pub async fn consents_with_plaintext_details(
+        &self,
+    ) -> Result<Vec<(String, String, ConsentDetails)>> {
+        let rows = sqlx::query(
+            "SELECT id, case_id, guardian_basis, language FROM consents
+             WHERE details_sealed IS NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let details = ConsentDetails {
+                    guardian_basis: r.get(2),
+                    language: r.get(3),
+                };
+                (r.get(0), r.get(1), details)
+            })
+            .collect())
+    }
+
+    /// Replaces the plaintext details of a consent written before they were sealed.
+    pub async fn seal_consent_details(&self, id: &str, sealed: Vec<u8>) -> Result<()> {
+        self.writer
+            .run_then(
+                (id.to_owned(), sealed),
+                |(id, sealed), tx, _log| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "UPDATE consents SET details_sealed = $1, guardian_basis = '',
+                                language = ''
+                             WHERE id = $2 AND details_sealed IS NULL",
+                        )
+                        .bind(sealed)
+                        .bind(id)
+                        .execute(tx.conn().await?)
+                        .await?;
+                        Ok(())
+                    })
+                },
+                Some(self.consents.clearer()),
+            )
+            .await
     }
 
     /// The consents of a case, newest first; `fresh` reads past the cache.
@@ -2005,9 +2064,8 @@ pub(crate) mod tests {
             id: "consent-1".into(),
             case_id: "case-1".into(),
             given_by: "person".into(),
-            guardian_basis: String::new(),
+            details_sealed: b"sealed".to_vec(),
             method: "written".into(),
-            language: "km".into(),
             recorded_by: alice,
             recorded_at_ms: 1,
             scope: scope(fields),

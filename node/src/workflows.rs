@@ -20,8 +20,8 @@ use crate::convert;
 use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
-    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentRow, Enqueued, NewConsent,
-    NewOutboxItem, Respond, ScopeColumns, User, Withdrawal,
+    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentDetails, ConsentRow, Enqueued,
+    NewConsent, NewOutboxItem, Respond, ScopeColumns, User, Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -29,7 +29,7 @@ use crate::tls::PeerInfo;
 pub const MAX_FIELDS: usize = 64;
 /// Longest field name and value, in bytes.
 pub const MAX_FIELD_NAME_LEN: usize = 64;
-pub const MAX_FIELD_VALUE_LEN: usize = 8192;
+pub const MAX_FIELD_VALUE_LEN: usize = corridor::fields::MAX_VALUE_LEN;
 /// Longest case label, in bytes.
 pub const MAX_LABEL_LEN: usize = 200;
 /// Most entries in any list of a consent's scope.
@@ -293,8 +293,72 @@ fn scope_of(row: &ConsentRow) -> Result<ConsentScope, Failure> {
     })
 }
 
-pub fn consent_view(row: &ConsentRow) -> pb::ConsentView {
-    pb::ConsentView {
+/// Where a consent's details are sealed: under its case's data key, bound to the consent.
+fn consent_details_record(consent_id: &str) -> String {
+    format!("consent-details:{consent_id}")
+}
+
+/// The data key of one of this node's own cases.
+async fn case_data_key(
+    node: &Node,
+    case_id: &str,
+) -> Result<Option<corridor::at_rest::DataKey>, Failure> {
+    let Some(wrapped) = node.store.case_key(case_id).await? else {
+        return Ok(None);
+    };
+    node.data_key
+        .unwrap_data_key(case_id, &wrapped)
+        .map(Some)
+        .map_err(data_failure)
+}
+
+/// Seals a consent's free-text details under its case's data key.
+fn seal_consent_details(
+    key: &corridor::at_rest::DataKey,
+    case_id: &str,
+    consent_id: &str,
+    details: &ConsentDetails,
+) -> Result<Vec<u8>, Failure> {
+    let plaintext = serde_json::to_vec(details)
+        .map_err(|e| Failure::internal("consent details not encoded", e))?;
+    key.encrypt(case_id, &consent_details_record(consent_id), &plaintext)
+        .map_err(data_failure)
+}
+
+/// Seals the details of consents recorded before details were sealed, and clears their
+/// plaintext. Runs as the node starts.
+pub async fn seal_legacy_consent_details(node: &Node) -> Result<usize, Failure> {
+    let legacy = node.store.consents_with_plaintext_details().await?;
+    for (consent_id, case_id, details) in &legacy {
+        let key = case_data_key(node, case_id)
+            .await?
+            .ok_or_else(|| Failure::internal("a consent's case has no data key", consent_id))?;
+        let sealed = seal_consent_details(&key, case_id, consent_id, details)?;
+        node.store.seal_consent_details(consent_id, sealed).await?;
+    }
+    if !legacy.is_empty() {
+        // So that the plaintext does not linger in the WAL's earlier frames.
+        node.store.checkpoint().await?;
+    }
+    Ok(legacy.len())
+}
+
+/// A consent as the local API shows it, its details opened.
+async fn consent_view(node: &Node, row: &ConsentRow) -> Result<pb::ConsentView, Failure> {
+    let details = match &row.details_sealed {
+        None => row.legacy_details.clone(),
+        Some(sealed) => {
+            let key = case_data_key(node, &row.case_id)
+                .await?
+                .ok_or_else(|| Failure::internal("a consent's case has no data key", &row.id))?;
+            let plaintext = key
+                .decrypt(&row.case_id, &consent_details_record(&row.id), sealed)
+                .map_err(data_failure)?;
+            serde_json::from_slice(&plaintext)
+                .map_err(|e| Failure::internal("stored consent details are corrupt", e))?
+        }
+    };
+    Ok(pb::ConsentView {
         consent_id: row.id.clone(),
         case_id: row.case_id.clone(),
         scope: Some(pb::ConsentScope {
@@ -307,18 +371,18 @@ pub fn consent_view(row: &ConsentRow) -> pb::ConsentView {
             expires_at_ms: row.expires_at_ms,
         }),
         given_by: row.given_by.clone(),
-        guardian_basis: row.guardian_basis.clone(),
+        guardian_basis: details.guardian_basis,
         method: row.method.clone(),
-        language: row.language.clone(),
+        language: details.language,
         recorded_by: row.recorded_by.clone(),
         recorded_at_ms: row.recorded_at_ms,
         withdrawn_at_ms: row.withdrawn_at_ms.unwrap_or(0),
         narrowed_at_ms: row.narrowed_at_ms.unwrap_or(0),
-    }
+    })
 }
 
 fn text_detail(what: &str, value: &str) -> Result<(), Failure> {
-    if value.len() > MAX_CONSENT_TEXT || value.contains('\n') {
+    if value.len() > MAX_CONSENT_TEXT || value.chars().any(char::is_control) {
         return Err(Failure::invalid(format!(
             "{what} must be one line of at most {MAX_CONSENT_TEXT} bytes"
         )));
@@ -371,12 +435,15 @@ pub async fn record_consent(
     if scope.expires_at_ms <= now {
         return Err(Failure::invalid("consent expiry must be in the future"));
     }
-    if !node.store.case_exists(&req.case_id).await? {
-        return Err(Failure::not_found(format!(
-            "case {} not found",
-            req.case_id
-        )));
-    }
+    // Every case has its data key: a case without one does not exist.
+    let key = case_data_key(node, &req.case_id)
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("case {} not found", req.case_id)))?;
+    let details = ConsentDetails {
+        guardian_basis: req.guardian_basis.trim().to_owned(),
+        language: req.language.trim().to_owned(),
+    };
+    let details_sealed = seal_consent_details(&key, &req.case_id, &id, &details)?;
     let entry = audit::encode(
         &Event::ConsentRecorded {
             consent_id: id.clone(),
@@ -391,9 +458,8 @@ pub async fn record_consent(
                 id: id.clone(),
                 case_id: req.case_id.clone(),
                 given_by: given_by.to_owned(),
-                guardian_basis: req.guardian_basis.trim().to_owned(),
+                details_sealed,
                 method: method.to_owned(),
-                language: req.language.trim().to_owned(),
                 recorded_by: user.id,
                 recorded_at_ms: now,
                 scope: scope_columns(&scope),
@@ -413,7 +479,7 @@ async fn consent_row(node: &Node, id: &str) -> Result<ConsentRow, Failure> {
 }
 
 pub async fn get_consent(node: &Node, id: &str) -> Result<pb::ConsentView, Failure> {
-    Ok(consent_view(&consent_row(node, id).await?))
+    consent_view(node, &consent_row(node, id).await?).await
 }
 
 /// Narrows a consent; anything that would widen it is refused with what widens.
@@ -492,15 +558,9 @@ fn check_fields(fields: &HashMap<String, String>) -> Result<BTreeSet<Field>, Fai
     let mut names = BTreeSet::new();
     for (name, value) in fields {
         let field = Field::parse(name).map_err(|e| Failure::invalid(e.to_string()))?;
-        if value.len() > MAX_FIELD_VALUE_LEN {
-            // Name the field, never its value.
-            return Err(Failure::invalid(format!(
-                "field {field} is longer than {MAX_FIELD_VALUE_LEN} bytes"
-            )));
-        }
-        if value.is_empty() {
-            return Err(Failure::invalid(format!("field {field} is empty")));
-        }
+        field
+            .check_value(value)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
         names.insert(field);
     }
     Ok(names)
@@ -1081,7 +1141,7 @@ pub async fn consent_status(
         }
     }
     Ok(pb::ConsentStatusResponse {
-        consent: Some(consent_view(&row)),
+        consent: Some(consent_view(node, &row).await?),
         recipients: recipients.into_values().collect(),
     })
 }
@@ -1307,11 +1367,9 @@ async fn accept_referral(
                 "referral carries field {field} twice"
             )));
         }
-        if fv.value.len() > MAX_FIELD_VALUE_LEN {
-            return Err(Failure::invalid(format!(
-                "field {field} is longer than {MAX_FIELD_VALUE_LEN} bytes"
-            )));
-        }
+        field
+            .check_value(&fv.value)
+            .map_err(|e| Failure::invalid(format!("referral refused: {e}")))?;
     }
     // The consent travels with the referral; run the same gate against it here.
     let consent_receipt = payload

@@ -90,7 +90,41 @@ fields! {
 #[error("unknown field {0:?}; run `corridor profiles` for the catalogue")]
 pub struct UnknownField(pub String);
 
+/// Longest value of a field, in bytes.
+pub const MAX_VALUE_LEN: usize = 8192;
+
+/// Why a field's value is refused. Names the field, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldValueError {
+    #[error("field {0} is empty")]
+    Empty(Field),
+    #[error("field {0} is longer than {MAX_VALUE_LEN} bytes")]
+    TooLong(Field),
+    /// Control characters (escape sequences, carriage returns, NUL, ...) would let a
+    /// sender rewrite what the recipient's screen shows around the value.
+    #[error("field {0} contains a control character (only line breaks and tabs are allowed)")]
+    ControlCharacter(Field),
+}
+
 impl Field {
+    /// The rule every value of a referral meets, checked by the sender before it seals
+    /// and by the recipient before it stores.
+    pub fn check_value(self, value: &str) -> Result<(), FieldValueError> {
+        if value.is_empty() {
+            return Err(FieldValueError::Empty(self));
+        }
+        if value.len() > MAX_VALUE_LEN {
+            return Err(FieldValueError::TooLong(self));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(FieldValueError::ControlCharacter(self));
+        }
+        Ok(())
+    }
+
     pub fn parse(name: &str) -> Result<Self, UnknownField> {
         Self::ALL
             .iter()
@@ -120,6 +154,31 @@ mod tests {
             assert_eq!(Field::parse(f.as_str()), Ok(*f));
         }
         assert!(Field::parse("shoe_size").is_err());
+    }
+
+    #[test]
+    fn values_are_bounded_and_free_of_control_characters() {
+        let f = Field::CaseworkerNote;
+        for fine in ["Srey Mom", "ស្រី", "line one\nline two\tand a tab", "🙂"] {
+            assert_eq!(f.check_value(fine), Ok(()), "{fine:?}");
+        }
+        assert_eq!(f.check_value(""), Err(FieldValueError::Empty(f)));
+        let long = "x".repeat(MAX_VALUE_LEN + 1);
+        assert_eq!(f.check_value(&long), Err(FieldValueError::TooLong(f)));
+        assert_eq!(f.check_value(&long[1..]), Ok(()));
+        for bad in [
+            "Srey\u{1b}[31mRED",
+            "a\rb",
+            "nul\0",
+            "del\u{7f}",
+            "c1\u{9b}31m",
+        ] {
+            assert_eq!(
+                f.check_value(bad),
+                Err(FieldValueError::ControlCharacter(f)),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

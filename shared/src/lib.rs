@@ -34,7 +34,7 @@ pub use envelope::{
     Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,
     VerifiedEnvelope,
 };
-pub use fields::{Field, Sensitivity};
+pub use fields::{Field, FieldValueError, Sensitivity};
 pub use org::{OrgId, OrgIdError};
 pub use purge::PurgeReceipt;
 pub use purpose::{Purpose, UnknownPurpose};

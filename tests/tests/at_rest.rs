@@ -119,7 +119,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
         "the plan must cover the whole catalogue"
     );
     let mut markers: Vec<String> = Field::ALL.iter().map(|f| marker(f.as_str())).collect();
-    markers.push(marker("label"));
+    markers.extend(["label", "guardian", "language"].map(marker));
 
     let case_id = s
         .create_case(pb::CreateCaseRequest {
@@ -140,14 +140,26 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
             }),
-            given_by: "person".into(),
-            method: "written".into(),
-            ..Default::default()
+            given_by: "guardian".into(),
+            guardian_basis: marker("guardian"),
+            method: "interpreter".into(),
+            language: marker("language"),
         })
         .await
         .unwrap()
         .into_inner()
         .consent_id;
+    let shown = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner();
+    assert_eq!(
+        (shown.guardian_basis, shown.language),
+        (marker("guardian"), marker("language"))
+    );
     let mut refs = Vec::new();
     for ((to, purpose), node) in plan.iter().zip(&nodes) {
         let p = corridor::profile::profile(corridor::Purpose::parse(purpose).unwrap());
@@ -276,4 +288,42 @@ async fn a_node_refuses_a_data_key_that_does_not_open_its_stored_keys() {
     my.start();
     let mut client = my.client().await;
     case_with_consent(&mut client, SHELTER_KH, "reintegration").await;
+}
+
+/// Consents recorded before their free-text details were sealed are sealed as the node
+/// starts: the plaintext leaves the database, and the details still show.
+#[tokio::test]
+async fn consent_details_recorded_in_plaintext_are_sealed_at_start() {
+    let fed = Federation::demo("at-rest-legacy-details");
+    let mut my = fed.start(SHELTER_MY);
+    let mut client = my.client().await;
+    let (_, consent_id) =
+        case_with_consent_to(&mut client, &[SHELTER_KH], &["reintegration"]).await;
+    my.stop();
+    // As an earlier version stored them.
+    let markers = [marker("guardian"), marker("language")];
+    sql(
+        &my,
+        &[&format!(
+            "UPDATE consents SET guardian_basis = '{}', language = '{}', details_sealed = NULL",
+            markers[0], markers[1]
+        )],
+    )
+    .await;
+    my.start();
+    let mut client = my.client().await;
+    let shown = client
+        .get_consent(pb::ConsentRequest { consent_id })
+        .await
+        .expect("consent")
+        .into_inner();
+    assert_eq!([shown.guardian_basis, shown.language], markers);
+    let plaintext = scalar(
+        &my,
+        "SELECT COUNT(*) FROM consents WHERE details_sealed IS NULL OR guardian_basis != ''",
+    )
+    .await;
+    assert_eq!(plaintext, 0);
+    my.stop();
+    assert_no_markers(&fed, &markers, "after the start that sealed them");
 }

@@ -80,6 +80,19 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
         !m.contains("1999"),
         "a refusal must not echo personal data: {m}"
     );
+    // A value with a terminal escape: it would rewrite the recipient's screen.
+    let status = s
+        .send_referral(with(base.clone(), "preferred_name", "Srey\u{1b}[31mRED"))
+        .await
+        .expect_err("a control character must be refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("field preferred_name contains a control character"),
+        "{status:?}"
+    );
+    assert!(!status.message().contains("Srey"), "{status:?}");
     // A missing required field.
     let mut missing = base.clone();
     missing.fields.remove("languages");

@@ -558,6 +558,15 @@ async fn recipient_reruns_the_gate_and_stores_nothing_of_a_referral_beyond_conse
         "consent receipt signature does not verify",
     );
 
+    // A value with a terminal escape, which the sender's own check would have refused.
+    let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
+    p.fields[0].value = "Srey\u{1b}[31mRED +60 12".into();
+    assert_code(
+        deliver_as(&fed, SHELTER_MY, &seal(p)).await,
+        Code::InvalidArgument,
+        "contains a control character",
+    );
+
     // No consent receipt at all.
     let mut p = valid_payload(&fed, SHELTER_MY, SHELTER_KH);
     p.consent_receipt = None;
