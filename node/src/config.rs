@@ -372,6 +372,12 @@ impl Config {
         {
             return Err("a node cannot witness its own log".into());
         }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
+            format!(
+                "log.filter {:?} is not a tracing filter: {e}",
+                self.log.filter
+            )
+        })?;
         if self.retention.default_days == 0 || self.retention.check_interval_s == 0 {
             return Err("retention.default_days and check_interval_s must be at least 1".into());
         }

@@ -119,7 +119,11 @@ async fn run(args: Args) -> Result<(), String> {
             server::serve(config).await.map_err(|e| e.to_string())
         }
         Command::CheckConfig => {
-            node::Node::load(config).await.map_err(|e| e.to_string())?;
+            let node = node::Node::load(config).await.map_err(|e| e.to_string())?;
+            let warnings = node.config_warnings();
+            if !warnings.is_empty() {
+                return Err(warnings.join("; "));
+            }
             println!("configuration is valid");
             Ok(())
         }

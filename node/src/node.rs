@@ -192,6 +192,28 @@ impl Node {
     }
 }
 
+impl Node {
+    /// What in the configuration does not fit the federation directory without keeping
+    /// the node from working: witnesses that are not members. `check-config` refuses
+    /// them; a running node logs them, since a directory that drops a witness must not
+    /// stop every node that named it.
+    pub fn config_warnings(&self) -> Vec<String> {
+        let audit = &self.config.audit;
+        let named = [
+            ("audit.witnesses", &audit.witnesses),
+            ("audit.witness_for", &audit.witness_for),
+        ];
+        named
+            .into_iter()
+            .flat_map(|(setting, orgs)| orgs.iter().map(move |org| (setting, org)))
+            .filter(|(_, org)| self.directory.get(org).is_none())
+            .map(|(setting, org)| {
+                format!("{setting} names {org}, which is not a member of the federation")
+            })
+            .collect()
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -59,6 +59,9 @@ async fn termination_signal() {
 /// Runs a node until it is told to stop.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let node = Node::load(config).await?;
+    for warning in node.config_warnings() {
+        tracing::warn!("{warning}");
+    }
     record_start(&node).await?;
     match crate::workflows::seal_legacy_consent_details(&node).await {
         Ok(0) => {}

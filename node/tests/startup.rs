@@ -105,3 +105,20 @@ fn unknown_setting_is_refused() {
     assert!(stderr.contains("unknown field `listen`"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_log_filter_that_does_not_parse_is_refused() {
+    let dir = node_dir("log-filter");
+    let config = dir.join("node.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[log]\nfilter = \"!!bad[[\"\n");
+    std::fs::write(&config, text).unwrap();
+    let (ok, stderr) = node(&["--config", config.to_str().unwrap(), "check-config"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("log.filter \"!!bad[[\" is not a tracing filter"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

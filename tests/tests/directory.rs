@@ -52,3 +52,37 @@ async fn a_node_refuses_a_directory_older_than_one_it_accepted() {
     publish(&fed, 3);
     node.start();
 }
+
+/// A witness that is not a member of the federation is a configuration error that
+/// `check-config` reports; a running node only logs it, so that a directory dropping a
+/// witness does not stop the nodes that named it.
+#[tokio::test]
+async fn witnesses_that_are_not_members_are_reported() {
+    let fed = Federation::demo("witness-not-member");
+    let config = &fed.org(SHELTER_MY).config;
+    let text = std::fs::read_to_string(config).expect("config");
+    let start = text.find("witnesses = ").expect("witnesses line");
+    let end = start + text[start..].find('\n').expect("end of line");
+    let text = format!("{}witnesses = [\"nosuch\"]{}", &text[..start], &text[end..]);
+    std::fs::write(config, text).expect("config");
+    let out = Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(config)
+        .arg("check-config")
+        .output()
+        .expect("run corridor-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("audit.witnesses names nosuch, which is not a member of the federation"),
+        "{stderr}"
+    );
+    let node = fed.start(SHELTER_MY);
+    let mut client = node.client().await;
+    case_with_consent(&mut client, SHELTER_KH, "reintegration").await;
+    assert!(
+        node.log().contains("audit.witnesses names nosuch"),
+        "{}",
+        node.log()
+    );
+}
