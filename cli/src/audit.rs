@@ -23,6 +23,9 @@ use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::commands::Output;
+use crate::files::{self, MAX_AUDIT_FILE_BYTES, MAX_FILE_BYTES};
+use crate::terminal::escape_controls;
+use crate::{errln, out, outln};
 
 /// A file naming the federation's governance keys.
 #[derive(Deserialize)]
@@ -117,14 +120,14 @@ struct Auditor {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    files::read_file(path, MAX_FILE_BYTES)
 }
 
 fn progress(output: Output, done: u64, total: u64) {
     if output == Output::Text && std::io::stderr().is_terminal() {
-        eprint!("\r  {done}/{total} entries");
+        crate::terminal::write_stderr(format_args!("\r  {done}/{total} entries"));
         if done == total {
-            eprintln!();
+            errln!();
         }
     }
 }
@@ -186,7 +189,8 @@ impl Auditor {
             directory,
             ca,
             cert: read(&identity.join("tls.pem"))?,
-            key: read(&identity.join("tls.key"))?,
+            // Readable by the auditor only, as a node requires of its own key.
+            key: files::read_secret_file(&identity.join("tls.key"), MAX_FILE_BYTES)?,
             state: args.state.clone(),
             output,
         })
@@ -321,7 +325,8 @@ impl Auditor {
         if !path.exists() {
             return Ok(State::default());
         }
-        serde_json::from_slice(&read(&path)?).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_slice(&files::read_file(&path, MAX_AUDIT_FILE_BYTES)?)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     fn save_state(&self, org: &str, state: &State) -> Result<(), String> {
@@ -481,7 +486,8 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
                         },
                     );
                 }
-                None => print!("{text}"),
+                // The proof format itself, signed note included: not for escaping.
+                None => out!("{text}"),
             }
             Ok(())
         }
@@ -490,8 +496,8 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
 
 fn emit(output: Output, value: serde_json::Value, text: impl FnOnce() -> String) {
     match output {
-        Output::Json => println!("{value}"),
-        Output::Text => println!("{}", text()),
+        Output::Json => outln!("{value}"),
+        Output::Text => outln!("{}", text()),
     }
 }
 
@@ -605,7 +611,11 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
             "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
         }),
         || {
-            let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            // Entry kinds are the audited node's word.
+            let kinds: Vec<String> = kinds
+                .iter()
+                .map(|(k, n)| format!("{n} {}", escape_controls(k)))
+                .collect();
             format!(
                 "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; cosigned by {} of {} witnesses, quorum {quorum}: {}; {}",
                 cp.size,
@@ -635,8 +645,8 @@ fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
         checkpoint: String,
         entries: Vec<String>,
     }
-    let export: Export =
-        serde_json::from_slice(&read(file)?).map_err(|e| format!("{}: {e}", file.display()))?;
+    let export: Export = serde_json::from_slice(&files::read_file(file, MAX_AUDIT_FILE_BYTES)?)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
     if export.format != "corridor-audit-export/v1" {
         return Err(format!("{} is not a corridor audit export", file.display()));
     }
@@ -675,7 +685,8 @@ fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
         || {
             format!(
                 "{}: exported log of {} entries verified offline against its signed checkpoint",
-                export.org, cp.size
+                escape_controls(&export.org),
+                cp.size
             )
         },
     );
@@ -738,7 +749,12 @@ async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> 
                     "{a} <-> {b}: all {checked} receipts are backed by entries in the recipient's log"
                 )
             } else {
-                problems.join("\n")
+                // The problems quote message ids from the nodes' logs.
+                problems
+                    .iter()
+                    .map(|p| escape_controls(p))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             }
         },
     );

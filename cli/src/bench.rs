@@ -29,6 +29,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server,
 
 use crate::client::{self, Client, explain};
 use crate::devpki::{self, GeneratedOrg, OrgSpec, Ports};
+use crate::files::{self, MAX_FILE_BYTES};
+use crate::{errln, outln};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -147,7 +149,7 @@ impl Echo for EchoService {
 
 /// `corridor bench-echo`: the bare mTLS echo server, run as its own process.
 pub async fn echo_server(listen: std::net::SocketAddr, org_dir: &Path) -> Result<(), String> {
-    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: PathBuf| files::read_file(&p, MAX_FILE_BYTES);
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
             read(org_dir.join("tls.pem"))?,
@@ -589,16 +591,16 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (rows, figures) = result?;
-    println!(
+    outln!(
         "\ncorridor bench — {} on this machine, {c} in flight, 1 KiB payloads{}",
         if quick { "quick run" } else { "full run" },
         if quick { " (targets not checked)" } else { "" }
     );
-    println!("{:<52} {:>16} {:>28}", "measure", "value", "target");
+    outln!("{:<52} {:>16} {:>28}", "measure", "value", "target");
     for Row(name, value, target) in &rows {
-        println!("{name:<52} {value:>16} {target:>28}");
+        outln!("{name:<52} {value:>16} {target:>28}");
     }
-    println!("{}", Value::Object(figures));
+    outln!("{}", Value::Object(figures));
     Ok(())
 }
 
@@ -615,7 +617,7 @@ async fn measure(
     let mut rows = Vec::new();
 
     // 1. Transport limit: bare echo over mTLS in a separate process.
-    eprintln!("transport: bare tonic echo over mutual TLS ...");
+    errln!("transport: bare tonic echo over mutual TLS ...");
     let echo_port = free_port()?;
     let mut echo = Command::new(exe()?)
         .args([
@@ -629,7 +631,7 @@ async fn measure(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| e.to_string())?;
-    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: PathBuf| files::read_file(&p, MAX_FILE_BYTES);
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(dir.join("ca.pem"))?))
         .identity(Identity::from_pem(
@@ -685,7 +687,7 @@ async fn measure(
     ));
 
     // 2. Crypto limit on one core.
-    eprintln!("crypto: per-referral public-key operations on one core ...");
+    errln!("crypto: per-referral public-key operations on one core ...");
     let (crypto, consent_us) = tokio::task::spawn_blocking(move || {
         Ok::<_, String>((
             crypto_limit(secs)?,
@@ -712,7 +714,7 @@ async fn measure(
     ));
 
     // 3. Corridor end to end.
-    eprintln!(
+    errln!(
         "end to end: two nodes, referrals through the local API until their receipts are committed ..."
     );
     let sender_token = token(sender_org).await?;
@@ -930,7 +932,7 @@ async fn measure(
     ));
 
     // 5. Backlog for an offline recipient, and its drain.
-    eprintln!("backlog: {backlog} referrals for an offline recipient ...");
+    errln!("backlog: {backlog} referrals for an offline recipient ...");
     kill(&mut recipient).await;
     let per_task = backlog.div_ceil(c as u64);
     let mut tasks = Vec::new();
@@ -1007,7 +1009,7 @@ async fn measure(
     kill(&mut recipient).await;
 
     // 4. Audit log.
-    eprintln!("audit log: {audit_entries} entries ...");
+    errln!("audit log: {audit_entries} entries ...");
     let audit = audit_figures(&dir.join("audit-bench.db"), audit_entries, secs).await?;
     for (k, v) in &audit {
         f.insert((*k).into(), json!(v));

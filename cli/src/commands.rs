@@ -4,10 +4,14 @@
 use std::collections::HashMap;
 
 use clap::{Args, Subcommand, ValueEnum};
+use corridor_node::server::MAX_LOCAL_MESSAGE_BYTES;
 use corridor_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::client::{Client, explain};
+use crate::files::{read_at_most, size_text};
+use crate::terminal::escape_controls;
+use crate::{out, outln};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -179,15 +183,32 @@ fn referral_fields(
 ) -> Result<HashMap<String, String>, String> {
     let mut fields = HashMap::new();
     if let Some(path) = file {
-        let text = if path.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .map_err(|e| format!("cannot read the fields from standard input: {e}"))?;
-            text
+        // No request larger than the local API accepts is worth reading, and `/dev/zero`
+        // would otherwise be read until memory runs out.
+        let limit = MAX_LOCAL_MESSAGE_BYTES as u64;
+        let (source, bytes) = if path.as_os_str() == "-" {
+            (
+                "standard input".to_string(),
+                read_at_most(std::io::stdin().lock(), limit)
+                    .map_err(|e| format!("cannot read the fields from standard input: {e}"))?,
+            )
         } else {
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?;
+            (
+                path.display().to_string(),
+                read_at_most(file, limit)
+                    .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?,
+            )
         };
+        let bytes = bytes.ok_or_else(|| {
+            format!(
+                "the fields in {source} are larger than {}, the largest request the node's local API accepts",
+                size_text(limit)
+            )
+        })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("the fields in {source} are not UTF-8 text"))?;
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             format!(
                 "fields file is not TOML (name = \"value\" lines): {}",
@@ -217,8 +238,8 @@ fn parse_field(s: &str) -> Result<(String, String), String> {
 
 fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
     match output {
-        Output::Json => println!("{value}"),
-        Output::Text => println!("{}", text()),
+        Output::Json => outln!("{value}"),
+        Output::Text => outln!("{}", text()),
     }
 }
 
@@ -262,7 +283,7 @@ pub async fn case(client: &mut Client, output: Output, cmd: CaseCommand) -> Resu
                 .map_err(|s| explain(&s))?
                 .into_inner();
             print(output, &json!({ "case_id": r.case_id }), || {
-                format!("case created: {}", r.case_id)
+                format!("case created: {}", escape_controls(&r.case_id))
             });
         }
     }
@@ -294,30 +315,31 @@ fn or_none(list: &[String]) -> String {
     if list.is_empty() {
         "none".into()
     } else {
-        list.join(", ")
+        escape_controls(&list.join(", ")).into_owned()
     }
 }
 
+/// Every value in the text is the node's, shown with [`escape_controls`].
 fn consent_text(c: &pb::ConsentView) -> String {
     let scope = c.scope.clone().unwrap_or_default();
     let mut text = format!(
         "consent {}\n  case:        {}\n  given by:    {}{}\n  method:      {}{}\n  recorded:    {} by {}\n  purposes:    {}\n  recipients:  {}\n  by role:     {}\n  fields:      {}\n  excluded:    {}\n  family contact: {}\n  expires:     {}",
-        c.consent_id,
-        c.case_id,
-        c.given_by,
+        escape_controls(&c.consent_id),
+        escape_controls(&c.case_id),
+        escape_controls(&c.given_by),
         if c.guardian_basis.is_empty() {
             String::new()
         } else {
-            format!(" ({})", c.guardian_basis)
+            format!(" ({})", escape_controls(&c.guardian_basis))
         },
-        c.method,
+        escape_controls(&c.method),
         if c.language.is_empty() {
             String::new()
         } else {
-            format!(", in {}", c.language)
+            format!(", in {}", escape_controls(&c.language))
         },
         format_time(c.recorded_at_ms),
-        c.recorded_by,
+        escape_controls(&c.recorded_by),
         or_none(&scope.purposes),
         or_none(&scope.recipient_orgs),
         or_none(&scope.recipient_roles),
@@ -379,7 +401,11 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                 text.push_str("\n  no data was sent under this consent");
             }
             for p in &r.recipients {
-                text.push_str(&format!("\n  {:<16} {}", p.recipient, p.state));
+                text.push_str(&format!(
+                    "\n  {:<16} {}",
+                    escape_controls(&p.recipient),
+                    escape_controls(&p.state)
+                ));
                 if let Some(pr) = &p.purge_receipt {
                     text.push_str(&format!(
                         " at {}: {} referral(s) destroyed, signed purge receipt held",
@@ -389,7 +415,8 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                 } else if !p.last_error.is_empty() {
                     text.push_str(&format!(
                         " (attempts {}, last error: {})",
-                        p.attempts, p.last_error
+                        p.attempts,
+                        escape_controls(&p.last_error)
                     ));
                 }
             }
@@ -435,7 +462,7 @@ pub async fn consent(
                 || {
                     format!(
                         "consent recorded: {} (purposes: {}; fields: {}; expires {})",
-                        r.consent_id,
+                        escape_controls(&r.consent_id),
                         c.purposes.join(", "),
                         c.fields.join(", "),
                         format_time(expires_at_ms)
@@ -517,11 +544,11 @@ pub fn profiles(output: ProfilesOutput, fields: bool) {
                     .iter()
                     .map(|f| json!({"name": f.as_str(), "class": f.sensitivity().as_str(), "description": f.description()}))
                     .collect();
-                println!("{}", json!({ "fields": list }));
+                outln!("{}", json!({ "fields": list }));
             }
             _ => {
                 for f in corridor::Field::ALL {
-                    println!(
+                    outln!(
                         "{:<28} {:<12} {}",
                         f.as_str(),
                         f.sensitivity().as_str(),
@@ -533,7 +560,7 @@ pub fn profiles(output: ProfilesOutput, fields: bool) {
         return;
     }
     match output {
-        ProfilesOutput::Markdown => print!("{}", profile::markdown_table()),
+        ProfilesOutput::Markdown => out!("{}", profile::markdown_table()),
         ProfilesOutput::Json => {
             let list: Vec<Value> = profile::all()
                 .iter()
@@ -546,15 +573,15 @@ pub fn profiles(output: ProfilesOutput, fields: bool) {
                     })
                 })
                 .collect();
-            println!("{}", json!({ "profiles": list }));
+            outln!("{}", json!({ "profiles": list }));
         }
         ProfilesOutput::Text => {
             for p in profile::all() {
                 let names = |fs: &[corridor::Field]| {
                     fs.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
                 };
-                println!("{}", p.purpose);
-                println!(
+                outln!("{}", p.purpose);
+                outln!(
                     "  to:       {}",
                     p.recipient_roles
                         .iter()
@@ -562,8 +589,8 @@ pub fn profiles(output: ProfilesOutput, fields: bool) {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                println!("  required: {}", names(p.required));
-                println!("  optional: {}\n", names(p.optional));
+                outln!("  required: {}", names(p.required));
+                outln!("  optional: {}\n", names(p.optional));
             }
         }
     }
@@ -630,7 +657,9 @@ pub async fn referral(
                     || {
                         format!(
                             "referral {} {} for delivery to {}",
-                            r.referral_id, r.state, s.recipient
+                            escape_controls(&r.referral_id),
+                            escape_controls(&r.state),
+                            s.recipient
                         )
                     },
                 ),
@@ -654,15 +683,20 @@ pub async fn referral(
                 || {
                     let mut text = format!(
                         "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}\n  fields:",
-                        r.referral_id,
-                        r.sender,
-                        r.purpose,
-                        r.case_ref,
+                        escape_controls(&r.referral_id),
+                        escape_controls(&r.sender),
+                        escape_controls(&r.purpose),
+                        escape_controls(&r.case_ref),
                         format_time(r.received_at_ms),
-                        r.consent_id
+                        escape_controls(&r.consent_id)
                     );
+                    // Names and values are the sender's, another organisation's.
                     for (k, v) in &fields {
-                        text.push_str(&format!("\n    {k}: {v}"));
+                        text.push_str(&format!(
+                            "\n    {}: {}",
+                            escape_controls(k),
+                            escape_controls(v)
+                        ));
                     }
                     text
                 },
@@ -692,15 +726,22 @@ fn print_status(output: Output, r: &pb::GetReferralStatusResponse) {
         || {
             let mut text = format!(
                 "referral {}\n  to:       {}\n  purpose:  {}\n  state:    {}\n  attempts: {}",
-                r.referral_id, r.recipient, r.purpose, r.state, r.attempts
+                escape_controls(&r.referral_id),
+                escape_controls(&r.recipient),
+                escape_controls(&r.purpose),
+                escape_controls(&r.state),
+                r.attempts
             );
             if !r.last_error.is_empty() {
-                text.push_str(&format!("\n  last error: {}", r.last_error));
+                text.push_str(&format!(
+                    "\n  last error: {}",
+                    escape_controls(&r.last_error)
+                ));
             }
             if let Some(rc) = &r.receipt {
                 text.push_str(&format!(
                     "\n  receipt:  signed by {} at {}, envelope digest {}",
-                    rc.recipient,
+                    escape_controls(&rc.recipient),
                     format_time(rc.received_at_ms),
                     hex::encode(&rc.envelope_digest)
                 ));
@@ -734,10 +775,10 @@ pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {
         for i in &r.items {
             text.push_str(&format!(
                 "\n  {}  from {:<16} {:<24} case ref {}  {}",
-                i.referral_id,
-                i.sender,
-                i.purpose,
-                i.case_ref,
+                escape_controls(&i.referral_id),
+                escape_controls(&i.sender),
+                escape_controls(&i.purpose),
+                escape_controls(&i.case_ref),
                 format_time(i.received_at_ms)
             ));
         }
@@ -794,5 +835,15 @@ mod tests {
         let err = referral_fields(Some(&dir.join("missing.toml")), vec![]).expect_err("missing");
         assert!(err.contains("cannot read"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_fields_file_larger_than_the_local_api_accepts_is_refused_unread() {
+        let err =
+            referral_fields(Some(std::path::Path::new("/dev/zero")), vec![]).expect_err("endless");
+        assert_eq!(
+            err,
+            "the fields in /dev/zero are larger than 1 MiB, the largest request the node's local API accepts"
+        );
     }
 }

@@ -14,6 +14,8 @@ use tokio::process::{Child, Command};
 use crate::client::{self, Client, explain};
 use crate::commands::format_time;
 use crate::devpki::{self, GeneratedOrg, Ports};
+use crate::terminal::escape_controls;
+use crate::{out, outln};
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
@@ -208,7 +210,7 @@ async fn wait_purged(
 }
 
 fn step(n: u32, text: &str) {
-    println!("\n{n}. {text}");
+    outln!("\n{n}. {text}");
 }
 
 pub async fn run(options: DemoOptions) -> Result<(), String> {
@@ -227,11 +229,11 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
             local: p[1],
         })
         .collect();
-    println!(
+    outln!(
         "Corridor demo: a local federation of {} organisations",
         orgs.len()
     );
-    println!(
+    outln!(
         "Writing a development PKI, keys, directory and configuration to {}",
         dir.display()
     );
@@ -261,7 +263,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
     }
     match &outcome {
         Ok(()) => {
-            println!(
+            outln!(
                 "\nAll nodes stopped. Demo finished in {:.1} s.",
                 started.elapsed().as_secs_f64()
             );
@@ -269,7 +271,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        Err(_) => println!("\nNode logs are kept in {}", dir.display()),
+        Err(_) => outln!("\nNode logs are kept in {}", dir.display()),
     }
     outcome
 }
@@ -298,7 +300,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
     };
     for n in nodes {
         let org = n.org.spec.id.to_string();
-        print!("   ");
+        out!("   ");
         crate::audit::run(
             args(crate::audit::AuditCommand::Checkpoint {
                 org: org.clone(),
@@ -307,7 +309,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
             crate::commands::Output::Text,
         )
         .await?;
-        print!("   ");
+        out!("   ");
         crate::audit::run(
             args(crate::audit::AuditCommand::Verify {
                 org,
@@ -319,7 +321,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
     }
     for (i, a) in nodes.iter().enumerate() {
         for b in &nodes[i + 1..] {
-            print!("   ");
+            out!("   ");
             crate::audit::run(
                 args(crate::audit::AuditCommand::CrossCheck {
                     a: a.org.spec.id.to_string(),
@@ -334,14 +336,17 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
 }
 
 async fn keep_running(dir: &Path, nodes: &[RunningNode]) -> Result<(), String> {
-    println!("\nThe nodes keep running. Use the CLI against any of them, for example:");
+    outln!("\nThe nodes keep running. Use the CLI against any of them, for example:");
     for n in nodes {
-        println!(
+        outln!(
             "\n  # {} ({})\n  export CORRIDOR_NODE=http://127.0.0.1:{} CORRIDOR_TOKEN={}\n  corridor inbox",
-            n.org.spec.name, n.org.spec.id, n.org.ports.local, n.token
+            n.org.spec.name,
+            n.org.spec.id,
+            n.org.ports.local,
+            n.token
         );
     }
-    println!(
+    outln!(
         "\nConfiguration, keys and logs are in {}. Press Ctrl-C to stop the federation.",
         dir.display()
     );
@@ -352,9 +357,12 @@ async fn keep_running(dir: &Path, nodes: &[RunningNode]) -> Result<(), String> {
 async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     for node in nodes.iter_mut() {
         wait_serving(node).await?;
-        println!(
+        outln!(
             "  started {:<14} {:<48} federation 127.0.0.1:{}  local API 127.0.0.1:{}",
-            node.org.spec.id, node.org.spec.name, node.org.ports.federation, node.org.ports.local
+            node.org.spec.id,
+            node.org.spec.name,
+            node.org.ports.federation,
+            node.org.ports.local
         );
     }
     let directory = Directory::from_toml(
@@ -384,7 +392,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .map_err(|s| explain(&s))?
         .into_inner()
         .case_id;
-    println!("   case {case_id}");
+    outln!("   case {case_id}");
 
     step(
         2,
@@ -416,7 +424,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
-    println!("   consent {}", consent.consent_id);
+    outln!("   consent {}", consent.consent_id);
 
     step(
         3,
@@ -432,7 +440,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         })
         .await;
     match refused {
-        Err(status) => println!("   {}", status.message()),
+        Err(status) => outln!("   {}", escape_controls(status.message())),
         Ok(_) => return Err("the consent gate let through a referral without consent".into()),
     }
 
@@ -452,7 +460,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         })
         .await
     {
-        Err(status) => println!("   {}", status.message()),
+        Err(status) => outln!("   {}", escape_controls(status.message())),
         Ok(_) => return Err("the consent gate let through a field without consent".into()),
     }
 
@@ -471,10 +479,10 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
-    println!("   referral {} {}", sent.referral_id, sent.state);
+    outln!("   referral {} {}", sent.referral_id, sent.state);
     let t0 = Instant::now();
     let status = wait_delivered(&mut my, &sent.referral_id).await?;
-    println!(
+    outln!(
         "   delivered over mutual TLS after {} attempt(s), {:.0} ms after queueing; the recipient re-ran the consent gate on arrival",
         status.attempts,
         t0.elapsed().as_secs_f64() * 1000.0
@@ -490,9 +498,12 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .map_err(|s| explain(&s))?
         .into_inner();
     for item in &inbox.items {
-        println!(
+        outln!(
             "   {} from {} for {}, case ref {}",
-            item.referral_id, item.sender, item.purpose, item.case_ref
+            item.referral_id,
+            item.sender,
+            item.purpose,
+            item.case_ref
         );
     }
     let shown = kh
@@ -505,7 +516,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     let mut shown_fields: Vec<_> = shown.fields.iter().collect();
     shown_fields.sort();
     for (k, v) in shown_fields {
-        println!("     {k}: {v}");
+        outln!("     {}: {}", escape_controls(k), escape_controls(v));
     }
 
     step(
@@ -530,7 +541,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
             &member.signing_key,
         )
         .map_err(|e| format!("receipt does not verify: {e}"))?;
-    println!(
+    outln!(
         "   receipt signed by {} at {} for envelope {}: signature VERIFIED with the directory's key",
         receipt.recipient,
         format_time(receipt.received_at_ms),
@@ -575,9 +586,11 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .map_err(|s| explain(&s))?
         .into_inner();
     for item in &embassy_inbox.items {
-        println!(
+        outln!(
             "   the embassy received {} for {}, case ref {}",
-            item.referral_id, item.purpose, item.case_ref
+            item.referral_id,
+            item.purpose,
+            item.case_ref
         );
     }
     let kh_ref = inbox
@@ -606,7 +619,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     let purge = wait_purged(&mut my, &consent.consent_id).await?;
     for p in &purge.recipients {
         if let Some(pr) = &p.purge_receipt {
-            println!(
+            outln!(
                 "   {} purged {} referral(s) at {}; purge receipt verified and kept",
                 p.recipient,
                 pr.purged_referrals.len(),
@@ -620,33 +633,33 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         })
         .await
     {
-        Err(status) => println!(
+        Err(status) => outln!(
             "   the shelter in Cambodia asked for the referral again: {}",
-            status.message()
+            escape_controls(status.message())
         ),
         Ok(_) => return Err("the referral is still readable after the purge".into()),
     }
 
-    println!("\nWhat happened:");
-    println!(
+    outln!("\nWhat happened:");
+    outln!(
         "  - The person's consent decided what left the shelter: requests beyond it were refused at the"
     );
-    println!("    sender, naming every rule they broke, before any data moved.");
-    println!(
+    outln!("    sender, naming every rule they broke, before any data moved.");
+    outln!(
         "  - Each referral travelled sealed to its recipient (HPKE) and signed by the sender (Ed25519),"
     );
-    println!("    over mutual TLS between members of the federation directory.");
-    println!(
+    outln!("    over mutual TLS between members of the federation directory.");
+    outln!(
         "  - Each recipient stored it durably and answered with a signed receipt, which the sender verified."
     );
-    println!(
+    outln!(
         "  - The two recipients know the case under different references ({kh_ref} and {emb_ref}),"
     );
-    println!("    so their records cannot be linked by reference.");
-    println!(
+    outln!("    so their records cannot be linked by reference.");
+    outln!(
         "  - Withdrawal reached the recipient, which destroyed the data (its per-case key is gone) and"
     );
-    println!(
+    outln!(
         "    proved it with a signed purge receipt that the shelter in Malaysia verified and keeps."
     );
     Ok(())

@@ -133,6 +133,74 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
     Ok(bytes)
 }
 
+/// An org's entry in the directory.
+fn member_entry(
+    spec: &OrgSpec,
+    ports: Ports,
+    signing: &SigningKey,
+    sealing: &SealingKey,
+    cert_sha256: &[u8],
+) -> MemberEntry {
+    MemberEntry {
+        id: spec.id.to_string(),
+        name: spec.name.clone(),
+        country: spec.country.clone(),
+        represents: spec.represents.clone(),
+        roles: spec.roles.clone(),
+        endpoint: format!("https://127.0.0.1:{}", ports.federation),
+        signing_key: signing.verifying_key().to_base64(),
+        sealing_key: sealing.public_key().to_base64(),
+        cert_sha256: hex::encode(cert_sha256),
+    }
+}
+
+/// Refuses orgs the directory would refuse (an id given twice, a country that is not an
+/// ISO code, ...) before anything is written: the directory's own rules, applied to a
+/// directory of these orgs with stand-in keys.
+fn check_orgs(federation: &str, orgs: &[OrgSpec], ports: &[Ports]) -> Result<(), String> {
+    if orgs.is_empty() {
+        return Err("at least one org is needed".into());
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for spec in orgs {
+        if !ids.insert(&spec.id) {
+            return Err(format!(
+                "org {} is given twice; each --org needs an id of its own",
+                spec.id
+            ));
+        }
+    }
+    let members = orgs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let ports = ports
+                .get(i)
+                .copied()
+                .ok_or("not enough ports for every org")?;
+            // Distinct stand-in keys: members may not share one.
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let signing = SigningKey::from_seed(&seed).map_err(|e| e.to_string())?;
+            Ok(member_entry(
+                spec,
+                ports,
+                &signing,
+                &SealingKey::derive(&seed),
+                &corridor::canonical::sha256(&seed),
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    corridor::Directory::from_file(DirectoryFile {
+        federation: federation.to_owned(),
+        serial: 1,
+        expires_at_ms: 0,
+        members,
+    })
+    .map_err(|e| format!("invalid org: {e}"))?;
+    Ok(())
+}
+
 /// Generates the PKI and configuration under `out`, which must not exist or be empty.
 pub fn generate(
     out: &Path,
@@ -140,9 +208,7 @@ pub fn generate(
     orgs: &[OrgSpec],
     ports: &[Ports],
 ) -> Result<Vec<GeneratedOrg>, String> {
-    if orgs.is_empty() {
-        return Err("at least one org is needed".into());
-    }
+    check_orgs(federation, orgs, ports)?;
     if out.exists()
         && std::fs::read_dir(out)
             .map_err(io_err(out))?
@@ -249,17 +315,13 @@ pub fn generate(
             write_secret(&dir.join("data.key"), kek.as_bytes())?;
         }
 
-        members.push(MemberEntry {
-            id: spec.id.to_string(),
-            name: spec.name.clone(),
-            country: spec.country.clone(),
-            represents: spec.represents.clone(),
-            roles: spec.roles.clone(),
-            endpoint: format!("https://127.0.0.1:{}", ports.federation),
-            signing_key: signing.verifying_key().to_base64(),
-            sealing_key: sealing.public_key().to_base64(),
-            cert_sha256: hex::encode(corridor::canonical::sha256(cert.der())),
-        });
+        members.push(member_entry(
+            spec,
+            ports,
+            &signing,
+            &sealing,
+            &corridor::canonical::sha256(cert.der()),
+        ));
 
         let config = dir.join("node.toml");
         // Orgs with the witness role witness each other's logs.

@@ -6,6 +6,8 @@
 //! * [`audit`] — verifying nodes' audit logs
 //! * [`bench`] — measuring Corridor beside the transport and crypto limits
 //! * [`client`] — connecting to the local API with a bearer token
+//! * [`terminal`] — output that a closed pipe or a hostile value cannot disturb
+//! * [`files`] — reading the files a user names, within a size limit
 
 pub mod audit;
 pub mod bench;
@@ -13,3 +15,5 @@ pub mod client;
 pub mod commands;
 pub mod demo;
 pub mod devpki;
+pub mod files;
+pub mod terminal;

@@ -3,7 +3,9 @@
 //! Caseworker commands talk to a node's local API (`--node`, default
 //! `http://127.0.0.1:7080`) with a bearer token (`--token` or `CORRIDOR_TOKEN`).
 
-use corridor_cli::{client, commands, demo, devpki};
+use corridor_cli::files::{self, MAX_FILE_BYTES};
+use corridor_cli::terminal::escape_controls;
+use corridor_cli::{client, commands, demo, devpki, errln, outln};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,7 +127,7 @@ fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, S
     }
     if let Some(path) = token_file {
         // A token is a secret: its file must be readable by its owner only, as keys are.
-        let bytes = corridor_node::keys::read_secret_file(&path).map_err(|e| e.to_string())?;
+        let bytes = files::read_secret_file(&path, MAX_FILE_BYTES)?;
         return String::from_utf8(bytes)
             .map(|t| t.trim().to_owned())
             .map_err(|_| format!("the token file {} is not UTF-8 text", path.display()));
@@ -183,9 +185,11 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
     use std::io::Write as _;
-    let key = corridor_node::keys::load_signing_key(key).map_err(|e| e.to_string())?;
-    let body = std::fs::read(directory)
-        .map_err(|e| format!("cannot read the directory {}: {e}", directory.display()))?;
+    let key_text = String::from_utf8(files::read_secret_file(key, MAX_FILE_BYTES)?)
+        .map_err(|_| format!("secret file {} is malformed: not UTF-8 text", key.display()))?;
+    let key = corridor::SigningKey::from_base64(&key_text)
+        .map_err(|e| format!("secret file {} is malformed: {e}", key.display()))?;
+    let body = files::read_file(directory, MAX_FILE_BYTES)?;
     // Only a valid directory is worth a signature.
     let text = String::from_utf8(body)
         .map_err(|_| format!("the directory {} is not UTF-8 text", directory.display()))?;
@@ -203,7 +207,7 @@ fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<
         corridor::directory::signature_line(text.as_bytes(), &key)
     )
     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    println!(
+    outln!(
         "signed serial {} of {} with key {}; signatures in {}",
         parsed.serial,
         parsed.federation,
@@ -237,9 +241,9 @@ fn dev_pki(
         })
         .collect::<Result<Vec<_>, String>>()?;
     let generated = devpki::generate(out, federation, &orgs, &ports)?;
-    println!("development PKI written to {}", out.display());
+    outln!("development PKI written to {}", out.display());
     for g in generated {
-        println!(
+        outln!(
             "  {:<16} federation 127.0.0.1:{}  local API 127.0.0.1:{}  config {}",
             g.spec.id.as_str(),
             g.ports.federation,
@@ -265,14 +269,18 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("corridor: cannot start the runtime: {e}");
+            errln!("corridor: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    let written = corridor_cli::terminal::finish_stdout();
+    // A failure to write the output is reported only if nothing else went wrong first.
+    match outcome.and(written) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("corridor: {message}");
+            // Errors quote what nodes and other organisations said.
+            errln!("corridor: {}", escape_controls(&message));
             ExitCode::FAILURE
         }
     }

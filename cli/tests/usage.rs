@@ -152,3 +152,121 @@ fn a_directory_takes_effect_once_enough_governance_keys_signed_it() {
     assert!(ok, "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A reader that stops early (`corridor inbox | head -3`) ends the command quietly; a
+/// full disk is an error in one sentence. Neither is a panic.
+#[test]
+fn closed_or_full_standard_output_is_no_panic() {
+    for args in [
+        &["profiles"][..],
+        &["profiles", "--fields"],
+        &["profiles", "--format", "markdown"],
+        &["--output", "json", "profiles"],
+    ] {
+        // Every byte written goes to a pipe whose reader is already gone.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_corridor"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_corridor"))
+        .arg("profiles")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr.trim(),
+        "corridor: cannot write to standard output: No space left on device (os error 28)"
+    );
+}
+
+#[test]
+fn dev_pki_checks_every_org_before_writing_anything() {
+    let dir = std::env::temp_dir().join(format!("corridor-cli-pki-dup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let (ok, stderr) = corridor(&[
+        "dev-pki",
+        "--out",
+        out,
+        "--org",
+        "a:MY:shelter",
+        "--org",
+        "a:KH:ngo",
+    ]);
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        "corridor: org a is given twice; each --org needs an id of its own"
+    );
+    assert!(!dir.exists());
+    // What only the directory checks is checked first too.
+    let (ok, stderr) = corridor(&["dev-pki", "--out", out, "--org", "a:my:shelter"]);
+    assert!(!ok);
+    assert!(stderr.contains("country must be an ISO 3166-1"), "{stderr}");
+    assert!(!dir.exists());
+}
+
+/// The auditor's TLS key is a secret like a node's: readable by its owner only.
+#[test]
+fn audit_refuses_a_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("corridor-cli-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let (ok, stderr) = corridor(&[
+        "dev-pki",
+        "--out",
+        out,
+        "--org",
+        "ngo-th:TH:ngo+witness",
+        "--org",
+        "audit-th:TH:auditor",
+    ]);
+    assert!(ok, "{stderr}");
+    let identity = dir.join("audit-th");
+    let key = identity.join("tls.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = dir.join("state");
+    let (ok, stderr) = corridor(&[
+        "audit",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "checkpoint",
+        "ngo-th",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("accessible by group or others") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_node_address_that_is_not_a_url_is_explained() {
+    for node in ["notaurl", "127.0.0.1:7080", "https://127.0.0.1:7080"] {
+        let (ok, stderr) = corridor(&["--node", node, "--token", "x", "inbox"]);
+        assert!(!ok);
+        assert!(
+            stderr.starts_with(&format!(
+                "corridor: {node} is not a valid node address (expected http://host:port"
+            )),
+            "{stderr}"
+        );
+    }
+}
