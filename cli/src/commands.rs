@@ -487,6 +487,32 @@ pub async fn consent(
                 .map_err(|s| explain(&s))?
                 .into_inner();
             let mut scope = current.scope.unwrap_or_default();
+            // A removal of something the consent does not have (a misspelt field, say)
+            // would be taken for done: refuse the whole narrowing instead.
+            let absent: Vec<String> = [
+                ("purpose", &scope.purposes, &n.remove_purposes),
+                ("recipient", &scope.recipient_orgs, &n.remove_recipients),
+                (
+                    "recipient role",
+                    &scope.recipient_roles,
+                    &n.remove_recipient_roles,
+                ),
+                ("field", &scope.fields, &n.remove_fields),
+            ]
+            .into_iter()
+            .flat_map(|(what, present, gone)| {
+                gone.iter()
+                    .filter(|x| !present.contains(x))
+                    .map(move |x| format!("{what} {x}"))
+            })
+            .collect();
+            if !absent.is_empty() {
+                return Err(format!(
+                    "consent {} has no {}: nothing was narrowed",
+                    n.id,
+                    absent.join(", ")
+                ));
+            }
             let remove =
                 |list: &mut Vec<String>, gone: &[String]| list.retain(|x| !gone.contains(x));
             remove(&mut scope.purposes, &n.remove_purposes);

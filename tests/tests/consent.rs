@@ -295,6 +295,27 @@ async fn a_narrowing_that_changes_nothing_is_refused_and_ends_nothing() {
         .expect_err("a narrowing that changes nothing");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("changes nothing"), "{status:?}");
+    // Through the CLI, a removal the consent has nothing for is named.
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args([
+            "consent",
+            "narrow",
+            &consent_id,
+            "--remove-field",
+            "prefered_name",
+        ])
+        .args(["--remove-field", "languages"])
+        .output()
+        .expect("run corridor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "consent {consent_id} has no field prefered_name: nothing was narrowed"
+        )),
+        "{stderr}"
+    );
     let view = s.get_consent(request).await.expect("consent").into_inner();
     assert_eq!(view.narrowed_at_ms, 0, "recorded as narrowed");
     let referral_status = s
