@@ -94,8 +94,14 @@ pub enum AuditCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Verify an exported log offline.
-    VerifyExport { file: PathBuf },
+    /// Verify an exported log offline: its entries against its signed checkpoint, and
+    /// the checkpoint's cosignatures against the witness quorum (`--quorum 0` to check
+    /// the entries alone).
+    VerifyExport {
+        file: PathBuf,
+        #[command(flatten)]
+        policy: Policy,
+    },
     /// Check that every referral each node says it delivered to the other is in the
     /// other's log, where its signed receipt says.
     CrossCheck { a: String, b: String },
@@ -420,7 +426,7 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
             );
             Ok(())
         }
-        AuditCommand::VerifyExport { file } => verify_export(&auditor, &file),
+        AuditCommand::VerifyExport { file, policy } => verify_export(&auditor, &file, &policy),
         AuditCommand::CrossCheck { a, b } => cross_check(&auditor, &a, &b).await,
         AuditCommand::Prove { org, index, out } => {
             let mut client = auditor.client(&org).await?;
@@ -637,7 +643,7 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
     Ok(())
 }
 
-fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
+fn verify_export(auditor: &Auditor, file: &Path, policy: &Policy) -> Result<(), String> {
     #[derive(Deserialize)]
     struct Export {
         format: String,
@@ -679,17 +685,35 @@ fn verify_export(auditor: &Auditor, file: &Path) -> Result<(), String> {
         corridor::audit::decode(e).map_err(|err| format!("entry {i} is malformed: {err}"))?;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    // As online: without its witnesses, an export may be a view the log made for one
+    // auditor.
+    let (verifiers, quorum) = auditor.witnesses(&export.org, policy)?;
+    let names = cosigned(&export.checkpoint, &verifiers);
+    let quorum_met = names.len() >= quorum;
+    let org = escape_controls(&export.org);
     emit(
         auditor.output,
-        json!({"org": export.org, "size": cp.size, "ok": true, "entries_per_second": cp.size as f64 / secs}),
+        json!({
+            "org": export.org, "size": cp.size, "ok": quorum_met, "cosigned_by": names,
+            "quorum": quorum, "quorum_met": quorum_met,
+            "entries_per_second": cp.size as f64 / secs,
+        }),
         || {
             format!(
-                "{}: exported log of {} entries verified offline against its signed checkpoint",
-                escape_controls(&export.org),
-                cp.size
+                "{org}: exported log of {} entries verified offline against its signed checkpoint; cosigned by {} of {} witnesses, quorum {quorum}: {}",
+                cp.size,
+                names.len(),
+                verifiers.len(),
+                if quorum_met { "MET" } else { "NOT MET" },
             )
         },
     );
+    if !quorum_met {
+        return Err(format!(
+            "{org}: the exported entries verify, but only {} of the required {quorum} witnesses cosigned its checkpoint",
+            names.len()
+        ));
+    }
     Ok(())
 }
 

@@ -464,9 +464,11 @@ async fn a_token_issued_while_the_node_runs_leaves_it_writing() {
 async fn export_verify_and_prove_offline() {
     let fed = Federation::demo("audit-export");
     let state = fed.dir.join("auditor");
+    let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
     let my = fed.start(SHELTER_MY);
     some_events(&my, 2).await;
     wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
     let export = fed.dir.join("my.export.json");
     ok(&audit(
         &fed,
@@ -479,6 +481,34 @@ async fn export_verify_and_prove_offline() {
         &["verify-export", export.to_str().unwrap()],
     ));
     assert!(out.contains("verified offline"), "{out}");
+    assert!(out.contains("quorum 2: MET"), "{out}");
+    // Without its cosignatures the export is the log's word alone: refused, unless the
+    // auditor asks for the entries alone.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let note = json["checkpoint"].as_str().unwrap().to_owned();
+    let own_signature_only: String = note
+        .split_inclusive('\n')
+        .filter(|line| !line.contains("/witness/"))
+        .collect();
+    assert_ne!(
+        own_signature_only, note,
+        "the checkpoint carried cosignatures"
+    );
+    json["checkpoint"] = own_signature_only.into();
+    let alone = fed.dir.join("my.uncosigned.json");
+    std::fs::write(&alone, json.to_string()).unwrap();
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify-export", alone.to_str().unwrap()],
+    ));
+    assert!(err.contains("only 0 of the required 2 witnesses"), "{err}");
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify-export", alone.to_str().unwrap(), "--quorum", "0"],
+    ));
     // A tampered export fails.
     let text = std::fs::read_to_string(&export).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
