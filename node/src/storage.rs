@@ -764,23 +764,46 @@ impl Store {
     ///
     /// In the same transaction, referrals still queued under the consent are cancelled
     /// (state `cancelled`, envelope dropped): they were sealed under the wider scope, and
-    /// the sender cannot open them to gate them again. Returns their ids, or `None` if
-    /// the consent was not narrowed.
+    /// the sender cannot open them to gate them again; and the `withdrawals` are queued
+    /// for recipients the narrowed consent no longer admits, which were made for the
+    /// referrals `expected` ([`Store::referrals_under_consent`]). Returns the cancelled
+    /// ids, or `None` if the consent was not narrowed because it, or the referrals under
+    /// it, changed since they were read.
     pub async fn narrow_consent(
         &self,
         id: &str,
         scope: ScopeColumns,
         as_read: Option<i64>,
         now_ms: i64,
+        (mut expected, withdrawals): (Vec<MessageId>, Vec<NewOutboxItem>),
         audit: Vec<u8>,
     ) -> Result<Option<Vec<MessageId>>> {
-        let data = (id.to_owned(), scope, as_read, now_ms, audit);
+        expected.sort();
+        let data = (
+            id.to_owned(),
+            scope,
+            as_read,
+            now_ms,
+            expected,
+            withdrawals,
+            audit,
+        );
         self.writer
             .run_then(
                 data,
-                |(id, s, as_read, now_ms, audit), tx, log| {
+                |(id, s, as_read, now_ms, expected, withdrawals, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
+                        let mut current: Vec<MessageId> =
+                            Self::select_referrals_under_consent(&mut *conn, id)
+                                .await?
+                                .into_iter()
+                                .map(|r| r.message_id)
+                                .collect();
+                        current.sort();
+                        if &current != expected {
+                            return Ok(None);
+                        }
                         let updated = sqlx::query(
                             "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
@@ -816,6 +839,9 @@ impl Store {
                         .into_iter()
                         .map(|r| message_id(r.get(0)))
                         .collect::<Result<Vec<_>>>()?;
+                        for item in withdrawals {
+                            Self::insert_outbox(tx, item, None).await?;
+                        }
                         log.append(audit.clone())?;
                         Ok(Some(cancelled))
                     })
@@ -2273,10 +2299,31 @@ pub(crate) mod tests {
         let queued = store.enqueue(outbox_item(2), Some(5), entry()).await;
         assert!(matches!(queued, Ok(Enqueued::Queued)), "{queued:?}");
 
+        // A narrowing made while a referral it did not know of was queued is not stored:
+        // that referral's recipient may need a withdrawal it did not make.
+        let unaware = store
+            .narrow_consent(
+                "consent-1",
+                scope("age_band"),
+                Some(5),
+                5,
+                (Vec::new(), Vec::new()),
+                entry(),
+            )
+            .await
+            .expect("narrow");
+        assert!(unaware.is_none(), "a narrowing unaware of a referral was stored");
         // A narrowing through the store clears the cache and always moves the mark on,
         // even within the same millisecond.
         let narrowed = store
-            .narrow_consent("consent-1", scope("age_band"), Some(5), 5, entry())
+            .narrow_consent(
+                "consent-1",
+                scope("age_band"),
+                Some(5),
+                5,
+                (vec![MessageId([2; 16])], Vec::new()),
+                entry(),
+            )
             .await
             .expect("narrow");
         // The referral queued under the wider scope is cancelled with it, its sealed
@@ -2303,6 +2350,7 @@ pub(crate) mod tests {
                 scope("age_band,languages"),
                 Some(5),
                 5,
+                (vec![MessageId([2; 16])], Vec::new()),
                 entry(),
             )
             .await

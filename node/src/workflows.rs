@@ -511,6 +511,8 @@ pub async fn narrow_consent(
             .check_narrowing(&narrower)
             .map_err(|e| Failure::invalid(e.to_string()))?;
         let now = now_ms();
+        let (expected, withdrawals) =
+            withdrawals_for_narrowing(node, user, &row, &narrower, now).await?;
         let entry = audit::encode(
             &Event::ConsentNarrowed {
                 consent_id: row.id.clone(),
@@ -526,6 +528,7 @@ pub async fn narrow_consent(
                 scope_columns(&narrower),
                 row.narrowed_at_ms,
                 now,
+                (expected, withdrawals),
                 entry,
             )
             .await?
@@ -536,6 +539,7 @@ pub async fn narrow_consent(
             for id in &cancelled {
                 node.waiters.attempt_ended(*id, None);
             }
+            node.outbox_ready.notify_one();
             tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), "consent narrowed");
             return get_consent(node, &row.id).await;
         }
@@ -996,6 +1000,70 @@ pub async fn withdraw_consent(
     consent_status(node, consent_id).await
 }
 
+/// The withdrawals a narrowing sends: one to each recipient that may hold data under
+/// the consent and that the narrowed consent no longer admits at all (it removes the
+/// org, its role or country, or excludes a country it is in or acts for), unless one
+/// was queued for it before. Such a recipient purges what it holds and refuses more
+/// under the consent, as after a withdrawal. Returns them with the referrals they were
+/// made for: the narrowing is stored only if those are still all there are.
+///
+/// A narrowing that leaves a recipient admitted, but for fewer purposes or fields, asks
+/// it for nothing: a withdrawal would end the consent there for good, also for what the
+/// person still agrees to. Withdrawing the consent asks every recipient to purge.
+async fn withdrawals_for_narrowing(
+    node: &Node,
+    user: &User,
+    row: &ConsentRow,
+    narrower: &ConsentScope,
+    now: i64,
+) -> Result<(Vec<MessageId>, Vec<NewOutboxItem>), Failure> {
+    let sent = node.store.referrals_under_consent(&row.id).await?;
+    let asked_before: BTreeSet<String> = node
+        .store
+        .outbox_for_consent(&row.id)
+        .await?
+        .into_iter()
+        .filter(|item| item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()))
+        .map(|item| item.recipient)
+        .collect();
+    let mut per_recipient: BTreeMap<(&str, &str), (&str, Vec<MessageId>)> = BTreeMap::new();
+    for s in &sent {
+        per_recipient
+            .entry((&s.recipient, &s.consent_ref))
+            .or_insert_with(|| (&s.case_ref, Vec::new()))
+            .1
+            .push(s.message_id);
+    }
+    let mut withdrawals = Vec::new();
+    for ((recipient, consent_ref), (case_ref, ids)) in &per_recipient {
+        if asked_before.contains(*recipient) {
+            continue;
+        }
+        let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+        let Some(member) = node.directory.get(&org) else {
+            continue;
+        };
+        if narrower.admits_recipient(member) {
+            continue;
+        }
+        withdrawals.push(withdrawal_item(
+            node,
+            member,
+            WithdrawalOf {
+                case_id: &row.case_id,
+                consent_id: &row.id,
+                consent_ref,
+                case_ref,
+                referrals: ids,
+                withdrawn_at_ms: now,
+                by: user.id,
+            },
+            now,
+        )?);
+    }
+    Ok((sent.iter().map(|s| s.message_id).collect(), withdrawals))
+}
+
 /// What one withdrawal envelope says, and for whom it is queued.
 struct WithdrawalOf<'a> {
     case_id: &'a str,
@@ -1064,12 +1132,16 @@ pub async fn renew_withdrawal(
         return Ok(None);
     };
     let consent = consent_row(node, &old.consent_id).await?;
-    let withdrawn_at_ms = consent.withdrawn_at_ms.ok_or_else(|| {
-        Failure::internal(
-            "a withdrawal is queued for a consent not withdrawn",
-            &old.consent_id,
-        )
-    })?;
+    // A narrowing that took the recipient out of the consent withdrew it there.
+    let withdrawn_at_ms = consent
+        .withdrawn_at_ms
+        .or(consent.narrowed_at_ms)
+        .ok_or_else(|| {
+            Failure::internal(
+                "a withdrawal is queued for a consent neither withdrawn nor narrowed",
+                &old.consent_id,
+            )
+        })?;
     let recipient =
         OrgId::new(&old.recipient).map_err(|e| Failure::internal("stored recipient", e))?;
     let Some(member) = node.directory.get(&recipient) else {

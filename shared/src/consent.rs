@@ -195,17 +195,7 @@ pub fn gate(
     if !consent.purposes.contains(&purpose) {
         reasons.push(Reason::PurposeNotConsented(purpose));
     }
-    let named = consent.recipient_orgs.contains(&recipient.id);
-    let by_role = consent.recipient_roles.iter().any(|rc| {
-        rc.country == recipient.country && rc.role.is_none_or(|role| recipient.has_role(role))
-    });
-    if is_state_authority(recipient) {
-        if !named {
-            reasons.push(Reason::StateAuthorityNotNamed(recipient.id.clone()));
-        }
-    } else if !named && !by_role {
-        reasons.push(Reason::RecipientNotInScope(recipient.id.clone()));
-    }
+    reasons.extend(consent.recipient_not_in_scope(recipient));
     let profile = profile(purpose);
     if !profile
         .recipient_roles
@@ -217,19 +207,7 @@ pub fn gate(
             purpose,
         });
     }
-    // Excluding a country excludes organisations there and the authorities acting for
-    // it wherever they sit ("never to the authorities of the origin country").
-    for country in [Some(&recipient.country), recipient.represents.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        if consent.restrictions.excluded_countries.contains(country) {
-            reasons.push(Reason::CountryExcluded {
-                recipient: recipient.id.clone(),
-                country: country.clone(),
-            });
-        }
-    }
+    reasons.extend(consent.recipient_excluded(recipient));
     if consent.restrictions.no_family_contact && purpose == Purpose::FamilyTracing {
         reasons.push(Reason::FamilyContactForbidden);
     }
@@ -311,6 +289,42 @@ pub enum NarrowingError {
 }
 
 impl ConsentScope {
+    /// Why `recipient` is not among the recipients this consent names, if it is not:
+    /// by org, or by role and country; a state authority only by org.
+    fn recipient_not_in_scope(&self, recipient: &Member) -> Option<Reason> {
+        let named = self.recipient_orgs.contains(&recipient.id);
+        let by_role = self.recipient_roles.iter().any(|rc| {
+            rc.country == recipient.country && rc.role.is_none_or(|role| recipient.has_role(role))
+        });
+        if is_state_authority(recipient) {
+            (!named).then(|| Reason::StateAuthorityNotNamed(recipient.id.clone()))
+        } else {
+            (!named && !by_role).then(|| Reason::RecipientNotInScope(recipient.id.clone()))
+        }
+    }
+
+    /// The excluded countries `recipient` is in or acts for. Excluding a country
+    /// excludes organisations there and the authorities acting for it wherever they sit
+    /// ("never to the authorities of the origin country").
+    fn recipient_excluded(&self, recipient: &Member) -> Vec<Reason> {
+        [Some(&recipient.country), recipient.represents.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|country| self.restrictions.excluded_countries.contains(*country))
+            .map(|country| Reason::CountryExcluded {
+                recipient: recipient.id.clone(),
+                country: country.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether this consent lets `recipient` receive anything at all (for some purpose,
+    /// some fields): it names it and excludes none of its countries.
+    pub fn admits_recipient(&self, recipient: &Member) -> bool {
+        self.recipient_not_in_scope(recipient).is_none()
+            && self.recipient_excluded(recipient).is_empty()
+    }
+
     /// What of this consent one referral discloses: its purpose and the fields it
     /// carries (as far as the consent covers them), with the consent's restrictions and
     /// expiry, which bind what the recipient does with the data. A consent receipt is
@@ -810,6 +824,22 @@ mod tests {
             n.check_narrowing(&lifted),
             Err(NarrowingError::Widens(_))
         ));
+    }
+
+    #[test]
+    fn a_recipient_is_admitted_by_name_or_role_unless_its_country_is_excluded() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        let th = member("ngo-th", "TH", Role::Ngo);
+        let mut c = consent();
+        assert!(c.admits_recipient(&kh));
+        assert!(!c.admits_recipient(&th));
+        c.recipient_roles.insert("ngo@TH".parse().unwrap());
+        assert!(c.admits_recipient(&th));
+        c.restrictions.excluded_countries.insert("TH".into());
+        assert!(!c.admits_recipient(&th));
+        assert!(c.admits_recipient(&kh));
+        c.recipient_orgs.clear();
+        assert!(!c.admits_recipient(&kh));
     }
 
     #[test]

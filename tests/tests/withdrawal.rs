@@ -195,3 +195,81 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
         assert!(ids.contains(&receipt.purged_referrals[0].to_hex()));
     }
 }
+
+/// A narrowing that takes a recipient out of the consent reaches it as a withdrawal: it
+/// purges what it holds, with a signed purge receipt, while a recipient the consent
+/// still admits keeps its referral and can be sent more.
+#[tokio::test]
+async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
+    let fed = Federation::four("narrow-purge");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let ngo = fed.start(NGO_TH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH, NGO_TH], &["reintegration"]).await;
+    for to in [SHELTER_KH, NGO_TH] {
+        let sent = s
+            .send_referral(referral(&case_id, to, "reintegration"))
+            .await
+            .expect("send")
+            .into_inner();
+        let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{to}: {}", st.last_error);
+    }
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope");
+    scope.recipient_orgs.retain(|o| o != SHELTER_KH);
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+    })
+    .await
+    .expect("narrowing");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = consent_status(&mut s, &consent_id).await;
+        let kh_state = st
+            .recipients
+            .iter()
+            .find(|r| r.recipient == SHELTER_KH)
+            .map(|r| r.state.clone());
+        if kh_state.as_deref() == Some("purged") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{SHELTER_KH} did not purge: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ngo_state = st.recipients.iter().find(|r| r.recipient == NGO_TH);
+    assert_eq!(
+        ngo_state.map(|r| r.state.as_str()),
+        Some("not-withdrawn"),
+        "{st:?}"
+    );
+    let mut c = kh.client().await;
+    assert!(
+        inbox(&mut c).await.is_empty(),
+        "{SHELTER_KH} still holds data"
+    );
+    let mut c = ngo.client().await;
+    assert_eq!(inbox(&mut c).await.len(), 1);
+    // The consent itself stands for the recipient it still admits.
+    let sent = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner();
+    let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+}
