@@ -384,7 +384,7 @@ async fn consent_view(node: &Node, row: &ConsentRow) -> Result<pb::ConsentView, 
 fn text_detail(what: &str, value: &str) -> Result<(), Failure> {
     if value.len() > MAX_CONSENT_TEXT || value.chars().any(char::is_control) {
         return Err(Failure::invalid(format!(
-            "{what} must be one line of at most {MAX_CONSENT_TEXT} bytes"
+            "{what} must be one line of at most {MAX_CONSENT_TEXT} bytes, without control characters"
         )));
     }
     Ok(())
@@ -434,6 +434,11 @@ pub async fn record_consent(
     let now = now_ms();
     if scope.expires_at_ms <= now {
         return Err(Failure::invalid("consent expiry must be in the future"));
+    }
+    if scope.expires_at_ms > now.saturating_add(consent::MAX_CONSENT_LIFETIME_MS) {
+        return Err(Failure::invalid(
+            "consent expiry must be within ten years of its recording",
+        ));
     }
     // Every case has its data key: a case without one does not exist.
     let key = case_data_key(node, &req.case_id)

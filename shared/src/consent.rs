@@ -72,6 +72,10 @@ pub fn is_country_code(text: &str) -> bool {
     text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
 }
 
+/// Longest a consent may run from when it is recorded: ten years. A later expiry is a
+/// typo or a unit mistake rather than what a person agreed to.
+pub const MAX_CONSENT_LIFETIME_MS: i64 = 10 * 366 * 24 * 3600 * 1000;
+
 /// Restrictions the person asked for, on top of the scope.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Restrictions {

@@ -327,3 +327,51 @@ async fn a_narrowing_that_changes_nothing_is_refused_and_ends_nothing() {
         .into_inner();
     assert_eq!(referral_status.state, "queued");
 }
+
+/// A consent's details are one line of plain text, and it runs for at most ten years.
+#[tokio::test]
+async fn consent_records_are_bounded() {
+    let fed = Federation::demo("consent-bounds");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = s
+        .create_case(pb::CreateCaseRequest {
+            label: String::new(),
+        })
+        .await
+        .expect("case")
+        .into_inner()
+        .case_id;
+    let consent = |expires_at_ms: i64, language: &str| pb::RecordConsentRequest {
+        case_id: case_id.clone(),
+        scope: Some(pb::ConsentScope {
+            purposes: vec!["reintegration".into()],
+            recipient_orgs: vec![SHELTER_KH.into()],
+            fields: vec!["preferred_name".into()],
+            expires_at_ms,
+            ..Default::default()
+        }),
+        given_by: "person".into(),
+        method: "interpreter".into(),
+        language: language.into(),
+        ..Default::default()
+    };
+    let now = corridor_node::node::now_ms();
+    for (request, words) in [
+        (consent(i64::MAX, "km"), "within ten years"),
+        (
+            consent(now + 86_400_000, "km\u{1b}[2J"),
+            "without control characters",
+        ),
+    ] {
+        let status = s
+            .record_consent(request)
+            .await
+            .expect_err("must be refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(words), "{status:?}");
+    }
+    s.record_consent(consent(now + 9 * 365 * 86_400_000, "km"))
+        .await
+        .expect("nine years");
+}
