@@ -55,8 +55,30 @@ pub enum Command {
         #[arg(long, default_value = "admin")]
         user: String,
     },
+    /// Revoke every token of a local user (a lost laptop, a departed colleague). Works
+    /// whether or not the node is running; a running node stops accepting them within
+    /// 5 seconds.
+    RevokeTokens {
+        /// Name of the local user.
+        #[arg(long)]
+        user: String,
+    },
     /// Load and check the configuration, keys, certificate and directory, then exit.
     CheckConfig,
+}
+
+/// Whether `user` is a valid local user name.
+fn valid_user_name(user: &str) -> Result<(), String> {
+    let valid = !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err("user name must be 1-64 characters of letters, digits, '-', '_' or '.'".into())
+    }
 }
 
 fn init_tracing(config: &config::Config) {
@@ -127,17 +149,31 @@ async fn run(args: Args) -> Result<(), String> {
             println!("configuration is valid");
             Ok(())
         }
-        Command::CreateAdminToken { user } => {
-            let valid = !user.is_empty()
-                && user.len() <= 64
-                && user
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-            if !valid {
-                return Err(
-                    "user name must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
-                );
+        Command::RevokeTokens { user } => {
+            valid_user_name(&user)?;
+            let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
+            let now = node::now_ms();
+            let revoked = store
+                .revoke_tokens(
+                    &user,
+                    now,
+                    Box::new(move |user| {
+                        corridor::audit::encode(&corridor::audit::Event::TokenRevoked { user }, now)
+                    }),
+                )
+                .await
+                .map_err(|e| e.to_string());
+            store.close().await;
+            match revoked? {
+                None => Err(format!("there is no local user {user}")),
+                Some(n) => {
+                    println!("revoked {n} token(s) of {user}");
+                    Ok(())
+                }
             }
+        }
+        Command::CreateAdminToken { user } => {
+            valid_user_name(&user)?;
             let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
             let (token, hash) =
                 auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;

@@ -430,6 +430,43 @@ impl Store {
             .await
     }
 
+    /// Revokes every live token of the user `name`; `audit` makes the log entry from the
+    /// user's id. Returns how many were revoked, or `None` if there is no such user.
+    pub async fn revoke_tokens(
+        &self,
+        name: &str,
+        now_ms: i64,
+        audit: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
+    ) -> Result<Option<u64>> {
+        let data = (name.to_owned(), now_ms, audit);
+        self.writer
+            .run(data, |(name, now_ms, audit), tx, log| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    let user: Option<i64> =
+                        sqlx::query_scalar("SELECT id FROM users WHERE name = $1")
+                            .bind(name)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    let Some(user) = user else {
+                        return Ok(None);
+                    };
+                    let revoked = sqlx::query(
+                        "UPDATE tokens SET revoked_at_ms = $2
+                         WHERE user_id = $1 AND revoked_at_ms IS NULL",
+                    )
+                    .bind(user)
+                    .bind(*now_ms)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    log.append(audit(user))?;
+                    Ok(Some(revoked))
+                })
+            })
+            .await
+    }
+
     pub async fn user_for_token(&self, token_hash: &[u8; 32]) -> Result<Option<User>> {
         if let Ok(cache) = self.tokens.lock()
             && let Some((user, at)) = cache.get(token_hash)
@@ -2312,7 +2349,10 @@ pub(crate) mod tests {
             )
             .await
             .expect("narrow");
-        assert!(unaware.is_none(), "a narrowing unaware of a referral was stored");
+        assert!(
+            unaware.is_none(),
+            "a narrowing unaware of a referral was stored"
+        );
         // A narrowing through the store clears the cache and always moves the mark on,
         // even within the same millisecond.
         let narrowed = store

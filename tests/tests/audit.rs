@@ -628,3 +628,42 @@ fn an_auditor_refuses_a_directory_its_governance_did_not_sign() {
         "{err}"
     );
 }
+
+/// An operator revokes a user's tokens while the node runs (a lost laptop): the node
+/// refuses them once its token cache lets go of them, keeps everyone else's, and goes
+/// on writing.
+#[tokio::test]
+async fn tokens_revoked_while_the_node_runs_stop_working() {
+    let fed = Federation::demo("audit-token-revoked");
+    let mut my = fed.start(SHELTER_MY);
+    let kept = my.token.clone();
+    my.token = issue_admin_token(&my.org.config, "leaver");
+    some_events(&my, 1).await;
+    let revoke = |user: &str| {
+        Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&my.org.config)
+            .args(["revoke-tokens", "--user", user])
+            .output()
+            .expect("run corridor-node revoke-tokens")
+    };
+    let out = ok(&revoke("leaver"));
+    assert!(out.contains("revoked 1 token(s) of leaver"), "{out}");
+    let err = failed(&revoke("nosuch"));
+    assert!(err.contains("there is no local user nosuch"), "{err}");
+    let mut client = my.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .list_inbox(corridor_proto::v1::ListInboxRequest {})
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            _ => assert!(Instant::now() < deadline, "the revoked token still works"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    my.token = kept;
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+}
