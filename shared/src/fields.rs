@@ -85,6 +85,54 @@ fields! {
     CaseworkerNote = "caseworker_note", Sensitive, "Free-text note of the caseworker";
 }
 
+fn is_country_code(text: &str) -> bool {
+    text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// `YYYY-MM-DD`, a day that exists in the Gregorian calendar, from 1900 on.
+fn is_date(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = text.get(range)?;
+        if !digits.bytes().all(|d| d.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let (Some(year), Some(month), Some(day)) = (number(0..4), number(5..7), number(8..10)) else {
+        return false;
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    year >= 1900 && (1..=days).contains(&day)
+}
+
+/// `N-M` with N <= M, or `N+`: whole years, at most three digits each.
+fn is_age_band(text: &str) -> bool {
+    let age = |s: &str| -> Option<u32> {
+        if s.is_empty() || s.len() > 3 || !s.bytes().all(|d| d.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    match text.strip_suffix('+') {
+        Some(from) => age(from).is_some(),
+        None => text
+            .split_once('-')
+            .and_then(|(low, high)| Some(age(low)? <= age(high)?))
+            .unwrap_or(false),
+    }
+}
+
 /// A field name that is not in the catalogue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown field {0:?}; run `corridor profiles` for the catalogue")]
@@ -104,6 +152,9 @@ pub enum FieldValueError {
     /// sender rewrite what the recipient's screen shows around the value.
     #[error("field {0} contains a control character (only line breaks and tabs are allowed)")]
     ControlCharacter(Field),
+    /// A field with a format of its own that the value does not have.
+    #[error("field {0} must be {1}")]
+    Format(Field, &'static str),
 }
 
 impl Field {
@@ -122,7 +173,20 @@ impl Field {
         {
             return Err(FieldValueError::ControlCharacter(self));
         }
-        Ok(())
+        let format = match self {
+            // "XX" for a stateless person: ISO leaves it to users, and many a trafficked
+            // person has no nationality a state recognises.
+            Self::Nationality => (!is_country_code(value))
+                .then_some("an ISO 3166-1 alpha-2 code in capitals, such as KH (XX if stateless)"),
+            Self::DateOfBirth => (!is_date(value))
+                .then_some("a date as YYYY-MM-DD (give age_band when the exact date is not known)"),
+            Self::AgeBand => (!is_age_band(value)).then_some("an age band such as 25-29 or 60+"),
+            _ => None,
+        };
+        match format {
+            Some(expected) => Err(FieldValueError::Format(self, expected)),
+            None => Ok(()),
+        }
     }
 
     pub fn parse(name: &str) -> Result<Self, UnknownField> {
@@ -179,6 +243,46 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn fields_with_a_format_of_their_own_are_checked() {
+        let cases: [(Field, &[&str], &[&str]); 3] = [
+            (
+                Field::Nationality,
+                &["KH", "MM", "XX"],
+                &["Cambodia", "kh", "KHM"],
+            ),
+            (
+                Field::DateOfBirth,
+                &["1999-01-31", "2000-02-29", "1990-12-01"],
+                &[
+                    "not a date",
+                    "1999-02-29",
+                    "1999-13-01",
+                    "1999-1-1",
+                    "31/01/1999",
+                    "+999-01-01",
+                ],
+            ),
+            (
+                Field::AgeBand,
+                &["25-29", "0-4", "60+", "18-18"],
+                &["banana", "29-25", "25-", "-29", "25 - 29", "+"],
+            ),
+        ];
+        for (field, good, bad) in cases {
+            for value in good {
+                assert_eq!(field.check_value(value), Ok(()), "{field} {value:?}");
+            }
+            for value in bad {
+                assert!(
+                    matches!(field.check_value(value), Err(FieldValueError::Format(f, _)) if f == field),
+                    "{field} {value:?}"
+                );
+            }
+        }
+        assert_eq!(Field::PreferredName.check_value("banana"), Ok(()));
     }
 
     #[test]

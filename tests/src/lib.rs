@@ -375,8 +375,19 @@ pub fn required_fields(purpose: &str) -> std::collections::HashMap<String, Strin
     corridor::profile::profile(corridor::Purpose::parse(purpose).expect("purpose"))
         .required
         .iter()
-        .map(|f| (f.as_str().to_owned(), format!("test {}", f.as_str())))
+        .map(|f| (f.as_str().to_owned(), sample_value(*f)))
         .collect()
+}
+
+/// A value of `field` that its format allows.
+pub fn sample_value(field: corridor::Field) -> String {
+    use corridor::Field;
+    match field {
+        Field::AgeBand => "25-29".into(),
+        Field::DateOfBirth => "1999-04-12".into(),
+        Field::Nationality => "KH".into(),
+        other => format!("test {other}"),
+    }
 }
 
 /// A referral request carrying exactly the fields `purpose` requires.
@@ -483,7 +494,7 @@ pub fn valid_payload(fed: &Federation, sender: &str, recipient: &str) -> pb::Ref
             .iter()
             .map(|f| pb::FieldValue {
                 field: corridor_node::convert::field_to_pb(*f),
-                value: format!("test {}", f.as_str()),
+                value: sample_value(*f),
             })
             .collect(),
         consent_receipt: Some(corridor_node::convert::consent_receipt_to_pb(&receipt)),
