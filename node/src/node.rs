@@ -194,9 +194,9 @@ impl Node {
 
 impl Node {
     /// What in the configuration does not fit the federation directory without keeping
-    /// the node from working: witnesses that are not members. `check-config` refuses
-    /// them; a running node logs them, since a directory that drops a witness must not
-    /// stop every node that named it.
+    /// the node from working: witnesses that are not members. `check-config` prints them
+    /// and a running node logs them, as warnings: a directory that drops a witness must
+    /// not stop every node that named it.
     pub fn config_warnings(&self) -> Vec<String> {
         let audit = &self.config.audit;
         let named = [

@@ -1007,8 +1007,8 @@ pub async fn withdraw_consent(
 
 /// The withdrawals a narrowing sends: one to each recipient that may hold data under
 /// the consent and that the narrowed consent no longer admits at all (it removes the
-/// org, its role or country, or excludes a country it is in or acts for), unless one
-/// was queued for it before. Such a recipient purges what it holds and refuses more
+/// org, its role or country, excludes a country it is in or acts for, or leaves no
+/// purpose its role may receive), unless one was queued for it before. Such a recipient purges what it holds and refuses more
 /// under the consent, as after a withdrawal. Returns them with the referrals they were
 /// made for: the narrowing is stored only if those are still all there are.
 ///

@@ -201,11 +201,7 @@ pub fn gate(
     }
     reasons.extend(consent.recipient_not_in_scope(recipient));
     let profile = profile(purpose);
-    if !profile
-        .recipient_roles
-        .iter()
-        .any(|r| recipient.has_role(*r))
-    {
+    if !ConsentScope::role_may_receive(recipient, purpose) {
         reasons.push(Reason::RoleCannotReceivePurpose {
             recipient: recipient.id.clone(),
             purpose,
@@ -322,11 +318,23 @@ impl ConsentScope {
             .collect()
     }
 
-    /// Whether this consent lets `recipient` receive anything at all (for some purpose,
-    /// some fields): it names it and excludes none of its countries.
+    /// Whether the purpose's profile lets `recipient`'s roles receive it.
+    fn role_may_receive(recipient: &Member, purpose: Purpose) -> bool {
+        profile(purpose)
+            .recipient_roles
+            .iter()
+            .any(|r| recipient.has_role(*r))
+    }
+
+    /// Whether this consent lets `recipient` receive anything at all: it names it,
+    /// excludes none of its countries, and has a purpose its roles may receive.
     pub fn admits_recipient(&self, recipient: &Member) -> bool {
         self.recipient_not_in_scope(recipient).is_none()
             && self.recipient_excluded(recipient).is_empty()
+            && self
+                .purposes
+                .iter()
+                .any(|p| Self::role_may_receive(recipient, *p))
     }
 
     /// What of this consent one referral discloses: its purpose and the fields it
@@ -844,6 +852,14 @@ mod tests {
         assert!(c.admits_recipient(&kh));
         c.recipient_orgs.clear();
         assert!(!c.admits_recipient(&kh));
+        // Named, but for no purpose its role may receive.
+        let embassy = member("kh-embassy-kl", "MY", Role::Embassy);
+        let mut c = consent();
+        c.recipient_orgs.insert(embassy.id.clone());
+        assert!(c.admits_recipient(&embassy), "nationality verification");
+        c.purposes.remove(&Purpose::NationalityVerification);
+        assert!(!c.admits_recipient(&embassy));
+        assert!(c.admits_recipient(&kh));
     }
 
     #[test]

@@ -53,9 +53,9 @@ async fn a_node_refuses_a_directory_older_than_one_it_accepted() {
     node.start();
 }
 
-/// A witness that is not a member of the federation is a configuration error that
-/// `check-config` reports; a running node only logs it, so that a directory dropping a
-/// witness does not stop the nodes that named it.
+/// A witness that is not a member of the federation is reported by `check-config` and
+/// logged by a running node, as a warning: the shipped unit runs `check-config` before
+/// every start, and a directory dropping a witness must not stop the nodes that named it.
 #[tokio::test]
 async fn witnesses_that_are_not_members_are_reported() {
     let fed = Federation::demo("witness-not-member");
@@ -72,9 +72,11 @@ async fn witnesses_that_are_not_members_are_reported() {
         .output()
         .expect("run corridor-node");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("audit.witnesses names nosuch, which is not a member of the federation"),
+        stderr.contains(
+            "warning: audit.witnesses names nosuch, which is not a member of the federation"
+        ),
         "{stderr}"
     );
     let node = fed.start(SHELTER_MY);
