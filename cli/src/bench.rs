@@ -552,6 +552,78 @@ fn sha256_rate(secs: f64) -> f64 {
 
 struct Row(&'static str, String, String);
 
+/// Bounds of the bench's options: beyond them a run measures nothing useful, or takes
+/// the machine down with it.
+const MAX_CONCURRENCY: usize = 10_000;
+const MAX_PHASE_SECONDS: f64 = 3600.0;
+const MAX_BACKLOG: u64 = 10_000_000;
+const MAX_AUDIT_ENTRIES: u64 = 100_000_000;
+
+/// Checks the options before anything is started or written.
+fn check_args(
+    concurrency: usize,
+    secs: f64,
+    backlog: u64,
+    audit_entries: u64,
+    dir: Option<&Path>,
+) -> Result<(), String> {
+    if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+        return Err(format!(
+            "--concurrency must be between 1 and {MAX_CONCURRENCY}"
+        ));
+    }
+    if !(0.1..=MAX_PHASE_SECONDS).contains(&secs) {
+        return Err(format!(
+            "--seconds must be between 0.1 and {MAX_PHASE_SECONDS}"
+        ));
+    }
+    if !(1..=MAX_BACKLOG).contains(&backlog) {
+        return Err(format!("--backlog must be between 1 and {MAX_BACKLOG}"));
+    }
+    if !(2..=MAX_AUDIT_ENTRIES).contains(&audit_entries) {
+        return Err(format!(
+            "--audit-entries must be between 2 and {MAX_AUDIT_ENTRIES}"
+        ));
+    }
+    if let Some(dir) = dir
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        return Err(format!(
+            "--dir {} is not empty: give a new or empty directory",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The run's directory when the bench chose it: removed however the run ends, so that
+/// the keys and databases it holds do not outlive it.
+struct RunDir(Option<PathBuf>);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let quick = args.quick;
     let secs = args.seconds.unwrap_or(if quick { 1.0 } else { 5.0 });
@@ -559,10 +631,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let audit_entries = args
         .audit_entries
         .unwrap_or(if quick { 20_000 } else { 1_000_000 });
-    let c = args.concurrency.max(1);
+    let c = args.concurrency;
+    check_args(c, secs, backlog, audit_entries, args.dir.as_deref())?;
     let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("corridor-bench-{}", std::process::id()))
     });
+    let _removed_after = RunDir(args.dir.is_none().then(|| dir.clone()));
     let orgs: Vec<OrgSpec> = [
         "bench-sender:MY:shelter:Bench sender",
         "bench-recipient:KH:shelter:Bench recipient",
@@ -586,11 +660,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             },
         ],
     )?;
-    let result = measure(&generated, &dir, secs, backlog, audit_entries, c).await;
-    if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    let (rows, figures) = result?;
+    // Interrupted, the measurement is dropped: every process it started is killed with
+    // its handle, and the run's directory goes with `_removed_after`.
+    let (rows, figures) = tokio::select! {
+        result = measure(&generated, &dir, secs, backlog, audit_entries, c) => result?,
+        _ = interrupted() => {
+            return Err("interrupted: the bench's processes were stopped".into());
+        }
+    };
     outln!(
         "\ncorridor bench — {} on this machine, {c} in flight, 1 KiB payloads{}",
         if quick { "quick run" } else { "full run" },

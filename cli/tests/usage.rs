@@ -270,3 +270,98 @@ fn a_node_address_that_is_not_a_url_is_explained() {
         );
     }
 }
+
+/// The bench refuses options it cannot measure with, before it starts or writes anything.
+#[test]
+fn bench_options_out_of_range_are_refused() {
+    for (args, words) in [
+        (
+            &["--concurrency", "0"][..],
+            "--concurrency must be between 1 and",
+        ),
+        (
+            &["--concurrency", "99999999999"][..],
+            "--concurrency must be between 1 and",
+        ),
+        (&["--seconds", "0"][..], "--seconds must be between 0.1 and"),
+        (
+            &["--seconds", "NaN"][..],
+            "--seconds must be between 0.1 and",
+        ),
+        (&["--backlog", "0"][..], "--backlog must be between 1 and"),
+        (
+            &["--audit-entries", "0"][..],
+            "--audit-entries must be between 2 and",
+        ),
+    ] {
+        let mut all = vec!["bench", "--quick"];
+        all.extend_from_slice(args);
+        let (ok, stderr) = corridor(&all);
+        assert!(!ok, "{args:?}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    let dir = std::env::temp_dir().join(format!("corridor-bench-busy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "mine").unwrap();
+    let (ok, stderr) = corridor(&["bench", "--quick", "--dir", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("is not empty: give a new or empty directory"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bench stopped with SIGTERM stops the processes it started and removes its files
+/// (keys among them).
+#[test]
+fn an_interrupted_bench_leaves_nothing_behind() {
+    use std::io::{BufRead as _, BufReader};
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_corridor"))
+        .args(["bench", "--quick", "--seconds", "30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run corridor bench");
+    let dir = std::env::temp_dir().join(format!("corridor-bench-{}", bench.id()));
+    let stderr = bench.stderr.take().expect("stderr");
+    // The echo phase runs a server process of its own: stop the bench in it.
+    for line in BufReader::new(stderr).lines() {
+        if line.expect("stderr line").starts_with("transport:") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(dir.exists(), "the run's directory");
+    let killed = Command::new("kill")
+        .args(["-TERM", &bench.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = bench.wait().expect("wait");
+    assert!(!status.success());
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+    // Killed processes may take a moment to go.
+    let mine = dir.to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ps = Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .expect("ps");
+        let running = String::from_utf8_lossy(&ps.stdout).into_owned();
+        if !running.lines().any(|l| l.contains(&mine)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a process of the bench survived it:\n{running}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
