@@ -270,10 +270,15 @@ async fn deliver_once(
     }
     let recipient = OrgId::new(&item.recipient)
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
-    let member = node
-        .directory
-        .get(&recipient)
-        .ok_or_else(|| AttemptError::Permanent(format!("{recipient} is no longer a member")))?;
+    let member = node.directory.get(&recipient).ok_or_else(|| {
+        let left = format!("{recipient} is no longer a member");
+        if is_withdrawal(item) {
+            // It still holds the data: ask again if it comes back (a newer directory).
+            AttemptError::Retry(format!("{left}; the withdrawal waits for it to return"))
+        } else {
+            AttemptError::Permanent(left)
+        }
+    })?;
     let digest: [u8; 32] = item
         .envelope_digest
         .as_slice()
@@ -414,12 +419,9 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                         tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "withdrawal expired before delivery; renewed");
                         Ok(())
                     }
-                    // The recipient left the federation: there is no one to ask any more.
-                    Err(failure) if failure.code == Code::FailedPrecondition => {
-                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery and cannot be renewed");
-                        node.store.mark_final(id, "expired", &expired).await
-                    }
-                    // Anything else may pass (a busy database, a full disk): try again.
+                    // Anything (a recipient that left the federation and may come back
+                    // with a newer directory, a busy database, a full disk) may pass:
+                    // try again. A withdrawal never gives up on data still held.
                     Err(failure) => {
                         tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery; renewing it failed, will retry");
                         retry_later(node, &item, &failure.message, now).await

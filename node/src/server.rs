@@ -63,6 +63,16 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         tracing::warn!("{warning}");
     }
     record_start(&node).await?;
+    match crate::workflows::ask_returned_members_to_purge(&node).await {
+        Ok(0) => {}
+        Ok(queued) => tracing::info!(
+            queued,
+            "asked returned members to purge under withdrawn consents"
+        ),
+        Err(failure) => {
+            tracing::error!(error = %failure.message, "could not ask returned members to purge; will try at the next start")
+        }
+    }
     match crate::workflows::seal_legacy_consent_details(&node).await {
         Ok(0) => {}
         Ok(sealed) => tracing::info!(

@@ -241,6 +241,8 @@ pub struct QueuedWithdrawal {
 /// A referral sent (or on its way) under a consent, as a withdrawal needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentReferral {
+    /// The user who sent it.
+    pub created_by: i64,
     pub recipient: String,
     /// The case's reference at the recipient.
     pub case_ref: String,
@@ -904,7 +906,7 @@ impl Store {
         E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
     {
         let rows = sqlx::query(
-            "SELECT recipient, case_ref, consent_ref, message_id FROM outbox
+            "SELECT recipient, case_ref, consent_ref, message_id, created_by FROM outbox
              WHERE consent_id = $1 AND kind = 1
                AND state != 'refused'
              ORDER BY recipient, created_at_ms",
@@ -915,6 +917,7 @@ impl Store {
         rows.into_iter()
             .map(|r| {
                 Ok(SentReferral {
+                    created_by: r.get(4),
                     recipient: r.get(0),
                     case_ref: r.get(1),
                     consent_ref: r.get(2),
@@ -984,6 +987,37 @@ impl Store {
                 },
                 Some(self.consents.clearer()),
             )
+            .await
+    }
+
+    /// (consent id, recipient) of each recipient that may hold data under a withdrawn
+    /// consent (as [`Store::referrals_under_consent`] counts) and has no withdrawal of it
+    /// queued or delivered.
+    pub async fn withdrawals_missing(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT o.consent_id, o.recipient FROM outbox o
+                JOIN consents c ON c.id = o.consent_id
+             WHERE c.withdrawn_at_ms IS NOT NULL AND o.kind = 1 AND o.state != 'refused'
+               AND NOT EXISTS (SELECT 1 FROM outbox w
+                   WHERE w.consent_id = o.consent_id AND w.recipient = o.recipient
+                     AND w.kind = 2 AND w.state IN ('queued', 'delivered'))",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Queues withdrawals in one transaction.
+    pub async fn queue_withdrawals(&self, withdrawals: Vec<NewOutboxItem>) -> Result<()> {
+        self.writer
+            .run(withdrawals, |withdrawals, tx, _log| {
+                Box::pin(async move {
+                    for item in withdrawals {
+                        Self::insert_outbox(tx, item, None).await?;
+                    }
+                    Ok(())
+                })
+            })
             .await
     }
 

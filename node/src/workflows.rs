@@ -1217,10 +1217,69 @@ pub async fn consent_status(
             _ => entry.state = format!("pending ({})", item.state),
         }
     }
+    if row.withdrawn_at_ms.is_some() {
+        // Recipients that hold data but could not be asked: not members when the consent
+        // was withdrawn. They are asked when a directory brings them back.
+        for entry in recipients.values_mut() {
+            if entry.state == "not-withdrawn" {
+                entry.state =
+                    "pending (not a member of the federation: asked if it returns)".into();
+            }
+        }
+    }
     Ok(pb::ConsentStatusResponse {
         consent: Some(consent_view(node, &row).await?),
         recipients: recipients.into_values().collect(),
     })
+}
+
+/// Asks to purge the recipients of withdrawn consents that hold data under them but
+/// have no withdrawal on its way or answered: they were not members when the consent
+/// was withdrawn, or their withdrawal was refused while they were away. Runs as the
+/// node starts, since only a newer directory brings a member back. Returns how many
+/// withdrawals it queued.
+pub async fn ask_returned_members_to_purge(node: &Node) -> Result<usize, Failure> {
+    let mut items = Vec::new();
+    for (consent_id, recipient) in node.store.withdrawals_missing().await? {
+        let org = OrgId::new(&recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+        let Some(member) = node.directory.get(&org) else {
+            continue;
+        };
+        let row = consent_row(node, &consent_id).await?;
+        let withdrawn_at_ms = row.withdrawn_at_ms.unwrap_or_else(now_ms);
+        let mut per_ref: BTreeMap<String, (String, i64, Vec<MessageId>)> = BTreeMap::new();
+        for sent in node.store.referrals_under_consent(&consent_id).await? {
+            if sent.recipient == recipient {
+                per_ref
+                    .entry(sent.consent_ref)
+                    .or_insert_with(|| (sent.case_ref, sent.created_by, Vec::new()))
+                    .2
+                    .push(sent.message_id);
+            }
+        }
+        for (consent_ref, (case_ref, by, ids)) in &per_ref {
+            items.push(withdrawal_item(
+                node,
+                member,
+                WithdrawalOf {
+                    case_id: &row.case_id,
+                    consent_id: &consent_id,
+                    consent_ref,
+                    case_ref,
+                    referrals: ids,
+                    withdrawn_at_ms,
+                    by: *by,
+                },
+                now_ms(),
+            )?);
+        }
+    }
+    let queued = items.len();
+    if queued > 0 {
+        node.store.queue_withdrawals(items).await?;
+        node.outbox_ready.notify_one();
+    }
+    Ok(queued)
 }
 
 /// Decrypts a received referral for a local user.

@@ -533,3 +533,31 @@ pub async fn scalar(node: &TestNode, query: &str) -> i64 {
         .expect("query")
         .get(0)
 }
+
+/// `directory` (the text of a `directory.toml`) with its serial set to `serial`.
+pub fn with_serial(directory: &str, serial: u64) -> String {
+    let start = directory.find("serial = ").expect("serial line");
+    let end = start + directory[start..].find('\n').expect("end of line");
+    format!(
+        "{}serial = {serial}{}",
+        &directory[..start],
+        &directory[end..]
+    )
+}
+
+/// Installs `directory` as the federation's directory, signed with two of the governance
+/// board's three keys. Nodes take it when they start.
+pub fn publish_directory(fed: &Federation, directory: &str) {
+    std::fs::write(fed.dir.join("directory.toml"), directory).expect("directory");
+    let signatures: String = [1, 2]
+        .iter()
+        .map(|i| {
+            let key = corridor_node::keys::load_signing_key(
+                &fed.dir.join("governance").join(format!("board-{i}.key")),
+            )
+            .expect("board key");
+            corridor::directory::signature_line(directory.as_bytes(), &key) + "\n"
+        })
+        .collect();
+    std::fs::write(fed.dir.join("directory.toml.sig"), signatures).expect("signatures");
+}

@@ -5,26 +5,10 @@ use std::process::Command;
 
 use corridor_tests::*;
 
-/// Rewrites the federation's directory with `serial` and signs it with two of the
-/// governance board's three keys.
+/// Rewrites the federation's directory with `serial` and signs it.
 fn publish(fed: &Federation, serial: u64) {
-    let path = fed.dir.join("directory.toml");
-    let text = std::fs::read_to_string(&path).expect("directory");
-    let start = text.find("serial = ").expect("serial line");
-    let end = start + text[start..].find('\n').expect("end of line");
-    let text = format!("{}serial = {serial}{}", &text[..start], &text[end..]);
-    std::fs::write(&path, &text).expect("directory");
-    let signatures: String = [1, 2]
-        .iter()
-        .map(|i| {
-            let key = corridor_node::keys::load_signing_key(
-                &fed.dir.join("governance").join(format!("board-{i}.key")),
-            )
-            .expect("board key");
-            corridor::directory::signature_line(text.as_bytes(), &key) + "\n"
-        })
-        .collect();
-    std::fs::write(fed.dir.join("directory.toml.sig"), signatures).expect("signatures");
+    let text = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    publish_directory(fed, &with_serial(&text, serial));
 }
 
 #[tokio::test]

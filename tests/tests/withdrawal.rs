@@ -273,3 +273,69 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
 }
+
+/// The directory's `[[member]]` block of `org` taken out of `directory`.
+fn without_member(directory: &str, org: &str) -> String {
+    directory
+        .split("[[member]]")
+        .enumerate()
+        .filter(|(i, block)| *i == 0 || !block.contains(&format!("id = \"{org}\"")))
+        .map(|(_, block)| block)
+        .collect::<Vec<_>>()
+        .join("[[member]]")
+}
+
+/// A recipient that left the federation still holds what it received. A withdrawal then
+/// cannot reach it: consent status says so, counted as outstanding, and the recipient is
+/// asked to purge once a directory brings it back.
+#[tokio::test]
+async fn a_withdrawal_reaches_a_recipient_that_left_and_came_back() {
+    let fed = Federation::four("withdraw-left");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut ngo = fed.start(NGO_TH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) = case_with_consent_to(&mut s, &[NGO_TH], &["reintegration"]).await;
+    let sent = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner();
+    let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    // The NGO leaves the federation; the sender runs on the directory without it.
+    ngo.stop();
+    sender.stop();
+    let original = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    publish_directory(&fed, &with_serial(&without_member(&original, NGO_TH), 2));
+    sender.start();
+    let mut s = sender.client().await;
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let st = consent_status(&mut s, &consent_id).await;
+    let state = |st: &pb::ConsentStatusResponse| {
+        st.recipients
+            .iter()
+            .find(|r| r.recipient == NGO_TH)
+            .map(|r| r.state.clone())
+            .unwrap_or_default()
+    };
+    assert!(state(&st).starts_with("pending (not a member"), "{st:?}");
+
+    // It comes back: asked at the sender's next start, it purges.
+    sender.stop();
+    publish_directory(&fed, &with_serial(&original, 3));
+    ngo.start();
+    sender.start();
+    let mut s = sender.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state(&consent_status(&mut s, &consent_id).await) != "purged" {
+        assert!(Instant::now() < deadline, "{NGO_TH} did not purge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = ngo.client().await;
+    assert!(inbox(&mut c).await.is_empty(), "{NGO_TH} still holds data");
+}
