@@ -170,7 +170,7 @@ pub struct SendReferral {
     /// An id you choose for this referral (up to 64 characters): running the command
     /// again with the same id, after a timeout say, answers with the referral already
     /// queued instead of sending it twice.
-    #[arg(long = "request-id")]
+    #[arg(long = "request-id", value_parser = non_empty_request_id)]
     pub request_id: Option<String>,
 }
 
@@ -639,6 +639,16 @@ pub fn receipt_json(r: &pb::Receipt) -> Value {
         "log_index": r.log_index,
         "signature": hex::encode(&r.signature),
     })
+}
+
+/// An empty `--request-id` (an unset shell variable, say) would quietly turn off the
+/// protection against sending twice that the caller asked for.
+fn non_empty_request_id(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        Err("a request id cannot be empty".into())
+    } else {
+        Ok(value.to_owned())
+    }
 }
 
 pub async fn referral(

@@ -365,3 +365,23 @@ fn an_interrupted_bench_leaves_nothing_behind() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_empty_request_id_is_refused() {
+    let (ok, stderr) = corridor(&[
+        "--token",
+        "x",
+        "referral",
+        "send",
+        "--case",
+        "case-1",
+        "--to",
+        "shelter-kh",
+        "--purpose",
+        "reintegration",
+        "--request-id",
+        "",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("a request id cannot be empty"), "{stderr}");
+}

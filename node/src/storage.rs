@@ -93,6 +93,9 @@ pub struct RequestedReferral {
     pub case_id: String,
     pub recipient: String,
     pub purpose: String,
+    /// What the request asked to send ([`corridor::PairwiseKey::request_digest`]);
+    /// `None` for a referral queued before requests had digests.
+    pub request_digest: Option<Vec<u8>>,
 }
 
 /// Users by token hash, each with when it was looked up.
@@ -193,6 +196,8 @@ pub struct NewOutboxItem {
     pub expires_at_ms: i64,
     /// The caller's user id and request id, if it gave one (`user:request`).
     pub request_key: Option<String>,
+    /// With a request key: what the request asked to send (see [`RequestedReferral`]).
+    pub request_digest: Option<Vec<u8>>,
 }
 
 impl NewOutboxItem {
@@ -1078,7 +1083,8 @@ impl Store {
         E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
     {
         let row = sqlx::query(
-            "SELECT message_id, case_id, recipient, purpose FROM outbox WHERE request_key = $1",
+            "SELECT message_id, case_id, recipient, purpose, request_digest FROM outbox
+             WHERE request_key = $1",
         )
         .bind(key)
         .fetch_optional(executor)
@@ -1089,6 +1095,7 @@ impl Store {
                 case_id: r.get(1),
                 recipient: r.get(2),
                 purpose: r.get(3),
+                request_digest: r.get(4),
             })
         })
         .transpose()
@@ -1844,10 +1851,11 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
 const QUEUE_SQL: &str =
     "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
         case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-        state, next_attempt_at_ms, request_key, consent_ref)
+        state, next_attempt_at_ms, request_key, consent_ref, request_digest)
      SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6,
         r ->> 7, substr($2, r ->> 8, r ->> 9), substr($2, r ->> 10, r ->> 11), r ->> 12,
-        r ->> 13, r ->> 14, 'queued', r ->> 13, r ->> 17, r ->> 18
+        r ->> 13, r ->> 14, 'queued', r ->> 13, r ->> 17, r ->> 18,
+        substr($2, r ->> 19, r ->> 20)
      FROM (SELECT value AS r FROM jsonb_each($1))
      WHERE NOT (r ->> 15)
         OR EXISTS (SELECT 1 FROM consents WHERE id = r ->> 4 AND withdrawn_at_ms IS NULL
@@ -1877,7 +1885,8 @@ fn outbox_row(
         .int(i64::from(consent_as_read.is_some()))
         .opt_int(consent_as_read.flatten())
         .opt_text(item.request_key.as_deref())?
-        .text(&item.consent_ref)?;
+        .text(&item.consent_ref)?
+        .opt_blob(item.request_digest.as_deref());
     Ok(())
 }
 
@@ -2190,6 +2199,7 @@ pub(crate) mod tests {
             created_at_ms: 1,
             expires_at_ms: i64::MAX,
             request_key: None,
+            request_digest: None,
         }
     }
 
@@ -2300,6 +2310,7 @@ pub(crate) mod tests {
         let keyed = |n| NewOutboxItem {
             created_by: alice,
             request_key: Some(format!("{alice}:retry-me")),
+            request_digest: None,
             ..outbox_item(n)
         };
         let first = store.enqueue(keyed(1), None, entry()).await;
@@ -2549,6 +2560,7 @@ pub(crate) mod tests {
         let item = |n: u8, request: Option<&str>| NewOutboxItem {
             created_by: alice,
             request_key: request.map(|r| format!("{alice}:{r}")),
+            request_digest: None,
             envelope: vec![n; 100 * usize::from(n)],
             ..outbox_item(n)
         };

@@ -650,10 +650,17 @@ pub async fn send_referral(
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
     let request_key = request_key(user, &req.request_id)?;
+    let request_digest = node.pairwise.request_digest(
+        &req.case_id,
+        &recipient_id,
+        &req.purpose,
+        &req.consent_id,
+        req.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     if let Some(key) = &request_key
         && let Some(first) = node.store.requested_referral(key).await?
     {
-        return already_queued(node, &req, first).await;
+        return already_queued(node, &req, &request_digest, first).await;
     }
     let mut fresh = false;
     loop {
@@ -672,6 +679,7 @@ pub async fn send_referral(
                 Err(failure) => return Err(failure),
             };
         sealed.item.request_key.clone_from(&request_key);
+        sealed.item.request_digest = request_key.as_ref().map(|_| request_digest.to_vec());
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
         let due = crate::delivery::Noted {
@@ -718,7 +726,9 @@ pub async fn send_referral(
                     "referral refused: consent {consent_id} was withdrawn"
                 )));
             }
-            Enqueued::AlreadyQueued(first) => return already_queued(node, &req, first).await,
+            Enqueued::AlreadyQueued(first) => {
+                return already_queued(node, &req, &request_digest, first).await;
+            }
             Enqueued::ConsentChanged => {
                 return Err(Failure::new(
                     Code::Aborted,
@@ -753,6 +763,7 @@ fn request_key(user: &User, request_id: &str) -> Result<Option<String>, Failure>
 async fn already_queued(
     node: &Node,
     req: &pb::SendReferralRequest,
+    request_digest: &[u8; 32],
     first: crate::storage::RequestedReferral,
 ) -> Result<Queued, Failure> {
     if (
@@ -767,6 +778,17 @@ async fn already_queued(
         return Err(Failure::new(
             Code::AlreadyExists,
             "request_id was used before for a referral of another case, recipient or purpose",
+        ));
+    }
+    // The fields the caseworker corrected must not be dropped in silence.
+    if first
+        .request_digest
+        .as_deref()
+        .is_some_and(|first| first != request_digest.as_slice())
+    {
+        return Err(Failure::new(
+            Code::AlreadyExists,
+            "request_id was used before for a referral with other fields or another consent; send the new one with a request_id of its own",
         ));
     }
     let status = node
@@ -899,6 +921,7 @@ async fn gate_and_seal(
         created_at_ms: now,
         expires_at_ms: envelope.header.expires_at_ms,
         request_key: None,
+        request_digest: None,
     };
     Ok(SealedReferral {
         item,
@@ -1122,6 +1145,7 @@ fn withdrawal_item(
         created_at_ms: now,
         expires_at_ms: e.header.expires_at_ms,
         request_key: None,
+        request_digest: None,
     })
 }
 

@@ -11,6 +11,7 @@ use crate::org::OrgId;
 
 const CASE_LABEL: &[u8] = b"corridor/v1/case-ref\0";
 const CONSENT_LABEL: &[u8] = b"corridor/v1/consent-ref\0";
+const REQUEST_LABEL: &[u8] = b"corridor/v1/request-digest\0";
 
 /// Whether `text` has the form of a case reference: `ref-` and 32 lowercase hex digits.
 ///
@@ -49,6 +50,34 @@ impl PairwiseKey {
     /// reference would.
     pub fn consent_ref(&self, consent_id: &str, recipient: &OrgId) -> String {
         format!("consent-{}", self.tag(CONSENT_LABEL, consent_id, recipient))
+    }
+
+    /// A keyed digest of what a caseworker asked to send (case, recipient, purpose,
+    /// consent chosen, fields and their values), kept with the request id so that a
+    /// retry asking for something else is recognised. Keyed, so that the digest of a few
+    /// guessable values cannot be matched against guesses by whoever reads it.
+    pub fn request_digest<'a>(
+        &self,
+        case_id: &str,
+        recipient: &OrgId,
+        purpose: &str,
+        consent_id: &str,
+        fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> [u8; 32] {
+        let mut fields: Vec<_> = fields.into_iter().collect();
+        fields.sort_unstable();
+        let mut input = Canonical::new(REQUEST_LABEL)
+            .str(case_id)
+            .str(recipient.as_str())
+            .str(purpose)
+            .str(consent_id)
+            .u64(fields.len() as u64);
+        for (name, value) in fields {
+            input = input.str(name).str(value);
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::hmac::sign(&self.0, &input.finish()).as_ref());
+        digest
     }
 
     fn tag(&self, label: &[u8], id: &str, recipient: &OrgId) -> String {
@@ -102,5 +131,55 @@ mod tests {
         // The two kinds are separate: the same id gives unrelated digits.
         let (case, consent) = (key.case_ref("id-1", &a), key.consent_ref("id-1", &a));
         assert_ne!(case.strip_prefix("ref-"), consent.strip_prefix("consent-"));
+    }
+
+    #[test]
+    fn a_request_digest_covers_every_part_of_the_request_and_not_field_order() {
+        let key = PairwiseKey::derive(&[1; 32]);
+        let a = OrgId::new("a").unwrap();
+        let fields = [("age_band", "25-29"), ("preferred_name", "Srey")];
+        let digest = |case, to: &OrgId, purpose, consent, fields: &[(&str, &str)]| {
+            key.request_digest(case, to, purpose, consent, fields.iter().copied())
+        };
+        let base = digest("case-1", &a, "reintegration", "", &fields);
+        let reversed = [fields[1], fields[0]];
+        assert_eq!(base, digest("case-1", &a, "reintegration", "", &reversed));
+        for other in [
+            digest("case-2", &a, "reintegration", "", &fields),
+            digest(
+                "case-1",
+                &OrgId::new("b").unwrap(),
+                "reintegration",
+                "",
+                &fields,
+            ),
+            digest("case-1", &a, "legal-aid", "", &fields),
+            digest("case-1", &a, "reintegration", "consent-1", &fields),
+            digest("case-1", &a, "reintegration", "", &fields[..1]),
+            digest(
+                "case-1",
+                &a,
+                "reintegration",
+                "",
+                &[fields[0], ("preferred_name", "Sre")],
+            ),
+            // Length prefixes: moving a byte from a name to its value changes the digest.
+            digest(
+                "case-1",
+                &a,
+                "reintegration",
+                "",
+                &[fields[0], ("preferred_nam", "eSrey")],
+            ),
+            PairwiseKey::derive(&[2; 32]).request_digest(
+                "case-1",
+                &a,
+                "reintegration",
+                "",
+                fields.iter().copied(),
+            ),
+        ] {
+            assert_ne!(base, other);
+        }
     }
 }

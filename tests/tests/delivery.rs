@@ -145,6 +145,23 @@ async fn a_retried_send_with_its_request_id_sends_nothing_twice() {
     };
     let refused = s.send_referral(other).await.expect_err("another referral");
     assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    // So is the same id with a field corrected: the correction must not be dropped.
+    let mut corrected = request.clone();
+    corrected
+        .fields
+        .insert("preferred_name".into(), "corrected name".into());
+    let refused = s
+        .send_referral(corrected)
+        .await
+        .expect_err("a corrected referral");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("other fields or another consent"),
+        "{refused:?}"
+    );
+    assert!(!refused.message().contains("corrected"), "{refused:?}");
     let bad = pb::SendReferralRequest {
         request_id: "has spaces".into(),
         ..request
