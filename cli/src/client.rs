@@ -82,8 +82,19 @@ async fn check_local_api(url: &str, channel: Channel) -> Result<(), String> {
         Ok(Ok(_)) => Ok(()),
         // A server without health checking could still be a local API: let calls tell.
         Ok(Err(status)) if status.code() == Code::Unimplemented => Ok(()),
+        // A TLS listener answers plain HTTP/2 with garbage, which h2 reports as a
+        // protocol error; anything else is a node that went away.
+        Ok(Err(status))
+            if status.message().contains("protocol error")
+                || status.message().contains("http2 error") =>
+        {
+            Err(format!(
+                "{url} does not answer as a Corridor node's local API ({}): give the [local] listen address of the node's configuration, not its federation one",
+                status.message()
+            ))
+        }
         Ok(Err(status)) => Err(format!(
-            "{url} does not answer as a Corridor node's local API ({}): give the [local] listen address of the node's configuration, not its federation one",
+            "the node at {url} stopped answering: {}",
             status.message()
         )),
         Err(_) => Err(format!("the node at {url} did not answer within 5 s")),

@@ -196,17 +196,31 @@ fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<
     let parsed = corridor::Directory::from_toml(&text)
         .map_err(|e| format!("the directory {} is invalid: {e}", directory.display()))?;
     let path = corridor::directory::signatures_path(directory);
+    // Ed25519 signatures are deterministic: the same key over the same bytes gives the
+    // same line, which a second copy would only repeat.
+    let line = corridor::directory::signature_line(text.as_bytes(), &key);
+    if path.exists() {
+        let existing = files::read_file(&path, MAX_FILE_BYTES)?;
+        if String::from_utf8_lossy(&existing)
+            .lines()
+            .any(|l| l.trim() == line.trim())
+        {
+            outln!(
+                "serial {} of {} is already signed with key {}; {} is unchanged",
+                parsed.serial,
+                parsed.federation,
+                key.verifying_key().to_base64(),
+                path.display()
+            );
+            return Ok(());
+        }
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    writeln!(
-        file,
-        "{}",
-        corridor::directory::signature_line(text.as_bytes(), &key)
-    )
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    writeln!(file, "{line}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     outln!(
         "signed serial {} of {} with key {}; signatures in {}",
         parsed.serial,

@@ -144,8 +144,11 @@ fn a_directory_takes_effect_once_enough_governance_keys_signed_it() {
         !ok && stderr.contains("signed by 1 governance key(s) of the 2"),
         "{stderr}"
     );
-    // The same key again still counts once.
+    // The same key again still counts once, and adds no second line.
+    let sigs = dir.join("directory.toml.sig");
+    let before = std::fs::read_to_string(&sigs).unwrap();
     assert!(sign("board-1.key").0);
+    assert_eq!(std::fs::read_to_string(&sigs).unwrap(), before);
     assert!(!check().0);
     assert!(sign("board-3.key").0);
     let (ok, stderr) = check();

@@ -951,7 +951,14 @@ pub async fn withdraw_consent(
         // queued before consent ids became pairwise holds the consent's own id too.
         let mut per_recipient: BTreeMap<(String, String), (String, Vec<MessageId>)> =
             BTreeMap::new();
-        for sent in node.store.referrals_under_consent(consent_id).await? {
+        let sent = node.store.referrals_under_consent(consent_id).await?;
+        let expected = sent.iter().map(|s| s.message_id).collect();
+        // A recipient a narrowing took out of the consent was asked already.
+        let asked_before = recipients_asked_to_purge(node, consent_id).await?;
+        for sent in sent {
+            if asked_before.contains(&sent.recipient) {
+                continue;
+            }
             per_recipient
                 .entry((sent.recipient, sent.consent_ref))
                 .or_insert_with(|| (sent.case_ref, Vec::new()))
@@ -991,10 +998,6 @@ pub async fn withdraw_consent(
             },
             now,
         );
-        let expected = per_recipient
-            .values()
-            .flat_map(|(_, ids)| ids.iter().copied())
-            .collect();
         match node
             .store
             .withdraw_consent(consent_id, now, expected, items, entry)
@@ -1046,14 +1049,7 @@ async fn withdrawals_for_narrowing(
     now: i64,
 ) -> Result<(Vec<MessageId>, Vec<NewOutboxItem>), Failure> {
     let sent = node.store.referrals_under_consent(&row.id).await?;
-    let asked_before: BTreeSet<String> = node
-        .store
-        .outbox_for_consent(&row.id)
-        .await?
-        .into_iter()
-        .filter(|item| item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32()))
-        .map(|item| item.recipient)
-        .collect();
+    let asked_before = recipients_asked_to_purge(node, &row.id).await?;
     let mut per_recipient: BTreeMap<(&str, &str), (&str, Vec<MessageId>)> = BTreeMap::new();
     for s in &sent {
         per_recipient
@@ -1090,6 +1086,24 @@ async fn withdrawals_for_narrowing(
         )?);
     }
     Ok((sent.iter().map(|s| s.message_id).collect(), withdrawals))
+}
+
+/// Recipients with a withdrawal of `consent_id` on its way or answered.
+async fn recipients_asked_to_purge(
+    node: &Node,
+    consent_id: &str,
+) -> Result<BTreeSet<String>, Failure> {
+    Ok(node
+        .store
+        .outbox_for_consent(consent_id)
+        .await?
+        .into_iter()
+        .filter(|item| {
+            item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32())
+                && matches!(item.state.as_str(), "queued" | "delivered")
+        })
+        .map(|item| item.recipient)
+        .collect())
 }
 
 /// What one withdrawal envelope says, and for whom it is queued.

@@ -272,6 +272,28 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
         .into_inner();
     let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    // Withdrawn later, it asks the recipient that is left; the one that purged already
+    // keeps the receipt of what it purged.
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = consent_status(&mut s, &consent_id).await;
+        if st.recipients.iter().all(|r| r.state == "purged") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "not all purged: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for r in &st.recipients {
+        let receipt = r.purge_receipt.as_ref().expect("purge receipt");
+        let expected = if r.recipient == NGO_TH { 2 } else { 1 };
+        assert_eq!(receipt.purged_referrals.len(), expected, "{}", r.recipient);
+    }
 }
 
 /// The directory's `[[member]]` block of `org` taken out of `directory`.
