@@ -56,12 +56,46 @@ async fn termination_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Takes the data directory for this process alone, for as long as the returned file
+/// stays open: two nodes on one database would each take the other's writes for a
+/// stranger's, and serve the same audit log twice. Offline commands (tokens) need no
+/// lock: their writes are meant to reach a running node.
+fn lock_data_dir(config: &Config) -> Result<std::fs::File, StartError> {
+    let dir = &config.data_dir;
+    let failed = |reason: String| StartError::DataDir {
+        path: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+    let path = dir.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| failed(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(failed(
+            "another corridor-node is running on it (it holds node.lock)".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(failed(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
+}
+
 /// Runs a node until it is told to stop.
 pub async fn serve(config: Config) -> Result<(), StartError> {
+    let _data_dir_lock = lock_data_dir(&config)?;
     let node = Node::load(config).await?;
     for warning in node.config_warnings() {
         tracing::warn!("{warning}");
     }
+    // Listening first: a node that cannot take its addresses has not started, and its
+    // log must not say it did.
+    let fed_listener = bind(node.config.federation.listen).await?;
+    let local_listener = bind(node.config.local.listen).await?;
     record_start(&node).await?;
     match crate::workflows::ask_returned_members_to_purge(&node).await {
         Ok(0) => {}
@@ -86,8 +120,6 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             )));
         }
     }
-    let fed_listener = bind(node.config.federation.listen).await?;
-    let local_listener = bind(node.config.local.listen).await?;
     let fed_addr = fed_listener.local_addr().ok();
     let local_addr = local_listener.local_addr().ok();
 

@@ -667,3 +667,31 @@ async fn tokens_revoked_while_the_node_runs_stop_working() {
     some_events(&my, 1).await;
     wait_checkpointed(&my).await;
 }
+
+/// A second node started on the data directory of a running one refuses to start, and
+/// leaves no trace in its log: two nodes on one database would each serve a log the
+/// other writes to.
+#[tokio::test]
+async fn a_second_node_on_the_same_data_directory_refuses_to_start() {
+    let fed = Federation::demo("audit-second-node");
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 1).await;
+    let entries = scalar(&my, "SELECT COUNT(*) FROM audit_entries").await;
+    let out = Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(&my.org.config)
+        .output()
+        .expect("run corridor-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another corridor-node is running on it"),
+        "{stderr}"
+    );
+    assert_eq!(
+        scalar(&my, "SELECT COUNT(*) FROM audit_entries").await,
+        entries,
+        "the refused start was logged"
+    );
+    some_events(&my, 1).await;
+}
