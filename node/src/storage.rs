@@ -63,14 +63,12 @@ pub struct Store {
 }
 
 /// What became of a consent handed to [`Store::withdraw_consent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Withdrawal {
-    Withdrawn,
+    /// Withdrawn now; the referrals it cancelled.
+    Withdrawn(Vec<MessageId>),
     /// It was withdrawn already; nothing changed.
     AlreadyWithdrawn,
-    /// Nothing changed: the referrals that may have reached a recipient are no longer the
-    /// ones read (one was queued meanwhile, say). Read them again.
-    ReferralsChanged,
 }
 
 /// What became of a referral handed to [`Store::enqueue`].
@@ -808,46 +806,24 @@ impl Store {
     ///
     /// In the same transaction, referrals still queued under the consent are cancelled
     /// (state `cancelled`, envelope dropped): they were sealed under the wider scope, and
-    /// the sender cannot open them to gate them again; and the `withdrawals` are queued
-    /// for recipients the narrowed consent no longer admits, which were made for the
-    /// referrals `expected` ([`Store::referrals_under_consent`]). Returns the cancelled
-    /// ids, or `None` if the consent was not narrowed because it, or the referrals under
-    /// it, changed since they were read.
+    /// the sender cannot open them to gate them again. The recipients the narrowed
+    /// consent no longer admits are asked to purge after it. Returns the cancelled ids,
+    /// or `None` if the consent was not narrowed.
     pub async fn narrow_consent(
         &self,
         id: &str,
         scope: ScopeColumns,
         as_read: Option<i64>,
         now_ms: i64,
-        (mut expected, withdrawals): (Vec<MessageId>, Vec<NewOutboxItem>),
         audit: Vec<u8>,
     ) -> Result<Option<Vec<MessageId>>> {
-        expected.sort();
-        let data = (
-            id.to_owned(),
-            scope,
-            as_read,
-            now_ms,
-            expected,
-            withdrawals,
-            audit,
-        );
+        let data = (id.to_owned(), scope, as_read, now_ms, audit);
         self.writer
             .run_then(
                 data,
-                |(id, s, as_read, now_ms, expected, withdrawals, audit), tx, log| {
+                |(id, s, as_read, now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let mut current: Vec<MessageId> =
-                            Self::select_referrals_under_consent(&mut *conn, id)
-                                .await?
-                                .into_iter()
-                                .map(|r| r.message_id)
-                                .collect();
-                        current.sort();
-                        if &current != expected {
-                            return Ok(None);
-                        }
                         let updated = sqlx::query(
                             "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
@@ -883,9 +859,6 @@ impl Store {
                         .into_iter()
                         .map(|r| message_id(r.get(0)))
                         .collect::<Result<Vec<_>>>()?;
-                        for item in withdrawals {
-                            Self::insert_outbox(tx, item, None).await?;
-                        }
                         log.append(audit.clone())?;
                         Ok(Some(cancelled))
                     })
@@ -932,42 +905,31 @@ impl Store {
             .collect()
     }
 
-    /// Withdraws a consent in one transaction: marks it withdrawn, cancels referrals
-    /// under it that are still queued, and queues the withdrawal envelopes, which were
-    /// made for the recipients of `expected` (what [`Store::referrals_under_consent`]
-    /// gave). Nothing changes unless those are still all the referrals under it: one
-    /// queued meanwhile may be on its way to a recipient no withdrawal would reach.
+    /// Withdraws a consent in one transaction: marks it withdrawn, which keeps any more
+    /// referrals from being queued under it, and cancels those still queued. `audit`
+    /// makes the log entry from the number of recipients that may hold data under it
+    /// (fixed from now on). The withdrawals those recipients are sent are queued after
+    /// ([`Store::queue_withdrawals`]); one that a crash in between lost is queued when
+    /// the node starts again ([`Store::withdrawals_missing`]). Returns the cancelled
+    /// referrals.
     pub async fn withdraw_consent(
         &self,
         consent_id: &str,
         now_ms: i64,
-        mut expected: Vec<MessageId>,
-        withdrawals: Vec<NewOutboxItem>,
-        audit: Vec<u8>,
+        audit: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
     ) -> Result<Withdrawal> {
-        expected.sort();
-        let data = (consent_id.to_owned(), now_ms, expected, withdrawals, audit);
+        let data = (consent_id.to_owned(), now_ms, audit);
         self.writer
             .run_then(
                 data,
-                |(consent_id, now_ms, expected, withdrawals, audit), tx, log| {
+                |(consent_id, now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let mut current: Vec<MessageId> =
-                            Self::select_referrals_under_consent(&mut *conn, consent_id)
-                                .await?
-                                .into_iter()
-                                .map(|r| r.message_id)
-                                .collect();
-                        current.sort();
-                        if &current != expected {
-                            return Ok(Withdrawal::ReferralsChanged);
-                        }
                         let changed = sqlx::query(
                             "UPDATE consents SET withdrawn_at_ms = $2
                          WHERE id = $1 AND withdrawn_at_ms IS NULL",
                         )
-                        .bind(consent_id)
+                        .bind(&*consent_id)
                         .bind(*now_ms)
                         .execute(&mut *conn)
                         .await?
@@ -975,19 +937,27 @@ impl Store {
                         if changed == 0 {
                             return Ok(Withdrawal::AlreadyWithdrawn);
                         }
-                        sqlx::query(
+                        let cancelled = sqlx::query(
                             "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
                             last_error = 'consent withdrawn before delivery'
-                         WHERE consent_id = $1 AND kind = 1 AND state = 'queued'",
+                         WHERE consent_id = $1 AND kind = 1 AND state = 'queued'
+                         RETURNING message_id",
                         )
-                        .bind(consent_id)
-                        .execute(&mut *conn)
+                        .bind(&*consent_id)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .into_iter()
+                        .map(|r| message_id(r.get(0)))
+                        .collect::<Result<Vec<_>>>()?;
+                        let recipients: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(DISTINCT recipient) FROM outbox
+                             WHERE consent_id = $1 AND kind = 1 AND state != 'refused'",
+                        )
+                        .bind(&*consent_id)
+                        .fetch_one(&mut *conn)
                         .await?;
-                        for item in withdrawals {
-                            Self::insert_outbox(tx, item, None).await?;
-                        }
-                        log.append(audit.clone())?;
-                        Ok(Withdrawal::Withdrawn)
+                        log.append(audit(u64::try_from(recipients).unwrap_or(0)))?;
+                        Ok(Withdrawal::Withdrawn(cancelled))
                     })
                 },
                 Some(self.consents.clearer()),
@@ -995,14 +965,15 @@ impl Store {
             .await
     }
 
-    /// (consent id, recipient) of each recipient that may hold data under a withdrawn
-    /// consent (as [`Store::referrals_under_consent`] counts) and has no withdrawal of it
-    /// queued or delivered.
+    /// (consent id, recipient) of each recipient that may hold data under a withdrawn or
+    /// narrowed consent (as [`Store::referrals_under_consent`] counts) and has no
+    /// withdrawal of it queued or delivered.
     pub async fn withdrawals_missing(&self) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query(
             "SELECT DISTINCT o.consent_id, o.recipient FROM outbox o
                 JOIN consents c ON c.id = o.consent_id
-             WHERE c.withdrawn_at_ms IS NOT NULL AND o.kind = 1 AND o.state != 'refused'
+             WHERE (c.withdrawn_at_ms IS NOT NULL OR c.narrowed_at_ms IS NOT NULL)
+               AND o.kind = 1 AND o.state != 'refused'
                AND NOT EXISTS (SELECT 1 FROM outbox w
                    WHERE w.consent_id = o.consent_id AND w.recipient = o.recipient
                      AND w.kind = 2 AND w.state IN ('queued', 'delivered'))",
@@ -2381,34 +2352,10 @@ pub(crate) mod tests {
         let queued = store.enqueue(outbox_item(2), Some(5), entry()).await;
         assert!(matches!(queued, Ok(Enqueued::Queued)), "{queued:?}");
 
-        // A narrowing made while a referral it did not know of was queued is not stored:
-        // that referral's recipient may need a withdrawal it did not make.
-        let unaware = store
-            .narrow_consent(
-                "consent-1",
-                scope("age_band"),
-                Some(5),
-                5,
-                (Vec::new(), Vec::new()),
-                entry(),
-            )
-            .await
-            .expect("narrow");
-        assert!(
-            unaware.is_none(),
-            "a narrowing unaware of a referral was stored"
-        );
         // A narrowing through the store clears the cache and always moves the mark on,
         // even within the same millisecond.
         let narrowed = store
-            .narrow_consent(
-                "consent-1",
-                scope("age_band"),
-                Some(5),
-                5,
-                (vec![MessageId([2; 16])], Vec::new()),
-                entry(),
-            )
+            .narrow_consent("consent-1", scope("age_band"), Some(5), 5, entry())
             .await
             .expect("narrow");
         // The referral queued under the wider scope is cancelled with it, its sealed
@@ -2435,7 +2382,6 @@ pub(crate) mod tests {
                 scope("age_band,languages"),
                 Some(5),
                 5,
-                (vec![MessageId([2; 16])], Vec::new()),
                 entry(),
             )
             .await
@@ -2451,28 +2397,32 @@ pub(crate) mod tests {
         );
         let queued = store.enqueue(outbox_item(4), Some(6), entry()).await;
         assert!(matches!(queued, Ok(Enqueued::Queued)), "{queued:?}");
-        // A withdrawal made for the referrals read before one was queued changes
-        // nothing: that referral's recipient would get no withdrawal.
-        let missed = store
-            .withdraw_consent("consent-1", 7, Vec::new(), Vec::new(), entry())
-            .await;
-        assert!(
-            matches!(missed, Ok(Withdrawal::ReferralsChanged)),
-            "{missed:?}"
-        );
-        // The cancelled referral counts too: an attempt may have been on its way.
+        // A withdrawal cancels what is still queued, and counts every recipient that
+        // may hold data: the cancelled referral's too (an attempt may have been on its
+        // way).
+        let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let seen = counted.clone();
         let withdrawn = store
             .withdraw_consent(
                 "consent-1",
                 7,
-                vec![MessageId([2; 16]), MessageId([4; 16])],
-                Vec::new(),
-                entry(),
+                Box::new(move |recipients| {
+                    seen.store(recipients, std::sync::atomic::Ordering::SeqCst);
+                    entry()
+                }),
             )
             .await;
         assert!(
-            matches!(withdrawn, Ok(Withdrawal::Withdrawn)),
+            matches!(&withdrawn, Ok(Withdrawal::Withdrawn(ids)) if ids == &[MessageId([4; 16])]),
             "{withdrawn:?}"
+        );
+        assert_eq!(counted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let again = store
+            .withdraw_consent("consent-1", 8, Box::new(|_| entry()))
+            .await;
+        assert!(
+            matches!(again, Ok(Withdrawal::AlreadyWithdrawn)),
+            "{again:?}"
         );
         let refused = store.enqueue(outbox_item(3), Some(6), entry()).await;
         assert!(

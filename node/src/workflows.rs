@@ -516,8 +516,6 @@ pub async fn narrow_consent(
             .check_narrowing(&narrower)
             .map_err(|e| Failure::invalid(e.to_string()))?;
         let now = now_ms();
-        let (expected, withdrawals) =
-            withdrawals_for_narrowing(node, user, &row, &narrower, now).await?;
         let entry = audit::encode(
             &Event::ConsentNarrowed {
                 consent_id: row.id.clone(),
@@ -533,7 +531,6 @@ pub async fn narrow_consent(
                 scope_columns(&narrower),
                 row.narrowed_at_ms,
                 now,
-                (expected, withdrawals),
                 entry,
             )
             .await?
@@ -544,8 +541,10 @@ pub async fn narrow_consent(
             for id in &cancelled {
                 node.waiters.attempt_ended(*id, None);
             }
-            node.outbox_ready.notify_one();
-            tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), "consent narrowed");
+            // The narrowed scope now keeps referrals from recipients it no longer admits,
+            // so who of them may hold data is fixed: ask them to purge.
+            let asked = ask_to_purge(node, &row.id, Some(user.id)).await?;
+            tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), asked, "consent narrowed");
             return get_consent(node, &row.id).await;
         }
     }
@@ -932,6 +931,11 @@ async fn gate_and_seal(
 
 /// Withdraws a consent: nothing more leaves under it, queued referrals are cancelled,
 /// and every org that may hold data under it gets a withdrawal to purge it.
+///
+/// Two steps, so that no stream of sends can hold a withdrawal up: the consent is marked
+/// withdrawn first, which fixes who may hold data under it (no referral can be queued
+/// under it any more); then each of those recipients is sent a withdrawal. Should the
+/// node stop in between, it sends them when it starts again.
 pub async fn withdraw_consent(
     node: &Node,
     user: &User,
@@ -941,151 +945,39 @@ pub async fn withdraw_consent(
     if row.withdrawn_at_ms.is_some() {
         return consent_status(node, consent_id).await;
     }
-    // The recipients to ask for a purge are read before the withdrawal is written; the
-    // transaction that writes it checks they are still all there is.
-    let mut attempt = 0;
-    let recipients = loop {
-        attempt += 1;
-        let now = now_ms();
-        // One withdrawal per recipient and consent id it holds: a recipient of referrals
-        // queued before consent ids became pairwise holds the consent's own id too.
-        let mut per_recipient: BTreeMap<(String, String), (String, Vec<MessageId>)> =
-            BTreeMap::new();
-        let sent = node.store.referrals_under_consent(consent_id).await?;
-        let expected = sent.iter().map(|s| s.message_id).collect();
-        // A recipient a narrowing took out of the consent was asked already.
-        let asked_before = recipients_asked_to_purge(node, consent_id).await?;
-        for sent in sent {
-            if asked_before.contains(&sent.recipient) {
-                continue;
-            }
-            per_recipient
-                .entry((sent.recipient, sent.consent_ref))
-                .or_insert_with(|| (sent.case_ref, Vec::new()))
-                .1
-                .push(sent.message_id);
-        }
-        let mut items = Vec::new();
-        for ((recipient, consent_ref), (case_ref, ids)) in &per_recipient {
-            let org =
-                OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
-            let Some(m) = node.directory.get(&org) else {
-                tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge");
-                continue;
-            };
-            items.push(withdrawal_item(
-                node,
-                m,
-                WithdrawalOf {
-                    case_id: &row.case_id,
-                    consent_id,
-                    consent_ref,
-                    case_ref,
-                    referrals: ids,
-                    withdrawn_at_ms: now,
-                    by: user.id,
+    let now = now_ms();
+    let entry = {
+        let (consent_id, case, user) = (
+            consent_id.to_owned(),
+            local_pseudonym(node, &row.case_id),
+            user.id,
+        );
+        Box::new(move |recipients| {
+            audit::encode(
+                &Event::ConsentWithdrawn {
+                    consent_id: consent_id.clone(),
+                    case: case.clone(),
+                    user,
+                    recipients,
                 },
                 now,
-            )?);
-        }
-        let recipients = items.len();
-        let entry = audit::encode(
-            &Event::ConsentWithdrawn {
-                consent_id: consent_id.to_owned(),
-                case: local_pseudonym(node, &row.case_id),
-                user: user.id,
-                recipients: recipients as u64,
-            },
-            now,
-        );
-        match node
-            .store
-            .withdraw_consent(consent_id, now, expected, items, entry)
-            .await?
-        {
-            Withdrawal::Withdrawn => {
-                // An attempt about to send a referral it ended notices, and does not.
-                node.revocations.revoked();
-                // Whoever waits for one of them learns now that it ended.
-                for id in per_recipient.values().flat_map(|(_, ids)| ids) {
-                    node.waiters.attempt_ended(*id, None);
-                }
-                break recipients;
-            }
-            Withdrawal::AlreadyWithdrawn => break recipients,
-            // A referral was queued (or ended) meanwhile: its recipient may need a
-            // withdrawal too, so look again.
-            Withdrawal::ReferralsChanged if attempt < 5 => continue,
-            Withdrawal::ReferralsChanged => {
-                return Err(Failure::new(
-                    Code::Aborted,
-                    format!(
-                        "referrals kept changing under consent {consent_id} while it was withdrawn; withdraw it again"
-                    ),
-                ));
-            }
-        }
+            )
+        })
     };
-    node.outbox_ready.notify_one();
-    tracing::info!(consent = %consent_id, user = user.id, recipients, "consent withdrawn");
+    // A call that finds it withdrawn already leaves the asking to the one that did.
+    if let Withdrawal::Withdrawn(cancelled) =
+        node.store.withdraw_consent(consent_id, now, entry).await?
+    {
+        // An attempt about to send a referral it ended notices, and does not.
+        node.revocations.revoked();
+        // Whoever waits for one of them learns now that it ended.
+        for id in &cancelled {
+            node.waiters.attempt_ended(*id, None);
+        }
+        let asked = ask_to_purge(node, consent_id, Some(user.id)).await?;
+        tracing::info!(consent = %consent_id, user = user.id, recipients = asked, "consent withdrawn");
+    }
     consent_status(node, consent_id).await
-}
-
-/// The withdrawals a narrowing sends: one to each recipient that may hold data under
-/// the consent and that the narrowed consent no longer admits at all (it removes the
-/// org, its role or country, excludes a country it is in or acts for, or leaves no
-/// purpose its role may receive), unless one was queued for it before. Such a recipient purges what it holds and refuses more
-/// under the consent, as after a withdrawal. Returns them with the referrals they were
-/// made for: the narrowing is stored only if those are still all there are.
-///
-/// A narrowing that leaves a recipient admitted, but for fewer purposes or fields, asks
-/// it for nothing: a withdrawal would end the consent there for good, also for what the
-/// person still agrees to. Withdrawing the consent asks every recipient to purge.
-async fn withdrawals_for_narrowing(
-    node: &Node,
-    user: &User,
-    row: &ConsentRow,
-    narrower: &ConsentScope,
-    now: i64,
-) -> Result<(Vec<MessageId>, Vec<NewOutboxItem>), Failure> {
-    let sent = node.store.referrals_under_consent(&row.id).await?;
-    let asked_before = recipients_asked_to_purge(node, &row.id).await?;
-    let mut per_recipient: BTreeMap<(&str, &str), (&str, Vec<MessageId>)> = BTreeMap::new();
-    for s in &sent {
-        per_recipient
-            .entry((&s.recipient, &s.consent_ref))
-            .or_insert_with(|| (&s.case_ref, Vec::new()))
-            .1
-            .push(s.message_id);
-    }
-    let mut withdrawals = Vec::new();
-    for ((recipient, consent_ref), (case_ref, ids)) in &per_recipient {
-        if asked_before.contains(*recipient) {
-            continue;
-        }
-        let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
-        let Some(member) = node.directory.get(&org) else {
-            continue;
-        };
-        if narrower.admits_recipient(member) {
-            continue;
-        }
-        withdrawals.push(withdrawal_item(
-            node,
-            member,
-            WithdrawalOf {
-                case_id: &row.case_id,
-                consent_id: &row.id,
-                consent_ref,
-                case_ref,
-                referrals: ids,
-                withdrawn_at_ms: now,
-                by: user.id,
-            },
-            now,
-        )?);
-    }
-    Ok((sent.iter().map(|s| s.message_id).collect(), withdrawals))
 }
 
 /// Recipients with a withdrawal of `consent_id` on its way or answered.
@@ -1271,46 +1163,84 @@ pub async fn consent_status(
     })
 }
 
-/// Asks to purge the recipients of withdrawn consents that hold data under them but
-/// have no withdrawal on its way or answered: they were not members when the consent
-/// was withdrawn, or their withdrawal was refused while they were away. Runs as the
-/// node starts, since only a newer directory brings a member back. Returns how many
-/// withdrawals it queued.
+/// Asks to purge the recipients of withdrawn or narrowed consents that may hold data
+/// under them, that the consent no longer admits, and that have no withdrawal on its
+/// way or answered: the node stopped before it sent them, they were not members then,
+/// or their withdrawal was refused while they were away. Runs as the node starts, which
+/// is also when a newer directory may bring members back. Returns how many withdrawals
+/// it queued.
 pub async fn ask_returned_members_to_purge(node: &Node) -> Result<usize, Failure> {
+    let consents: BTreeSet<String> = node
+        .store
+        .withdrawals_missing()
+        .await?
+        .into_iter()
+        .map(|(consent_id, _)| consent_id)
+        .collect();
+    let mut queued = 0;
+    for consent_id in consents {
+        queued += ask_to_purge(node, &consent_id, None).await?;
+    }
+    Ok(queued)
+}
+
+/// Queues a withdrawal of `consent_id` for each recipient that may hold data under it,
+/// is a member, has none on its way or answered, and that the consent no longer admits:
+/// every recipient of a withdrawn consent; of a narrowed one, those it no longer admits
+/// at all (the org, its role or country removed, a country it is in or acts for
+/// excluded, or no purpose left its role may receive). Such a recipient purges what it
+/// holds and refuses more under the consent. A narrowing that leaves a recipient
+/// admitted, for fewer purposes or fields, asks it for nothing: a withdrawal would end
+/// the consent there for good, also for what the person still agrees to.
+///
+/// `by` is the user who withdrew or narrowed it (or, when the node catches up at start,
+/// each referral's sender). Returns how many it queued.
+async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<usize, Failure> {
+    let row = consent_row(node, consent_id).await?;
+    let (withdrawn_at_ms, scope) = match (row.withdrawn_at_ms, row.narrowed_at_ms) {
+        (Some(at), _) => (at, None),
+        (None, Some(at)) => (at, Some(scope_of(&row)?)),
+        (None, None) => return Ok(0),
+    };
+    let asked_before = recipients_asked_to_purge(node, consent_id).await?;
+    // One withdrawal per recipient and consent id it holds: a recipient of referrals
+    // queued before consent ids became pairwise holds the consent's own id too.
+    let mut per_recipient: BTreeMap<(String, String), (String, i64, Vec<MessageId>)> =
+        BTreeMap::new();
+    for sent in node.store.referrals_under_consent(consent_id).await? {
+        if asked_before.contains(&sent.recipient) {
+            continue;
+        }
+        per_recipient
+            .entry((sent.recipient, sent.consent_ref))
+            .or_insert_with(|| (sent.case_ref, sent.created_by, Vec::new()))
+            .2
+            .push(sent.message_id);
+    }
     let mut items = Vec::new();
-    for (consent_id, recipient) in node.store.withdrawals_missing().await? {
-        let org = OrgId::new(&recipient).map_err(|e| Failure::internal("stored recipient", e))?;
+    for ((recipient, consent_ref), (case_ref, sender, ids)) in &per_recipient {
+        let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
         let Some(member) = node.directory.get(&org) else {
+            tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge; will ask if it returns");
             continue;
         };
-        let row = consent_row(node, &consent_id).await?;
-        let withdrawn_at_ms = row.withdrawn_at_ms.unwrap_or_else(now_ms);
-        let mut per_ref: BTreeMap<String, (String, i64, Vec<MessageId>)> = BTreeMap::new();
-        for sent in node.store.referrals_under_consent(&consent_id).await? {
-            if sent.recipient == recipient {
-                per_ref
-                    .entry(sent.consent_ref)
-                    .or_insert_with(|| (sent.case_ref, sent.created_by, Vec::new()))
-                    .2
-                    .push(sent.message_id);
-            }
+        if scope.as_ref().is_some_and(|s| s.admits_recipient(member)) {
+            continue;
         }
-        for (consent_ref, (case_ref, by, ids)) in &per_ref {
-            items.push(withdrawal_item(
-                node,
-                member,
-                WithdrawalOf {
-                    case_id: &row.case_id,
-                    consent_id: &consent_id,
-                    consent_ref,
-                    case_ref,
-                    referrals: ids,
-                    withdrawn_at_ms,
-                    by: *by,
-                },
-                now_ms(),
-            )?);
-        }
+        items.push(withdrawal_item(
+            node,
+            member,
+            WithdrawalOf {
+                case_id: &row.case_id,
+                consent_id,
+                consent_ref,
+                case_ref,
+                referrals: ids,
+                withdrawn_at_ms,
+                by: by.unwrap_or(*sender),
+            },
+            now_ms(),
+        )?);
     }
     let queued = items.len();
     if queued > 0 {

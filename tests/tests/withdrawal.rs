@@ -361,3 +361,62 @@ async fn a_withdrawal_reaches_a_recipient_that_left_and_came_back() {
     let mut c = ngo.client().await;
     assert!(inbox(&mut c).await.is_empty(), "{NGO_TH} still holds data");
 }
+
+/// Sends that keep coming do not hold a withdrawal up: it goes through at once, the
+/// sends after it are refused, and the recipient purges everything it got.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_withdrawal_goes_through_while_referrals_keep_being_sent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fed = Federation::demo("withdraw-under-load");
+    let kh = fed.start(SHELTER_KH);
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let withdrawn = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let mut c = sender.client().await;
+        let (case_id, withdrawn) = (case_id.clone(), withdrawn.clone());
+        senders.push(tokio::spawn(async move {
+            loop {
+                let after = withdrawn.load(Ordering::SeqCst);
+                match c
+                    .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+                    .await
+                {
+                    Ok(_) => assert!(!after, "a referral was queued after the withdrawal"),
+                    Err(status) => {
+                        assert!(status.message().contains("withdrawn"), "{status:?}");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("a withdrawal goes through while sends keep coming");
+    withdrawn.store(true, Ordering::SeqCst);
+    for task in senders {
+        task.await.expect("sender task");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = consent_status(&mut s, &consent_id).await;
+        if st.recipients.iter().all(|r| r.state == "purged") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not purged: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = kh.client().await;
+    assert!(
+        inbox(&mut c).await.is_empty(),
+        "{SHELTER_KH} still holds data"
+    );
+}
