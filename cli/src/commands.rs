@@ -479,63 +479,33 @@ pub async fn consent(
             print(output, &consent_json(&c), || consent_text(&c));
         }
         ConsentCommand::Narrow(n) => {
-            let current = client
-                .get_consent(pb::ConsentRequest {
-                    consent_id: n.id.clone(),
-                })
-                .await
-                .map_err(|s| explain(&s))?
-                .into_inner();
-            let mut scope = current.scope.unwrap_or_default();
-            // A removal of something the consent does not have (a misspelt field, say)
-            // would be taken for done: refuse the whole narrowing instead.
-            let absent: Vec<String> = [
-                ("purpose", &scope.purposes, &n.remove_purposes),
-                ("recipient", &scope.recipient_orgs, &n.remove_recipients),
-                (
-                    "recipient role",
-                    &scope.recipient_roles,
-                    &n.remove_recipient_roles,
-                ),
-                ("field", &scope.fields, &n.remove_fields),
-            ]
-            .into_iter()
-            .flat_map(|(what, present, gone)| {
-                gone.iter()
-                    .filter(|x| !present.contains(x))
-                    .map(move |x| format!("{what} {x}"))
-            })
-            .collect();
-            if !absent.is_empty() {
-                return Err(format!(
-                    "consent {} has no {}: nothing was narrowed",
-                    n.id,
-                    absent.join(", ")
-                ));
-            }
-            let remove =
-                |list: &mut Vec<String>, gone: &[String]| list.retain(|x| !gone.contains(x));
-            remove(&mut scope.purposes, &n.remove_purposes);
-            remove(&mut scope.recipient_orgs, &n.remove_recipients);
-            remove(&mut scope.recipient_roles, &n.remove_recipient_roles);
-            remove(&mut scope.fields, &n.remove_fields);
-            for c in n.excluded_countries {
-                if !scope.excluded_countries.contains(&c) {
-                    scope.excluded_countries.push(c);
+            // Each attempt narrows the consent as it read it; another narrowing landing
+            // in between makes the node refuse it (ABORTED), and the next attempt reads
+            // the consent again.
+            let mut attempts = 0;
+            let c = loop {
+                attempts += 1;
+                let current = client
+                    .get_consent(pb::ConsentRequest {
+                        consent_id: n.id.clone(),
+                    })
+                    .await
+                    .map_err(|s| explain(&s))?
+                    .into_inner();
+                let scope = narrowed_scope(current.scope.unwrap_or_default(), &n)?;
+                let narrowed = client
+                    .narrow_consent(pb::NarrowConsentRequest {
+                        consent_id: n.id.clone(),
+                        scope: Some(scope),
+                        if_narrowed_at_ms: Some(current.narrowed_at_ms),
+                    })
+                    .await;
+                match narrowed {
+                    Ok(c) => break c.into_inner(),
+                    Err(s) if s.code() == tonic::Code::Aborted && attempts < 5 => continue,
+                    Err(s) => return Err(explain(&s)),
                 }
-            }
-            scope.no_family_contact |= n.no_family_contact;
-            if let Some(days) = n.expires_in_days {
-                scope.expires_at_ms = now_ms() + i64::from(days) * 86_400_000;
-            }
-            let c = client
-                .narrow_consent(pb::NarrowConsentRequest {
-                    consent_id: n.id,
-                    scope: Some(scope),
-                })
-                .await
-                .map_err(|s| explain(&s))?
-                .into_inner();
+            };
             print(output, &consent_json(&c), || {
                 format!("narrowed.\n{}", consent_text(&c))
             });
@@ -639,6 +609,54 @@ pub fn receipt_json(r: &pb::Receipt) -> Value {
         "log_index": r.log_index,
         "signature": hex::encode(&r.signature),
     })
+}
+
+/// The scope `n` asks for: `current` with its removals and additions. A removal of
+/// something the consent does not have (a misspelt field, say) would be taken for done:
+/// the whole narrowing is refused instead.
+fn narrowed_scope(
+    mut scope: pb::ConsentScope,
+    n: &NarrowConsent,
+) -> Result<pb::ConsentScope, String> {
+    let absent: Vec<String> = [
+        ("purpose", &scope.purposes, &n.remove_purposes),
+        ("recipient", &scope.recipient_orgs, &n.remove_recipients),
+        (
+            "recipient role",
+            &scope.recipient_roles,
+            &n.remove_recipient_roles,
+        ),
+        ("field", &scope.fields, &n.remove_fields),
+    ]
+    .into_iter()
+    .flat_map(|(what, present, gone)| {
+        gone.iter()
+            .filter(|x| !present.contains(x))
+            .map(move |x| format!("{what} {x}"))
+    })
+    .collect();
+    if !absent.is_empty() {
+        return Err(format!(
+            "consent {} has no {}: nothing was narrowed",
+            n.id,
+            absent.join(", ")
+        ));
+    }
+    let remove = |list: &mut Vec<String>, gone: &[String]| list.retain(|x| !gone.contains(x));
+    remove(&mut scope.purposes, &n.remove_purposes);
+    remove(&mut scope.recipient_orgs, &n.remove_recipients);
+    remove(&mut scope.recipient_roles, &n.remove_recipient_roles);
+    remove(&mut scope.fields, &n.remove_fields);
+    for c in &n.excluded_countries {
+        if !scope.excluded_countries.contains(c) {
+            scope.excluded_countries.push(c.clone());
+        }
+    }
+    scope.no_family_contact |= n.no_family_contact;
+    if let Some(days) = n.expires_in_days {
+        scope.expires_at_ms = now_ms() + i64::from(days) * 86_400_000;
+    }
+    Ok(scope)
 }
 
 /// An empty `--request-id` (an unset shell variable, say) would quietly turn off the

@@ -510,6 +510,17 @@ pub async fn narrow_consent(
                 "a withdrawn consent cannot be narrowed",
             ));
         }
+        if let Some(read) = req.if_narrowed_at_ms
+            && read != row.narrowed_at_ms.unwrap_or(0)
+        {
+            return Err(Failure::new(
+                Code::Aborted,
+                format!(
+                    "consent {} was narrowed since it was read; read it and narrow it again",
+                    row.id
+                ),
+            ));
+        }
         let current = scope_of(&row)?;
         let narrower = parse_scope(node, &row.id, wire)?;
         current

@@ -224,6 +224,7 @@ async fn narrowing_is_allowed_widening_is_refused() {
         .narrow_consent(pb::NarrowConsentRequest {
             consent_id: consent_id.clone(),
             scope: Some(scope.clone()),
+            if_narrowed_at_ms: None,
         })
         .await
         .expect("narrowing")
@@ -247,6 +248,7 @@ async fn narrowing_is_allowed_widening_is_refused() {
         .narrow_consent(pb::NarrowConsentRequest {
             consent_id,
             scope: Some(scope),
+            if_narrowed_at_ms: None,
         })
         .await
         .expect_err("widening");
@@ -290,6 +292,7 @@ async fn a_narrowing_that_changes_nothing_is_refused_and_ends_nothing() {
         .narrow_consent(pb::NarrowConsentRequest {
             consent_id: consent_id.clone(),
             scope,
+            if_narrowed_at_ms: None,
         })
         .await
         .expect_err("a narrowing that changes nothing");
@@ -374,4 +377,106 @@ async fn consent_records_are_bounded() {
     s.record_consent(consent(now + 9 * 365 * 86_400_000, "km"))
         .await
         .expect("nine years");
+}
+
+/// Narrowings of one consent at the same time each take effect: the node refuses one
+/// made against a consent narrowed since it was read (ABORTED, not "widens"), and the
+/// CLI reads the consent again and retries.
+#[tokio::test]
+async fn concurrent_narrowings_all_take_effect() {
+    let fed = Federation::demo("narrow-concurrent");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = s
+        .create_case(pb::CreateCaseRequest {
+            label: String::new(),
+        })
+        .await
+        .expect("case")
+        .into_inner()
+        .case_id;
+    let mut fields: Vec<String> = required_fields("reintegration").into_keys().collect();
+    fields.extend(["sex".to_string(), "arrival_window".to_string()]);
+    let consent_id = s
+        .record_consent(pb::RecordConsentRequest {
+            case_id,
+            scope: Some(pb::ConsentScope {
+                purposes: vec!["reintegration".into(), "shelter-placement".into()],
+                recipient_orgs: vec![SHELTER_KH.into()],
+                fields,
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            }),
+            given_by: "person".into(),
+            method: "written".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .consent_id;
+    let read = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner();
+
+    let narrowings: Vec<_> = [
+        ["--remove-field", "sex"],
+        ["--remove-field", "arrival_window"],
+        ["--remove-purpose", "shelter-placement"],
+    ]
+    .into_iter()
+    .map(|removal| {
+        std::process::Command::new(binary("corridor"))
+            .args(["--node", &sender.local_url(), "--token", &sender.token])
+            .args(["consent", "narrow", &consent_id])
+            .args(removal)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run corridor")
+    })
+    .collect();
+    for child in narrowings {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let view = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner();
+    let scope = view.scope.expect("scope");
+    assert_eq!(scope.purposes, vec!["reintegration".to_string()]);
+    assert!(
+        !scope
+            .fields
+            .iter()
+            .any(|f| f == "sex" || f == "arrival_window"),
+        "{scope:?}"
+    );
+
+    // Against what it read before those, a narrowing is refused for what it is.
+    let status = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id,
+            scope: read.scope,
+            if_narrowed_at_ms: Some(read.narrowed_at_ms),
+        })
+        .await
+        .expect_err("a narrowing of a stale read");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("was narrowed since it was read"),
+        "{status:?}"
+    );
 }

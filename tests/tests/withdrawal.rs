@@ -230,6 +230,7 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
         scope: Some(scope),
+        if_narrowed_at_ms: None,
     })
     .await
     .expect("narrowing");
