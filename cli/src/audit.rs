@@ -718,6 +718,11 @@ fn verify_export(auditor: &Auditor, file: &Path, policy: &Policy) -> Result<(), 
 }
 
 async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> {
+    if a == b {
+        return Err(format!(
+            "cross-check compares two orgs' logs: {a} was named twice"
+        ));
+    }
     let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
     // Entries count only if they are the ones each log signed.
     for (org, log) in &logs {

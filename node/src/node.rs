@@ -56,6 +56,8 @@ pub enum StartError {
     Mismatch(String),
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
+    #[error("another corridor-node is running on data directory {0} (it holds node.lock)")]
+    DataDirInUse(String),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
 }

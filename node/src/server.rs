@@ -76,9 +76,9 @@ fn lock_data_dir(config: &Config) -> Result<std::fs::File, StartError> {
         .map_err(|e| failed(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(failed(
-            "another corridor-node is running on it (it holds node.lock)".into(),
-        )),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StartError::DataDirInUse(dir.display().to_string()))
+        }
         Err(std::fs::TryLockError::Error(e)) => {
             Err(failed(format!("cannot lock {}: {e}", path.display())))
         }

@@ -395,12 +395,23 @@ pub async fn record_consent(
     user: &User,
     req: pb::RecordConsentRequest,
 ) -> Result<String, Failure> {
+    check_case_id(&req.case_id)?;
     let id = random_id("consent")?;
     let wire = req
         .scope
         .as_ref()
         .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
     let scope = parse_scope(node, &id, wire)?;
+    // A recipient named but never admitted is a mistake in the record, not a consent.
+    for org in &scope.recipient_orgs {
+        if let Some(m) = node.directory.get(org)
+            && !scope.admits_recipient(m)
+        {
+            return Err(Failure::invalid(format!(
+                "recipient {org} could receive nothing under this consent: it is in or acts for an excluded country, or its roles may receive none of its purposes"
+            )));
+        }
+    }
     let given_by = match req.given_by.as_str() {
         "" | "person" => "person",
         "guardian" => "guardian",
@@ -410,6 +421,11 @@ pub async fn record_consent(
             ));
         }
     };
+    if given_by == "person" && !req.guardian_basis.trim().is_empty() {
+        return Err(Failure::invalid(
+            "a guardian basis is recorded only for consent given by a guardian",
+        ));
+    }
     if given_by == "guardian" && req.guardian_basis.trim().is_empty() {
         return Err(Failure::invalid(
             "consent given by a guardian must record the basis (e.g. parent of a minor)",
@@ -476,7 +492,31 @@ pub async fn record_consent(
     Ok(id)
 }
 
+/// Refuses a case id of another form than the node gives out, without repeating it: it
+/// may be anything, of any length.
+fn check_case_id(id: &str) -> Result<(), Failure> {
+    if corridor::caseref::is_case_id(id) {
+        Ok(())
+    } else {
+        Err(Failure::invalid(
+            "a case id is case- and 32 lowercase hex digits",
+        ))
+    }
+}
+
+/// As [`check_case_id`], for consent ids.
+fn check_consent_id(id: &str) -> Result<(), Failure> {
+    if consent::is_consent_id(id) {
+        Ok(())
+    } else {
+        Err(Failure::invalid(
+            "a consent id is consent- and 32 lowercase hex digits",
+        ))
+    }
+}
+
 async fn consent_row(node: &Node, id: &str) -> Result<ConsentRow, Failure> {
+    check_consent_id(id)?;
     node.store
         .consent(id)
         .await?
@@ -652,6 +692,10 @@ pub async fn send_referral(
     user: &User,
     req: pb::SendReferralRequest,
 ) -> Result<Queued, Failure> {
+    check_case_id(&req.case_id)?;
+    if !req.consent_id.is_empty() {
+        check_consent_id(&req.consent_id)?;
+    }
     let recipient_id = parse_org("recipient", &req.recipient)?;
     let recipient = member(node, &recipient_id)?;
     if recipient_id == node.org {

@@ -22,6 +22,13 @@ pub fn is_case_ref(text: &str) -> bool {
         .is_some_and(|hex| crate::is_lower_hex(hex, 32))
 }
 
+/// Whether `text` has the form of a case id as a node gives them out: `case-` and 32
+/// lowercase hex digits.
+pub fn is_case_id(text: &str) -> bool {
+    text.strip_prefix("case-")
+        .is_some_and(|hex| crate::is_lower_hex(hex, 32))
+}
+
 /// Secret key for deriving pairwise references; derive it once per node from key
 /// material that never leaves the node.
 pub struct PairwiseKey(ring::hmac::Key);
@@ -113,6 +120,15 @@ mod tests {
             "Maria Santos",
         ] {
             assert!(!is_case_ref(bad), "{bad:?}");
+        }
+        assert!(is_case_id("case-0123456789abcdef0123456789abcdef"));
+        for bad in [
+            "case-",
+            "ref-0123456789abcdef0123456789abcdef",
+            "../case-1",
+            "case-1",
+        ] {
+            assert!(!is_case_id(bad), "{bad:?}");
         }
     }
 

@@ -482,6 +482,12 @@ async fn export_verify_and_prove_offline() {
     ));
     assert!(out.contains("verified offline"), "{out}");
     assert!(out.contains("quorum 2: MET"), "{out}");
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["cross-check", SHELTER_MY, SHELTER_MY],
+    ));
+    assert!(err.contains("named twice"), "{err}");
     // Without its cosignatures the export is the log's word alone: refused, unless the
     // auditor asks for the entries alone.
     let text = std::fs::read_to_string(&export).unwrap();
@@ -685,7 +691,7 @@ async fn a_second_node_on_the_same_data_directory_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("another corridor-node is running on it"),
+        stderr.contains("another corridor-node is running on data directory"),
         "{stderr}"
     );
     assert_eq!(
