@@ -26,6 +26,8 @@
 //! [keys]
 //! signing_key = "signing.key"           # Ed25519 seed, base64 (mode 0600)
 //! sealing_key = "sealing.key"           # X25519 private key, base64 (mode 0600)
+//! previous_sealing_keys = []            # keys rotated out, kept to open what was sealed
+//!                                       # to them before the directory changed
 //! data_key = "data.key"                 # key-encryption key for data at rest, 32 bytes
 //!                                       # base64 (mode 0600); losing it loses the data
 //!
@@ -188,6 +190,9 @@ pub struct LocalConfig {
 pub struct KeysConfig {
     pub signing_key: PathBuf,
     pub sealing_key: PathBuf,
+    /// Sealing keys rotated out: envelopes sealed to them before the directory listed
+    /// the new one (queued at their senders, say) still open.
+    pub previous_sealing_keys: Vec<PathBuf>,
     pub data_key: PathBuf,
 }
 
@@ -255,6 +260,7 @@ impl Default for KeysConfig {
         Self {
             signing_key: "signing.key".into(),
             sealing_key: "sealing.key".into(),
+            previous_sealing_keys: Vec::new(),
             data_key: "data.key".into(),
         }
     }
@@ -327,7 +333,10 @@ impl Config {
             &mut self.keys.signing_key,
             &mut self.keys.sealing_key,
             &mut self.keys.data_key,
-        ] {
+        ]
+        .into_iter()
+        .chain(&mut self.keys.previous_sealing_keys)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -18,6 +18,8 @@ pub struct Node {
     /// Shared with the writer task, which signs receipts once an entry's place is known.
     pub signing_key: Arc<SigningKey>,
     pub sealing_key: SealingKey,
+    /// Sealing keys rotated out, tried after the current one.
+    pub previous_sealing_keys: Vec<SealingKey>,
     /// Derives the case and consent references each recipient knows.
     pub pairwise: PairwiseKey,
     /// Key-encryption key for personal data at rest.
@@ -123,6 +125,12 @@ impl Node {
             .ok_or_else(|| StartError::NotInDirectory(org.clone()))?;
         let signing_key = keys::load_signing_key(&config.keys.signing_key)?;
         let sealing_key = keys::load_sealing_key(&config.keys.sealing_key)?;
+        let previous_sealing_keys = config
+            .keys
+            .previous_sealing_keys
+            .iter()
+            .map(|path| keys::load_sealing_key(path))
+            .collect::<Result<Vec<_>, _>>()?;
         let data_key = keys::load_data_key(&config.keys.data_key)?;
         if signing_key.verifying_key() != member.signing_key {
             return Err(StartError::Mismatch(format!(
@@ -181,6 +189,7 @@ impl Node {
             directory,
             signing_key: Arc::new(signing_key),
             sealing_key,
+            previous_sealing_keys,
             pairwise,
             data_key,
             store,

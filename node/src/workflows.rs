@@ -1433,7 +1433,8 @@ async fn receive(
         return replay_answer(seen, &peer.org, &digest);
     }
     let result = async {
-        let opened = verified.open(&node.sealing_key).map_err(|e| {
+        let keys = std::iter::once(&node.sealing_key).chain(&node.previous_sealing_keys);
+        let opened = verified.open_with_any(keys).map_err(|e| {
             tracing::warn!(peer = %peer.org, envelope = %message_id, error = %e, "envelope does not open");
             envelope_failure(e)
         })?;

@@ -379,13 +379,34 @@ impl VerifiedEnvelope {
 
     /// Opens the sealed payload with the recipient's key.
     pub fn open(self, key: &SealingKey) -> Result<OpenedEnvelope, EnvelopeError> {
+        self.open_with_any([key])
+    }
+
+    /// Opens the payload with the first of `keys` it was sealed to: the current sealing
+    /// key, then keys a recipient rotated out, for what was sealed before the rotation.
+    /// If none opens it, the error is the first key's.
+    pub fn open_with_any<'k>(
+        self,
+        keys: impl IntoIterator<Item = &'k SealingKey>,
+    ) -> Result<OpenedEnvelope, EnvelopeError> {
         let e = self.envelope;
-        let payload = key.open(&e.encapsulated_key, &e.ciphertext, &e.header.aad())?;
-        Ok(OpenedEnvelope {
-            header: e.header,
-            digest: self.digest,
-            payload,
-        })
+        let aad = e.header.aad();
+        let mut first_error = None;
+        for key in keys {
+            match key.open(&e.encapsulated_key, &e.ciphertext, &aad) {
+                Ok(payload) => {
+                    return Ok(OpenedEnvelope {
+                        header: e.header,
+                        digest: self.digest,
+                        payload,
+                    });
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(SealError::OpenFailed).into())
     }
 }
 
@@ -434,6 +455,22 @@ mod tests {
             &f.sender_key.verifying_key(),
             1_500_000,
         )
+    }
+
+    #[test]
+    fn an_envelope_opens_with_a_key_rotated_out_and_with_no_other() {
+        let f = fixture();
+        let rotated_in = SealingKey::derive(&[9u8; 32]);
+        let opened = check(&f, sealed(&f))
+            .unwrap()
+            .open_with_any([&rotated_in, &f.recipient_seal])
+            .expect("opens with the previous key");
+        assert_eq!(opened.payload, b"referral payload");
+        let refused = check(&f, sealed(&f)).unwrap().open_with_any([&rotated_in]);
+        assert_eq!(
+            refused.err(),
+            Some(EnvelopeError::Seal(SealError::OpenFailed))
+        );
     }
 
     #[test]

@@ -329,3 +329,47 @@ async fn crashes_lose_nothing_and_process_nothing_twice() {
     }
     assert_eq!(needs.len(), 30);
 }
+
+/// A recipient that rotates its sealing key, keeping the old one in
+/// `previous_sealing_keys`, still opens what was queued for it before the directory
+/// listed the new key.
+#[tokio::test]
+async fn a_referral_sealed_before_a_key_rotation_is_delivered() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fed = Federation::demo("key-rotation");
+    // The recipient is away: the referral waits, sealed to its current key.
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let queued = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner();
+    sender.stop();
+
+    // It rotates: a new key file, the old one kept, a directory listing the new key.
+    let kh = fed.org(SHELTER_KH);
+    let new_key = corridor::SealingKey::derive(b"a rotated sealing key for this test");
+    let new_file = kh.dir.join("sealing-2.key");
+    std::fs::write(&new_file, new_key.to_base64()).expect("key file");
+    std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let config = std::fs::read_to_string(&kh.config).expect("config");
+    let config = config.replacen(
+        "sealing_key = \"sealing.key\"",
+        "sealing_key = \"sealing-2.key\"\nprevious_sealing_keys = [\"sealing.key\"]",
+        1,
+    );
+    std::fs::write(&kh.config, config).expect("config");
+    let old_public = fed.sealing_public_key(SHELTER_KH).to_base64();
+    let directory = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    assert!(directory.contains(&old_public));
+    let directory = directory.replace(&old_public, &new_key.public_key().to_base64());
+    publish_directory(&fed, &with_serial(&directory, 2));
+
+    let _kh = fed.start(SHELTER_KH);
+    sender.start();
+    let mut s = sender.client().await;
+    let status = wait_final(&mut s, &queued.referral_id, Duration::from_secs(20)).await;
+    assert_eq!(status.state, "delivered", "{}", status.last_error);
+}
