@@ -97,14 +97,14 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
     record_start(&node).await?;
-    match crate::workflows::ask_returned_members_to_purge(&node).await {
+    match crate::workflows::ask_outstanding_recipients_to_purge(&node).await {
         Ok(0) => {}
         Ok(queued) => tracing::info!(
             queued,
-            "asked returned members to purge under withdrawn consents"
+            "asked recipients that consents no longer admit to purge"
         ),
         Err(failure) => {
-            tracing::error!(error = %failure.message, "could not ask returned members to purge; will try at the next start")
+            tracing::error!(error = %failure.message, "could not ask recipients that consents no longer admit to purge; will try at the next start")
         }
     }
     match crate::workflows::seal_legacy_consent_details(&node).await {

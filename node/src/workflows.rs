@@ -1224,7 +1224,7 @@ pub async fn consent_status(
 /// or their withdrawal was refused while they were away. Runs as the node starts, which
 /// is also when a newer directory may bring members back. Returns how many withdrawals
 /// it queued.
-pub async fn ask_returned_members_to_purge(node: &Node) -> Result<usize, Failure> {
+pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, Failure> {
     let consents: BTreeSet<String> = node
         .store
         .withdrawals_missing()
