@@ -608,22 +608,6 @@ impl Drop for RunDir {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn interrupted() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let quick = args.quick;
     let secs = args.seconds.unwrap_or(if quick { 1.0 } else { 5.0 });
@@ -664,7 +648,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     // its handle, and the run's directory goes with `_removed_after`.
     let (rows, figures) = tokio::select! {
         result = measure(&generated, &dir, secs, backlog, audit_entries, c) => result?,
-        _ = interrupted() => {
+        _ = corridor_node::server::termination_signal() => {
             return Err("interrupted: the bench's processes were stopped".into());
         }
     };

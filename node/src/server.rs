@@ -41,7 +41,8 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
-async fn termination_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -704,17 +704,20 @@ pub async fn send_referral(
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
     let request_key = request_key(user, &req.request_id)?;
-    let request_digest = node.pairwise.request_digest(
-        &req.case_id,
-        &recipient_id,
-        &req.purpose,
-        &req.consent_id,
-        req.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    );
+    // Only a request with a key is ever compared with a retry.
+    let request_digest = request_key.as_ref().map(|_| {
+        node.pairwise.request_digest(
+            &req.case_id,
+            &recipient_id,
+            &req.purpose,
+            &req.consent_id,
+            req.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    });
     if let Some(key) = &request_key
         && let Some(first) = node.store.requested_referral(key).await?
     {
-        return already_queued(node, &req, &request_digest, first).await;
+        return already_queued(node, &req, request_digest.as_ref(), first).await;
     }
     let mut fresh = false;
     loop {
@@ -733,7 +736,7 @@ pub async fn send_referral(
                 Err(failure) => return Err(failure),
             };
         sealed.item.request_key.clone_from(&request_key);
-        sealed.item.request_digest = request_key.as_ref().map(|_| request_digest.to_vec());
+        sealed.item.request_digest = request_digest.map(|d| d.to_vec());
         let (message_id, consent_id) = (sealed.item.message_id, sealed.item.consent_id.clone());
         let created_at_ms = sealed.item.created_at_ms;
         let due = crate::delivery::Noted {
@@ -781,7 +784,7 @@ pub async fn send_referral(
                 )));
             }
             Enqueued::AlreadyQueued(first) => {
-                return already_queued(node, &req, &request_digest, first).await;
+                return already_queued(node, &req, request_digest.as_ref(), first).await;
             }
             Enqueued::ConsentChanged => {
                 return Err(Failure::new(
@@ -817,7 +820,7 @@ fn request_key(user: &User, request_id: &str) -> Result<Option<String>, Failure>
 async fn already_queued(
     node: &Node,
     req: &pb::SendReferralRequest,
-    request_digest: &[u8; 32],
+    request_digest: Option<&[u8; 32]>,
     first: crate::storage::RequestedReferral,
 ) -> Result<Queued, Failure> {
     if (
@@ -838,7 +841,8 @@ async fn already_queued(
     if first
         .request_digest
         .as_deref()
-        .is_some_and(|first| first != request_digest.as_slice())
+        .zip(request_digest)
+        .is_some_and(|(first, now)| first != now.as_slice())
     {
         return Err(Failure::new(
             Code::AlreadyExists,

@@ -16,6 +16,37 @@ async fn consent_status(s: &mut Caseworker, consent_id: &str) -> pb::ConsentStat
     .into_inner()
 }
 
+/// The state of `org` in a consent status ("" if it has none).
+fn state_of(st: &pb::ConsentStatusResponse, org: &str) -> String {
+    st.recipients
+        .iter()
+        .find(|r| r.recipient == org)
+        .map(|r| r.state.clone())
+        .unwrap_or_default()
+}
+
+/// Waits (up to 30 s) until the consent's status meets `done`, and returns it.
+async fn wait_status(
+    s: &mut Caseworker,
+    consent_id: &str,
+    done: impl Fn(&pb::ConsentStatusResponse) -> bool,
+) -> pb::ConsentStatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = consent_status(s, consent_id).await;
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "still outstanding: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether every recipient in a consent status has purged.
+fn all_purged(st: &pb::ConsentStatusResponse) -> bool {
+    st.recipients.iter().all(|r| r.state == "purged")
+}
+
 #[tokio::test]
 async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
     let fed = Federation::four("withdraw");
@@ -157,18 +188,7 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
 
     // Back online, the NGO gets the withdrawal, purges and answers.
     ngo.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        let st = consent_status(&mut s, &consent_id).await;
-        if st.recipients.iter().all(|r| r.state == "purged") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "purge receipts outstanding: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let st = wait_status(&mut s, &consent_id, all_purged).await;
     let mut c = ngo.client().await;
     assert!(inbox(&mut c).await.is_empty(), "the NGO still holds data");
 
@@ -235,23 +255,10 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     .await
     .expect("narrowing");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let st = loop {
-        let st = consent_status(&mut s, &consent_id).await;
-        let kh_state = st
-            .recipients
-            .iter()
-            .find(|r| r.recipient == SHELTER_KH)
-            .map(|r| r.state.clone());
-        if kh_state.as_deref() == Some("purged") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{SHELTER_KH} did not purge: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let st = wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "purged"
+    })
+    .await;
     let ngo_state = st.recipients.iter().find(|r| r.recipient == NGO_TH);
     assert_eq!(
         ngo_state.map(|r| r.state.as_str()),
@@ -281,15 +288,7 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     })
     .await
     .expect("withdraw");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let st = loop {
-        let st = consent_status(&mut s, &consent_id).await;
-        if st.recipients.iter().all(|r| r.state == "purged") {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "not all purged: {st:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let st = wait_status(&mut s, &consent_id, all_purged).await;
     for r in &st.recipients {
         let receipt = r.purge_receipt.as_ref().expect("purge receipt");
         let expected = if r.recipient == NGO_TH { 2 } else { 1 };
@@ -339,14 +338,10 @@ async fn a_withdrawal_reaches_a_recipient_that_left_and_came_back() {
     .await
     .expect("withdraw");
     let st = consent_status(&mut s, &consent_id).await;
-    let state = |st: &pb::ConsentStatusResponse| {
-        st.recipients
-            .iter()
-            .find(|r| r.recipient == NGO_TH)
-            .map(|r| r.state.clone())
-            .unwrap_or_default()
-    };
-    assert!(state(&st).starts_with("pending (not a member"), "{st:?}");
+    assert!(
+        state_of(&st, NGO_TH).starts_with("pending (not a member"),
+        "{st:?}"
+    );
 
     // It comes back: asked at the sender's next start, it purges.
     sender.stop();
@@ -354,11 +349,7 @@ async fn a_withdrawal_reaches_a_recipient_that_left_and_came_back() {
     ngo.start();
     sender.start();
     let mut s = sender.client().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while state(&consent_status(&mut s, &consent_id).await) != "purged" {
-        assert!(Instant::now() < deadline, "{NGO_TH} did not purge");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status(&mut s, &consent_id, |st| state_of(st, NGO_TH) == "purged").await;
     let mut c = ngo.client().await;
     assert!(inbox(&mut c).await.is_empty(), "{NGO_TH} still holds data");
 }
@@ -406,15 +397,7 @@ async fn a_withdrawal_goes_through_while_referrals_keep_being_sent() {
     for task in senders {
         task.await.expect("sender task");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = consent_status(&mut s, &consent_id).await;
-        if st.recipients.iter().all(|r| r.state == "purged") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not purged: {st:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&mut s, &consent_id, all_purged).await;
     let mut c = kh.client().await;
     assert!(
         inbox(&mut c).await.is_empty(),
