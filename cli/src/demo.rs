@@ -255,7 +255,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         Err(e) => Err(e),
     };
     let outcome = match result {
-        Ok(()) if options.keep_running => keep_running(&dir, &nodes).await,
+        Ok(()) if options.keep_running => keep_running(&dir, &mut nodes).await,
         other => other,
     };
     for node in &mut nodes {
@@ -335,9 +335,9 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
     Ok(())
 }
 
-async fn keep_running(dir: &Path, nodes: &[RunningNode]) -> Result<(), String> {
+async fn keep_running(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     outln!("\nThe nodes keep running. Use the CLI against any of them, for example:");
-    for n in nodes {
+    for n in nodes.iter() {
         outln!(
             "\n  # {} ({})\n  export CORRIDOR_NODE=http://127.0.0.1:{} CORRIDOR_TOKEN={}\n  corridor inbox",
             n.org.spec.name,
@@ -350,8 +350,29 @@ async fn keep_running(dir: &Path, nodes: &[RunningNode]) -> Result<(), String> {
         "\nConfiguration, keys and logs are in {}. Press Ctrl-C to stop the federation.",
         dir.display()
     );
-    let _ = tokio::signal::ctrl_c().await;
-    Ok(())
+    // A node that dies while the federation runs is reported at once: otherwise the
+    // federation would look whole while every call to that node fails.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            _ = every.tick() => {}
+        }
+        for node in nodes.iter_mut() {
+            let how = match node.child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("cannot be waited for: {e}"),
+            };
+            return Err(format!(
+                "the node of {} stopped ({how}); its log is {}",
+                node.org.spec.id,
+                node.org.dir.join("node.log").display()
+            ));
+        }
+    }
 }
 
 async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {

@@ -388,3 +388,64 @@ fn an_empty_request_id_is_refused() {
     assert!(!ok);
     assert!(stderr.contains("a request id cannot be empty"), "{stderr}");
 }
+
+/// A federation kept running reports a node that dies, instead of looking whole while
+/// every call to that node fails.
+#[test]
+fn a_demo_kept_running_reports_a_node_that_dies() {
+    use std::io::{BufRead as _, BufReader, Read as _};
+    let dir = std::env::temp_dir().join(format!("corridor-demo-dies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_corridor"))
+        .args(["demo", "--keep-running", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run corridor demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if line.expect("stdout line").contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    let ps = Command::new("ps")
+        .args(["-eo", "pid=,args="])
+        .output()
+        .expect("ps");
+    let mine = dir.to_string_lossy().into_owned();
+    let node = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .find(|l| l.contains(&mine) && l.contains(" node --config"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .expect("a running node of the demo");
+    let killed = Command::new("kill")
+        .args(["-KILL", &node])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = demo.kill();
+            panic!("the demo kept running after one of its nodes died");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    demo.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("stopped") && stderr.contains("node.log"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).expect("remove the demo's directory");
+}

@@ -120,14 +120,14 @@ where
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("corridor-node: cannot start the runtime: {e}");
+            print_error(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("corridor-node: {message}");
+            print_error(&message);
             ExitCode::FAILURE
         }
     }
@@ -145,10 +145,9 @@ async fn run(args: Args) -> Result<(), String> {
             // Warnings, not errors: the shipped unit runs check-config before every start,
             // and a directory that drops a witness must not keep the node from starting.
             for warning in node.config_warnings() {
-                eprintln!("corridor-node: warning: {warning}");
+                print_error(&format!("warning: {warning}"));
             }
-            println!("configuration is valid");
-            Ok(())
+            print_line("configuration is valid")
         }
         Command::RevokeTokens { user } => {
             valid_user_name(&user)?;
@@ -167,10 +166,7 @@ async fn run(args: Args) -> Result<(), String> {
             store.close().await;
             match revoked? {
                 None => Err(format!("there is no local user {user}")),
-                Some(n) => {
-                    println!("revoked {n} token(s) of {user}");
-                    Ok(())
-                }
+                Some(n) => print_line(&format!("revoked {n} token(s) of {user}")),
             }
         }
         Command::CreateAdminToken { user } => {
@@ -192,8 +188,26 @@ async fn run(args: Args) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             store.close().await;
-            println!("{token}");
-            Ok(())
+            // The token exists only in this line: failing to write it must not look
+            // like success.
+            print_line(&token)
         }
     }
+}
+
+/// Writes one line to standard error, prefixed with the program's name. A failure is
+/// ignored: there is nowhere left to report it.
+fn print_error(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "corridor-node: {message}");
+}
+
+/// Writes one line to standard output, turning a closed pipe or a full disk into an
+/// error instead of the panic `println!` would raise.
+fn print_line(line: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write to standard output: {e}"))
 }
