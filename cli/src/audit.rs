@@ -147,6 +147,12 @@ struct Pinned {
     verified_at_ms: i64,
 }
 
+impl Pinned {
+    fn root_hash(&self) -> Option<Hash> {
+        B64.decode(&self.root).ok()?.try_into().ok()
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     checkpoints: Vec<Pinned>,
@@ -346,6 +352,61 @@ impl Auditor {
     }
 }
 
+/// The leaf hashes an auditor's state holds, once they are found to hold together with
+/// the checkpoints it pinned: each pinned root is the root of that many leaves, in order
+/// of size, and the last covers them all. A state cut or edited by hand would otherwise
+/// make this auditor accept a rewritten history as the one it verified before.
+fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
+    let leaves = state
+        .leaves
+        .iter()
+        .enumerate()
+        .map(|(i, leaf)| {
+            hex::decode(leaf)
+                .ok()
+                .and_then(|h| Hash::try_from(h).ok())
+                .ok_or(format!("leaf {i} is not a hash"))
+        })
+        .collect::<Result<Vec<Hash>, String>>()?;
+    let mut edge = merkle::RightEdge::default();
+    let mut remaining = leaves.iter();
+    for pinned in &state.checkpoints {
+        let root = pinned.root_hash().ok_or(format!(
+            "the root pinned at size {} is not a hash",
+            pinned.size
+        ))?;
+        if pinned.size < edge.size() || (pinned.size == edge.size() && pinned.size > 0) {
+            return Err(format!(
+                "the checkpoint pinned at size {} comes after one of size {}",
+                pinned.size,
+                edge.size()
+            ));
+        }
+        while edge.size() < pinned.size {
+            let leaf = remaining.next().ok_or(format!(
+                "it holds {} leaves, fewer than the checkpoint pinned at size {}",
+                leaves.len(),
+                pinned.size
+            ))?;
+            edge.push(*leaf);
+        }
+        if edge.root() != root {
+            return Err(format!(
+                "its leaves do not hash to the root pinned at size {}",
+                pinned.size
+            ));
+        }
+    }
+    if edge.size() != leaves.len() as u64 {
+        return Err(format!(
+            "it holds {} leaves, but its last pinned checkpoint covers {}",
+            leaves.len(),
+            edge.size()
+        ));
+    }
+    Ok(leaves)
+}
+
 fn cosigned(note: &str, verifiers: &[CosignatureVerifier]) -> Vec<String> {
     verifiers
         .iter()
@@ -518,15 +579,21 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
         .map(|e| merkle::leaf_hash(e))
         .collect();
 
+    let verified = verified_leaves(&state).map_err(|problem| {
+        format!(
+            "the auditor state {} is damaged or was edited: {problem}; restore it from a backup (removing it starts over and forgets every checkpoint verified before)",
+            auditor.state_path(org).display()
+        )
+    })?;
     // What was verified before must still be there, unchanged and in place.
-    for (i, old) in state.leaves.iter().enumerate() {
+    for (i, old) in verified.iter().enumerate() {
         match leaves.get(i) {
             None => {
                 return Err(format!(
                     "{org}'s log shrank: entry {i} (and every later one) verified before is gone"
                 ));
             }
-            Some(leaf) if hex::encode(leaf) != *old => {
+            Some(leaf) if leaf != old => {
                 return Err(format!(
                     "{org}'s log was rewritten: entry {i} differs from the entry verified before"
                 ));
@@ -537,7 +604,7 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
     // The entries must hash to the signed root.
     if merkle::root(&leaves) != cp.root {
         let mut client = auditor.client(org).await?;
-        for (i, leaf) in leaves.iter().enumerate().skip(state.leaves.len()) {
+        for (i, leaf) in leaves.iter().enumerate().skip(verified.len()) {
             let proof = client
                 .get_inclusion_proof(pb::GetInclusionProofRequest {
                     tree_size: cp.size,
@@ -564,11 +631,7 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
     // Every checkpoint verified before must be consistent with this one.
     let mut client = auditor.client(org).await?;
     for pinned in &state.checkpoints {
-        let root: Hash = B64
-            .decode(&pinned.root)
-            .ok()
-            .and_then(|r| r.try_into().ok())
-            .ok_or("auditor state is corrupt")?;
+        let root = pinned.root_hash().ok_or("auditor state is corrupt")?;
         if pinned.size > cp.size {
             return Err(format!(
                 "{org} now shows a tree of size {} but earlier signed one of size {}: a fork",
@@ -794,5 +857,74 @@ async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> 
             "cross-check of {a} and {b} found {} receipt(s) without a matching entry",
             problems.len()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(leaves: &[Hash]) -> Pinned {
+        Pinned {
+            size: leaves.len() as u64,
+            root: B64.encode(merkle::root(leaves)),
+            note: String::new(),
+            verified_at_ms: 0,
+        }
+    }
+
+    fn state_of(n: u8, pins: &[usize]) -> (State, Vec<Hash>) {
+        let leaves: Vec<Hash> = (0..n).map(|i| merkle::leaf_hash(&[i])).collect();
+        let state = State {
+            checkpoints: pins.iter().map(|&k| pin(&leaves[..k])).collect(),
+            leaves: leaves.iter().map(hex::encode).collect(),
+        };
+        (state, leaves)
+    }
+
+    #[test]
+    fn a_state_that_holds_together_gives_its_leaves() {
+        assert_eq!(verified_leaves(&State::default()), Ok(Vec::new()));
+        let (state, leaves) = state_of(9, &[3, 4, 9]);
+        assert_eq!(verified_leaves(&state), Ok(leaves));
+    }
+
+    #[test]
+    fn a_state_cut_or_edited_by_hand_is_refused() {
+        let (mut cut, _) = state_of(9, &[3, 9]);
+        cut.leaves.truncate(5);
+        let err = verified_leaves(&cut).unwrap_err();
+        assert!(
+            err.contains("fewer than the checkpoint pinned at size 9"),
+            "{err}"
+        );
+
+        let (mut edited, _) = state_of(9, &[3, 9]);
+        edited.leaves[1] = hex::encode(merkle::leaf_hash(b"other"));
+        let err = verified_leaves(&edited).unwrap_err();
+        assert!(err.contains("root pinned at size 3"), "{err}");
+
+        let (mut extra, _) = state_of(9, &[3, 9]);
+        extra.leaves.push(hex::encode(merkle::leaf_hash(b"more")));
+        let err = verified_leaves(&extra).unwrap_err();
+        assert!(err.contains("covers 9"), "{err}");
+
+        let (mut unpinned, _) = state_of(9, &[]);
+        let err = verified_leaves(&unpinned).unwrap_err();
+        assert!(err.contains("covers 0"), "{err}");
+        unpinned.leaves.clear();
+        assert!(verified_leaves(&unpinned).is_ok());
+
+        let (mut reordered, _) = state_of(9, &[3, 9]);
+        reordered.checkpoints.reverse();
+        let err = verified_leaves(&reordered).unwrap_err();
+        assert!(err.contains("comes after"), "{err}");
+
+        let (mut not_hex, _) = state_of(9, &[9]);
+        not_hex.leaves[4] = "zz".into();
+        assert_eq!(
+            verified_leaves(&not_hex),
+            Err("leaf 4 is not a hash".into())
+        );
     }
 }

@@ -78,26 +78,52 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 
 /// The root of a tree with these leaf hashes, in O(n) time and O(log n) space.
 pub fn root(leaves: &[Hash]) -> Hash {
-    // Complete subtrees on the right edge, as (size, hash), sizes strictly decreasing.
-    let mut stack: Vec<(u64, Hash)> = Vec::new();
+    let mut edge = RightEdge::default();
     for leaf in leaves {
-        let mut item = (1u64, *leaf);
-        while let Some(&(size, hash)) = stack.last() {
+        edge.push(*leaf);
+    }
+    edge.root()
+}
+
+/// The complete subtrees on the right edge of a tree being built leaf by leaf: enough to
+/// give the root at every size the tree passes through, in O(log n) space.
+#[derive(Debug, Clone, Default)]
+pub struct RightEdge {
+    size: u64,
+    /// (size, hash) of each complete subtree, sizes strictly decreasing.
+    subtrees: Vec<(u64, Hash)>,
+}
+
+impl RightEdge {
+    /// How many leaves the tree has.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut item = (1u64, leaf);
+        while let Some(&(size, hash)) = self.subtrees.last() {
             if size != item.0 {
                 break;
             }
-            stack.pop();
+            self.subtrees.pop();
             item = (size * 2, node_hash(&hash, &item.1));
         }
-        stack.push(item);
+        self.subtrees.push(item);
+        self.size += 1;
     }
-    let Some(&(_, mut hash)) = stack.last() else {
-        return empty_root();
-    };
-    for &(_, left) in stack.iter().rev().skip(1) {
-        hash = node_hash(&left, &hash);
+
+    /// The root of the tree as it stands.
+    pub fn root(&self) -> Hash {
+        let Some(&(_, mut hash)) = self.subtrees.last() else {
+            return empty_root();
+        };
+        for &(_, left) in self.subtrees.iter().rev().skip(1) {
+            hash = node_hash(&left, &hash);
+        }
+        hash
     }
-    hash
 }
 
 /// Where level `level`'s `n`-th hash is stored (sumdb/tlog numbering). Saturates rather
@@ -685,6 +711,20 @@ mod tests {
     }
 
     proptest! {
+        /// The right edge gives, at every size it passes through, the root the stored
+        /// hashes give.
+        #[test]
+        fn right_edge_roots_match_stored_tree_hashes(t in 0u64..300) {
+            let (log, leaves) = log_of(t);
+            let mut edge = RightEdge::default();
+            prop_assert_eq!(edge.root(), empty_root());
+            for (i, leaf) in leaves.iter().enumerate() {
+                edge.push(*leaf);
+                prop_assert_eq!(edge.size(), i as u64 + 1);
+                prop_assert_eq!(edge.root(), tree_hash(i as u64 + 1, &log).unwrap());
+            }
+        }
+
         #[test]
         fn proofs_verify_and_any_bit_flip_fails(t in 1u64..300, seed in any::<u64>(), bit in 0usize..256) {
             let (log, leaves) = log_of(t);
