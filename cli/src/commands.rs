@@ -39,7 +39,8 @@ pub enum ConsentCommand {
         id: String,
     },
     /// Narrow a consent: remove purposes, recipients or fields, shorten it, add
-    /// restrictions. Widening is refused; record a new consent instead.
+    /// restrictions. Widening is refused; record a new consent instead. Organisations
+    /// that received data the narrowed consent no longer covers are asked to purge it.
     Narrow(NarrowConsent),
     /// Withdraw a consent: nothing more is sent under it, and every organisation that
     /// received data under it is asked to purge it and answer with a signed purge receipt.
@@ -47,8 +48,8 @@ pub enum ConsentCommand {
         /// Consent id.
         id: String,
     },
-    /// Show which organisations have purged data under a withdrawn consent, and which are
-    /// still outstanding.
+    /// Show which organisations have purged data under a withdrawn or narrowed consent,
+    /// and which are still outstanding.
     Status {
         /// Consent id.
         id: String,
@@ -420,7 +421,9 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                     ));
                 }
             }
-            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0) {
+            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0)
+                || outstanding > 0
+            {
                 text.push_str(&format!("\n  {outstanding} purge receipt(s) outstanding"));
             }
             text

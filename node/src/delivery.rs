@@ -39,9 +39,10 @@ pub fn backoff_ms(attempts: i64, initial_ms: u64, max_ms: u64, random: u32) -> u
     cap / 2 + u64::from(random) % (cap / 2 + 1)
 }
 
-/// How long before its envelope expires a withdrawal is renewed rather than sent. One that
-/// reached its recipient expired (the recipient's clock may run a little ahead) would be
-/// refused, and a refusal is final: the recipient would never be asked to purge.
+/// How long before its envelope expires a request to purge (withdrawal or narrowing) is
+/// renewed rather than sent. One that reached its recipient expired (the recipient's
+/// clock may run a little ahead) would be refused, and a refusal is final: the recipient
+/// would never be asked to purge.
 const WITHDRAWAL_RENEWAL_MARGIN_MS: i64 = 60_000;
 
 /// How soon the loop looks in the outbox again when every item due is in flight already:
@@ -49,13 +50,17 @@ const WITHDRAWAL_RENEWAL_MARGIN_MS: i64 = 60_000;
 /// compete with them for the database.
 const IN_FLIGHT_RESCAN_MS: i64 = 250;
 
-fn is_withdrawal(item: &DueItem) -> bool {
+/// Whether `item` asks its recipient to purge (a consent withdrawal or narrowing): such a
+/// request is answered with a purge receipt, waits for a recipient that left the
+/// federation, and is renewed rather than left to expire.
+fn asks_to_purge(item: &DueItem) -> bool {
     item.kind == i64::from(MessageKind::ConsentWithdrawal.as_i32())
+        || item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
 }
 
 /// Whether `item`'s envelope is at the end of its life, or a withdrawal's near it.
 fn expiring(item: &DueItem, now: i64) -> bool {
-    let margin = if is_withdrawal(item) {
+    let margin = if asks_to_purge(item) {
         WITHDRAWAL_RENEWAL_MARGIN_MS
     } else {
         0
@@ -257,7 +262,7 @@ async fn deliver_once(
     item: &DueItem,
     revocations: u64,
 ) -> Result<Answer, AttemptError> {
-    if is_withdrawal(item) && expiring(item, now_ms()) {
+    if asks_to_purge(item) && expiring(item, now_ms()) {
         return Err(AttemptError::Retry(
             "its envelope is about to expire".into(),
         ));
@@ -272,9 +277,11 @@ async fn deliver_once(
         .map_err(|_| AttemptError::Permanent("stored recipient is invalid".into()))?;
     let member = node.directory.get(&recipient).ok_or_else(|| {
         let left = format!("{recipient} is no longer a member");
-        if is_withdrawal(item) {
+        if asks_to_purge(item) {
             // It still holds the data: ask again if it comes back (a newer directory).
-            AttemptError::Retry(format!("{left}; the withdrawal waits for it to return"))
+            AttemptError::Retry(format!(
+                "{left}; the request to purge waits for it to return"
+            ))
         } else {
             AttemptError::Permanent(left)
         }
@@ -337,10 +344,10 @@ async fn deliver_once(
         },
         now,
     );
-    let purge_receipt = if is_withdrawal(item) {
-        // A withdrawal is done only when the recipient proves it purged.
+    let purge_receipt = if asks_to_purge(item) {
+        // A request to purge is done only when the recipient proves it purged.
         let purge = response.purge_receipt.ok_or_else(|| {
-            AttemptError::Retry("withdrawal answered without a purge receipt".into())
+            AttemptError::Retry("request to purge answered without a purge receipt".into())
         })?;
         let encoded = purge.encode_to_vec();
         let purge = convert::purge_receipt_from_pb(purge)
@@ -391,8 +398,8 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                     attempts: item.attempts + 1,
                     receipt,
                 });
-                if is_withdrawal(&item) {
-                    tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "withdrawal delivered, purge receipt verified");
+                if asks_to_purge(&item) {
+                    tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "request to purge delivered, purge receipt verified");
                 } else {
                     tracing::info!(referral = %id, recipient = %item.recipient, attempts = item.attempts + 1, "delivered, receipt verified");
                 }
@@ -409,21 +416,21 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         }
         Err(AttemptError::Retry(reason)) if expiring(&item, now) => {
             let expired = format!("expired undelivered; last error: {reason}");
-            if !is_withdrawal(&item) {
+            if !asks_to_purge(&item) {
                 tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
                 node.store.mark_final(id, "expired", &expired).await
             } else {
-                // A withdrawal is asked for until the recipient purges: in a new envelope.
+                // A request to purge is made until the recipient purges: in a new envelope.
                 match crate::workflows::renew_withdrawal(node, id).await {
                     Ok(renewed) => {
-                        tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "withdrawal expired before delivery; renewed");
+                        tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "request to purge expired before delivery; renewed");
                         Ok(())
                     }
                     // Anything (a recipient that left the federation and may come back
                     // with a newer directory, a busy database, a full disk) may pass:
-                    // try again. A withdrawal never gives up on data still held.
+                    // try again. A request to purge never gives up on data still held.
                     Err(failure) => {
-                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "withdrawal expired before delivery; renewing it failed, will retry");
+                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "request to purge expired before delivery; renewing it failed, will retry");
                         retry_later(node, &item, &failure.message, now).await
                     }
                 }

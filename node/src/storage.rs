@@ -196,6 +196,10 @@ pub struct NewOutboxItem {
     pub request_key: Option<String>,
     /// With a request key: what the request asked to send (see [`RequestedReferral`]).
     pub request_digest: Option<Vec<u8>>,
+    /// For a referral: the names of the fields it discloses, space-separated.
+    pub fields: Option<String>,
+    /// For a consent narrowing: the consent's `narrowed_at_ms` it carries out.
+    pub narrowed_at_ms: Option<i64>,
 }
 
 impl NewOutboxItem {
@@ -230,9 +234,10 @@ pub struct DueItem {
     pub expires_at_ms: i64,
 }
 
-/// A queued withdrawal, as its renewal needs it.
+/// A queued withdrawal or narrowing, as its renewal needs it.
 #[derive(Debug, Clone)]
 pub struct QueuedWithdrawal {
+    pub kind: i64,
     pub case_id: String,
     pub consent_id: String,
     pub consent_ref: String,
@@ -252,6 +257,10 @@ pub struct SentReferral {
     /// The consent's id at the recipient.
     pub consent_ref: String,
     pub message_id: MessageId,
+    pub purpose: String,
+    /// The names of the fields it disclosed, space-separated (`None` if sent before
+    /// they were recorded).
+    pub fields: Option<String>,
 }
 
 /// What the sender knows about an envelope it sent.
@@ -268,6 +277,8 @@ pub struct OutboxStatus {
     pub created_at_ms: i64,
     pub receipt: Option<Vec<u8>>,
     pub purge_receipt: Option<Vec<u8>>,
+    /// For a consent narrowing: the consent's `narrowed_at_ms` it carries out.
+    pub narrowed_at_ms: Option<i64>,
 }
 
 /// A referral received, still encrypted.
@@ -323,6 +334,20 @@ pub struct AcceptedWithdrawal {
     pub consent_id: String,
     /// The referrals the purge receipt names; the purge must delete exactly these.
     pub expected: Vec<MessageId>,
+    pub received_at_ms: i64,
+    pub respond: Respond,
+}
+
+/// A narrowing a peer sent, ready to apply.
+pub struct AcceptedNarrowing {
+    pub message_id: MessageId,
+    pub sender: OrgId,
+    pub envelope_digest: [u8; 32],
+    pub consent_id: String,
+    /// The referrals to delete: exactly those the purge receipt names.
+    pub purged: Vec<MessageId>,
+    /// The referrals whose fields are cut: the payload as read, and as it is to be.
+    pub redacted: Vec<(MessageId, Vec<u8>, Vec<u8>)>,
     pub received_at_ms: i64,
     pub respond: Respond,
 }
@@ -884,7 +909,8 @@ impl Store {
         E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
     {
         let rows = sqlx::query(
-            "SELECT recipient, case_ref, consent_ref, message_id, created_by FROM outbox
+            "SELECT recipient, case_ref, consent_ref, message_id, created_by, purpose, fields
+             FROM outbox
              WHERE consent_id = $1 AND kind = 1
                AND state != 'refused'
              ORDER BY recipient, created_at_ms",
@@ -900,6 +926,8 @@ impl Store {
                     case_ref: r.get(1),
                     consent_ref: r.get(2),
                     message_id: message_id(r.get(3))?,
+                    purpose: r.get(5),
+                    fields: r.get(6),
                 })
             })
             .collect()
@@ -1001,7 +1029,7 @@ impl Store {
     pub async fn outbox_for_consent(&self, consent_id: &str) -> Result<Vec<OutboxStatus>> {
         let rows = sqlx::query(
             "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
-                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms
              FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
              WHERE o.consent_id = $1 ORDER BY o.recipient, o.created_at_ms",
         )
@@ -1137,16 +1165,17 @@ impl Store {
             .await
     }
 
-    /// The queued withdrawal `id`, as a renewal needs it.
+    /// The queued withdrawal or narrowing `id`, as a renewal needs it.
     pub async fn withdrawal_to_renew(&self, id: MessageId) -> Result<Option<QueuedWithdrawal>> {
         let row = sqlx::query(
-            "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref FROM outbox
-             WHERE message_id = $1 AND kind = 2 AND state = 'queued'",
+            "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref, kind
+             FROM outbox WHERE message_id = $1 AND kind IN (2, 3) AND state = 'queued'",
         )
         .bind(&id.0[..])
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| QueuedWithdrawal {
+            kind: r.get(6),
             case_id: r.get(0),
             consent_id: r.get(1),
             recipient: r.get(2),
@@ -1156,7 +1185,7 @@ impl Store {
         }))
     }
 
-    /// Ends the queued withdrawal `old`, whose envelope expired undelivered, and queues
+    /// Ends the queued withdrawal or narrowing `old`, whose envelope expired undelivered, and queues
     /// `renewal` in its place, in one transaction. False if `old` was no longer queued.
     pub async fn renew_withdrawal(&self, old: MessageId, renewal: NewOutboxItem) -> Result<bool> {
         self.writer
@@ -1165,7 +1194,7 @@ impl Store {
                     let ended = sqlx::query(tx.sql(
                         "UPDATE outbox SET state = 'expired', attempts = attempts + 1,
                             envelope = NULL, last_error = 'expired undelivered; renewed'
-                         WHERE message_id = $1 AND kind = 2 AND state = 'queued'
+                         WHERE message_id = $1 AND kind IN (2, 3) AND state = 'queued'
                          RETURNING 1",
                     ))
                     .bind(&old.0[..])
@@ -1235,7 +1264,7 @@ impl Store {
     pub async fn outbox_status(&self, id: MessageId) -> Result<Option<OutboxStatus>> {
         let row = sqlx::query(
             "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
-                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms
              FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
              WHERE o.message_id = $1",
         )
@@ -1384,6 +1413,101 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         rows.into_iter().map(|r| message_id(r.get(0))).collect()
+    }
+
+    /// The referrals from `sender` under `consent_id`, still encrypted, for a narrowing.
+    pub async fn inbox_rows_under_consent(
+        &self,
+        sender: &OrgId,
+        consent_id: &str,
+    ) -> Result<Vec<InboxRow>> {
+        let rows = sqlx::query(
+            "SELECT message_id, sender, purpose, case_ref, case_key_id, consent_id,
+                consent_expires_at_ms, payload_sealed, received_at_ms
+             FROM inbox WHERE sender = $1 AND consent_id = $2",
+        )
+        .bind(sender.as_str())
+        .bind(consent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(inbox_row).collect()
+    }
+
+    /// Applies a narrowing in one transaction: records that the envelope was seen with
+    /// its answer, deletes the referrals it purges, replaces the payloads it redacts and
+    /// destroys the data keys no referral needs any more. Each of those referrals must
+    /// still be stored as read (under the consent, its payload unchanged), or the job
+    /// fails whole and the sender's retry reads again: the purge receipt names exactly
+    /// what was purged.
+    pub async fn apply_narrowing(
+        &self,
+        n: AcceptedNarrowing,
+        audit: Vec<u8>,
+    ) -> Result<AcceptOutcome> {
+        self.writer
+            .run_then(
+                (n, audit),
+                |(n, audit), tx, log| {
+                    Box::pin(async move {
+                        let conn = tx.conn().await?;
+                        let response = (n.respond)(log.next(audit));
+                        if let Some(outcome) = Self::insert_seen(
+                            conn,
+                            n.message_id,
+                            &n.sender,
+                            &n.envelope_digest,
+                            &response,
+                            n.received_at_ms,
+                        )
+                        .await?
+                        {
+                            return Ok(outcome);
+                        }
+                        for id in &n.purged {
+                            let deleted = sqlx::query(
+                                "DELETE FROM inbox
+                                 WHERE message_id = $1 AND sender = $2 AND consent_id = $3",
+                            )
+                            .bind(&id.0[..])
+                            .bind(n.sender.as_str())
+                            .bind(&n.consent_id)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected();
+                            if deleted != 1 {
+                                return Err(StoreError::Corrupt(
+                                    "inbox changed during narrowing; retry",
+                                ));
+                            }
+                        }
+                        for (id, read, redacted) in &n.redacted {
+                            let replaced = sqlx::query(
+                                "UPDATE inbox SET payload_sealed = $4
+                                 WHERE message_id = $1 AND sender = $2 AND consent_id = $3
+                                   AND payload_sealed = $5",
+                            )
+                            .bind(&id.0[..])
+                            .bind(n.sender.as_str())
+                            .bind(&n.consent_id)
+                            .bind(redacted)
+                            .bind(read)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected();
+                            if replaced != 1 {
+                                return Err(StoreError::Corrupt(
+                                    "inbox changed during narrowing; retry",
+                                ));
+                            }
+                        }
+                        Self::shred_orphan_received_keys(conn).await?;
+                        log.append(audit.clone())?;
+                        Ok(AcceptOutcome::Stored(response))
+                    })
+                },
+                Some(self.case_keys.clearer()),
+            )
+            .await
     }
 
     /// Applies a withdrawal in one transaction: records that the envelope was seen with
@@ -1799,6 +1923,7 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
         created_at_ms: r.get(8),
         receipt: r.get(9),
         purge_receipt: r.get(10),
+        narrowed_at_ms: r.get(11),
     })
 }
 
@@ -1822,11 +1947,12 @@ fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
 const QUEUE_SQL: &str =
     "INSERT INTO outbox (message_id, kind, case_id, consent_id, recipient, purpose,
         case_ref, envelope, envelope_digest, created_by, created_at_ms, expires_at_ms,
-        state, next_attempt_at_ms, request_key, consent_ref, request_digest)
+        state, next_attempt_at_ms, request_key, consent_ref, request_digest, fields,
+        narrowed_at_ms)
      SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6,
         r ->> 7, substr($2, r ->> 8, r ->> 9), substr($2, r ->> 10, r ->> 11), r ->> 12,
         r ->> 13, r ->> 14, 'queued', r ->> 13, r ->> 17, r ->> 18,
-        substr($2, r ->> 19, r ->> 20)
+        substr($2, r ->> 19, r ->> 20), r ->> 21, r ->> 22
      FROM (SELECT value AS r FROM jsonb_each($1))
      WHERE NOT (r ->> 15)
         OR EXISTS (SELECT 1 FROM consents WHERE id = r ->> 4 AND withdrawn_at_ms IS NULL
@@ -1857,7 +1983,9 @@ fn outbox_row(
         .opt_int(consent_as_read.flatten())
         .opt_text(item.request_key.as_deref())?
         .text(&item.consent_ref)?
-        .opt_blob(item.request_digest.as_deref());
+        .opt_blob(item.request_digest.as_deref())
+        .opt_text(item.fields.as_deref())?
+        .opt_int(item.narrowed_at_ms);
     Ok(())
 }
 
@@ -2171,6 +2299,8 @@ pub(crate) mod tests {
             expires_at_ms: i64::MAX,
             request_key: None,
             request_digest: None,
+            fields: None,
+            narrowed_at_ms: None,
         }
     }
 
@@ -2282,6 +2412,8 @@ pub(crate) mod tests {
             created_by: alice,
             request_key: Some(format!("{alice}:retry-me")),
             request_digest: None,
+            fields: None,
+            narrowed_at_ms: None,
             ..outbox_item(n)
         };
         let first = store.enqueue(keyed(1), None, entry()).await;
@@ -2511,6 +2643,8 @@ pub(crate) mod tests {
             created_by: alice,
             request_key: request.map(|r| format!("{alice}:{r}")),
             request_digest: None,
+            fields: None,
+            narrowed_at_ms: None,
             envelope: vec![n; 100 * usize::from(n)],
             ..outbox_item(n)
         };

@@ -9,8 +9,8 @@ use corridor::audit::{self, Event};
 use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
 use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError, MAX_LIFETIME_MS};
 use corridor::{
-    ConsentReceipt, Envelope, EnvelopeHeader, Field, Member, MessageId, MessageKind, OrgId,
-    PurgeReceipt, Purpose, Receipt,
+    AfterNarrowing, ConsentReceipt, Envelope, EnvelopeHeader, Field, Member, MessageId,
+    MessageKind, OrgId, PurgeReceipt, Purpose, Receipt,
 };
 use corridor_proto::v1 as pb;
 use prost::Message as _;
@@ -20,8 +20,9 @@ use crate::convert;
 use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
-    AcceptOutcome, AcceptedReferral, AcceptedWithdrawal, ConsentDetails, ConsentRow, Enqueued,
-    NewConsent, NewOutboxItem, Respond, ScopeColumns, User, Withdrawal,
+    AcceptOutcome, AcceptedNarrowing, AcceptedReferral, AcceptedWithdrawal, ConsentDetails,
+    ConsentRow, Enqueued, NewConsent, NewOutboxItem, Respond, ScopeColumns, SentReferral, User,
+    Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -980,6 +981,9 @@ async fn gate_and_seal(
         expires_at_ms: envelope.header.expires_at_ms,
         request_key: None,
         request_digest: None,
+        // What it disclosed, so that a narrowing can tell the recipient what to keep.
+        fields: Some(join(field_names.iter().map(|f| f.as_str()))),
+        narrowed_at_ms: None,
     };
     Ok(SealedReferral {
         item,
@@ -1057,19 +1061,24 @@ async fn recipients_asked_to_purge(
         .collect())
 }
 
-/// What one withdrawal envelope says, and for whom it is queued.
-struct WithdrawalOf<'a> {
+/// Whom a withdrawal or narrowing is for, and under which consent.
+struct PurgeRequestFor<'a> {
     case_id: &'a str,
     consent_id: &'a str,
     /// The consent's id at the recipient.
     consent_ref: &'a str,
     /// The case's reference at the recipient.
     case_ref: &'a str,
+    /// The user who withdrew or narrowed the consent.
+    by: i64,
+}
+
+/// What one withdrawal envelope says, and for whom it is queued.
+struct WithdrawalOf<'a> {
+    to: PurgeRequestFor<'a>,
     /// The referrals sent there under the consent.
     referrals: &'a [MessageId],
     withdrawn_at_ms: i64,
-    /// The user who withdrew the consent.
-    by: i64,
 }
 
 /// A withdrawal for `recipient`, sealed and signed, ready to queue.
@@ -1080,44 +1089,134 @@ fn withdrawal_item(
     now: i64,
 ) -> Result<NewOutboxItem, Failure> {
     let payload = pb::ConsentWithdrawal {
-        consent_id: w.consent_ref.to_owned(),
-        case_ref: w.case_ref.to_owned(),
+        consent_id: w.to.consent_ref.to_owned(),
+        case_ref: w.to.case_ref.to_owned(),
         referral_ids: w.referrals.iter().map(|i| i.0.to_vec()).collect(),
         withdrawn_at_ms: w.withdrawn_at_ms,
     }
     .encode_to_vec();
-    // Withdrawals live as long as any envelope may, and are renewed when that ends.
-    let e = seal(
+    purge_request_item(
         node,
-        MessageKind::ConsentWithdrawal,
         recipient,
+        MessageKind::ConsentWithdrawal,
         &payload,
+        w.to,
+        None,
         now,
-        MAX_LIFETIME_MS,
-    )?;
+    )
+}
+
+/// What a narrowing asks of one recipient: the referrals it may keep only some fields
+/// of, and those it may keep nothing of.
+#[derive(Debug, Default)]
+struct NarrowingOf {
+    kept: Vec<(MessageId, BTreeSet<Field>)>,
+    purged: Vec<MessageId>,
+}
+
+/// What `recipient` may keep, under the narrowed `scope`, of the referrals it was sent;
+/// `None` if it may keep them all as they are.
+fn narrowing_of(
+    scope: &ConsentScope,
+    recipient: &Member,
+    referrals: &[SentReferral],
+) -> Result<Option<NarrowingOf>, Failure> {
+    let mut n = NarrowingOf::default();
+    for sent in referrals {
+        let purpose =
+            Purpose::parse(&sent.purpose).map_err(|e| Failure::internal("stored purpose", e))?;
+        let disclosed = sent
+            .fields
+            .as_deref()
+            .map(|names| {
+                names
+                    .split_whitespace()
+                    .map(Field::parse)
+                    .collect::<Result<BTreeSet<Field>, _>>()
+            })
+            .transpose()
+            .map_err(|e| Failure::internal("stored field names", e))?;
+        match scope.after_narrowing(recipient, purpose, disclosed.as_ref()) {
+            AfterNarrowing::Unchanged => {}
+            AfterNarrowing::Keep(fields) => n.kept.push((sent.message_id, fields)),
+            AfterNarrowing::Purge => n.purged.push(sent.message_id),
+        }
+    }
+    Ok((!n.kept.is_empty() || !n.purged.is_empty()).then_some(n))
+}
+
+/// A narrowing for `recipient`, sealed and signed, ready to queue.
+fn narrowing_item(
+    node: &Node,
+    recipient: &Member,
+    to: PurgeRequestFor<'_>,
+    n: &NarrowingOf,
+    narrowed_at_ms: i64,
+    now: i64,
+) -> Result<NewOutboxItem, Failure> {
+    let payload = pb::ConsentNarrowing {
+        consent_id: to.consent_ref.to_owned(),
+        case_ref: to.case_ref.to_owned(),
+        kept: n
+            .kept
+            .iter()
+            .map(|(id, fields)| pb::KeptFields {
+                referral_id: id.0.to_vec(),
+                fields: fields.iter().map(|f| convert::field_to_pb(*f)).collect(),
+            })
+            .collect(),
+        purged_referral_ids: n.purged.iter().map(|i| i.0.to_vec()).collect(),
+        narrowed_at_ms,
+    }
+    .encode_to_vec();
+    purge_request_item(
+        node,
+        recipient,
+        MessageKind::ConsentNarrowing,
+        &payload,
+        to,
+        Some(narrowed_at_ms),
+        now,
+    )
+}
+
+/// A withdrawal or narrowing envelope for `recipient`, sealed and signed, ready to queue.
+fn purge_request_item(
+    node: &Node,
+    recipient: &Member,
+    kind: MessageKind,
+    payload: &[u8],
+    to: PurgeRequestFor<'_>,
+    narrowed_at_ms: Option<i64>,
+    now: i64,
+) -> Result<NewOutboxItem, Failure> {
+    // They live as long as any envelope may, and are renewed when that ends.
+    let e = seal(node, kind, recipient, payload, now, MAX_LIFETIME_MS)?;
     Ok(NewOutboxItem {
         message_id: e.header.message_id,
-        kind: MessageKind::ConsentWithdrawal.as_i32().into(),
-        case_id: w.case_id.to_owned(),
-        consent_id: w.consent_id.to_owned(),
-        consent_ref: w.consent_ref.to_owned(),
+        kind: kind.as_i32().into(),
+        case_id: to.case_id.to_owned(),
+        consent_id: to.consent_id.to_owned(),
+        consent_ref: to.consent_ref.to_owned(),
         recipient: recipient.id.clone(),
         purpose: String::new(),
-        case_ref: w.case_ref.to_owned(),
+        case_ref: to.case_ref.to_owned(),
         envelope: convert::envelope_to_pb(&e).encode_to_vec(),
         envelope_digest: e.digest(),
-        created_by: w.by,
+        created_by: to.by,
         created_at_ms: now,
         expires_at_ms: e.header.expires_at_ms,
         request_key: None,
         request_digest: None,
+        fields: None,
+        narrowed_at_ms,
     })
 }
 
-/// Renews a withdrawal whose envelope expired undelivered (its recipient was away for
-/// longer than an envelope may live): the same withdrawal in a new envelope is queued in
-/// the transaction that ends the old one, so the recipient is asked until it purges.
-/// Returns the new envelope's id, or `None` if the old one was no longer queued.
+/// Renews a withdrawal or narrowing whose envelope expired undelivered (its recipient
+/// was away for longer than an envelope may live): the same request in a new envelope is
+/// queued in the transaction that ends the old one, so the recipient is asked until it
+/// purges. Returns the new envelope's id, or `None` if the old one was no longer queued.
 pub async fn renew_withdrawal(
     node: &Node,
     expired: MessageId,
@@ -1126,16 +1225,6 @@ pub async fn renew_withdrawal(
         return Ok(None);
     };
     let consent = consent_row(node, &old.consent_id).await?;
-    // A narrowing that took the recipient out of the consent withdrew it there.
-    let withdrawn_at_ms = consent
-        .withdrawn_at_ms
-        .or(consent.narrowed_at_ms)
-        .ok_or_else(|| {
-            Failure::internal(
-                "a withdrawal is queued for a consent neither withdrawn nor narrowed",
-                &old.consent_id,
-            )
-        })?;
     let recipient =
         OrgId::new(&old.recipient).map_err(|e| Failure::internal("stored recipient", e))?;
     let Some(member) = node.directory.get(&recipient) else {
@@ -1143,28 +1232,53 @@ pub async fn renew_withdrawal(
             "{recipient} is no longer a member and cannot be asked to purge"
         )));
     };
-    let referrals: Vec<MessageId> = node
+    let referrals: Vec<SentReferral> = node
         .store
         .referrals_under_consent(&old.consent_id)
         .await?
         .into_iter()
         .filter(|sent| sent.recipient == old.recipient && sent.consent_ref == old.consent_ref)
-        .map(|sent| sent.message_id)
         .collect();
-    let item = withdrawal_item(
-        node,
-        member,
-        WithdrawalOf {
-            case_id: &old.case_id,
-            consent_id: &old.consent_id,
-            consent_ref: &old.consent_ref,
-            case_ref: &old.case_ref,
-            referrals: &referrals,
-            withdrawn_at_ms,
-            by: old.created_by,
-        },
-        now_ms(),
-    )?;
+    let to = PurgeRequestFor {
+        case_id: &old.case_id,
+        consent_id: &old.consent_id,
+        consent_ref: &old.consent_ref,
+        case_ref: &old.case_ref,
+        by: old.created_by,
+    };
+    let item = if old.kind == i64::from(MessageKind::ConsentNarrowing.as_i32()) {
+        let narrowed_at_ms = consent.narrowed_at_ms.ok_or_else(|| {
+            Failure::internal(
+                "a narrowing is queued for a consent never narrowed",
+                &old.consent_id,
+            )
+        })?;
+        // What it may keep now, which a later narrowing may have cut further.
+        let n = narrowing_of(&scope_of(&consent)?, member, &referrals)?.unwrap_or_default();
+        narrowing_item(node, member, to, &n, narrowed_at_ms, now_ms())?
+    } else {
+        // A narrowing that took the recipient out of the consent withdrew it there.
+        let withdrawn_at_ms = consent
+            .withdrawn_at_ms
+            .or(consent.narrowed_at_ms)
+            .ok_or_else(|| {
+                Failure::internal(
+                    "a withdrawal is queued for a consent neither withdrawn nor narrowed",
+                    &old.consent_id,
+                )
+            })?;
+        let ids: Vec<MessageId> = referrals.iter().map(|sent| sent.message_id).collect();
+        withdrawal_item(
+            node,
+            member,
+            WithdrawalOf {
+                to,
+                referrals: &ids,
+                withdrawn_at_ms,
+            },
+            now_ms(),
+        )?
+    };
     let renewed = item.message_id;
     if !node.store.renew_withdrawal(expired, item).await? {
         return Ok(None);
@@ -1196,13 +1310,20 @@ pub async fn consent_status(
                 .push(format!("{} ({})", item.message_id, item.state));
             continue;
         }
+        // The latest narrowing asked of it shows, unless it was asked to purge everything.
+        let narrowing = item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32());
+        if narrowing && !entry.state.starts_with("not-") && !entry.state.contains("narrow") {
+            // Asked to purge everything already.
+            continue;
+        }
         entry.attempts = u32::try_from(item.attempts).unwrap_or(u32::MAX);
         entry.last_error = item.last_error.clone().unwrap_or_default();
         match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
             Some(Ok(receipt)) => {
-                entry.state = "purged".into();
+                entry.state = if narrowing { "narrowed" } else { "purged" }.into();
                 entry.purge_receipt = Some(receipt);
             }
+            _ if narrowing => entry.state = format!("pending narrowing ({})", item.state),
             _ => entry.state = format!("pending ({})", item.state),
         }
     }
@@ -1248,58 +1369,95 @@ pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, F
 /// every recipient of a withdrawn consent; of a narrowed one, those it no longer admits
 /// at all (the org, its role or country removed, a country it is in or acts for
 /// excluded, or no purpose left its role may receive). Such a recipient purges what it
-/// holds and refuses more under the consent. A narrowing that leaves a recipient
-/// admitted, for fewer purposes or fields, asks it for nothing: a withdrawal would end
+/// holds and refuses more under the consent.
+///
+/// A narrowing that leaves a recipient admitted asks it instead, once per narrowing, to
+/// purge the referrals whose purpose the consent no longer covers and to cut from the
+/// others the fields it no longer covers (a consent narrowing): a withdrawal would end
 /// the consent there for good, also for what the person still agrees to.
 ///
 /// `by` is the user who withdrew or narrowed it (or, when the node catches up at start,
-/// each referral's sender). Returns how many it queued.
+/// each referral's sender). Returns how many envelopes it queued.
 async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<usize, Failure> {
     let row = consent_row(node, consent_id).await?;
-    let (withdrawn_at_ms, scope) = match (row.withdrawn_at_ms, row.narrowed_at_ms) {
+    // When the consent was withdrawn, or last narrowed.
+    let (changed_at_ms, scope) = match (row.withdrawn_at_ms, row.narrowed_at_ms) {
         (Some(at), _) => (at, None),
         (None, Some(at)) => (at, Some(scope_of(&row)?)),
         (None, None) => return Ok(0),
     };
     let asked_before = recipients_asked_to_purge(node, consent_id).await?;
-    // One withdrawal per recipient and consent id it holds: a recipient of referrals
+    let narrowed_before: BTreeSet<String> = node
+        .store
+        .outbox_for_consent(consent_id)
+        .await?
+        .into_iter()
+        .filter(|item| {
+            item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
+                && item.narrowed_at_ms == row.narrowed_at_ms
+                && matches!(item.state.as_str(), "queued" | "delivered")
+        })
+        .map(|item| item.recipient)
+        .collect();
+    // One request per recipient and consent id it holds: a recipient of referrals
     // queued before consent ids became pairwise holds the consent's own id too.
-    let mut per_recipient: BTreeMap<(String, String), (String, i64, Vec<MessageId>)> =
-        BTreeMap::new();
+    let mut per_recipient: BTreeMap<(String, String), Vec<SentReferral>> = BTreeMap::new();
     for sent in node.store.referrals_under_consent(consent_id).await? {
         if asked_before.contains(&sent.recipient) {
             continue;
         }
         per_recipient
-            .entry((sent.recipient, sent.consent_ref))
-            .or_insert_with(|| (sent.case_ref, sent.created_by, Vec::new()))
-            .2
-            .push(sent.message_id);
+            .entry((sent.recipient.clone(), sent.consent_ref.clone()))
+            .or_default()
+            .push(sent);
     }
     let mut items = Vec::new();
-    for ((recipient, consent_ref), (case_ref, sender, ids)) in &per_recipient {
+    for ((recipient, consent_ref), sent) in &per_recipient {
         let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
         let Some(member) = node.directory.get(&org) else {
             tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge; will ask if it returns");
             continue;
         };
-        if scope.as_ref().is_some_and(|s| s.admits_recipient(member)) {
+        let Some(first) = sent.first() else {
             continue;
+        };
+        let to = PurgeRequestFor {
+            case_id: &row.case_id,
+            consent_id,
+            consent_ref,
+            case_ref: &first.case_ref,
+            by: by.unwrap_or(first.created_by),
+        };
+        match &scope {
+            Some(scope) if scope.admits_recipient(member) => {
+                if narrowed_before.contains(recipient) {
+                    continue;
+                }
+                if let Some(n) = narrowing_of(scope, member, sent)? {
+                    items.push(narrowing_item(
+                        node,
+                        member,
+                        to,
+                        &n,
+                        changed_at_ms,
+                        now_ms(),
+                    )?);
+                }
+            }
+            _ => {
+                let ids: Vec<MessageId> = sent.iter().map(|s| s.message_id).collect();
+                items.push(withdrawal_item(
+                    node,
+                    member,
+                    WithdrawalOf {
+                        to,
+                        referrals: &ids,
+                        withdrawn_at_ms: changed_at_ms,
+                    },
+                    now_ms(),
+                )?);
+            }
         }
-        items.push(withdrawal_item(
-            node,
-            member,
-            WithdrawalOf {
-                case_id: &row.case_id,
-                consent_id,
-                consent_ref,
-                case_ref,
-                referrals: ids,
-                withdrawn_at_ms,
-                by: by.unwrap_or(*sender),
-            },
-            now_ms(),
-        )?);
     }
     let queued = items.len();
     if queued > 0 {
@@ -1429,9 +1587,9 @@ async fn receive(
     };
     let (message_id, digest) = (verified.header().message_id, verified.digest());
     // A referral's replay is recognised by the transaction that would store it, so the
-    // common case reads nothing first. A withdrawal reads and signs before it is
-    // stored, so its replay is looked for first.
-    if verified.header().kind == MessageKind::ConsentWithdrawal
+    // common case reads nothing first. A withdrawal or narrowing reads and signs before
+    // it is stored, so its replay is looked for first.
+    if verified.header().kind != MessageKind::Referral
         && let Some(seen) = node.store.seen(message_id).await?
     {
         return replay_answer(seen, &peer.org, &digest);
@@ -1448,6 +1606,9 @@ async fn receive(
             }
             MessageKind::ConsentWithdrawal => {
                 accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
+            }
+            MessageKind::ConsentNarrowing => {
+                accept_narrowing(node, sender, message_id, &digest, &opened.payload, now).await
             }
         }
     }
@@ -1733,6 +1894,158 @@ async fn accept_withdrawal(
         AcceptOutcome::ConsentWithdrawn | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
             "storage answered a withdrawal as a referral",
             &w.consent_id,
+        )),
+    }
+}
+
+/// Carries out a sender's narrowing of a consent: the referrals it names to purge are
+/// deleted, and the others it names lose every field it does not list. Referrals it does
+/// not name (sent after the narrowing, within it) stay as they are, and so does the
+/// consent: more referrals may come under it.
+async fn accept_narrowing(
+    node: &Node,
+    sender: &Member,
+    message_id: MessageId,
+    digest: &[u8; 32],
+    plaintext: &[u8],
+    now: i64,
+) -> Result<pb::DeliverResponse, Failure> {
+    let n = pb::ConsentNarrowing::decode(plaintext)
+        .map_err(|_| Failure::invalid("narrowing payload is not a valid ConsentNarrowing"))?;
+    // Both go into this node's audit log and the purge receipt: identifiers only.
+    if !corridor::consent::is_consent_id(&n.consent_id) {
+        return Err(Failure::invalid(
+            "narrowing consent_id is not a consent id (consent- and 32 lowercase hex digits)",
+        ));
+    }
+    if !corridor::caseref::is_case_ref(&n.case_ref) {
+        return Err(Failure::invalid(
+            "narrowing case_ref is not a case reference (ref- and 32 lowercase hex digits)",
+        ));
+    }
+    let id = |bytes: &[u8]| {
+        MessageId::from_bytes(bytes)
+            .map_err(|_| Failure::invalid("narrowing names a referral id that is not 16 bytes"))
+    };
+    let to_purge: BTreeSet<MessageId> = n
+        .purged_referral_ids
+        .iter()
+        .map(|b| id(b))
+        .collect::<Result<_, _>>()?;
+    let mut to_keep: HashMap<MessageId, BTreeSet<Field>> = HashMap::new();
+    for kept in &n.kept {
+        let fields = kept
+            .fields
+            .iter()
+            .map(|f| {
+                convert::field_from_pb(*f)
+                    .ok_or_else(|| Failure::invalid("narrowing keeps a field that is unknown"))
+            })
+            .collect::<Result<BTreeSet<Field>, _>>()?;
+        to_keep.insert(id(&kept.referral_id)?, fields);
+    }
+    let mut purged = Vec::new();
+    let mut redacted = Vec::new();
+    for row in node
+        .store
+        .inbox_rows_under_consent(&sender.id, &n.consent_id)
+        .await?
+    {
+        if to_purge.contains(&row.message_id) {
+            purged.push(row.message_id);
+            continue;
+        }
+        let Some(keep) = to_keep.get(&row.message_id) else {
+            continue;
+        };
+        let wrapped = node
+            .store
+            .case_key(&row.case_key_id)
+            .await?
+            .ok_or_else(|| {
+                Failure::internal("a received referral's key is gone", row.message_id)
+            })?;
+        let key = node
+            .data_key
+            .unwrap_data_key(&row.case_key_id, &wrapped)
+            .map_err(data_failure)?;
+        let record = row.message_id.to_hex();
+        let plaintext = key
+            .decrypt(&row.case_key_id, &record, &row.payload_sealed)
+            .map_err(data_failure)?;
+        let mut payload = pb::ReferralPayload::decode(plaintext.as_slice())
+            .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+        let before = payload.fields.len();
+        payload
+            .fields
+            .retain(|fv| convert::field_from_pb(fv.field).is_some_and(|f| keep.contains(&f)));
+        if payload.fields.is_empty() {
+            purged.push(row.message_id);
+        } else if payload.fields.len() < before {
+            let sealed = key
+                .encrypt(&row.case_key_id, &record, &payload.encode_to_vec())
+                .map_err(data_failure)?;
+            redacted.push((row.message_id, row.payload_sealed, sealed));
+        }
+    }
+    let purge_receipt = PurgeReceipt::sign(
+        message_id,
+        n.consent_id.clone(),
+        n.case_ref.clone(),
+        sender.id.clone(),
+        node.org.clone(),
+        purged.clone(),
+        now,
+        &node.signing_key,
+    );
+    let entry = audit::encode(
+        &Event::NarrowingApplied {
+            message_id,
+            sender: sender.id.clone(),
+            consent_id: n.consent_id.clone(),
+            case: n.case_ref.clone(),
+            purged: purged.len() as u64,
+            redacted: redacted.len() as u64,
+        },
+        now,
+    );
+    let (purged_count, redacted_count) = (purged.len(), redacted.len());
+    let outcome = node
+        .store
+        .apply_narrowing(
+            AcceptedNarrowing {
+                message_id,
+                sender: sender.id.clone(),
+                envelope_digest: *digest,
+                consent_id: n.consent_id.clone(),
+                purged,
+                redacted,
+                received_at_ms: now,
+                respond: responder(
+                    node,
+                    &sender.id,
+                    message_id,
+                    digest,
+                    now,
+                    Some(convert::purge_receipt_to_pb(&purge_receipt)),
+                ),
+            },
+            entry,
+        )
+        .await?;
+    match outcome {
+        AcceptOutcome::Stored(response) => {
+            // Make the deletion final on disk: no purged page stays in the WAL.
+            if let Err(error) = node.store.checkpoint().await {
+                tracing::warn!(%error, "WAL checkpoint after narrowing failed");
+            }
+            tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
+            decode_response(&response)
+        }
+        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+        AcceptOutcome::ConsentWithdrawn | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
+            "storage answered a narrowing as a referral",
+            &n.consent_id,
         )),
     }
 }

@@ -89,6 +89,17 @@ pub enum Event {
         case: String,
         purged: u64,
     },
+    /// This node applied a peer's narrowing of a consent: it purged the referrals the
+    /// narrowed consent no longer covers and removed from others the fields it no
+    /// longer covers.
+    NarrowingApplied {
+        message_id: MessageId,
+        sender: OrgId,
+        consent_id: String,
+        case: String,
+        purged: u64,
+        redacted: u64,
+    },
     /// A peer's purge receipt verified.
     PurgeReceiptReceived {
         message_id: MessageId,
@@ -133,6 +144,7 @@ impl Event {
             Self::ConsentNarrowed { .. } => "consent-narrowed",
             Self::ConsentWithdrawn { .. } => "consent-withdrawn",
             Self::PurgeDone { .. } => "purge-done",
+            Self::NarrowingApplied { .. } => "narrowing-applied",
             Self::PurgeReceiptReceived { .. } => "purge-receipt-received",
             Self::PersonalDataRead { .. } => "personal-data-read",
             Self::RetentionPurge { .. } => "retention-purge",
@@ -236,6 +248,21 @@ impl Event {
                 ("consent_id", consent_id.clone()),
                 ("case", case.clone()),
                 ("purged", purged.to_string()),
+            ],
+            Self::NarrowingApplied {
+                message_id,
+                sender,
+                consent_id,
+                case,
+                purged,
+                redacted,
+            } => vec![
+                ("message_id", message_id.to_hex()),
+                ("sender", sender.to_string()),
+                ("consent_id", consent_id.clone()),
+                ("case", case.clone()),
+                ("purged", purged.to_string()),
+                ("redacted", redacted.to_string()),
             ],
             Self::PurgeReceiptReceived {
                 message_id,

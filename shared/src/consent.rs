@@ -355,6 +355,37 @@ impl ConsentScope {
         }
     }
 
+    /// What `recipient` may keep, under this (narrowed) consent, of one referral it got
+    /// under it for `purpose`, disclosing `disclosed` (`None` for a referral sent before
+    /// the sender recorded what it disclosed). Nothing, if the consent no longer admits
+    /// it for that purpose or covers none of its fields; the fields it still covers, if
+    /// some are gone. Only what the referral disclosed is named, so that the recipient
+    /// learns nothing of the consent beyond what it was sent.
+    pub fn after_narrowing(
+        &self,
+        recipient: &Member,
+        purpose: Purpose,
+        disclosed: Option<&BTreeSet<Field>>,
+    ) -> AfterNarrowing {
+        if !self.admits_recipient(recipient)
+            || !self.purposes.contains(&purpose)
+            || !Self::role_may_receive(recipient, purpose)
+        {
+            return AfterNarrowing::Purge;
+        }
+        let Some(disclosed) = disclosed else {
+            return AfterNarrowing::Unchanged;
+        };
+        let kept: BTreeSet<Field> = disclosed.intersection(&self.fields).copied().collect();
+        if kept.is_empty() {
+            AfterNarrowing::Purge
+        } else if kept.len() == disclosed.len() {
+            AfterNarrowing::Unchanged
+        } else {
+            AfterNarrowing::Keep(kept)
+        }
+    }
+
     /// Checks that `narrower` only takes away from this scope (no new purpose, field or
     /// recipient, no later expiry, no restriction lifted) and takes something away.
     pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), NarrowingError> {
@@ -398,6 +429,18 @@ impl ConsentScope {
         }
         Ok(())
     }
+}
+
+/// What a recipient may keep of one referral once its consent is narrowed
+/// ([`ConsentScope::after_narrowing`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterNarrowing {
+    /// The referral as it is.
+    Unchanged,
+    /// These of its fields, and none of the others.
+    Keep(BTreeSet<Field>),
+    /// Nothing of it.
+    Purge,
 }
 
 /// The receipt of consent that travels sealed inside a referral: the sending org's signed
@@ -899,6 +942,46 @@ mod tests {
     }
 
     #[test]
+    fn a_narrowing_names_what_a_recipient_may_keep_of_each_referral() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        let sent: BTreeSet<Field> = [Field::PreferredName, Field::Needs, Field::RiskFlags].into();
+        let full = consent();
+        assert_eq!(
+            full.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
+            AfterNarrowing::Unchanged
+        );
+        let mut narrowed = consent();
+        narrowed.fields.remove(&Field::RiskFlags);
+        assert_eq!(
+            narrowed.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
+            AfterNarrowing::Keep([Field::PreferredName, Field::Needs].into())
+        );
+        // A referral sent before what it disclosed was recorded keeps its fields.
+        assert_eq!(
+            narrowed.after_narrowing(&kh, Purpose::Reintegration, None),
+            AfterNarrowing::Unchanged
+        );
+        // No field of it left, its purpose gone, or the recipient gone: nothing.
+        narrowed.fields.retain(|f| !sent.contains(f));
+        assert_eq!(
+            narrowed.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
+            AfterNarrowing::Purge
+        );
+        let mut no_purpose = consent();
+        no_purpose.purposes.remove(&Purpose::Reintegration);
+        assert_eq!(
+            no_purpose.after_narrowing(&kh, Purpose::Reintegration, None),
+            AfterNarrowing::Purge
+        );
+        let mut no_recipient = consent();
+        no_recipient.recipient_orgs.clear();
+        assert_eq!(
+            no_recipient.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
+            AfterNarrowing::Purge
+        );
+    }
+
+    #[test]
     fn consent_receipt_signs_every_field() {
         let key = SigningKey::from_seed(&[3; 32]).unwrap();
         let my = OrgId::new("shelter-my").unwrap();
@@ -1098,6 +1181,34 @@ mod tests {
             prop_assert!(s.fields.is_subset(&fields));
             if gate(&scope, &recipient, purpose, &fields, now).is_ok() {
                 prop_assert!(gate(&s, &recipient, purpose, &fields, now).is_ok());
+            }
+        }
+
+        /// After a narrowing, a recipient keeps of a referral only fields it was sent and
+        /// the narrowed consent still covers, and only for a purpose the narrowed consent
+        /// still lets it receive; a referral it may keep whole was all within the consent.
+        #[test]
+        fn a_narrowing_keeps_nothing_outside_the_narrowed_consent(
+            scope in arb_scope(),
+            (recipient, purpose, disclosed) in arb_referral(),
+            known in any::<bool>(),
+        ) {
+            let after = scope.after_narrowing(&recipient, purpose, known.then_some(&disclosed));
+            if after != AfterNarrowing::Purge {
+                prop_assert!(scope.admits_recipient(&recipient));
+                prop_assert!(scope.purposes.contains(&purpose));
+                prop_assert!(profile(purpose).recipient_roles.iter().any(|r| recipient.has_role(*r)));
+            }
+            match after {
+                AfterNarrowing::Keep(kept) => {
+                    prop_assert!(known && !kept.is_empty());
+                    prop_assert!(kept.is_subset(&disclosed) && kept.is_subset(&scope.fields));
+                    prop_assert!(kept.len() < disclosed.len());
+                }
+                AfterNarrowing::Unchanged if known => {
+                    prop_assert!(disclosed.is_subset(&scope.fields));
+                }
+                AfterNarrowing::Unchanged | AfterNarrowing::Purge => {}
             }
         }
 

@@ -94,6 +94,8 @@ impl fmt::Debug for MessageId {
 pub enum MessageKind {
     Referral = 1,
     ConsentWithdrawal = 2,
+    /// What a recipient may keep of what it got under a consent since narrowed.
+    ConsentNarrowing = 3,
 }
 
 impl MessageKind {
@@ -101,6 +103,7 @@ impl MessageKind {
         match value {
             1 => Ok(Self::Referral),
             2 => Ok(Self::ConsentWithdrawal),
+            3 => Ok(Self::ConsentNarrowing),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }
@@ -113,6 +116,7 @@ impl MessageKind {
         match self {
             Self::Referral => "referral",
             Self::ConsentWithdrawal => "consent-withdrawal",
+            Self::ConsentNarrowing => "consent-narrowing",
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod sign;
 pub mod witness;
 
 pub use caseref::PairwiseKey;
-pub use consent::{ConsentReceipt, ConsentScope, GateRefusal, Reason};
+pub use consent::{AfterNarrowing, ConsentReceipt, ConsentScope, GateRefusal, Reason};
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{
     Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,

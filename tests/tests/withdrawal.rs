@@ -296,6 +296,146 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     }
 }
 
+/// A narrowing that keeps a recipient but takes away a purpose and some fields reaches
+/// it too: it purges the referral sent for that purpose, removes those fields from the
+/// others, and keeps what the consent still covers.
+#[tokio::test]
+async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its_data() {
+    let fed = Federation::four("narrow-cut");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) = case_with_consent_to(
+        &mut s,
+        &[SHELTER_KH],
+        &["reintegration", "psychosocial-support"],
+    )
+    .await;
+    let mut with_more = referral(&case_id, SHELTER_KH, "reintegration");
+    for f in [corridor::Field::RiskFlags, corridor::Field::HealthSummary] {
+        with_more
+            .fields
+            .insert(f.as_str().to_owned(), sample_value(f));
+    }
+    let mut sent = Vec::new();
+    for request in [
+        with_more,
+        referral(&case_id, SHELTER_KH, "psychosocial-support"),
+        referral(&case_id, SHELTER_KH, "reintegration"),
+    ] {
+        let id = s
+            .send_referral(request)
+            .await
+            .expect("send")
+            .into_inner()
+            .referral_id;
+        let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{}", st.last_error);
+        sent.push(id);
+    }
+    let [cut, purged, untouched] = &sent[..] else {
+        unreachable!()
+    };
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope");
+    scope.purposes.retain(|p| p != "psychosocial-support");
+    scope
+        .fields
+        .retain(|f| f != "risk_flags" && f != "health_summary");
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope.clone()),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("narrowing");
+
+    let st = wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    let receipt = st.recipients[0]
+        .purge_receipt
+        .as_ref()
+        .expect("purge receipt");
+    let purged_ids: Vec<String> = receipt.purged_referrals.iter().map(hex::encode).collect();
+    assert_eq!(purged_ids, vec![purged.clone()]);
+
+    let mut c = kh.client().await;
+    let mut held: Vec<String> = inbox(&mut c)
+        .await
+        .into_iter()
+        .map(|i| i.referral_id)
+        .collect();
+    held.sort();
+    let mut expected = vec![cut.clone(), untouched.clone()];
+    expected.sort();
+    assert_eq!(
+        held, expected,
+        "{SHELTER_KH} holds what the consent no longer covers"
+    );
+    let fields_of = |r: pb::GetReferralResponse| {
+        let mut names: Vec<String> = r.fields.into_keys().collect();
+        names.sort();
+        names
+    };
+    let mut required: Vec<String> = required_fields("reintegration").into_keys().collect();
+    required.sort();
+    for id in [cut, untouched] {
+        let read = c
+            .get_referral(pb::GetReferralRequest {
+                referral_id: id.clone(),
+            })
+            .await
+            .expect("the referral it keeps")
+            .into_inner();
+        assert_eq!(fields_of(read), required, "{id}");
+    }
+    let gone = c
+        .get_referral(pb::GetReferralRequest {
+            referral_id: purged.clone(),
+        })
+        .await
+        .expect_err("the purged referral");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+
+    // The consent stands for what it still covers, and a later narrowing that takes
+    // nothing more of what the recipient holds purges nothing.
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+    scope.fields.retain(|f| f != "caseworker_note");
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("second narrowing");
+    let st = wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+            && st.recipients[0]
+                .purge_receipt
+                .as_ref()
+                .is_some_and(|r| r.purged_referrals.is_empty())
+    })
+    .await;
+    assert_eq!(st.recipients[0].referral_ids.len(), 4, "{st:?}");
+    assert_eq!(inbox(&mut c).await.len(), 3);
+}
+
 /// The directory's `[[member]]` block of `org` taken out of `directory`.
 fn without_member(directory: &str, org: &str) -> String {
     directory
