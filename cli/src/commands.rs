@@ -379,6 +379,8 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                 "purge_receipt": p.purge_receipt.as_ref().map(|pr| json!({
                     "purged_at_ms": pr.purged_at_ms,
                     "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
+                    "narrowing": pr.narrowing,
+                    "cut_referrals": pr.cut_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
                     "signature": hex::encode(&pr.signature),
                 })),
             })
@@ -408,8 +410,16 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                     escape_controls(&p.state)
                 ));
                 if let Some(pr) = &p.purge_receipt {
+                    let cut = if pr.narrowing {
+                        format!(
+                            ", {} cut to the fields the consent still covers",
+                            pr.cut_referrals.len()
+                        )
+                    } else {
+                        String::new()
+                    };
                     text.push_str(&format!(
-                        " at {}: {} referral(s) destroyed, signed purge receipt held",
+                        " at {}: {} referral(s) destroyed{cut}, signed purge receipt held",
                         format_time(pr.purged_at_ms),
                         pr.purged_referrals.len()
                     ));
@@ -421,9 +431,7 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                     ));
                 }
             }
-            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0)
-                || outstanding > 0
-            {
+            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0) || outstanding > 0 {
                 text.push_str(&format!("\n  {outstanding} purge receipt(s) outstanding"));
             }
             text

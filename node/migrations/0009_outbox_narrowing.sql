@@ -5,3 +5,13 @@
 -- it was sent for, so that each narrowing asks each recipient once.
 ALTER TABLE outbox ADD COLUMN fields TEXT;
 ALTER TABLE outbox ADD COLUMN narrowed_at_ms INTEGER;
+
+-- Consents other orgs narrowed, as far as this node carried the narrowing out: a referral
+-- under one of them that was sealed before its narrowing (the sender cancelled it, but it
+-- was on its way) is refused when it arrives, as it would carry what was taken back.
+CREATE TABLE narrowed_consents (
+    sender TEXT NOT NULL,
+    consent_id TEXT NOT NULL,
+    narrowed_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, consent_id)
+);

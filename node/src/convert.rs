@@ -160,22 +160,35 @@ pub fn purge_receipt_to_pb(r: &corridor::PurgeReceipt) -> pb::PurgeReceipt {
         purged_referrals: r.purged_referrals.iter().map(|m| m.0.to_vec()).collect(),
         purged_at_ms: r.purged_at_ms,
         signature: r.signature.clone(),
+        narrowing: r.cut_referrals.is_some(),
+        cut_referrals: r
+            .cut_referrals
+            .iter()
+            .flatten()
+            .map(|m| m.0.to_vec())
+            .collect(),
     }
 }
 
 pub fn purge_receipt_from_pb(r: pb::PurgeReceipt) -> Result<corridor::PurgeReceipt, String> {
-    let ids = r
-        .purged_referrals
-        .iter()
-        .map(|m| MessageId::from_bytes(m).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
+    let ids = |list: &[Vec<u8>]| {
+        list.iter()
+            .map(|m| MessageId::from_bytes(m).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let cut_referrals = match r.narrowing {
+        true => Some(ids(&r.cut_referrals)?),
+        false if r.cut_referrals.is_empty() => None,
+        false => return Err("a withdrawal's purge receipt names referrals cut".into()),
+    };
     Ok(corridor::PurgeReceipt {
         withdrawal_id: MessageId::from_bytes(&r.withdrawal_id).map_err(|e| e.to_string())?,
         consent_id: r.consent_id,
         case_ref: r.case_ref,
         requester: OrgId::new(&r.requester).map_err(|e| format!("requester: {e}"))?,
         purger: OrgId::new(&r.purger).map_err(|e| format!("purger: {e}"))?,
-        purged_referrals: ids,
+        purged_referrals: ids(&r.purged_referrals)?,
+        cut_referrals,
         purged_at_ms: r.purged_at_ms,
         signature: r.signature,
     })

@@ -364,6 +364,7 @@ async fn deliver_once(
         purge
             .verify(
                 item.message_id,
+                item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32()),
                 &item.consent_ref,
                 &node.org,
                 &recipient,

@@ -318,6 +318,8 @@ pub struct AcceptedReferral {
     pub payload_sealed: Vec<u8>,
     pub received_at_ms: i64,
     pub retain_until_ms: i64,
+    /// When the sender sealed it (its envelope's `created_at_ms`, the sender's clock).
+    pub sealed_at_ms: i64,
     /// Builds the answer (with the signed receipt) from the entry's place in the log.
     pub respond: Respond,
 }
@@ -348,6 +350,9 @@ pub struct AcceptedNarrowing {
     pub purged: Vec<MessageId>,
     /// The referrals whose fields are cut: the payload as read, and as it is to be.
     pub redacted: Vec<(MessageId, Vec<u8>, Vec<u8>)>,
+    /// When the sender narrowed the consent (its clock): a referral under it sealed
+    /// before then that arrives later is refused.
+    pub narrowed_at_ms: i64,
     pub received_at_ms: i64,
     pub respond: Respond,
 }
@@ -360,6 +365,9 @@ pub enum AcceptOutcome {
     AlreadySeen(SeenMessage),
     /// Refused: the sender withdrew the consent the referral travels under.
     ConsentWithdrawn,
+    /// Refused: the sender narrowed the consent the referral travels under after it
+    /// sealed the referral (and cancelled it; it was already on its way).
+    ConsentNarrowed,
     /// Not stored: the data key the payload was sealed under is no longer the case's key
     /// (it was shredded meanwhile). Seal it again under [`Store::case_key`]'s answer.
     CaseKeyChanged,
@@ -1011,17 +1019,35 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Queues withdrawals in one transaction.
-    pub async fn queue_withdrawals(&self, withdrawals: Vec<NewOutboxItem>) -> Result<()> {
+    /// Queues withdrawals and narrowings in one transaction, recording for each referral
+    /// a narrowing cuts what it discloses once its recipient has done as asked
+    /// (`disclosed_after`: message id, field names).
+    pub async fn queue_withdrawals(
+        &self,
+        withdrawals: Vec<NewOutboxItem>,
+        disclosed_after: Vec<(MessageId, String)>,
+    ) -> Result<()> {
         self.writer
-            .run(withdrawals, |withdrawals, tx, _log| {
-                Box::pin(async move {
-                    for item in withdrawals {
-                        Self::insert_outbox(tx, item, None).await?;
-                    }
-                    Ok(())
-                })
-            })
+            .run(
+                (withdrawals, disclosed_after),
+                |(withdrawals, disclosed_after), tx, _log| {
+                    Box::pin(async move {
+                        for item in withdrawals.iter() {
+                            Self::insert_outbox(tx, item, None).await?;
+                        }
+                        for (id, fields) in disclosed_after.iter() {
+                            sqlx::query(tx.sql(
+                                "UPDATE outbox SET fields = $2 WHERE message_id = $1 AND kind = 1",
+                            ))
+                            .bind(&id.0[..])
+                            .bind(fields)
+                            .execute(tx.conn().await?)
+                            .await?;
+                        }
+                        Ok(())
+                    })
+                },
+            )
             .await
     }
 
@@ -1337,12 +1363,13 @@ impl Store {
     }
 
     /// Why an envelope was not recorded as seen: the id was seen before (a replay or a
-    /// concurrent duplicate), or else (for a referral, whose `consent` is given) the
-    /// consent it travels under is withdrawn, or else its data key is stale.
+    /// concurrent duplicate), or else (for a referral, whose sender, consent and sealing
+    /// time are given) the consent it travels under is withdrawn or was narrowed after
+    /// it was sealed, or else its data key is stale.
     async fn not_accepted(
         conn: &mut SqliteConnection,
         id: MessageId,
-        consent: Option<(&str, &str)>,
+        consent: Option<(&str, &str, i64)>,
     ) -> Result<AcceptOutcome> {
         let seen = sqlx::query(
             "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
@@ -1357,7 +1384,7 @@ impl Store {
                 response: r.get(2),
             }),
             None => {
-                let Some((sender, consent_id)) = consent else {
+                let Some((sender, consent_id, sealed_at_ms)) = consent else {
                     return Err(StoreError::Corrupt("an unseen envelope was not recorded"));
                 };
                 let withdrawn = sqlx::query(
@@ -1367,8 +1394,19 @@ impl Store {
                 .bind(consent_id)
                 .fetch_optional(&mut *conn)
                 .await?;
+                let narrowed = sqlx::query(
+                    "SELECT 1 FROM narrowed_consents
+                     WHERE sender = $1 AND consent_id = $2 AND narrowed_at_ms > $3",
+                )
+                .bind(sender)
+                .bind(consent_id)
+                .bind(sealed_at_ms)
+                .fetch_optional(&mut *conn)
+                .await?;
                 if withdrawn.is_some() {
                     AcceptOutcome::ConsentWithdrawn
+                } else if narrowed.is_some() {
+                    AcceptOutcome::ConsentNarrowed
                 } else {
                     AcceptOutcome::CaseKeyChanged
                 }
@@ -1463,6 +1501,16 @@ impl Store {
                         {
                             return Ok(outcome);
                         }
+                        sqlx::query(
+                            "INSERT INTO narrowed_consents (sender, consent_id, narrowed_at_ms)
+                             VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO UPDATE
+                             SET narrowed_at_ms = max(narrowed_at_ms, excluded.narrowed_at_ms)",
+                        )
+                        .bind(n.sender.as_str())
+                        .bind(&n.consent_id)
+                        .bind(n.narrowed_at_ms)
+                        .execute(&mut *conn)
+                        .await?;
                         for id in &n.purged {
                             let deleted = sqlx::query(
                                 "DELETE FROM inbox
@@ -2106,6 +2154,9 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
         FROM (SELECT value AS r FROM jsonb_each($1))
         WHERE NOT EXISTS (SELECT 1 FROM withdrawn_consents
                           WHERE sender = r ->> 2 AND consent_id = r ->> 8)
+          AND NOT EXISTS (SELECT 1 FROM narrowed_consents
+                          WHERE sender = r ->> 2 AND consent_id = r ->> 8
+                            AND narrowed_at_ms > r ->> 18)
           AND EXISTS (SELECT 1 FROM case_keys
                       WHERE id = r ->> 11 AND wrapped_key = substr($2, r ->> 16, r ->> 17))
         ON CONFLICT(message_id) DO NOTHING;
@@ -2155,7 +2206,8 @@ impl RowWrite for Accept {
             .int(a.consent_expires_at_ms)
             .blob(&a.payload_sealed)
             .int(a.retain_until_ms)
-            .blob(&a.wrapped_case_key);
+            .blob(&a.wrapped_case_key)
+            .int(a.sealed_at_ms);
         Ok(())
     }
 
@@ -2175,7 +2227,7 @@ impl RowWrite for Accept {
     ) -> Step<'c, AcceptOutcome> {
         Box::pin(async move {
             let a = &self.referral;
-            let consent = Some((a.sender.as_str(), a.consent_id.as_str()));
+            let consent = Some((a.sender.as_str(), a.consent_id.as_str(), a.sealed_at_ms));
             Store::not_accepted(tx.conn().await?, a.message_id, consent).await
         })
     }
@@ -2238,6 +2290,7 @@ pub(crate) mod tests {
             payload_sealed: b"sealed".to_vec(),
             received_at_ms: 1,
             retain_until_ms: 10,
+            sealed_at_ms: 0,
             respond: Box::new(|(index, _)| format!("receipt for entry {index}").into_bytes()),
         }
     }
@@ -2781,6 +2834,84 @@ pub(crate) mod tests {
         assert!(matches!(replayed, Ok(AcceptOutcome::AlreadySeen(_))));
         assert!(store.inbox_item(message).await.expect("read").is_some());
         assert_eq!(store.audit_size().await.expect("size"), 1);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A narrowing deletes and cuts exactly what it read, or nothing; once carried out, a
+    /// referral under the consent sealed before it (cancelled by its sender while on its
+    /// way) is refused, and one sealed after it is stored.
+    #[tokio::test]
+    async fn a_narrowing_cuts_what_it_read_and_refuses_what_was_sealed_before_it() {
+        let (store, dir) = temp_store("narrowing").await;
+        let key = "in:shelter-my:case-ref";
+        store.ensure_case_key(key, b"key-1", 0).await.expect("key");
+        let with_id = |n: u8, sealed_at_ms: i64| AcceptedReferral {
+            message_id: MessageId([n; 16]),
+            payload_sealed: vec![n; 8],
+            sealed_at_ms,
+            ..referral(b"key-1")
+        };
+        for n in [1, 2] {
+            let stored = store.accept_referral(with_id(n, 5), entry()).await;
+            assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
+        }
+        let narrowing = |read: Vec<u8>| AcceptedNarrowing {
+            message_id: MessageId([9; 16]),
+            sender: OrgId::new("shelter-my").expect("org id"),
+            envelope_digest: [3; 32],
+            consent_id: "consent-1".into(),
+            purged: vec![MessageId([1; 16])],
+            redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
+            narrowed_at_ms: 100,
+            received_at_ms: 101,
+            respond: Box::new(|_| b"narrowed".to_vec()),
+        };
+        // Read before the payload changed: nothing of it stays.
+        let stale = store
+            .apply_narrowing(narrowing(b"other".to_vec()), entry())
+            .await;
+        assert!(stale.is_err());
+        assert!(
+            store
+                .inbox_item(MessageId([1; 16]))
+                .await
+                .expect("read")
+                .is_some()
+        );
+        assert!(
+            store
+                .seen(MessageId([9; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+
+        let applied = store.apply_narrowing(narrowing(vec![2; 8]), entry()).await;
+        assert!(matches!(applied, Ok(AcceptOutcome::Stored(r)) if r == b"narrowed"));
+        assert!(
+            store
+                .inbox_item(MessageId([1; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        let cut = store.inbox_item(MessageId([2; 16])).await.expect("read");
+        assert_eq!(cut.expect("kept").payload_sealed, b"cut");
+        let replayed = store.apply_narrowing(narrowing(vec![2; 8]), entry()).await;
+        assert!(matches!(replayed, Ok(AcceptOutcome::AlreadySeen(_))));
+
+        let late = store.accept_referral(with_id(3, 99), entry()).await;
+        assert!(matches!(late, Ok(AcceptOutcome::ConsentNarrowed)));
+        assert!(
+            store
+                .inbox_item(MessageId([3; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        let after = store.accept_referral(with_id(4, 100), entry()).await;
+        assert!(matches!(after, Ok(AcceptOutcome::Stored(_))));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -21,8 +21,8 @@ use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
     AcceptOutcome, AcceptedNarrowing, AcceptedReferral, AcceptedWithdrawal, ConsentDetails,
-    ConsentRow, Enqueued, NewConsent, NewOutboxItem, Respond, ScopeColumns, SentReferral, User,
-    Withdrawal,
+    ConsentRow, Enqueued, InboxRow, NewConsent, NewOutboxItem, Respond, ScopeColumns, SentReferral,
+    User, Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -1114,35 +1114,51 @@ struct NarrowingOf {
     purged: Vec<MessageId>,
 }
 
+impl NarrowingOf {
+    /// What each referral discloses once the recipient has done as asked (the fields it
+    /// keeps; none, for one it purges), to record at the sender: a later narrowing then
+    /// asks only for what it takes away itself.
+    fn disclosed_after(&self) -> Vec<(MessageId, String)> {
+        self.kept
+            .iter()
+            .map(|(id, fields)| (*id, join(fields.iter().map(|f| f.as_str()))))
+            .chain(self.purged.iter().map(|id| (*id, String::new())))
+            .collect()
+    }
+}
+
 /// What `recipient` may keep, under the narrowed `scope`, of the referrals it was sent;
-/// `None` if it may keep them all as they are.
+/// `None` if it may keep them all as they are. A stored value that does not parse
+/// (which only a damaged database holds) asks the safe thing: a purpose, to purge; field
+/// names, to keep only what the consent covers for the purpose.
 fn narrowing_of(
     scope: &ConsentScope,
     recipient: &Member,
     referrals: &[SentReferral],
-) -> Result<Option<NarrowingOf>, Failure> {
+) -> Option<NarrowingOf> {
     let mut n = NarrowingOf::default();
     for sent in referrals {
-        let purpose =
-            Purpose::parse(&sent.purpose).map_err(|e| Failure::internal("stored purpose", e))?;
-        let disclosed = sent
-            .fields
-            .as_deref()
-            .map(|names| {
-                names
-                    .split_whitespace()
-                    .map(Field::parse)
-                    .collect::<Result<BTreeSet<Field>, _>>()
-            })
-            .transpose()
-            .map_err(|e| Failure::internal("stored field names", e))?;
-        match scope.after_narrowing(recipient, purpose, disclosed.as_ref()) {
+        let disclosed = match sent.fields.as_deref() {
+            // Purged already, as an earlier narrowing asked.
+            Some("") => continue,
+            Some(names) => names
+                .split_whitespace()
+                .map(Field::parse)
+                .collect::<Result<BTreeSet<Field>, _>>()
+                .ok(),
+            None => None,
+        };
+        let after = match Purpose::parse(&sent.purpose) {
+            Ok(purpose) => scope.after_narrowing(recipient, purpose, disclosed.as_ref()),
+            Err(_) => AfterNarrowing::Purge,
+        };
+        match after {
             AfterNarrowing::Unchanged => {}
             AfterNarrowing::Keep(fields) => n.kept.push((sent.message_id, fields)),
             AfterNarrowing::Purge => n.purged.push(sent.message_id),
         }
     }
-    Ok((!n.kept.is_empty() || !n.purged.is_empty()).then_some(n))
+    (!n.kept.is_empty() || !n.purged.is_empty()).then_some(n)
 }
 
 /// A narrowing for `recipient`, sealed and signed, ready to queue.
@@ -1254,7 +1270,7 @@ pub async fn renew_withdrawal(
             )
         })?;
         // What it may keep now, which a later narrowing may have cut further.
-        let n = narrowing_of(&scope_of(&consent)?, member, &referrals)?.unwrap_or_default();
+        let n = narrowing_of(&scope_of(&consent)?, member, &referrals).unwrap_or_default();
         narrowing_item(node, member, to, &n, narrowed_at_ms, now_ms())?
     } else {
         // A narrowing that took the recipient out of the consent withdrew it there.
@@ -1295,6 +1311,7 @@ pub async fn consent_status(
     let row = consent_row(node, consent_id).await?;
     let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
         Default::default();
+    let mut asked_to_withdraw = BTreeSet::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1312,9 +1329,11 @@ pub async fn consent_status(
         }
         // The latest narrowing asked of it shows, unless it was asked to purge everything.
         let narrowing = item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32());
-        if narrowing && !entry.state.starts_with("not-") && !entry.state.contains("narrow") {
-            // Asked to purge everything already.
+        if narrowing && asked_to_withdraw.contains(&item.recipient) {
             continue;
+        }
+        if !narrowing {
+            asked_to_withdraw.insert(item.recipient.clone());
         }
         entry.attempts = u32::try_from(item.attempts).unwrap_or(u32::MAX);
         entry.last_error = item.last_error.clone().unwrap_or_default();
@@ -1329,11 +1348,14 @@ pub async fn consent_status(
     }
     if row.withdrawn_at_ms.is_some() {
         // Recipients that hold data but could not be asked: not members when the consent
-        // was withdrawn. They are asked when a directory brings them back.
-        for entry in recipients.values_mut() {
-            if entry.state == "not-withdrawn" {
+        // was withdrawn (a narrowing they carried out before leaves them holding the
+        // rest). They are asked when a directory brings them back.
+        for (recipient, entry) in recipients.iter_mut() {
+            if !asked_to_withdraw.contains(recipient) {
                 entry.state =
                     "pending (not a member of the federation: asked if it returns)".into();
+                // A narrowing's receipt does not answer the withdrawal.
+                entry.purge_receipt = None;
             }
         }
     }
@@ -1412,6 +1434,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
             .push(sent);
     }
     let mut items = Vec::new();
+    let mut disclosed_after = Vec::new();
     for ((recipient, consent_ref), sent) in &per_recipient {
         let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
         let Some(member) = node.directory.get(&org) else {
@@ -1433,7 +1456,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                 if narrowed_before.contains(recipient) {
                     continue;
                 }
-                if let Some(n) = narrowing_of(scope, member, sent)? {
+                if let Some(n) = narrowing_of(scope, member, sent) {
                     items.push(narrowing_item(
                         node,
                         member,
@@ -1442,6 +1465,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                         changed_at_ms,
                         now_ms(),
                     )?);
+                    disclosed_after.extend(n.disclosed_after());
                 }
             }
             _ => {
@@ -1461,7 +1485,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
     }
     let queued = items.len();
     if queued > 0 {
-        node.store.queue_withdrawals(items).await?;
+        node.store.queue_withdrawals(items, disclosed_after).await?;
         node.outbox_ready.notify_one();
     }
     Ok(queued)
@@ -1602,13 +1626,18 @@ async fn receive(
         })?;
         match opened.header.kind {
             MessageKind::Referral => {
-                accept_referral(node, sender, message_id, &digest, &opened.payload, now).await
+                let sealed_at_ms = opened.header.created_at_ms;
+                accept_referral(node, sender, message_id, &digest, &opened.payload, sealed_at_ms, now)
+                    .await
             }
             MessageKind::ConsentWithdrawal => {
                 accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
             }
             MessageKind::ConsentNarrowing => {
-                accept_narrowing(node, sender, message_id, &digest, &opened.payload, now).await
+                // The sender's word on when it narrowed, but no later than it sealed this.
+                let sealed_at_ms = opened.header.created_at_ms;
+                accept_narrowing(node, sender, message_id, &digest, &opened.payload, sealed_at_ms, now)
+                    .await
             }
         }
     }
@@ -1667,6 +1696,7 @@ async fn accept_referral(
     message_id: MessageId,
     digest: &[u8; 32],
     plaintext: &[u8],
+    sealed_at_ms: i64,
     now: i64,
 ) -> Result<pb::DeliverResponse, Failure> {
     let payload = pb::ReferralPayload::decode(plaintext)
@@ -1780,6 +1810,7 @@ async fn accept_referral(
                     received_at_ms: now,
                     retain_until_ms: now
                         .saturating_add(node.config.retention.retention_ms(purpose)),
+                    sealed_at_ms,
                     respond: responder(node, &sender.id, message_id, digest, now, None),
                 },
                 entry.clone(),
@@ -1802,6 +1833,15 @@ async fn accept_referral(
             }
             Err(Failure::precondition(format!(
                 "referral refused: consent {} was withdrawn",
+                consent_receipt.consent_id
+            )))
+        }
+        AcceptOutcome::ConsentNarrowed => {
+            if let Err(error) = node.store.drop_unused_received_key(&case_key_id).await {
+                tracing::warn!(%error, "could not shred the key of a refused referral");
+            }
+            Err(Failure::precondition(format!(
+                "referral refused: consent {} was narrowed after the referral was sealed",
                 consent_receipt.consent_id
             )))
         }
@@ -1845,6 +1885,7 @@ async fn accept_withdrawal(
         sender.id.clone(),
         node.org.clone(),
         purged.clone(),
+        None,
         now,
         &node.signing_key,
     );
@@ -1891,7 +1932,9 @@ async fn accept_withdrawal(
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
-        AcceptOutcome::ConsentWithdrawn | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
+        AcceptOutcome::ConsentWithdrawn
+        | AcceptOutcome::ConsentNarrowed
+        | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
             "storage answered a withdrawal as a referral",
             &w.consent_id,
         )),
@@ -1901,13 +1944,14 @@ async fn accept_withdrawal(
 /// Carries out a sender's narrowing of a consent: the referrals it names to purge are
 /// deleted, and the others it names lose every field it does not list. Referrals it does
 /// not name (sent after the narrowing, within it) stay as they are, and so does the
-/// consent: more referrals may come under it.
+/// consent: more referrals may come under it, but none sealed before the narrowing.
 async fn accept_narrowing(
     node: &Node,
     sender: &Member,
     message_id: MessageId,
     digest: &[u8; 32],
     plaintext: &[u8],
+    sealed_at_ms: i64,
     now: i64,
 ) -> Result<pb::DeliverResponse, Failure> {
     let n = pb::ConsentNarrowing::decode(plaintext)
@@ -1958,36 +2002,21 @@ async fn accept_narrowing(
         let Some(keep) = to_keep.get(&row.message_id) else {
             continue;
         };
-        let wrapped = node
-            .store
-            .case_key(&row.case_key_id)
-            .await?
-            .ok_or_else(|| {
-                Failure::internal("a received referral's key is gone", row.message_id)
-            })?;
-        let key = node
-            .data_key
-            .unwrap_data_key(&row.case_key_id, &wrapped)
-            .map_err(data_failure)?;
-        let record = row.message_id.to_hex();
-        let plaintext = key
-            .decrypt(&row.case_key_id, &record, &row.payload_sealed)
-            .map_err(data_failure)?;
-        let mut payload = pb::ReferralPayload::decode(plaintext.as_slice())
-            .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
-        let before = payload.fields.len();
-        payload
-            .fields
-            .retain(|fv| convert::field_from_pb(fv.field).is_some_and(|f| keep.contains(&f)));
-        if payload.fields.is_empty() {
-            purged.push(row.message_id);
-        } else if payload.fields.len() < before {
-            let sealed = key
-                .encrypt(&row.case_key_id, &record, &payload.encode_to_vec())
-                .map_err(data_failure)?;
-            redacted.push((row.message_id, row.payload_sealed, sealed));
+        match cut_to(node, &row, keep).await {
+            Ok(Cut::Unchanged) => {}
+            Ok(Cut::Nothing) => purged.push(row.message_id),
+            Ok(Cut::Sealed(sealed)) => {
+                redacted.push((row.message_id, row.payload_sealed, sealed));
+            }
+            // What cannot be read cannot be cut: it goes whole, rather than keeping the
+            // fields the person took back or holding up the rest of the narrowing.
+            Err(failure) => {
+                tracing::warn!(referral = %row.message_id, error = %failure.message, "a referral to cut cannot be read; purged whole");
+                purged.push(row.message_id);
+            }
         }
     }
+    let cut: Vec<MessageId> = redacted.iter().map(|(id, _, _)| *id).collect();
     let purge_receipt = PurgeReceipt::sign(
         message_id,
         n.consent_id.clone(),
@@ -1995,6 +2024,7 @@ async fn accept_narrowing(
         sender.id.clone(),
         node.org.clone(),
         purged.clone(),
+        Some(cut),
         now,
         &node.signing_key,
     );
@@ -2020,6 +2050,7 @@ async fn accept_narrowing(
                 consent_id: n.consent_id.clone(),
                 purged,
                 redacted,
+                narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
                 received_at_ms: now,
                 respond: responder(
                     node,
@@ -2043,11 +2074,56 @@ async fn accept_narrowing(
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
-        AcceptOutcome::ConsentWithdrawn | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
+        AcceptOutcome::ConsentWithdrawn
+        | AcceptOutcome::ConsentNarrowed
+        | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
             "storage answered a narrowing as a referral",
             &n.consent_id,
         )),
     }
+}
+
+/// A received referral cut to some of its fields.
+enum Cut {
+    /// It carries no other field.
+    Unchanged,
+    /// It carries none of them.
+    Nothing,
+    /// Its payload without the other fields, sealed again under the case's key.
+    Sealed(Vec<u8>),
+}
+
+/// Cuts the received referral `row` to the fields in `keep`.
+async fn cut_to(node: &Node, row: &InboxRow, keep: &BTreeSet<Field>) -> Result<Cut, Failure> {
+    let wrapped = node
+        .store
+        .case_key(&row.case_key_id)
+        .await?
+        .ok_or_else(|| Failure::internal("a received referral's key is gone", row.message_id))?;
+    let key = node
+        .data_key
+        .unwrap_data_key(&row.case_key_id, &wrapped)
+        .map_err(data_failure)?;
+    let record = row.message_id.to_hex();
+    let plaintext = key
+        .decrypt(&row.case_key_id, &record, &row.payload_sealed)
+        .map_err(data_failure)?;
+    let mut payload = pb::ReferralPayload::decode(plaintext.as_slice())
+        .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+    let before = payload.fields.len();
+    payload
+        .fields
+        .retain(|fv| convert::field_from_pb(fv.field).is_some_and(|f| keep.contains(&f)));
+    Ok(if payload.fields.is_empty() {
+        Cut::Nothing
+    } else if payload.fields.len() == before {
+        Cut::Unchanged
+    } else {
+        Cut::Sealed(
+            key.encrypt(&row.case_key_id, &record, &payload.encode_to_vec())
+                .map_err(data_failure)?,
+        )
+    })
 }
 
 fn decode_response(bytes: &[u8]) -> Result<pb::DeliverResponse, Failure> {

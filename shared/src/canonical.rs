@@ -18,6 +18,8 @@ pub mod label {
     pub const CONSENT_RECEIPT: &[u8] = b"corridor/v1/consent-receipt\0";
     /// A purge receipt answering a consent withdrawal.
     pub const PURGE_RECEIPT: &[u8] = b"corridor/v1/purge-receipt\0";
+    /// A purge receipt answering a consent narrowing: what was purged and what was cut.
+    pub const NARROWING_RECEIPT: &[u8] = b"corridor/v1/narrowing-receipt\0";
     /// HPKE `info` for sealing envelope payloads.
     pub const SEAL_INFO: &[u8] = b"corridor/v1/seal";
 }

@@ -326,15 +326,21 @@ impl ConsentScope {
             .any(|r| recipient.has_role(*r))
     }
 
-    /// Whether this consent lets `recipient` receive anything at all: it names it,
-    /// excludes none of its countries, and has a purpose its roles may receive.
-    pub fn admits_recipient(&self, recipient: &Member) -> bool {
-        self.recipient_not_in_scope(recipient).is_none()
+    /// Whether this consent lets `recipient` receive anything at all for `purpose`: the
+    /// gate's rules but those on fields, expiry and withdrawal.
+    pub fn admits_for(&self, recipient: &Member, purpose: Purpose) -> bool {
+        self.purposes.contains(&purpose)
+            && Self::role_may_receive(recipient, purpose)
+            && !(self.restrictions.no_family_contact && purpose == Purpose::FamilyTracing)
+            && self.recipient_not_in_scope(recipient).is_none()
             && self.recipient_excluded(recipient).is_empty()
-            && self
-                .purposes
-                .iter()
-                .any(|p| Self::role_may_receive(recipient, *p))
+    }
+
+    /// Whether this consent lets `recipient` receive anything at all: it names it,
+    /// excludes none of its countries, and has a purpose its roles may receive that no
+    /// restriction forbids.
+    pub fn admits_recipient(&self, recipient: &Member) -> bool {
+        self.purposes.iter().any(|p| self.admits_for(recipient, *p))
     }
 
     /// What of this consent one referral discloses: its purpose and the fields it
@@ -356,25 +362,37 @@ impl ConsentScope {
     }
 
     /// What `recipient` may keep, under this (narrowed) consent, of one referral it got
-    /// under it for `purpose`, disclosing `disclosed` (`None` for a referral sent before
-    /// the sender recorded what it disclosed). Nothing, if the consent no longer admits
-    /// it for that purpose or covers none of its fields; the fields it still covers, if
-    /// some are gone. Only what the referral disclosed is named, so that the recipient
-    /// learns nothing of the consent beyond what it was sent.
+    /// under it for `purpose`, disclosing `disclosed`. Nothing, if the consent no longer
+    /// admits it for that purpose or covers none of its fields; the fields it still
+    /// covers, if some are gone. Only fields the referral disclosed are named, so that
+    /// the recipient learns nothing of the consent beyond what it was sent.
+    ///
+    /// `disclosed` is `None` for a referral sent before the sender recorded what it
+    /// disclosed. The recipient is then told the fields the consent still covers for
+    /// the purpose: it learns which of them the person agrees to, but keeps nothing the
+    /// person took back.
     pub fn after_narrowing(
         &self,
         recipient: &Member,
         purpose: Purpose,
         disclosed: Option<&BTreeSet<Field>>,
     ) -> AfterNarrowing {
-        if !self.admits_recipient(recipient)
-            || !self.purposes.contains(&purpose)
-            || !Self::role_may_receive(recipient, purpose)
-        {
+        if !self.admits_for(recipient, purpose) {
             return AfterNarrowing::Purge;
         }
         let Some(disclosed) = disclosed else {
-            return AfterNarrowing::Unchanged;
+            let profile = profile(purpose);
+            let covered: BTreeSet<Field> = self
+                .fields
+                .iter()
+                .copied()
+                .filter(|f| profile.allows(*f))
+                .collect();
+            return if covered.is_empty() {
+                AfterNarrowing::Purge
+            } else {
+                AfterNarrowing::Keep(covered)
+            };
         };
         let kept: BTreeSet<Field> = disclosed.intersection(&self.fields).copied().collect();
         if kept.is_empty() {
@@ -956,10 +974,27 @@ mod tests {
             narrowed.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
             AfterNarrowing::Keep([Field::PreferredName, Field::Needs].into())
         );
-        // A referral sent before what it disclosed was recorded keeps its fields.
+        // A referral sent before what it disclosed was recorded keeps the fields the
+        // consent still covers for its purpose.
+        let covered: BTreeSet<Field> = narrowed
+            .fields
+            .iter()
+            .copied()
+            .filter(|f| profile(Purpose::Reintegration).allows(*f))
+            .collect();
+        assert!(!covered.contains(&Field::RiskFlags));
         assert_eq!(
             narrowed.after_narrowing(&kh, Purpose::Reintegration, None),
-            AfterNarrowing::Unchanged
+            AfterNarrowing::Keep(covered)
+        );
+        // A restriction the narrowing added counts too.
+        let mut no_family = consent();
+        no_family.purposes.insert(Purpose::FamilyTracing);
+        no_family.restrictions.no_family_contact = true;
+        let ngo = member("shelter-kh", "KH", Role::Ngo);
+        assert_eq!(
+            no_family.after_narrowing(&ngo, Purpose::FamilyTracing, Some(&sent)),
+            AfterNarrowing::Purge
         );
         // No field of it left, its purpose gone, or the recipient gone: nothing.
         narrowed.fields.retain(|f| !sent.contains(f));
@@ -1184,6 +1219,22 @@ mod tests {
             }
         }
 
+        /// `admits_for` is the gate without its rules on fields, expiry and withdrawal.
+        #[test]
+        fn admits_for_is_the_gate_but_for_fields(
+            scope in arb_scope(),
+            (recipient, purpose, _) in arb_referral(),
+        ) {
+            let mut live = scope.clone();
+            live.expires_at_ms = i64::MAX;
+            live.withdrawn_at_ms = None;
+            let refusal = gate(&live, &recipient, purpose, &BTreeSet::new(), 0).err();
+            let only_fields_missing = refusal.is_none_or(|r| {
+                r.reasons.iter().all(|x| matches!(x, Reason::RequiredFieldMissing { .. }))
+            });
+            prop_assert_eq!(scope.admits_for(&recipient, purpose), only_fields_missing);
+        }
+
         /// After a narrowing, a recipient keeps of a referral only fields it was sent and
         /// the narrowed consent still covers, and only for a purpose the narrowed consent
         /// still lets it receive; a referral it may keep whole was all within the consent.
@@ -1195,15 +1246,28 @@ mod tests {
         ) {
             let after = scope.after_narrowing(&recipient, purpose, known.then_some(&disclosed));
             if after != AfterNarrowing::Purge {
-                prop_assert!(scope.admits_recipient(&recipient));
-                prop_assert!(scope.purposes.contains(&purpose));
-                prop_assert!(profile(purpose).recipient_roles.iter().any(|r| recipient.has_role(*r)));
+                // Whatever it keeps, the gate would still let it be sent for the purpose.
+                let mut live = scope.clone();
+                live.expires_at_ms = i64::MAX;
+                live.withdrawn_at_ms = None;
+                let kept = match &after {
+                    AfterNarrowing::Keep(kept) => kept.clone(),
+                    _ => disclosed.clone(),
+                };
+                let refusal = gate(&live, &recipient, purpose, &kept, 0).err();
+                prop_assert!(refusal.is_none_or(|r| r.reasons.iter().all(|reason| matches!(
+                    reason,
+                    Reason::RequiredFieldMissing { .. } | Reason::FieldNotAllowedForPurpose { .. }
+                ))), "{:?}", after);
             }
             match after {
                 AfterNarrowing::Keep(kept) => {
-                    prop_assert!(known && !kept.is_empty());
-                    prop_assert!(kept.is_subset(&disclosed) && kept.is_subset(&scope.fields));
-                    prop_assert!(kept.len() < disclosed.len());
+                    prop_assert!(!kept.is_empty() && kept.is_subset(&scope.fields));
+                    if known {
+                        prop_assert!(kept.is_subset(&disclosed) && kept.len() < disclosed.len());
+                    } else {
+                        prop_assert!(kept.iter().all(|f| profile(purpose).allows(*f)));
+                    }
                 }
                 AfterNarrowing::Unchanged if known => {
                     prop_assert!(disclosed.is_subset(&scope.fields));

@@ -1,6 +1,7 @@
 //! Purge receipts: a recipient's signed statement that it destroyed the data it held
-//! under a withdrawn consent. The withdrawing org keeps asking until it holds one from
-//! every org that received data under the consent.
+//! under a withdrawn consent, or, answering a narrowing, the referrals and the fields the
+//! narrowed consent no longer covers. The org that withdrew or narrowed the consent keeps
+//! asking until it holds one from every org it asked.
 
 use crate::canonical::{Canonical, label};
 use crate::envelope::MessageId;
@@ -20,6 +21,9 @@ pub struct PurgeReceipt {
     pub purger: OrgId,
     /// Referrals whose data was destroyed, sorted.
     pub purged_referrals: Vec<MessageId>,
+    /// For a narrowing: the referrals of which fields were destroyed and the others
+    /// kept, sorted. `None` answers a withdrawal.
+    pub cut_referrals: Option<Vec<MessageId>>,
     pub purged_at_ms: i64,
     pub signature: Vec<u8>,
 }
@@ -28,6 +32,8 @@ pub struct PurgeReceipt {
 pub enum PurgeReceiptError {
     #[error("purge receipt answers another withdrawal")]
     WrongWithdrawal,
+    #[error("purge receipt answers a withdrawal where a narrowing was asked, or the reverse")]
+    WrongKind,
     #[error("purge receipt names requester {found}, expected {expected}")]
     WrongRequester { found: OrgId, expected: OrgId },
     #[error("purge receipt names purger {found}, expected {expected}")]
@@ -47,11 +53,16 @@ impl PurgeReceipt {
         requester: OrgId,
         purger: OrgId,
         mut purged_referrals: Vec<MessageId>,
+        mut cut_referrals: Option<Vec<MessageId>>,
         purged_at_ms: i64,
         key: &SigningKey,
     ) -> Self {
         purged_referrals.sort();
         purged_referrals.dedup();
+        if let Some(cut) = &mut cut_referrals {
+            cut.sort();
+            cut.dedup();
+        }
         let mut receipt = Self {
             withdrawal_id,
             consent_id,
@@ -59,6 +70,7 @@ impl PurgeReceipt {
             requester,
             purger,
             purged_referrals,
+            cut_referrals,
             purged_at_ms,
             signature: Vec::new(),
         };
@@ -66,28 +78,35 @@ impl PurgeReceipt {
         receipt
     }
 
+    /// The bytes signed: a narrowing's receipt under a label of its own, so that it can
+    /// never pass for a withdrawal's.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        let ids: Vec<String> = self
-            .purged_referrals
-            .iter()
-            .map(MessageId::to_hex)
-            .collect();
-        Canonical::new(label::PURGE_RECEIPT)
+        let hex = |ids: &[MessageId]| ids.iter().map(MessageId::to_hex).collect::<Vec<_>>();
+        let label = match self.cut_referrals {
+            None => label::PURGE_RECEIPT,
+            Some(_) => label::NARROWING_RECEIPT,
+        };
+        let fields = Canonical::new(label)
             .bytes(&self.withdrawal_id.0)
             .str(&self.consent_id)
             .str(&self.case_ref)
             .str(self.requester.as_str())
             .str(self.purger.as_str())
-            .strs(&ids)
-            .i64(self.purged_at_ms)
-            .finish()
+            .strs(&hex(&self.purged_referrals))
+            .i64(self.purged_at_ms);
+        match &self.cut_referrals {
+            None => fields.finish(),
+            Some(cut) => fields.strs(&hex(cut)).finish(),
+        }
     }
 
-    /// Checks that this receipt answers `withdrawal_id` for `consent_id`, was made by
-    /// `purger` for `requester`, and is signed by the purger.
+    /// Checks that this receipt answers `withdrawal_id` (a narrowing if `narrowing`, else
+    /// a withdrawal) for `consent_id`, was made by `purger` for `requester`, and is
+    /// signed by the purger.
     pub fn verify(
         &self,
         withdrawal_id: MessageId,
+        narrowing: bool,
         consent_id: &str,
         requester: &OrgId,
         purger: &OrgId,
@@ -95,6 +114,9 @@ impl PurgeReceipt {
     ) -> Result<(), PurgeReceiptError> {
         if self.withdrawal_id != withdrawal_id {
             return Err(PurgeReceiptError::WrongWithdrawal);
+        }
+        if self.cut_referrals.is_some() != narrowing {
+            return Err(PurgeReceiptError::WrongKind);
         }
         if self.consent_id != consent_id {
             return Err(PurgeReceiptError::WrongConsent {
@@ -136,6 +158,7 @@ mod tests {
             my.clone(),
             kh.clone(),
             vec![MessageId([3; 16]), MessageId([2; 16]), MessageId([3; 16])],
+            None,
             99,
             &key,
         );
@@ -144,31 +167,75 @@ mod tests {
             vec![MessageId([2; 16]), MessageId([3; 16])]
         );
         let vk = key.verifying_key();
-        r.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk)
-            .unwrap();
+        let id = MessageId([1; 16]);
+        r.verify(id, false, "consent-1", &my, &kh, &vk).unwrap();
         assert!(
-            r.verify(MessageId([9; 16]), "consent-1", &my, &kh, &vk)
+            r.verify(MessageId([9; 16]), false, "consent-1", &my, &kh, &vk)
                 .is_err()
         );
-        assert!(
-            r.verify(MessageId([1; 16]), "consent-2", &my, &kh, &vk)
-                .is_err()
-        );
-        assert!(
-            r.verify(MessageId([1; 16]), "consent-1", &kh, &kh, &vk)
-                .is_err()
+        assert!(r.verify(id, false, "consent-2", &my, &kh, &vk).is_err());
+        assert!(r.verify(id, false, "consent-1", &kh, &kh, &vk).is_err());
+        assert_eq!(
+            r.verify(id, true, "consent-1", &my, &kh, &vk),
+            Err(PurgeReceiptError::WrongKind)
         );
         let mut t = r.clone();
         t.purged_referrals.pop();
         assert_eq!(
-            t.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk),
+            t.verify(id, false, "consent-1", &my, &kh, &vk),
             Err(PurgeReceiptError::BadSignature)
         );
         let mut t = r.clone();
         t.case_ref = "ref-2".into();
-        assert!(
-            t.verify(MessageId([1; 16]), "consent-1", &my, &kh, &vk)
-                .is_err()
+        assert!(t.verify(id, false, "consent-1", &my, &kh, &vk).is_err());
+    }
+
+    /// A narrowing's receipt names what it cut; it cannot pass for a withdrawal's, nor
+    /// one withdrawal's receipt for a narrowing's, and what it cut is signed.
+    #[test]
+    fn a_narrowing_receipt_is_a_kind_of_its_own() {
+        let key = SigningKey::from_seed(&[4; 32]).unwrap();
+        let vk = key.verifying_key();
+        let my = OrgId::new("shelter-my").unwrap();
+        let kh = OrgId::new("shelter-kh").unwrap();
+        let id = MessageId([1; 16]);
+        let sign = |cut: Option<Vec<MessageId>>| {
+            PurgeReceipt::sign(
+                id,
+                "consent-1".into(),
+                "ref-1".into(),
+                my.clone(),
+                kh.clone(),
+                vec![MessageId([2; 16])],
+                cut,
+                99,
+                &key,
+            )
+        };
+        let narrowing = sign(Some(vec![MessageId([5; 16]), MessageId([4; 16])]));
+        assert_eq!(
+            narrowing.cut_referrals,
+            Some(vec![MessageId([4; 16]), MessageId([5; 16])])
+        );
+        narrowing
+            .verify(id, true, "consent-1", &my, &kh, &vk)
+            .unwrap();
+        assert_ne!(narrowing.signed_bytes(), sign(None).signed_bytes());
+        assert_ne!(
+            sign(Some(Vec::new())).signed_bytes(),
+            sign(None).signed_bytes()
+        );
+        let mut relabelled = narrowing.clone();
+        relabelled.cut_referrals = None;
+        assert_eq!(
+            relabelled.verify(id, false, "consent-1", &my, &kh, &vk),
+            Err(PurgeReceiptError::BadSignature)
+        );
+        let mut t = narrowing.clone();
+        t.cut_referrals = Some(vec![MessageId([4; 16])]);
+        assert_eq!(
+            t.verify(id, true, "consent-1", &my, &kh, &vk),
+            Err(PurgeReceiptError::BadSignature)
         );
     }
 }

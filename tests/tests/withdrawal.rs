@@ -205,6 +205,7 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
         receipt
             .verify(
                 receipt.withdrawal_id,
+                false,
                 &held[&r.recipient],
                 &my,
                 &purger,
@@ -367,6 +368,25 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
         .expect("purge receipt");
     let purged_ids: Vec<String> = receipt.purged_referrals.iter().map(hex::encode).collect();
     assert_eq!(purged_ids, vec![purged.clone()]);
+    let first_narrowing = receipt.withdrawal_id.clone();
+    // The receipt is a narrowing's, naming what was cut, and signed by the recipient.
+    let cut_ids: Vec<String> = receipt.cut_referrals.iter().map(hex::encode).collect();
+    assert!(receipt.narrowing);
+    assert_eq!(cut_ids, vec![cut.clone()]);
+    let receipt = corridor_node::convert::purge_receipt_from_pb(receipt.clone())
+        .expect("well-formed purge receipt");
+    let kh_id = OrgId::new(SHELTER_KH).unwrap();
+    let consent_ref = receipt.consent_id.clone();
+    receipt
+        .verify(
+            receipt.withdrawal_id,
+            true,
+            &consent_ref,
+            &OrgId::new(SHELTER_MY).unwrap(),
+            &kh_id,
+            &fed.directory.get(&kh_id).unwrap().signing_key,
+        )
+        .expect("narrowing receipt verifies");
 
     let mut c = kh.client().await;
     let mut held: Vec<String> = inbox(&mut c)
@@ -407,7 +427,7 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     assert_eq!(gone.code(), tonic::Code::NotFound);
 
     // The consent stands for what it still covers, and a later narrowing that takes
-    // nothing more of what the recipient holds purges nothing.
+    // nothing more of what the recipient holds asks it for nothing.
     let id = s
         .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
         .await
@@ -424,14 +444,13 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     })
     .await
     .expect("second narrowing");
-    let st = wait_status(&mut s, &consent_id, |st| {
-        state_of(st, SHELTER_KH) == "narrowed"
-            && st.recipients[0]
-                .purge_receipt
-                .as_ref()
-                .is_some_and(|r| r.purged_referrals.is_empty())
-    })
-    .await;
+    let st = consent_status(&mut s, &consent_id).await;
+    assert_eq!(state_of(&st, SHELTER_KH), "narrowed", "{st:?}");
+    let last = st.recipients[0]
+        .purge_receipt
+        .as_ref()
+        .expect("purge receipt");
+    assert_eq!(last.withdrawal_id, first_narrowing, "asked again: {st:?}");
     assert_eq!(st.recipients[0].referral_ids.len(), 4, "{st:?}");
     assert_eq!(inbox(&mut c).await.len(), 3);
 }
