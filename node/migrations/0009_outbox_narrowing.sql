@@ -1,6 +1,9 @@
 -- What a referral disclosed, and which narrowing a narrowing notice carries out.
--- fields: the referral's field names, space-separated (NULL for referrals queued before
--- this column existed): a narrowing tells the recipient which of them it may keep.
+-- fields: for a referral, the names of the fields it discloses, space-separated (NULL for
+-- referrals queued before this column existed; cut when a narrowing is queued, empty once
+-- one purges it): a narrowing tells the recipient which of them it may keep. For a
+-- consent-narrowing envelope, what it asks (`id=field,field` or `id=` per referral), so
+-- that a renewal asks the same.
 -- narrowed_at_ms: for a consent-narrowing envelope (kind 3), the consent's narrowed_at_ms
 -- it was sent for, so that each narrowing asks each recipient once.
 ALTER TABLE outbox ADD COLUMN fields TEXT;

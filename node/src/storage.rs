@@ -244,6 +244,8 @@ pub struct QueuedWithdrawal {
     pub recipient: String,
     pub case_ref: String,
     pub created_by: i64,
+    /// For a narrowing: what it asks, as stored (see `NarrowingOf` in the workflows).
+    pub fields: Option<String>,
 }
 
 /// A referral sent (or on its way) under a consent, as a withdrawal needs it.
@@ -1194,7 +1196,8 @@ impl Store {
     /// The queued withdrawal or narrowing `id`, as a renewal needs it.
     pub async fn withdrawal_to_renew(&self, id: MessageId) -> Result<Option<QueuedWithdrawal>> {
         let row = sqlx::query(
-            "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref, kind
+            "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref, kind,
+                fields
              FROM outbox WHERE message_id = $1 AND kind IN (2, 3) AND state = 'queued'",
         )
         .bind(&id.0[..])
@@ -1202,6 +1205,7 @@ impl Store {
         .await?;
         Ok(row.map(|r| QueuedWithdrawal {
             kind: r.get(6),
+            fields: r.get(7),
             case_id: r.get(0),
             consent_id: r.get(1),
             recipient: r.get(2),

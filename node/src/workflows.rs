@@ -1108,7 +1108,7 @@ fn withdrawal_item(
 
 /// What a narrowing asks of one recipient: the referrals it may keep only some fields
 /// of, and those it may keep nothing of.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct NarrowingOf {
     kept: Vec<(MessageId, BTreeSet<Field>)>,
     purged: Vec<MessageId>,
@@ -1124,6 +1124,38 @@ impl NarrowingOf {
             .map(|(id, fields)| (*id, join(fields.iter().map(|f| f.as_str()))))
             .chain(self.purged.iter().map(|id| (*id, String::new())))
             .collect()
+    }
+
+    /// As stored with the narrowing's envelope (which only the recipient can open), so
+    /// that a renewal asks the same: `id=field,field` for a referral cut, `id=` for one
+    /// purged, separated by spaces. Identifiers and field names only.
+    fn to_stored(&self) -> String {
+        let kept = self.kept.iter().map(|(id, fields)| {
+            let names: Vec<&str> = fields.iter().map(|f| f.as_str()).collect();
+            format!("{}={}", id.to_hex(), names.join(","))
+        });
+        let purged = self.purged.iter().map(|id| format!("{}=", id.to_hex()));
+        kept.chain(purged).collect::<Vec<_>>().join(" ")
+    }
+
+    /// What [`NarrowingOf::to_stored`] stored; `None` if it does not parse.
+    fn from_stored(stored: &str) -> Option<Self> {
+        let mut n = Self::default();
+        for item in stored.split_whitespace() {
+            let (id, names) = item.split_once('=')?;
+            let id = MessageId::from_hex(id).ok()?;
+            if names.is_empty() {
+                n.purged.push(id);
+            } else {
+                let fields = names
+                    .split(',')
+                    .map(Field::parse)
+                    .collect::<Result<BTreeSet<Field>, _>>()
+                    .ok()?;
+                n.kept.push((id, fields));
+            }
+        }
+        Some(n)
     }
 }
 
@@ -1185,7 +1217,7 @@ fn narrowing_item(
         narrowed_at_ms,
     }
     .encode_to_vec();
-    purge_request_item(
+    let mut item = purge_request_item(
         node,
         recipient,
         MessageKind::ConsentNarrowing,
@@ -1193,7 +1225,9 @@ fn narrowing_item(
         to,
         Some(narrowed_at_ms),
         now,
-    )
+    )?;
+    item.fields = Some(n.to_stored());
+    Ok(item)
 }
 
 /// A withdrawal or narrowing envelope for `recipient`, sealed and signed, ready to queue.
@@ -1269,8 +1303,15 @@ pub async fn renew_withdrawal(
                 &old.consent_id,
             )
         })?;
-        // What it may keep now, which a later narrowing may have cut further.
-        let n = narrowing_of(&scope_of(&consent)?, member, &referrals).unwrap_or_default();
+        // The same request again: what it asked is already recorded as done, so it
+        // cannot be worked out anew (a later narrowing asks for its own part itself).
+        let n = old
+            .fields
+            .as_deref()
+            .and_then(NarrowingOf::from_stored)
+            .ok_or_else(|| {
+                Failure::internal("a queued narrowing's request is not stored", expired)
+            })?;
         narrowing_item(node, member, to, &n, narrowed_at_ms, now_ms())?
     } else {
         // A narrowing that took the recipient out of the consent withdrew it there.
@@ -2150,7 +2191,31 @@ fn replay_answer(
 
 #[cfg(test)]
 mod tests {
-    use super::{Failure, MAX_MESSAGE_LEN};
+    use super::{Failure, MAX_MESSAGE_LEN, NarrowingOf};
+    use corridor::{Field, MessageId};
+
+    #[test]
+    fn a_narrowing_request_is_stored_as_it_was_asked() {
+        let n = NarrowingOf {
+            kept: vec![
+                (
+                    MessageId([1; 16]),
+                    [Field::PreferredName, Field::Needs].into(),
+                ),
+                (MessageId([2; 16]), [Field::AgeBand].into()),
+            ],
+            purged: vec![MessageId([3; 16])],
+        };
+        assert_eq!(NarrowingOf::from_stored(&n.to_stored()), Some(n));
+        assert_eq!(NarrowingOf::from_stored(""), Some(NarrowingOf::default()));
+        for bad in [
+            "zz=",
+            "0101=",
+            &format!("{}=no_such_field", MessageId([1; 16]).to_hex()),
+        ] {
+            assert_eq!(NarrowingOf::from_stored(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_message_quoting_oversized_input_is_cut_short() {

@@ -455,6 +455,95 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     assert_eq!(inbox(&mut c).await.len(), 3);
 }
 
+/// A recipient away for longer than an envelope may live still gets the narrowing, in a
+/// renewed envelope asking the same, and cuts what it holds when it returns.
+#[tokio::test]
+async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
+    let fed = Federation::four("narrow-renew");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let mut request = referral(&case_id, SHELTER_KH, "reintegration");
+    request.fields.insert(
+        "risk_flags".into(),
+        sample_value(corridor::Field::RiskFlags),
+    );
+    let id = s
+        .send_referral(request)
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    kh.kill();
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope");
+    scope.fields.retain(|f| f != "risk_flags");
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("narrowing");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(
+        state_of(&st, SHELTER_KH).starts_with("pending narrowing"),
+        "{st:?}"
+    );
+
+    sender.stop();
+    let narrowing = format!("kind = 3 AND recipient = '{SHELTER_KH}'");
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE outbox SET expires_at_ms = 1, next_attempt_at_ms = 0 WHERE {narrowing}"
+        )],
+    )
+    .await;
+    sender.start();
+    s = sender.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(
+        &sender,
+        &format!("SELECT COUNT(*) FROM outbox WHERE {narrowing} AND state = 'queued' AND expires_at_ms > 1"),
+    )
+    .await
+        != 1
+    {
+        assert!(Instant::now() < deadline, "the expired narrowing was not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    kh.start();
+    wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    let mut c = kh.client().await;
+    let read = c
+        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .await
+        .expect("the referral it keeps")
+        .into_inner();
+    let mut names: Vec<String> = read.fields.into_keys().collect();
+    names.sort();
+    let mut required: Vec<String> = required_fields("reintegration").into_keys().collect();
+    required.sort();
+    assert_eq!(names, required);
+}
+
 /// The directory's `[[member]]` block of `org` taken out of `directory`.
 fn without_member(directory: &str, org: &str) -> String {
     directory
