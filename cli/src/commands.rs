@@ -518,7 +518,11 @@ pub async fn consent(
                 }
             };
             print(output, &consent_json(&c), || {
-                format!("narrowed.\n{}", consent_text(&c))
+                format!(
+                    "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it: `corridor consent status {}` shows them.\n{}",
+                    escape_controls(&c.consent_id),
+                    consent_text(&c)
+                )
             });
         }
         ConsentCommand::Withdraw { id } => {

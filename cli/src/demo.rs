@@ -15,7 +15,7 @@ use crate::client::{self, Client, explain};
 use crate::commands::format_time;
 use crate::devpki::{self, GeneratedOrg, Ports};
 use crate::terminal::escape_controls;
-use crate::{out, outln};
+use crate::{errln, out, outln};
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
@@ -350,27 +350,37 @@ async fn keep_running(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), Strin
         "\nConfiguration, keys and logs are in {}. Press Ctrl-C to stop the federation.",
         dir.display()
     );
-    // A node that dies while the federation runs is reported at once: otherwise the
-    // federation would look whole while every call to that node fails.
+    // A node that stops while the federation runs is reported at once: otherwise the
+    // federation would look whole while every call to that node fails. The others keep
+    // running (stopping one is how to watch delivery wait for it).
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut every = tokio::time::interval(Duration::from_millis(250));
+    let mut stopped = vec![false; nodes.len()];
     loop {
         tokio::select! {
             _ = &mut ctrl_c => return Ok(()),
             _ = every.tick() => {}
         }
-        for node in nodes.iter_mut() {
+        for (node, stopped) in nodes.iter_mut().zip(stopped.iter_mut()) {
+            if *stopped {
+                continue;
+            }
             let how = match node.child.try_wait() {
                 Ok(None) => continue,
                 Ok(Some(status)) => status.to_string(),
                 Err(e) => format!("cannot be waited for: {e}"),
             };
-            return Err(format!(
-                "the node of {} stopped ({how}); its log is {}",
+            *stopped = true;
+            errln!(
+                "corridor: the node of {} stopped ({how}); its log is {}. The other nodes keep running; start it again with: corridor node --config {}",
                 node.org.spec.id,
-                node.org.dir.join("node.log").display()
-            ));
+                node.org.dir.join("node.log").display(),
+                node.org.config.display()
+            );
+        }
+        if stopped.iter().all(|s| *s) {
+            return Err("every node of the federation stopped".into());
         }
     }
 }

@@ -389,12 +389,12 @@ fn an_empty_request_id_is_refused() {
     assert!(stderr.contains("a request id cannot be empty"), "{stderr}");
 }
 
-/// A federation kept running reports a node that dies, instead of looking whole while
-/// every call to that node fails.
+/// A federation kept running reports a node that stops, instead of looking whole while
+/// every call to that node fails, and keeps the others running until interrupted.
 #[test]
-fn a_demo_kept_running_reports_a_node_that_dies() {
-    use std::io::{BufRead as _, BufReader, Read as _};
-    let dir = std::env::temp_dir().join(format!("corridor-demo-dies-{}", std::process::id()));
+fn a_demo_kept_running_reports_a_node_that_stops() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = std::env::temp_dir().join(format!("corridor-demo-stops-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut demo = Command::new(env!("CARGO_BIN_EXE_corridor"))
         .args(["demo", "--keep-running", "--dir"])
@@ -404,27 +404,52 @@ fn a_demo_kept_running_reports_a_node_that_dies() {
         .spawn()
         .expect("run corridor demo");
     let stdout = demo.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
+    for line in BufReader::new(stdout).lines() {
         if line.expect("stdout line").contains("Press Ctrl-C") {
             break;
         }
     }
-    let ps = Command::new("ps")
-        .args(["-eo", "pid=,args="])
-        .output()
-        .expect("ps");
-    let mine = dir.to_string_lossy().into_owned();
-    let node = String::from_utf8_lossy(&ps.stdout)
-        .lines()
-        .find(|l| l.contains(&mine) && l.contains(" node --config"))
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .expect("a running node of the demo");
-    let killed = Command::new("kill")
-        .args(["-KILL", &node])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    let nodes = || -> Vec<String> {
+        let ps = Command::new("ps")
+            .args(["-eo", "pid=,args="])
+            .output()
+            .expect("ps");
+        let mine = dir.to_string_lossy().into_owned();
+        String::from_utf8_lossy(&ps.stdout)
+            .lines()
+            .filter(|l| l.contains(&mine) && l.contains(" node --config"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    };
+    let running = nodes();
+    assert_eq!(running.len(), 3, "{running:?}");
+    let kill = |signal: &str, pid: &str| {
+        let killed = Command::new("kill")
+            .args([signal, pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+    };
+    kill("-KILL", &running[0]);
+    let stderr = demo.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let reported = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the demo reports the stopped node");
+    assert!(
+        reported.contains("stopped") && reported.contains("node.log"),
+        "{reported}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(demo.try_wait().expect("wait").is_none(), "the demo ended");
+    assert_eq!(nodes().len(), 2, "the other nodes keep running");
+
+    kill("-INT", &demo.id().to_string());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
         if let Some(status) = demo.try_wait().expect("wait") {
@@ -432,20 +457,11 @@ fn a_demo_kept_running_reports_a_node_that_dies() {
         }
         if std::time::Instant::now() > deadline {
             let _ = demo.kill();
-            panic!("the demo kept running after one of its nodes died");
+            panic!("the demo kept running after Ctrl-C");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    let mut stderr = String::new();
-    demo.stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
-    assert!(!status.success());
-    assert!(
-        stderr.contains("stopped") && stderr.contains("node.log"),
-        "{stderr}"
-    );
+    assert!(status.success(), "{status}");
+    assert!(nodes().is_empty(), "a node outlived the demo");
     std::fs::remove_dir_all(&dir).expect("remove the demo's directory");
 }

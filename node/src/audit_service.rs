@@ -4,8 +4,9 @@
 //! witnesses; and the checkpointer task that signs new checkpoints and collects
 //! cosignatures from this node's witnesses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use corridor::checkpoint::{self, Checkpoint, NoteVerifier};
 use corridor::merkle;
@@ -442,10 +443,17 @@ async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Res
     Err("witness kept answering with a conflict".into())
 }
 
+/// How often a witness that keeps failing is logged again.
+const FAILING_WITNESS_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Signs checkpoints as the log grows and collects cosignatures — asking again, each
 /// round, every witness that has not cosigned the latest checkpoint — until `stop`.
 pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(node.config.audit.checkpoint_interval_ms);
+    // Per witness that fails: why, and when that was last logged. A witness that is down
+    // fails every round; its log says so when it starts, when the reason changes, and
+    // once a minute, not several times a second.
+    let mut failing: HashMap<OrgId, (String, Instant)> = HashMap::new();
     loop {
         if let Err(error) = sign_checkpoint(&node).await {
             tracing::error!(%error, "checkpoint not signed");
@@ -462,8 +470,21 @@ pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) 
                 if cosigned {
                     continue;
                 }
-                if let Err(reason) = ask_witness(&node, witness, size, &note).await {
-                    tracing::warn!(%witness, size, %reason, "no cosignature");
+                match ask_witness(&node, witness, size, &note).await {
+                    Ok(()) => {
+                        if failing.remove(witness).is_some() {
+                            tracing::info!(%witness, size, "cosigned again");
+                        }
+                    }
+                    Err(reason) => {
+                        let due = failing.get(witness).is_none_or(|(last, at)| {
+                            *last != reason || at.elapsed() >= FAILING_WITNESS_LOG_EVERY
+                        });
+                        if due {
+                            tracing::warn!(%witness, size, %reason, "no cosignature");
+                            failing.insert(witness.clone(), (reason, Instant::now()));
+                        }
+                    }
                 }
             }
         }

@@ -1036,6 +1036,19 @@ impl Store {
                     Box::pin(async move {
                         for item in withdrawals.iter() {
                             Self::insert_outbox(tx, item, None).await?;
+                            if item.kind == 2 {
+                                // A narrowing still queued for it asks less than this.
+                                sqlx::query(tx.sql(
+                                    "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                                        last_error = 'superseded by a withdrawal'
+                                     WHERE consent_id = $1 AND recipient = $2 AND kind = 3
+                                       AND state = 'queued'",
+                                ))
+                                .bind(&item.consent_id)
+                                .bind(item.recipient.as_str())
+                                .execute(tx.conn().await?)
+                                .await?;
+                            }
                         }
                         for (id, fields) in disclosed_after.iter() {
                             sqlx::query(tx.sql(

@@ -564,6 +564,12 @@ pub async fn narrow_consent(
         }
         let current = scope_of(&row)?;
         let narrower = parse_scope(node, &row.id, wire)?;
+        if narrower.expires_at_ms <= now_ms() {
+            // Recipients would keep what they hold until their retention ends.
+            return Err(Failure::invalid(
+                "a narrowing cannot end the consent now: withdraw it instead, so that every recipient purges what it holds",
+            ));
+        }
         current
             .check_narrowing(&narrower)
             .map_err(|e| Failure::invalid(e.to_string()))?;
@@ -1383,8 +1389,15 @@ pub async fn consent_status(
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
                 entry.purge_receipt = Some(receipt);
             }
-            _ if narrowing => entry.state = format!("pending narrowing ({})", item.state),
-            _ => entry.state = format!("pending ({})", item.state),
+            _ => {
+                // An earlier request's receipt does not answer this one.
+                entry.purge_receipt = None;
+                entry.state = if narrowing {
+                    format!("pending narrowing ({})", item.state)
+                } else {
+                    format!("pending ({})", item.state)
+                };
+            }
         }
     }
     if row.withdrawn_at_ms.is_some() {

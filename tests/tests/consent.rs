@@ -241,6 +241,23 @@ async fn narrowing_is_allowed_widening_is_refused() {
     )
     .await;
     assert!(m.contains("field risk_flags is not consented"), "{m}");
+    // Ending the consent now is a withdrawal, not a narrowing: recipients would keep
+    // what they hold.
+    let mut ending = scope.clone();
+    ending.expires_at_ms = corridor_node::node::now_ms();
+    let status = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id: consent_id.clone(),
+            scope: Some(ending),
+            if_narrowed_at_ms: None,
+        })
+        .await
+        .expect_err("ending the consent now");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("withdraw it instead"),
+        "{status:?}"
+    );
     // Widening is refused and says what would widen.
     scope.fields.push("risk_flags".into());
     scope.purposes.push("legal-aid".into());

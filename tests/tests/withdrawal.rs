@@ -304,7 +304,7 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
 async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its_data() {
     let fed = Federation::four("narrow-cut");
     let sender = fed.start(SHELTER_MY);
-    let kh = fed.start(SHELTER_KH);
+    let mut kh = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
     let (case_id, consent_id) = case_with_consent_to(
         &mut s,
@@ -439,7 +439,7 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     scope.fields.retain(|f| f != "caseworker_note");
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
-        scope: Some(scope),
+        scope: Some(scope.clone()),
         if_narrowed_at_ms: None,
     })
     .await
@@ -453,6 +453,42 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     assert_eq!(last.withdrawal_id, first_narrowing, "asked again: {st:?}");
     assert_eq!(st.recipients[0].referral_ids.len(), 4, "{st:?}");
     assert_eq!(inbox(&mut c).await.len(), 3);
+
+    // Away, the recipient is asked for a narrowing and then for the withdrawal, which
+    // ends the narrowing still queued; the status shows the withdrawal pending, with no
+    // earlier receipt in its place.
+    kh.kill();
+    scope.fields.retain(|f| f != "needs");
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("third narrowing");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(
+        state_of(&st, SHELTER_KH).starts_with("pending narrowing"),
+        "{st:?}"
+    );
+    assert!(st.recipients[0].purge_receipt.is_none(), "{st:?}");
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(state_of(&st, SHELTER_KH).starts_with("pending ("), "{st:?}");
+    assert!(st.recipients[0].purge_receipt.is_none(), "{st:?}");
+    let queued_narrowings = scalar(
+        &sender,
+        "SELECT COUNT(*) FROM outbox WHERE kind = 3 AND state = 'queued'",
+    )
+    .await;
+    assert_eq!(queued_narrowings, 0);
+    kh.start();
+    wait_status(&mut s, &consent_id, all_purged).await;
+    assert!(inbox(&mut c).await.is_empty());
 }
 
 /// A recipient away for longer than an envelope may live still gets the narrowing, in a
