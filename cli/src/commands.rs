@@ -75,7 +75,7 @@ pub struct RecordConsent {
     #[arg(long = "field", required = true)]
     pub fields: Vec<String>,
     /// Never to organisations in this country (ISO code; repeat).
-    #[arg(long = "exclude-country")]
+    #[arg(long = "exclude-country", value_parser = country_code)]
     pub excluded_countries: Vec<String>,
     /// No contact with the person's family (refuses family tracing).
     #[arg(long)]
@@ -114,7 +114,7 @@ pub struct NarrowConsent {
     #[arg(long = "remove-field")]
     pub remove_fields: Vec<String>,
     /// Country to exclude from now on (repeat).
-    #[arg(long = "exclude-country")]
+    #[arg(long = "exclude-country", value_parser = country_code)]
     pub excluded_countries: Vec<String>,
     /// Forbid contact with family from now on.
     #[arg(long)]
@@ -647,7 +647,22 @@ fn narrowed_scope(
     .flat_map(|(what, present, gone)| {
         gone.iter()
             .filter(|x| !present.contains(x))
-            .map(move |x| format!("{what} {x}"))
+            .map(move |x| match (what, x.as_str()) {
+                (_, "") => format!("{what} named by an empty value"),
+                ("field", name) if corridor::Field::parse(name).is_err() => {
+                    format!(
+                        "field {} (no such field: see `corridor profiles --fields`)",
+                        escape_controls(name)
+                    )
+                }
+                ("purpose", name) if corridor::Purpose::parse(name).is_err() => {
+                    format!(
+                        "purpose {} (no such purpose: see `corridor profiles`)",
+                        escape_controls(name)
+                    )
+                }
+                _ => format!("{what} {}", escape_controls(x)),
+            })
     })
     .collect();
     if !absent.is_empty() {
@@ -672,6 +687,16 @@ fn narrowed_scope(
         scope.expires_at_ms = now_ms() + i64::from(days) * 86_400_000;
     }
     Ok(scope)
+}
+
+/// A country as the node expects it: an ISO 3166-1 alpha-2 code, in capitals.
+fn country_code(value: &str) -> Result<String, String> {
+    let code = value.to_ascii_uppercase();
+    if code.len() == 2 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(code)
+    } else {
+        Err("not a two-letter country code (ISO 3166-1 alpha-2, such as KH)".into())
+    }
 }
 
 /// An empty `--request-id` (an unset shell variable, say) would quietly turn off the
@@ -859,6 +884,45 @@ pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn country_codes_are_taken_in_either_case_and_checked() {
+        assert_eq!(country_code("kh"), Ok("KH".into()));
+        assert_eq!(country_code("TH"), Ok("TH".into()));
+        for bad in ["", "K", "KHM", "k1", "é"] {
+            assert!(country_code(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_narrowing_names_what_the_consent_does_not_have_and_why() {
+        let scope = pb::ConsentScope {
+            purposes: vec!["reintegration".into()],
+            fields: vec!["needs".into()],
+            ..Default::default()
+        };
+        let narrowing = |fields: &[&str], purposes: &[&str]| NarrowConsent {
+            id: "consent-1".into(),
+            remove_purposes: purposes.iter().map(|p| p.to_string()).collect(),
+            remove_recipients: Vec::new(),
+            remove_recipient_roles: Vec::new(),
+            remove_fields: fields.iter().map(|f| f.to_string()).collect(),
+            excluded_countries: Vec::new(),
+            no_family_contact: false,
+            expires_in_days: None,
+        };
+        let err = narrowed_scope(
+            scope.clone(),
+            &narrowing(&["bogus_field", "sex", ""], &["legal"]),
+        )
+        .unwrap_err();
+        assert!(err.contains("field bogus_field (no such field"), "{err}");
+        assert!(err.contains("field sex,"), "{err}");
+        assert!(err.contains("field named by an empty value"), "{err}");
+        assert!(err.contains("purpose legal (no such purpose"), "{err}");
+        let narrowed = narrowed_scope(scope, &narrowing(&["needs"], &[])).expect("narrowed");
+        assert!(narrowed.fields.is_empty());
+    }
 
     #[test]
     fn formats_utc_times() {
