@@ -399,6 +399,12 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                     attempts: item.attempts + 1,
                     receipt,
                 });
+                if item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
+                    && let Err(failure) = crate::workflows::narrowing_done(node, id).await
+                {
+                    // A later narrowing then asks again for what this one did.
+                    tracing::warn!(envelope = %id, error = %failure.message, "could not record what a narrowing cut");
+                }
                 if asks_to_purge(&item) {
                     tracing::info!(envelope = %id, recipient = %item.recipient, consent = %item.consent_id, "request to purge delivered, purge receipt verified");
                 } else {

@@ -176,6 +176,9 @@ pub struct NewConsent {
     pub scope: ScopeColumns,
 }
 
+/// `outbox.kind` of a consent withdrawal (`MessageKind::ConsentWithdrawal`).
+const KIND_WITHDRAWAL: i64 = 2;
+
 /// A sealed envelope to queue for delivery.
 pub struct NewOutboxItem {
     pub message_id: MessageId,
@@ -246,6 +249,8 @@ pub struct QueuedWithdrawal {
     pub created_by: i64,
     /// For a narrowing: what it asks, as stored (see `NarrowingOf` in the workflows).
     pub fields: Option<String>,
+    /// For a narrowing: the consent's `narrowed_at_ms` it carries out.
+    pub narrowed_at_ms: Option<i64>,
 }
 
 /// A referral sent (or on its way) under a consent, as a withdrawal needs it.
@@ -348,6 +353,11 @@ pub struct AcceptedNarrowing {
     pub sender: OrgId,
     pub envelope_digest: [u8; 32],
     pub consent_id: String,
+    /// Every referral the narrowing names, and those of them stored under the consent
+    /// when it was read: one stored since (it was on its way) makes the job fail, to be
+    /// read again, rather than be left whole.
+    pub named: Vec<MessageId>,
+    pub held: Vec<MessageId>,
     /// The referrals to delete: exactly those the purge receipt names.
     pub purged: Vec<MessageId>,
     /// The referrals whose fields are cut: the payload as read, and as it is to be.
@@ -1021,48 +1031,61 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Queues withdrawals and narrowings in one transaction, recording for each referral
-    /// a narrowing cuts what it discloses once its recipient has done as asked
-    /// (`disclosed_after`: message id, field names).
-    pub async fn queue_withdrawals(
-        &self,
-        withdrawals: Vec<NewOutboxItem>,
-        disclosed_after: Vec<(MessageId, String)>,
-    ) -> Result<()> {
+    /// Queues withdrawals and narrowings in one transaction. A withdrawal ends any
+    /// narrowing still queued for its recipient under the same consent: it asks more.
+    pub async fn queue_withdrawals(&self, withdrawals: Vec<NewOutboxItem>) -> Result<()> {
         self.writer
-            .run(
-                (withdrawals, disclosed_after),
-                |(withdrawals, disclosed_after), tx, _log| {
-                    Box::pin(async move {
-                        for item in withdrawals.iter() {
-                            Self::insert_outbox(tx, item, None).await?;
-                            if item.kind == 2 {
-                                // A narrowing still queued for it asks less than this.
-                                sqlx::query(tx.sql(
-                                    "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
-                                        last_error = 'superseded by a withdrawal'
-                                     WHERE consent_id = $1 AND recipient = $2 AND kind = 3
-                                       AND state = 'queued'",
-                                ))
-                                .bind(&item.consent_id)
-                                .bind(item.recipient.as_str())
-                                .execute(tx.conn().await?)
-                                .await?;
-                            }
-                        }
-                        for (id, fields) in disclosed_after.iter() {
+            .run(withdrawals, |withdrawals, tx, _log| {
+                Box::pin(async move {
+                    for item in withdrawals.iter() {
+                        Self::insert_outbox(tx, item, None).await?;
+                        if item.kind == KIND_WITHDRAWAL {
                             sqlx::query(tx.sql(
-                                "UPDATE outbox SET fields = $2 WHERE message_id = $1 AND kind = 1",
+                                "UPDATE outbox SET state = 'withdrawn', envelope = NULL,
+                                    last_error = 'superseded by a withdrawal'
+                                 WHERE consent_id = $1 AND recipient = $2 AND kind = 3
+                                   AND state = 'queued'",
                             ))
-                            .bind(&id.0[..])
-                            .bind(fields)
+                            .bind(&item.consent_id)
+                            .bind(item.recipient.as_str())
                             .execute(tx.conn().await?)
                             .await?;
                         }
-                        Ok(())
-                    })
-                },
-            )
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// What the narrowing `id` asks, as stored with it.
+    pub async fn narrowing_request(&self, id: MessageId) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT fields FROM outbox WHERE message_id = $1 AND kind = 3")
+                .bind(&id.0[..])
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// Records what referrals disclose now (message id, field names; empty once purged).
+    pub async fn record_disclosed(&self, disclosed: Vec<(MessageId, String)>) -> Result<()> {
+        self.writer
+            .run(disclosed, |disclosed, tx, _log| {
+                Box::pin(async move {
+                    for (id, fields) in disclosed.iter() {
+                        sqlx::query(tx.sql(
+                            "UPDATE outbox SET fields = $2 WHERE message_id = $1 AND kind = 1",
+                        ))
+                        .bind(&id.0[..])
+                        .bind(fields)
+                        .execute(tx.conn().await?)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
             .await
     }
 
@@ -1210,7 +1233,7 @@ impl Store {
     pub async fn withdrawal_to_renew(&self, id: MessageId) -> Result<Option<QueuedWithdrawal>> {
         let row = sqlx::query(
             "SELECT case_id, consent_id, recipient, case_ref, created_by, consent_ref, kind,
-                fields
+                fields, narrowed_at_ms
              FROM outbox WHERE message_id = $1 AND kind IN (2, 3) AND state = 'queued'",
         )
         .bind(&id.0[..])
@@ -1219,6 +1242,7 @@ impl Store {
         Ok(row.map(|r| QueuedWithdrawal {
             kind: r.get(6),
             fields: r.get(7),
+            narrowed_at_ms: r.get(8),
             case_id: r.get(0),
             consent_id: r.get(1),
             recipient: r.get(2),
@@ -1413,7 +1437,7 @@ impl Store {
                 .await?;
                 let narrowed = sqlx::query(
                     "SELECT 1 FROM narrowed_consents
-                     WHERE sender = $1 AND consent_id = $2 AND narrowed_at_ms > $3",
+                     WHERE sender = $1 AND consent_id = $2 AND narrowed_at_ms >= $3",
                 )
                 .bind(sender)
                 .bind(consent_id)
@@ -1528,6 +1552,26 @@ impl Store {
                         .bind(n.narrowed_at_ms)
                         .execute(&mut *conn)
                         .await?;
+                        let named: std::collections::HashSet<&MessageId> = n.named.iter().collect();
+                        let mut held = sqlx::query(
+                            "SELECT message_id FROM inbox WHERE sender = $1 AND consent_id = $2",
+                        )
+                        .bind(n.sender.as_str())
+                        .bind(&n.consent_id)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .into_iter()
+                        .map(|r| message_id(r.get(0)))
+                        .collect::<Result<Vec<_>>>()?;
+                        held.retain(|id| named.contains(id));
+                        held.sort();
+                        let mut read = n.held.clone();
+                        read.sort();
+                        if held != read {
+                            return Err(StoreError::Corrupt(
+                                "inbox changed during narrowing; retry",
+                            ));
+                        }
                         for id in &n.purged {
                             let deleted = sqlx::query(
                                 "DELETE FROM inbox
@@ -2173,7 +2217,7 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
                           WHERE sender = r ->> 2 AND consent_id = r ->> 8)
           AND NOT EXISTS (SELECT 1 FROM narrowed_consents
                           WHERE sender = r ->> 2 AND consent_id = r ->> 8
-                            AND narrowed_at_ms > r ->> 18)
+                            AND narrowed_at_ms >= r ->> 18)
           AND EXISTS (SELECT 1 FROM case_keys
                       WHERE id = r ->> 11 AND wrapped_key = substr($2, r ->> 16, r ->> 17))
         ON CONFLICT(message_id) DO NOTHING;
@@ -2856,7 +2900,7 @@ pub(crate) mod tests {
     }
 
     /// A narrowing deletes and cuts exactly what it read, or nothing; once carried out, a
-    /// referral under the consent sealed before it (cancelled by its sender while on its
+    /// referral under the consent sealed at or before it (cancelled by its sender while on its
     /// way) is refused, and one sealed after it is stored.
     #[tokio::test]
     async fn a_narrowing_cuts_what_it_read_and_refuses_what_was_sealed_before_it() {
@@ -2873,20 +2917,23 @@ pub(crate) mod tests {
             let stored = store.accept_referral(with_id(n, 5), entry()).await;
             assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
         }
-        let narrowing = |read: Vec<u8>| AcceptedNarrowing {
+        let narrowing = |read: Vec<u8>, held: Vec<MessageId>| AcceptedNarrowing {
             message_id: MessageId([9; 16]),
             sender: OrgId::new("shelter-my").expect("org id"),
             envelope_digest: [3; 32],
             consent_id: "consent-1".into(),
+            named: vec![MessageId([1; 16]), MessageId([2; 16]), MessageId([5; 16])],
+            held,
             purged: vec![MessageId([1; 16])],
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
             narrowed_at_ms: 100,
             received_at_ms: 101,
             respond: Box::new(|_| b"narrowed".to_vec()),
         };
+        let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.
         let stale = store
-            .apply_narrowing(narrowing(b"other".to_vec()), entry())
+            .apply_narrowing(narrowing(b"other".to_vec(), read.clone()), entry())
             .await;
         assert!(stale.is_err());
         assert!(
@@ -2904,7 +2951,19 @@ pub(crate) mod tests {
                 .is_none()
         );
 
-        let applied = store.apply_narrowing(narrowing(vec![2; 8]), entry()).await;
+        // A referral it names stored since it was read (it was on its way): nothing of
+        // it stays either, and a read that sees it goes through.
+        let arrived = store.accept_referral(with_id(5, 5), entry()).await;
+        assert!(matches!(arrived, Ok(AcceptOutcome::Stored(_))));
+        let stale = store
+            .apply_narrowing(narrowing(vec![2; 8], read.clone()), entry())
+            .await;
+        assert!(stale.is_err());
+        let mut read = read;
+        read.push(MessageId([5; 16]));
+        let applied = store
+            .apply_narrowing(narrowing(vec![2; 8], read.clone()), entry())
+            .await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(r)) if r == b"narrowed"));
         assert!(
             store
@@ -2915,11 +2974,17 @@ pub(crate) mod tests {
         );
         let cut = store.inbox_item(MessageId([2; 16])).await.expect("read");
         assert_eq!(cut.expect("kept").payload_sealed, b"cut");
-        let replayed = store.apply_narrowing(narrowing(vec![2; 8]), entry()).await;
+        let replayed = store
+            .apply_narrowing(narrowing(vec![2; 8], read), entry())
+            .await;
         assert!(matches!(replayed, Ok(AcceptOutcome::AlreadySeen(_))));
 
-        let late = store.accept_referral(with_id(3, 99), entry()).await;
-        assert!(matches!(late, Ok(AcceptOutcome::ConsentNarrowed)));
+        for sealed_at_ms in [99, 100] {
+            let late = store
+                .accept_referral(with_id(3, sealed_at_ms), entry())
+                .await;
+            assert!(matches!(late, Ok(AcceptOutcome::ConsentNarrowed)));
+        }
         assert!(
             store
                 .inbox_item(MessageId([3; 16]))
@@ -2927,7 +2992,7 @@ pub(crate) mod tests {
                 .expect("read")
                 .is_none()
         );
-        let after = store.accept_referral(with_id(4, 100), entry()).await;
+        let after = store.accept_referral(with_id(4, 101), entry()).await;
         assert!(matches!(after, Ok(AcceptOutcome::Stored(_))));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -409,7 +409,7 @@ pub async fn record_consent(
             && !scope.admits_recipient(m)
         {
             return Err(Failure::invalid(format!(
-                "recipient {org} could receive nothing under this consent: it is in or acts for an excluded country, or its roles may receive none of its purposes"
+                "recipient {org} could receive nothing under this consent: it is in or acts for an excluded country, or its roles may receive none of its purposes (family tracing counts for none under no-family-contact)"
             )));
         }
     }
@@ -928,6 +928,10 @@ async fn gate_and_seal(
         .iter()
         .find(|r| r.id == consent.id)
         .and_then(|r| r.narrowed_at_ms);
+    // Sealed after the narrowing it was gated under, by the clock too: a recipient that
+    // carried out that narrowing refuses what was sealed at or before it (referrals the
+    // narrowing cancelled while they were on their way).
+    let now = consent_narrowed_at_ms.map_or(now, |at| now.max(at.saturating_add(1)));
 
     let case_ref = node.pairwise.case_ref(&req.case_id, recipient_id);
     let consent_ref = node.pairwise.consent_ref(&consent.id, recipient_id);
@@ -1122,8 +1126,8 @@ struct NarrowingOf {
 
 impl NarrowingOf {
     /// What each referral discloses once the recipient has done as asked (the fields it
-    /// keeps; none, for one it purges), to record at the sender: a later narrowing then
-    /// asks only for what it takes away itself.
+    /// keeps; none, for one it purges), recorded at the sender once its purge receipt is
+    /// verified: a later narrowing then asks only for what it takes away itself.
     fn disclosed_after(&self) -> Vec<(MessageId, String)> {
         self.kept
             .iter()
@@ -1269,6 +1273,21 @@ fn purge_request_item(
     })
 }
 
+/// Records, once a narrowing's purge receipt is verified, what each referral it named
+/// discloses now, so that a later narrowing asks only for what it takes away itself.
+/// Until then (and if this fails) a later narrowing asks again for what this one did,
+/// which the recipient has nothing left to do for.
+pub async fn narrowing_done(node: &Node, id: MessageId) -> Result<(), Failure> {
+    let asked = node
+        .store
+        .narrowing_request(id)
+        .await?
+        .and_then(|stored| NarrowingOf::from_stored(&stored))
+        .ok_or_else(|| Failure::internal("a delivered narrowing's request is not stored", id))?;
+    node.store.record_disclosed(asked.disclosed_after()).await?;
+    Ok(())
+}
+
 /// Renews a withdrawal or narrowing whose envelope expired undelivered (its recipient
 /// was away for longer than an envelope may live): the same request in a new envelope is
 /// queued in the transaction that ends the old one, so the recipient is asked until it
@@ -1288,13 +1307,6 @@ pub async fn renew_withdrawal(
             "{recipient} is no longer a member and cannot be asked to purge"
         )));
     };
-    let referrals: Vec<SentReferral> = node
-        .store
-        .referrals_under_consent(&old.consent_id)
-        .await?
-        .into_iter()
-        .filter(|sent| sent.recipient == old.recipient && sent.consent_ref == old.consent_ref)
-        .collect();
     let to = PurgeRequestFor {
         case_id: &old.case_id,
         consent_id: &old.consent_id,
@@ -1303,12 +1315,10 @@ pub async fn renew_withdrawal(
         by: old.created_by,
     };
     let item = if old.kind == i64::from(MessageKind::ConsentNarrowing.as_i32()) {
-        let narrowed_at_ms = consent.narrowed_at_ms.ok_or_else(|| {
-            Failure::internal(
-                "a narrowing is queued for a consent never narrowed",
-                &old.consent_id,
-            )
-        })?;
+        // The narrowing it carries out, which a later one does not change.
+        let narrowed_at_ms = old
+            .narrowed_at_ms
+            .ok_or_else(|| Failure::internal("a queued narrowing names no narrowing", expired))?;
         // The same request again: what it asked is already recorded as done, so it
         // cannot be worked out anew (a later narrowing asks for its own part itself).
         let n = old
@@ -1330,7 +1340,14 @@ pub async fn renew_withdrawal(
                     &old.consent_id,
                 )
             })?;
-        let ids: Vec<MessageId> = referrals.iter().map(|sent| sent.message_id).collect();
+        let ids: Vec<MessageId> = node
+            .store
+            .referrals_under_consent(&old.consent_id)
+            .await?
+            .into_iter()
+            .filter(|sent| sent.recipient == old.recipient && sent.consent_ref == old.consent_ref)
+            .map(|sent| sent.message_id)
+            .collect();
         withdrawal_item(
             node,
             member,
@@ -1488,7 +1505,6 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
             .push(sent);
     }
     let mut items = Vec::new();
-    let mut disclosed_after = Vec::new();
     for ((recipient, consent_ref), sent) in &per_recipient {
         let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
         let Some(member) = node.directory.get(&org) else {
@@ -1519,7 +1535,6 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                         changed_at_ms,
                         now_ms(),
                     )?);
-                    disclosed_after.extend(n.disclosed_after());
                 }
             }
             _ => {
@@ -1539,7 +1554,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
     }
     let queued = items.len();
     if queued > 0 {
-        node.store.queue_withdrawals(items, disclosed_after).await?;
+        node.store.queue_withdrawals(items).await?;
         node.outbox_ready.notify_one();
     }
     Ok(queued)
@@ -2044,11 +2059,15 @@ async fn accept_narrowing(
     }
     let mut purged = Vec::new();
     let mut redacted = Vec::new();
+    let mut held = Vec::new();
     for row in node
         .store
         .inbox_rows_under_consent(&sender.id, &n.consent_id)
         .await?
     {
+        if to_purge.contains(&row.message_id) || to_keep.contains_key(&row.message_id) {
+            held.push(row.message_id);
+        }
         if to_purge.contains(&row.message_id) {
             purged.push(row.message_id);
             continue;
@@ -2056,16 +2075,14 @@ async fn accept_narrowing(
         let Some(keep) = to_keep.get(&row.message_id) else {
             continue;
         };
-        match cut_to(node, &row, keep).await {
-            Ok(Cut::Unchanged) => {}
-            Ok(Cut::Nothing) => purged.push(row.message_id),
-            Ok(Cut::Sealed(sealed)) => {
-                redacted.push((row.message_id, row.payload_sealed, sealed));
-            }
+        match cut_to(node, &row, keep).await? {
+            Cut::Unchanged => {}
+            Cut::Nothing => purged.push(row.message_id),
+            Cut::Sealed(sealed) => redacted.push((row.message_id, row.payload_sealed, sealed)),
             // What cannot be read cannot be cut: it goes whole, rather than keeping the
             // fields the person took back or holding up the rest of the narrowing.
-            Err(failure) => {
-                tracing::warn!(referral = %row.message_id, error = %failure.message, "a referral to cut cannot be read; purged whole");
+            Cut::Unreadable(why) => {
+                tracing::warn!(referral = %row.message_id, error = %why, "a referral to cut cannot be read; purged whole");
                 purged.push(row.message_id);
             }
         }
@@ -2102,6 +2119,8 @@ async fn accept_narrowing(
                 sender: sender.id.clone(),
                 envelope_digest: *digest,
                 consent_id: n.consent_id.clone(),
+                named: to_purge.iter().chain(to_keep.keys()).copied().collect(),
+                held,
                 purged,
                 redacted,
                 narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
@@ -2145,25 +2164,29 @@ enum Cut {
     Nothing,
     /// Its payload without the other fields, sealed again under the case's key.
     Sealed(Vec<u8>),
+    /// It cannot be read (its key is gone or does not open it, or it does not decode):
+    /// why, without its content.
+    Unreadable(String),
 }
 
-/// Cuts the received referral `row` to the fields in `keep`.
+/// Cuts the received referral `row` to the fields in `keep`. Errs only where trying
+/// again may succeed (storage busy, say).
 async fn cut_to(node: &Node, row: &InboxRow, keep: &BTreeSet<Field>) -> Result<Cut, Failure> {
-    let wrapped = node
-        .store
-        .case_key(&row.case_key_id)
-        .await?
-        .ok_or_else(|| Failure::internal("a received referral's key is gone", row.message_id))?;
-    let key = node
-        .data_key
-        .unwrap_data_key(&row.case_key_id, &wrapped)
-        .map_err(data_failure)?;
+    let Some(wrapped) = node.store.case_key(&row.case_key_id).await? else {
+        return Ok(Cut::Unreadable("its case key is gone".into()));
+    };
+    let key = match node.data_key.unwrap_data_key(&row.case_key_id, &wrapped) {
+        Ok(key) => key,
+        Err(e) => return Ok(Cut::Unreadable(e.to_string())),
+    };
     let record = row.message_id.to_hex();
-    let plaintext = key
-        .decrypt(&row.case_key_id, &record, &row.payload_sealed)
-        .map_err(data_failure)?;
-    let mut payload = pb::ReferralPayload::decode(plaintext.as_slice())
-        .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+    let plaintext = match key.decrypt(&row.case_key_id, &record, &row.payload_sealed) {
+        Ok(plaintext) => plaintext,
+        Err(e) => return Ok(Cut::Unreadable(e.to_string())),
+    };
+    let Ok(mut payload) = pb::ReferralPayload::decode(plaintext.as_slice()) else {
+        return Ok(Cut::Unreadable("it does not decode".into()));
+    };
     let before = payload.fields.len();
     payload
         .fields

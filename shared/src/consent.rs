@@ -368,9 +368,9 @@ impl ConsentScope {
     /// the recipient learns nothing of the consent beyond what it was sent.
     ///
     /// `disclosed` is `None` for a referral sent before the sender recorded what it
-    /// disclosed. The recipient is then told the fields the consent still covers for
-    /// the purpose: it learns which of them the person agrees to, but keeps nothing the
-    /// person took back.
+    /// disclosed: naming the fields the consent still covers would tell the recipient
+    /// of kinds of data it was never sent, so such a referral is kept or purged whole,
+    /// by its purpose alone.
     pub fn after_narrowing(
         &self,
         recipient: &Member,
@@ -381,18 +381,7 @@ impl ConsentScope {
             return AfterNarrowing::Purge;
         }
         let Some(disclosed) = disclosed else {
-            let profile = profile(purpose);
-            let covered: BTreeSet<Field> = self
-                .fields
-                .iter()
-                .copied()
-                .filter(|f| profile.allows(*f))
-                .collect();
-            return if covered.is_empty() {
-                AfterNarrowing::Purge
-            } else {
-                AfterNarrowing::Keep(covered)
-            };
+            return AfterNarrowing::Unchanged;
         };
         let kept: BTreeSet<Field> = disclosed.intersection(&self.fields).copied().collect();
         if kept.is_empty() {
@@ -974,18 +963,11 @@ mod tests {
             narrowed.after_narrowing(&kh, Purpose::Reintegration, Some(&sent)),
             AfterNarrowing::Keep([Field::PreferredName, Field::Needs].into())
         );
-        // A referral sent before what it disclosed was recorded keeps the fields the
-        // consent still covers for its purpose.
-        let covered: BTreeSet<Field> = narrowed
-            .fields
-            .iter()
-            .copied()
-            .filter(|f| profile(Purpose::Reintegration).allows(*f))
-            .collect();
-        assert!(!covered.contains(&Field::RiskFlags));
+        // A referral sent before what it disclosed was recorded is kept or purged
+        // whole: naming the fields the consent covers would tell of others.
         assert_eq!(
             narrowed.after_narrowing(&kh, Purpose::Reintegration, None),
-            AfterNarrowing::Keep(covered)
+            AfterNarrowing::Unchanged
         );
         // A restriction the narrowing added counts too.
         let mut no_family = consent();
@@ -1252,7 +1234,8 @@ mod tests {
                 live.withdrawn_at_ms = None;
                 let kept = match &after {
                     AfterNarrowing::Keep(kept) => kept.clone(),
-                    _ => disclosed.clone(),
+                    _ if known => disclosed.clone(),
+                    _ => BTreeSet::new(),
                 };
                 let refusal = gate(&live, &recipient, purpose, &kept, 0).err();
                 prop_assert!(refusal.is_none_or(|r| r.reasons.iter().all(|reason| matches!(
@@ -1262,12 +1245,9 @@ mod tests {
             }
             match after {
                 AfterNarrowing::Keep(kept) => {
-                    prop_assert!(!kept.is_empty() && kept.is_subset(&scope.fields));
-                    if known {
-                        prop_assert!(kept.is_subset(&disclosed) && kept.len() < disclosed.len());
-                    } else {
-                        prop_assert!(kept.iter().all(|f| profile(purpose).allows(*f)));
-                    }
+                    // Only fields it was sent are named.
+                    prop_assert!(known && !kept.is_empty() && kept.is_subset(&scope.fields));
+                    prop_assert!(kept.is_subset(&disclosed) && kept.len() < disclosed.len());
                 }
                 AfterNarrowing::Unchanged if known => {
                     prop_assert!(disclosed.is_subset(&scope.fields));

@@ -332,7 +332,7 @@ async fn a_narrowing_that_changes_nothing_is_refused_and_ends_nothing() {
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "consent {consent_id} has no field prefered_name: nothing was narrowed"
+            "consent {consent_id} has no field prefered_name (no such field"
         )),
         "{stderr}"
     );

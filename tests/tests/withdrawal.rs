@@ -580,6 +580,82 @@ async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
     assert_eq!(names, required);
 }
 
+/// A narrowing its recipient refused (a member on an older version, say) is asked again
+/// when the node starts: what the sender records as cut is only what a recipient proved
+/// it cut.
+#[tokio::test]
+async fn a_refused_narrowing_is_asked_again_at_start() {
+    let fed = Federation::four("narrow-refused");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let mut request = referral(&case_id, SHELTER_KH, "reintegration");
+    request.fields.insert(
+        "risk_flags".into(),
+        sample_value(corridor::Field::RiskFlags),
+    );
+    let id = s
+        .send_referral(request)
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    kh.kill();
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope");
+    scope.fields.retain(|f| f != "risk_flags");
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("narrowing");
+    sender.stop();
+    sql(
+        &sender,
+        &["UPDATE outbox SET state = 'refused', last_error = 'refused for the test' WHERE kind = 3"],
+    )
+    .await;
+    sender.start();
+    s = sender.client().await;
+    let queued = scalar(
+        &sender,
+        "SELECT COUNT(*) FROM outbox WHERE kind = 3 AND state = 'queued'",
+    )
+    .await;
+    assert_eq!(queued, 1, "the refused narrowing was not asked again");
+
+    kh.start();
+    wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    let mut c = kh.client().await;
+    let read = c
+        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .await
+        .expect("the referral it keeps")
+        .into_inner();
+    assert!(
+        !read.fields.contains_key("risk_flags"),
+        "{:?}",
+        read.fields.keys()
+    );
+}
+
 /// The directory's `[[member]]` block of `org` taken out of `directory`.
 fn without_member(directory: &str, org: &str) -> String {
     directory
