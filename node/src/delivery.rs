@@ -352,19 +352,33 @@ async fn deliver_once(
         let encoded = purge.encode_to_vec();
         let purge = convert::purge_receipt_from_pb(purge)
             .map_err(|e| AttemptError::Retry(format!("purge receipt is malformed: {e}")))?;
-        entry = audit::encode(
-            &audit::Event::PurgeReceiptReceived {
-                message_id: item.message_id,
-                purger: recipient.clone(),
-                consent_id: item.consent_id.clone(),
-                receipt_digest: corridor::canonical::sha256(&purge.signed_bytes()),
-            },
-            now,
+        let narrowing = item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32());
+        let (message_id, purger, consent_id, receipt_digest) = (
+            item.message_id,
+            recipient.clone(),
+            item.consent_id.clone(),
+            corridor::canonical::sha256(&purge.signed_bytes()),
         );
+        let event = if narrowing {
+            audit::Event::NarrowingReceiptReceived {
+                message_id,
+                purger,
+                consent_id,
+                receipt_digest,
+            }
+        } else {
+            audit::Event::PurgeReceiptReceived {
+                message_id,
+                purger,
+                consent_id,
+                receipt_digest,
+            }
+        };
+        entry = audit::encode(&event, now);
         purge
             .verify(
                 item.message_id,
-                item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32()),
+                narrowing,
                 &item.consent_ref,
                 &node.org,
                 &recipient,

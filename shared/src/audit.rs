@@ -107,6 +107,13 @@ pub enum Event {
         consent_id: String,
         receipt_digest: [u8; 32],
     },
+    /// A peer's receipt for a narrowing verified: what it purged and what it cut.
+    NarrowingReceiptReceived {
+        message_id: MessageId,
+        purger: OrgId,
+        consent_id: String,
+        receipt_digest: [u8; 32],
+    },
     /// A local user read personal data of a received case.
     PersonalDataRead {
         message_id: MessageId,
@@ -146,6 +153,7 @@ impl Event {
             Self::PurgeDone { .. } => "purge-done",
             Self::NarrowingApplied { .. } => "narrowing-applied",
             Self::PurgeReceiptReceived { .. } => "purge-receipt-received",
+            Self::NarrowingReceiptReceived { .. } => "narrowing-receipt-received",
             Self::PersonalDataRead { .. } => "personal-data-read",
             Self::RetentionPurge { .. } => "retention-purge",
             Self::TokenIssued { .. } => "token-issued",
@@ -265,6 +273,12 @@ impl Event {
                 ("redacted", redacted.to_string()),
             ],
             Self::PurgeReceiptReceived {
+                message_id,
+                purger,
+                consent_id,
+                receipt_digest,
+            }
+            | Self::NarrowingReceiptReceived {
                 message_id,
                 purger,
                 consent_id,

@@ -387,6 +387,17 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
             &fed.directory.get(&kh_id).unwrap().signing_key,
         )
         .expect("narrowing receipt verifies");
+    // Each side logs it as a narrowing, not as a withdrawal.
+    let logged = |kind: &str| {
+        format!("SELECT COUNT(*) FROM audit_entries WHERE instr(entry, CAST('{kind}' AS BLOB)) > 0")
+    };
+    assert_eq!(
+        scalar(&sender, &logged("narrowing-receipt-received")).await,
+        1
+    );
+    assert_eq!(scalar(&sender, &logged("purge-receipt-received")).await, 0);
+    assert_eq!(scalar(&kh, &logged("narrowing-applied")).await, 1);
+    assert_eq!(scalar(&kh, &logged("purge-done")).await, 0);
 
     let mut c = kh.client().await;
     let mut held: Vec<String> = inbox(&mut c)
