@@ -41,9 +41,11 @@ pub fn backoff_ms(attempts: i64, initial_ms: u64, max_ms: u64, random: u32) -> u
 
 /// How long before its envelope expires a request to purge (withdrawal or narrowing) is
 /// renewed rather than sent. One that reached its recipient expired (the recipient's
-/// clock may run a little ahead) would be refused, and a refusal is final: the recipient
-/// would never be asked to purge.
+/// clock may run a little ahead) would only be refused.
 const WITHDRAWAL_RENEWAL_MARGIN_MS: i64 = 60_000;
+
+/// Attempts after which the backoff is at its longest ([`backoff_ms`] stops doubling).
+const RETRIES_BEFORE_SLOWEST: i64 = 30;
 
 /// How soon the loop looks in the outbox again when every item due is in flight already:
 /// their attempts end at their own pace, and looking every few milliseconds would only
@@ -430,6 +432,17 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         Err(AttemptError::NotQueued) => {
             tracing::info!(referral = %id, recipient = %item.recipient, "not sent: no longer queued");
             Ok(())
+        }
+        // A request to purge is not given up on: the recipient still holds the data. A
+        // refusal (a member on an older version that does not know narrowings, say) is
+        // asked again, as slowly as the longest backoff allows, and shows as pending.
+        Err(AttemptError::Permanent(reason)) if asks_to_purge(&item) => {
+            tracing::warn!(envelope = %id, recipient = %item.recipient, %reason, "request to purge refused by recipient; will ask again");
+            let item = DueItem {
+                attempts: item.attempts.max(RETRIES_BEFORE_SLOWEST),
+                ..item.clone()
+            };
+            retry_later(node, &item, &format!("refused: {reason}"), now).await
         }
         Err(AttemptError::Permanent(reason)) => {
             tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");

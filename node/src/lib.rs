@@ -141,11 +141,16 @@ async fn run(args: Args) -> Result<(), String> {
             server::serve(config).await.map_err(|e| e.to_string())
         }
         Command::CheckConfig => {
-            let node = node::Node::load(config).await.map_err(|e| e.to_string())?;
+            let check = node::check_config(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             // Warnings, not errors: the shipped unit runs check-config before every start,
             // and a directory that drops a witness must not keep the node from starting.
-            for warning in node.config_warnings() {
+            for warning in check.warnings {
                 print_error(&format!("warning: {warning}"));
+            }
+            for note in check.notes {
+                print_error(&format!("note: {note}"));
             }
             print_line("configuration is valid")
         }

@@ -114,11 +114,104 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
     Ok(Store::open(&config.database_path()).await?)
 }
 
-impl Node {
+/// The files a configuration names, loaded and found consistent with each other.
+struct LoadedFiles {
+    directory: Directory,
+    signing_key: SigningKey,
+    sealing_key: SealingKey,
+    previous_sealing_keys: Vec<SealingKey>,
+    data_key: corridor::at_rest::KeyEncryptionKey,
+    tls: TlsMaterial,
+}
+
+/// What `check-config` found besides errors.
+pub struct ConfigCheck {
+    /// What does not fit the directory without keeping the node from working.
+    pub warnings: Vec<String>,
+    /// What the next start will do to the database.
+    pub notes: Vec<String>,
+}
+
+/// Checks everything a start would check, and the database, without changing anything:
+/// it may run beside a running node (the shipped unit runs it before every start) and
+/// before an upgrade is committed to, which a migration would make hard to undo.
+pub async fn check_config(config: &Config) -> Result<ConfigCheck, StartError> {
+    let files = LoadedFiles::load(config)?;
+    let warnings = witness_warnings(config, &files.directory);
+    let mut notes = Vec::new();
+    let path = config.database_path();
+    match Store::inspect(&path).await? {
+        None => notes.push(format!(
+            "there is no database at {} yet: the node creates it when it starts",
+            path.display()
+        )),
+        Some(found) => {
+            if let Some((case, wrapped)) = &found.some_case_key {
+                check_data_key(config, &files.data_key, case, wrapped)?;
+            }
+            if let Some(accepted) = found.directory_serial {
+                check_directory_serial(config, &files.directory, accepted)?;
+            }
+            if found.pending_migrations > 0 {
+                notes.push(format!(
+                    "the node will upgrade the database at {} when it starts ({} schema migration(s)); an older corridor-node cannot open it after that, so keep a copy of the data directory, taken while the node is stopped, to go back",
+                    path.display(),
+                    found.pending_migrations
+                ));
+            }
+        }
+    }
+    Ok(ConfigCheck { warnings, notes })
+}
+
+/// A wrong key file would let the node accept referrals (and sign receipts for them)
+/// that it could never read back, nor those stored before.
+fn check_data_key(
+    config: &Config,
+    data_key: &corridor::at_rest::KeyEncryptionKey,
+    case: &str,
+    wrapped: &[u8],
+) -> Result<(), StartError> {
+    if data_key.unwrap_data_key(case, wrapped).is_err() {
+        return Err(StartError::Mismatch(format!(
+            "data key {} does not open the data keys stored in {}: it is not the key this database was written with; restore that key file",
+            config.keys.data_key.display(),
+            config.database_path().display()
+        )));
+    }
+    Ok(())
+}
+
+fn check_directory_serial(
+    config: &Config,
+    directory: &Directory,
+    accepted: i64,
+) -> Result<(), StartError> {
+    if i64::try_from(directory.serial).is_ok_and(|serial| serial < accepted) {
+        return Err(older_directory(config, directory, accepted));
+    }
+    Ok(())
+}
+
+fn older_directory(
+    config: &Config,
+    directory: &Directory,
+    newer: impl std::fmt::Display,
+) -> StartError {
+    StartError::Directory {
+        path: config.directory.display().to_string(),
+        reason: format!(
+            "its serial {} is older than serial {newer}, which this node accepted before; install the newer directory",
+            directory.serial
+        ),
+    }
+}
+
+impl LoadedFiles {
     /// Loads everything the configuration names and checks that it is consistent: the
     /// directory lists this org with exactly these public keys and this certificate.
-    pub async fn load(config: Config) -> Result<Arc<Self>, StartError> {
-        let directory = Arc::new(load_directory(&config)?);
+    fn load(config: &Config) -> Result<Self, StartError> {
+        let directory = load_directory(config)?;
         let org = config.org_id.clone();
         let member = directory
             .get(&org)
@@ -161,26 +254,37 @@ impl Node {
                 )));
             }
         }
+        Ok(Self {
+            directory,
+            signing_key,
+            sealing_key,
+            previous_sealing_keys,
+            data_key,
+            tls,
+        })
+    }
+}
+
+impl Node {
+    /// Loads everything the configuration names, checks that it is consistent (see
+    /// [`check_config`]) and opens the database, upgrading it if needed.
+    pub async fn load(config: Config) -> Result<Arc<Self>, StartError> {
+        let LoadedFiles {
+            directory,
+            signing_key,
+            sealing_key,
+            previous_sealing_keys,
+            data_key,
+            tls,
+        } = LoadedFiles::load(&config)?;
+        let directory = Arc::new(directory);
+        let org = config.org_id.clone();
         let store = open_store(&config).await?;
-        // A wrong key file would let the node accept referrals (and sign receipts for
-        // them) that it could never read back, nor those stored before.
-        if let Some((case, wrapped)) = store.some_case_key().await?
-            && data_key.unwrap_data_key(&case, &wrapped).is_err()
-        {
-            return Err(StartError::Mismatch(format!(
-                "data key {} does not open the data keys stored in {}: it is not the key this database was written with; restore that key file",
-                config.keys.data_key.display(),
-                config.database_path().display()
-            )));
+        if let Some((case, wrapped)) = store.some_case_key().await? {
+            check_data_key(&config, &data_key, &case, &wrapped)?;
         }
         if let Some(newer) = store.accept_directory_serial(directory.serial).await? {
-            return Err(StartError::Directory {
-                path: config.directory.display().to_string(),
-                reason: format!(
-                    "its serial {} is older than serial {newer}, which this node accepted before; install the newer directory",
-                    directory.serial
-                ),
-            });
+            return Err(older_directory(&config, &directory, newer));
         }
         let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
         Ok(Arc::new(Self {
@@ -209,7 +313,14 @@ impl Node {
     /// and a running node logs them, as warnings: a directory that drops a witness must
     /// not stop every node that named it.
     pub fn config_warnings(&self) -> Vec<String> {
-        let audit = &self.config.audit;
+        witness_warnings(&self.config, &self.directory)
+    }
+}
+
+/// Witnesses the configuration names that are not members of the federation.
+fn witness_warnings(config: &Config, directory: &Directory) -> Vec<String> {
+    {
+        let audit = &config.audit;
         let named = [
             ("audit.witnesses", &audit.witnesses),
             ("audit.witness_for", &audit.witness_for),
@@ -217,7 +328,7 @@ impl Node {
         named
             .into_iter()
             .flat_map(|(setting, orgs)| orgs.iter().map(move |org| (setting, org)))
-            .filter(|(_, org)| self.directory.get(org).is_none())
+            .filter(|(_, org)| directory.get(org).is_none())
             .map(|(setting, org)| {
                 format!("{setting} names {org}, which is not a member of the federation")
             })

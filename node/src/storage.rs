@@ -27,6 +27,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the database was written by a newer corridor-node (its schema has migration {0}, which this version does not know): run that version or a newer one, or restore the copy of the data directory taken before the upgrade"
+    )]
+    NewerSchema(i64),
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
     #[error("audit entry {0} is missing from the log")]
@@ -401,7 +405,81 @@ fn split_list(text: &str) -> Vec<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
 
+/// The schema migrations this version applies, in order.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What [`Store::inspect`] finds in a database, without changing it.
+#[derive(Debug)]
+pub struct Inspection {
+    /// Schema migrations this version would apply at start.
+    pub pending_migrations: usize,
+    /// One stored case key (id, wrapped key), to check the data key against.
+    pub some_case_key: Option<(String, Vec<u8>)>,
+    /// The highest directory serial the node accepted.
+    pub directory_serial: Option<i64>,
+}
+
 impl Store {
+    /// Looks at the database at `path` without migrating or writing anything, so that
+    /// a check may run beside a running node and before an upgrade is committed to.
+    /// `None` if there is no database yet.
+    pub async fn inspect(path: &Path) -> Result<Option<Inspection>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let mut conn = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(false)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let table = async |conn: &mut SqliteConnection, name: &str| -> Result<bool> {
+            Ok(
+                sqlx::query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some(),
+            )
+        };
+        let applied: Vec<i64> = if table(&mut conn, "_sqlx_migrations").await? {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&mut conn)
+                .await?
+        } else {
+            Vec::new()
+        };
+        if let Some(newer) = applied
+            .iter()
+            .find(|v| !MIGRATOR.iter().any(|m| m.version == **v))
+        {
+            return Err(StoreError::NewerSchema(*newer));
+        }
+        let some_case_key = if table(&mut conn, "case_keys").await? {
+            sqlx::query("SELECT id, wrapped_key FROM case_keys LIMIT 1")
+                .fetch_optional(&mut conn)
+                .await?
+                .map(|r| (r.get(0), r.get(1)))
+        } else {
+            None
+        };
+        let directory_serial = if table(&mut conn, "directory_state").await? {
+            sqlx::query_scalar("SELECT serial FROM directory_state WHERE id = 1")
+                .fetch_optional(&mut conn)
+                .await?
+        } else {
+            None
+        };
+        Ok(Some(Inspection {
+            pending_migrations: MIGRATOR
+                .iter()
+                .filter(|m| !applied.contains(&m.version))
+                .count(),
+            some_case_key,
+            directory_serial,
+        }))
+    }
+
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self> {
         let options = SqliteConnectOptions::from_str("sqlite://")?
@@ -422,7 +500,12 @@ impl Store {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        MIGRATOR.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(version) => {
+                StoreError::NewerSchema(version)
+            }
+            other => other.into(),
+        })?;
         let writer = Writer::start(options.connect().await?).await?;
         Ok(Self {
             pool,

@@ -72,3 +72,63 @@ async fn witnesses_that_are_not_members_are_reported() {
         node.log()
     );
 }
+
+/// `check-config` changes nothing, even where the next start would upgrade the database
+/// (which an older version could not open after that), and runs beside a running node; a
+/// database written by a newer version is refused, by the check and by a start, in one
+/// sentence.
+#[tokio::test]
+async fn check_config_changes_nothing_and_names_a_newer_database() {
+    let fed = Federation::demo("check-changes-nothing");
+    let mut node = fed.start(SHELTER_MY);
+    let check = || {
+        Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&fed.org(SHELTER_MY).config)
+            .arg("check-config")
+            .output()
+            .expect("run corridor-node")
+    };
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.stop();
+
+    // As if the last migration were still to come.
+    let latest = scalar(&node, "SELECT MAX(version) FROM _sqlx_migrations").await;
+    sql(
+        &node,
+        &[&format!(
+            "DELETE FROM _sqlx_migrations WHERE version = {latest}"
+        )],
+    )
+    .await;
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("note: the node will upgrade the database"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(1 schema migration(s))"), "{stderr}");
+    let applied = scalar(&node, "SELECT MAX(version) FROM _sqlx_migrations").await;
+    assert_eq!(applied, latest - 1, "check-config migrated the database");
+
+    // Written by a newer version.
+    sql(
+        &node,
+        &["INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time)
+           VALUES (9999, 'from the future', CURRENT_TIMESTAMP, 1, x'00', 0)"],
+    )
+    .await;
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("written by a newer corridor-node (its schema has migration 9999"),
+        "{stderr}"
+    );
+}
