@@ -1171,8 +1171,8 @@ impl NarrowingOf {
 
 /// What `recipient` may keep, under the narrowed `scope`, of the referrals it was sent;
 /// `None` if it may keep them all as they are. A stored value that does not parse
-/// (which only a damaged database holds) asks the safe thing: a purpose, to purge; field
-/// names, to keep only what the consent covers for the purpose.
+/// (which only a damaged database holds) does not stop the asking: a purpose asks to
+/// purge; field names count as not recorded.
 fn narrowing_of(
     scope: &ConsentScope,
     recipient: &Member,
@@ -1319,8 +1319,8 @@ pub async fn renew_withdrawal(
         let narrowed_at_ms = old
             .narrowed_at_ms
             .ok_or_else(|| Failure::internal("a queued narrowing names no narrowing", expired))?;
-        // The same request again: what it asked is already recorded as done, so it
-        // cannot be worked out anew (a later narrowing asks for its own part itself).
+        // The same request again, as stored with it (a later narrowing asks for its
+        // own part itself).
         let n = old
             .fields
             .as_deref()
