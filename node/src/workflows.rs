@@ -930,8 +930,13 @@ async fn gate_and_seal(
         .and_then(|r| r.narrowed_at_ms);
     // Sealed after the narrowing it was gated under, by the clock too: a recipient that
     // carried out that narrowing refuses what was sealed at or before it (referrals the
-    // narrowing cancelled while they were on their way).
-    let now = consent_narrowed_at_ms.map_or(now, |at| now.max(at.saturating_add(1)));
+    // narrowing cancelled while they were on their way). Only within the same second: a
+    // clock set back further would otherwise date the envelope in the future.
+    let after_narrowing = consent_narrowed_at_ms.map(|at| at.saturating_add(1));
+    let now = match after_narrowing {
+        Some(after) if after > now && after - now <= 1000 => after,
+        _ => now,
+    };
 
     let case_ref = node.pairwise.case_ref(&req.case_id, recipient_id);
     let consent_ref = node.pairwise.consent_ref(&consent.id, recipient_id);
