@@ -816,6 +816,7 @@ fn print_status(output: Output, r: &pb::GetReferralStatusResponse) {
             "referral_id": r.referral_id, "recipient": r.recipient, "purpose": r.purpose,
             "state": r.state, "attempts": r.attempts, "last_error": r.last_error,
             "created_at_ms": r.created_at_ms, "receipt": receipt,
+            "since_delivered": r.since_delivered,
         }),
         || {
             let mut text = format!(
@@ -839,6 +840,15 @@ fn print_status(output: Output, r: &pb::GetReferralStatusResponse) {
                     format_time(rc.received_at_ms),
                     hex::encode(&rc.envelope_digest)
                 ));
+            }
+            match r.since_delivered.as_str() {
+                "purged" => text.push_str(
+                    "\n  since:    purged by the recipient (signed purge receipt held, see `corridor consent status`)",
+                ),
+                "cut" => text.push_str(
+                    "\n  since:    cut by the recipient to the fields the narrowed consent covers (signed receipt held)",
+                ),
+                _ => {}
             }
             text
         },

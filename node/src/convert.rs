@@ -213,6 +213,7 @@ pub fn outbox_status_to_pb(
         last_error: status.last_error.unwrap_or_default(),
         created_at_ms: status.created_at_ms,
         receipt,
+        since_delivered: String::new(),
     })
 }
 

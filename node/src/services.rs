@@ -176,6 +176,29 @@ async fn referral_status(
         .map_err(|_| Status::internal("stored receipt is corrupt"))
 }
 
+/// What the recipient of the delivered referral `id` proved it did to it since, with the
+/// purge receipts it gave: "purged", "cut", or "" for neither.
+async fn since_delivered(node: &Node, id: MessageId) -> Result<&'static str, Status> {
+    use prost::Message as _;
+    let mut since = "";
+    for bytes in node
+        .store
+        .purge_receipts_covering(id)
+        .await
+        .map_err(Failure::from)?
+    {
+        let receipt = pb::PurgeReceipt::decode(bytes.as_slice())
+            .map_err(|_| Status::internal("stored purge receipt is corrupt"))?;
+        if receipt.purged_referrals.iter().any(|r| r[..] == id.0[..]) {
+            return Ok("purged");
+        }
+        if receipt.cut_referrals.iter().any(|r| r[..] == id.0[..]) {
+            since = "cut";
+        }
+    }
+    Ok(since)
+}
+
 pub struct CaseworkerService {
     pub node: Arc<Node>,
 }
@@ -261,7 +284,11 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        Ok(Response::new(referral_status(&self.node, id).await?))
+        let mut status = referral_status(&self.node, id).await?;
+        if status.state == "delivered" {
+            status.since_delivered = since_delivered(&self.node, id).await?.into();
+        }
+        Ok(Response::new(status))
     }
 
     async fn await_referral(

@@ -1141,6 +1141,21 @@ impl Store {
             .await
     }
 
+    /// The purge receipts (protobuf `PurgeReceipt`) the recipient of referral `id` gave
+    /// for withdrawals and narrowings of the consent it was sent under.
+    pub async fn purge_receipts_covering(&self, id: MessageId) -> Result<Vec<Vec<u8>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT r.purge_receipt FROM outbox sent
+                JOIN outbox asked ON asked.consent_id = sent.consent_id
+                                 AND asked.recipient = sent.recipient AND asked.kind IN (2, 3)
+                JOIN receipts r ON r.message_id = asked.message_id
+             WHERE sent.message_id = $1 AND sent.kind = 1 AND r.purge_receipt IS NOT NULL",
+        )
+        .bind(&id.0[..])
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// What the narrowing `id` asks, as stored with it.
     pub async fn narrowing_request(&self, id: MessageId) -> Result<Option<String>> {
         Ok(

@@ -779,6 +779,7 @@ pub async fn send_referral(
                         last_error: String::new(),
                         created_at_ms,
                         receipt: None,
+                        since_delivered: String::new(),
                     },
                     first_attempt,
                 });

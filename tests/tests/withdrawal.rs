@@ -387,6 +387,18 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
             &fed.directory.get(&kh_id).unwrap().signing_key,
         )
         .expect("narrowing receipt verifies");
+    // The sender's status of each referral says what the recipient proved it did.
+    for (id, since) in [(cut, "cut"), (purged, "purged"), (untouched, "")] {
+        let status = s
+            .get_referral_status(pb::GetReferralStatusRequest {
+                referral_id: id.clone(),
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(status.state, "delivered");
+        assert_eq!(status.since_delivered, since, "{id}");
+    }
     // Each side logs it as a narrowing, not as a withdrawal.
     let logged = |kind: &str| {
         format!("SELECT COUNT(*) FROM audit_entries WHERE instr(entry, CAST('{kind}' AS BLOB)) > 0")
