@@ -366,8 +366,8 @@ pub struct AcceptedNarrowing {
     pub purged: Vec<MessageId>,
     /// The referrals whose fields are cut: the payload as read, and as it is to be.
     pub redacted: Vec<(MessageId, Vec<u8>, Vec<u8>)>,
-    /// When the sender narrowed the consent (its clock): a referral under it sealed
-    /// before then that arrives later is refused.
+    /// When the sender narrowed the consent (its clock): a referral under it sealed at
+    /// or before then that arrives later is refused.
     pub narrowed_at_ms: i64,
     pub received_at_ms: i64,
     pub respond: Respond,
