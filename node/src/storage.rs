@@ -341,21 +341,26 @@ pub type Respond = Box<dyn Fn(Appended) -> Vec<u8> + Send + Sync>;
 
 /// What the receiving side records for an accepted consent withdrawal.
 pub struct AcceptedWithdrawal {
-    pub message_id: MessageId,
-    pub sender: OrgId,
-    pub envelope_digest: [u8; 32],
+    pub request: PurgeRequest,
     pub consent_id: String,
     /// The referrals the purge receipt names; the purge must delete exactly these.
     pub expected: Vec<MessageId>,
+}
+
+/// A withdrawal or narrowing a peer sent, as its answer is recorded: exactly once per
+/// message id, a replay getting the first answer.
+pub struct PurgeRequest {
+    pub message_id: MessageId,
+    pub sender: OrgId,
+    pub envelope_digest: [u8; 32],
     pub received_at_ms: i64,
+    /// Builds the answer (receipt and purge receipt) from the entry's place in the log.
     pub respond: Respond,
 }
 
 /// A narrowing a peer sent, ready to apply.
 pub struct AcceptedNarrowing {
-    pub message_id: MessageId,
-    pub sender: OrgId,
-    pub envelope_digest: [u8; 32],
+    pub request: PurgeRequest,
     pub consent_id: String,
     /// Every referral the narrowing names, and those of them stored under the consent
     /// when it was read: one stored since (it was on its way) makes the job fail, to be
@@ -369,8 +374,6 @@ pub struct AcceptedNarrowing {
     /// When the sender narrowed the consent (its clock): a referral under it sealed at
     /// or before then that arrives later is refused.
     pub narrowed_at_ms: i64,
-    pub received_at_ms: i64,
-    pub respond: Respond,
 }
 
 /// Outcome of storing an accepted envelope.
@@ -1475,6 +1478,30 @@ impl Store {
 
     /// Records an accepted withdrawal with its answer; returns the outcome if nothing
     /// was inserted.
+    /// Records `request` as seen with the answer built for the place its audit entry
+    /// `audit` gets; `Err` with the outcome if its id was seen before (a replay).
+    async fn answer_once(
+        conn: &mut SqliteConnection,
+        log: &LogAppender,
+        audit: &[u8],
+        request: &PurgeRequest,
+    ) -> Result<std::result::Result<Vec<u8>, AcceptOutcome>> {
+        let response = (request.respond)(log.next(audit));
+        match Self::insert_seen(
+            conn,
+            request.message_id,
+            &request.sender,
+            &request.envelope_digest,
+            &response,
+            request.received_at_ms,
+        )
+        .await?
+        {
+            Some(seen) => Ok(Err(seen)),
+            None => Ok(Ok(response)),
+        }
+    }
+
     async fn insert_seen(
         conn: &mut SqliteConnection,
         id: MessageId,
@@ -1627,25 +1654,18 @@ impl Store {
                 |(n, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let response = (n.respond)(log.next(audit));
-                        if let Some(outcome) = Self::insert_seen(
-                            conn,
-                            n.message_id,
-                            &n.sender,
-                            &n.envelope_digest,
-                            &response,
-                            n.received_at_ms,
-                        )
-                        .await?
+                        let response = match Self::answer_once(conn, log, audit, &n.request).await?
                         {
-                            return Ok(outcome);
-                        }
+                            Ok(response) => response,
+                            Err(seen) => return Ok(seen),
+                        };
+                        let sender = &n.request.sender;
                         sqlx::query(
                             "INSERT INTO narrowed_consents (sender, consent_id, narrowed_at_ms)
                              VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO UPDATE
                              SET narrowed_at_ms = max(narrowed_at_ms, excluded.narrowed_at_ms)",
                         )
-                        .bind(n.sender.as_str())
+                        .bind(sender.as_str())
                         .bind(&n.consent_id)
                         .bind(n.narrowed_at_ms)
                         .execute(&mut *conn)
@@ -1654,7 +1674,7 @@ impl Store {
                         let mut held = sqlx::query(
                             "SELECT message_id FROM inbox WHERE sender = $1 AND consent_id = $2",
                         )
-                        .bind(n.sender.as_str())
+                        .bind(sender.as_str())
                         .bind(&n.consent_id)
                         .fetch_all(&mut *conn)
                         .await?
@@ -1676,7 +1696,7 @@ impl Store {
                                  WHERE message_id = $1 AND sender = $2 AND consent_id = $3",
                             )
                             .bind(&id.0[..])
-                            .bind(n.sender.as_str())
+                            .bind(sender.as_str())
                             .bind(&n.consent_id)
                             .execute(&mut *conn)
                             .await?
@@ -1694,7 +1714,7 @@ impl Store {
                                    AND payload_sealed = $5",
                             )
                             .bind(&id.0[..])
-                            .bind(n.sender.as_str())
+                            .bind(sender.as_str())
                             .bind(&n.consent_id)
                             .bind(redacted)
                             .bind(read)
@@ -1731,33 +1751,26 @@ impl Store {
                 |(w, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let response = (w.respond)(log.next(audit));
-                        if let Some(outcome) = Self::insert_seen(
-                            conn,
-                            w.message_id,
-                            &w.sender,
-                            &w.envelope_digest,
-                            &response,
-                            w.received_at_ms,
-                        )
-                        .await?
+                        let response = match Self::answer_once(conn, log, audit, &w.request).await?
                         {
-                            return Ok(outcome);
-                        }
+                            Ok(response) => response,
+                            Err(seen) => return Ok(seen),
+                        };
+                        let sender = &w.request.sender;
                         sqlx::query(
                             "INSERT INTO withdrawn_consents (sender, consent_id, withdrawn_at_ms)
                          VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO NOTHING",
                         )
-                        .bind(w.sender.as_str())
+                        .bind(sender.as_str())
                         .bind(&w.consent_id)
-                        .bind(w.received_at_ms)
+                        .bind(w.request.received_at_ms)
                         .execute(&mut *conn)
                         .await?;
                         let mut purged = sqlx::query(
                             "DELETE FROM inbox WHERE sender = $1 AND consent_id = $2
                              RETURNING message_id",
                         )
-                        .bind(w.sender.as_str())
+                        .bind(sender.as_str())
                         .bind(&w.consent_id)
                         .fetch_all(&mut *conn)
                         .await?
@@ -3016,17 +3029,19 @@ pub(crate) mod tests {
             assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
         }
         let narrowing = |read: Vec<u8>, held: Vec<MessageId>| AcceptedNarrowing {
-            message_id: MessageId([9; 16]),
-            sender: OrgId::new("shelter-my").expect("org id"),
-            envelope_digest: [3; 32],
+            request: PurgeRequest {
+                message_id: MessageId([9; 16]),
+                sender: OrgId::new("shelter-my").expect("org id"),
+                envelope_digest: [3; 32],
+                received_at_ms: 101,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
             consent_id: "consent-1".into(),
             named: vec![MessageId([1; 16]), MessageId([2; 16]), MessageId([5; 16])],
             held,
             purged: vec![MessageId([1; 16])],
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
             narrowed_at_ms: 100,
-            received_at_ms: 101,
-            respond: Box::new(|_| b"narrowed".to_vec()),
         };
         let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.

@@ -21,8 +21,8 @@ use crate::delivery::Delivered;
 use crate::node::{Node, now_ms};
 use crate::storage::{
     AcceptOutcome, AcceptedNarrowing, AcceptedReferral, AcceptedWithdrawal, ConsentDetails,
-    ConsentRow, Enqueued, InboxRow, NewConsent, NewOutboxItem, Respond, ScopeColumns, SentReferral,
-    User, Withdrawal,
+    ConsentRow, Enqueued, InboxRow, NewConsent, NewOutboxItem, PurgeRequest, Respond, ScopeColumns,
+    SentReferral, User, Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -1938,17 +1938,7 @@ async fn accept_withdrawal(
 ) -> Result<pb::DeliverResponse, Failure> {
     let w = pb::ConsentWithdrawal::decode(plaintext)
         .map_err(|_| Failure::invalid("withdrawal payload is not a valid ConsentWithdrawal"))?;
-    // Both go into this node's audit log and the purge receipt: identifiers only.
-    if !corridor::consent::is_consent_id(&w.consent_id) {
-        return Err(Failure::invalid(
-            "withdrawal consent_id is not a consent id (consent- and 32 lowercase hex digits)",
-        ));
-    }
-    if !corridor::caseref::is_case_ref(&w.case_ref) {
-        return Err(Failure::invalid(
-            "withdrawal case_ref is not a case reference (ref- and 32 lowercase hex digits)",
-        ));
-    }
+    check_purge_request_ids("withdrawal", &w.consent_id, &w.case_ref)?;
     let purged = node
         .store
         .inbox_under_consent(&sender.id, &w.consent_id)
@@ -1979,39 +1969,85 @@ async fn accept_withdrawal(
         .store
         .purge_consent(
             AcceptedWithdrawal {
-                message_id,
-                sender: sender.id.clone(),
-                envelope_digest: *digest,
+                request: purge_request(node, sender, message_id, digest, now, &purge_receipt),
                 consent_id: w.consent_id.clone(),
                 expected: purged,
-                received_at_ms: now,
-                respond: responder(
-                    node,
-                    &sender.id,
-                    message_id,
-                    digest,
-                    now,
-                    Some(convert::purge_receipt_to_pb(&purge_receipt)),
-                ),
             },
             entry,
         )
         .await?;
+    purge_answer(node, outcome, sender, digest, "withdrawal", || {
+        tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged_count, "consent withdrawn by sender; data purged");
+    })
+    .await
+}
+
+/// A withdrawal or narrowing received now, answered with its receipt and `purge_receipt`.
+fn purge_request(
+    node: &Node,
+    sender: &Member,
+    message_id: MessageId,
+    digest: &[u8; 32],
+    now: i64,
+    purge_receipt: &PurgeReceipt,
+) -> PurgeRequest {
+    PurgeRequest {
+        message_id,
+        sender: sender.id.clone(),
+        envelope_digest: *digest,
+        received_at_ms: now,
+        respond: responder(
+            node,
+            &sender.id,
+            message_id,
+            digest,
+            now,
+            Some(convert::purge_receipt_to_pb(purge_receipt)),
+        ),
+    }
+}
+
+/// Checks the identifiers a withdrawal or narrowing (`what`) names: both go into this
+/// node's audit log and the purge receipt, so they must be identifiers only.
+fn check_purge_request_ids(what: &str, consent_id: &str, case_ref: &str) -> Result<(), Failure> {
+    if !corridor::consent::is_consent_id(consent_id) {
+        return Err(Failure::invalid(format!(
+            "{what} consent_id is not a consent id (consent- and 32 lowercase hex digits)"
+        )));
+    }
+    if !corridor::caseref::is_case_ref(case_ref) {
+        return Err(Failure::invalid(format!(
+            "{what} case_ref is not a case reference (ref- and 32 lowercase hex digits)"
+        )));
+    }
+    Ok(())
+}
+
+/// The answer to a withdrawal or narrowing (`what`) once storage carried it out:
+/// stored now (the deletion made final on disk, then `log`), or a replay's first answer.
+async fn purge_answer(
+    node: &Node,
+    outcome: AcceptOutcome,
+    sender: &Member,
+    digest: &[u8; 32],
+    what: &str,
+    log: impl FnOnce(),
+) -> Result<pb::DeliverResponse, Failure> {
     match outcome {
         AcceptOutcome::Stored(response) => {
             // Make the deletion final on disk: no purged page stays in the WAL.
             if let Err(error) = node.store.checkpoint().await {
-                tracing::warn!(%error, "WAL checkpoint after purge failed");
+                tracing::warn!(%error, what, "WAL checkpoint after purge failed");
             }
-            tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged_count, "consent withdrawn by sender; data purged");
+            log();
             decode_response(&response)
         }
         AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
         AcceptOutcome::ConsentWithdrawn
         | AcceptOutcome::ConsentNarrowed
         | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
-            "storage answered a withdrawal as a referral",
-            &w.consent_id,
+            "storage answered a request to purge as a referral",
+            what,
         )),
     }
 }
@@ -2031,17 +2067,7 @@ async fn accept_narrowing(
 ) -> Result<pb::DeliverResponse, Failure> {
     let n = pb::ConsentNarrowing::decode(plaintext)
         .map_err(|_| Failure::invalid("narrowing payload is not a valid ConsentNarrowing"))?;
-    // Both go into this node's audit log and the purge receipt: identifiers only.
-    if !corridor::consent::is_consent_id(&n.consent_id) {
-        return Err(Failure::invalid(
-            "narrowing consent_id is not a consent id (consent- and 32 lowercase hex digits)",
-        ));
-    }
-    if !corridor::caseref::is_case_ref(&n.case_ref) {
-        return Err(Failure::invalid(
-            "narrowing case_ref is not a case reference (ref- and 32 lowercase hex digits)",
-        ));
-    }
+    check_purge_request_ids("narrowing", &n.consent_id, &n.case_ref)?;
     let id = |bytes: &[u8]| {
         MessageId::from_bytes(bytes)
             .map_err(|_| Failure::invalid("narrowing names a referral id that is not 16 bytes"))
@@ -2121,45 +2147,21 @@ async fn accept_narrowing(
         .store
         .apply_narrowing(
             AcceptedNarrowing {
-                message_id,
-                sender: sender.id.clone(),
-                envelope_digest: *digest,
+                request: purge_request(node, sender, message_id, digest, now, &purge_receipt),
                 consent_id: n.consent_id.clone(),
                 named: to_purge.iter().chain(to_keep.keys()).copied().collect(),
                 held,
                 purged,
                 redacted,
                 narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
-                received_at_ms: now,
-                respond: responder(
-                    node,
-                    &sender.id,
-                    message_id,
-                    digest,
-                    now,
-                    Some(convert::purge_receipt_to_pb(&purge_receipt)),
-                ),
             },
             entry,
         )
         .await?;
-    match outcome {
-        AcceptOutcome::Stored(response) => {
-            // Make the deletion final on disk: no purged page stays in the WAL.
-            if let Err(error) = node.store.checkpoint().await {
-                tracing::warn!(%error, "WAL checkpoint after narrowing failed");
-            }
-            tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
-            decode_response(&response)
-        }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
-        AcceptOutcome::ConsentWithdrawn
-        | AcceptOutcome::ConsentNarrowed
-        | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
-            "storage answered a narrowing as a referral",
-            &n.consent_id,
-        )),
-    }
+    purge_answer(node, outcome, sender, digest, "narrowing", || {
+        tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
+    })
+    .await
 }
 
 /// A received referral cut to some of its fields.

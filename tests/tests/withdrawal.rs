@@ -514,12 +514,21 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     assert!(inbox(&mut c).await.is_empty());
 }
 
-/// A recipient away for longer than an envelope may live still gets the narrowing, in a
-/// renewed envelope asking the same, and cuts what it holds when it returns.
-#[tokio::test]
-async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
-    let fed = Federation::four("narrow-renew");
-    let mut sender = fed.start(SHELTER_MY);
+/// A consent to the Cambodian shelter, a reintegration referral carrying risk flags
+/// delivered under it, and then, the shelter away, the consent narrowed to drop them.
+struct NarrowedWhileAway {
+    sender: TestNode,
+    kh: TestNode,
+    s: Caseworker,
+    consent_id: String,
+    referral_id: String,
+    // Last, so that the nodes stop before their files go.
+    _fed: Federation,
+}
+
+async fn narrowed_while_away(tag: &str) -> NarrowedWhileAway {
+    let fed = Federation::four(tag);
+    let sender = fed.start(SHELTER_MY);
     let mut kh = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
     let (case_id, consent_id) =
@@ -529,13 +538,13 @@ async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
         "risk_flags".into(),
         sample_value(corridor::Field::RiskFlags),
     );
-    let id = s
+    let referral_id = s
         .send_referral(request)
         .await
         .expect("send")
         .into_inner()
         .referral_id;
-    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    let st = wait_final(&mut s, &referral_id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
 
     kh.kill();
@@ -556,46 +565,69 @@ async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
     })
     .await
     .expect("narrowing");
-    let st = consent_status(&mut s, &consent_id).await;
+    NarrowedWhileAway {
+        sender,
+        kh,
+        s,
+        consent_id,
+        referral_id,
+        _fed: fed,
+    }
+}
+
+impl NarrowedWhileAway {
+    /// Restarts the sender after `change` to its stopped database, and waits (up to 20 s)
+    /// until `count` answers 1 there: `what` it should have done as it started.
+    async fn restart_sender(&mut self, change: &str, count: &str, what: &str) {
+        self.sender.stop();
+        sql(&self.sender, &[change]).await;
+        self.sender.start();
+        self.s = self.sender.client().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while scalar(&self.sender, count).await != 1 {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Brings the shelter back, waits until it carried out the narrowing, and returns the
+    /// referral as it holds it now.
+    async fn held_after_return(&mut self) -> pb::GetReferralResponse {
+        self.kh.start();
+        wait_status(&mut self.s, &self.consent_id, |st| {
+            state_of(st, SHELTER_KH) == "narrowed"
+        })
+        .await;
+        let mut c = self.kh.client().await;
+        c.get_referral(pb::GetReferralRequest {
+            referral_id: self.referral_id.clone(),
+        })
+        .await
+        .expect("the referral it keeps")
+        .into_inner()
+    }
+}
+
+/// A recipient away for longer than an envelope may live still gets the narrowing, in a
+/// renewed envelope asking the same, and cuts what it holds when it returns.
+#[tokio::test]
+async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
+    let mut away = narrowed_while_away("narrow-renew").await;
+    let st = consent_status(&mut away.s, &away.consent_id).await;
     assert!(
         state_of(&st, SHELTER_KH).starts_with("pending narrowing"),
         "{st:?}"
     );
 
-    sender.stop();
     let narrowing = format!("kind = 3 AND recipient = '{SHELTER_KH}'");
-    sql(
-        &sender,
-        &[&format!(
-            "UPDATE outbox SET expires_at_ms = 1, next_attempt_at_ms = 0 WHERE {narrowing}"
-        )],
-    )
-    .await;
-    sender.start();
-    s = sender.client().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while scalar(
-        &sender,
+    away.restart_sender(
+        &format!("UPDATE outbox SET expires_at_ms = 1, next_attempt_at_ms = 0 WHERE {narrowing}"),
         &format!("SELECT COUNT(*) FROM outbox WHERE {narrowing} AND state = 'queued' AND expires_at_ms > 1"),
+        "the expired narrowing was not renewed",
     )
-    .await
-        != 1
-    {
-        assert!(Instant::now() < deadline, "the expired narrowing was not renewed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    kh.start();
-    wait_status(&mut s, &consent_id, |st| {
-        state_of(st, SHELTER_KH) == "narrowed"
-    })
     .await;
-    let mut c = kh.client().await;
-    let read = c
-        .get_referral(pb::GetReferralRequest { referral_id: id })
-        .await
-        .expect("the referral it keeps")
-        .into_inner();
+
+    let read = away.held_after_return().await;
     let mut names: Vec<String> = read.fields.into_keys().collect();
     names.sort();
     let mut required: Vec<String> = required_fields("reintegration").into_keys().collect();
@@ -608,79 +640,16 @@ async fn a_narrowing_outlives_its_envelope_for_a_recipient_that_is_away() {
 /// it cut.
 #[tokio::test]
 async fn a_refused_narrowing_is_asked_again_at_start() {
-    let fed = Federation::four("narrow-refused");
-    let mut sender = fed.start(SHELTER_MY);
-    let mut kh = fed.start(SHELTER_KH);
-    let mut s = sender.client().await;
-    let (case_id, consent_id) =
-        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
-    let mut request = referral(&case_id, SHELTER_KH, "reintegration");
-    request.fields.insert(
-        "risk_flags".into(),
-        sample_value(corridor::Field::RiskFlags),
-    );
-    let id = s
-        .send_referral(request)
-        .await
-        .expect("send")
-        .into_inner()
-        .referral_id;
-    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
-    assert_eq!(st.state, "delivered", "{}", st.last_error);
-
-    kh.kill();
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("consent")
-        .into_inner()
-        .scope
-        .expect("scope");
-    scope.fields.retain(|f| f != "risk_flags");
-    s.narrow_consent(pb::NarrowConsentRequest {
-        consent_id: consent_id.clone(),
-        scope: Some(scope),
-        if_narrowed_at_ms: None,
-    })
-    .await
-    .expect("narrowing");
-    sender.stop();
-    sql(
-        &sender,
-        &["UPDATE outbox SET state = 'refused', last_error = 'refused for the test' WHERE kind = 3"],
-    )
-    .await;
-    sender.start();
-    s = sender.client().await;
+    let mut away = narrowed_while_away("narrow-refused").await;
     // The node catches up as it starts, beside serving.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while scalar(
-        &sender,
+    away.restart_sender(
+        "UPDATE outbox SET state = 'refused', last_error = 'refused for the test' WHERE kind = 3",
         "SELECT COUNT(*) FROM outbox WHERE kind = 3 AND state = 'queued'",
+        "the refused narrowing was not asked again",
     )
-    .await
-        != 1
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the refused narrowing was not asked again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    kh.start();
-    wait_status(&mut s, &consent_id, |st| {
-        state_of(st, SHELTER_KH) == "narrowed"
-    })
     .await;
-    let mut c = kh.client().await;
-    let read = c
-        .get_referral(pb::GetReferralRequest { referral_id: id })
-        .await
-        .expect("the referral it keeps")
-        .into_inner();
+
+    let read = away.held_after_return().await;
     assert!(
         !read.fields.contains_key("risk_flags"),
         "{:?}",
