@@ -316,6 +316,18 @@ impl tonic::service::Interceptor for Bearer {
 pub type Caseworker =
     CaseworkerClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
+/// Opens a case with no consent yet; returns its id.
+pub async fn new_case(client: &mut Caseworker) -> String {
+    client
+        .create_case(pb::CreateCaseRequest {
+            label: "test".into(),
+        })
+        .await
+        .expect("create case")
+        .into_inner()
+        .case_id
+}
+
 /// Opens a case with consent for `recipients` and `purposes`, covering every field the
 /// purposes allow; returns (case id, consent id).
 pub async fn case_with_consent_to(
@@ -323,14 +335,7 @@ pub async fn case_with_consent_to(
     recipients: &[&str],
     purposes: &[&str],
 ) -> (String, String) {
-    let case_id = client
-        .create_case(pb::CreateCaseRequest {
-            label: "test".into(),
-        })
-        .await
-        .expect("create case")
-        .into_inner()
-        .case_id;
+    let case_id = new_case(client).await;
     let mut fields = std::collections::BTreeSet::new();
     for p in purposes {
         let profile = corridor::profile::profile(corridor::Purpose::parse(p).expect("purpose"));

@@ -33,14 +33,7 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     let recipient = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
 
-    let case_id = s
-        .create_case(pb::CreateCaseRequest {
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .case_id;
+    let case_id = new_case(&mut s).await;
     let mut fields: Vec<String> = required_fields("reintegration").into_keys().collect();
     fields.extend(required_fields("nationality-verification").into_keys());
     fields.push("risk_flags".into());
@@ -119,14 +112,7 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     );
 
     // A withdrawn consent.
-    let withdrawn_case = s
-        .create_case(pb::CreateCaseRequest {
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .case_id;
+    let withdrawn_case = new_case(&mut s).await;
     let withdrawn = s
         .record_consent(consent(
             &withdrawn_case,
@@ -149,14 +135,7 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     assert!(m.contains("the consent was withdrawn"), "{m}");
 
     // An expired consent.
-    let expired_case = s
-        .create_case(pb::CreateCaseRequest {
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .case_id;
+    let expired_case = new_case(&mut s).await;
     s.record_consent(consent(&expired_case, corridor_node::node::now_ms() + 1000))
         .await
         .unwrap();
@@ -354,14 +333,7 @@ async fn consent_records_are_bounded() {
     let fed = Federation::demo("consent-bounds");
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
-    let case_id = s
-        .create_case(pb::CreateCaseRequest {
-            label: String::new(),
-        })
-        .await
-        .expect("case")
-        .into_inner()
-        .case_id;
+    let case_id = new_case(&mut s).await;
     let consent = |expires_at_ms: i64, language: &str| pb::RecordConsentRequest {
         case_id: case_id.clone(),
         scope: Some(pb::ConsentScope {
@@ -404,14 +376,7 @@ async fn concurrent_narrowings_all_take_effect() {
     let fed = Federation::demo("narrow-concurrent");
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
-    let case_id = s
-        .create_case(pb::CreateCaseRequest {
-            label: String::new(),
-        })
-        .await
-        .expect("case")
-        .into_inner()
-        .case_id;
+    let case_id = new_case(&mut s).await;
     let mut fields: Vec<String> = required_fields("reintegration").into_keys().collect();
     fields.extend(["sex".to_string(), "arrival_window".to_string()]);
     let consent_id = s
