@@ -404,15 +404,9 @@ pub async fn record_consent(
         .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
     let scope = parse_scope(node, &id, wire)?;
     // A recipient named but never admitted is a mistake in the record, not a consent.
-    for org in &scope.recipient_orgs {
-        if let Some(m) = node.directory.get(org)
-            && !scope.admits_recipient(m)
-        {
-            return Err(Failure::invalid(format!(
-                "recipient {org} could receive nothing under this consent: it is in or acts for an excluded country, or its roles may receive none of its purposes (family tracing counts for none under no-family-contact)"
-            )));
-        }
-    }
+    scope
+        .check_recipients(|org| node.directory.get(org))
+        .map_err(|e| Failure::invalid(e.to_string()))?;
     let given_by = match req.given_by.as_str() {
         "" | "person" => "person",
         "guardian" => "guardian",

@@ -177,7 +177,7 @@ impl fmt::Display for GateRefusal {
 impl std::error::Error for GateRefusal {}
 
 fn is_state_authority(member: &Member) -> bool {
-    member.has_role(Role::Embassy) || member.has_role(Role::Government)
+    member.roles.iter().any(|r| r.is_state_authority())
 }
 
 /// The gate: may `fields` of a case go to `recipient` for `purpose` under `consent` at
@@ -288,6 +288,28 @@ pub enum NarrowingError {
     ChangesNothing,
 }
 
+/// A recipient a consent names that could receive nothing under it: a mistake in the
+/// record rather than what the person agreed to, so a consent naming one is not
+/// recorded. (A narrowing may leave such recipients: taking away what they could
+/// receive is what it is for.)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnusableRecipient {
+    #[error(
+        "recipient {0} could receive nothing under this consent: it is in or acts for an excluded country, or its roles may receive none of its purposes (family tracing counts for none under no-family-contact)"
+    )]
+    Org(OrgId),
+    #[error("recipients {0} could receive nothing under this consent: it excludes {country}", country = .0.country)]
+    CountryExcluded(RoleInCountry),
+    #[error(
+        "recipients {0} could receive nothing under this consent: embassies and governments receive only where a consent names them"
+    )]
+    StateAuthorityByRole(RoleInCountry),
+    #[error(
+        "recipients {0} could receive nothing under this consent: only embassies or governments may receive its purposes (family tracing counts for none under no-family-contact), and those only where it names them"
+    )]
+    NoPurposeByRole(RoleInCountry),
+}
+
 impl ConsentScope {
     /// Why `recipient` is not among the recipients this consent names, if it is not:
     /// by org, or by role and country; a state authority only by org.
@@ -341,6 +363,53 @@ impl ConsentScope {
     /// restriction forbids.
     pub fn admits_recipient(&self, recipient: &Member) -> bool {
         self.purposes.iter().any(|p| self.admits_for(recipient, *p))
+    }
+
+    /// Checks that every recipient this consent names could receive something under it:
+    /// a named org (looked up with `member`; one not found is left to the caller) that
+    /// it admits, and role-and-country entries that could admit some member. A member
+    /// may hold several roles, so an entry is refused only where no member could ever
+    /// match it: its country excluded, a state authority's role (those are admitted only
+    /// by name), or no purpose left that a role other than a state authority's may
+    /// receive.
+    pub fn check_recipients<'a>(
+        &self,
+        member: impl Fn(&OrgId) -> Option<&'a Member>,
+    ) -> Result<(), UnusableRecipient> {
+        for org in &self.recipient_orgs {
+            if let Some(m) = member(org)
+                && !self.admits_recipient(m)
+            {
+                return Err(UnusableRecipient::Org(org.clone()));
+            }
+        }
+        self.recipient_roles
+            .iter()
+            .try_for_each(|entry| self.check_role_entry(entry))
+    }
+
+    fn check_role_entry(&self, entry: &RoleInCountry) -> Result<(), UnusableRecipient> {
+        if self
+            .restrictions
+            .excluded_countries
+            .contains(&entry.country)
+        {
+            return Err(UnusableRecipient::CountryExcluded(entry.clone()));
+        }
+        if entry.role.is_some_and(Role::is_state_authority) {
+            return Err(UnusableRecipient::StateAuthorityByRole(entry.clone()));
+        }
+        let some_purpose_by_role = self.purposes.iter().any(|p| {
+            !(self.restrictions.no_family_contact && *p == Purpose::FamilyTracing)
+                && profile(*p)
+                    .recipient_roles
+                    .iter()
+                    .any(|r| !r.is_state_authority())
+        });
+        if !some_purpose_by_role {
+            return Err(UnusableRecipient::NoPurposeByRole(entry.clone()));
+        }
+        Ok(())
     }
 
     /// What of this consent one referral discloses: its purpose and the fields it
@@ -999,6 +1068,69 @@ mod tests {
     }
 
     #[test]
+    fn a_recipient_that_could_receive_nothing_is_named() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
+        let embassy = Member {
+            represents: Some("KH".into()),
+            ..member("kh-embassy-kl", "MY", Role::Embassy)
+        };
+        let lookup = |org: &OrgId| [&kh, &embassy].into_iter().find(|m| &m.id == org);
+        let entry = |text: &str| text.parse::<RoleInCountry>().unwrap();
+        let mut c = consent();
+        c.check_recipients(lookup).unwrap();
+
+        // Named, but in an excluded country.
+        c.restrictions.excluded_countries.insert("KH".into());
+        assert_eq!(
+            c.check_recipients(lookup),
+            Err(UnusableRecipient::Org(kh.id.clone()))
+        );
+        // By role, in an excluded country.
+        c.recipient_orgs.clear();
+        c.recipient_roles.insert(entry("shelter@KH"));
+        let refused = c.check_recipients(lookup).unwrap_err();
+        assert_eq!(
+            refused,
+            UnusableRecipient::CountryExcluded(entry("shelter@KH"))
+        );
+        assert!(refused.to_string().contains("shelter@KH"), "{refused}");
+        assert!(refused.to_string().contains("excludes KH"), "{refused}");
+        // A state authority's role: those are admitted by name only.
+        c.restrictions.excluded_countries.clear();
+        c.recipient_roles = [entry("embassy@MY")].into();
+        assert_eq!(
+            c.check_recipients(lookup),
+            Err(UnusableRecipient::StateAuthorityByRole(entry("embassy@MY")))
+        );
+        // Purposes only a state authority may receive, for recipients by role.
+        c.recipient_roles = [entry("*@MY")].into();
+        c.purposes = [Purpose::NationalityVerification].into();
+        assert_eq!(
+            c.check_recipients(lookup),
+            Err(UnusableRecipient::NoPurposeByRole(entry("*@MY")))
+        );
+        // Family tracing counts for none under no-family-contact.
+        c.purposes = [Purpose::FamilyTracing].into();
+        c.check_recipients(lookup).unwrap();
+        c.restrictions.no_family_contact = true;
+        assert_eq!(
+            c.check_recipients(lookup),
+            Err(UnusableRecipient::NoPurposeByRole(entry("*@MY")))
+        );
+        // The embassy, named, for what it may receive.
+        c.recipient_roles.clear();
+        c.recipient_orgs = [embassy.id.clone()].into();
+        c.purposes = [Purpose::NationalityVerification].into();
+        c.check_recipients(lookup).unwrap();
+        // ... but not where the consent excludes the country it acts for.
+        c.restrictions.excluded_countries.insert("KH".into());
+        assert_eq!(
+            c.check_recipients(lookup),
+            Err(UnusableRecipient::Org(embassy.id.clone()))
+        );
+    }
+
+    #[test]
     fn consent_receipt_signs_every_field() {
         let key = SigningKey::from_seed(&[3; 32]).unwrap();
         let my = OrgId::new("shelter-my").unwrap();
@@ -1173,6 +1305,35 @@ mod tests {
                             && rc.role.is_none_or(|r| r == role)));
                 }
             }
+        }
+
+        /// A recipient entry is refused only where no member could ever be admitted
+        /// through it: any member a consent admits without naming it matches an entry
+        /// the check keeps, whatever roles it holds.
+        #[test]
+        fn no_role_entry_that_could_admit_someone_is_refused(
+            scope in arb_scope(),
+            roles in proptest::collection::btree_set(0usize..Role::ALL.len(), 1..4),
+            country in 0usize..COUNTRIES.len(),
+            represents in proptest::option::of(0usize..COUNTRIES.len()),
+        ) {
+            let mut m = member("member-x", COUNTRIES[country], Role::Shelter);
+            m.roles = roles.into_iter().map(|i| Role::ALL[i]).collect();
+            m.represents = represents.map(|i| COUNTRIES[i].to_string());
+            if scope.admits_recipient(&m) {
+                let kept = scope.recipient_roles.iter().any(|entry| {
+                    entry.country == m.country
+                        && entry.role.is_none_or(|r| m.has_role(r))
+                        && scope.check_role_entry(entry).is_ok()
+                });
+                prop_assert!(kept, "{:?} admits {:?}", scope, m);
+            }
+            // And a named member is refused exactly when the consent admits it nowhere.
+            let named = ConsentScope { recipient_orgs: [m.id.clone()].into(), recipient_roles: BTreeSet::new(), ..scope.clone() };
+            prop_assert_eq!(
+                named.check_recipients(|_| Some(&m)).is_ok(),
+                named.admits_recipient(&m)
+            );
         }
 
         /// A receipt issued for one referral lets the recipient's gate pass exactly that

@@ -47,6 +47,11 @@ impl Role {
         Self::ALL.into_iter().find(|r| r.as_str() == text)
     }
 
+    /// Embassies and governments: a consent reaches them only where it names them.
+    pub fn is_state_authority(self) -> bool {
+        matches!(self, Self::Embassy | Self::Government)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Shelter => "shelter",

@@ -462,3 +462,66 @@ async fn concurrent_narrowings_all_take_effect() {
         "{status:?}"
     );
 }
+
+#[tokio::test]
+async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded() {
+    let fed = Federation::demo("unusable");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let record = |orgs: &[&str], roles: &[&str], purposes: &[&str], excluded: &[&str]| {
+        pb::RecordConsentRequest {
+            case_id: case_id.clone(),
+            scope: Some(pb::ConsentScope {
+                purposes: purposes.iter().map(|p| p.to_string()).collect(),
+                recipient_orgs: orgs.iter().map(|o| o.to_string()).collect(),
+                recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
+                fields: required_fields("reintegration").into_keys().collect(),
+                excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            }),
+            given_by: "person".into(),
+            method: "written".into(),
+            ..Default::default()
+        }
+    };
+    let cases = [
+        (
+            record(&[SHELTER_KH], &[], &["reintegration"], &["KH"]),
+            "recipient shelter-kh could receive nothing",
+        ),
+        (
+            record(&[], &["shelter@KH"], &["reintegration"], &["KH"]),
+            "recipients shelter@KH could receive nothing under this consent: it excludes KH",
+        ),
+        (
+            record(&[], &["embassy@MY"], &["nationality-verification"], &[]),
+            "embassies and governments receive only where a consent names them",
+        ),
+        (
+            record(&[], &["*@MY"], &["nationality-verification"], &[]),
+            "only embassies or governments may receive its purposes",
+        ),
+    ];
+    for (request, expected) in cases {
+        let status = s
+            .record_consent(request)
+            .await
+            .expect_err("a consent that admits a recipient nothing");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+    // Nothing was recorded: the case still has no consent.
+    let m = refusal(&mut s, referral(&case_id, SHELTER_KH, "reintegration")).await;
+    assert!(m.contains("the case has no recorded consent"), "{m}");
+    // The same recipients, where the consent leaves them something, are recorded.
+    s.record_consent(record(
+        &[SHELTER_KH, EMBASSY],
+        &["shelter@KH", "*@MY"],
+        &["reintegration", "nationality-verification"],
+        &["TH"],
+    ))
+    .await
+    .expect("a consent every recipient of which may receive something");
+}
