@@ -368,6 +368,13 @@ fn consent_text(c: &pb::ConsentView) -> String {
     text
 }
 
+/// What a caseworker must know of referrals a narrowing could only keep whole.
+fn kept_whole_text(count: usize) -> String {
+    format!(
+        "{count} referral(s) kept whole: sent before their fields were recorded, they may carry fields the narrowed consent no longer covers; withdraw the consent to have them purged"
+    )
+}
+
 fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
     let recipients: Vec<Value> = r
         .recipients
@@ -376,6 +383,7 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
             json!({
                 "recipient": p.recipient, "referrals": p.referral_ids, "state": p.state,
                 "attempts": p.attempts, "last_error": p.last_error,
+                "kept_whole_referrals": p.kept_whole_referral_ids,
                 "purge_receipt": p.purge_receipt.as_ref().map(|pr| json!({
                     "purged_at_ms": pr.purged_at_ms,
                     "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
@@ -428,6 +436,13 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                         " (attempts {}, last error: {})",
                         p.attempts,
                         escape_controls(&p.last_error)
+                    ));
+                }
+                if !p.kept_whole_referral_ids.is_empty() {
+                    text.push_str(&format!(
+                        "\n  {:<16} {}",
+                        "",
+                        kept_whole_text(p.kept_whole_referral_ids.len())
                     ));
                 }
             }
@@ -517,9 +532,30 @@ pub async fn consent(
                     Err(s) => return Err(explain(&s)),
                 }
             };
-            print(output, &consent_json(&c), || {
+            // Referrals the narrowing could only keep whole are the caseworker's to act on.
+            let kept_whole: usize = client
+                .get_consent_status(pb::ConsentRequest {
+                    consent_id: c.consent_id.clone(),
+                })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner()
+                .recipients
+                .iter()
+                .map(|p| p.kept_whole_referral_ids.len())
+                .sum();
+            let mut json = consent_json(&c);
+            if let Some(fields) = json.as_object_mut() {
+                fields.insert("kept_whole_referrals".into(), kept_whole.into());
+            }
+            print(output, &json, || {
+                let warning = if kept_whole > 0 {
+                    format!("\nWarning: {}.", kept_whole_text(kept_whole))
+                } else {
+                    String::new()
+                };
                 format!(
-                    "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it: `corridor consent status {}` shows them.\n{}",
+                    "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it: `corridor consent status {}` shows them.{warning}\n{}",
                     escape_controls(&c.consent_id),
                     consent_text(&c)
                 )

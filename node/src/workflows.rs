@@ -1376,6 +1376,7 @@ pub async fn consent_status(
     let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
         Default::default();
     let mut asked_to_withdraw = BTreeSet::new();
+    let mut delivered = BTreeSet::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1389,6 +1390,9 @@ pub async fn consent_status(
             entry
                 .referral_ids
                 .push(format!("{} ({})", item.message_id, item.state));
+            if item.state == "delivered" {
+                delivered.insert(item.message_id);
+            }
             continue;
         }
         // The latest narrowing asked of it shows, unless it was asked to purge everything.
@@ -1427,6 +1431,24 @@ pub async fn consent_status(
                     "pending (not a member of the federation: asked if it returns)".into();
                 // A narrowing's receipt does not answer the withdrawal.
                 entry.purge_receipt = None;
+            }
+        }
+    }
+    if row.withdrawn_at_ms.is_none() && row.narrowed_at_ms.is_some() {
+        let scope = scope_of(&row)?;
+        for sent in node.store.referrals_under_consent(consent_id).await? {
+            let member = OrgId::new(&sent.recipient)
+                .ok()
+                .and_then(|org| node.directory.get(&org));
+            let kept_whole = sent.fields.is_none()
+                && delivered.contains(&sent.message_id)
+                && member.is_some_and(|m| {
+                    Purpose::parse(&sent.purpose).is_ok_and(|purpose| {
+                        scope.admits_for(m, purpose) && !scope.covers_every_field_of(purpose)
+                    })
+                });
+            if kept_whole && let Some(entry) = recipients.get_mut(&sent.recipient) {
+                entry.kept_whole_referral_ids.push(sent.message_id.to_hex());
             }
         }
     }

@@ -462,6 +462,19 @@ impl ConsentScope {
         }
     }
 
+    /// Whether this consent covers every field a referral for `purpose` may carry. A
+    /// referral sent before its sender recorded the fields it carries is kept whole by
+    /// a narrowing ([`Self::after_narrowing`]); where this is false, it may carry a
+    /// field the narrowed consent no longer covers, and only a withdrawal purges it.
+    pub fn covers_every_field_of(&self, purpose: Purpose) -> bool {
+        let profile = profile(purpose);
+        profile
+            .required
+            .iter()
+            .chain(profile.optional)
+            .all(|f| self.fields.contains(f))
+    }
+
     /// Checks that `narrower` only takes away from this scope (no new purpose, field or
     /// recipient, no later expiry, no restriction lifted) and takes something away.
     pub fn check_narrowing(&self, narrower: &ConsentScope) -> Result<(), NarrowingError> {
@@ -1128,6 +1141,23 @@ mod tests {
             c.check_recipients(lookup),
             Err(UnusableRecipient::Org(embassy.id.clone()))
         );
+    }
+
+    #[test]
+    fn a_consent_covers_every_field_of_a_purpose_or_not() {
+        let mut c = consent();
+        c.fields = Field::ALL.iter().copied().collect();
+        assert!(Purpose::ALL.iter().all(|p| c.covers_every_field_of(*p)));
+        // A field the purpose may not carry does not matter; one it may carry does.
+        let reintegration = profile(Purpose::Reintegration);
+        let other = *Field::ALL
+            .iter()
+            .find(|f| !reintegration.allows(**f))
+            .unwrap();
+        c.fields.remove(&other);
+        assert!(c.covers_every_field_of(Purpose::Reintegration));
+        c.fields.remove(&reintegration.optional[0]);
+        assert!(!c.covers_every_field_of(Purpose::Reintegration));
     }
 
     #[test]

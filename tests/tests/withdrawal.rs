@@ -765,3 +765,95 @@ async fn a_withdrawal_goes_through_while_referrals_keep_being_sent() {
         "{SHELTER_KH} still holds data"
     );
 }
+
+/// A referral sent before senders recorded the fields each carries can only be kept
+/// whole by a narrowing that takes fields away: the caseworker is told so by `consent
+/// narrow` and `consent status`, and a withdrawal still has it purged.
+#[tokio::test]
+async fn a_narrowing_says_which_older_referrals_it_could_only_keep_whole() {
+    let fed = Federation::four("narrow-kept-whole");
+    let mut sender = fed.start(SHELTER_MY);
+    let _kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let id = s
+            .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+            .await
+            .expect("send")
+            .into_inner()
+            .referral_id;
+        let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{}", st.last_error);
+        sent.push(id);
+    }
+    let (older, recorded) = (&sent[0], &sent[1]);
+    // The first one as a version that did not record fields left it.
+    sender.stop();
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE outbox SET fields = NULL WHERE lower(hex(message_id)) = '{older}'"
+        )],
+    )
+    .await;
+    sender.start();
+    let mut s = sender.client().await;
+
+    // Remove a field reintegration may carry; neither referral carried it, but the
+    // sender cannot know that of the older one.
+    let removed = corridor::profile::profile(corridor::Purpose::Reintegration).optional[0];
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args([
+            "consent",
+            "narrow",
+            &consent_id,
+            "--remove-field",
+            removed.as_str(),
+        ])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .contains("Warning: 1 referral(s) kept whole: sent before their fields were recorded"),
+        "{stdout}"
+    );
+    let st = consent_status(&mut s, &consent_id).await;
+    let kh = st
+        .recipients
+        .iter()
+        .find(|r| r.recipient == SHELTER_KH)
+        .expect("recipient");
+    assert_eq!(kh.kept_whole_referral_ids, vec![older.clone()]);
+    // The one whose fields are known carried nothing the narrowing took away: the
+    // recipient is not asked for anything.
+    assert!(!kh.kept_whole_referral_ids.contains(recorded));
+    assert_eq!(kh.state, "not-withdrawn");
+
+    // A withdrawal purges both, and nothing is left kept whole.
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let st = wait_status(&mut s, &consent_id, all_purged).await;
+    let receipt = st.recipients[0]
+        .purge_receipt
+        .as_ref()
+        .expect("purge receipt");
+    let mut purged: Vec<String> = receipt.purged_referrals.iter().map(hex::encode).collect();
+    purged.sort();
+    let mut both = sent.clone();
+    both.sort();
+    assert_eq!(purged, both);
+    assert!(st.recipients[0].kept_whole_referral_ids.is_empty());
+}
