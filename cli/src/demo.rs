@@ -213,8 +213,28 @@ fn step(n: u32, text: &str) {
     outln!("\n{n}. {text}");
 }
 
+/// Resolves when the demo is asked to stop: Ctrl-C, SIGTERM, or its terminal closing
+/// (SIGHUP). Each must stop the nodes it started, which would otherwise outlive it.
+async fn asked_to_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hangup) = signal(SignalKind::hangup()) {
+            tokio::select! {
+                _ = hangup.recv() => {}
+                _ = corridor_node::server::termination_signal() => {}
+            }
+            return;
+        }
+    }
+    corridor_node::server::termination_signal().await
+}
+
 pub async fn run(options: DemoOptions) -> Result<(), String> {
     let started = Instant::now();
+    // Only a directory the demo chose for itself is removed at the end: one the user
+    // named holds what they asked to keep.
+    let temporary = options.dir.is_none();
     let dir = match options.dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("corridor-demo-{}", std::process::id())),
@@ -245,33 +265,51 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         .cloned()
         .ok_or("the demo needs an auditor")?;
     let mut nodes = Vec::new();
-    for org in generated.into_iter().filter(runs_node) {
-        let token = create_token(&org.config).await?;
-        let child = start(&org).await?;
-        nodes.push(RunningNode { org, child, token });
-    }
-    let result = match walk(&dir, &mut nodes).await {
-        Ok(()) => audit(&dir, &auditor, &nodes).await,
-        Err(e) => Err(e),
-    };
-    let outcome = match result {
-        Ok(()) if options.keep_running => keep_running(&dir, &mut nodes).await,
-        other => other,
+    let mut interrupted = false;
+    // Once the federation is kept running, being asked to stop is how it ends.
+    let serving = std::cell::Cell::new(false);
+    let outcome = tokio::select! {
+        outcome = async {
+            for org in generated.into_iter().filter(runs_node) {
+                let token = create_token(&org.config).await?;
+                let child = start(&org).await?;
+                nodes.push(RunningNode { org, child, token });
+            }
+            walk(&dir, &mut nodes).await?;
+            audit(&dir, &auditor, &nodes).await?;
+            if options.keep_running {
+                serving.set(true);
+                keep_running(&dir, temporary, &mut nodes).await?;
+            }
+            Ok(())
+        } => outcome,
+        _ = asked_to_stop() => {
+            if serving.get() {
+                Ok(())
+            } else {
+                interrupted = true;
+                Err("the demo was stopped before it finished".to_owned())
+            }
+        }
     };
     for node in &mut nodes {
         stop(node).await;
     }
     match &outcome {
-        Ok(()) => {
-            outln!(
-                "\nAll nodes stopped. Demo finished in {:.1} s.",
-                started.elapsed().as_secs_f64()
-            );
-            if !options.keep_running {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
+        Ok(()) => outln!(
+            "\nAll nodes stopped. Demo finished in {:.1} s.",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(_) if interrupted => outln!("\nAll nodes stopped."),
         Err(_) => outln!("\nNode logs are kept in {}", dir.display()),
+    }
+    if temporary && (outcome.is_ok() || interrupted) {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else if outcome.is_ok() {
+        outln!(
+            "Configuration, keys, databases and logs are kept in {}",
+            dir.display()
+        );
     }
     outcome
 }
@@ -335,7 +373,11 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
     Ok(())
 }
 
-async fn keep_running(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
+async fn keep_running(
+    dir: &Path,
+    temporary: bool,
+    nodes: &mut [RunningNode],
+) -> Result<(), String> {
     outln!("\nThe nodes keep running. Use the CLI against any of them, for example:");
     for n in nodes.iter() {
         outln!(
@@ -347,21 +389,21 @@ async fn keep_running(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), Strin
         );
     }
     outln!(
-        "\nConfiguration, keys and logs are in {}. Press Ctrl-C to stop the federation.",
-        dir.display()
+        "\nConfiguration, keys and logs are in {}{}. Press Ctrl-C to stop the federation.",
+        dir.display(),
+        if temporary {
+            " (removed when the federation stops)"
+        } else {
+            ""
+        }
     );
     // A node that stops while the federation runs is reported at once: otherwise the
     // federation would look whole while every call to that node fails. The others keep
     // running (stopping one is how to watch delivery wait for it).
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut every = tokio::time::interval(Duration::from_millis(250));
     let mut stopped = vec![false; nodes.len()];
     loop {
-        tokio::select! {
-            _ = &mut ctrl_c => return Ok(()),
-            _ = every.tick() => {}
-        }
+        every.tick().await;
         for (node, stopped) in nodes.iter_mut().zip(stopped.iter_mut()) {
             if *stopped {
                 continue;

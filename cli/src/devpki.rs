@@ -216,7 +216,7 @@ pub fn generate(
             .is_some()
     {
         return Err(format!(
-            "{} already exists and is not empty; choose another --out",
+            "{} already exists and is not empty; choose another directory",
             out.display()
         ));
     }
