@@ -781,18 +781,31 @@ pub async fn referral(
                         });
                     }
                 }
-                None => print(
-                    output,
-                    &json!({ "referral_id": r.referral_id, "state": r.state }),
-                    || {
-                        format!(
-                            "referral {} {} for delivery to {}",
-                            escape_controls(&r.referral_id),
-                            escape_controls(&r.state),
-                            s.recipient
-                        )
-                    },
-                ),
+                None => {
+                    // A request id sent again answers with the referral it made first,
+                    // which may have ended without reaching the recipient since.
+                    let id = escape_controls(&r.referral_id);
+                    if let "cancelled" | "withdrawn" | "refused" | "expired" = r.state.as_str() {
+                        return Err(format!(
+                            "referral {id}, made by this request before, was {}: it will not be delivered (see `corridor referral status {id}`)",
+                            r.state
+                        ));
+                    }
+                    print(
+                        output,
+                        &json!({ "referral_id": r.referral_id, "state": r.state }),
+                        || match r.state.as_str() {
+                            "queued" => {
+                                format!("referral {id} queued for delivery to {}", s.recipient)
+                            }
+                            state => format!(
+                                "referral {id} to {}, made by this request before, is {}",
+                                s.recipient,
+                                escape_controls(state)
+                            ),
+                        },
+                    )
+                }
             }
         }
         ReferralCommand::Show { id } => {

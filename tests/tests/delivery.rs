@@ -373,3 +373,55 @@ async fn a_referral_sealed_before_a_key_rotation_is_delivered() {
     let status = wait_final(&mut s, &queued.referral_id, Duration::from_secs(20)).await;
     assert_eq!(status.state, "delivered", "{}", status.last_error);
 }
+
+/// A request id sent again through the CLI answers with the referral it made first; if
+/// that one ended without reaching its recipient, the command says so and fails.
+#[tokio::test]
+async fn a_retried_cli_send_fails_when_its_referral_will_not_be_delivered() {
+    let fed = Federation::demo("send-retry-cli");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let send = || {
+        let mut command = std::process::Command::new(binary("corridor"));
+        command
+            .args(["--node", &sender.local_url(), "--token", &sender.token])
+            .args(["referral", "send", "--case", &case_id, "--to", SHELTER_KH])
+            .args([
+                "--purpose",
+                "reintegration",
+                "--request-id",
+                "caseworker-81c2",
+            ]);
+        for (field, value) in required_fields("reintegration") {
+            command.args(["--field", &format!("{field}={value}")]);
+        }
+        command.output().expect("run corridor")
+    };
+    // The recipient is not running: the referral stays queued.
+    let first = send();
+    let stdout = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(first.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("queued for delivery to shelter-kh"),
+        "{stdout}"
+    );
+    let again = send();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+
+    // Withdrawing the consent ends it undelivered; a retry must not look like success.
+    s.withdraw_consent(pb::ConsentRequest { consent_id })
+        .await
+        .expect("withdraw");
+    let retried = send();
+    let stderr = String::from_utf8_lossy(&retried.stderr);
+    assert!(!retried.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("made by this request before, was")
+            && stderr.contains("it will not be delivered"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
