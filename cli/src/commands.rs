@@ -249,30 +249,7 @@ pub fn now_ms() -> i64 {
 }
 
 pub fn format_time(ms: i64) -> String {
-    // Seconds since the epoch in UTC, without a date library: days and time of day.
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    corridor::utc::format(ms)
 }
 
 pub async fn case(client: &mut Client, output: Output, cmd: CaseCommand) -> Result<(), String> {
@@ -981,12 +958,6 @@ mod tests {
         assert!(err.contains("purpose legal (no such purpose"), "{err}");
         let narrowed = narrowed_scope(scope, &narrowing(&["needs"], &[])).expect("narrowed");
         assert!(narrowed.fields.is_empty());
-    }
-
-    #[test]
-    fn formats_utc_times() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_time(1_795_000_000_000), "2026-11-18 11:06:40 UTC");
     }
 
     #[test]

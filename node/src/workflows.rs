@@ -698,6 +698,14 @@ pub async fn send_referral(
         check_consent_id(&req.consent_id)?;
     }
     let recipient_id = parse_org("recipient", &req.recipient)?;
+    // Who is a member, in which role and country, is no longer known: the gate cannot
+    // be run, and the node would send nothing anyway.
+    if !node.directory.is_current(now_ms()) {
+        return Err(Failure::precondition(format!(
+            "this node's federation directory expired at {}: nothing can be sent until the operator installs a newer one",
+            corridor::utc::format(node.directory.expires_at_ms)
+        )));
+    }
     let recipient = member(node, &recipient_id)?;
     if recipient_id == node.org {
         return Err(Failure::invalid("a node cannot refer a case to itself"));

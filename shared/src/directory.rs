@@ -145,7 +145,7 @@ pub enum DirectoryError {
     NotSigned { valid: usize, needed: usize },
     #[error("directory signatures line {line} is not `<public key> <signature>` in base64")]
     SignatureLine { line: usize },
-    #[error("directory serial {serial} expired at {expires_at_ms} ms since the epoch")]
+    #[error("directory serial {serial} expired at {}", crate::utc::format(*expires_at_ms))]
     Expired { serial: u64, expires_at_ms: i64 },
     #[error("governance: {0}")]
     Governance(String),

@@ -25,6 +25,7 @@ pub mod purpose;
 pub mod receipt;
 pub mod seal;
 pub mod sign;
+pub mod utc;
 pub mod witness;
 
 pub use caseref::PairwiseKey;

@@ -132,3 +132,56 @@ async fn check_config_changes_nothing_and_names_a_newer_database() {
         "{stderr}"
     );
 }
+
+/// Once its directory expires a node sends nothing: a caseworker's new referral is
+/// refused at once, saying why and since when, rather than queued to wait unseen; and
+/// `check-config` gives the expiry as a date.
+#[tokio::test]
+async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
+    let fed = Federation::demo("expired");
+    let text = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    let start = text.find("expires_at_ms = ").expect("expiry line");
+    let end = start + text[start..].find('\n').expect("end of line");
+    let expires_at_ms = corridor_node::node::now_ms() + 3_000;
+    let expiring = format!(
+        "{}expires_at_ms = {expires_at_ms}{}",
+        &text[..start],
+        &text[end..]
+    );
+    publish_directory(&fed, &with_serial(&expiring, 2));
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let wait = expires_at_ms - corridor_node::node::now_ms() + 100;
+    tokio::time::sleep(std::time::Duration::from_millis(wait.max(0) as u64)).await;
+
+    let refused = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect_err("a referral after the directory expired");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let when = corridor::utc::format(expires_at_ms);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("federation directory expired at {when}")),
+        "{refused:?}"
+    );
+
+    let out = Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(&fed.org(SHELTER_MY).config)
+        .arg("check-config")
+        .output()
+        .expect("run corridor-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("directory serial 2 expired at {when}")),
+        "{stderr}"
+    );
+}
