@@ -705,10 +705,10 @@ fn narrowed_scope(
 /// A country as the node expects it: an ISO 3166-1 alpha-2 code, in capitals.
 fn country_code(value: &str) -> Result<String, String> {
     let code = value.to_ascii_uppercase();
-    if code.len() == 2 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+    if corridor::country::is_country_code(&code) {
         Ok(code)
     } else {
-        Err("not a two-letter country code (ISO 3166-1 alpha-2, such as KH)".into())
+        Err("not an ISO 3166-1 alpha-2 country code (such as KH)".into())
     }
 }
 
@@ -925,7 +925,7 @@ mod tests {
     fn country_codes_are_taken_in_either_case_and_checked() {
         assert_eq!(country_code("kh"), Ok("KH".into()));
         assert_eq!(country_code("TH"), Ok("TH".into()));
-        for bad in ["", "K", "KHM", "k1", "é"] {
+        for bad in ["", "K", "KHM", "k1", "é", "cb", "QQ"] {
             assert!(country_code(bad).is_err(), "{bad}");
         }
     }

@@ -197,17 +197,24 @@ fn parse_scope(node: &Node, id: &str, s: &pb::ConsentScope) -> Result<ConsentSco
         }
         recipient_orgs.insert(org);
     }
-    let recipient_roles = bounded("recipient roles", &s.recipient_roles)?
-        .iter()
-        .map(|r| r.parse::<RoleInCountry>().map_err(Failure::invalid))
-        .collect::<Result<BTreeSet<_>, _>>()?;
+    let mut recipient_roles = BTreeSet::new();
+    for r in bounded("recipient roles", &s.recipient_roles)? {
+        let entry = r.parse::<RoleInCountry>().map_err(Failure::invalid)?;
+        if !corridor::country::is_country_code(&entry.country) {
+            return Err(Failure::invalid(format!(
+                "recipient role {r:?}: {} is not an ISO 3166-1 alpha-2 country code",
+                entry.country
+            )));
+        }
+        recipient_roles.insert(entry);
+    }
     let fields = bounded("fields", &s.fields)?
         .iter()
         .map(|f| Field::parse(f).map_err(|e| Failure::invalid(e.to_string())))
         .collect::<Result<BTreeSet<_>, _>>()?;
     let mut excluded_countries = BTreeSet::new();
     for c in bounded("excluded countries", &s.excluded_countries)? {
-        if !consent::is_country_code(c) {
+        if !corridor::country::is_country_code(c) {
             return Err(Failure::invalid(format!(
                 "excluded country {c:?} is not an ISO 3166-1 alpha-2 code"
             )));
@@ -619,7 +626,7 @@ fn check_fields(fields: &HashMap<String, String>) -> Result<BTreeSet<Field>, Fai
     for (name, value) in fields {
         let field = Field::parse(name).map_err(|e| Failure::invalid(e.to_string()))?;
         field
-            .check_value(value)
+            .check_value(value, now_ms())
             .map_err(|e| Failure::invalid(e.to_string()))?;
         names.insert(field);
     }
@@ -1822,7 +1829,7 @@ async fn accept_referral(
             )));
         }
         field
-            .check_value(&fv.value)
+            .check_value(&fv.value, now)
             .map_err(|e| Failure::invalid(format!("referral refused: {e}")))?;
     }
     // The consent travels with the referral; run the same gate against it here.

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::canonical::{Canonical, label};
+use crate::country::has_country_code_form;
 use crate::directory::{Member, Role};
 use crate::fields::Field;
 use crate::org::OrgId;
@@ -47,7 +48,9 @@ impl std::str::FromStr for RoleInCountry {
             "*" => None,
             r => Some(Role::parse(r).ok_or_else(|| format!("unknown role {r:?}"))?),
         };
-        if !is_country_code(country) {
+        // The form only: stored consents recorded before codes were checked against
+        // ISO's list must still be read. New records check the list too.
+        if !has_country_code_form(country) {
             return Err(format!(
                 "{country:?} is not an ISO 3166-1 alpha-2 country code"
             ));
@@ -65,11 +68,6 @@ impl std::str::FromStr for RoleInCountry {
 pub fn is_consent_id(text: &str) -> bool {
     text.strip_prefix("consent-")
         .is_some_and(|hex| crate::is_lower_hex(hex, 32))
-}
-
-/// Whether `text` has the form of an ISO 3166-1 alpha-2 code (two capital letters).
-pub fn is_country_code(text: &str) -> bool {
-    text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 /// Longest a consent may run from when it is recorded: ten years. A later expiry is a
@@ -650,7 +648,7 @@ impl ConsentReceipt {
             .restrictions
             .excluded_countries
             .iter()
-            .all(|c| is_country_code(c))
+            .all(|c| has_country_code_form(c))
         {
             return Err(ConsentReceiptError::MalformedCountry);
         }

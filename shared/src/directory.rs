@@ -344,11 +344,11 @@ impl Member {
 
 fn validate(entry: MemberEntry) -> Result<Member, String> {
     let id = OrgId::new(&entry.id).map_err(|e| format!("id: {e}"))?;
-    if !crate::consent::is_country_code(&entry.country) {
+    if !crate::country::is_country_code(&entry.country) {
         return Err(format!("{id}: country must be an ISO 3166-1 alpha-2 code"));
     }
     if let Some(state) = &entry.represents {
-        if !crate::consent::is_country_code(state) {
+        if !crate::country::is_country_code(state) {
             return Err(format!(
                 "{id}: represents must be an ISO 3166-1 alpha-2 code"
             ));

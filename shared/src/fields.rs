@@ -61,10 +61,10 @@ fields! {
     LegalGivenName = "legal_given_name", Identity, "Legal given name(s)";
     LegalFamilyName = "legal_family_name", Identity, "Legal family name";
     PreferredName = "preferred_name", Identity, "Name the person wants to be called";
-    DateOfBirth = "date_of_birth", Identity, "Exact date of birth";
+    DateOfBirth = "date_of_birth", Identity, "Exact date of birth, YYYY-MM-DD";
     AgeBand = "age_band", Identity, "Age band, e.g. 25-29 (less identifying than date of birth)";
     Sex = "sex", Identity, "Sex";
-    Nationality = "nationality", Identity, "Nationality (ISO 3166-1 alpha-2)";
+    Nationality = "nationality", Identity, "Nationality, ISO 3166-1 alpha-2 (XK Kosovo, XX stateless)";
     PlaceOfBirth = "place_of_birth", Identity, "Place of birth";
     IdDocumentType = "id_document_type", Identity, "Identity document type";
     IdDocumentNumber = "id_document_number", Identity, "Identity document number";
@@ -83,10 +83,6 @@ fields! {
     LegalProceedingsStatus = "legal_proceedings_status", Sensitive, "Status of legal proceedings";
     RiskFlags = "risk_flags", Sensitive, "Risk flags, e.g. threat from traffickers";
     CaseworkerNote = "caseworker_note", Sensitive, "Free-text note of the caseworker";
-}
-
-fn is_country_code(text: &str) -> bool {
-    text.len() == 2 && text.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 /// `YYYY-MM-DD`, a day that exists in the Gregorian calendar, from 1900 on.
@@ -159,8 +155,9 @@ pub enum FieldValueError {
 
 impl Field {
     /// The rule every value of a referral meets, checked by the sender before it seals
-    /// and by the recipient before it stores.
-    pub fn check_value(self, value: &str) -> Result<(), FieldValueError> {
+    /// and by the recipient before it stores, at `now_ms`: a date of birth may not lie
+    /// in the future (a day's grace, for time zones ahead of UTC).
+    pub fn check_value(self, value: &str, now_ms: i64) -> Result<(), FieldValueError> {
         if value.is_empty() {
             return Err(FieldValueError::Empty(self));
         }
@@ -176,10 +173,15 @@ impl Field {
         let format = match self {
             // "XX" for a stateless person: ISO leaves it to users, and many a trafficked
             // person has no nationality a state recognises.
-            Self::Nationality => (!is_country_code(value))
+            Self::Nationality => (value != "XX" && !crate::country::is_country_code(value))
                 .then_some("an ISO 3166-1 alpha-2 code in capitals, such as KH (XX if stateless)"),
-            Self::DateOfBirth => (!is_date(value))
-                .then_some("a date as YYYY-MM-DD (give age_band when the exact date is not known)"),
+            Self::DateOfBirth if !is_date(value) => {
+                Some("a date as YYYY-MM-DD (give age_band when the exact date is not known)")
+            }
+            // Dates of one form compare as text.
+            Self::DateOfBirth => (value
+                > crate::utc::date(now_ms.saturating_add(86_400_000)).as_str())
+            .then_some("a date that is not in the future"),
             Self::AgeBand => (!is_age_band(value)).then_some("an age band such as 25-29 or 60+"),
             _ => None,
         };
@@ -224,12 +226,12 @@ mod tests {
     fn values_are_bounded_and_free_of_control_characters() {
         let f = Field::CaseworkerNote;
         for fine in ["Srey Mom", "ស្រី", "line one\nline two\tand a tab", "🙂"] {
-            assert_eq!(f.check_value(fine), Ok(()), "{fine:?}");
+            assert_eq!(f.check_value(fine, NOW), Ok(()), "{fine:?}");
         }
-        assert_eq!(f.check_value(""), Err(FieldValueError::Empty(f)));
+        assert_eq!(f.check_value("", NOW), Err(FieldValueError::Empty(f)));
         let long = "x".repeat(MAX_VALUE_LEN + 1);
-        assert_eq!(f.check_value(&long), Err(FieldValueError::TooLong(f)));
-        assert_eq!(f.check_value(&long[1..]), Ok(()));
+        assert_eq!(f.check_value(&long, NOW), Err(FieldValueError::TooLong(f)));
+        assert_eq!(f.check_value(&long[1..], NOW), Ok(()));
         for bad in [
             "Srey\u{1b}[31mRED",
             "a\rb",
@@ -238,12 +240,15 @@ mod tests {
             "c1\u{9b}31m",
         ] {
             assert_eq!(
-                f.check_value(bad),
+                f.check_value(bad, NOW),
                 Err(FieldValueError::ControlCharacter(f)),
                 "{bad:?}"
             );
         }
     }
+
+    /// 2026-11-30 12:00:00 UTC.
+    const NOW: i64 = 1_796_040_000_000;
 
     #[test]
     fn fields_with_a_format_of_their_own_are_checked() {
@@ -251,7 +256,7 @@ mod tests {
             (
                 Field::Nationality,
                 &["KH", "MM", "XX"],
-                &["Cambodia", "kh", "KHM"],
+                &["Cambodia", "kh", "KHM", "QQ", "CB"],
             ),
             (
                 Field::DateOfBirth,
@@ -273,16 +278,29 @@ mod tests {
         ];
         for (field, good, bad) in cases {
             for value in good {
-                assert_eq!(field.check_value(value), Ok(()), "{field} {value:?}");
+                assert_eq!(field.check_value(value, NOW), Ok(()), "{field} {value:?}");
             }
             for value in bad {
                 assert!(
-                    matches!(field.check_value(value), Err(FieldValueError::Format(f, _)) if f == field),
+                    matches!(field.check_value(value, NOW), Err(FieldValueError::Format(f, _)) if f == field),
                     "{field} {value:?}"
                 );
             }
         }
-        assert_eq!(Field::PreferredName.check_value("banana"), Ok(()));
+        assert_eq!(Field::PreferredName.check_value("banana", NOW), Ok(()));
+        // A date of birth in the future is refused; today, and tomorrow in UTC (today
+        // east of it), are not.
+        let dob = |value| Field::DateOfBirth.check_value(value, NOW);
+        assert_eq!(dob("2026-11-30"), Ok(()));
+        assert_eq!(dob("2026-12-01"), Ok(()));
+        assert_eq!(
+            dob("2026-12-02"),
+            Err(FieldValueError::Format(
+                Field::DateOfBirth,
+                "a date that is not in the future"
+            ))
+        );
+        assert!(dob("2090-02-01").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod canonical;
 pub mod caseref;
 pub mod checkpoint;
 pub mod consent;
+pub mod country;
 pub mod directory;
 pub mod envelope;
 pub mod fields;

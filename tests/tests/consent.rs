@@ -525,3 +525,71 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
     .await
     .expect("a consent every recipient of which may receive something");
 }
+
+/// Countries are ISO's assigned codes, so a typo such as CB for Cambodia is not recorded
+/// as an exclusion that excludes no one; a date of birth may not lie in the future.
+#[tokio::test]
+async fn country_codes_and_dates_of_birth_are_checked() {
+    let fed = Federation::demo("codes");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let record = |roles: &[&str], excluded: &[&str]| pb::RecordConsentRequest {
+        case_id: case_id.clone(),
+        scope: Some(pb::ConsentScope {
+            purposes: vec!["nationality-verification".into(), "reintegration".into()],
+            recipient_orgs: vec![EMBASSY.into()],
+            recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
+            fields: required_fields("nationality-verification")
+                .into_keys()
+                .collect(),
+            excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
+            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+            ..Default::default()
+        }),
+        given_by: "person".into(),
+        method: "written".into(),
+        ..Default::default()
+    };
+    for (request, expected) in [
+        (
+            record(&[], &["CB"]),
+            "excluded country \"CB\" is not an ISO 3166-1 alpha-2 code",
+        ),
+        (
+            record(&["shelter@QQ"], &[]),
+            "recipient role \"shelter@QQ\": QQ is not an ISO 3166-1 alpha-2 country code",
+        ),
+    ] {
+        let status = s
+            .record_consent(request)
+            .await
+            .expect_err("an unassigned code");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+    s.record_consent(record(&["shelter@XK"], &["TH"]))
+        .await
+        .expect("assigned codes, and XK");
+
+    let mut future = referral(&case_id, EMBASSY, "nationality-verification");
+    assert!(future.fields.contains_key("date_of_birth"), "{future:?}");
+    future
+        .fields
+        .insert("date_of_birth".into(), "2090-02-01".into());
+    let status = s
+        .send_referral(future)
+        .await
+        .expect_err("a date of birth to come");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("field date_of_birth must be a date that is not in the future"),
+        "{status:?}"
+    );
+    assert!(!status.message().contains("2090"), "{status:?}");
+    let mut stateless = referral(&case_id, EMBASSY, "nationality-verification");
+    stateless.fields.insert("nationality".into(), "XX".into());
+    s.send_referral(stateless).await.expect("XX, stateless");
+}
