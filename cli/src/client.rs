@@ -117,7 +117,13 @@ pub fn explain(status: &Status) -> String {
     match status.code() {
         Code::Unauthenticated => format!("the node did not accept the token: {message}"),
         Code::Unavailable => format!("the node is unavailable: {message}"),
-        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => message.to_owned(),
+        // Their messages say what went wrong in the caller's terms.
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Aborted => message.to_owned(),
         // The local API itself never answers OutOfRange: it is a message size limit.
         Code::OutOfRange => format!("a message is larger than the local API allows: {message}"),
         code => format!("{message} ({code:?})"),

@@ -463,11 +463,18 @@ pub async fn consent(
                 output,
                 &json!({ "consent_id": r.consent_id, "expires_at_ms": expires_at_ms }),
                 || {
+                    // As the node keeps them: sets, each name once.
+                    let set = |names: &[String]| {
+                        let names: std::collections::BTreeSet<&str> =
+                            names.iter().map(String::as_str).collect();
+                        let joined = names.into_iter().collect::<Vec<_>>().join(", ");
+                        escape_controls(&joined).into_owned()
+                    };
                     format!(
                         "consent recorded: {} (purposes: {}; fields: {}; expires {})",
                         escape_controls(&r.consent_id),
-                        c.purposes.join(", "),
-                        c.fields.join(", "),
+                        set(&c.purposes),
+                        set(&c.fields),
                         format_time(expires_at_ms)
                     )
                 },

@@ -122,7 +122,8 @@ enum Command {
 }
 
 fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, String> {
-    if let Some(t) = token {
+    // An empty one is an unset variable, not a token.
+    if let Some(t) = token.filter(|t| !t.trim().is_empty()) {
         return Ok(t);
     }
     if let Some(path) = token_file {
@@ -297,5 +298,19 @@ fn main() -> ExitCode {
             errln!("corridor: {}", escape_controls(&message));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_token_is_no_token() {
+        for empty in ["", "  "] {
+            let refused = token(Some(empty.into()), None).unwrap_err();
+            assert!(refused.starts_with("no token"), "{refused}");
+        }
+        assert_eq!(token(Some("t0k".into()), None), Ok("t0k".into()));
     }
 }

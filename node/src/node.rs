@@ -110,6 +110,28 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
             )
             .map_err(failed)?;
         }
+        // The database's own files too, should the directory be opened up later: SQLite
+        // gives its WAL and shared memory the database file's mode, so a new database
+        // file is created owner-only before SQLite opens it.
+        let db = config.database_path();
+        if !db.exists() {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&db)
+                .map_err(failed)?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+            if let Ok(meta) = std::fs::metadata(&file)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(failed)?;
+            }
+        }
     }
     Ok(Store::open(&config.database_path()).await?)
 }

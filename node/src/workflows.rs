@@ -930,7 +930,10 @@ async fn gate_and_seal(
     let scopes = rows.iter().map(scope_of).collect::<Result<Vec<_>, _>>()?;
     let consent = consent::gate_case(&scopes, recipient, purpose, field_names, now).map_err(
         |refusal| {
-            tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, %refusal, "referral refused by the consent gate");
+            // A refusal from the cache is read again fresh before it stands: log it once.
+            if fresh {
+                tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, %refusal, "referral refused by the consent gate");
+            }
             Failure::precondition(format!("referral refused: {refusal}"))
         },
     )?;

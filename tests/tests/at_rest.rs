@@ -285,6 +285,13 @@ async fn a_node_refuses_a_data_key_that_does_not_open_its_stored_keys() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "data directory mode {mode:o}");
+    for file in ["corridor.db", "corridor.db-wal", "corridor.db-shm"] {
+        let path = data_dir.join(file);
+        if file == "corridor.db" || path.exists() {
+            let mode = std::fs::metadata(&path).expect(file).permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file} mode {mode:o}");
+        }
+    }
 
     let key_file = my.org.dir.join("data.key");
     let right_key = std::fs::read(&key_file).expect("data key");
