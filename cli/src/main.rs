@@ -272,10 +272,11 @@ fn dev_pki(
 fn main() -> ExitCode {
     // `corridor node ...` runs the node in this process: the demo starts its nodes this
     // way, so a single binary is all it needs.
-    let mut args = std::env::args_os();
+    let args = std::env::args_os();
     if std::env::args_os().nth(1).is_some_and(|a| a == "node") {
-        let program = args.next().unwrap_or_else(|| "corridor-node".into());
-        return corridor_node::main_from(std::iter::once(program).chain(args.skip(1)));
+        // Named so in its help and errors: `corridor node`, not `corridor`.
+        let program = std::ffi::OsString::from("corridor node");
+        return corridor_node::main_from(std::iter::once(program).chain(args.skip(2)));
     }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -311,7 +311,7 @@ async fn deliver_once(
             Ok(response) => break response,
             Err(NotDelivered::Revoked) => continue,
             Err(NotDelivered::Failed(status)) => {
-                let message = format!("{}: {}", status.code(), status.message());
+                let message = format!("{} ({:?})", status.message(), status.code());
                 return Err(if refusal_is_final(status.code()) {
                     AttemptError::Permanent(message)
                 } else {
