@@ -199,14 +199,7 @@ fn parse_scope(node: &Node, id: &str, s: &pb::ConsentScope) -> Result<ConsentSco
     }
     let mut recipient_roles = BTreeSet::new();
     for r in bounded("recipient roles", &s.recipient_roles)? {
-        let entry = r.parse::<RoleInCountry>().map_err(Failure::invalid)?;
-        if !corridor::country::is_country_code(&entry.country) {
-            return Err(Failure::invalid(format!(
-                "recipient role {r:?}: {} is not an ISO 3166-1 alpha-2 country code",
-                entry.country
-            )));
-        }
-        recipient_roles.insert(entry);
+        recipient_roles.insert(r.parse::<RoleInCountry>().map_err(Failure::invalid)?);
     }
     let fields = bounded("fields", &s.fields)?
         .iter()
@@ -214,7 +207,9 @@ fn parse_scope(node: &Node, id: &str, s: &pb::ConsentScope) -> Result<ConsentSco
         .collect::<Result<BTreeSet<_>, _>>()?;
     let mut excluded_countries = BTreeSet::new();
     for c in bounded("excluded countries", &s.excluded_countries)? {
-        if !corridor::country::is_country_code(c) {
+        // The form here; whether ISO assigned it, where the scope is new
+        // (`ConsentScope::check_new_country_codes`).
+        if !corridor::country::has_country_code_form(c) {
             return Err(Failure::invalid(format!(
                 "excluded country {c:?} is not an ISO 3166-1 alpha-2 code"
             )));
@@ -410,6 +405,9 @@ pub async fn record_consent(
         .as_ref()
         .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
     let scope = parse_scope(node, &id, wire)?;
+    scope
+        .check_new_country_codes(None)
+        .map_err(|e| Failure::invalid(e.to_string()))?;
     // A recipient named but never admitted is a mistake in the record, not a consent.
     scope
         .check_recipients(|org| node.directory.get(org))
@@ -565,6 +563,9 @@ pub async fn narrow_consent(
         }
         let current = scope_of(&row)?;
         let narrower = parse_scope(node, &row.id, wire)?;
+        narrower
+            .check_new_country_codes(Some(&current))
+            .map_err(|e| Failure::invalid(e.to_string()))?;
         if narrower.expires_at_ms <= now_ms() {
             // Recipients would keep what they hold until their retention ends.
             return Err(Failure::invalid(
@@ -626,7 +627,7 @@ fn check_fields(fields: &HashMap<String, String>) -> Result<BTreeSet<Field>, Fai
     for (name, value) in fields {
         let field = Field::parse(name).map_err(|e| Failure::invalid(e.to_string()))?;
         field
-            .check_value(value, now_ms())
+            .check_entered_value(value, now_ms())
             .map_err(|e| Failure::invalid(e.to_string()))?;
         names.insert(field);
     }
@@ -705,14 +706,6 @@ pub async fn send_referral(
         check_consent_id(&req.consent_id)?;
     }
     let recipient_id = parse_org("recipient", &req.recipient)?;
-    // Who is a member, in which role and country, is no longer known: the gate cannot
-    // be run, and the node would send nothing anyway.
-    if !node.directory.is_current(now_ms()) {
-        return Err(Failure::precondition(format!(
-            "this node's federation directory expired at {}: nothing can be sent until the operator installs a newer one",
-            corridor::utc::format(node.directory.expires_at_ms)
-        )));
-    }
     let recipient = member(node, &recipient_id)?;
     if recipient_id == node.org {
         return Err(Failure::invalid("a node cannot refer a case to itself"));
@@ -734,6 +727,15 @@ pub async fn send_referral(
         && let Some(first) = node.store.requested_referral(key).await?
     {
         return already_queued(node, &req, request_digest.as_ref(), first).await;
+    }
+    // Who is a member, in which role and country, is no longer known: the gate cannot
+    // be run, and the node would send nothing anyway. (A retry above still learns what
+    // became of the referral its request made.)
+    if !node.directory.is_current(now_ms()) {
+        return Err(Failure::precondition(format!(
+            "this node's federation directory expired at {}: nothing can be sent until the operator installs a newer one",
+            corridor::utc::format(node.directory.expires_at_ms)
+        )));
     }
     let mut fresh = false;
     loop {
@@ -1832,7 +1834,11 @@ async fn accept_referral(
             )));
         }
         field
-            .check_value(&fv.value, now)
+            // The sender's clock may run ahead of ours by as much as an envelope may.
+            .check_value(
+                &fv.value,
+                now.saturating_add(corridor::envelope::MAX_CLOCK_SKEW_MS),
+            )
             .map_err(|e| Failure::invalid(format!("referral refused: {e}")))?;
     }
     // The consent travels with the referral; run the same gate against it here.

@@ -286,6 +286,15 @@ pub enum NarrowingError {
     ChangesNothing,
 }
 
+/// A country code a consent newly names that ISO has not assigned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnassignedCountry {
+    #[error("excluded country {0:?} is not an ISO 3166-1 alpha-2 code")]
+    Excluded(String),
+    #[error("recipient role \"{0}\": {country} is not an ISO 3166-1 alpha-2 country code", country = .0.country)]
+    Role(RoleInCountry),
+}
+
 /// A recipient a consent names that could receive nothing under it: a mistake in the
 /// record rather than what the person agreed to, so a consent naming one is not
 /// recorded. (A narrowing may leave such recipients: taking away what they could
@@ -361,6 +370,28 @@ impl ConsentScope {
     /// restriction forbids.
     pub fn admits_recipient(&self, recipient: &Member) -> bool {
         self.purposes.iter().any(|p| self.admits_for(recipient, *p))
+    }
+
+    /// Checks that the countries this scope names are codes ISO has assigned
+    /// ([`crate::country`]), except in entries `before` (the scope it narrows) already
+    /// had: a consent recorded by a version that checked only their form must stay
+    /// narrowable, but a narrowing adds no new such entry.
+    pub fn check_new_country_codes(
+        &self,
+        before: Option<&ConsentScope>,
+    ) -> Result<(), UnassignedCountry> {
+        let assigned = crate::country::is_country_code;
+        if let Some(c) = self.restrictions.excluded_countries.iter().find(|c| {
+            !assigned(c) && !before.is_some_and(|b| b.restrictions.excluded_countries.contains(*c))
+        }) {
+            return Err(UnassignedCountry::Excluded(c.clone()));
+        }
+        match self.recipient_roles.iter().find(|r| {
+            !assigned(&r.country) && !before.is_some_and(|b| b.recipient_roles.contains(*r))
+        }) {
+            Some(entry) => Err(UnassignedCountry::Role(entry.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Checks that every recipient this consent names could receive something under it:
@@ -1139,6 +1170,33 @@ mod tests {
             c.check_recipients(lookup),
             Err(UnusableRecipient::Org(embassy.id.clone()))
         );
+    }
+
+    #[test]
+    fn new_country_codes_must_be_assigned_and_old_ones_may_stay() {
+        let mut c = consent();
+        c.restrictions.excluded_countries.insert("TH".into());
+        c.recipient_roles.insert("shelter@XK".parse().unwrap());
+        c.check_new_country_codes(None).unwrap();
+        let mut typo = c.clone();
+        typo.restrictions.excluded_countries.insert("CB".into());
+        assert_eq!(
+            typo.check_new_country_codes(None),
+            Err(UnassignedCountry::Excluded("CB".into()))
+        );
+        let mut role = c.clone();
+        role.recipient_roles.insert("ngo@QQ".parse().unwrap());
+        let refused = role.check_new_country_codes(None).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "recipient role \"ngo@QQ\": QQ is not an ISO 3166-1 alpha-2 country code"
+        );
+        // A narrowing of a consent an older version recorded with them keeps them.
+        let mut narrower = typo.clone();
+        narrower.fields.remove(&Field::Sex);
+        narrower.check_new_country_codes(Some(&typo)).unwrap();
+        narrower.restrictions.excluded_countries.insert("ZZ".into());
+        assert!(narrower.check_new_country_codes(Some(&typo)).is_err());
     }
 
     #[test]

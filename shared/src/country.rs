@@ -1,7 +1,9 @@
 //! Countries, as consents, the directory and the nationality field name them: ISO 3166-1
-//! alpha-2 codes. Only codes ISO has assigned are taken, and XK (Kosovo), which ISO leaves
-//! to users but international organisations use: a typo such as CB for Cambodia must be
-//! refused, not recorded as a country that excludes no one.
+//! alpha-2 codes. What a node's users newly enter must be a code ISO has assigned, or XK
+//! (Kosovo), which ISO leaves to users but international organisations use: a typo such
+//! as CB for Cambodia must be refused, not recorded as a country that excludes no one.
+//! What was stored, signed or sent by a version that checked only the form (two capital
+//! letters) is read by its form, so that it is never refused for good.
 
 /// The assigned ISO 3166-1 alpha-2 codes (249), and XK, in order.
 const CODES: [&str; 250] = [

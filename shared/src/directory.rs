@@ -344,11 +344,13 @@ impl Member {
 
 fn validate(entry: MemberEntry) -> Result<Member, String> {
     let id = OrgId::new(&entry.id).map_err(|e| format!("id: {e}"))?;
-    if !crate::country::is_country_code(&entry.country) {
+    // By form: a directory its governance signed before codes were checked against
+    // ISO's list must still load, and one naming a code ISO assigns later too.
+    if !crate::country::has_country_code_form(&entry.country) {
         return Err(format!("{id}: country must be an ISO 3166-1 alpha-2 code"));
     }
     if let Some(state) = &entry.represents {
-        if !crate::country::is_country_code(state) {
+        if !crate::country::has_country_code_form(state) {
             return Err(format!(
                 "{id}: represents must be an ISO 3166-1 alpha-2 code"
             ));

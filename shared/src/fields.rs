@@ -153,10 +153,25 @@ pub enum FieldValueError {
     Format(Field, &'static str),
 }
 
+const NATIONALITY_FORMAT: &str =
+    "an ISO 3166-1 alpha-2 code in capitals, such as KH (XX if stateless)";
+
 impl Field {
+    /// The rule every value a node's own users enter meets, at `now_ms`: [`Self::check_value`],
+    /// and a nationality must be a code ISO has assigned (or XK, or XX if stateless).
+    pub fn check_entered_value(self, value: &str, now_ms: i64) -> Result<(), FieldValueError> {
+        self.check_value(value, now_ms)?;
+        if self == Self::Nationality && value != "XX" && !crate::country::is_country_code(value) {
+            return Err(FieldValueError::Format(self, NATIONALITY_FORMAT));
+        }
+        Ok(())
+    }
+
     /// The rule every value of a referral meets, checked by the sender before it seals
     /// and by the recipient before it stores, at `now_ms`: a date of birth may not lie
-    /// in the future (a day's grace, for time zones ahead of UTC).
+    /// in the future (a day's grace, for time zones ahead of UTC). A nationality is
+    /// checked for its form only: a peer on an older version checked no more, and what
+    /// it sent must not be refused for good.
     pub fn check_value(self, value: &str, now_ms: i64) -> Result<(), FieldValueError> {
         if value.is_empty() {
             return Err(FieldValueError::Empty(self));
@@ -173,8 +188,9 @@ impl Field {
         let format = match self {
             // "XX" for a stateless person: ISO leaves it to users, and many a trafficked
             // person has no nationality a state recognises.
-            Self::Nationality => (value != "XX" && !crate::country::is_country_code(value))
-                .then_some("an ISO 3166-1 alpha-2 code in capitals, such as KH (XX if stateless)"),
+            Self::Nationality => {
+                (!crate::country::has_country_code_form(value)).then_some(NATIONALITY_FORMAT)
+            }
             Self::DateOfBirth if !is_date(value) => {
                 Some("a date as YYYY-MM-DD (give age_band when the exact date is not known)")
             }
@@ -256,7 +272,7 @@ mod tests {
             (
                 Field::Nationality,
                 &["KH", "MM", "XX"],
-                &["Cambodia", "kh", "KHM", "QQ", "CB"],
+                &["Cambodia", "kh", "KHM"],
             ),
             (
                 Field::DateOfBirth,
@@ -288,6 +304,25 @@ mod tests {
             }
         }
         assert_eq!(Field::PreferredName.check_value("banana", NOW), Ok(()));
+        // A nationality a user enters must be one ISO assigned; one from a peer, of its form.
+        for (value, entered) in [
+            ("KH", true),
+            ("XK", true),
+            ("XX", true),
+            ("QQ", false),
+            ("CB", false),
+        ] {
+            assert_eq!(
+                Field::Nationality.check_entered_value(value, NOW).is_ok(),
+                entered,
+                "{value}"
+            );
+            assert_eq!(
+                Field::Nationality.check_value(value, NOW),
+                Ok(()),
+                "{value}"
+            );
+        }
         // A date of birth in the future is refused; today, and tomorrow in UTC (today
         // east of it), are not.
         let dob = |value| Field::DateOfBirth.check_value(value, NOW);

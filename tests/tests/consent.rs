@@ -593,3 +593,54 @@ async fn country_codes_and_dates_of_birth_are_checked() {
     stateless.fields.insert("nationality".into(), "XX".into());
     s.send_referral(stateless).await.expect("XX, stateless");
 }
+
+/// A consent an older version recorded naming a code ISO never assigned (it checked only
+/// the form) stays readable and narrowable; a narrowing may not add such a code.
+#[tokio::test]
+async fn a_consent_recorded_with_an_unassigned_code_can_still_be_narrowed() {
+    let fed = Federation::demo("legacy-code");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (_, consent_id) = case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    sender.stop();
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE consents SET excluded_countries = 'UK', recipient_roles = 'ngo@QQ' WHERE id = '{consent_id}'"
+        )],
+    )
+    .await;
+    sender.start();
+    let mut s = sender.client().await;
+    let narrow = |scope: pb::ConsentScope| pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    };
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("a consent with old codes is read")
+        .into_inner()
+        .scope
+        .expect("scope");
+    assert_eq!(scope.excluded_countries, vec!["UK".to_owned()]);
+    let field = scope.fields.pop().expect("a field to remove");
+    s.narrow_consent(narrow(scope.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("narrowing without {field}: {e:?}"));
+    scope.excluded_countries.push("QQ".into());
+    let refused = s
+        .narrow_consent(narrow(scope))
+        .await
+        .expect_err("a new unassigned code");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("excluded country \"QQ\" is not an ISO 3166-1 alpha-2 code"),
+        "{refused:?}"
+    );
+}

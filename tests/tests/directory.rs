@@ -1,8 +1,10 @@
 //! The federation directory a node runs on is one its governance signed, and never one
 //! older than it accepted before: a rollback could bring back a member since removed.
+//! Once it expires, the node sends nothing and says so.
 
 use std::process::Command;
 
+use corridor_proto::v1 as pb;
 use corridor_tests::*;
 
 /// Rewrites the federation's directory with `serial` and signs it.
@@ -152,6 +154,16 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    // Queued before the expiry (the recipient is not running).
+    let with_request_id = pb::SendReferralRequest {
+        request_id: "before-expiry".into(),
+        ..referral(&case_id, SHELTER_KH, "reintegration")
+    };
+    let queued = s
+        .send_referral(with_request_id.clone())
+        .await
+        .expect("a referral before the expiry")
+        .into_inner();
     let wait = expires_at_ms - corridor_node::node::now_ms() + 100;
     tokio::time::sleep(std::time::Duration::from_millis(wait.max(0) as u64)).await;
 
@@ -171,6 +183,14 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
             .contains(&format!("federation directory expired at {when}")),
         "{refused:?}"
     );
+
+    // A retry of a request made before still learns what became of its referral.
+    let retried = s
+        .send_referral(with_request_id)
+        .await
+        .expect("a retry after the expiry")
+        .into_inner();
+    assert_eq!(retried.referral_id, queued.referral_id);
 
     let out = Command::new(binary("corridor-node"))
         .arg("--config")
