@@ -517,26 +517,31 @@ pub async fn consent(
                 }
             };
             // Referrals the narrowing could only keep whole are the caseworker's to act on.
-            let kept_whole: usize = client
+            // The narrowing stands whether or not this can be read.
+            let kept_whole: Result<usize, String> = client
                 .get_consent_status(pb::ConsentRequest {
                     consent_id: c.consent_id.clone(),
                 })
                 .await
-                .map_err(|s| explain(&s))?
-                .into_inner()
-                .recipients
-                .iter()
-                .map(|p| p.kept_whole_referral_ids.len())
-                .sum();
+                .map(|r| {
+                    r.into_inner()
+                        .recipients
+                        .iter()
+                        .map(|p| p.kept_whole_referral_ids.len())
+                        .sum()
+                })
+                .map_err(|s| explain(&s));
             let mut json = consent_json(&c);
-            if let Some(fields) = json.as_object_mut() {
-                fields.insert("kept_whole_referrals".into(), kept_whole.into());
+            if let (Some(fields), Ok(count)) = (json.as_object_mut(), &kept_whole) {
+                fields.insert("kept_whole_referral_count".into(), (*count).into());
             }
             print(output, &json, || {
-                let warning = if kept_whole > 0 {
-                    format!("\nWarning: {}.", kept_whole_text(kept_whole))
-                } else {
-                    String::new()
+                let warning = match &kept_whole {
+                    Ok(0) => String::new(),
+                    Ok(count) => format!("\nWarning: {}.", kept_whole_text(*count)),
+                    Err(e) => format!(
+                        "\nCould not check for referrals kept whole ({e}): `corridor consent status` lists them."
+                    ),
                 };
                 format!(
                     "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it: `corridor consent status {}` shows them.{warning}\n{}",

@@ -51,6 +51,8 @@ async fn create_token(config: &Path) -> Result<String, String> {
         .arg("--config")
         .arg(config)
         .args(["create-admin-token", "--user", "demo-caseworker"])
+        // A demo stopped meanwhile must not leave it writing into a removed directory.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|e| format!("cannot run the node to create a token: {e}"))?;

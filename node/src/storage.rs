@@ -147,6 +147,9 @@ pub struct ConsentRow {
     pub expires_at_ms: i64,
     pub withdrawn_at_ms: Option<i64>,
     pub narrowed_at_ms: Option<i64>,
+    /// The fields its narrowings took away; `None` if never narrowed, or narrowed before
+    /// they were recorded.
+    pub removed_fields: Option<Vec<String>>,
 }
 
 /// The scope columns of a consent, as space-separated lists.
@@ -820,7 +823,7 @@ impl Store {
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
         c.language, COALESCE(u.name, ''), c.recorded_at_ms, c.purposes, c.recipient_orgs,
         c.recipient_roles, c.fields, c.excluded_countries, c.no_family_contact, c.expires_at_ms,
-        c.withdrawn_at_ms, c.narrowed_at_ms, c.details_sealed";
+        c.withdrawn_at_ms, c.narrowed_at_ms, c.details_sealed, c.removed_fields";
 
     fn consent_row(r: sqlx::sqlite::SqliteRow) -> ConsentRow {
         ConsentRow {
@@ -844,6 +847,9 @@ impl Store {
             expires_at_ms: r.get(14),
             withdrawn_at_ms: r.get(15),
             narrowed_at_ms: r.get(16),
+            removed_fields: r
+                .get::<Option<String>, _>(18)
+                .map(|names| split_list(&names)),
         }
     }
 
@@ -945,21 +951,23 @@ impl Store {
         id: &str,
         scope: ScopeColumns,
         as_read: Option<i64>,
+        removed_fields: Option<String>,
         now_ms: i64,
         audit: Vec<u8>,
     ) -> Result<Option<Vec<MessageId>>> {
-        let data = (id.to_owned(), scope, as_read, now_ms, audit);
+        let data = (id.to_owned(), scope, as_read, removed_fields, now_ms, audit);
         self.writer
             .run_then(
                 data,
-                |(id, s, as_read, now_ms, audit), tx, log| {
+                |(id, s, as_read, removed_fields, now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
                         let updated = sqlx::query(
                             "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
                             no_family_contact = $7, expires_at_ms = $8,
-                            narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
+                            narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1),
+                            removed_fields = $11
                          WHERE id = $1 AND withdrawn_at_ms IS NULL AND narrowed_at_ms IS $10
                          RETURNING 1",
                         )
@@ -973,6 +981,7 @@ impl Store {
                         .bind(s.expires_at_ms)
                         .bind(*now_ms)
                         .bind(*as_read)
+                        .bind(removed_fields.as_deref())
                         .fetch_optional(&mut *conn)
                         .await?;
                         if updated.is_none() {
@@ -2712,7 +2721,14 @@ pub(crate) mod tests {
         // A narrowing through the store clears the cache and always moves the mark on,
         // even within the same millisecond.
         let narrowed = store
-            .narrow_consent("consent-1", scope("age_band"), Some(5), 5, entry())
+            .narrow_consent(
+                "consent-1",
+                scope("age_band"),
+                Some(5),
+                Some("languages".into()),
+                5,
+                entry(),
+            )
             .await
             .expect("narrow");
         // The referral queued under the wider scope is cancelled with it, its sealed
@@ -2730,6 +2746,7 @@ pub(crate) mod tests {
             .await
             .expect("read");
         assert_eq!(read[0].narrowed_at_ms, Some(6));
+        assert_eq!(read[0].removed_fields, Some(vec!["languages".to_string()]));
         // A narrowing checked against the scope as it was before that one is not
         // stored: checked against a stale scope, it could widen the current one.
         let size = store.audit_size().await.expect("size");
@@ -2738,6 +2755,7 @@ pub(crate) mod tests {
                 "consent-1",
                 scope("age_band,languages"),
                 Some(5),
+                None,
                 5,
                 entry(),
             )

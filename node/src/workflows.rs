@@ -566,6 +566,20 @@ pub async fn narrow_consent(
         narrower
             .check_new_country_codes(Some(&current))
             .map_err(|e| Failure::invalid(e.to_string()))?;
+        // What all narrowings took away, unless one before this version did (not known).
+        let removed_fields = match (&row.removed_fields, row.narrowed_at_ms) {
+            (None, Some(_)) => None,
+            (removed, _) => {
+                let mut all: BTreeSet<String> = removed.iter().flatten().cloned().collect();
+                all.extend(
+                    current
+                        .fields
+                        .difference(&narrower.fields)
+                        .map(|f| f.as_str().to_owned()),
+                );
+                Some(join(all))
+            }
+        };
         if narrower.expires_at_ms <= now_ms() {
             // Recipients would keep what they hold until their retention ends.
             return Err(Failure::invalid(
@@ -590,6 +604,7 @@ pub async fn narrow_consent(
                 &row.id,
                 scope_columns(&narrower),
                 row.narrowed_at_ms,
+                removed_fields,
                 now,
                 entry,
             )
@@ -1396,7 +1411,6 @@ pub async fn consent_status(
     let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
         Default::default();
     let mut asked_to_withdraw = BTreeSet::new();
-    let mut delivered = BTreeSet::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1410,9 +1424,6 @@ pub async fn consent_status(
             entry
                 .referral_ids
                 .push(format!("{} ({})", item.message_id, item.state));
-            if item.state == "delivered" {
-                delivered.insert(item.message_id);
-            }
             continue;
         }
         // The latest narrowing asked of it shows, unless it was asked to purge everything.
@@ -1456,15 +1467,19 @@ pub async fn consent_status(
     }
     if row.withdrawn_at_ms.is_none() && row.narrowed_at_ms.is_some() {
         let scope = scope_of(&row)?;
+        let removed: Option<BTreeSet<Field>> = row
+            .removed_fields
+            .as_ref()
+            .map(|names| names.iter().filter_map(|f| Field::parse(f).ok()).collect());
+        // The referrals a narrowing asks about (`narrowing_of`): all but refused ones.
         for sent in node.store.referrals_under_consent(consent_id).await? {
             let member = OrgId::new(&sent.recipient)
                 .ok()
                 .and_then(|org| node.directory.get(&org));
             let kept_whole = sent.fields.is_none()
-                && delivered.contains(&sent.message_id)
                 && member.is_some_and(|m| {
                     Purpose::parse(&sent.purpose).is_ok_and(|purpose| {
-                        scope.admits_for(m, purpose) && !scope.covers_every_field_of(purpose)
+                        scope.keeps_whole_beyond_consent(m, purpose, removed.as_ref())
                     })
                 });
             if kept_whole && let Some(entry) = recipients.get_mut(&sent.recipient) {

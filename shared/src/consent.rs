@@ -491,17 +491,28 @@ impl ConsentScope {
         }
     }
 
-    /// Whether this consent covers every field a referral for `purpose` may carry. A
-    /// referral sent before its sender recorded the fields it carries is kept whole by
-    /// a narrowing ([`Self::after_narrowing`]); where this is false, it may carry a
-    /// field the narrowed consent no longer covers, and only a withdrawal purges it.
-    pub fn covers_every_field_of(&self, purpose: Purpose) -> bool {
+    /// Whether `recipient` keeps whole, under this narrowed consent, a referral for
+    /// `purpose` sent before its sender recorded the fields it carries
+    /// ([`Self::after_narrowing`]) although it may carry a field the narrowings took
+    /// away: one of `removed` its purpose allows. Where `removed` is not known (narrowed
+    /// by an earlier version), any field its purpose allows and this consent no longer
+    /// covers counts. Only a withdrawal has such a referral purged.
+    pub fn keeps_whole_beyond_consent(
+        &self,
+        recipient: &Member,
+        purpose: Purpose,
+        removed: Option<&BTreeSet<Field>>,
+    ) -> bool {
         let profile = profile(purpose);
-        profile
-            .required
-            .iter()
-            .chain(profile.optional)
-            .all(|f| self.fields.contains(f))
+        self.admits_for(recipient, purpose)
+            && profile
+                .required
+                .iter()
+                .chain(profile.optional)
+                .any(|f| match removed {
+                    Some(removed) => removed.contains(f),
+                    None => !self.fields.contains(f),
+                })
     }
 
     /// Checks that `narrower` only takes away from this scope (no new purpose, field or
@@ -1200,20 +1211,34 @@ mod tests {
     }
 
     #[test]
-    fn a_consent_covers_every_field_of_a_purpose_or_not() {
+    fn a_referral_kept_whole_is_beyond_the_consent_only_if_a_removed_field_may_be_in_it() {
+        let kh = member("shelter-kh", "KH", Role::Shelter);
         let mut c = consent();
         c.fields = Field::ALL.iter().copied().collect();
-        assert!(Purpose::ALL.iter().all(|p| c.covers_every_field_of(*p)));
-        // A field the purpose may not carry does not matter; one it may carry does.
         let reintegration = profile(Purpose::Reintegration);
         let other = *Field::ALL
             .iter()
             .find(|f| !reintegration.allows(**f))
             .unwrap();
+        let allowed = reintegration.optional[0];
+        let removed = |f: Field| BTreeSet::from([f]);
+        let beyond = |c: &ConsentScope, removed: Option<&BTreeSet<Field>>| {
+            c.keeps_whole_beyond_consent(&kh, Purpose::Reintegration, removed)
+        };
+        // Nothing removed that the purpose allows: nothing beyond.
         c.fields.remove(&other);
-        assert!(c.covers_every_field_of(Purpose::Reintegration));
-        c.fields.remove(&reintegration.optional[0]);
-        assert!(!c.covers_every_field_of(Purpose::Reintegration));
+        assert!(!beyond(&c, Some(&removed(other))));
+        assert!(!beyond(&c, None));
+        // A field the purpose allows removed: beyond, whether known or inferred.
+        c.fields.remove(&allowed);
+        assert!(beyond(&c, Some(&removed(allowed))));
+        assert!(beyond(&c, None));
+        // A consent that never covered that field, narrowed of something else: known
+        // removals say nothing is beyond; without them it cannot be told.
+        assert!(!beyond(&c, Some(&BTreeSet::new())));
+        // A recipient no longer admitted purges instead.
+        c.recipient_orgs.clear();
+        assert!(!beyond(&c, None));
     }
 
     #[test]

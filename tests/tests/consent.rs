@@ -1,6 +1,7 @@
 //! The consent gate on the sending node: a referral beyond the person's consent, the
 //! purpose's profile or the consent's life never leaves, and the caseworker is told every
-//! rule it broke.
+//! rule it broke. And what a consent may record and become: recipients who could receive
+//! nothing, unassigned country codes and widenings are refused.
 
 use std::process::Command;
 use std::time::Duration;

@@ -857,3 +857,76 @@ async fn a_narrowing_says_which_older_referrals_it_could_only_keep_whole() {
     assert_eq!(purged, both);
     assert!(st.recipients[0].kept_whole_referral_ids.is_empty());
 }
+
+/// A narrowing that takes no field away (an earlier expiry) keeps nothing whole beyond
+/// the consent, even under a consent that never covered every field its purpose allows.
+#[tokio::test]
+async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
+    let fed = Federation::four("narrow-no-field");
+    let mut sender = fed.start(SHELTER_MY);
+    let _kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let expires_at_ms = corridor_node::node::now_ms() + 86_400_000;
+    let consent_id = s
+        .record_consent(pb::RecordConsentRequest {
+            case_id: case_id.clone(),
+            scope: Some(pb::ConsentScope {
+                purposes: vec!["reintegration".into()],
+                recipient_orgs: vec![SHELTER_KH.into()],
+                // The required fields only: the purpose allows more.
+                fields: required_fields("reintegration").into_keys().collect(),
+                expires_at_ms,
+                ..Default::default()
+            }),
+            given_by: "person".into(),
+            method: "written".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("record consent")
+        .into_inner()
+        .consent_id;
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+    sender.stop();
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE outbox SET fields = NULL WHERE lower(hex(message_id)) = '{id}'"
+        )],
+    )
+    .await;
+    sender.start();
+    let mut s = sender.client().await;
+    let mut scope = s
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope");
+    scope.expires_at_ms = expires_at_ms - 3_600_000;
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("an earlier expiry");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(
+        st.recipients
+            .iter()
+            .all(|r| r.kept_whole_referral_ids.is_empty()),
+        "{st:?}"
+    );
+}
