@@ -454,11 +454,22 @@ pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) 
     // fails every round; its log says so when it starts, when the reason changes, and
     // once a minute, not several times a second.
     let mut failing: HashMap<OrgId, (String, Instant)> = HashMap::new();
+    let mut told_expired = false;
     loop {
         if let Err(error) = sign_checkpoint(&node).await {
             tracing::error!(%error, "checkpoint not signed");
         }
-        if let Ok(Some((size, _, note))) = node.store.latest_checkpoint().await {
+        // With its directory expired the node sends nothing, cosignature requests too
+        // (its witnesses would refuse them, each round); it says so once.
+        let current = node.directory.is_current(crate::node::now_ms());
+        if !current && !told_expired {
+            tracing::error!(
+                expired_at = %corridor::utc::format(node.directory.expires_at_ms),
+                "the federation directory has expired: this node sends and accepts nothing until a newer one is installed and the node restarted"
+            );
+            told_expired = true;
+        }
+        if let (true, Ok(Some((size, _, note)))) = (current, node.store.latest_checkpoint().await) {
             for witness in &node.config.audit.witnesses {
                 let seen = node.store.witness_view(witness.as_str()).await.unwrap_or(0);
                 let cosigned = node

@@ -199,8 +199,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let local = tokio::spawn(local);
     tracing::info!(
         org = %node.org,
-        federation = ?fed_addr,
-        local = ?local_addr,
+        federation = %fed_addr.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        local = %local_addr.map_or_else(|| "?".to_owned(), |a| a.to_string()),
         "corridor-node serving"
     );
 

@@ -502,7 +502,10 @@ pub fn accept_members(
                     }
                 };
                 if !directory.is_current(crate::node::now_ms()) {
-                    tracing::warn!(%remote, peer = %org, "the federation directory has expired: connection closed until a newer one is installed");
+                    // Members keep trying: say so once a minute, not at every attempt.
+                    if expired_warning_due() {
+                        tracing::warn!(%remote, peer = %org, "the federation directory has expired: connections are closed until a newer one is installed");
+                    }
                     return;
                 }
                 let Ok(permit) = limit.try_acquire_owned() else {
@@ -520,4 +523,16 @@ pub fn accept_members(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Whether the warning that the directory has expired is due: at most once a minute.
+fn expired_warning_due() -> bool {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+    let now = crate::node::now_ms();
+    let last = LAST_MS.load(Ordering::Relaxed);
+    now.saturating_sub(last) >= 60_000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }

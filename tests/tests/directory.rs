@@ -184,6 +184,16 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
         "{refused:?}"
     );
 
+    // The node says once that it has stopped sending, in a log without colour codes.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let log = sender.log();
+    assert_eq!(
+        log.matches("the federation directory has expired: this node sends")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
     // A retry of a request made before still learns what became of its referral.
     let retried = s
         .send_referral(with_request_id)
