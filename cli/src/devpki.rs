@@ -158,6 +158,9 @@ fn member_entry(
 /// ISO code, ...) before anything is written: the directory's own rules, applied to a
 /// directory of these orgs with stand-in keys.
 fn check_orgs(federation: &str, orgs: &[OrgSpec], ports: &[Ports]) -> Result<(), String> {
+    if !corridor::audit::is_federation_name(federation) {
+        return Err(corridor::DirectoryError::FederationName(federation.to_owned()).to_string());
+    }
     if orgs.is_empty() {
         return Err("at least one org is needed".into());
     }

@@ -21,6 +21,16 @@ pub const MAX_ENTRY_LEN: usize = 4096;
 
 /// The origin line of `org`'s log checkpoints: a schema-less URL naming the federation
 /// and the org.
+/// Whether `name` can name a federation: it goes into every log's origin and every
+/// witness's key name, C2SP note lines that a space or a `+` would break. 1 to 64
+/// letters, digits, `.`, `_` or `-`.
+pub fn is_federation_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 pub fn origin(federation: &str, org: &OrgId) -> String {
     format!("corridor.network/{federation}/log/{org}")
 }
@@ -441,6 +451,16 @@ impl fmt::Display for Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn federation_names_fit_note_lines() {
+        for good in ["corridor-demo", "asean.corridor", "a", "fed_2"] {
+            assert!(is_federation_name(good), "{good}");
+        }
+        for bad in ["", "my fed", "a+b", "fed\n", "é", &"x".repeat(65)] {
+            assert!(!is_federation_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn round_trip_and_determinism() {

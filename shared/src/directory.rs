@@ -125,6 +125,10 @@ pub struct DirectoryFile {
 pub enum DirectoryError {
     #[error("directory is not valid TOML: {0}")]
     Syntax(String),
+    #[error(
+        "federation name {0:?} must be 1-64 letters, digits, '.', '_' or '-' (it names every audit log and witness key)"
+    )]
+    FederationName(String),
     #[error("member #{index}: {problem}")]
     Member { index: usize, problem: String },
     #[error("org {0} is listed twice")]
@@ -274,6 +278,9 @@ impl Directory {
     pub fn from_file(file: DirectoryFile) -> Result<Self, DirectoryError> {
         if file.members.is_empty() {
             return Err(DirectoryError::Empty);
+        }
+        if !crate::audit::is_federation_name(&file.federation) {
+            return Err(DirectoryError::FederationName(file.federation));
         }
         // Nodes store the serial as a signed 64-bit integer.
         if i64::try_from(file.serial).is_err() {
@@ -514,6 +521,15 @@ mod tests {
             Some("KH")
         );
         assert_eq!(a.represents, None);
+    }
+
+    #[test]
+    fn a_federation_name_that_breaks_note_lines_is_refused() {
+        let text = file(vec![entry("shelter-my")]).replace("\"test\"", "\"my fed\"");
+        assert_eq!(
+            Directory::from_toml(&text).err(),
+            Some(DirectoryError::FederationName("my fed".into()))
+        );
     }
 
     #[test]
