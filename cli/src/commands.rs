@@ -811,16 +811,33 @@ pub async fn referral(
                     "referral_id": r.referral_id, "sender": r.sender, "recipient": r.recipient,
                     "purpose": r.purpose, "case_ref": r.case_ref, "fields": r.fields,
                     "received_at_ms": r.received_at_ms, "consent_id": r.consent_id,
+                    "consent_expires_at_ms": r.consent_expires_at_ms,
+                    "consent_excluded_countries": r.consent_excluded_countries,
+                    "consent_no_family_contact": r.consent_no_family_contact,
                 }),
                 || {
+                    // What the person set binds this organisation too.
+                    let mut restrictions: Vec<String> = r
+                        .consent_excluded_countries
+                        .iter()
+                        .map(|c| format!("never to {}", escape_controls(c)))
+                        .collect();
+                    if r.consent_no_family_contact {
+                        restrictions.push("no contact with family".into());
+                    }
+                    if restrictions.is_empty() {
+                        restrictions.push("none".into());
+                    }
                     let mut text = format!(
-                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}\n  fields:",
+                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {}\n  fields:",
                         escape_controls(&r.referral_id),
                         escape_controls(&r.sender),
                         escape_controls(&r.purpose),
                         escape_controls(&r.case_ref),
                         format_time(r.received_at_ms),
-                        escape_controls(&r.consent_id)
+                        escape_controls(&r.consent_id),
+                        format_time(r.consent_expires_at_ms),
+                        restrictions.join("; ")
                     );
                     // Names and values are the sender's, another organisation's.
                     for (k, v) in &fields {

@@ -1670,6 +1670,15 @@ pub async fn read_referral(
         received_at_ms: row.received_at_ms,
         consent_id: row.consent_id,
         consent_expires_at_ms: row.consent_expires_at_ms,
+        consent_excluded_countries: payload
+            .consent_receipt
+            .as_ref()
+            .map(|r| r.excluded_countries.clone())
+            .unwrap_or_default(),
+        consent_no_family_contact: payload
+            .consent_receipt
+            .as_ref()
+            .is_some_and(|r| r.no_family_contact),
     })
 }
 

@@ -645,3 +645,61 @@ async fn a_consent_recorded_with_an_unassigned_code_can_still_be_narrowed() {
         "{refused:?}"
     );
 }
+
+/// The restrictions the person set travel with the referral and are shown to whoever
+/// reads it at the recipient, which must honour them too, with the consent's expiry.
+#[tokio::test]
+async fn the_recipient_reads_the_restrictions_the_person_set() {
+    let fed = Federation::demo("restrictions");
+    let sender = fed.start(SHELTER_MY);
+    let recipient = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let expires_at_ms = corridor_node::node::now_ms() + 3 * 86_400_000;
+    s.record_consent(pb::RecordConsentRequest {
+        case_id: case_id.clone(),
+        scope: Some(pb::ConsentScope {
+            purposes: vec!["reintegration".into()],
+            recipient_orgs: vec![SHELTER_KH.into()],
+            fields: required_fields("reintegration").into_keys().collect(),
+            excluded_countries: vec!["TH".into()],
+            no_family_contact: true,
+            expires_at_ms,
+            ..Default::default()
+        }),
+        given_by: "person".into(),
+        method: "written".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("record consent");
+    let sent = s
+        .send_referral(pb::SendReferralRequest {
+            wait: true,
+            ..referral(&case_id, SHELTER_KH, "reintegration")
+        })
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(sent.state, "delivered");
+    let out = Command::new(binary("corridor"))
+        .args([
+            "--node",
+            &recipient.local_url(),
+            "--token",
+            &recipient.token,
+        ])
+        .args(["referral", "show", &sent.referral_id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("restrictions: never to TH; no contact with family"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("until {}", corridor::utc::format(expires_at_ms))),
+        "{stdout}"
+    );
+}
