@@ -16,12 +16,12 @@
 //! ca_cert = "ca.pem"                    # federation CA (PEM)
 //! cert = "tls.pem"                      # this org's certificate chain (PEM)
 //! key = "tls.key"                       # its private key (PEM, mode 0600)
-//! handshake_timeout_ms = 5000
+//! handshake_timeout_ms = 5000            # 100 to 600000
 //! max_message_bytes = 300000            # larger messages are refused
 //! max_connections = 1024               # members' connections (handshakes not counted)
 //!
 //! [local]                               # caseworker API (bearer tokens)
-//! listen = "127.0.0.1:7080"
+//! listen = "127.0.0.1:7080"             # loopback only: tokens travel without TLS
 //!
 //! [keys]
 //! signing_key = "signing.key"           # Ed25519 seed, base64 (mode 0600)
@@ -46,7 +46,7 @@
 //! initial_backoff_ms = 500
 //! max_backoff_ms = 60000
 //! envelope_ttl_hours = 72
-//! request_timeout_ms = 10000
+//! request_timeout_ms = 10000             # 100 to 3600000
 //! max_in_flight = 128                  # attempts at once; more wait in the outbox
 //!
 //! [log]
@@ -395,6 +395,38 @@ impl Config {
                 "federation.max_connections must be between 1 and {MAX_CONNECTIONS}"
             ));
         }
+        // Zero would time every handshake or request out at once; a day of checkpoints
+        // apart would leave the log unwitnessed for as long.
+        if !(100..=600_000).contains(&f.handshake_timeout_ms) {
+            return Err("federation.handshake_timeout_ms must be between 100 and 600000".into());
+        }
+        if !(100..=3_600_000).contains(&d.request_timeout_ms) {
+            return Err("delivery.request_timeout_ms must be between 100 and 3600000".into());
+        }
+        if self.audit.checkpoint_interval_ms > 86_400_000 {
+            return Err("audit.checkpoint_interval_ms must be at most 86400000 (a day)".into());
+        }
+        // The local API carries bearer tokens without TLS: it stays on this machine.
+        if !self.local.listen.ip().is_loopback() {
+            return Err(format!(
+                "local.listen {} must be a loopback address: the local API carries bearer tokens without TLS",
+                self.local.listen
+            ));
+        }
+        let (fed, local) = (f.listen, self.local.listen);
+        if fed.port() == local.port()
+            && (fed.ip() == local.ip() || fed.ip().is_unspecified() || local.ip().is_unspecified())
+        {
+            return Err(format!(
+                "federation.listen {fed} and local.listen {local} would take the same port"
+            ));
+        }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            return Err(format!(
+                "data_dir {} exists and is not a directory",
+                self.data_dir.display()
+            ));
+        }
         Ok(())
     }
 
@@ -459,6 +491,26 @@ mod tests {
                 "org_id = \"a\"\n[federation]\nmax_message_bytes = 1000000000000\n",
                 "max_message_bytes",
             ),
+            (
+                "org_id = \"a\"\n[federation]\nhandshake_timeout_ms = 0\n",
+                "handshake_timeout_ms",
+            ),
+            (
+                "org_id = \"a\"\n[delivery]\nrequest_timeout_ms = 0\n",
+                "request_timeout_ms",
+            ),
+            (
+                "org_id = \"a\"\n[audit]\ncheckpoint_interval_ms = 18446744073709551615\n",
+                "checkpoint_interval_ms",
+            ),
+            (
+                "org_id = \"a\"\n[local]\nlisten = \"0.0.0.0:7080\"\n",
+                "must be a loopback address",
+            ),
+            (
+                "org_id = \"a\"\n[local]\nlisten = \"127.0.0.1:7443\"\n",
+                "would take the same port",
+            ),
         ] {
             // The governance section goes after the top-level keys, before the rest.
             let (first, rest) = text.split_once('\n').unwrap();
@@ -475,6 +527,10 @@ mod tests {
             (
                 "org_id = \"a\"\n[governance]\nkeys = [\"x\"]\nthreshold = 1\n".to_string(),
                 "governance.keys",
+            ),
+            (
+                format!("org_id = \"a\"\ndata_dir = \"node.toml\"\n{}", governance()),
+                "is not a directory",
             ),
         ] {
             std::fs::write(&path, text).unwrap();
