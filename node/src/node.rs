@@ -171,8 +171,16 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, StartError> {
             if let Some((case, wrapped)) = &found.some_case_key {
                 check_data_key(config, &files.data_key, case, wrapped)?;
             }
-            if let Some(accepted) = found.directory_serial {
-                check_directory_serial(config, &files.directory, accepted)?;
+            if let Some((accepted, digest)) = found.directory_serial {
+                let serial = i64::try_from(files.directory.serial).unwrap_or(i64::MAX);
+                if let Some(refusal) = crate::storage::directory_refusal(
+                    serial,
+                    &files.directory.digest,
+                    accepted,
+                    digest.as_deref(),
+                ) {
+                    return Err(refused_directory(config, &files.directory, refusal));
+                }
             }
             if found.pending_migrations > 0 {
                 notes.push(format!(
@@ -204,28 +212,24 @@ fn check_data_key(
     Ok(())
 }
 
-fn check_directory_serial(
+fn refused_directory(
     config: &Config,
     directory: &Directory,
-    accepted: i64,
-) -> Result<(), StartError> {
-    if i64::try_from(directory.serial).is_ok_and(|serial| serial < accepted) {
-        return Err(older_directory(config, directory, accepted));
-    }
-    Ok(())
-}
-
-fn older_directory(
-    config: &Config,
-    directory: &Directory,
-    newer: impl std::fmt::Display,
+    refusal: crate::storage::DirectoryRefusal,
 ) -> StartError {
-    StartError::Directory {
-        path: config.directory.display().to_string(),
-        reason: format!(
+    let reason = match refusal {
+        crate::storage::DirectoryRefusal::Older(newer) => format!(
             "its serial {} is older than serial {newer}, which this node accepted before; install the newer directory",
             directory.serial
         ),
+        crate::storage::DirectoryRefusal::OtherContent => format!(
+            "it differs from the directory of serial {} this node accepted before; a changed directory needs a higher serial, signed anew",
+            directory.serial
+        ),
+    };
+    StartError::Directory {
+        path: config.directory.display().to_string(),
+        reason,
     }
 }
 
@@ -305,8 +309,11 @@ impl Node {
         if let Some((case, wrapped)) = store.some_case_key().await? {
             check_data_key(&config, &data_key, &case, &wrapped)?;
         }
-        if let Some(newer) = store.accept_directory_serial(directory.serial).await? {
-            return Err(older_directory(&config, &directory, newer));
+        if let Some(refusal) = store
+            .accept_directory(directory.serial, directory.digest)
+            .await?
+        {
+            return Err(refused_directory(&config, &directory, refusal));
         }
         let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
         Ok(Arc::new(Self {

@@ -407,6 +407,25 @@ fn message_id(bytes: Vec<u8>) -> Result<MessageId> {
     MessageId::from_bytes(&bytes).map_err(|_| StoreError::Corrupt("message id"))
 }
 
+/// Whether a directory of `serial` and `digest` may replace the one accepted before, of
+/// `accepted` and `stored` (its digest, if recorded).
+pub fn directory_refusal(
+    serial: i64,
+    digest: &[u8; 32],
+    accepted: i64,
+    stored: Option<&[u8]>,
+) -> Option<DirectoryRefusal> {
+    if accepted > serial {
+        Some(DirectoryRefusal::Older(
+            u64::try_from(accepted).unwrap_or(0),
+        ))
+    } else if accepted == serial && stored.is_some_and(|stored| stored != &digest[..]) {
+        Some(DirectoryRefusal::OtherContent)
+    } else {
+        None
+    }
+}
+
 fn split_list(text: &str) -> Vec<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
@@ -421,8 +440,18 @@ pub struct Inspection {
     pub pending_migrations: usize,
     /// One stored case key (id, wrapped key), to check the data key against.
     pub some_case_key: Option<(String, Vec<u8>)>,
-    /// The highest directory serial the node accepted.
-    pub directory_serial: Option<i64>,
+    /// The highest directory serial the node accepted, and the digest of that directory
+    /// (if recorded).
+    pub directory_serial: Option<(i64, Option<Vec<u8>>)>,
+}
+
+/// Why a directory is not the one to run on, by what this node accepted before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryRefusal {
+    /// It accepted this newer serial.
+    Older(u64),
+    /// It accepted another directory of the same serial.
+    OtherContent,
 }
 
 impl Store {
@@ -442,6 +471,16 @@ impl Store {
         let table = async |conn: &mut SqliteConnection, name: &str| -> Result<bool> {
             Ok(
                 sqlx::query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some(),
+            )
+        };
+        let column = async |conn: &mut SqliteConnection, table: &str, name: &str| -> Result<bool> {
+            Ok(
+                sqlx::query("SELECT 1 FROM pragma_table_info($1) WHERE name = $2")
+                    .bind(table)
                     .bind(name)
                     .fetch_optional(&mut *conn)
                     .await?
@@ -469,12 +508,17 @@ impl Store {
         } else {
             None
         };
-        let directory_serial = if table(&mut conn, "directory_state").await? {
-            sqlx::query_scalar("SELECT serial FROM directory_state WHERE id = 1")
+        let directory_serial = if !table(&mut conn, "directory_state").await? {
+            None
+        } else if column(&mut conn, "directory_state", "digest").await? {
+            sqlx::query_as("SELECT serial, digest FROM directory_state WHERE id = 1")
                 .fetch_optional(&mut conn)
                 .await?
         } else {
-            None
+            sqlx::query_scalar("SELECT serial FROM directory_state WHERE id = 1")
+                .fetch_optional(&mut conn)
+                .await?
+                .map(|serial: i64| (serial, None))
         };
         Ok(Some(Inspection {
             pending_migrations: MIGRATOR
@@ -2098,27 +2142,36 @@ impl Store {
             .await
     }
 
-    /// Records that the directory of `serial` is in use, unless this node accepted a
-    /// newer one before: then returns that one's serial and records nothing.
-    pub async fn accept_directory_serial(&self, serial: u64) -> Result<Option<u64>> {
+    /// Records that the directory of `serial` and `digest` is in use, unless this node
+    /// accepted a newer one, or another of the same serial, before: then says which and
+    /// records nothing.
+    pub async fn accept_directory(
+        &self,
+        serial: u64,
+        digest: [u8; 32],
+    ) -> Result<Option<DirectoryRefusal>> {
         let serial = i64::try_from(serial).map_err(|_| StoreError::Corrupt("directory serial"))?;
         self.writer
-            .run(serial, |serial, tx, _log| {
+            .run((serial, digest), |(serial, digest), tx, _log| {
                 Box::pin(async move {
-                    let accepted: Option<i64> = sqlx::query_scalar(
-                        tx.sql("SELECT serial FROM directory_state WHERE id = 1 AND serial > $1"),
-                    )
+                    let accepted: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(tx.sql(
+                        "SELECT serial, digest FROM directory_state WHERE id = 1 AND serial >= $1",
+                    ))
                     .bind(*serial)
                     .fetch_optional(tx.conn().await?)
                     .await?;
-                    if let Some(newer) = accepted {
-                        return Ok(Some(u64::try_from(newer).unwrap_or(0)));
+                    if let Some(refusal) = accepted.and_then(|(accepted, stored)| {
+                        directory_refusal(*serial, digest, accepted, stored.as_deref())
+                    }) {
+                        return Ok(Some(refusal));
                     }
                     sqlx::query(
-                        "INSERT INTO directory_state (id, serial) VALUES (1, $1)
-                         ON CONFLICT(id) DO UPDATE SET serial = excluded.serial",
+                        "INSERT INTO directory_state (id, serial, digest) VALUES (1, $1, $2)
+                         ON CONFLICT(id) DO UPDATE SET serial = excluded.serial,
+                                                       digest = excluded.digest",
                     )
                     .bind(*serial)
+                    .bind(&digest[..])
                     .execute(tx.conn().await?)
                     .await?;
                     Ok(None)
@@ -2418,6 +2471,23 @@ impl RowWrite for Accept {
 pub(crate) mod tests {
     use super::*;
     use corridor::merkle;
+
+    #[test]
+    fn a_directory_is_refused_when_older_or_other_at_the_same_serial() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(
+            directory_refusal(2, &a, 3, Some(&b)),
+            Some(DirectoryRefusal::Older(3))
+        );
+        assert_eq!(
+            directory_refusal(3, &a, 3, Some(&b)),
+            Some(DirectoryRefusal::OtherContent)
+        );
+        assert_eq!(directory_refusal(3, &a, 3, Some(&a)), None);
+        // Accepted before digests were recorded: the same serial is taken, and recorded.
+        assert_eq!(directory_refusal(3, &a, 3, None), None);
+        assert_eq!(directory_refusal(4, &a, 3, Some(&b)), None);
+    }
 
     /// A new store in a directory of its own (`name` and this process's id).
     pub(crate) async fn temp_store(name: &str) -> (Store, std::path::PathBuf) {

@@ -211,6 +211,9 @@ pub struct Directory {
     pub federation: String,
     pub serial: u64,
     pub expires_at_ms: i64,
+    /// SHA-256 of the file's exact bytes, which its governance signed: two directories
+    /// of one serial must be the same directory.
+    pub digest: [u8; 32],
     members: BTreeMap<OrgId, Member>,
 }
 
@@ -272,10 +275,17 @@ impl Directory {
     pub fn from_toml(text: &str) -> Result<Self, DirectoryError> {
         let file: DirectoryFile =
             toml::from_str(text).map_err(|e| DirectoryError::Syntax(e.message().to_owned()))?;
-        Self::from_file(file)
+        Self::validated(file, crate::canonical::sha256(text.as_bytes()))
     }
 
+    /// Validates a directory not read from a file (one about to be written): its digest
+    /// is that of the file it would be written as.
     pub fn from_file(file: DirectoryFile) -> Result<Self, DirectoryError> {
+        let text = toml::to_string(&file).map_err(|e| DirectoryError::Syntax(e.to_string()))?;
+        Self::validated(file, crate::canonical::sha256(text.as_bytes()))
+    }
+
+    fn validated(file: DirectoryFile, digest: [u8; 32]) -> Result<Self, DirectoryError> {
         if file.members.is_empty() {
             return Err(DirectoryError::Empty);
         }
@@ -315,6 +325,7 @@ impl Directory {
             federation: file.federation,
             serial: file.serial,
             expires_at_ms: file.expires_at_ms,
+            digest,
             members,
         })
     }

@@ -37,6 +37,31 @@ async fn a_node_refuses_a_directory_older_than_one_it_accepted() {
     // The newer one again, or a newer still, is fine.
     publish(&fed, 3);
     node.start();
+    node.stop();
+
+    // Serial 3 again, well signed, but with other content: members could otherwise
+    // come to run different directories under one serial. Refused, and so says
+    // check-config; a higher serial is fine.
+    let text = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    let renamed = text.replacen("name = \"", "name = \"Renamed ", 1);
+    assert_ne!(renamed, text);
+    publish_directory(&fed, &renamed);
+    for args in [&["check-config"][..], &[][..]] {
+        let out = Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&fed.org(SHELTER_MY).config)
+            .args(args)
+            .output()
+            .expect("run corridor-node");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("it differs from the directory of serial 3 this node accepted before"),
+            "{args:?}: {stderr}"
+        );
+    }
+    publish_directory(&fed, &with_serial(&renamed, 4));
+    node.start();
 }
 
 /// A witness that is not a member of the federation is reported by `check-config` and
