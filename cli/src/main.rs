@@ -200,30 +200,53 @@ fn sign_directory(directory: &std::path::Path, key: &std::path::Path) -> Result<
     // Ed25519 signatures are deterministic: the same key over the same bytes gives the
     // same line, which a second copy would only repeat.
     let line = corridor::directory::signature_line(text.as_bytes(), &key);
+    // Lines over other bytes sign an earlier version of the file: they are dropped, so
+    // the file holds what counts for this one.
+    let mut kept = Vec::new();
+    let mut stale = 0;
     if path.exists() {
         let existing = files::read_file(&path, MAX_FILE_BYTES)?;
-        if String::from_utf8_lossy(&existing)
-            .lines()
-            .any(|l| l.trim() == line.trim())
-        {
-            outln!(
-                "serial {} of {} is already signed with key {}; {} is unchanged",
-                parsed.serial,
-                parsed.federation,
-                key.verifying_key().to_base64(),
-                path.display()
-            );
-            return Ok(());
+        for l in String::from_utf8_lossy(&existing).lines() {
+            match corridor::directory::read_signature_line(text.as_bytes(), l) {
+                Some((_, true)) => kept.push(l.trim().to_owned()),
+                Some((_, false)) => stale += 1,
+                // Comments and blank lines stay as they are.
+                None => kept.push(l.to_owned()),
+            }
         }
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    writeln!(file, "{line}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let dropped = if stale > 0 {
+        format!(
+            " (dropped {stale} signature(s) over other content: an earlier version of the file)"
+        )
+    } else {
+        String::new()
+    };
+    if kept.iter().any(|l| l.trim() == line.trim()) && stale == 0 {
+        outln!(
+            "serial {} of {} is already signed with key {}; {} is unchanged",
+            parsed.serial,
+            parsed.federation,
+            key.verifying_key().to_base64(),
+            path.display()
+        );
+        return Ok(());
+    }
+    if !kept.iter().any(|l| l.trim() == line.trim()) {
+        kept.push(line);
+    }
+    // Written whole and renamed into place: a reader never sees half a file.
+    let tmp = path.with_extension("sig.tmp");
+    let mut file =
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    for l in &kept {
+        writeln!(file, "{l}").map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    }
+    file.sync_all()
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     outln!(
-        "signed serial {} of {} with key {}; signatures in {}",
+        "signed serial {} of {} with key {}; signatures in {}{dropped}",
         parsed.serial,
         parsed.federation,
         key.verifying_key().to_base64(),

@@ -195,6 +195,19 @@ pub fn signatures_path(directory: &std::path::Path) -> std::path::PathBuf {
     path.into()
 }
 
+/// A line of a directory's signatures file read: the key it names and whether its
+/// signature is over `body`. `None` if the line is not `<public key> <signature>`.
+pub fn read_signature_line(body: &[u8], line: &str) -> Option<(VerifyingKey, bool)> {
+    use base64::Engine as _;
+    let (key, signature) = line.trim().split_once(' ')?;
+    let key = VerifyingKey::from_base64(key.trim()).ok()?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature.trim())
+        .ok()?;
+    let valid = key.verify(&signed_message(body), &signature).is_ok();
+    Some((key, valid))
+}
+
 /// One line of a directory's signatures file: `key`'s signature over `body`.
 pub fn signature_line(body: &[u8], key: &SigningKey) -> String {
     use base64::Engine as _;
@@ -228,24 +241,18 @@ impl Directory {
         governance: &Governance,
         now_ms: i64,
     ) -> Result<Self, DirectoryError> {
-        use base64::Engine as _;
-        let message = signed_message(body.as_bytes());
         let mut signed_by: Vec<&VerifyingKey> = Vec::new();
         for (index, line) in signatures.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let malformed = DirectoryError::SignatureLine { line: index + 1 };
-            let (key, signature) = line.split_once(' ').ok_or(malformed.clone())?;
-            let key = VerifyingKey::from_base64(key.trim()).map_err(|_| malformed.clone())?;
-            let signature = base64::engine::general_purpose::STANDARD
-                .decode(signature.trim())
-                .map_err(|_| malformed)?;
+            let (key, valid) = read_signature_line(body.as_bytes(), line)
+                .ok_or(DirectoryError::SignatureLine { line: index + 1 })?;
             let Some(governing) = governance.keys.iter().find(|k| **k == key) else {
                 continue;
             };
-            if !signed_by.contains(&governing) && governing.verify(&message, &signature).is_ok() {
+            if valid && !signed_by.contains(&governing) {
                 signed_by.push(governing);
             }
         }

@@ -240,3 +240,52 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
         "{stderr}"
     );
 }
+
+/// `corridor sign-directory` adds its key's signature once, and drops signatures over an
+/// earlier version of the file, so that the signatures file holds what counts for this one.
+#[test]
+fn signing_a_directory_keeps_only_signatures_over_its_bytes() {
+    let fed = Federation::demo("sign");
+    let directory = fed.dir.join("directory.toml");
+    let sign = |board: u32| {
+        let out = Command::new(binary("corridor"))
+            .args(["sign-directory", "--directory"])
+            .arg(&directory)
+            .arg("--key")
+            .arg(
+                fed.dir
+                    .join("governance")
+                    .join(format!("board-{board}.key")),
+            )
+            .output()
+            .expect("run corridor");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let signatures = || {
+        std::fs::read_to_string(fed.dir.join("directory.toml.sig"))
+            .expect("signatures")
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    let before = signatures();
+    assert!(sign(1).contains("already signed"));
+    assert_eq!(signatures(), before);
+
+    // A new serial: the old signatures are over other bytes.
+    let text = std::fs::read_to_string(&directory).expect("directory");
+    std::fs::write(&directory, with_serial(&text, 9)).expect("write");
+    let out = sign(1);
+    assert!(
+        out.contains(&format!("dropped {before} signature(s) over other content")),
+        "{out}"
+    );
+    assert_eq!(signatures(), 1);
+    sign(2);
+    assert_eq!(signatures(), 2);
+}
