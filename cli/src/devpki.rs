@@ -59,8 +59,24 @@ impl std::str::FromStr for OrgSpec {
                     .map_err(|_| format!("org {id}: unknown role {r:?}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(twice) = roles
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| roles[..i].contains(r).then_some(r))
+        {
+            return Err(format!("org {id}: role {} is given twice", twice.as_str()));
+        }
+        let name = match parts.next() {
+            Some(name) if name.trim().is_empty() => {
+                return Err(format!(
+                    "org {id}: the display name after the last ':' is empty"
+                ));
+            }
+            Some(name) => name,
+            None => id.as_str(),
+        };
         Ok(Self {
-            name: parts.next().unwrap_or(id.as_str()).to_owned(),
+            name: name.to_owned(),
             id,
             country: country.to_owned(),
             represents,
@@ -406,4 +422,27 @@ pub fn generate(
     corridor::Directory::from_signed(&body, &signatures, &governance, now)
         .map_err(|e| format!("generated directory: {e}"))?;
     Ok(generated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn org_specs_are_read_and_checked() {
+        let embassy: OrgSpec = "kh-embassy-kl:MY/KH:embassy:Embassy".parse().unwrap();
+        assert_eq!(embassy.represents.as_deref(), Some("KH"));
+        assert_eq!(embassy.name, "Embassy");
+        let plain: OrgSpec = "shelter-my:MY:shelter".parse().unwrap();
+        assert_eq!(plain.name, "shelter-my");
+        for (bad, says) in [
+            ("a:MY:shelter:", "display name"),
+            ("a:MY:embassy+embassy", "role embassy is given twice"),
+            ("a:MY", "must be id:COUNTRY[/REPRESENTS]"),
+            ("a:MY:spy", "unknown role"),
+        ] {
+            let err = bad.parse::<OrgSpec>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 }

@@ -62,7 +62,9 @@ enum Command {
         /// Federation name.
         #[arg(long, default_value = "corridor-dev")]
         federation: String,
-        /// An org as id:COUNTRY:role[+role][:name] (repeat; default: the demo's three orgs).
+        /// An org as id:COUNTRY[/REPRESENTS]:role[+role][:name], e.g.
+        /// kh-embassy-kl:MY/KH:embassy (in MY, acting for KH) (repeat; default: the demo's
+        /// orgs).
         #[arg(long = "org")]
         orgs: Vec<devpki::OrgSpec>,
         /// First port; each org gets a federation port and the next one for its local API.
@@ -138,6 +140,17 @@ fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, S
 
 async fn run(cli: Cli) -> Result<(), String> {
     let output = cli.output;
+    // Better a refusal than text where a script expects JSON.
+    let text_only = match &cli.command {
+        Command::Demo { .. } => Some("demo"),
+        Command::DevPki { .. } => Some("dev-pki"),
+        Command::SignDirectory { .. } => Some("sign-directory"),
+        Command::Bench(_) => Some("bench (its last line is JSON)"),
+        _ => None,
+    };
+    if let (Some(command), Output::Json) = (text_only, output) {
+        return Err(format!("--output json is not available for {command}"));
+    }
     match cli.command {
         Command::Demo { dir, keep_running } => {
             demo::run(demo::DemoOptions { dir, keep_running }).await

@@ -285,7 +285,11 @@ async fn deliver_once(
                 "{left}; the request to purge waits for it to return"
             ))
         } else {
-            AttemptError::Permanent(left)
+            // Not a refusal by the recipient: the sender's caseworker decides whether to
+            // send it again should the member return.
+            AttemptError::Permanent(format!(
+                "not delivered: {left} of the federation; send it again if it returns"
+            ))
         }
     })?;
     let digest: [u8; 32] = item

@@ -1565,7 +1565,10 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
     for ((recipient, consent_ref), sent) in &per_recipient {
         let org = OrgId::new(recipient).map_err(|e| Failure::internal("stored recipient", e))?;
         let Some(member) = node.directory.get(&org) else {
-            tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge; will ask if it returns");
+            // Unless this narrowing was asked of it already, while it was a member.
+            if scope.is_none() || !narrowed_before.contains(recipient) {
+                tracing::warn!(recipient = %org, consent = %consent_id, "cannot ask a former member to purge; will ask if it returns");
+            }
             continue;
         };
         let Some(first) = sent.first() else {
