@@ -829,7 +829,7 @@ pub async fn referral(
                         restrictions.push("none".into());
                     }
                     let mut text = format!(
-                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {}\n  fields:",
+                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {} (as sent; a later narrowing may have added more)\n  fields:",
                         escape_controls(&r.referral_id),
                         escape_controls(&r.sender),
                         escape_controls(&r.purpose),
