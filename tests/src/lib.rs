@@ -348,24 +348,45 @@ pub async fn case_with_consent_to(
         );
     }
     let consent_id = client
-        .record_consent(pb::RecordConsentRequest {
-            case_id: case_id.clone(),
-            scope: Some(pb::ConsentScope {
+        .record_consent(consent_request(
+            &case_id,
+            pb::ConsentScope {
                 purposes: purposes.iter().map(|p| p.to_string()).collect(),
                 recipient_orgs: recipients.iter().map(|r| r.to_string()).collect(),
                 fields: fields.into_iter().collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
-            }),
-            given_by: "person".into(),
-            method: "written".into(),
-            ..Default::default()
-        })
+            },
+        ))
         .await
         .expect("record consent")
         .into_inner()
         .consent_id;
     (case_id, consent_id)
+}
+
+/// A request to record `scope` for a case, as the person gave it, in writing.
+pub fn consent_request(case_id: &str, scope: pb::ConsentScope) -> pb::RecordConsentRequest {
+    pb::RecordConsentRequest {
+        case_id: case_id.to_owned(),
+        scope: Some(scope),
+        given_by: "person".into(),
+        method: "written".into(),
+        ..Default::default()
+    }
+}
+
+/// The scope of a consent as its node holds it now.
+pub async fn consent_scope(client: &mut Caseworker, consent_id: &str) -> pb::ConsentScope {
+    client
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent_id.to_owned(),
+        })
+        .await
+        .expect("consent")
+        .into_inner()
+        .scope
+        .expect("scope")
 }
 
 /// Opens a case with consent for one recipient and purpose; returns the case id.

@@ -471,9 +471,9 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
     let mut s = sender.client().await;
     let case_id = new_case(&mut s).await;
     let record = |orgs: &[&str], roles: &[&str], purposes: &[&str], excluded: &[&str]| {
-        pb::RecordConsentRequest {
-            case_id: case_id.clone(),
-            scope: Some(pb::ConsentScope {
+        consent_request(
+            &case_id,
+            pb::ConsentScope {
                 purposes: purposes.iter().map(|p| p.to_string()).collect(),
                 recipient_orgs: orgs.iter().map(|o| o.to_string()).collect(),
                 recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -481,11 +481,8 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
                 excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
-            }),
-            given_by: "person".into(),
-            method: "written".into(),
-            ..Default::default()
-        }
+            },
+        )
     };
     let cases = [
         (
@@ -535,22 +532,21 @@ async fn country_codes_and_dates_of_birth_are_checked() {
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = new_case(&mut s).await;
-    let record = |roles: &[&str], excluded: &[&str]| pb::RecordConsentRequest {
-        case_id: case_id.clone(),
-        scope: Some(pb::ConsentScope {
-            purposes: vec!["nationality-verification".into(), "reintegration".into()],
-            recipient_orgs: vec![EMBASSY.into()],
-            recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
-            fields: required_fields("nationality-verification")
-                .into_keys()
-                .collect(),
-            excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
-            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
-            ..Default::default()
-        }),
-        given_by: "person".into(),
-        method: "written".into(),
-        ..Default::default()
+    let record = |roles: &[&str], excluded: &[&str]| {
+        consent_request(
+            &case_id,
+            pb::ConsentScope {
+                purposes: vec!["nationality-verification".into(), "reintegration".into()],
+                recipient_orgs: vec![EMBASSY.into()],
+                recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
+                fields: required_fields("nationality-verification")
+                    .into_keys()
+                    .collect(),
+                excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            },
+        )
     };
     for (request, expected) in [
         (
@@ -618,15 +614,8 @@ async fn a_consent_recorded_with_an_unassigned_code_can_still_be_narrowed() {
         scope: Some(scope),
         if_narrowed_at_ms: None,
     };
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("a consent with old codes is read")
-        .into_inner()
-        .scope
-        .expect("scope");
+    // A consent with old codes is read.
+    let mut scope = consent_scope(&mut s, &consent_id).await;
     assert_eq!(scope.excluded_countries, vec!["UK".to_owned()]);
     let field = scope.fields.pop().expect("a field to remove");
     s.narrow_consent(narrow(scope.clone()))
@@ -656,9 +645,9 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
     let mut s = sender.client().await;
     let case_id = new_case(&mut s).await;
     let expires_at_ms = corridor_node::node::now_ms() + 3 * 86_400_000;
-    s.record_consent(pb::RecordConsentRequest {
-        case_id: case_id.clone(),
-        scope: Some(pb::ConsentScope {
+    s.record_consent(consent_request(
+        &case_id,
+        pb::ConsentScope {
             purposes: vec!["reintegration".into()],
             recipient_orgs: vec![SHELTER_KH.into()],
             fields: required_fields("reintegration").into_keys().collect(),
@@ -666,11 +655,8 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
             no_family_contact: true,
             expires_at_ms,
             ..Default::default()
-        }),
-        given_by: "person".into(),
-        method: "written".into(),
-        ..Default::default()
-    })
+        },
+    ))
     .await
     .expect("record consent");
     let sent = s

@@ -238,15 +238,7 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
         let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
         assert_eq!(st.state, "delivered", "{to}: {}", st.last_error);
     }
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("consent")
-        .into_inner()
-        .scope
-        .expect("scope");
+    let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.recipient_orgs.retain(|o| o != SHELTER_KH);
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
@@ -337,15 +329,7 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     let [cut, purged, untouched] = &sent[..] else {
         unreachable!()
     };
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("consent")
-        .into_inner()
-        .scope
-        .expect("scope");
+    let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.purposes.retain(|p| p != "psychosocial-support");
     scope
         .fields
@@ -548,15 +532,7 @@ async fn narrowed_while_away(tag: &str) -> NarrowedWhileAway {
     assert_eq!(st.state, "delivered", "{}", st.last_error);
 
     kh.kill();
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("consent")
-        .into_inner()
-        .scope
-        .expect("scope");
+    let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.fields.retain(|f| f != "risk_flags");
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
@@ -766,6 +742,20 @@ async fn a_withdrawal_goes_through_while_referrals_keep_being_sent() {
     );
 }
 
+/// Makes a delivered referral look as if a version that did not record the fields a
+/// referral carried had sent it: stops the sender, clears them, and starts it again.
+async fn forget_recorded_fields(sender: &mut TestNode, referral_id: &str) {
+    sender.stop();
+    sql(
+        sender,
+        &[&format!(
+            "UPDATE outbox SET fields = NULL WHERE lower(hex(message_id)) = '{referral_id}'"
+        )],
+    )
+    .await;
+    sender.start();
+}
+
 /// A referral sent before senders recorded the fields each carries can only be kept
 /// whole by a narrowing that takes fields away: the caseworker is told so by `consent
 /// narrow` and `consent status`, and a withdrawal still has it purged.
@@ -791,15 +781,7 @@ async fn a_narrowing_says_which_older_referrals_it_could_only_keep_whole() {
     }
     let (older, recorded) = (&sent[0], &sent[1]);
     // The first one as a version that did not record fields left it.
-    sender.stop();
-    sql(
-        &sender,
-        &[&format!(
-            "UPDATE outbox SET fields = NULL WHERE lower(hex(message_id)) = '{older}'"
-        )],
-    )
-    .await;
-    sender.start();
+    forget_recorded_fields(&mut sender, older).await;
     let mut s = sender.client().await;
 
     // Remove a field reintegration may carry; neither referral carried it, but the
@@ -869,20 +851,17 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
     let case_id = new_case(&mut s).await;
     let expires_at_ms = corridor_node::node::now_ms() + 86_400_000;
     let consent_id = s
-        .record_consent(pb::RecordConsentRequest {
-            case_id: case_id.clone(),
-            scope: Some(pb::ConsentScope {
+        .record_consent(consent_request(
+            &case_id,
+            pb::ConsentScope {
                 purposes: vec!["reintegration".into()],
                 recipient_orgs: vec![SHELTER_KH.into()],
                 // The required fields only: the purpose allows more.
                 fields: required_fields("reintegration").into_keys().collect(),
                 expires_at_ms,
                 ..Default::default()
-            }),
-            given_by: "person".into(),
-            method: "written".into(),
-            ..Default::default()
-        })
+            },
+        ))
         .await
         .expect("record consent")
         .into_inner()
@@ -895,25 +874,9 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
         .referral_id;
     let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
-    sender.stop();
-    sql(
-        &sender,
-        &[&format!(
-            "UPDATE outbox SET fields = NULL WHERE lower(hex(message_id)) = '{id}'"
-        )],
-    )
-    .await;
-    sender.start();
+    forget_recorded_fields(&mut sender, &id).await;
     let mut s = sender.client().await;
-    let mut scope = s
-        .get_consent(pb::ConsentRequest {
-            consent_id: consent_id.clone(),
-        })
-        .await
-        .expect("consent")
-        .into_inner()
-        .scope
-        .expect("scope");
+    let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.expires_at_ms = expires_at_ms - 3_600_000;
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
