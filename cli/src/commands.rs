@@ -814,6 +814,7 @@ pub async fn referral(
                     "consent_expires_at_ms": r.consent_expires_at_ms,
                     "consent_excluded_countries": r.consent_excluded_countries,
                     "consent_no_family_contact": r.consent_no_family_contact,
+                    "consent_narrowed_at_ms": r.consent_narrowed_at_ms,
                 }),
                 || {
                     // What the person set binds this organisation too.
@@ -828,8 +829,13 @@ pub async fn referral(
                     if restrictions.is_empty() {
                         restrictions.push("none".into());
                     }
+                    let as_of = if r.consent_narrowed_at_ms > 0 {
+                        format!("as narrowed {}", format_time(r.consent_narrowed_at_ms))
+                    } else {
+                        "as sent".to_owned()
+                    };
                     let mut text = format!(
-                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {} (as sent; a later narrowing may have added more)\n  fields:",
+                        "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {} ({as_of})\n  fields:",
                         escape_controls(&r.referral_id),
                         escape_controls(&r.sender),
                         escape_controls(&r.purpose),

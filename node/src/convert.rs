@@ -150,6 +150,29 @@ pub fn consent_receipt_from_pb(r: pb::ConsentReceipt) -> Result<corridor::Consen
     })
 }
 
+pub fn consent_terms_to_pb(t: &corridor::ConsentTerms) -> pb::ConsentTerms {
+    pb::ConsentTerms {
+        excluded_countries: t.restrictions.excluded_countries.iter().cloned().collect(),
+        no_family_contact: t.restrictions.no_family_contact,
+        expires_at_ms: t.expires_at_ms,
+    }
+}
+
+/// Terms from the wire, checked for form ([`corridor::ConsentTerms::check_form`]).
+pub fn consent_terms_from_pb(
+    t: pb::ConsentTerms,
+) -> Result<corridor::ConsentTerms, corridor::consent::ConsentTermsError> {
+    let terms = corridor::ConsentTerms {
+        restrictions: corridor::consent::Restrictions {
+            excluded_countries: t.excluded_countries.into_iter().collect(),
+            no_family_contact: t.no_family_contact,
+        },
+        expires_at_ms: t.expires_at_ms,
+    };
+    terms.check_form()?;
+    Ok(terms)
+}
+
 pub fn purge_receipt_to_pb(r: &corridor::PurgeReceipt) -> pb::PurgeReceipt {
     pb::PurgeReceipt {
         withdrawal_id: r.withdrawal_id.0.to_vec(),

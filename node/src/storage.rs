@@ -13,7 +13,7 @@ use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use corridor::{MessageId, OrgId};
+use corridor::{ConsentTerms, MessageId, OrgId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
 
@@ -150,6 +150,10 @@ pub struct ConsentRow {
     /// The fields its narrowings took away; `None` if never narrowed, or narrowed before
     /// they were recorded.
     pub removed_fields: Option<Vec<String>>,
+    /// The `narrowed_at_ms` of the last narrowing that changed its restrictions or expiry
+    /// (every recipient holding data under it is to learn them); `None` if none did, or
+    /// only before this was recorded.
+    pub terms_narrowed_at_ms: Option<i64>,
 }
 
 /// The scope columns of a consent, as space-separated lists.
@@ -377,6 +381,9 @@ pub struct AcceptedNarrowing {
     /// When the sender narrowed the consent (its clock): a referral under it sealed at
     /// or before then that arrives later is refused.
     pub narrowed_at_ms: i64,
+    /// The consent's terms as the narrowing restates them; `None` from a sender that
+    /// predates them.
+    pub terms: Option<ConsentTerms>,
 }
 
 /// Outcome of storing an accepted envelope.
@@ -867,7 +874,8 @@ impl Store {
     const CONSENT_COLUMNS: &'static str = "c.id, c.case_id, c.given_by, c.guardian_basis, c.method,
         c.language, COALESCE(u.name, ''), c.recorded_at_ms, c.purposes, c.recipient_orgs,
         c.recipient_roles, c.fields, c.excluded_countries, c.no_family_contact, c.expires_at_ms,
-        c.withdrawn_at_ms, c.narrowed_at_ms, c.details_sealed, c.removed_fields";
+        c.withdrawn_at_ms, c.narrowed_at_ms, c.details_sealed, c.removed_fields,
+        c.terms_narrowed_at_ms";
 
     fn consent_row(r: sqlx::sqlite::SqliteRow) -> ConsentRow {
         ConsentRow {
@@ -894,6 +902,7 @@ impl Store {
             removed_fields: r
                 .get::<Option<String>, _>(18)
                 .map(|names| split_list(&names)),
+            terms_narrowed_at_ms: r.get(19),
         }
     }
 
@@ -988,22 +997,32 @@ impl Store {
     /// In the same transaction, referrals still queued under the consent are cancelled
     /// (state `cancelled`, envelope dropped): they were sealed under the wider scope, and
     /// the sender cannot open them to gate them again. The recipients the narrowed
-    /// consent no longer admits are asked to purge after it. Returns the cancelled ids,
+    /// consent no longer admits are asked to purge after it. `terms_changed` says whether
+    /// the narrowing changes the restrictions or the expiry. Returns the cancelled ids,
     /// or `None` if the consent was not narrowed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn narrow_consent(
         &self,
         id: &str,
         scope: ScopeColumns,
         as_read: Option<i64>,
         removed_fields: Option<String>,
+        terms_changed: bool,
         now_ms: i64,
         audit: Vec<u8>,
     ) -> Result<Option<Vec<MessageId>>> {
-        let data = (id.to_owned(), scope, as_read, removed_fields, now_ms, audit);
+        let data = (
+            id.to_owned(),
+            scope,
+            as_read,
+            (removed_fields, terms_changed),
+            now_ms,
+            audit,
+        );
         self.writer
             .run_then(
                 data,
-                |(id, s, as_read, removed_fields, now_ms, audit), tx, log| {
+                |(id, s, as_read, (removed_fields, terms_changed), now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
                         let updated = sqlx::query(
@@ -1011,7 +1030,10 @@ impl Store {
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
                             no_family_contact = $7, expires_at_ms = $8,
                             narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1),
-                            removed_fields = $11
+                            removed_fields = $11,
+                            terms_narrowed_at_ms = CASE WHEN $12
+                                THEN MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
+                                ELSE terms_narrowed_at_ms END
                          WHERE id = $1 AND withdrawn_at_ms IS NULL AND narrowed_at_ms IS $10
                          RETURNING 1",
                         )
@@ -1026,6 +1048,7 @@ impl Store {
                         .bind(*now_ms)
                         .bind(*as_read)
                         .bind(removed_fields.as_deref())
+                        .bind(*terms_changed)
                         .fetch_optional(&mut *conn)
                         .await?;
                         if updated.is_none() {
@@ -1713,14 +1736,46 @@ impl Store {
                             Err(seen) => return Ok(seen),
                         };
                         let sender = &n.request.sender;
+                        // Terms stated before bind still: a narrowing delayed behind a
+                        // later one cannot loosen them.
+                        let stated = sqlx::query(
+                            "SELECT excluded_countries, no_family_contact, expires_at_ms
+                             FROM narrowed_consents
+                             WHERE sender = $1 AND consent_id = $2 AND expires_at_ms IS NOT NULL",
+                        )
+                        .bind(sender.as_str())
+                        .bind(&n.consent_id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .map(|r| terms_of_row(&r));
+                        let terms = match (stated, &n.terms) {
+                            (Some(before), Some(now)) => Some(before.and(now)),
+                            (before, now) => before.or_else(|| now.clone()),
+                        };
+                        let countries = terms.as_ref().map(|t| {
+                            let codes: Vec<&str> = t
+                                .restrictions
+                                .excluded_countries
+                                .iter()
+                                .map(String::as_str)
+                                .collect();
+                            codes.join(" ")
+                        });
                         sqlx::query(
-                            "INSERT INTO narrowed_consents (sender, consent_id, narrowed_at_ms)
-                             VALUES ($1, $2, $3) ON CONFLICT(sender, consent_id) DO UPDATE
-                             SET narrowed_at_ms = max(narrowed_at_ms, excluded.narrowed_at_ms)",
+                            "INSERT INTO narrowed_consents (sender, consent_id, narrowed_at_ms,
+                                 excluded_countries, no_family_contact, expires_at_ms)
+                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT(sender, consent_id) DO UPDATE
+                             SET narrowed_at_ms = max(narrowed_at_ms, excluded.narrowed_at_ms),
+                                 excluded_countries = excluded.excluded_countries,
+                                 no_family_contact = excluded.no_family_contact,
+                                 expires_at_ms = excluded.expires_at_ms",
                         )
                         .bind(sender.as_str())
                         .bind(&n.consent_id)
                         .bind(n.narrowed_at_ms)
+                        .bind(countries)
+                        .bind(terms.as_ref().map(|t| t.restrictions.no_family_contact))
+                        .bind(terms.as_ref().map(|t| t.expires_at_ms))
                         .execute(&mut *conn)
                         .await?;
                         let named: std::collections::HashSet<&MessageId> = n.named.iter().collect();
@@ -1780,7 +1835,7 @@ impl Store {
                                 ));
                             }
                         }
-                        Self::shred_orphan_received_keys(conn).await?;
+                        Self::shred_what_nothing_held_needs(conn).await?;
                         log.append(audit.clone())?;
                         Ok(AcceptOutcome::Stored(response))
                     })
@@ -1840,7 +1895,7 @@ impl Store {
                             // and the sender's retry gets the truth.
                             return Err(StoreError::Corrupt("inbox changed during purge; retry"));
                         }
-                        Self::shred_orphan_received_keys(conn).await?;
+                        Self::shred_what_nothing_held_needs(conn).await?;
                         log.append(audit.clone())?;
                         Ok(AcceptOutcome::Stored(response))
                     })
@@ -1850,14 +1905,45 @@ impl Store {
             .await
     }
 
-    async fn shred_orphan_received_keys(conn: &mut SqliteConnection) -> Result<u64> {
-        Ok(sqlx::query(
+    /// Destroys the data keys of received cases no stored referral needs, and forgets
+    /// the terms narrowings stated for consents under which nothing is held any more
+    /// (restrictions say something of the person too).
+    async fn shred_what_nothing_held_needs(conn: &mut SqliteConnection) -> Result<()> {
+        sqlx::query(
             "DELETE FROM case_keys WHERE id LIKE 'in:%'
              AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
         )
         .execute(&mut *conn)
-        .await?
-        .rows_affected())
+        .await?;
+        sqlx::query(
+            "UPDATE narrowed_consents
+             SET excluded_countries = NULL, no_family_contact = NULL, expires_at_ms = NULL
+             WHERE expires_at_ms IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.sender = narrowed_consents.sender
+                                 AND inbox.consent_id = narrowed_consents.consent_id)",
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// The terms narrowings of a consent (by `sender`, under this node's id for it) stated
+    /// while this node holds referrals under it, with when it was last narrowed.
+    pub async fn narrowed_terms(
+        &self,
+        sender: &str,
+        consent_id: &str,
+    ) -> Result<Option<(ConsentTerms, i64)>> {
+        let row = sqlx::query(
+            "SELECT excluded_countries, no_family_contact, expires_at_ms, narrowed_at_ms
+             FROM narrowed_consents
+             WHERE sender = $1 AND consent_id = $2 AND expires_at_ms IS NOT NULL",
+        )
+        .bind(sender)
+        .bind(consent_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (terms_of_row(&r), r.get(3))))
     }
 
     /// Deletes received referrals past their retention and shreds the keys no longer
@@ -1879,7 +1965,7 @@ impl Store {
                             .execute(&mut *conn)
                             .await?
                             .rows_affected();
-                        Self::shred_orphan_received_keys(conn).await?;
+                        Self::shred_what_nothing_held_needs(conn).await?;
                         if deleted > 0 {
                             log.append(audit(deleted))?;
                         }
@@ -2207,6 +2293,25 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
         purge_receipt: r.get(10),
         narrowed_at_ms: r.get(11),
     })
+}
+
+/// Terms as `narrowed_consents` stores them (excluded countries, no family contact,
+/// expiry, in that order), in a row known to state them.
+fn terms_of_row(r: &sqlx::sqlite::SqliteRow) -> ConsentTerms {
+    let countries: Option<String> = r.get(0);
+    let no_family_contact: Option<bool> = r.get(1);
+    let expires_at_ms: Option<i64> = r.get(2);
+    ConsentTerms {
+        restrictions: corridor::consent::Restrictions {
+            excluded_countries: countries
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            no_family_contact: no_family_contact.unwrap_or(false),
+        },
+        expires_at_ms: expires_at_ms.unwrap_or(0),
+    }
 }
 
 fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
@@ -2796,6 +2901,7 @@ pub(crate) mod tests {
                 scope("age_band"),
                 Some(5),
                 Some("languages".into()),
+                true,
                 5,
                 entry(),
             )
@@ -2817,6 +2923,7 @@ pub(crate) mod tests {
             .expect("read");
         assert_eq!(read[0].narrowed_at_ms, Some(6));
         assert_eq!(read[0].removed_fields, Some(vec!["languages".to_string()]));
+        assert_eq!(read[0].terms_narrowed_at_ms, Some(6));
         // A narrowing checked against the scope as it was before that one is not
         // stored: checked against a stale scope, it could widen the current one.
         let size = store.audit_size().await.expect("size");
@@ -2826,6 +2933,7 @@ pub(crate) mod tests {
                 scope("age_band,languages"),
                 Some(5),
                 None,
+                false,
                 5,
                 entry(),
             )
@@ -3130,6 +3238,7 @@ pub(crate) mod tests {
             purged: vec![MessageId([1; 16])],
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
             narrowed_at_ms: 100,
+            terms: Some(terms(&["KH"], false, 1_000)),
         };
         let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.
@@ -3195,7 +3304,48 @@ pub(crate) mod tests {
         );
         let after = store.accept_referral(with_id(4, 101), entry()).await;
         assert!(matches!(after, Ok(AcceptOutcome::Stored(_))));
+
+        // The terms it stated bind; a narrowing that arrives later states others, and
+        // every restriction either named binds, with the earlier expiry.
+        let stated = store
+            .narrowed_terms("shelter-my", "consent-1")
+            .await
+            .expect("read");
+        assert_eq!(stated, Some((terms(&["KH"], false, 1_000), 100)));
+        let later = AcceptedNarrowing {
+            request: PurgeRequest {
+                message_id: MessageId([8; 16]),
+                sender: OrgId::new("shelter-my").expect("org id"),
+                envelope_digest: [4; 32],
+                received_at_ms: 102,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
+            consent_id: "consent-1".into(),
+            named: Vec::new(),
+            held: Vec::new(),
+            purged: Vec::new(),
+            redacted: Vec::new(),
+            narrowed_at_ms: 90,
+            terms: Some(terms(&["TH"], true, 2_000)),
+        };
+        let applied = store.apply_narrowing(later, entry()).await;
+        assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
+        let stated = store
+            .narrowed_terms("shelter-my", "consent-1")
+            .await
+            .expect("read");
+        assert_eq!(stated, Some((terms(&["KH", "TH"], true, 1_000), 100)));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn terms(countries: &[&str], no_family_contact: bool, expires_at_ms: i64) -> ConsentTerms {
+        ConsentTerms {
+            restrictions: corridor::consent::Restrictions {
+                excluded_countries: countries.iter().map(|c| c.to_string()).collect(),
+                no_family_contact,
+            },
+            expires_at_ms,
+        }
     }
 }

@@ -9,8 +9,8 @@ use corridor::audit::{self, Event};
 use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
 use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError, MAX_LIFETIME_MS};
 use corridor::{
-    AfterNarrowing, ConsentReceipt, Envelope, EnvelopeHeader, Field, Member, MessageId,
-    MessageKind, OrgId, PurgeReceipt, Purpose, Receipt,
+    AfterNarrowing, ConsentReceipt, ConsentTerms, Envelope, EnvelopeHeader, Field, Member,
+    MessageId, MessageKind, OrgId, PurgeReceipt, Purpose, Receipt,
 };
 use corridor_proto::v1 as pb;
 use prost::Message as _;
@@ -605,6 +605,7 @@ pub async fn narrow_consent(
                 scope_columns(&narrower),
                 row.narrowed_at_ms,
                 removed_fields,
+                ConsentTerms::of(&current) != ConsentTerms::of(&narrower),
                 now,
                 entry,
             )
@@ -1160,6 +1161,10 @@ struct NarrowingOf {
 }
 
 impl NarrowingOf {
+    fn cuts_something(&self) -> bool {
+        !self.kept.is_empty() || !self.purged.is_empty()
+    }
+
     /// What each referral discloses once the recipient has done as asked (the fields it
     /// keeps; none, for one it purges), recorded at the sender once its purge receipt is
     /// verified: a later narrowing then asks only for what it takes away itself.
@@ -1204,8 +1209,9 @@ impl NarrowingOf {
     }
 }
 
-/// What `recipient` may keep, under the narrowed `scope`, of the referrals it was sent;
-/// `None` if it may keep them all as they are. A stored value that does not parse
+/// What `recipient` may keep, under the narrowed `scope`, of the referrals it was sent
+/// (nothing to cut, if it may keep them all as they are); `None` if it holds none of them
+/// any more, as an earlier narrowing asked. A stored value that does not parse
 /// (which only a damaged database holds) does not stop the asking: a purpose asks to
 /// purge; field names count as not recorded.
 fn narrowing_of(
@@ -1214,6 +1220,7 @@ fn narrowing_of(
     referrals: &[SentReferral],
 ) -> Option<NarrowingOf> {
     let mut n = NarrowingOf::default();
+    let mut holds = false;
     for sent in referrals {
         let disclosed = match sent.fields.as_deref() {
             // Purged already, as an earlier narrowing asked.
@@ -1234,8 +1241,9 @@ fn narrowing_of(
             AfterNarrowing::Keep(fields) => n.kept.push((sent.message_id, fields)),
             AfterNarrowing::Purge => n.purged.push(sent.message_id),
         }
+        holds = true;
     }
-    (!n.kept.is_empty() || !n.purged.is_empty()).then_some(n)
+    holds.then_some(n)
 }
 
 /// A narrowing for `recipient`, sealed and signed, ready to queue.
@@ -1244,7 +1252,7 @@ fn narrowing_item(
     recipient: &Member,
     to: PurgeRequestFor<'_>,
     n: &NarrowingOf,
-    narrowed_at_ms: i64,
+    (narrowed_at_ms, terms): (i64, &ConsentTerms),
     now: i64,
 ) -> Result<NewOutboxItem, Failure> {
     let payload = pb::ConsentNarrowing {
@@ -1260,6 +1268,7 @@ fn narrowing_item(
             .collect(),
         purged_referral_ids: n.purged.iter().map(|i| i.0.to_vec()).collect(),
         narrowed_at_ms,
+        terms: Some(convert::consent_terms_to_pb(terms)),
     }
     .encode_to_vec();
     let mut item = purge_request_item(
@@ -1363,7 +1372,9 @@ pub async fn renew_withdrawal(
             .ok_or_else(|| {
                 Failure::internal("a queued narrowing's request is not stored", expired)
             })?;
-        narrowing_item(node, member, to, &n, narrowed_at_ms, now_ms())?
+        // The terms as they stand now: a later narrowing only ever tightens them.
+        let terms = ConsentTerms::of(&scope_of(&consent)?);
+        narrowing_item(node, member, to, &n, (narrowed_at_ms, &terms), now_ms())?
     } else {
         // A narrowing that took the recipient out of the consent withdrew it there.
         let withdrawn_at_ms = consent
@@ -1586,13 +1597,16 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                 if narrowed_before.contains(recipient) {
                     continue;
                 }
-                if let Some(n) = narrowing_of(scope, member, sent) {
+                // Told when it has something to cut, or new terms to honour.
+                if let Some(n) = narrowing_of(scope, member, sent)
+                    && (n.cuts_something() || row.terms_narrowed_at_ms == row.narrowed_at_ms)
+                {
                     items.push(narrowing_item(
                         node,
                         member,
                         to,
                         &n,
-                        changed_at_ms,
+                        (changed_at_ms, &ConsentTerms::of(scope)),
                         now_ms(),
                     )?);
                 }
@@ -1645,6 +1659,30 @@ pub async fn read_referral(
         .map_err(data_failure)?;
     let payload = pb::ReferralPayload::decode(plaintext.as_slice())
         .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
+    // What binds this node: the receipt the referral carried, and every narrowing since.
+    let sent_with = ConsentTerms {
+        restrictions: corridor::consent::Restrictions {
+            excluded_countries: payload
+                .consent_receipt
+                .as_ref()
+                .map(|r| r.excluded_countries.iter().cloned().collect())
+                .unwrap_or_default(),
+            no_family_contact: payload
+                .consent_receipt
+                .as_ref()
+                .is_some_and(|r| r.no_family_contact),
+        },
+        expires_at_ms: row.consent_expires_at_ms,
+    };
+    let narrowed = node
+        .store
+        .narrowed_terms(&row.sender, &row.consent_id)
+        .await?;
+    let narrowed_at_ms = narrowed.as_ref().map(|(_, at)| *at);
+    let terms = match &narrowed {
+        Some((stated, _)) => sent_with.and(stated),
+        None => sent_with,
+    };
     // No read of personal data without its audit entry.
     node.store
         .append_audit(vec![audit::encode(
@@ -1671,17 +1709,11 @@ pub async fn read_referral(
             })
             .collect(),
         received_at_ms: row.received_at_ms,
+        consent_expires_at_ms: terms.expires_at_ms,
+        consent_excluded_countries: terms.restrictions.excluded_countries.into_iter().collect(),
+        consent_no_family_contact: terms.restrictions.no_family_contact,
+        consent_narrowed_at_ms: narrowed_at_ms.unwrap_or(0),
         consent_id: row.consent_id,
-        consent_expires_at_ms: row.consent_expires_at_ms,
-        consent_excluded_countries: payload
-            .consent_receipt
-            .as_ref()
-            .map(|r| r.excluded_countries.clone())
-            .unwrap_or_default(),
-        consent_no_family_contact: payload
-            .consent_receipt
-            .as_ref()
-            .is_some_and(|r| r.no_family_contact),
     })
 }
 
@@ -2135,6 +2167,12 @@ async fn accept_narrowing(
     let n = pb::ConsentNarrowing::decode(plaintext)
         .map_err(|_| Failure::invalid("narrowing payload is not a valid ConsentNarrowing"))?;
     check_purge_request_ids("narrowing", &n.consent_id, &n.case_ref)?;
+    let terms = n
+        .terms
+        .clone()
+        .map(convert::consent_terms_from_pb)
+        .transpose()
+        .map_err(|e| Failure::invalid(format!("narrowing: {e}")))?;
     let id = |bytes: &[u8]| {
         MessageId::from_bytes(bytes)
             .map_err(|_| Failure::invalid("narrowing names a referral id that is not 16 bytes"))
@@ -2221,6 +2259,7 @@ async fn accept_narrowing(
                 purged,
                 redacted,
                 narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
+                terms,
             },
             entry,
         )

@@ -83,6 +83,77 @@ pub struct Restrictions {
     pub no_family_contact: bool,
 }
 
+/// The terms of a consent that bind a recipient beside the data it holds: the person's
+/// restrictions and when the consent ends. A recipient learns them from each referral's
+/// consent receipt, and again from every narrowing, which restates them as they stand
+/// after it: a restriction the person adds later reaches every organisation that holds
+/// data under the consent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentTerms {
+    pub restrictions: Restrictions,
+    pub expires_at_ms: i64,
+}
+
+/// Why terms a peer stated are not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsentTermsError {
+    #[error("consent terms exclude a country that is not an ISO 3166-1 alpha-2 code")]
+    MalformedCountry,
+    #[error("consent terms exclude more than {MAX_EXCLUDED_COUNTRIES} countries")]
+    TooManyCountries,
+    #[error("consent terms name no expiry")]
+    NoExpiry,
+}
+
+/// Excluded countries a statement of terms may name: every code of the form.
+pub const MAX_EXCLUDED_COUNTRIES: usize = 26 * 26;
+
+impl ConsentTerms {
+    pub fn of(scope: &ConsentScope) -> Self {
+        Self {
+            restrictions: scope.restrictions.clone(),
+            expires_at_ms: scope.expires_at_ms,
+        }
+    }
+
+    /// Checks the form of terms a peer stated (they go into this node's records and are
+    /// shown to its users). The form only: codes from before ISO's list was checked
+    /// still bind.
+    pub fn check_form(&self) -> Result<(), ConsentTermsError> {
+        let countries = &self.restrictions.excluded_countries;
+        if countries.len() > MAX_EXCLUDED_COUNTRIES {
+            return Err(ConsentTermsError::TooManyCountries);
+        }
+        if !countries.iter().all(|c| has_country_code_form(c)) {
+            return Err(ConsentTermsError::MalformedCountry);
+        }
+        if self.expires_at_ms <= 0 {
+            return Err(ConsentTermsError::NoExpiry);
+        }
+        Ok(())
+    }
+
+    /// The terms that bind a recipient holding both statements. A consent is only ever
+    /// narrowed, so every restriction either names holds, and the earlier expiry: the
+    /// order in which statements arrive does not matter, and one delayed behind a later
+    /// one cannot loosen what binds.
+    pub fn and(&self, other: &Self) -> Self {
+        Self {
+            restrictions: Restrictions {
+                excluded_countries: self
+                    .restrictions
+                    .excluded_countries
+                    .union(&other.restrictions.excluded_countries)
+                    .cloned()
+                    .collect(),
+                no_family_contact: self.restrictions.no_family_contact
+                    || other.restrictions.no_family_contact,
+            },
+            expires_at_ms: self.expires_at_ms.min(other.expires_at_ms),
+        }
+    }
+}
+
 /// What a consent covers. This is what the gate reads and what narrowing compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsentScope {
@@ -697,6 +768,14 @@ impl ConsentReceipt {
         sender_key
             .verify(&self.signed_bytes(), &self.signature)
             .map_err(|_| ConsentReceiptError::BadSignature)
+    }
+
+    /// The restrictions and expiry the receipt states.
+    pub fn terms(&self) -> ConsentTerms {
+        ConsentTerms {
+            restrictions: self.restrictions.clone(),
+            expires_at_ms: self.expires_at_ms,
+        }
     }
 
     /// The scope this receipt grants, for running the gate on the receiving side: the
@@ -1540,5 +1619,55 @@ mod tests {
             prop_assert_eq!(s.expires_at_ms, scope.expires_at_ms);
             prop_assert_eq!(&s.restrictions, &scope.restrictions);
         }
+
+        /// Terms that bind together admit no referral that either statement alone
+        /// refuses and widen neither, whichever statement arrives first.
+        #[test]
+        fn terms_that_bind_together_admit_nothing_either_refuses(
+            scope in arb_scope(),
+            other in arb_scope(),
+            (recipient, purpose, fields) in arb_referral(),
+            now in 0i64..100,
+        ) {
+            let (a, b) = (ConsentTerms::of(&scope), ConsentTerms::of(&other));
+            let both = a.and(&b);
+            prop_assert_eq!(&both, &b.and(&a));
+            prop_assert_eq!(&both.and(&a), &both);
+            let under = |t: &ConsentTerms| ConsentScope {
+                restrictions: t.restrictions.clone(),
+                expires_at_ms: t.expires_at_ms,
+                ..scope.clone()
+            };
+            for one in [&a, &b] {
+                if gate(&under(&both), &recipient, purpose, &fields, now).is_ok() {
+                    prop_assert!(gate(&under(one), &recipient, purpose, &fields, now).is_ok());
+                }
+                prop_assert!(!matches!(
+                    under(one).check_narrowing(&under(&both)),
+                    Err(NarrowingError::Widens(_))
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn terms_a_peer_states_are_checked_for_form() {
+        let terms = |countries: &[&str], expires_at_ms| ConsentTerms {
+            restrictions: Restrictions {
+                excluded_countries: countries.iter().map(|c| c.to_string()).collect(),
+                no_family_contact: true,
+            },
+            expires_at_ms,
+        };
+        assert_eq!(terms(&["KH", "QQ"], 1).check_form(), Ok(()));
+        assert_eq!(
+            terms(&["kh"], 1).check_form(),
+            Err(ConsentTermsError::MalformedCountry)
+        );
+        assert_eq!(
+            terms(&["KHM"], 1).check_form(),
+            Err(ConsentTermsError::MalformedCountry)
+        );
+        assert_eq!(terms(&[], 0).check_form(), Err(ConsentTermsError::NoExpiry));
     }
 }

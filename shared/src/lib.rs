@@ -30,7 +30,9 @@ pub mod utc;
 pub mod witness;
 
 pub use caseref::PairwiseKey;
-pub use consent::{AfterNarrowing, ConsentReceipt, ConsentScope, GateRefusal, Reason};
+pub use consent::{
+    AfterNarrowing, ConsentReceipt, ConsentScope, ConsentTerms, GateRefusal, Reason,
+};
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{
     Envelope, EnvelopeError, EnvelopeHeader, MessageId, MessageKind, OpenedEnvelope,

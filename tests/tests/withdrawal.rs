@@ -248,6 +248,7 @@ async fn a_narrowing_that_removes_a_recipient_has_it_purge() {
     .await
     .expect("narrowing");
 
+    // The recipient still admitted has nothing to cut and no new terms: it is not asked.
     let st = wait_status(&mut s, &consent_id, |st| {
         state_of(st, SHELTER_KH) == "purged"
     })
@@ -891,5 +892,96 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
             .iter()
             .all(|r| r.kept_whole_referral_ids.is_empty()),
         "{st:?}"
+    );
+}
+
+/// A restriction the person adds later reaches a recipient that holds data under the
+/// consent even when it has nothing to cut: `referral show` there shows it, with the
+/// earlier expiry, and the recipient forgets the terms once it holds nothing more.
+#[tokio::test]
+async fn a_restriction_added_later_reaches_the_recipient() {
+    let fed = Federation::four("narrow-terms");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+    let mut k = kh.client().await;
+    let show = |k: &mut Caseworker| {
+        let mut k = k.clone();
+        let id = id.clone();
+        async move {
+            k.get_referral(pb::GetReferralRequest { referral_id: id })
+                .await
+                .expect("referral")
+                .into_inner()
+        }
+    };
+    let before = show(&mut k).await;
+    assert!(!before.consent_no_family_contact && before.consent_excluded_countries.is_empty());
+    assert_eq!(before.consent_narrowed_at_ms, 0);
+
+    let mut scope = consent_scope(&mut s, &consent_id).await;
+    scope.no_family_contact = true;
+    scope.excluded_countries = vec!["TH".into()];
+    scope.expires_at_ms -= 3_600_000;
+    let expires_at_ms = scope.expires_at_ms;
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("narrowing");
+    wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+
+    let after = show(&mut k).await;
+    assert!(after.consent_no_family_contact, "{after:?}");
+    assert_eq!(after.consent_excluded_countries, vec!["TH".to_owned()]);
+    assert_eq!(after.consent_expires_at_ms, expires_at_ms);
+    assert!(after.consent_narrowed_at_ms > 0);
+    assert_eq!(after.fields, before.fields, "nothing was cut");
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &kh.local_url(), "--token", &kh.token])
+        .args(["referral", "show", &id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("restrictions: never to TH; no contact with family (as narrowed "),
+        "{stdout}"
+    );
+
+    // Purged on withdrawal, the recipient no longer keeps the terms either.
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    wait_status(&mut s, &consent_id, all_purged).await;
+    assert_eq!(
+        scalar(
+            &kh,
+            "SELECT count(*) FROM narrowed_consents
+             WHERE excluded_countries IS NOT NULL OR expires_at_ms IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&kh, "SELECT count(*) FROM narrowed_consents").await,
+        1
     );
 }
