@@ -352,6 +352,33 @@ fn kept_whole_text(count: usize) -> String {
     )
 }
 
+fn purge_receipt_json(pr: &pb::PurgeReceipt) -> Value {
+    json!({
+        "purged_at_ms": pr.purged_at_ms,
+        "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
+        "narrowing": pr.narrowing,
+        "cut_referrals": pr.cut_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
+        "signature": hex::encode(&pr.signature),
+    })
+}
+
+/// When, and what a purge receipt says was destroyed or cut.
+fn purge_receipt_text(pr: &pb::PurgeReceipt) -> String {
+    let cut = if pr.narrowing {
+        format!(
+            ", {} cut to the fields the consent still covers",
+            pr.cut_referrals.len()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{}: {} referral(s) destroyed{cut}, signed purge receipt held",
+        format_time(pr.purged_at_ms),
+        pr.purged_referrals.len()
+    )
+}
+
 fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
     let recipients: Vec<Value> = r
         .recipients
@@ -361,13 +388,8 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                 "recipient": p.recipient, "referrals": p.referral_ids, "state": p.state,
                 "attempts": p.attempts, "last_error": p.last_error,
                 "kept_whole_referrals": p.kept_whole_referral_ids,
-                "purge_receipt": p.purge_receipt.as_ref().map(|pr| json!({
-                    "purged_at_ms": pr.purged_at_ms,
-                    "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
-                    "narrowing": pr.narrowing,
-                    "cut_referrals": pr.cut_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
-                    "signature": hex::encode(&pr.signature),
-                })),
+                "purge_receipt": p.purge_receipt.as_ref().map(purge_receipt_json),
+                "earlier_purge_receipts": p.earlier_receipts.iter().map(purge_receipt_json).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -395,24 +417,20 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                     escape_controls(&p.state)
                 ));
                 if let Some(pr) = &p.purge_receipt {
-                    let cut = if pr.narrowing {
-                        format!(
-                            ", {} cut to the fields the consent still covers",
-                            pr.cut_referrals.len()
-                        )
-                    } else {
-                        String::new()
-                    };
-                    text.push_str(&format!(
-                        " at {}: {} referral(s) destroyed{cut}, signed purge receipt held",
-                        format_time(pr.purged_at_ms),
-                        pr.purged_referrals.len()
-                    ));
+                    text.push_str(&format!(" at {}", purge_receipt_text(pr)));
                 } else if !p.last_error.is_empty() {
                     text.push_str(&format!(
                         " (attempts {}, last error: {})",
                         p.attempts,
                         escape_controls(&p.last_error)
+                    ));
+                }
+                for pr in &p.earlier_receipts {
+                    let what = if pr.narrowing { "narrowed" } else { "purged" };
+                    text.push_str(&format!(
+                        "\n  {:<16} earlier: {what} at {}",
+                        "",
+                        purge_receipt_text(pr)
                     ));
                 }
                 if !p.kept_whole_referral_ids.is_empty() {

@@ -1447,14 +1447,14 @@ pub async fn consent_status(
         }
         entry.attempts = u32::try_from(item.attempts).unwrap_or(u32::MAX);
         entry.last_error = item.last_error.clone().unwrap_or_default();
+        // An earlier request's receipt does not answer this one: it stays as proof.
+        entry.earlier_receipts.extend(entry.purge_receipt.take());
         match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
             Some(Ok(receipt)) => {
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
                 entry.purge_receipt = Some(receipt);
             }
             _ => {
-                // An earlier request's receipt does not answer this one.
-                entry.purge_receipt = None;
                 entry.state = if narrowing {
                     format!("pending narrowing ({})", item.state)
                 } else {
@@ -1472,7 +1472,7 @@ pub async fn consent_status(
                 entry.state =
                     "pending (not a member of the federation: asked if it returns)".into();
                 // A narrowing's receipt does not answer the withdrawal.
-                entry.purge_receipt = None;
+                entry.earlier_receipts.extend(entry.purge_receipt.take());
             }
         }
     }

@@ -480,6 +480,13 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
         "{st:?}"
     );
     assert!(st.recipients[0].purge_receipt.is_none(), "{st:?}");
+    // The answer to the first narrowing stays as proof of what was cut then.
+    let earlier: Vec<&[u8]> = st.recipients[0]
+        .earlier_receipts
+        .iter()
+        .map(|r| r.withdrawal_id.as_slice())
+        .collect();
+    assert_eq!(earlier, vec![first_narrowing.as_slice()], "{st:?}");
     s.withdraw_consent(pb::ConsentRequest {
         consent_id: consent_id.clone(),
     })
@@ -495,8 +502,13 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     .await;
     assert_eq!(queued_narrowings, 0);
     kh.start();
-    wait_status(&mut s, &consent_id, all_purged).await;
+    let st = wait_status(&mut s, &consent_id, all_purged).await;
     assert!(inbox(&mut c).await.is_empty());
+    let earlier = &st.recipients[0].earlier_receipts;
+    assert!(
+        earlier.len() == 1 && earlier[0].narrowing && earlier[0].withdrawal_id == first_narrowing,
+        "{st:?}"
+    );
 }
 
 /// A consent to the Cambodian shelter, a reintegration referral carrying risk flags
@@ -971,6 +983,18 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     .await
     .expect("withdraw");
     wait_status(&mut s, &consent_id, all_purged).await;
+    // The sender keeps the recipient's answer to the narrowing beside the purge's.
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["consent", "status", &consent_id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("purged at ") && stdout.contains("earlier: narrowed at "),
+        "{stdout}"
+    );
     assert_eq!(
         scalar(
             &kh,
