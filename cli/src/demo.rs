@@ -223,7 +223,7 @@ async fn asked_to_stop() {
         use tokio::signal::unix::{SignalKind, signal};
         if let Ok(mut hangup) = signal(SignalKind::hangup()) {
             tokio::select! {
-                _ = hangup.recv() => {}
+                _ = hangup.recv() => crate::terminal::terminal_closed(),
                 _ = corridor_node::server::termination_signal() => {}
             }
             return;

@@ -3,10 +3,20 @@
 
 use std::borrow::Cow;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 /// The first error writing to standard output; once set, later output is dropped.
 static STDOUT_FAILURE: Mutex<Option<std::io::Error>> = Mutex::new(None);
+
+/// Set once the terminal is known to be gone (SIGHUP): no one is left to read.
+static TERMINAL_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Records that the terminal closed: output that then fails to reach it (EIO) is not
+/// an error, as with a reader that closed its pipe.
+pub fn terminal_closed() {
+    TERMINAL_CLOSED.store(true, Ordering::Relaxed);
+}
 
 /// Writes to standard output, as `print!` does, but never panics: after a failed write
 /// (a reader such as `head` that stopped reading, a full disk) the rest of the output is
@@ -35,11 +45,17 @@ pub fn finish_stdout() -> Result<(), String> {
         *failure = Some(e);
     }
     match failure.take() {
-        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+        Some(e) if matters(&e, TERMINAL_CLOSED.load(Ordering::Relaxed)) => {
             Err(format!("cannot write to standard output: {e}"))
         }
         _ => Ok(()),
     }
+}
+
+/// Whether failing to write standard output is an error: not when no one is left to
+/// read it (a closed pipe, or a closed terminal).
+fn matters(failure: &std::io::Error, terminal_closed: bool) -> bool {
+    failure.kind() != std::io::ErrorKind::BrokenPipe && !terminal_closed
 }
 
 /// Writes to standard error, as `eprint!` does, but ignores failure: there is nowhere
@@ -109,6 +125,16 @@ fn drives_the_terminal(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_no_one_can_read_is_no_error() {
+        let eio = std::io::Error::from_raw_os_error(5);
+        let closed_pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(!matters(&closed_pipe, false));
+        assert!(matters(&eio, false) && matters(&full, false));
+        assert!(!matters(&eio, true));
+    }
 
     #[test]
     fn control_characters_are_escaped() {
