@@ -833,6 +833,7 @@ pub async fn referral(
                     "consent_excluded_countries": r.consent_excluded_countries,
                     "consent_no_family_contact": r.consent_no_family_contact,
                     "consent_narrowed_at_ms": r.consent_narrowed_at_ms,
+                    "consent_terms_restated": r.consent_terms_restated,
                 }),
                 || {
                     // What the person set binds this organisation too.
@@ -847,10 +848,14 @@ pub async fn referral(
                     if restrictions.is_empty() {
                         restrictions.push("none".into());
                     }
-                    let as_of = if r.consent_narrowed_at_ms > 0 {
-                        format!("as narrowed {}", format_time(r.consent_narrowed_at_ms))
-                    } else {
-                        "as sent".to_owned()
+                    let as_of = match (r.consent_narrowed_at_ms, r.consent_terms_restated) {
+                        (0, _) => "as sent".to_owned(),
+                        (at, true) => format!("as narrowed {}", format_time(at)),
+                        // A sender on an older version narrows without restating them.
+                        (at, false) => format!(
+                            "as sent; the sender narrowed the consent {} without restating them: ask it",
+                            format_time(at)
+                        ),
                     };
                     let mut text = format!(
                         "referral {}\n  from:     {}\n  purpose:  {}\n  case ref: {}\n  received: {}\n  consent:  {}, until {}\n  restrictions: {} ({as_of})\n  fields:",

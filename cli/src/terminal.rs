@@ -53,9 +53,12 @@ pub fn finish_stdout() -> Result<(), String> {
 }
 
 /// Whether failing to write standard output is an error: not when no one is left to
-/// read it (a closed pipe, or a closed terminal).
+/// read it (a closed pipe, or the terminal that closed, which answers EIO).
 fn matters(failure: &std::io::Error, terminal_closed: bool) -> bool {
-    failure.kind() != std::io::ErrorKind::BrokenPipe && !terminal_closed
+    const EIO: i32 = 5;
+    let unread = failure.kind() == std::io::ErrorKind::BrokenPipe
+        || (terminal_closed && failure.raw_os_error() == Some(EIO));
+    !unread
 }
 
 /// Writes to standard error, as `eprint!` does, but ignores failure: there is nowhere
@@ -134,6 +137,8 @@ mod tests {
         assert!(!matters(&closed_pipe, false));
         assert!(matters(&eio, false) && matters(&full, false));
         assert!(!matters(&eio, true));
+        // Output redirected to a full disk still fails, terminal or not.
+        assert!(matters(&full, true));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use corridor::{ConsentTerms, MessageId, OrgId};
+use corridor::{MessageId, OrgId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _, SqliteConnection, SqlitePool};
 
@@ -381,9 +381,25 @@ pub struct AcceptedNarrowing {
     /// When the sender narrowed the consent (its clock): a referral under it sealed at
     /// or before then that arrives later is refused.
     pub narrowed_at_ms: i64,
-    /// The consent's terms as the narrowing restates them; `None` from a sender that
-    /// predates them.
-    pub terms: Option<ConsentTerms>,
+    /// The consent's terms to store, as the narrowing restates them combined with those
+    /// stored before, and those as read (`None` if none were): `None` from a sender that
+    /// predates them, or if nothing under the consent is left to hold.
+    pub terms: Option<(SealedTerms, Option<SealedTerms>)>,
+}
+
+/// A consent's terms sealed under the data key of a received case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedTerms {
+    pub case_key_id: String,
+    pub sealed: Vec<u8>,
+}
+
+/// How far narrowings of a consent another org narrowed reached this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarrowedConsent {
+    pub narrowed_at_ms: i64,
+    /// The terms they restated, while this node holds referrals under the consent.
+    pub terms: Option<SealedTerms>,
 }
 
 /// Outcome of storing an accepted envelope.
@@ -1736,46 +1752,39 @@ impl Store {
                             Err(seen) => return Ok(seen),
                         };
                         let sender = &n.request.sender;
-                        // Terms stated before bind still: a narrowing delayed behind a
-                        // later one cannot loosen them.
-                        let stated = sqlx::query(
-                            "SELECT excluded_countries, no_family_contact, expires_at_ms
-                             FROM narrowed_consents
-                             WHERE sender = $1 AND consent_id = $2 AND expires_at_ms IS NOT NULL",
-                        )
-                        .bind(sender.as_str())
-                        .bind(&n.consent_id)
-                        .fetch_optional(&mut *conn)
-                        .await?
-                        .map(|r| terms_of_row(&r));
-                        let terms = match (stated, &n.terms) {
-                            (Some(before), Some(now)) => Some(before.and(now)),
-                            (before, now) => before.or_else(|| now.clone()),
-                        };
-                        let countries = terms.as_ref().map(|t| {
-                            let codes: Vec<&str> = t
-                                .restrictions
-                                .excluded_countries
-                                .iter()
-                                .map(String::as_str)
-                                .collect();
-                            codes.join(" ")
-                        });
+                        if let Some((_, as_read)) = &n.terms {
+                            // The terms were combined with those stored when read: if
+                            // another narrowing stored some since, read again.
+                            let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                                "SELECT terms_sealed FROM narrowed_consents
+                                 WHERE sender = $1 AND consent_id = $2",
+                            )
+                            .bind(sender.as_str())
+                            .bind(&n.consent_id)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                            .flatten();
+                            if stored.as_ref() != as_read.as_ref().map(|t| &t.sealed) {
+                                return Err(StoreError::Corrupt(
+                                    "consent terms changed during narrowing; retry",
+                                ));
+                            }
+                        }
+                        let terms = n.terms.as_ref().map(|(t, _)| t);
                         sqlx::query(
                             "INSERT INTO narrowed_consents (sender, consent_id, narrowed_at_ms,
-                                 excluded_countries, no_family_contact, expires_at_ms)
-                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT(sender, consent_id) DO UPDATE
+                                 terms_case_key_id, terms_sealed)
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(sender, consent_id) DO UPDATE
                              SET narrowed_at_ms = max(narrowed_at_ms, excluded.narrowed_at_ms),
-                                 excluded_countries = excluded.excluded_countries,
-                                 no_family_contact = excluded.no_family_contact,
-                                 expires_at_ms = excluded.expires_at_ms",
+                                 terms_case_key_id =
+                                     COALESCE(excluded.terms_case_key_id, terms_case_key_id),
+                                 terms_sealed = COALESCE(excluded.terms_sealed, terms_sealed)",
                         )
                         .bind(sender.as_str())
                         .bind(&n.consent_id)
                         .bind(n.narrowed_at_ms)
-                        .bind(countries)
-                        .bind(terms.as_ref().map(|t| t.restrictions.no_family_contact))
-                        .bind(terms.as_ref().map(|t| t.expires_at_ms))
+                        .bind(terms.map(|t| t.case_key_id.as_str()))
+                        .bind(terms.map(|t| t.sealed.as_slice()))
                         .execute(&mut *conn)
                         .await?;
                         let named: std::collections::HashSet<&MessageId> = n.named.iter().collect();
@@ -1916,9 +1925,8 @@ impl Store {
         .execute(&mut *conn)
         .await?;
         sqlx::query(
-            "UPDATE narrowed_consents
-             SET excluded_countries = NULL, no_family_contact = NULL, expires_at_ms = NULL
-             WHERE expires_at_ms IS NOT NULL
+            "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
+             WHERE terms_sealed IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.sender = narrowed_consents.sender
                                  AND inbox.consent_id = narrowed_consents.consent_id)",
         )
@@ -1927,23 +1935,34 @@ impl Store {
         Ok(())
     }
 
-    /// The terms narrowings of a consent (by `sender`, under this node's id for it) stated
-    /// while this node holds referrals under it, with when it was last narrowed.
-    pub async fn narrowed_terms(
+    /// How far narrowings of a consent (by `sender`, under this node's id for it) reached
+    /// this node; `None` if none did.
+    pub async fn narrowed_consent(
         &self,
         sender: &str,
         consent_id: &str,
-    ) -> Result<Option<(ConsentTerms, i64)>> {
+    ) -> Result<Option<NarrowedConsent>> {
         let row = sqlx::query(
-            "SELECT excluded_countries, no_family_contact, expires_at_ms, narrowed_at_ms
-             FROM narrowed_consents
-             WHERE sender = $1 AND consent_id = $2 AND expires_at_ms IS NOT NULL",
+            "SELECT narrowed_at_ms, terms_case_key_id, terms_sealed FROM narrowed_consents
+             WHERE sender = $1 AND consent_id = $2",
         )
         .bind(sender)
         .bind(consent_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| (terms_of_row(&r), r.get(3))))
+        Ok(row.map(|r| NarrowedConsent {
+            narrowed_at_ms: r.get(0),
+            terms: match (
+                r.get::<Option<String>, _>(1),
+                r.get::<Option<Vec<u8>>, _>(2),
+            ) {
+                (Some(case_key_id), Some(sealed)) => Some(SealedTerms {
+                    case_key_id,
+                    sealed,
+                }),
+                _ => None,
+            },
+        }))
     }
 
     /// Deletes received referrals past their retention and shreds the keys no longer
@@ -2293,25 +2312,6 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
         purge_receipt: r.get(10),
         narrowed_at_ms: r.get(11),
     })
-}
-
-/// Terms as `narrowed_consents` stores them (excluded countries, no family contact,
-/// expiry, in that order), in a row known to state them.
-fn terms_of_row(r: &sqlx::sqlite::SqliteRow) -> ConsentTerms {
-    let countries: Option<String> = r.get(0);
-    let no_family_contact: Option<bool> = r.get(1);
-    let expires_at_ms: Option<i64> = r.get(2);
-    ConsentTerms {
-        restrictions: corridor::consent::Restrictions {
-            excluded_countries: countries
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
-            no_family_contact: no_family_contact.unwrap_or(false),
-        },
-        expires_at_ms: expires_at_ms.unwrap_or(0),
-    }
 }
 
 fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {
@@ -3238,7 +3238,7 @@ pub(crate) mod tests {
             purged: vec![MessageId([1; 16])],
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
             narrowed_at_ms: 100,
-            terms: Some(terms(&["KH"], false, 1_000)),
+            terms: Some((sealed(b"first"), None)),
         };
         let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.
@@ -3305,18 +3305,24 @@ pub(crate) mod tests {
         let after = store.accept_referral(with_id(4, 101), entry()).await;
         assert!(matches!(after, Ok(AcceptOutcome::Stored(_))));
 
-        // The terms it stated bind; a narrowing that arrives later states others, and
-        // every restriction either named binds, with the earlier expiry.
-        let stated = store
-            .narrowed_terms("shelter-my", "consent-1")
+        // The terms it restated are stored; a narrowing that combined its terms with
+        // other terms than those stored now is read again.
+        let stored = store
+            .narrowed_consent("shelter-my", "consent-1")
             .await
             .expect("read");
-        assert_eq!(stated, Some((terms(&["KH"], false, 1_000), 100)));
-        let later = AcceptedNarrowing {
+        assert_eq!(
+            stored,
+            Some(NarrowedConsent {
+                narrowed_at_ms: 100,
+                terms: Some(sealed(b"first")),
+            })
+        );
+        let later = |id: u8, as_read: Option<SealedTerms>| AcceptedNarrowing {
             request: PurgeRequest {
-                message_id: MessageId([8; 16]),
+                message_id: MessageId([id; 16]),
                 sender: OrgId::new("shelter-my").expect("org id"),
-                envelope_digest: [4; 32],
+                envelope_digest: [id; 32],
                 received_at_ms: 102,
                 respond: Box::new(|_| b"narrowed".to_vec()),
             },
@@ -3326,26 +3332,33 @@ pub(crate) mod tests {
             purged: Vec::new(),
             redacted: Vec::new(),
             narrowed_at_ms: 90,
-            terms: Some(terms(&["TH"], true, 2_000)),
+            terms: Some((sealed(b"second"), as_read)),
         };
-        let applied = store.apply_narrowing(later, entry()).await;
+        let stale = store.apply_narrowing(later(8, None), entry()).await;
+        assert!(stale.is_err());
+        let applied = store
+            .apply_narrowing(later(7, Some(sealed(b"first"))), entry())
+            .await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
-        let stated = store
-            .narrowed_terms("shelter-my", "consent-1")
+        let stored = store
+            .narrowed_consent("shelter-my", "consent-1")
             .await
             .expect("read");
-        assert_eq!(stated, Some((terms(&["KH", "TH"], true, 1_000), 100)));
+        assert_eq!(
+            stored,
+            Some(NarrowedConsent {
+                narrowed_at_ms: 100,
+                terms: Some(sealed(b"second")),
+            })
+        );
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn terms(countries: &[&str], no_family_contact: bool, expires_at_ms: i64) -> ConsentTerms {
-        ConsentTerms {
-            restrictions: corridor::consent::Restrictions {
-                excluded_countries: countries.iter().map(|c| c.to_string()).collect(),
-                no_family_contact,
-            },
-            expires_at_ms,
+    fn sealed(bytes: &[u8]) -> SealedTerms {
+        SealedTerms {
+            case_key_id: "in:key-1".into(),
+            sealed: bytes.to_vec(),
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::node::{Node, now_ms};
 use crate::storage::{
     AcceptOutcome, AcceptedNarrowing, AcceptedReferral, AcceptedWithdrawal, ConsentDetails,
     ConsentRow, Enqueued, InboxRow, NewConsent, NewOutboxItem, PurgeRequest, Respond, ScopeColumns,
-    SentReferral, User, Withdrawal,
+    SealedTerms, SentReferral, User, Withdrawal,
 };
 use crate::tls::PeerInfo;
 
@@ -1548,17 +1548,22 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
         (None, None) => return Ok(0),
     };
     let asked_before = recipients_asked_to_purge(node, consent_id).await?;
-    let narrowed_before: BTreeSet<String> = node
-        .store
-        .outbox_for_consent(consent_id)
-        .await?
-        .into_iter()
-        .filter(|item| {
-            item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
-                && item.narrowed_at_ms == row.narrowed_at_ms
-                && matches!(item.state.as_str(), "queued" | "delivered")
-        })
-        .map(|item| item.recipient)
+    // Per recipient, the latest narrowing on its way to it or carried out there: each
+    // restates the terms as they stood when it was made.
+    let mut told_at: BTreeMap<String, i64> = BTreeMap::new();
+    for item in node.store.outbox_for_consent(consent_id).await? {
+        if item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
+            && matches!(item.state.as_str(), "queued" | "delivered")
+            && let Some(at) = item.narrowed_at_ms
+        {
+            let latest = told_at.entry(item.recipient).or_insert(at);
+            *latest = (*latest).max(at);
+        }
+    }
+    let narrowed_before: BTreeSet<&String> = told_at
+        .iter()
+        .filter(|(_, at)| Some(**at) == row.narrowed_at_ms)
+        .map(|(recipient, _)| recipient)
         .collect();
     // One request per recipient and consent id it holds: a recipient of referrals
     // queued before consent ids became pairwise holds the consent's own id too.
@@ -1597,9 +1602,13 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                 if narrowed_before.contains(recipient) {
                     continue;
                 }
-                // Told when it has something to cut, or new terms to honour.
+                // Told when it has something to cut, or terms no narrowing told it yet
+                // (also one it was away for, or that a concurrent narrowing overtook).
+                let untold_terms = row
+                    .terms_narrowed_at_ms
+                    .is_some_and(|changed| told_at.get(recipient).is_none_or(|&at| at < changed));
                 if let Some(n) = narrowing_of(scope, member, sent)
-                    && (n.cuts_something() || row.terms_narrowed_at_ms == row.narrowed_at_ms)
+                    && (n.cuts_something() || untold_terms)
                 {
                     items.push(narrowing_item(
                         node,
@@ -1676,11 +1685,15 @@ pub async fn read_referral(
     };
     let narrowed = node
         .store
-        .narrowed_terms(&row.sender, &row.consent_id)
+        .narrowed_consent(&row.sender, &row.consent_id)
         .await?;
-    let narrowed_at_ms = narrowed.as_ref().map(|(_, at)| *at);
-    let terms = match &narrowed {
-        Some((stated, _)) => sent_with.and(stated),
+    let restated = narrowed
+        .as_ref()
+        .and_then(|n| n.terms.as_ref())
+        .and_then(|stored| open_terms(&key, &row.case_key_id, &row.consent_id, stored));
+    let terms_restated = restated.is_some();
+    let terms = match &restated {
+        Some(restated) => sent_with.and(restated),
         None => sent_with,
     };
     // No read of personal data without its audit entry.
@@ -1712,7 +1725,8 @@ pub async fn read_referral(
         consent_expires_at_ms: terms.expires_at_ms,
         consent_excluded_countries: terms.restrictions.excluded_countries.into_iter().collect(),
         consent_no_family_contact: terms.restrictions.no_family_contact,
-        consent_narrowed_at_ms: narrowed_at_ms.unwrap_or(0),
+        consent_narrowed_at_ms: narrowed.map_or(0, |n| n.narrowed_at_ms),
+        consent_terms_restated: terms_restated,
         consent_id: row.consent_id,
     })
 }
@@ -2197,11 +2211,15 @@ async fn accept_narrowing(
     let mut purged = Vec::new();
     let mut redacted = Vec::new();
     let mut held = Vec::new();
-    for row in node
+    let rows = node
         .store
         .inbox_rows_under_consent(&sender.id, &n.consent_id)
-        .await?
-    {
+        .await?;
+    let case_key_ids: Vec<(MessageId, String)> = rows
+        .iter()
+        .map(|r| (r.message_id, r.case_key_id.clone()))
+        .collect();
+    for row in rows {
         if to_purge.contains(&row.message_id) || to_keep.contains_key(&row.message_id) {
             held.push(row.message_id);
         }
@@ -2225,6 +2243,17 @@ async fn accept_narrowing(
         }
     }
     let cut: Vec<MessageId> = redacted.iter().map(|(id, _, _)| *id).collect();
+    // The terms bind what is kept: stored under the key of its case, if anything is.
+    let kept_case = case_key_ids
+        .iter()
+        .find(|(id, _)| !purged.contains(id))
+        .map(|(_, case_key_id)| case_key_id.as_str());
+    let terms = match (terms, kept_case) {
+        (Some(terms), Some(case_key_id)) => {
+            combined_terms(node, &sender.id, &n.consent_id, case_key_id, terms).await?
+        }
+        _ => None,
+    };
     let purge_receipt = PurgeReceipt::sign(
         message_id,
         n.consent_id.clone(),
@@ -2268,6 +2297,75 @@ async fn accept_narrowing(
         tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
     })
     .await
+}
+
+/// The record a consent's terms are sealed to, under the key of a received case.
+fn terms_record(consent_id: &str) -> String {
+    format!("terms {consent_id}")
+}
+
+/// The terms a narrowing restates combined with those stored before (every restriction
+/// either names binds, so a narrowing that arrives late cannot loosen them), sealed under
+/// the data key of `case_key_id`, with those stored as read; `None` if that key is gone
+/// (the case is being purged).
+async fn combined_terms(
+    node: &Node,
+    sender: &OrgId,
+    consent_id: &str,
+    case_key_id: &str,
+    restated: ConsentTerms,
+) -> Result<Option<(SealedTerms, Option<SealedTerms>)>, Failure> {
+    let Some(wrapped) = node.store.case_key(case_key_id).await? else {
+        return Ok(None);
+    };
+    let key = node
+        .data_key
+        .unwrap_data_key(case_key_id, &wrapped)
+        .map_err(data_failure)?;
+    let as_read = node
+        .store
+        .narrowed_consent(sender.as_str(), consent_id)
+        .await?
+        .and_then(|n| n.terms);
+    let terms = match as_read
+        .as_ref()
+        .and_then(|stored| open_terms(&key, case_key_id, consent_id, stored))
+    {
+        Some(before) => before.and(&restated),
+        None => restated,
+    };
+    let sealed = key
+        .encrypt(
+            case_key_id,
+            &terms_record(consent_id),
+            &convert::consent_terms_to_pb(&terms).encode_to_vec(),
+        )
+        .map_err(data_failure)?;
+    Ok(Some((
+        SealedTerms {
+            case_key_id: case_key_id.to_owned(),
+            sealed,
+        },
+        as_read,
+    )))
+}
+
+/// Terms stored under `key` (the data key of `case_key_id`); `None` if they were sealed
+/// under another case's key or do not open.
+fn open_terms(
+    key: &corridor::at_rest::DataKey,
+    case_key_id: &str,
+    consent_id: &str,
+    stored: &SealedTerms,
+) -> Option<ConsentTerms> {
+    if stored.case_key_id != case_key_id {
+        return None;
+    }
+    let plaintext = key
+        .decrypt(case_key_id, &terms_record(consent_id), &stored.sealed)
+        .ok()?;
+    let terms = pb::ConsentTerms::decode(plaintext.as_slice()).ok()?;
+    convert::consent_terms_from_pb(terms).ok()
 }
 
 /// A received referral cut to some of its fields.

@@ -962,7 +962,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     assert!(after.consent_no_family_contact, "{after:?}");
     assert_eq!(after.consent_excluded_countries, vec!["TH".to_owned()]);
     assert_eq!(after.consent_expires_at_ms, expires_at_ms);
-    assert!(after.consent_narrowed_at_ms > 0);
+    assert!(after.consent_narrowed_at_ms > 0 && after.consent_terms_restated);
     assert_eq!(after.fields, before.fields, "nothing was cut");
     let out = std::process::Command::new(binary("corridor"))
         .args(["--node", &kh.local_url(), "--token", &kh.token])
@@ -998,8 +998,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     assert_eq!(
         scalar(
             &kh,
-            "SELECT count(*) FROM narrowed_consents
-             WHERE excluded_countries IS NOT NULL OR expires_at_ms IS NOT NULL"
+            "SELECT count(*) FROM narrowed_consents WHERE terms_sealed IS NOT NULL"
         )
         .await,
         0
@@ -1007,5 +1006,93 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     assert_eq!(
         scalar(&kh, "SELECT count(*) FROM narrowed_consents").await,
         1
+    );
+}
+
+/// A recipient that was not a member when the person added a restriction learns it when
+/// it comes back, although a later narrowing changed no restriction and has nothing for
+/// it to cut.
+#[tokio::test]
+async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_returns() {
+    let fed = Federation::four("narrow-terms-away");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    // By role and country: a narrowing may not name an org that is not a member.
+    let case_id = new_case(&mut s).await;
+    let consent_id = s
+        .record_consent(consent_request(
+            &case_id,
+            pb::ConsentScope {
+                purposes: vec!["reintegration".into()],
+                recipient_roles: vec!["shelter@KH".into()],
+                fields: {
+                    let p = corridor::profile::profile(corridor::Purpose::Reintegration);
+                    p.required
+                        .iter()
+                        .chain(p.optional)
+                        .map(|f| f.as_str().to_owned())
+                        .collect()
+                },
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("record consent")
+        .into_inner()
+        .consent_id;
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    kh.stop();
+    sender.stop();
+    let original = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    publish_directory(
+        &fed,
+        &with_serial(&without_member(&original, SHELTER_KH), 2),
+    );
+    sender.start();
+    let mut s = sender.client().await;
+    let narrow = |scope: pb::ConsentScope| pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    };
+    let mut scope = consent_scope(&mut s, &consent_id).await;
+    scope.no_family_contact = true;
+    s.narrow_consent(narrow(scope.clone()))
+        .await
+        .expect("the restriction");
+    // Then a field the referral did not carry: nothing to cut, no restriction changed.
+    let unsent = corridor::profile::profile(corridor::Purpose::Reintegration).optional[0];
+    scope.fields.retain(|f| f != unsent.as_str());
+    s.narrow_consent(narrow(scope)).await.expect("a field");
+
+    sender.stop();
+    publish_directory(&fed, &with_serial(&original, 3));
+    kh.start();
+    sender.start();
+    let mut s = sender.client().await;
+    wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    let read = kh
+        .client()
+        .await
+        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .await
+        .expect("referral")
+        .into_inner();
+    assert!(
+        read.consent_no_family_contact && read.consent_terms_restated,
+        "{read:?}"
     );
 }
