@@ -708,3 +708,108 @@ async fn a_referral_under_a_consent_its_sender_withdrew_is_refused_on_arrival() 
     .await;
     assert_eq!(keys, 0, "a key made for a refused referral stayed");
 }
+
+/// What narrowings restate of a consent binds the recipient, combined: a sender on an
+/// older version restates nothing (the recipient says so), a narrowing that arrives late
+/// loosens nothing, and terms of the wrong form are refused with what is wrong.
+#[tokio::test]
+async fn narrowings_restate_the_terms_and_none_loosens_them() {
+    let fed = Federation::demo("narrowing-terms");
+    let recipient = fed.start(SHELTER_KH);
+    let h = header(SHELTER_MY, SHELTER_KH);
+    let referral_id = h.message_id.to_hex();
+    deliver_as(&fed, SHELTER_MY, &envelope(&fed, h))
+        .await
+        .expect("referral accepted");
+    let narrowing = |terms: Option<pb::ConsentTerms>| {
+        let mut h = header(SHELTER_MY, SHELTER_KH);
+        h.kind = MessageKind::ConsentNarrowing;
+        let payload = pb::ConsentNarrowing {
+            consent_id: TEST_CONSENT_ID.into(),
+            case_ref: TEST_CASE_REF.into(),
+            kept: vec![],
+            purged_referral_ids: vec![],
+            narrowed_at_ms: corridor_node::node::now_ms(),
+            terms,
+        }
+        .encode_to_vec();
+        seal_as_sender(&fed, h, &payload)
+    };
+    let terms = |countries: &[&str], no_family_contact: bool, expires_in_ms: i64| {
+        Some(pb::ConsentTerms {
+            excluded_countries: countries.iter().map(|c| c.to_string()).collect(),
+            no_family_contact,
+            expires_at_ms: corridor_node::node::now_ms() + expires_in_ms,
+        })
+    };
+    let mut c = recipient.client().await;
+    let mut read = async || {
+        c.get_referral(pb::GetReferralRequest {
+            referral_id: referral_id.clone(),
+        })
+        .await
+        .expect("referral")
+        .into_inner()
+    };
+    let sent = read().await;
+
+    // As an older sender narrows: the recipient knows a narrowing came, not its terms.
+    deliver_as(&fed, SHELTER_MY, &narrowing(None))
+        .await
+        .expect("narrowing without terms");
+    let r = read().await;
+    assert!(
+        r.consent_narrowed_at_ms > 0 && !r.consent_terms_restated,
+        "{r:?}"
+    );
+    assert!(!r.consent_no_family_contact && r.consent_excluded_countries.is_empty());
+
+    // Restated terms bind, with the earlier expiry.
+    deliver_as(&fed, SHELTER_MY, &narrowing(terms(&["TH"], true, 60_000)))
+        .await
+        .expect("narrowing with terms");
+    let r = read().await;
+    assert!(
+        r.consent_terms_restated && r.consent_no_family_contact,
+        "{r:?}"
+    );
+    assert_eq!(r.consent_excluded_countries, vec!["TH".to_owned()]);
+    assert!(r.consent_expires_at_ms < sent.consent_expires_at_ms);
+    let expires_at_ms = r.consent_expires_at_ms;
+
+    // One that arrives late, stating less, loosens nothing; what it adds binds too.
+    deliver_as(&fed, SHELTER_MY, &narrowing(terms(&["MY"], false, 120_000)))
+        .await
+        .expect("a late narrowing");
+    let r = read().await;
+    assert!(r.consent_no_family_contact, "{r:?}");
+    assert_eq!(
+        r.consent_excluded_countries,
+        vec!["MY".to_owned(), "TH".to_owned()]
+    );
+    assert_eq!(r.consent_expires_at_ms, expires_at_ms);
+
+    for (bad, words) in [
+        (
+            terms(&["kh"], false, 60_000),
+            "not an ISO 3166-1 alpha-2 code",
+        ),
+        (terms(&[], false, i64::MIN / 2), "no expiry"),
+    ] {
+        assert_code(
+            deliver_as(&fed, SHELTER_MY, &narrowing(bad)).await,
+            Code::InvalidArgument,
+            words,
+        );
+    }
+    // The terms are stored sealed: not their encoding in the clear (an excluded TH).
+    assert_eq!(
+        scalar(
+            &recipient,
+            "SELECT count(*) FROM narrowed_consents
+             WHERE terms_sealed IS NOT NULL AND instr(terms_sealed, X'0A025448') = 0"
+        )
+        .await,
+        1
+    );
+}
