@@ -1548,19 +1548,31 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
         (None, None) => return Ok(0),
     };
     let asked_before = recipients_asked_to_purge(node, consent_id).await?;
-    // Per recipient, the latest narrowing on its way to it or carried out there: each
-    // restates the terms as they stood when it was made.
+    // Per recipient, the latest narrowing on its way to it or carried out there, which
+    // restates the terms as they stood when it was made, and when it was last told the
+    // terms at all (a referral's consent receipt states them too).
+    let mut narrowed_at: BTreeMap<String, i64> = BTreeMap::new();
     let mut told_at: BTreeMap<String, i64> = BTreeMap::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
-        if item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
-            && matches!(item.state.as_str(), "queued" | "delivered")
-            && let Some(at) = item.narrowed_at_ms
-        {
-            let latest = told_at.entry(item.recipient).or_insert(at);
-            *latest = (*latest).max(at);
+        if !matches!(item.state.as_str(), "queued" | "delivered") {
+            continue;
         }
+        let at = match item.kind {
+            k if k == i64::from(MessageKind::ConsentNarrowing.as_i32()) => {
+                let Some(at) = item.narrowed_at_ms else {
+                    continue;
+                };
+                let latest = narrowed_at.entry(item.recipient.clone()).or_insert(at);
+                *latest = (*latest).max(at);
+                at
+            }
+            k if k == i64::from(MessageKind::Referral.as_i32()) => item.created_at_ms,
+            _ => continue,
+        };
+        let latest = told_at.entry(item.recipient).or_insert(at);
+        *latest = (*latest).max(at);
     }
-    let narrowed_before: BTreeSet<&String> = told_at
+    let narrowed_before: BTreeSet<&String> = narrowed_at
         .iter()
         .filter(|(_, at)| Some(**at) == row.narrowed_at_ms)
         .map(|(recipient, _)| recipient)
@@ -1687,11 +1699,20 @@ pub async fn read_referral(
         .store
         .narrowed_consent(&row.sender, &row.consent_id)
         .await?;
-    let restated = narrowed
+    let restated = match narrowed.as_ref().and_then(|n| n.terms.as_ref()) {
+        Some(stored) => open_terms(node, &row.consent_id, stored).await?,
+        None => None,
+    };
+    // Current if a narrowing restated them, or the referral was sealed after the latest
+    // narrowing that reached this node (its receipt states them as they were then).
+    let receipt_issued_at_ms = payload
+        .consent_receipt
         .as_ref()
-        .and_then(|n| n.terms.as_ref())
-        .and_then(|stored| open_terms(&key, &row.case_key_id, &row.consent_id, stored));
-    let terms_restated = restated.is_some();
+        .map_or(0, |r| r.issued_at_ms);
+    let terms_current = restated.is_some()
+        || narrowed
+            .as_ref()
+            .is_some_and(|n| receipt_issued_at_ms > n.narrowed_at_ms);
     let terms = match &restated {
         Some(restated) => sent_with.and(restated),
         None => sent_with,
@@ -1726,7 +1747,7 @@ pub async fn read_referral(
         consent_excluded_countries: terms.restrictions.excluded_countries.into_iter().collect(),
         consent_no_family_contact: terms.restrictions.no_family_contact,
         consent_narrowed_at_ms: narrowed.map_or(0, |n| n.narrowed_at_ms),
-        consent_terms_restated: terms_restated,
+        consent_terms_restated: terms_current,
         consent_id: row.consent_id,
     })
 }
@@ -2327,10 +2348,11 @@ async fn combined_terms(
         .narrowed_consent(sender.as_str(), consent_id)
         .await?
         .and_then(|n| n.terms);
-    let terms = match as_read
-        .as_ref()
-        .and_then(|stored| open_terms(&key, case_key_id, consent_id, stored))
-    {
+    let before = match &as_read {
+        Some(stored) => open_terms(node, consent_id, stored).await?,
+        None => None,
+    };
+    let terms = match before {
         Some(before) => before.and(&restated),
         None => restated,
     };
@@ -2350,22 +2372,29 @@ async fn combined_terms(
     )))
 }
 
-/// Terms stored under `key` (the data key of `case_key_id`); `None` if they were sealed
-/// under another case's key or do not open.
-fn open_terms(
-    key: &corridor::at_rest::DataKey,
-    case_key_id: &str,
+/// Stored terms, opened with the data key of the case they were sealed under; `None` if
+/// that key is gone (its case purged) or they do not open.
+async fn open_terms(
+    node: &Node,
     consent_id: &str,
     stored: &SealedTerms,
-) -> Option<ConsentTerms> {
-    if stored.case_key_id != case_key_id {
-        return None;
-    }
-    let plaintext = key
-        .decrypt(case_key_id, &terms_record(consent_id), &stored.sealed)
-        .ok()?;
-    let terms = pb::ConsentTerms::decode(plaintext.as_slice()).ok()?;
-    convert::consent_terms_from_pb(terms).ok()
+) -> Result<Option<ConsentTerms>, Failure> {
+    let Some(wrapped) = node.store.case_key(&stored.case_key_id).await? else {
+        return Ok(None);
+    };
+    let Ok(key) = node.data_key.unwrap_data_key(&stored.case_key_id, &wrapped) else {
+        return Ok(None);
+    };
+    let opened = key
+        .decrypt(
+            &stored.case_key_id,
+            &terms_record(consent_id),
+            &stored.sealed,
+        )
+        .ok()
+        .and_then(|plaintext| pb::ConsentTerms::decode(plaintext.as_slice()).ok())
+        .and_then(|terms| convert::consent_terms_from_pb(terms).ok());
+    Ok(opened)
 }
 
 /// A received referral cut to some of its fields.

@@ -763,6 +763,23 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
         "{r:?}"
     );
     assert!(!r.consent_no_family_contact && r.consent_excluded_countries.is_empty());
+    // A referral sealed after it carries the terms as they stand in its receipt.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let h = header(SHELTER_MY, SHELTER_KH);
+    let later_id = h.message_id.to_hex();
+    deliver_as(&fed, SHELTER_MY, &envelope(&fed, h))
+        .await
+        .expect("a later referral");
+    let later = recipient
+        .client()
+        .await
+        .get_referral(pb::GetReferralRequest {
+            referral_id: later_id,
+        })
+        .await
+        .expect("later referral")
+        .into_inner();
+    assert!(later.consent_terms_restated, "{later:?}");
 
     // Restated terms bind, with the earlier expiry.
     deliver_as(&fed, SHELTER_MY, &narrowing(terms(&["TH"], true, 60_000)))

@@ -913,11 +913,12 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
 #[tokio::test]
 async fn a_restriction_added_later_reaches_the_recipient() {
     let fed = Federation::four("narrow-terms");
-    let sender = fed.start(SHELTER_MY);
+    let mut sender = fed.start(SHELTER_MY);
     let kh = fed.start(SHELTER_KH);
+    let _ngo = fed.start(NGO_TH);
     let mut s = sender.client().await;
     let (case_id, consent_id) =
-        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+        case_with_consent_to(&mut s, &[SHELTER_KH, NGO_TH], &["reintegration"]).await;
     let id = s
         .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
         .await
@@ -943,7 +944,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
 
     let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.no_family_contact = true;
-    scope.excluded_countries = vec!["TH".into()];
+    scope.excluded_countries = vec!["VN".into()];
     scope.expires_at_ms -= 3_600_000;
     let expires_at_ms = scope.expires_at_ms;
     s.narrow_consent(pb::NarrowConsentRequest {
@@ -960,7 +961,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
 
     let after = show(&mut k).await;
     assert!(after.consent_no_family_contact, "{after:?}");
-    assert_eq!(after.consent_excluded_countries, vec!["TH".to_owned()]);
+    assert_eq!(after.consent_excluded_countries, vec!["VN".to_owned()]);
     assert_eq!(after.consent_expires_at_ms, expires_at_ms);
     assert!(after.consent_narrowed_at_ms > 0 && after.consent_terms_restated);
     assert_eq!(after.fields, before.fields, "nothing was cut");
@@ -972,9 +973,29 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("restrictions: never to TH; no contact with family (as narrowed "),
+        stdout.contains("restrictions: never to VN; no contact with family (as narrowed "),
         "{stdout}"
     );
+
+    // Told once: a start asks it nothing more; nor a recipient whose first referral was
+    // sealed after the narrowing (its consent receipt states the terms).
+    let to_ngo = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &to_ngo, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+    for _ in 0..2 {
+        sender.stop();
+        sender.start();
+    }
+    let mut s = sender.client().await;
+    let narrowings =
+        |org: &str| format!("SELECT count(*) FROM outbox WHERE kind = 3 AND recipient = '{org}'");
+    assert_eq!(scalar(&sender, &narrowings(SHELTER_KH)).await, 1);
+    assert_eq!(scalar(&sender, &narrowings(NGO_TH)).await, 0);
 
     // Purged on withdrawal, the recipient no longer keeps the terms either.
     s.withdraw_consent(pb::ConsentRequest {
