@@ -40,7 +40,8 @@ pub enum ConsentCommand {
     },
     /// Narrow a consent: remove purposes, recipients or fields, shorten it, add
     /// restrictions. Widening is refused; record a new consent instead. Organisations
-    /// that received data the narrowed consent no longer covers are asked to purge it.
+    /// that received data the narrowed consent no longer covers are asked to purge it;
+    /// those holding data under it are told of new restrictions and an earlier expiry.
     Narrow(NarrowConsent),
     /// Withdraw a consent: nothing more is sent under it, and every organisation that
     /// received data under it is asked to purge it and answer with a signed purge receipt.
@@ -364,6 +365,13 @@ fn purge_receipt_json(pr: &pb::PurgeReceipt) -> Value {
 
 /// When, and what a purge receipt says was destroyed or cut.
 fn purge_receipt_text(pr: &pb::PurgeReceipt) -> String {
+    if pr.narrowing && pr.purged_referrals.is_empty() && pr.cut_referrals.is_empty() {
+        // A narrowing it had nothing to cut for: it learnt the terms as they now stand.
+        return format!(
+            "{}: nothing to destroy or cut, told of the consent's terms, signed receipt held",
+            format_time(pr.purged_at_ms)
+        );
+    }
     let cut = if pr.narrowing {
         format!(
             ", {} cut to the fields the consent still covers",
@@ -562,7 +570,7 @@ pub async fn consent(
                     ),
                 };
                 format!(
-                    "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it: `corridor consent status {}` shows them.{warning}\n{}",
+                    "narrowed. Referrals still queued under it were cancelled (send them again if the narrowed consent covers them); recipients holding what it no longer covers are asked to purge it, and those holding data under it are told of new restrictions or an earlier expiry: `corridor consent status {}` shows them.{warning}\n{}",
                     escape_controls(&c.consent_id),
                     consent_text(&c)
                 )

@@ -1013,7 +1013,9 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("purged at ") && stdout.contains("earlier: narrowed at "),
+        stdout.contains("purged at ")
+            && stdout.contains("earlier: narrowed at ")
+            && stdout.contains("nothing to destroy or cut, told of the consent's terms"),
         "{stdout}"
     );
     assert_eq!(
