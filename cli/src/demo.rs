@@ -186,9 +186,12 @@ fn fields(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
-async fn wait_purged(
+/// Waits until every recipient of a consent has answered its withdrawal or narrowing
+/// (`state` "purged" or "narrowed").
+async fn wait_answered(
     client: &mut Client,
     consent_id: &str,
+    state: &str,
 ) -> Result<pb::ConsentStatusResponse, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -199,12 +202,12 @@ async fn wait_purged(
             .await
             .map_err(|s| explain(&s))?
             .into_inner();
-        if status.recipients.iter().all(|r| r.state == "purged") {
+        if status.recipients.iter().all(|r| r.state == state) {
             return Ok(status);
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "consent {consent_id}: purge receipts still outstanding"
+                "consent {consent_id}: not every recipient has answered (expected {state})"
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -684,6 +687,43 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
 
     step(
         9,
+        "She adds a restriction: no contact with her family. The narrowing reaches the shelter in Cambodia, which has nothing to cut but must honour it:",
+    );
+    let mut scope = my
+        .get_consent(pb::ConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner()
+        .scope
+        .ok_or("consent without a scope")?;
+    scope.no_family_contact = true;
+    my.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent.consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .map_err(|s| explain(&s))?;
+    wait_answered(&mut my, &consent.consent_id, "narrowed").await?;
+    let reread = kh
+        .get_referral(pb::GetReferralRequest {
+            referral_id: sent.referral_id.clone(),
+        })
+        .await
+        .map_err(|s| explain(&s))?
+        .into_inner();
+    if !reread.consent_no_family_contact {
+        return Err("the restriction did not reach the recipient".into());
+    }
+    outln!(
+        "   the shelter in Cambodia reads the referral again: restrictions: no contact with family (as narrowed {})",
+        format_time(reread.consent_narrowed_at_ms)
+    );
+
+    step(
+        10,
         "Later she withdraws her consent to the reintegration referral. The withdrawal reaches the shelter in Cambodia, which destroys the data and answers with a signed purge receipt:",
     );
     my.withdraw_consent(pb::ConsentRequest {
@@ -691,7 +731,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     })
     .await
     .map_err(|s| explain(&s))?;
-    let purge = wait_purged(&mut my, &consent.consent_id).await?;
+    let purge = wait_answered(&mut my, &consent.consent_id, "purged").await?;
     for p in &purge.recipients {
         if let Some(pr) = &p.purge_receipt {
             outln!(
@@ -731,6 +771,9 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         "  - The two recipients know the case under different references ({kh_ref} and {emb_ref}),"
     );
     outln!("    so their records cannot be linked by reference.");
+    outln!(
+        "  - A restriction she added later reached the recipient holding her data, which must honour it."
+    );
     outln!(
         "  - Withdrawal reached the recipient, which destroyed the data (its per-case key is gone) and"
     );
