@@ -1435,6 +1435,10 @@ pub async fn consent_status(
             entry
                 .referral_ids
                 .push(format!("{} ({})", item.message_id, item.state));
+            entry.referrals.push(pb::ReferralDelivery {
+                referral_id: item.message_id.to_string(),
+                state: item.state.clone(),
+            });
             continue;
         }
         // The latest narrowing asked of it shows, unless it was asked to purge everything.
@@ -1449,9 +1453,12 @@ pub async fn consent_status(
         entry.last_error = item.last_error.clone().unwrap_or_default();
         // An earlier request's receipt does not answer this one: it stays as proof.
         entry.earlier_receipts.extend(entry.purge_receipt.take());
+        entry.request = if narrowing { "narrowing" } else { "withdrawal" }.into();
+        entry.request_state = item.state.clone();
         match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
             Some(Ok(receipt)) => {
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
+                entry.request_state = "answered".into();
                 entry.purge_receipt = Some(receipt);
             }
             _ => {
@@ -1471,6 +1478,8 @@ pub async fn consent_status(
             if !asked_to_withdraw.contains(recipient) {
                 entry.state =
                     "pending (not a member of the federation: asked if it returns)".into();
+                entry.request = "withdrawal".into();
+                entry.request_state = "not-a-member".into();
                 // A narrowing's receipt does not answer the withdrawal.
                 entry.earlier_receipts.extend(entry.purge_receipt.take());
             }

@@ -692,6 +692,12 @@ async fn a_withdrawal_reaches_a_recipient_that_left_and_came_back() {
         state_of(&st, NGO_TH).starts_with("pending (not a member"),
         "{st:?}"
     );
+    let asked = st.recipients.iter().find(|r| r.recipient == NGO_TH);
+    assert_eq!(
+        asked.map(|r| (r.request.as_str(), r.request_state.as_str())),
+        Some(("withdrawal", "not-a-member")),
+        "{st:?}"
+    );
 
     // It comes back: asked at the sender's next start, it purges.
     sender.stop();
@@ -1017,6 +1023,28 @@ async fn a_restriction_added_later_reaches_the_recipient() {
             && stdout.contains("earlier: narrowed at ")
             && stdout.contains("nothing to destroy or cut, told of the consent's terms"),
         "{stdout}"
+    );
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["--output", "json", "consent", "status", &consent_id])
+        .output()
+        .expect("run corridor");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let kh_json = json["recipients"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["recipient"] == SHELTER_KH))
+        .expect("the recipient");
+    assert_eq!(
+        kh_json["request"],
+        serde_json::json!({"kind": "withdrawal", "state": "answered"})
+    );
+    assert_eq!(
+        kh_json["referrals"],
+        serde_json::json!([{"referral_id": id, "state": "delivered"}])
+    );
+    assert_eq!(
+        kh_json["earlier_purge_receipts"].as_array().map(Vec::len),
+        Some(1)
     );
     assert_eq!(
         scalar(
