@@ -393,8 +393,8 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
         .iter()
         .map(|p| {
             json!({
-                "recipient": p.recipient, "state": p.state,
-                "referrals": p.referrals.iter().map(|r| json!({"referral_id": r.referral_id, "state": r.state})).collect::<Vec<_>>(),
+                "recipient": p.recipient, "state": p.state, "referrals": p.referral_ids,
+                "referral_states": p.referrals.iter().map(|r| json!({"referral_id": r.referral_id, "state": r.state})).collect::<Vec<_>>(),
                 "request": (!p.request.is_empty()).then(|| json!({"kind": p.request, "state": p.request_state})),
                 "attempts": p.attempts, "last_error": p.last_error,
                 "kept_whole_referrals": p.kept_whole_referral_ids,

@@ -323,7 +323,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
 /// commands an auditor runs by hand.
 async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Result<(), String> {
     step(
-        10,
+        11,
         "An auditor, who never sees personal data, verifies every node's signed audit log and cross-checks what each says it sent against what the other logged as received:",
     );
     // Let the last events reach a checkpoint and its witnesses' cosignatures.

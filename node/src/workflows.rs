@@ -1473,9 +1473,23 @@ pub async fn consent_status(
     if row.withdrawn_at_ms.is_some() {
         // Recipients that hold data but could not be asked: not members when the consent
         // was withdrawn (a narrowing they carried out before leaves them holding the
-        // rest). They are asked when a directory brings them back.
+        // rest). They are asked when a directory brings them back. One that refused
+        // every referral holds nothing.
+        let may_hold: BTreeSet<String> = node
+            .store
+            .referrals_under_consent(consent_id)
+            .await?
+            .into_iter()
+            .map(|sent| sent.recipient)
+            .collect();
         for (recipient, entry) in recipients.iter_mut() {
+            if !may_hold.contains(recipient) {
+                entry.state = "nothing to purge (it refused every referral)".into();
+                continue;
+            }
             if !asked_to_withdraw.contains(recipient) {
+                entry.attempts = 0;
+                entry.last_error.clear();
                 entry.state =
                     "pending (not a member of the federation: asked if it returns)".into();
                 entry.request = "withdrawal".into();
@@ -1558,28 +1572,25 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
     };
     let asked_before = recipients_asked_to_purge(node, consent_id).await?;
     // Per recipient, the latest narrowing on its way to it or carried out there, which
-    // restates the terms as they stood when it was made, and when it was last told the
-    // terms at all (a referral's consent receipt states them too).
+    // restates the terms as they stood when it was made, and its first referral that may
+    // have arrived: one whose referrals were all sealed after the terms changed holds
+    // them in every referral's consent receipt.
     let mut narrowed_at: BTreeMap<String, i64> = BTreeMap::new();
-    let mut told_at: BTreeMap<String, i64> = BTreeMap::new();
+    let mut first_sent_at: BTreeMap<String, i64> = BTreeMap::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
-        if !matches!(item.state.as_str(), "queued" | "delivered") {
-            continue;
+        if item.kind == i64::from(MessageKind::ConsentNarrowing.as_i32())
+            && matches!(item.state.as_str(), "queued" | "delivered")
+            && let Some(at) = item.narrowed_at_ms
+        {
+            let latest = narrowed_at.entry(item.recipient).or_insert(at);
+            *latest = (*latest).max(at);
+        } else if item.kind == i64::from(MessageKind::Referral.as_i32()) && item.state != "refused"
+        {
+            let first = first_sent_at
+                .entry(item.recipient)
+                .or_insert(item.created_at_ms);
+            *first = (*first).min(item.created_at_ms);
         }
-        let at = match item.kind {
-            k if k == i64::from(MessageKind::ConsentNarrowing.as_i32()) => {
-                let Some(at) = item.narrowed_at_ms else {
-                    continue;
-                };
-                let latest = narrowed_at.entry(item.recipient.clone()).or_insert(at);
-                *latest = (*latest).max(at);
-                at
-            }
-            k if k == i64::from(MessageKind::Referral.as_i32()) => item.created_at_ms,
-            _ => continue,
-        };
-        let latest = told_at.entry(item.recipient).or_insert(at);
-        *latest = (*latest).max(at);
     }
     let narrowed_before: BTreeSet<&String> = narrowed_at
         .iter()
@@ -1625,9 +1636,10 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                 }
                 // Told when it has something to cut, or terms no narrowing told it yet
                 // (also one it was away for, or that a concurrent narrowing overtook).
-                let untold_terms = row
-                    .terms_narrowed_at_ms
-                    .is_some_and(|changed| told_at.get(recipient).is_none_or(|&at| at < changed));
+                let untold_terms = row.terms_narrowed_at_ms.is_some_and(|changed| {
+                    narrowed_at.get(recipient).is_none_or(|&at| at < changed)
+                        && first_sent_at.get(recipient).is_none_or(|&at| at <= changed)
+                });
                 if let Some(n) = narrowing_of(scope, member, sent)
                     && (n.cuts_something() || untold_terms)
                 {
@@ -1709,7 +1721,13 @@ pub async fn read_referral(
         .narrowed_consent(&row.sender, &row.consent_id)
         .await?;
     let restated = match narrowed.as_ref().and_then(|n| n.terms.as_ref()) {
-        Some(stored) => open_terms(node, &row.consent_id, stored).await?,
+        // What cannot be read shows as not restated, not as a referral that cannot be read.
+        Some(stored) => open_terms(node, &row.consent_id, stored)
+            .await
+            .unwrap_or_else(|failure| {
+                tracing::warn!(referral = %id, error = %failure.message, "stored consent terms cannot be read");
+                None
+            }),
         None => None,
     };
     // Current if a narrowing restated them, or the referral was sealed after the latest
@@ -2382,7 +2400,8 @@ async fn combined_terms(
 }
 
 /// Stored terms, opened with the data key of the case they were sealed under; `None` if
-/// that key is gone (its case purged) or they do not open.
+/// that key is gone (its case purged). Terms that do not open are an error: treated as
+/// absent, they would let a narrowing loosen them.
 async fn open_terms(
     node: &Node,
     consent_id: &str,
@@ -2391,19 +2410,22 @@ async fn open_terms(
     let Some(wrapped) = node.store.case_key(&stored.case_key_id).await? else {
         return Ok(None);
     };
-    let Ok(key) = node.data_key.unwrap_data_key(&stored.case_key_id, &wrapped) else {
-        return Ok(None);
-    };
-    let opened = key
+    let key = node
+        .data_key
+        .unwrap_data_key(&stored.case_key_id, &wrapped)
+        .map_err(data_failure)?;
+    let plaintext = key
         .decrypt(
             &stored.case_key_id,
             &terms_record(consent_id),
             &stored.sealed,
         )
-        .ok()
-        .and_then(|plaintext| pb::ConsentTerms::decode(plaintext.as_slice()).ok())
-        .and_then(|terms| convert::consent_terms_from_pb(terms).ok());
-    Ok(opened)
+        .map_err(data_failure)?;
+    let terms = pb::ConsentTerms::decode(plaintext.as_slice())
+        .map_err(|e| Failure::internal("stored consent terms are corrupt", e))?;
+    convert::consent_terms_from_pb(terms)
+        .map(Some)
+        .map_err(|e| Failure::internal("stored consent terms are corrupt", e))
 }
 
 /// A received referral cut to some of its fields.

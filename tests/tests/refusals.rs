@@ -721,7 +721,8 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     deliver_as(&fed, SHELTER_MY, &envelope(&fed, h))
         .await
         .expect("referral accepted");
-    let narrowing = |terms: Option<pb::ConsentTerms>| {
+    // A narrowing made `age_ms` ago.
+    let narrowing = |terms: Option<pb::ConsentTerms>, age_ms: i64| {
         let mut h = header(SHELTER_MY, SHELTER_KH);
         h.kind = MessageKind::ConsentNarrowing;
         let payload = pb::ConsentNarrowing {
@@ -729,7 +730,7 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
             case_ref: TEST_CASE_REF.into(),
             kept: vec![],
             purged_referral_ids: vec![],
-            narrowed_at_ms: corridor_node::node::now_ms(),
+            narrowed_at_ms: corridor_node::node::now_ms() - age_ms,
             terms,
         }
         .encode_to_vec();
@@ -754,7 +755,7 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     let sent = read().await;
 
     // As an older sender narrows: the recipient knows a narrowing came, not its terms.
-    deliver_as(&fed, SHELTER_MY, &narrowing(None))
+    deliver_as(&fed, SHELTER_MY, &narrowing(None, 0))
         .await
         .expect("narrowing without terms");
     let r = read().await;
@@ -782,9 +783,13 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     assert!(later.consent_terms_restated, "{later:?}");
 
     // Restated terms bind, with the earlier expiry.
-    deliver_as(&fed, SHELTER_MY, &narrowing(terms(&["TH"], true, 60_000)))
-        .await
-        .expect("narrowing with terms");
+    deliver_as(
+        &fed,
+        SHELTER_MY,
+        &narrowing(terms(&["TH"], true, 60_000), 0),
+    )
+    .await
+    .expect("narrowing with terms");
     let r = read().await;
     assert!(
         r.consent_terms_restated && r.consent_no_family_contact,
@@ -794,10 +799,15 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     assert!(r.consent_expires_at_ms < sent.consent_expires_at_ms);
     let expires_at_ms = r.consent_expires_at_ms;
 
-    // One that arrives late, stating less, loosens nothing; what it adds binds too.
-    deliver_as(&fed, SHELTER_MY, &narrowing(terms(&["MY"], false, 120_000)))
-        .await
-        .expect("a late narrowing");
+    // One made earlier that arrives late, stating less, loosens nothing; what it adds
+    // binds too.
+    deliver_as(
+        &fed,
+        SHELTER_MY,
+        &narrowing(terms(&["MY"], false, 120_000), 30_000),
+    )
+    .await
+    .expect("a late narrowing");
     let r = read().await;
     assert!(r.consent_no_family_contact, "{r:?}");
     assert_eq!(
@@ -814,7 +824,7 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
         (terms(&[], false, i64::MIN / 2), "no expiry"),
     ] {
         assert_code(
-            deliver_as(&fed, SHELTER_MY, &narrowing(bad)).await,
+            deliver_as(&fed, SHELTER_MY, &narrowing(bad, 0)).await,
             Code::InvalidArgument,
             words,
         );

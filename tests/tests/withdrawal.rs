@@ -1039,7 +1039,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
         serde_json::json!({"kind": "withdrawal", "state": "answered"})
     );
     assert_eq!(
-        kh_json["referrals"],
+        kh_json["referral_states"],
         serde_json::json!([{"referral_id": id, "state": "delivered"}])
     );
     assert_eq!(
