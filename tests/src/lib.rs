@@ -336,17 +336,7 @@ pub async fn case_with_consent_to(
     purposes: &[&str],
 ) -> (String, String) {
     let case_id = new_case(client).await;
-    let mut fields = std::collections::BTreeSet::new();
-    for p in purposes {
-        let profile = corridor::profile::profile(corridor::Purpose::parse(p).expect("purpose"));
-        fields.extend(
-            profile
-                .required
-                .iter()
-                .chain(profile.optional)
-                .map(|f| f.as_str().to_owned()),
-        );
-    }
+    let fields = fields_allowed_for(purposes);
     let consent_id = client
         .record_consent(consent_request(
             &case_id,
@@ -363,6 +353,22 @@ pub async fn case_with_consent_to(
         .into_inner()
         .consent_id;
     (case_id, consent_id)
+}
+
+/// Every field `purposes` allow, by name.
+pub fn fields_allowed_for(purposes: &[&str]) -> std::collections::BTreeSet<String> {
+    let mut fields = std::collections::BTreeSet::new();
+    for p in purposes {
+        let profile = corridor::profile::profile(corridor::Purpose::parse(p).expect("purpose"));
+        fields.extend(
+            profile
+                .required
+                .iter()
+                .chain(profile.optional)
+                .map(|f| f.as_str().to_owned()),
+        );
+    }
+    fields
 }
 
 /// A request to record `scope` for a case, as the person gave it, in writing.

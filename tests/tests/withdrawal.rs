@@ -1077,14 +1077,7 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
             pb::ConsentScope {
                 purposes: vec!["reintegration".into()],
                 recipient_roles: vec!["shelter@KH".into()],
-                fields: {
-                    let p = corridor::profile::profile(corridor::Purpose::Reintegration);
-                    p.required
-                        .iter()
-                        .chain(p.optional)
-                        .map(|f| f.as_str().to_owned())
-                        .collect()
-                },
+                fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
             },
