@@ -359,17 +359,44 @@ fn purge_receipt_json(pr: &pb::PurgeReceipt) -> Value {
         "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
         "narrowing": pr.narrowing,
         "cut_referrals": pr.cut_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
+        "terms": pr.terms.as_ref().map(|t| json!({
+            "excluded_countries": t.excluded_countries,
+            "no_family_contact": t.no_family_contact,
+            "expires_at_ms": t.expires_at_ms,
+        })),
         "signature": hex::encode(&pr.signature),
     })
+}
+
+/// What a recipient's answer to its latest narrowing says of the consent's terms, from
+/// the status's `terms_confirmation`.
+fn terms_confirmation_text(confirmation: &str) -> Option<&'static str> {
+    match confirmation {
+        "as-they-stand" => {
+            Some("confirmed it applies the consent's restrictions and expiry as they stand")
+        }
+        "earlier" => Some(
+            "confirmed only earlier, looser restrictions or expiry: the latest change has not reached it",
+        ),
+        "unconfirmed" => Some(
+            "did not confirm the consent's restrictions and expiry (it runs a version that does not read them, or was asked before they were stated): tell it by other means",
+        ),
+        _ => None,
+    }
 }
 
 /// When, and what a purge receipt says was destroyed or cut.
 fn purge_receipt_text(pr: &pb::PurgeReceipt) -> String {
     if pr.narrowing && pr.purged_referrals.is_empty() && pr.cut_referrals.is_empty() {
-        // A narrowing it had nothing to cut for: it learnt the terms as they now stand.
+        // A narrowing it had nothing to cut for: it was told the terms as they then stood.
         return format!(
-            "{}: nothing to destroy or cut, told of the consent's terms, signed receipt held",
-            format_time(pr.purged_at_ms)
+            "{}: nothing to destroy or cut{}, signed receipt held",
+            format_time(pr.purged_at_ms),
+            if pr.terms.is_some() {
+                ", the consent's terms confirmed"
+            } else {
+                ""
+            }
         );
     }
     let cut = if pr.narrowing {
@@ -400,6 +427,7 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                 "kept_whole_referrals": p.kept_whole_referral_ids,
                 "purge_receipt": p.purge_receipt.as_ref().map(purge_receipt_json),
                 "earlier_purge_receipts": p.earlier_receipts.iter().map(purge_receipt_json).collect::<Vec<_>>(),
+                "terms_confirmation": (!p.terms_confirmation.is_empty()).then_some(&p.terms_confirmation),
             })
         })
         .collect();
@@ -434,6 +462,9 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
                         p.attempts,
                         escape_controls(&p.last_error)
                     ));
+                }
+                if let Some(confirmation) = terms_confirmation_text(&p.terms_confirmation) {
+                    text.push_str(&format!("\n  {:<16} {confirmation}", ""));
                 }
                 for pr in &p.earlier_receipts {
                     let what = if pr.narrowing { "narrowed" } else { "purged" };
@@ -988,6 +1019,18 @@ pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_terms_confirmation_the_node_names_has_a_sentence() {
+        use corridor::TermsConfirmation as C;
+        for c in [C::AsTheyStand, C::Earlier, C::Unconfirmed] {
+            assert!(terms_confirmation_text(c.as_str()).is_some(), "{c:?}");
+        }
+        assert_eq!(terms_confirmation_text(""), None);
+        assert!(
+            terms_confirmation_text("unconfirmed").is_some_and(|t| t.contains("by other means"))
+        );
+    }
 
     #[test]
     fn country_codes_are_taken_in_either_case_and_checked() {

@@ -706,7 +706,14 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     })
     .await
     .map_err(|s| explain(&s))?;
-    wait_answered(&mut my, &consent.consent_id, "narrowed").await?;
+    let narrowed = wait_answered(&mut my, &consent.consent_id, "narrowed").await?;
+    let confirmed = narrowed
+        .recipients
+        .iter()
+        .any(|p| p.recipient == kh_id && p.terms_confirmation == "as-they-stand");
+    if !confirmed {
+        return Err("the recipient did not confirm the restriction".into());
+    }
     let reread = kh
         .get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id.clone(),
@@ -720,6 +727,9 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     outln!(
         "   the shelter in Cambodia reads the referral again: restrictions: no contact with family (as narrowed {})",
         format_time(reread.consent_narrowed_at_ms)
+    );
+    outln!(
+        "   its signed answer, verified and kept by the shelter in Malaysia, confirms that it applies the restriction"
     );
 
     step(
@@ -772,8 +782,9 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     );
     outln!("    so their records cannot be linked by reference.");
     outln!(
-        "  - A restriction she added later reached the recipient holding her data, which must honour it."
+        "  - A restriction she added later reached the recipient holding her data, which confirmed in a"
     );
+    outln!("    signed answer that it honours it.");
     outln!(
         "  - Withdrawal reached the recipient, which destroyed the data (its per-case key is gone) and"
     );

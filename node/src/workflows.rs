@@ -1499,6 +1499,17 @@ pub async fn consent_status(
             }
         }
     }
+    // Whether the answer to its latest narrowing confirms the terms as they now stand.
+    let current = ConsentTerms::of(&scope_of(&row)?);
+    for entry in recipients.values_mut() {
+        if let Some(receipt) = entry.purge_receipt.as_ref().filter(|r| r.narrowing) {
+            let confirmed = receipt
+                .terms
+                .clone()
+                .and_then(|t| convert::consent_terms_from_pb(t).ok());
+            entry.terms_confirmation = current.confirmation(confirmed.as_ref()).as_str().into();
+        }
+    }
     if row.withdrawn_at_ms.is_none() && row.narrowed_at_ms.is_some() {
         let scope = scope_of(&row)?;
         let removed: Option<BTreeSet<Field>> = row
@@ -2112,6 +2123,7 @@ async fn accept_withdrawal(
         node.org.clone(),
         purged.clone(),
         None,
+        None,
         now,
         &node.signing_key,
     );
@@ -2296,6 +2308,8 @@ async fn accept_narrowing(
         .iter()
         .find(|(id, _)| !purged.contains(id))
         .map(|(_, case_key_id)| case_key_id.as_str());
+    // The answer confirms the terms as the narrowing stated them: they bind what is kept.
+    let confirmed = terms.clone();
     let terms = match (terms, kept_case) {
         (Some(terms), Some(case_key_id)) => {
             combined_terms(node, &sender.id, &n.consent_id, case_key_id, terms).await?
@@ -2310,6 +2324,7 @@ async fn accept_narrowing(
         node.org.clone(),
         purged.clone(),
         Some(cut),
+        confirmed,
         now,
         &node.signing_key,
     );

@@ -133,6 +133,23 @@ impl ConsentTerms {
         Ok(())
     }
 
+    /// Appends the terms to a canonical encoding: excluded countries (sorted), no family
+    /// contact, expiry. Consent receipts and narrowing receipts sign them this way.
+    pub fn encode(&self, out: Canonical) -> Canonical {
+        encode_terms(out, &self.restrictions, self.expires_at_ms)
+    }
+
+    /// How terms a recipient confirmed (in its answer to a narrowing) stand against these,
+    /// the consent's terms now: as they stand if the confirmed terms bind at least as
+    /// tightly (every restriction these name, an expiry no later).
+    pub fn confirmation(&self, confirmed: Option<&ConsentTerms>) -> TermsConfirmation {
+        match confirmed {
+            None => TermsConfirmation::Unconfirmed,
+            Some(confirmed) if confirmed.and(self) == *confirmed => TermsConfirmation::AsTheyStand,
+            Some(_) => TermsConfirmation::Earlier,
+        }
+    }
+
     /// The terms that bind a recipient holding both statements. A consent is only ever
     /// narrowed, so every restriction either names holds, and the earlier expiry: the
     /// order in which statements arrive does not matter, and one delayed behind a later
@@ -150,6 +167,36 @@ impl ConsentTerms {
                     || other.restrictions.no_family_contact,
             },
             expires_at_ms: self.expires_at_ms.min(other.expires_at_ms),
+        }
+    }
+}
+
+fn encode_terms(out: Canonical, restrictions: &Restrictions, expires_at_ms: i64) -> Canonical {
+    let countries: Vec<&String> = restrictions.excluded_countries.iter().collect();
+    out.strs(&countries)
+        .u64(u64::from(restrictions.no_family_contact))
+        .i64(expires_at_ms)
+}
+
+/// Whether a recipient confirmed that it applies a consent's terms as they now stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TermsConfirmation {
+    /// It confirmed terms that bind at least as tightly as the consent's now.
+    AsTheyStand,
+    /// It confirmed terms looser than the consent's now: a later change has not reached it.
+    Earlier,
+    /// It confirmed none: it runs a version that does not read them, or answered a request
+    /// that stated none.
+    Unconfirmed,
+}
+
+impl TermsConfirmation {
+    /// The fixed name the local API gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AsTheyStand => "as-they-stand",
+            Self::Earlier => "earlier",
+            Self::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -712,17 +759,14 @@ impl ConsentReceipt {
     pub fn signed_bytes(&self) -> Vec<u8> {
         let purposes: Vec<&str> = self.purposes.iter().map(|p| p.as_str()).collect();
         let fields: Vec<&str> = self.fields.iter().map(|f| f.as_str()).collect();
-        let countries: Vec<&String> = self.restrictions.excluded_countries.iter().collect();
-        Canonical::new(label::CONSENT_RECEIPT)
+        let out = Canonical::new(label::CONSENT_RECEIPT)
             .str(&self.consent_id)
             .str(self.sender.as_str())
             .str(self.recipient.as_str())
             .str(&self.case_ref)
             .strs(&purposes)
-            .strs(&fields)
-            .strs(&countries)
-            .u64(u64::from(self.restrictions.no_family_contact))
-            .i64(self.expires_at_ms)
+            .strs(&fields);
+        encode_terms(out, &self.restrictions, self.expires_at_ms)
             .i64(self.issued_at_ms)
             .finish()
     }
@@ -1648,6 +1692,72 @@ mod tests {
                 ));
             }
         }
+
+        /// A recipient that confirmed terms as they stand admits under them no referral
+        /// the consent's terms now refuse; terms that bind together stand for both.
+        #[test]
+        fn terms_confirmed_as_they_stand_admit_nothing_the_terms_now_refuse(
+            scope in arb_scope(),
+            other in arb_scope(),
+            (recipient, purpose, fields) in arb_referral(),
+            now in 0i64..100,
+        ) {
+            let (current, confirmed) = (ConsentTerms::of(&scope), ConsentTerms::of(&other));
+            let stands = TermsConfirmation::AsTheyStand;
+            prop_assert_eq!(current.confirmation(Some(&confirmed.and(&current))), stands);
+            prop_assert_eq!(current.confirmation(None), TermsConfirmation::Unconfirmed);
+            let under = |t: &ConsentTerms| ConsentScope {
+                restrictions: t.restrictions.clone(),
+                expires_at_ms: t.expires_at_ms,
+                ..scope.clone()
+            };
+            if current.confirmation(Some(&confirmed)) == stands
+                && gate(&under(&confirmed), &recipient, purpose, &fields, now).is_ok()
+            {
+                prop_assert!(gate(&under(&current), &recipient, purpose, &fields, now).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn confirmed_terms_stand_only_if_they_bind_at_least_as_tightly() {
+        let now = ConsentTerms {
+            restrictions: Restrictions {
+                excluded_countries: ["VN".to_owned()].into(),
+                no_family_contact: true,
+            },
+            expires_at_ms: 100,
+        };
+        let with = |f: &dyn Fn(&mut ConsentTerms)| {
+            let mut t = now.clone();
+            f(&mut t);
+            t
+        };
+        let stands = |t: &ConsentTerms| now.confirmation(Some(t));
+        assert_eq!(stands(&now), TermsConfirmation::AsTheyStand);
+        assert_eq!(
+            stands(&with(&|t| t.expires_at_ms = 99)),
+            TermsConfirmation::AsTheyStand
+        );
+        assert_eq!(
+            stands(&with(&|t| {
+                t.restrictions.excluded_countries.insert("KH".into());
+            })),
+            TermsConfirmation::AsTheyStand
+        );
+        assert_eq!(
+            stands(&with(&|t| t.expires_at_ms = 101)),
+            TermsConfirmation::Earlier
+        );
+        assert_eq!(
+            stands(&with(&|t| t.restrictions.no_family_contact = false)),
+            TermsConfirmation::Earlier
+        );
+        assert_eq!(
+            stands(&with(&|t| t.restrictions.excluded_countries.clear())),
+            TermsConfirmation::Earlier
+        );
+        assert_eq!(now.confirmation(None), TermsConfirmation::Unconfirmed);
     }
 
     #[test]

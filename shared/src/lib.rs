@@ -32,6 +32,7 @@ pub mod witness;
 pub use caseref::PairwiseKey;
 pub use consent::{
     AfterNarrowing, ConsentReceipt, ConsentScope, ConsentTerms, GateRefusal, Reason,
+    TermsConfirmation,
 };
 pub use directory::{Directory, DirectoryError, Member, Role};
 pub use envelope::{

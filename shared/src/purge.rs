@@ -4,6 +4,7 @@
 //! asking until it holds one from every org it asked.
 
 use crate::canonical::{Canonical, label};
+use crate::consent::ConsentTerms;
 use crate::envelope::MessageId;
 use crate::org::OrgId;
 use crate::sign::{SigningKey, VerifyingKey};
@@ -24,6 +25,10 @@ pub struct PurgeReceipt {
     /// For a narrowing: the referrals of which fields were destroyed and the others
     /// kept, sorted. `None` answers a withdrawal.
     pub cut_referrals: Option<Vec<MessageId>>,
+    /// For a narrowing: the consent's terms as the narrowing stated them, which the purger
+    /// confirms it applies to what it keeps. `None` from a purger on a version that did not
+    /// read them yet, or answering a narrowing that stated none, and for a withdrawal.
+    pub terms: Option<ConsentTerms>,
     pub purged_at_ms: i64,
     pub signature: Vec<u8>,
 }
@@ -42,6 +47,8 @@ pub enum PurgeReceiptError {
     WrongConsent { found: String, expected: String },
     #[error("purge receipt signature does not verify with the purger's key")]
     BadSignature,
+    #[error("a withdrawal's purge receipt confirms consent terms")]
+    TermsOnWithdrawal,
 }
 
 impl PurgeReceipt {
@@ -54,6 +61,7 @@ impl PurgeReceipt {
         purger: OrgId,
         mut purged_referrals: Vec<MessageId>,
         mut cut_referrals: Option<Vec<MessageId>>,
+        terms: Option<ConsentTerms>,
         purged_at_ms: i64,
         key: &SigningKey,
     ) -> Self {
@@ -71,6 +79,7 @@ impl PurgeReceipt {
             purger,
             purged_referrals,
             cut_referrals,
+            terms,
             purged_at_ms,
             signature: Vec::new(),
         };
@@ -79,7 +88,9 @@ impl PurgeReceipt {
     }
 
     /// The bytes signed: a narrowing's receipt under a label of its own, so that it can
-    /// never pass for a withdrawal's.
+    /// never pass for a withdrawal's. Confirmed terms come last, as versions that did not
+    /// confirm terms left them out: their receipts still verify, and none can be made to
+    /// pass for one that confirms terms or the reverse (the encoding is length-prefixed).
     pub fn signed_bytes(&self) -> Vec<u8> {
         let hex = |ids: &[MessageId]| ids.iter().map(MessageId::to_hex).collect::<Vec<_>>();
         let label = match self.cut_referrals {
@@ -94,9 +105,10 @@ impl PurgeReceipt {
             .str(self.purger.as_str())
             .strs(&hex(&self.purged_referrals))
             .i64(self.purged_at_ms);
-        match &self.cut_referrals {
-            None => fields.finish(),
-            Some(cut) => fields.strs(&hex(cut)).finish(),
+        match (&self.cut_referrals, &self.terms) {
+            (None, _) => fields.finish(),
+            (Some(cut), None) => fields.strs(&hex(cut)).finish(),
+            (Some(cut), Some(terms)) => terms.encode(fields.strs(&hex(cut))).finish(),
         }
     }
 
@@ -117,6 +129,9 @@ impl PurgeReceipt {
         }
         if self.cut_referrals.is_some() != narrowing {
             return Err(PurgeReceiptError::WrongKind);
+        }
+        if self.cut_referrals.is_none() && self.terms.is_some() {
+            return Err(PurgeReceiptError::TermsOnWithdrawal);
         }
         if self.consent_id != consent_id {
             return Err(PurgeReceiptError::WrongConsent {
@@ -158,6 +173,7 @@ mod tests {
             my.clone(),
             kh.clone(),
             vec![MessageId([3; 16]), MessageId([2; 16]), MessageId([3; 16])],
+            None,
             None,
             99,
             &key,
@@ -208,6 +224,7 @@ mod tests {
                 kh.clone(),
                 vec![MessageId([2; 16])],
                 cut,
+                None,
                 99,
                 &key,
             )
@@ -236,6 +253,86 @@ mod tests {
         assert_eq!(
             t.verify(id, true, "consent-1", &my, &kh, &vk),
             Err(PurgeReceiptError::BadSignature)
+        );
+    }
+
+    /// A narrowing's receipt confirms the terms the narrowing stated, under the signature;
+    /// one without them (from an earlier version) is signed over the same bytes as before.
+    #[test]
+    fn confirmed_terms_are_signed_and_earlier_receipts_still_verify() {
+        let key = SigningKey::from_seed(&[4; 32]).unwrap();
+        let vk = key.verifying_key();
+        let my = OrgId::new("shelter-my").unwrap();
+        let kh = OrgId::new("shelter-kh").unwrap();
+        let id = MessageId([1; 16]);
+        let terms = ConsentTerms {
+            restrictions: crate::consent::Restrictions {
+                excluded_countries: ["VN".to_owned()].into(),
+                no_family_contact: true,
+            },
+            expires_at_ms: 500,
+        };
+        let sign = |cut: Option<Vec<MessageId>>, terms: Option<ConsentTerms>| {
+            PurgeReceipt::sign(
+                id,
+                "consent-1".into(),
+                "ref-1".into(),
+                my.clone(),
+                kh.clone(),
+                Vec::new(),
+                cut,
+                terms,
+                99,
+                &key,
+            )
+        };
+        let verify =
+            |r: &PurgeReceipt, narrowing| r.verify(id, narrowing, "consent-1", &my, &kh, &vk);
+        let confirmed = sign(Some(Vec::new()), Some(terms.clone()));
+        assert_eq!(verify(&confirmed, true), Ok(()));
+        let earlier = sign(Some(Vec::new()), None);
+        assert_eq!(verify(&earlier, true), Ok(()));
+        let layout_before_terms = Canonical::new(label::NARROWING_RECEIPT)
+            .bytes(&id.0)
+            .str("consent-1")
+            .str("ref-1")
+            .str("shelter-my")
+            .str("shelter-kh")
+            .strs::<&str>(&[])
+            .i64(99)
+            .strs::<&str>(&[])
+            .finish();
+        assert_eq!(earlier.signed_bytes(), layout_before_terms);
+
+        for tampered in [
+            PurgeReceipt {
+                terms: None,
+                ..confirmed.clone()
+            },
+            PurgeReceipt {
+                terms: Some(ConsentTerms {
+                    expires_at_ms: 501,
+                    ..terms.clone()
+                }),
+                ..confirmed.clone()
+            },
+            PurgeReceipt {
+                terms: Some(terms.clone()),
+                ..earlier.clone()
+            },
+        ] {
+            assert_eq!(
+                verify(&tampered, true),
+                Err(PurgeReceiptError::BadSignature)
+            );
+        }
+        let withdrawal = PurgeReceipt {
+            terms: Some(terms.clone()),
+            ..sign(None, None)
+        };
+        assert_eq!(
+            verify(&withdrawal, false),
+            Err(PurgeReceiptError::TermsOnWithdrawal)
         );
     }
 }

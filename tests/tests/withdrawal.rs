@@ -960,10 +960,41 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     })
     .await
     .expect("narrowing");
-    wait_status(&mut s, &consent_id, |st| {
+    let st = wait_status(&mut s, &consent_id, |st| {
         state_of(st, SHELTER_KH) == "narrowed"
     })
     .await;
+    // Its signed answer confirms the terms as the narrowing stated them.
+    let kh_status = st
+        .recipients
+        .iter()
+        .find(|r| r.recipient == SHELTER_KH)
+        .expect("the recipient");
+    assert_eq!(kh_status.terms_confirmation, "as-they-stand");
+    assert_eq!(
+        kh_status
+            .purge_receipt
+            .as_ref()
+            .and_then(|r| r.terms.clone()),
+        Some(pb::ConsentTerms {
+            excluded_countries: vec!["VN".into()],
+            no_family_contact: true,
+            expires_at_ms,
+        })
+    );
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["consent", "status", &consent_id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains(
+                "confirmed it applies the consent's restrictions and expiry as they stand"
+            ),
+        "{stdout}"
+    );
 
     let after = show(&mut k).await;
     assert!(after.consent_no_family_contact, "{after:?}");
@@ -1021,7 +1052,8 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     assert!(
         stdout.contains("purged at ")
             && stdout.contains("earlier: narrowed at ")
-            && stdout.contains("nothing to destroy or cut, told of the consent's terms"),
+            && stdout.contains("nothing to destroy or cut, the consent's terms confirmed")
+            && !stdout.contains("as they stand"),
         "{stdout}"
     );
     let out = std::process::Command::new(binary("corridor"))
@@ -1046,6 +1078,11 @@ async fn a_restriction_added_later_reaches_the_recipient() {
         kh_json["earlier_purge_receipts"].as_array().map(Vec::len),
         Some(1)
     );
+    assert_eq!(
+        kh_json["earlier_purge_receipts"][0]["terms"],
+        serde_json::json!({"excluded_countries": ["VN"], "no_family_contact": true, "expires_at_ms": expires_at_ms})
+    );
+    assert_eq!(kh_json["terms_confirmation"], serde_json::Value::Null);
     assert_eq!(
         scalar(
             &kh,
