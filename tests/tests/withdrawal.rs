@@ -657,6 +657,94 @@ fn without_member(directory: &str, org: &str) -> String {
         .join("[[member]]")
 }
 
+/// `directory` with the country of `org` set to `country`.
+fn with_member_country(directory: &str, org: &str, country: &str) -> String {
+    directory
+        .split("[[member]]")
+        .map(|block| match block.contains(&format!("id = \"{org}\"")) {
+            true => block
+                .lines()
+                .map(|line| match line.starts_with("country = ") {
+                    true => format!("country = \"{country}\""),
+                    false => line.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            false => block.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("[[member]]")
+}
+
+/// A recipient that refused every referral under a consent holds nothing under it: once
+/// the consent is withdrawn, its status says there is nothing to purge, nothing counts as
+/// outstanding and no withdrawal is sent to it.
+#[tokio::test]
+async fn a_recipient_that_refused_every_referral_has_nothing_to_purge() {
+    let fed = Federation::four("withdraw-refused");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let consent_id = s
+        .record_consent(consent_request(
+            &case_id,
+            pb::ConsentScope {
+                purposes: vec!["reintegration".into()],
+                recipient_orgs: vec![NGO_TH.into()],
+                fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
+                excluded_countries: vec!["VN".into()],
+                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("record consent")
+        .into_inner()
+        .consent_id;
+    // The NGO starts on a newer directory that places it in an excluded country: its own
+    // gate refuses what the sender's directory still lets through.
+    let original = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    let moved = with_member_country(&original, NGO_TH, "VN");
+    assert_ne!(moved, original);
+    publish_directory(&fed, &with_serial(&moved, 2));
+    let _ngo = fed.start(NGO_TH);
+    let id = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "refused", "{}", st.last_error);
+    assert!(st.last_error.contains("VN"), "{}", st.last_error);
+
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert_eq!(
+        state_of(&st, NGO_TH),
+        "nothing to purge (it refused every referral)",
+        "{st:?}"
+    );
+    let withdrawals = "SELECT count(*) FROM outbox WHERE kind = 2";
+    assert_eq!(scalar(&sender, withdrawals).await, 0);
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["consent", "status", &consent_id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("nothing to purge (it refused every referral)")
+            && stdout.contains("0 purge receipt(s) outstanding"),
+        "{stdout}"
+    );
+}
+
 /// A recipient that left the federation still holds what it received. A withdrawal then
 /// cannot reach it: consent status says so, counted as outstanding, and the recipient is
 /// asked to purge once a directory brings it back.
@@ -1175,5 +1263,73 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     assert!(
         read.consent_no_family_contact && read.consent_terms_restated,
         "{read:?}"
+    );
+}
+
+/// A recipient counts as told of a consent's terms by its referrals only if every
+/// referral it may hold was sealed after they changed: one holding a referral from before
+/// the change is told again at the next start, although a later referral carried the
+/// terms, if the record of the narrowing that told it is gone.
+#[tokio::test]
+async fn a_referral_sealed_after_a_change_does_not_tell_a_recipient_holding_one_from_before() {
+    let fed = Federation::four("terms-told-by-referrals");
+    let mut sender = fed.start(SHELTER_MY);
+    let _kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let send = |s: &mut Caseworker| {
+        let mut s = s.clone();
+        let case_id = case_id.clone();
+        async move {
+            let id = s
+                .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+                .await
+                .expect("send")
+                .into_inner()
+                .referral_id;
+            let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+            assert_eq!(st.state, "delivered", "{}", st.last_error);
+        }
+    };
+    send(&mut s).await;
+    let mut scope = consent_scope(&mut s, &consent_id).await;
+    scope.no_family_contact = true;
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("the restriction");
+    wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    send(&mut s).await;
+
+    sender.stop();
+    sql(
+        &sender,
+        &[
+            "DELETE FROM receipts WHERE message_id IN (SELECT message_id FROM outbox WHERE kind = 3)",
+            "DELETE FROM outbox WHERE kind = 3",
+        ],
+    )
+    .await;
+    sender.start();
+    let mut s = sender.client().await;
+    let st = wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    let kh_status = st.recipients.iter().find(|r| r.recipient == SHELTER_KH);
+    assert_eq!(
+        kh_status.map(|r| r.terms_confirmation.as_str()),
+        Some("as-they-stand")
+    );
+    assert_eq!(
+        scalar(&sender, "SELECT count(*) FROM outbox WHERE kind = 3").await,
+        1
     );
 }
