@@ -359,11 +359,7 @@ fn purge_receipt_json(pr: &pb::PurgeReceipt) -> Value {
         "purged_referrals": pr.purged_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
         "narrowing": pr.narrowing,
         "cut_referrals": pr.cut_referrals.iter().map(hex::encode).collect::<Vec<_>>(),
-        "terms": pr.terms.as_ref().map(|t| json!({
-            "excluded_countries": t.excluded_countries,
-            "no_family_contact": t.no_family_contact,
-            "expires_at_ms": t.expires_at_ms,
-        })),
+        "terms_confirmed": (!pr.terms_confirmed.is_empty()).then(|| hex::encode(&pr.terms_confirmed)),
         "signature": hex::encode(&pr.signature),
     })
 }
@@ -376,10 +372,10 @@ fn terms_confirmation_text(confirmation: &str) -> Option<&'static str> {
             Some("confirmed it applies the consent's restrictions and expiry as they stand")
         }
         "earlier" => Some(
-            "confirmed only earlier, looser restrictions or expiry: the latest change has not reached it",
+            "confirmed the consent's restrictions and expiry only as they were before a later change, which has yet to reach it",
         ),
         "unconfirmed" => Some(
-            "did not confirm the consent's restrictions and expiry (it runs a version that does not read them, or was asked before they were stated): tell it by other means",
+            "did not confirm the consent's restrictions and expiry (older versions do not): make sure it knows them by other means",
         ),
         _ => None,
     }
@@ -392,7 +388,7 @@ fn purge_receipt_text(pr: &pb::PurgeReceipt) -> String {
         return format!(
             "{}: nothing to destroy or cut{}, signed receipt held",
             format_time(pr.purged_at_ms),
-            if pr.terms.is_some() {
+            if !pr.terms_confirmed.is_empty() {
                 ", the consent's terms confirmed"
             } else {
                 ""

@@ -190,7 +190,7 @@ pub fn purge_receipt_to_pb(r: &corridor::PurgeReceipt) -> pb::PurgeReceipt {
             .flatten()
             .map(|m| m.0.to_vec())
             .collect(),
-        terms: r.terms.as_ref().map(consent_terms_to_pb),
+        terms_confirmed: r.terms_confirmed.map(|d| d.to_vec()).unwrap_or_default(),
     }
 }
 
@@ -213,11 +213,14 @@ pub fn purge_receipt_from_pb(r: pb::PurgeReceipt) -> Result<corridor::PurgeRecei
         purger: OrgId::new(&r.purger).map_err(|e| format!("purger: {e}"))?,
         purged_referrals: ids(&r.purged_referrals)?,
         cut_referrals,
-        terms: r
-            .terms
-            .map(consent_terms_from_pb)
-            .transpose()
-            .map_err(|e| format!("confirmed terms: {e}"))?,
+        terms_confirmed: match r.terms_confirmed.len() {
+            0 => None,
+            _ => Some(
+                r.terms_confirmed
+                    .try_into()
+                    .map_err(|_| "its confirmation of the consent's terms is not 32 bytes")?,
+            ),
+        },
         purged_at_ms: r.purged_at_ms,
         signature: r.signature,
     })

@@ -297,6 +297,8 @@ pub struct OutboxStatus {
     pub purge_receipt: Option<Vec<u8>>,
     /// For a consent narrowing: the consent's `narrowed_at_ms` it carries out.
     pub narrowed_at_ms: Option<i64>,
+    /// The id under which the recipient knows the consent.
+    pub consent_ref: String,
 }
 
 /// A referral received, still encrypted.
@@ -1286,7 +1288,8 @@ impl Store {
     pub async fn outbox_for_consent(&self, consent_id: &str) -> Result<Vec<OutboxStatus>> {
         let rows = sqlx::query(
             "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
-                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms,
+                o.consent_ref
              FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
              WHERE o.consent_id = $1 ORDER BY o.recipient, o.created_at_ms",
         )
@@ -1524,7 +1527,8 @@ impl Store {
     pub async fn outbox_status(&self, id: MessageId) -> Result<Option<OutboxStatus>> {
         let row = sqlx::query(
             "SELECT o.message_id, o.kind, o.recipient, o.purpose, o.case_ref, o.state, o.attempts,
-                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms
+                o.last_error, o.created_at_ms, r.receipt, r.purge_receipt, o.narrowed_at_ms,
+                o.consent_ref
              FROM outbox o LEFT JOIN receipts r ON r.message_id = o.message_id
              WHERE o.message_id = $1",
         )
@@ -2311,6 +2315,7 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
         receipt: r.get(9),
         purge_receipt: r.get(10),
         narrowed_at_ms: r.get(11),
+        consent_ref: r.get(12),
     })
 }
 

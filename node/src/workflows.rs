@@ -1269,6 +1269,10 @@ fn narrowing_item(
         purged_referral_ids: n.purged.iter().map(|i| i.0.to_vec()).collect(),
         narrowed_at_ms,
         terms: Some(convert::consent_terms_to_pb(terms)),
+        terms_key: node
+            .pairwise
+            .terms_key(to.consent_ref, narrowed_at_ms)
+            .to_vec(),
     }
     .encode_to_vec();
     let mut item = purge_request_item(
@@ -1422,6 +1426,8 @@ pub async fn consent_status(
     let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
         Default::default();
     let mut asked_to_withdraw = BTreeSet::new();
+    // The key each narrowing gave its recipient to confirm the terms with.
+    let mut terms_keys: HashMap<MessageId, [u8; 32]> = HashMap::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1455,6 +1461,12 @@ pub async fn consent_status(
         entry.earlier_receipts.extend(entry.purge_receipt.take());
         entry.request = if narrowing { "narrowing" } else { "withdrawal" }.into();
         entry.request_state = item.state.clone();
+        if narrowing {
+            let key = node
+                .pairwise
+                .terms_key(&item.consent_ref, item.narrowed_at_ms.unwrap_or_default());
+            terms_keys.insert(item.message_id, key);
+        }
         match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
             Some(Ok(receipt)) => {
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
@@ -1470,18 +1482,14 @@ pub async fn consent_status(
             }
         }
     }
+    // Every referral under the consent but refused ones, with what each still discloses.
+    let sent_under = node.store.referrals_under_consent(consent_id).await?;
     if row.withdrawn_at_ms.is_some() {
         // Recipients that hold data but could not be asked: not members when the consent
         // was withdrawn (a narrowing they carried out before leaves them holding the
         // rest). They are asked when a directory brings them back. One that refused
         // every referral holds nothing.
-        let may_hold: BTreeSet<String> = node
-            .store
-            .referrals_under_consent(consent_id)
-            .await?
-            .into_iter()
-            .map(|sent| sent.recipient)
-            .collect();
+        let may_hold: BTreeSet<&String> = sent_under.iter().map(|sent| &sent.recipient).collect();
         for (recipient, entry) in recipients.iter_mut() {
             if !may_hold.contains(recipient) {
                 entry.state = "nothing to purge (it refused every referral)".into();
@@ -1499,15 +1507,33 @@ pub async fn consent_status(
             }
         }
     }
-    // Whether the answer to its latest narrowing confirms the terms as they now stand.
-    let current = ConsentTerms::of(&scope_of(&row)?);
-    for entry in recipients.values_mut() {
-        if let Some(receipt) = entry.purge_receipt.as_ref().filter(|r| r.narrowing) {
-            let confirmed = receipt
-                .terms
-                .clone()
-                .and_then(|t| convert::consent_terms_from_pb(t).ok());
-            entry.terms_confirmation = current.confirmation(confirmed.as_ref()).as_str().into();
+    // Whether the answer to its latest narrowing confirms the terms as they now stand,
+    // for a recipient that still holds something they bind.
+    let holding: BTreeSet<&String> = sent_under
+        .iter()
+        .filter(|sent| sent.fields.as_deref() != Some(""))
+        .map(|sent| &sent.recipient)
+        .collect();
+    if let Ok(scope) = scope_of(&row) {
+        let current = ConsentTerms::of(&scope);
+        for (recipient, entry) in recipients.iter_mut() {
+            let Some(receipt) = entry.purge_receipt.as_ref().filter(|r| r.narrowing) else {
+                continue;
+            };
+            let Some(key) = MessageId::from_bytes(&receipt.withdrawal_id)
+                .ok()
+                .and_then(|id| terms_keys.get(&id))
+            else {
+                continue;
+            };
+            if holding.contains(recipient) {
+                let confirmed: Option<[u8; 32]> =
+                    receipt.terms_confirmed.as_slice().try_into().ok();
+                entry.terms_confirmation = current
+                    .confirmation(key, confirmed.as_ref())
+                    .as_str()
+                    .into();
+            }
         }
     }
     if row.withdrawn_at_ms.is_none() && row.narrowed_at_ms.is_some() {
@@ -1517,7 +1543,7 @@ pub async fn consent_status(
             .as_ref()
             .map(|names| names.iter().filter_map(|f| Field::parse(f).ok()).collect());
         // The referrals a narrowing asks about (`narrowing_of`): all but refused ones.
-        for sent in node.store.referrals_under_consent(consent_id).await? {
+        for sent in &sent_under {
             let member = OrgId::new(&sent.recipient)
                 .ok()
                 .and_then(|org| node.directory.get(&org));
@@ -2247,6 +2273,15 @@ async fn accept_narrowing(
         .map(convert::consent_terms_from_pb)
         .transpose()
         .map_err(|e| Failure::invalid(format!("narrowing: {e}")))?;
+    // The answer confirms the terms as the narrowing stated them (they bind what is
+    // kept), if the sender gave a key to confirm them with: only such a sender checks a
+    // signature that covers a confirmation.
+    let terms_key: Option<[u8; 32]> = match n.terms_key.len() {
+        0 => None,
+        _ => Some(n.terms_key.as_slice().try_into().map_err(|_| {
+            Failure::invalid("narrowing: the key to confirm its terms with is not 32 bytes")
+        })?),
+    };
     let id = |bytes: &[u8]| {
         MessageId::from_bytes(bytes)
             .map_err(|_| Failure::invalid("narrowing names a referral id that is not 16 bytes"))
@@ -2308,8 +2343,10 @@ async fn accept_narrowing(
         .iter()
         .find(|(id, _)| !purged.contains(id))
         .map(|(_, case_key_id)| case_key_id.as_str());
-    // The answer confirms the terms as the narrowing stated them: they bind what is kept.
-    let confirmed = terms.clone();
+    let confirmed = terms
+        .as_ref()
+        .zip(terms_key.as_ref())
+        .map(|(terms, key)| terms.confirmation_digest(key));
     let terms = match (terms, kept_case) {
         (Some(terms), Some(case_key_id)) => {
             combined_terms(node, &sender.id, &n.consent_id, case_key_id, terms).await?

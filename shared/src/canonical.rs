@@ -20,6 +20,9 @@ pub mod label {
     pub const PURGE_RECEIPT: &[u8] = b"corridor/v1/purge-receipt\0";
     /// A purge receipt answering a consent narrowing: what was purged and what was cut.
     pub const NARROWING_RECEIPT: &[u8] = b"corridor/v1/narrowing-receipt\0";
+    /// A recipient's confirmation of a consent's terms, keyed with what the narrowing
+    /// that stated them gave it.
+    pub const TERMS_CONFIRMATION: &[u8] = b"corridor/v1/terms-confirmation\0";
     /// HPKE `info` for sealing envelope payloads.
     pub const SEAL_INFO: &[u8] = b"corridor/v1/seal";
 }

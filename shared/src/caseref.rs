@@ -12,6 +12,7 @@ use crate::org::OrgId;
 const CASE_LABEL: &[u8] = b"corridor/v1/case-ref\0";
 const CONSENT_LABEL: &[u8] = b"corridor/v1/consent-ref\0";
 const REQUEST_LABEL: &[u8] = b"corridor/v1/request-digest\0";
+const TERMS_KEY_LABEL: &[u8] = b"corridor/v1/terms-key\0";
 
 /// Whether `text` has the form of a case reference: `ref-` and 32 lowercase hex digits.
 ///
@@ -85,6 +86,22 @@ impl PairwiseKey {
         let mut digest = [0u8; 32];
         digest.copy_from_slice(ring::hmac::sign(&self.0, &input.finish()).as_ref());
         digest
+    }
+
+    /// The key a narrowing gives its recipient to confirm the consent's terms with
+    /// ([`crate::ConsentTerms::confirmation_digest`]): one per consent as the recipient
+    /// knows it (`consent_ref`) and narrowing (`narrowed_at_ms`), so that a renewed
+    /// envelope carries the same. Derived, so the sender stores nothing to check an
+    /// answer; secret, so that the confirmation a recipient keeps in its answer says
+    /// nothing of the terms to whoever reads it once the data is purged.
+    pub fn terms_key(&self, consent_ref: &str, narrowed_at_ms: i64) -> [u8; 32] {
+        let input = Canonical::new(TERMS_KEY_LABEL)
+            .str(consent_ref)
+            .i64(narrowed_at_ms)
+            .finish();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::hmac::sign(&self.0, &input).as_ref());
+        key
     }
 
     fn tag(&self, label: &[u8], id: &str, recipient: &OrgId) -> String {

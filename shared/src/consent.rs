@@ -139,13 +139,30 @@ impl ConsentTerms {
         encode_terms(out, &self.restrictions, self.expires_at_ms)
     }
 
-    /// How terms a recipient confirmed (in its answer to a narrowing) stand against these,
-    /// the consent's terms now: as they stand if the confirmed terms bind at least as
-    /// tightly (every restriction these name, an expiry no later).
-    pub fn confirmation(&self, confirmed: Option<&ConsentTerms>) -> TermsConfirmation {
+    /// The terms as a recipient confirms them in its answer to the narrowing that stated
+    /// them: HMAC-SHA256, keyed with what that narrowing gave it
+    /// ([`crate::PairwiseKey::terms_key`]), of their canonical encoding. Keyed, so that the
+    /// few guessable values of a consent's terms cannot be recovered from the answer.
+    pub fn confirmation_digest(&self, key: &[u8; 32]) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let terms = self
+            .encode(Canonical::new(label::TERMS_CONFIRMATION))
+            .finish();
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::hmac::sign(&key, &terms).as_ref());
+        digest
+    }
+
+    /// How a recipient's confirmation (`confirmed`, keyed with `key`) stands against
+    /// these terms, the consent's now. A narrowing states the terms as they stand when it
+    /// is made and a consent's terms only ever tighten, so a confirmation of other terms
+    /// is one of earlier terms.
+    pub fn confirmation(&self, key: &[u8; 32], confirmed: Option<&[u8; 32]>) -> TermsConfirmation {
         match confirmed {
             None => TermsConfirmation::Unconfirmed,
-            Some(confirmed) if confirmed.and(self) == *confirmed => TermsConfirmation::AsTheyStand,
+            Some(digest) if *digest == self.confirmation_digest(key) => {
+                TermsConfirmation::AsTheyStand
+            }
             Some(_) => TermsConfirmation::Earlier,
         }
     }
@@ -181,12 +198,12 @@ fn encode_terms(out: Canonical, restrictions: &Restrictions, expires_at_ms: i64)
 /// Whether a recipient confirmed that it applies a consent's terms as they now stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TermsConfirmation {
-    /// It confirmed terms that bind at least as tightly as the consent's now.
+    /// It confirmed the consent's terms as they now stand.
     AsTheyStand,
-    /// It confirmed terms looser than the consent's now: a later change has not reached it.
+    /// It confirmed earlier terms: a later change has yet to reach it.
     Earlier,
-    /// It confirmed none: it runs a version that does not read them, or answered a request
-    /// that stated none.
+    /// It confirmed none: it runs a version that does not confirm them, or answered a
+    /// request that gave it no key to confirm them with.
     Unconfirmed,
 }
 
@@ -1692,35 +1709,10 @@ mod tests {
                 ));
             }
         }
-
-        /// A recipient that confirmed terms as they stand admits under them no referral
-        /// the consent's terms now refuse; terms that bind together stand for both.
-        #[test]
-        fn terms_confirmed_as_they_stand_admit_nothing_the_terms_now_refuse(
-            scope in arb_scope(),
-            other in arb_scope(),
-            (recipient, purpose, fields) in arb_referral(),
-            now in 0i64..100,
-        ) {
-            let (current, confirmed) = (ConsentTerms::of(&scope), ConsentTerms::of(&other));
-            let stands = TermsConfirmation::AsTheyStand;
-            prop_assert_eq!(current.confirmation(Some(&confirmed.and(&current))), stands);
-            prop_assert_eq!(current.confirmation(None), TermsConfirmation::Unconfirmed);
-            let under = |t: &ConsentTerms| ConsentScope {
-                restrictions: t.restrictions.clone(),
-                expires_at_ms: t.expires_at_ms,
-                ..scope.clone()
-            };
-            if current.confirmation(Some(&confirmed)) == stands
-                && gate(&under(&confirmed), &recipient, purpose, &fields, now).is_ok()
-            {
-                prop_assert!(gate(&under(&current), &recipient, purpose, &fields, now).is_ok());
-            }
-        }
     }
 
     #[test]
-    fn confirmed_terms_stand_only_if_they_bind_at_least_as_tightly() {
+    fn a_confirmation_stands_only_for_the_terms_and_key_it_was_made_with() {
         let now = ConsentTerms {
             restrictions: Restrictions {
                 excluded_countries: ["VN".to_owned()].into(),
@@ -1728,36 +1720,30 @@ mod tests {
             },
             expires_at_ms: 100,
         };
+        let key = [7; 32];
         let with = |f: &dyn Fn(&mut ConsentTerms)| {
             let mut t = now.clone();
             f(&mut t);
             t
         };
-        let stands = |t: &ConsentTerms| now.confirmation(Some(t));
+        let stands = |t: &ConsentTerms| now.confirmation(&key, Some(&t.confirmation_digest(&key)));
         assert_eq!(stands(&now), TermsConfirmation::AsTheyStand);
-        assert_eq!(
-            stands(&with(&|t| t.expires_at_ms = 99)),
-            TermsConfirmation::AsTheyStand
-        );
-        assert_eq!(
-            stands(&with(&|t| {
+        for earlier in [
+            with(&|t| t.expires_at_ms = 101),
+            with(&|t| t.restrictions.no_family_contact = false),
+            with(&|t| t.restrictions.excluded_countries.clear()),
+            with(&|t| {
                 t.restrictions.excluded_countries.insert("KH".into());
-            })),
-            TermsConfirmation::AsTheyStand
-        );
+            }),
+        ] {
+            assert_eq!(stands(&earlier), TermsConfirmation::Earlier, "{earlier:?}");
+        }
+        let other_key = now.confirmation_digest(&[8; 32]);
         assert_eq!(
-            stands(&with(&|t| t.expires_at_ms = 101)),
+            now.confirmation(&key, Some(&other_key)),
             TermsConfirmation::Earlier
         );
-        assert_eq!(
-            stands(&with(&|t| t.restrictions.no_family_contact = false)),
-            TermsConfirmation::Earlier
-        );
-        assert_eq!(
-            stands(&with(&|t| t.restrictions.excluded_countries.clear())),
-            TermsConfirmation::Earlier
-        );
-        assert_eq!(now.confirmation(None), TermsConfirmation::Unconfirmed);
+        assert_eq!(now.confirmation(&key, None), TermsConfirmation::Unconfirmed);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! asking until it holds one from every org it asked.
 
 use crate::canonical::{Canonical, label};
-use crate::consent::ConsentTerms;
 use crate::envelope::MessageId;
 use crate::org::OrgId;
 use crate::sign::{SigningKey, VerifyingKey};
@@ -25,10 +24,12 @@ pub struct PurgeReceipt {
     /// For a narrowing: the referrals of which fields were destroyed and the others
     /// kept, sorted. `None` answers a withdrawal.
     pub cut_referrals: Option<Vec<MessageId>>,
-    /// For a narrowing: the consent's terms as the narrowing stated them, which the purger
-    /// confirms it applies to what it keeps. `None` from a purger on a version that did not
-    /// read them yet, or answering a narrowing that stated none, and for a withdrawal.
-    pub terms: Option<ConsentTerms>,
+    /// For a narrowing: the purger's confirmation that it applies the consent's terms as
+    /// the narrowing stated them ([`crate::ConsentTerms::confirmation_digest`], keyed with
+    /// what the narrowing gave it). `None` from a purger on a version that does not
+    /// confirm them, answering a narrowing that gave no key (whose sender would not know
+    /// the field, and could not check the signature over it), and for a withdrawal.
+    pub terms_confirmed: Option<[u8; 32]>,
     pub purged_at_ms: i64,
     pub signature: Vec<u8>,
 }
@@ -61,7 +62,7 @@ impl PurgeReceipt {
         purger: OrgId,
         mut purged_referrals: Vec<MessageId>,
         mut cut_referrals: Option<Vec<MessageId>>,
-        terms: Option<ConsentTerms>,
+        terms_confirmed: Option<[u8; 32]>,
         purged_at_ms: i64,
         key: &SigningKey,
     ) -> Self {
@@ -79,7 +80,7 @@ impl PurgeReceipt {
             purger,
             purged_referrals,
             cut_referrals,
-            terms,
+            terms_confirmed,
             purged_at_ms,
             signature: Vec::new(),
         };
@@ -88,9 +89,10 @@ impl PurgeReceipt {
     }
 
     /// The bytes signed: a narrowing's receipt under a label of its own, so that it can
-    /// never pass for a withdrawal's. Confirmed terms come last, as versions that did not
-    /// confirm terms left them out: their receipts still verify, and none can be made to
-    /// pass for one that confirms terms or the reverse (the encoding is length-prefixed).
+    /// never pass for a withdrawal's. A confirmation of terms comes last, and only where
+    /// there is one, so that receipts without it are signed over the bytes that versions
+    /// before confirmations sign and check; the encoding is length-prefixed, so no receipt
+    /// can pass for one with a confirmation or the reverse.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let hex = |ids: &[MessageId]| ids.iter().map(MessageId::to_hex).collect::<Vec<_>>();
         let label = match self.cut_referrals {
@@ -105,10 +107,10 @@ impl PurgeReceipt {
             .str(self.purger.as_str())
             .strs(&hex(&self.purged_referrals))
             .i64(self.purged_at_ms);
-        match (&self.cut_referrals, &self.terms) {
+        match (&self.cut_referrals, &self.terms_confirmed) {
             (None, _) => fields.finish(),
             (Some(cut), None) => fields.strs(&hex(cut)).finish(),
-            (Some(cut), Some(terms)) => terms.encode(fields.strs(&hex(cut))).finish(),
+            (Some(cut), Some(confirmed)) => fields.strs(&hex(cut)).bytes(confirmed).finish(),
         }
     }
 
@@ -130,7 +132,7 @@ impl PurgeReceipt {
         if self.cut_referrals.is_some() != narrowing {
             return Err(PurgeReceiptError::WrongKind);
         }
-        if self.cut_referrals.is_none() && self.terms.is_some() {
+        if self.cut_referrals.is_none() && self.terms_confirmed.is_some() {
             return Err(PurgeReceiptError::TermsOnWithdrawal);
         }
         if self.consent_id != consent_id {
@@ -256,23 +258,16 @@ mod tests {
         );
     }
 
-    /// A narrowing's receipt confirms the terms the narrowing stated, under the signature;
-    /// one without them (from an earlier version) is signed over the same bytes as before.
+    /// A narrowing's receipt may confirm the consent's terms, under the signature; one
+    /// without a confirmation is signed over the same bytes as before confirmations.
     #[test]
-    fn confirmed_terms_are_signed_and_earlier_receipts_still_verify() {
+    fn a_confirmation_of_terms_is_signed_and_receipts_without_one_are_as_before() {
         let key = SigningKey::from_seed(&[4; 32]).unwrap();
         let vk = key.verifying_key();
         let my = OrgId::new("shelter-my").unwrap();
         let kh = OrgId::new("shelter-kh").unwrap();
         let id = MessageId([1; 16]);
-        let terms = ConsentTerms {
-            restrictions: crate::consent::Restrictions {
-                excluded_countries: ["VN".to_owned()].into(),
-                no_family_contact: true,
-            },
-            expires_at_ms: 500,
-        };
-        let sign = |cut: Option<Vec<MessageId>>, terms: Option<ConsentTerms>| {
+        let sign = |cut: Option<Vec<MessageId>>, confirmed: Option<[u8; 32]>| {
             PurgeReceipt::sign(
                 id,
                 "consent-1".into(),
@@ -281,18 +276,18 @@ mod tests {
                 kh.clone(),
                 Vec::new(),
                 cut,
-                terms,
+                confirmed,
                 99,
                 &key,
             )
         };
         let verify =
             |r: &PurgeReceipt, narrowing| r.verify(id, narrowing, "consent-1", &my, &kh, &vk);
-        let confirmed = sign(Some(Vec::new()), Some(terms.clone()));
+        let confirmed = sign(Some(Vec::new()), Some([5; 32]));
         assert_eq!(verify(&confirmed, true), Ok(()));
-        let earlier = sign(Some(Vec::new()), None);
-        assert_eq!(verify(&earlier, true), Ok(()));
-        let layout_before_terms = Canonical::new(label::NARROWING_RECEIPT)
+        let without = sign(Some(Vec::new()), None);
+        assert_eq!(verify(&without, true), Ok(()));
+        let layout_before_confirmations = Canonical::new(label::NARROWING_RECEIPT)
             .bytes(&id.0)
             .str("consent-1")
             .str("ref-1")
@@ -302,23 +297,20 @@ mod tests {
             .i64(99)
             .strs::<&str>(&[])
             .finish();
-        assert_eq!(earlier.signed_bytes(), layout_before_terms);
+        assert_eq!(without.signed_bytes(), layout_before_confirmations);
 
         for tampered in [
             PurgeReceipt {
-                terms: None,
+                terms_confirmed: None,
                 ..confirmed.clone()
             },
             PurgeReceipt {
-                terms: Some(ConsentTerms {
-                    expires_at_ms: 501,
-                    ..terms.clone()
-                }),
+                terms_confirmed: Some([6; 32]),
                 ..confirmed.clone()
             },
             PurgeReceipt {
-                terms: Some(terms.clone()),
-                ..earlier.clone()
+                terms_confirmed: Some([5; 32]),
+                ..without.clone()
             },
         ] {
             assert_eq!(
@@ -327,7 +319,7 @@ mod tests {
             );
         }
         let withdrawal = PurgeReceipt {
-            terms: Some(terms.clone()),
+            terms_confirmed: Some([5; 32]),
             ..sign(None, None)
         };
         assert_eq!(

@@ -721,8 +721,8 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     deliver_as(&fed, SHELTER_MY, &envelope(&fed, h))
         .await
         .expect("referral accepted");
-    // A narrowing made `age_ms` ago.
-    let narrowing = |terms: Option<pb::ConsentTerms>, age_ms: i64| {
+    // A narrowing made `age_ms` ago, giving `terms_key` to confirm its terms with.
+    let narrowing_keyed = |terms: Option<pb::ConsentTerms>, age_ms: i64, terms_key: &[u8]| {
         let mut h = header(SHELTER_MY, SHELTER_KH);
         h.kind = MessageKind::ConsentNarrowing;
         let payload = pb::ConsentNarrowing {
@@ -732,10 +732,12 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
             purged_referral_ids: vec![],
             narrowed_at_ms: corridor_node::node::now_ms() - age_ms,
             terms,
+            terms_key: terms_key.to_vec(),
         }
         .encode_to_vec();
         seal_as_sender(&fed, h, &payload)
     };
+    let narrowing = |terms, age_ms| narrowing_keyed(terms, age_ms, &[]);
     let terms = |countries: &[&str], no_family_contact: bool, expires_in_ms: i64| {
         Some(pb::ConsentTerms {
             excluded_countries: countries.iter().map(|c| c.to_string()).collect(),
@@ -782,14 +784,22 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
         .into_inner();
     assert!(later.consent_terms_restated, "{later:?}");
 
-    // Restated terms bind, with the earlier expiry.
-    deliver_as(
-        &fed,
-        SHELTER_MY,
-        &narrowing(terms(&["TH"], true, 60_000), 0),
-    )
-    .await
-    .expect("narrowing with terms");
+    // Restated terms bind, with the earlier expiry. The answer confirms them, keyed with
+    // what the narrowing gave; without a key (a sender that could not check it) it
+    // confirms nothing.
+    let stated = terms(&["TH"], true, 60_000);
+    let key = [9u8; 32];
+    let answer = deliver_as(&fed, SHELTER_MY, &narrowing_keyed(stated.clone(), 0, &key))
+        .await
+        .expect("narrowing with terms");
+    let stated = stated
+        .map(corridor_node::convert::consent_terms_from_pb)
+        .and_then(Result::ok)
+        .expect("terms");
+    assert_eq!(
+        answer.purge_receipt.map(|r| r.terms_confirmed),
+        Some(stated.confirmation_digest(&key).to_vec())
+    );
     let r = read().await;
     assert!(
         r.consent_terms_restated && r.consent_no_family_contact,
@@ -801,13 +811,17 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
 
     // One made earlier that arrives late, stating less, loosens nothing; what it adds
     // binds too.
-    deliver_as(
+    let answer = deliver_as(
         &fed,
         SHELTER_MY,
         &narrowing(terms(&["MY"], false, 120_000), 30_000),
     )
     .await
     .expect("a late narrowing");
+    assert_eq!(
+        answer.purge_receipt.map(|r| r.terms_confirmed),
+        Some(Vec::new())
+    );
     let r = read().await;
     assert!(r.consent_no_family_contact, "{r:?}");
     assert_eq!(
@@ -829,6 +843,16 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
             words,
         );
     }
+    assert_code(
+        deliver_as(
+            &fed,
+            SHELTER_MY,
+            &narrowing_keyed(terms(&["TH"], true, 60_000), 0, &[1; 31]),
+        )
+        .await,
+        Code::InvalidArgument,
+        "the key to confirm its terms with is not 32 bytes",
+    );
     // The terms are stored sealed: not their encoding in the clear (an excluded TH).
     assert_eq!(
         scalar(
