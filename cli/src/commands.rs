@@ -375,7 +375,7 @@ fn terms_confirmation_text(confirmation: &str) -> Option<&'static str> {
             "confirmed the consent's restrictions and expiry only as they were before a later change, which has yet to reach it",
         ),
         "unconfirmed" => Some(
-            "did not confirm the consent's restrictions and expiry (older versions do not): make sure it knows them by other means",
+            "did not confirm the consent's restrictions and expiry (it, or the request it answered, predates confirmations): make sure it knows them by other means",
         ),
         _ => None,
     }

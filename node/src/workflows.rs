@@ -1271,7 +1271,7 @@ fn narrowing_item(
         terms: Some(convert::consent_terms_to_pb(terms)),
         terms_key: node
             .pairwise
-            .terms_key(to.consent_ref, narrowed_at_ms)
+            .terms_key(to.consent_ref, &recipient.id, narrowed_at_ms)
             .to_vec(),
     }
     .encode_to_vec();
@@ -1426,8 +1426,10 @@ pub async fn consent_status(
     let mut recipients: std::collections::BTreeMap<String, pb::RecipientPurgeStatus> =
         Default::default();
     let mut asked_to_withdraw = BTreeSet::new();
-    // The key each narrowing gave its recipient to confirm the terms with.
-    let mut terms_keys: HashMap<MessageId, [u8; 32]> = HashMap::new();
+    // Per recipient and consent id it knows: the latest narrowing it answered, with its
+    // confirmation of the terms and the key that narrowing gave it to confirm them with.
+    type Confirmed = (Option<[u8; 32]>, [u8; 32]);
+    let mut answered: BTreeMap<(String, String), Confirmed> = BTreeMap::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1461,14 +1463,20 @@ pub async fn consent_status(
         entry.earlier_receipts.extend(entry.purge_receipt.take());
         entry.request = if narrowing { "narrowing" } else { "withdrawal" }.into();
         entry.request_state = item.state.clone();
-        if narrowing {
-            let key = node
-                .pairwise
-                .terms_key(&item.consent_ref, item.narrowed_at_ms.unwrap_or_default());
-            terms_keys.insert(item.message_id, key);
-        }
         match item.purge_receipt.as_deref().map(pb::PurgeReceipt::decode) {
             Some(Ok(receipt)) => {
+                if narrowing && let Ok(org) = OrgId::new(&item.recipient) {
+                    let key = node.pairwise.terms_key(
+                        &item.consent_ref,
+                        &org,
+                        item.narrowed_at_ms.unwrap_or_default(),
+                    );
+                    let confirmed = receipt.terms_confirmed.as_slice().try_into().ok();
+                    answered.insert(
+                        (item.recipient.clone(), item.consent_ref.clone()),
+                        (confirmed, key),
+                    );
+                }
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
                 entry.request_state = "answered".into();
                 entry.purge_receipt = Some(receipt);
@@ -1507,32 +1515,30 @@ pub async fn consent_status(
             }
         }
     }
-    // Whether the answer to its latest narrowing confirms the terms as they now stand,
-    // for a recipient that still holds something they bind.
-    let holding: BTreeSet<&String> = sent_under
+    // Whether a recipient whose latest request was a narrowing it answered confirmed the
+    // terms as they now stand, for everything it still holds data under: the weakest of
+    // its answers under each consent id it knows the consent by.
+    let holding: BTreeSet<(&String, &String)> = sent_under
         .iter()
         .filter(|sent| sent.fields.as_deref() != Some(""))
-        .map(|sent| &sent.recipient)
+        .map(|sent| (&sent.recipient, &sent.consent_ref))
         .collect();
     if let Ok(scope) = scope_of(&row) {
         let current = ConsentTerms::of(&scope);
         for (recipient, entry) in recipients.iter_mut() {
-            let Some(receipt) = entry.purge_receipt.as_ref().filter(|r| r.narrowing) else {
+            if !entry.purge_receipt.as_ref().is_some_and(|r| r.narrowing) {
                 continue;
-            };
-            let Some(key) = MessageId::from_bytes(&receipt.withdrawal_id)
-                .ok()
-                .and_then(|id| terms_keys.get(&id))
-            else {
-                continue;
-            };
-            if holding.contains(recipient) {
-                let confirmed: Option<[u8; 32]> =
-                    receipt.terms_confirmed.as_slice().try_into().ok();
-                entry.terms_confirmation = current
-                    .confirmation(key, confirmed.as_ref())
-                    .as_str()
-                    .into();
+            }
+            let weakest = holding
+                .iter()
+                .filter(|(to, _)| *to == recipient)
+                .filter_map(|(to, consent_ref)| {
+                    answered.get(&((*to).clone(), (*consent_ref).clone()))
+                })
+                .map(|(confirmed, key)| current.confirmation(key, confirmed.as_ref()))
+                .min();
+            if let Some(weakest) = weakest {
+                entry.terms_confirmation = weakest.as_str().into();
             }
         }
     }
@@ -2276,12 +2282,12 @@ async fn accept_narrowing(
     // The answer confirms the terms as the narrowing stated them (they bind what is
     // kept), if the sender gave a key to confirm them with: only such a sender checks a
     // signature that covers a confirmation.
-    let terms_key: Option<[u8; 32]> = match n.terms_key.len() {
-        0 => None,
-        _ => Some(n.terms_key.as_slice().try_into().map_err(|_| {
-            Failure::invalid("narrowing: the key to confirm its terms with is not 32 bytes")
-        })?),
-    };
+    // A key of another length is the sender's fault: the narrowing is carried out all the
+    // same, for what it takes away protects the person, and answered without confirming.
+    let terms_key: Option<[u8; 32]> = n.terms_key.as_slice().try_into().ok();
+    if terms_key.is_none() && !n.terms_key.is_empty() {
+        tracing::warn!(sender = %sender.id, envelope = %message_id, "a narrowing's key to confirm its terms with is not 32 bytes; its terms are not confirmed");
+    }
     let id = |bytes: &[u8]| {
         MessageId::from_bytes(bytes)
             .map_err(|_| Failure::invalid("narrowing names a referral id that is not 16 bytes"))

@@ -88,15 +88,16 @@ impl PairwiseKey {
         digest
     }
 
-    /// The key a narrowing gives its recipient to confirm the consent's terms with
-    /// ([`crate::ConsentTerms::confirmation_digest`]): one per consent as the recipient
-    /// knows it (`consent_ref`) and narrowing (`narrowed_at_ms`), so that a renewed
-    /// envelope carries the same. Derived, so the sender stores nothing to check an
-    /// answer; secret, so that the confirmation a recipient keeps in its answer says
+    /// The key a narrowing gives `recipient` to confirm the consent's terms with
+    /// ([`crate::ConsentTerms::confirmation_digest`]): one per recipient, consent as the
+    /// recipient knows it (`consent_ref`) and narrowing (`narrowed_at_ms`), so that a
+    /// renewed envelope carries the same. Derived, so the sender stores nothing to check
+    /// an answer; secret, so that the confirmation a recipient keeps in its answer says
     /// nothing of the terms to whoever reads it once the data is purged.
-    pub fn terms_key(&self, consent_ref: &str, narrowed_at_ms: i64) -> [u8; 32] {
+    pub fn terms_key(&self, consent_ref: &str, recipient: &OrgId, narrowed_at_ms: i64) -> [u8; 32] {
         let input = Canonical::new(TERMS_KEY_LABEL)
             .str(consent_ref)
+            .str(recipient.as_str())
             .i64(narrowed_at_ms)
             .finish();
         let mut key = [0u8; 32];
@@ -211,6 +212,22 @@ mod tests {
                 "",
                 fields.iter().copied(),
             ),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn a_terms_key_is_one_per_recipient_consent_and_narrowing_and_secret_to_the_node() {
+        let key = PairwiseKey::derive(&[1; 32]);
+        let (a, b) = (OrgId::new("a").unwrap(), OrgId::new("b").unwrap());
+        let base = key.terms_key("consent-1", &a, 5);
+        assert_eq!(base, key.terms_key("consent-1", &a, 5));
+        for other in [
+            key.terms_key("consent-2", &a, 5),
+            key.terms_key("consent-1", &b, 5),
+            key.terms_key("consent-1", &a, 6),
+            PairwiseKey::derive(&[2; 32]).terms_key("consent-1", &a, 5),
         ] {
             assert_ne!(base, other);
         }

@@ -196,15 +196,16 @@ fn encode_terms(out: Canonical, restrictions: &Restrictions, expires_at_ms: i64)
 }
 
 /// Whether a recipient confirmed that it applies a consent's terms as they now stand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered from the weakest, so that of several answers (one per consent id a recipient
+/// knows the consent by) the least stands for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TermsConfirmation {
-    /// It confirmed the consent's terms as they now stand.
-    AsTheyStand,
+    /// It confirmed none: it, or the request it answered, predates confirmations.
+    Unconfirmed,
     /// It confirmed earlier terms: a later change has yet to reach it.
     Earlier,
-    /// It confirmed none: it runs a version that does not confirm them, or answered a
-    /// request that gave it no key to confirm them with.
-    Unconfirmed,
+    /// It confirmed the consent's terms as they now stand.
+    AsTheyStand,
 }
 
 impl TermsConfirmation {
@@ -1744,6 +1745,8 @@ mod tests {
             TermsConfirmation::Earlier
         );
         assert_eq!(now.confirmation(&key, None), TermsConfirmation::Unconfirmed);
+        assert!(TermsConfirmation::Unconfirmed < TermsConfirmation::Earlier);
+        assert!(TermsConfirmation::Earlier < TermsConfirmation::AsTheyStand);
     }
 
     #[test]

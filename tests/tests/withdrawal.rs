@@ -25,6 +25,15 @@ fn state_of(st: &pb::ConsentStatusResponse, org: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Whether `org`'s answer to its latest narrowing confirmed the consent's terms.
+fn terms_confirmation_of(st: &pb::ConsentStatusResponse, org: &str) -> String {
+    st.recipients
+        .iter()
+        .find(|r| r.recipient == org)
+        .map(|r| r.terms_confirmation.clone())
+        .unwrap_or_default()
+}
+
 /// Waits (up to 30 s) until the consent's status meets `done`, and returns it.
 async fn wait_status(
     s: &mut Caseworker,
@@ -1089,6 +1098,20 @@ async fn a_restriction_added_later_reaches_the_recipient() {
             ),
         "{stdout}"
     );
+    // A later narrowing of a field the referral did not carry asks nothing of it, and
+    // its answer stands: checked with the key its own narrowing gave it.
+    let mut scope = consent_scope(&mut s, &consent_id).await;
+    let unsent = corridor::profile::profile(corridor::Purpose::Reintegration).optional[0];
+    scope.fields.retain(|f| f != unsent.as_str());
+    s.narrow_consent(pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    })
+    .await
+    .expect("a field");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert_eq!(terms_confirmation_of(&st, SHELTER_KH), "as-they-stand");
 
     let after = show(&mut k).await;
     assert!(after.consent_no_family_contact, "{after:?}");
@@ -1193,7 +1216,8 @@ async fn a_restriction_added_later_reaches_the_recipient() {
 
 /// A recipient that was not a member when the person added a restriction learns it when
 /// it comes back, although a later narrowing changed no restriction and has nothing for
-/// it to cut.
+/// it to cut. Meanwhile the sender's status says it confirmed only the terms as they were
+/// before; once told, as they stand.
 #[tokio::test]
 async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_returns() {
     let fed = Federation::four("narrow-terms-away");
@@ -1225,6 +1249,22 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
         .referral_id;
     let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
+    let narrow = |scope: pb::ConsentScope| pb::NarrowConsentRequest {
+        consent_id: consent_id.clone(),
+        scope: Some(scope),
+        if_narrowed_at_ms: None,
+    };
+    // A first restriction it confirms.
+    let mut scope = consent_scope(&mut s, &consent_id).await;
+    scope.excluded_countries = vec!["VN".into()];
+    s.narrow_consent(narrow(scope))
+        .await
+        .expect("a first restriction");
+    let st = wait_status(&mut s, &consent_id, |st| {
+        state_of(st, SHELTER_KH) == "narrowed"
+    })
+    .await;
+    assert_eq!(terms_confirmation_of(&st, SHELTER_KH), "as-they-stand");
 
     kh.stop();
     sender.stop();
@@ -1235,16 +1275,14 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     );
     sender.start();
     let mut s = sender.client().await;
-    let narrow = |scope: pb::ConsentScope| pb::NarrowConsentRequest {
-        consent_id: consent_id.clone(),
-        scope: Some(scope),
-        if_narrowed_at_ms: None,
-    };
     let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.no_family_contact = true;
     s.narrow_consent(narrow(scope.clone()))
         .await
         .expect("the restriction");
+    // Away, it has confirmed only the terms as they were before.
+    let st = consent_status(&mut s, &consent_id).await;
+    assert_eq!(terms_confirmation_of(&st, SHELTER_KH), "earlier");
     // Then a field the referral did not carry: nothing to cut, no restriction changed.
     let unsent = corridor::profile::profile(corridor::Purpose::Reintegration).optional[0];
     scope.fields.retain(|f| f != unsent.as_str());
@@ -1255,8 +1293,9 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     kh.start();
     sender.start();
     let mut s = sender.client().await;
+    // Told when it returns, it confirms them as they stand.
     wait_status(&mut s, &consent_id, |st| {
-        state_of(st, SHELTER_KH) == "narrowed"
+        terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
     })
     .await;
     let read = kh
@@ -1269,6 +1308,32 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     assert!(
         read.consent_no_family_contact && read.consent_terms_restated,
         "{read:?}"
+    );
+
+    // An answer without a confirmation (from a recipient, or to a request, from before
+    // confirmations: here the stored answer loses its last field, the confirmation) reads
+    // as unconfirmed, and the caseworker is told what to do.
+    sql(
+        &sender,
+        &["UPDATE receipts SET purge_receipt = substr(purge_receipt, 1, length(purge_receipt) - 34)
+           WHERE message_id IN (SELECT message_id FROM outbox WHERE kind = 3)"],
+    )
+    .await;
+    let st = consent_status(&mut s, &consent_id).await;
+    assert_eq!(
+        terms_confirmation_of(&st, SHELTER_KH),
+        "unconfirmed",
+        "{st:?}"
+    );
+    let out = std::process::Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["consent", "status", &consent_id])
+        .output()
+        .expect("run corridor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("make sure it knows them by other means"),
+        "{stdout}"
     );
 }
 
