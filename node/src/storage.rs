@@ -33,6 +33,11 @@ pub enum StoreError {
     NewerSchema(i64),
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    /// What a write was prepared from changed before it was stored (another request on
+    /// the same records, processed at once): nothing was written, and the caller reads
+    /// again.
+    #[error("{0} changed while the write was prepared; nothing was written")]
+    ReadAgain(&'static str),
     #[error("audit entry {0} is missing from the log")]
     MissingEntry(u64),
     #[error("storage is closed")]
@@ -1769,9 +1774,7 @@ impl Store {
                             .await?
                             .flatten();
                             if stored.as_ref() != as_read.as_ref().map(|t| &t.sealed) {
-                                return Err(StoreError::Corrupt(
-                                    "consent terms changed during narrowing; retry",
-                                ));
+                                return Err(StoreError::ReadAgain("the consent's stored terms"));
                             }
                         }
                         let terms = n.terms.as_ref().map(|(t, _)| t);
@@ -1807,9 +1810,7 @@ impl Store {
                         let mut read = n.held.clone();
                         read.sort();
                         if held != read {
-                            return Err(StoreError::Corrupt(
-                                "inbox changed during narrowing; retry",
-                            ));
+                            return Err(StoreError::ReadAgain("what is held under the consent"));
                         }
                         for id in &n.purged {
                             let deleted = sqlx::query(
@@ -1823,8 +1824,8 @@ impl Store {
                             .await?
                             .rows_affected();
                             if deleted != 1 {
-                                return Err(StoreError::Corrupt(
-                                    "inbox changed during narrowing; retry",
+                                return Err(StoreError::ReadAgain(
+                                    "what is held under the consent",
                                 ));
                             }
                         }
@@ -1906,7 +1907,7 @@ impl Store {
                             // arrived, or retention deleted one): the purge receipt would
                             // name the wrong referrals. The job fails, nothing of it stays,
                             // and the sender's retry gets the truth.
-                            return Err(StoreError::Corrupt("inbox changed during purge; retry"));
+                            return Err(StoreError::ReadAgain("what is held under the consent"));
                         }
                         Self::shred_what_nothing_held_needs(conn).await?;
                         log.append(audit.clone())?;

@@ -109,7 +109,37 @@ impl From<Failure> for Status {
 
 impl From<crate::storage::StoreError> for Failure {
     fn from(e: crate::storage::StoreError) -> Self {
-        Self::internal("storage failed", e)
+        match e {
+            // No fault: another request changed the same records at once. Worth asking
+            // again, as the code says.
+            crate::storage::StoreError::ReadAgain(_) => {
+                Self::new(Code::Aborted, format!("{e}; ask again")).rule("concurrent-change")
+            }
+            e => Self::internal("storage failed", e),
+        }
+    }
+}
+
+/// How often a withdrawal or narrowing is carried out again, here, when what it read
+/// changed before it could store its outcome ([`crate::storage::StoreError::ReadAgain`]:
+/// two requests on one consent processed at once). After that the sender asks again.
+const READ_AGAIN_ATTEMPTS: usize = 3;
+
+/// Runs `attempt` until it does not fail with `Code::Aborted`, at most
+/// [`READ_AGAIN_ATTEMPTS`] times.
+async fn reading_again<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, Failure>
+where
+    F: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(failure) if failure.code == Code::Aborted && tries < READ_AGAIN_ATTEMPTS => {
+                tracing::debug!(error = %failure.message, "what a request read changed before it was stored; reading again");
+                tries += 1;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -1906,13 +1936,18 @@ async fn receive(
                     .await
             }
             MessageKind::ConsentWithdrawal => {
-                accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now).await
+                reading_again(|| {
+                    accept_withdrawal(node, sender, message_id, &digest, &opened.payload, now)
+                })
+                .await
             }
             MessageKind::ConsentNarrowing => {
                 // The sender's word on when it narrowed, but no later than it sealed this.
                 let sealed_at_ms = opened.header.created_at_ms;
-                accept_narrowing(node, sender, message_id, &digest, &opened.payload, sealed_at_ms, now)
-                    .await
+                reading_again(|| {
+                    accept_narrowing(node, sender, message_id, &digest, &opened.payload, sealed_at_ms, now)
+                })
+                .await
             }
         }
     }

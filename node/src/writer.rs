@@ -714,7 +714,12 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
             }
         }
         Err(error) => {
-            tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
+            // A concurrent change is no fault; anything else may be.
+            if matches!(error, StoreError::ReadAgain(_)) {
+                tracing::debug!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
+            } else {
+                tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
+            }
             for mut job in group.drain(..) {
                 let alone = commit_group_caught_up(tx, log, std::slice::from_mut(&mut job)).await;
                 job.finish(alone.err());

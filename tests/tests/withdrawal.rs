@@ -1404,3 +1404,73 @@ async fn a_referral_sealed_after_a_change_does_not_tell_a_recipient_holding_one_
         1
     );
 }
+
+/// Narrowings queued while their recipient was down reach it together, and it carries
+/// them out at once: where one changed what another had read (the consent's stored
+/// terms, what is held under it), that one reads again. None fails as a storage error,
+/// and the recipient ends up confirming the terms as they stand.
+#[tokio::test]
+async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
+    let fed = Federation::four("narrowings-together");
+    let sender = fed.start(SHELTER_MY);
+    let mut kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+
+    kh.stop();
+    let changes: [&dyn Fn(&mut pb::ConsentScope); 3] = [
+        &|scope| scope.excluded_countries.push("VN".into()),
+        &|scope| scope.no_family_contact = true,
+        &|scope| scope.expires_at_ms -= 3_600_000,
+    ];
+    for change in changes {
+        let mut scope = consent_scope(&mut s, &consent_id).await;
+        change(&mut scope);
+        s.narrow_consent(pb::NarrowConsentRequest {
+            consent_id: consent_id.clone(),
+            scope: Some(scope),
+            if_narrowed_at_ms: None,
+        })
+        .await
+        .expect("narrowing");
+    }
+    assert_eq!(
+        scalar(
+            &sender,
+            "SELECT count(*) FROM outbox WHERE kind = 3 AND state = 'queued'"
+        )
+        .await,
+        3
+    );
+    kh.start();
+    wait_status(&mut s, &consent_id, |st| {
+        terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
+    })
+    .await;
+    let read = kh
+        .client()
+        .await
+        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .await
+        .expect("referral")
+        .into_inner();
+    assert!(
+        read.consent_no_family_contact && read.consent_excluded_countries == ["VN"],
+        "{read:?}"
+    );
+    for (node, log) in [("recipient", kh.log()), ("sender", sender.log())] {
+        assert!(
+            !log.contains("storage failed") && !log.contains("ERROR"),
+            "the {node} logged a failure:\n{log}"
+        );
+    }
+}
