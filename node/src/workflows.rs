@@ -1545,9 +1545,10 @@ pub async fn consent_status(
             }
         }
     }
-    // Whether a recipient whose latest request was a narrowing it answered confirmed the
-    // terms as they now stand, for everything it still holds data under: the weakest of
-    // its answers under each consent id it knows the consent by.
+    // Whether a recipient whose latest request is a narrowing (answered or on its way)
+    // confirmed the terms as they now stand, in the answers it gave, for everything it
+    // still holds data under: the weakest of its latest answers under each consent id it
+    // knows the consent by.
     let holding: BTreeSet<(&String, &String)> = sent_under
         .iter()
         .filter(|sent| sent.fields.as_deref() != Some(""))
@@ -1556,7 +1557,7 @@ pub async fn consent_status(
     if let Ok(scope) = scope_of(&row) {
         let current = ConsentTerms::of(&scope);
         for (recipient, entry) in recipients.iter_mut() {
-            if !entry.purge_receipt.as_ref().is_some_and(|r| r.narrowing) {
+            if entry.request != "narrowing" {
                 continue;
             }
             let weakest = holding

@@ -1408,7 +1408,8 @@ async fn a_referral_sealed_after_a_change_does_not_tell_a_recipient_holding_one_
 /// Narrowings queued while their recipient was down reach it together, and it carries
 /// them out at once: where one changed what another had read (the consent's stored
 /// terms, what is held under it), that one reads again. None fails as a storage error,
-/// and the recipient ends up confirming the terms as they stand.
+/// and the recipient ends up confirming the terms as they stand; while they wait,
+/// status says it confirmed them only as they were before.
 #[tokio::test]
 async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
     let fed = Federation::four("narrowings-together");
@@ -1426,13 +1427,22 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
     let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
     assert_eq!(st.state, "delivered", "{}", st.last_error);
 
-    kh.stop();
-    let changes: [&dyn Fn(&mut pb::ConsentScope); 3] = [
+    let changes: [&dyn Fn(&mut pb::ConsentScope); 4] = [
         &|scope| scope.excluded_countries.push("VN".into()),
         &|scope| scope.no_family_contact = true,
         &|scope| scope.expires_at_ms -= 3_600_000,
+        &|scope| scope.expires_at_ms -= 3_600_000,
     ];
-    for change in changes {
+    for (i, change) in changes.into_iter().enumerate() {
+        if i == 1 {
+            // It answered the first; while the others wait for it, status says it
+            // confirmed the terms only as they were before.
+            wait_status(&mut s, &consent_id, |st| {
+                terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
+            })
+            .await;
+            kh.stop();
+        }
         let mut scope = consent_scope(&mut s, &consent_id).await;
         change(&mut scope);
         s.narrow_consent(pb::NarrowConsentRequest {
@@ -1451,6 +1461,12 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
         .await,
         3
     );
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(
+        state_of(&st, SHELTER_KH).starts_with("pending narrowing"),
+        "{st:?}"
+    );
+    assert_eq!(terms_confirmation_of(&st, SHELTER_KH), "earlier");
     kh.start();
     wait_status(&mut s, &consent_id, |st| {
         terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
