@@ -126,16 +126,33 @@ enum Command {
 fn token(token: Option<String>, token_file: Option<PathBuf>) -> Result<String, String> {
     // An empty one is an unset variable, not a token.
     if let Some(t) = token.filter(|t| !t.trim().is_empty()) {
-        return Ok(t);
+        return checked_token(t.trim(), "--token or CORRIDOR_TOKEN");
     }
     if let Some(path) = token_file {
         // A token is a secret: its file must be readable by its owner only, as keys are.
         let bytes = files::read_secret_file(&path, MAX_FILE_BYTES)?;
-        return String::from_utf8(bytes)
-            .map(|t| t.trim().to_owned())
-            .map_err(|_| format!("the token file {} is not UTF-8 text", path.display()));
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("the token file {} is not UTF-8 text", path.display()))?;
+        if text.trim().is_empty() {
+            return Err(format!("the token file {} is empty", path.display()));
+        }
+        return checked_token(text.trim(), &format!("the token file {}", path.display()));
     }
     Err("no token: set CORRIDOR_TOKEN, or pass --token or --token-file".into())
+}
+
+/// Longest text taken for a token; a node issues tokens of 47 characters.
+const MAX_TOKEN_LEN: usize = 256;
+
+/// `token` if it can be one: short, printable ASCII (it travels in an HTTP header).
+/// Otherwise a sentence naming where it came from, never the text itself (a secret).
+fn checked_token(token: &str, source: &str) -> Result<String, String> {
+    if token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "what {source} holds is not a token: tokens are short printable ASCII text, such as crt_ followed by 43 letters, digits, - or _"
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -349,5 +366,18 @@ mod tests {
             assert!(refused.starts_with("no token"), "{refused}");
         }
         assert_eq!(token(Some("t0k".into()), None), Ok("t0k".into()));
+    }
+
+    #[test]
+    fn tokens_are_checked_for_form_and_never_echoed() {
+        let issued = "crt_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ";
+        assert_eq!(checked_token(issued, "x"), Ok(issued.to_owned()));
+        for bad in ["crt_ü", "crt_a b", &"a".repeat(MAX_TOKEN_LEN + 1)] {
+            let refused = checked_token(bad, "--token").expect_err(bad);
+            assert!(
+                refused.contains("not a token") && !refused.contains(bad),
+                "{refused}"
+            );
+        }
     }
 }

@@ -64,6 +64,14 @@ fn tokens_stay_on_this_machine_and_in_private_files() {
     ]);
     assert!(!ok);
     assert!(stderr.contains("cannot reach the node"), "{stderr}");
+    // An empty file says so, not that the node does not know the token.
+    std::fs::write(&file, "\n").unwrap();
+    let (ok, stderr) = corridor(&["--token-file", path, "inbox"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("the token file {path} is empty")),
+        "{stderr}"
+    );
     let _ = std::fs::remove_file(&file);
 }
 

@@ -191,9 +191,9 @@ impl Field {
             Self::Nationality => {
                 (!crate::country::has_country_code_form(value)).then_some(NATIONALITY_FORMAT)
             }
-            Self::DateOfBirth if !is_date(value) => {
-                Some("a date as YYYY-MM-DD (give age_band when the exact date is not known)")
-            }
+            Self::DateOfBirth if !is_date(value) => Some(
+                "a date as YYYY-MM-DD from 1900 on (give age_band when the exact date is not known)",
+            ),
             // Dates of one form compare as text.
             Self::DateOfBirth => (value
                 > crate::utc::date(now_ms.saturating_add(86_400_000)).as_str())
@@ -336,6 +336,10 @@ mod tests {
             ))
         );
         assert!(dob("2090-02-01").is_err());
+        // Before 1900 is a typo, and the refusal says where dates start.
+        let refused = dob("1899-12-31").expect_err("before 1900");
+        assert!(refused.to_string().contains("from 1900 on"), "{refused}");
+        assert_eq!(dob("1900-01-01"), Ok(()));
     }
 
     #[test]
