@@ -440,7 +440,10 @@ pub async fn record_consent(
         .map_err(|e| Failure::invalid(e.to_string()))?;
     // A recipient named but never admitted is a mistake in the record, not a consent.
     scope
-        .check_recipients(|org| node.directory.get(org))
+        .check_recipients(&node.org, |org| node.directory.get(org))
+        .map_err(|e| Failure::invalid(e.to_string()))?;
+    scope
+        .check_purposes()
         .map_err(|e| Failure::invalid(e.to_string()))?;
     let given_by = match req.given_by.as_str() {
         "" | "person" => "person",

@@ -451,6 +451,23 @@ pub enum UnusableRecipient {
         "recipients {0} could receive nothing under this consent: only embassies or governments may receive its purposes (family tracing counts for none under no-family-contact), and those only where it names them"
     )]
     NoPurposeByRole(RoleInCountry),
+    #[error(
+        "recipient {0} is the organisation recording the consent: a case is not referred to itself"
+    )]
+    Recorder(OrgId),
+}
+
+/// A purpose a consent names for which no referral could ever be sent: it lacks a field
+/// the purpose requires. Like an unusable recipient, a mistake in the record, so a consent
+/// naming one is not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "purpose {purpose} requires {missing}, which this consent does not list: add them to its fields, or leave the purpose out"
+)]
+pub struct UnusablePurpose {
+    pub purpose: Purpose,
+    /// The required fields it lacks, comma-separated.
+    pub missing: String,
 }
 
 impl ConsentScope {
@@ -539,8 +556,12 @@ impl ConsentScope {
     /// receive.
     pub fn check_recipients<'a>(
         &self,
+        recorder: &OrgId,
         member: impl Fn(&OrgId) -> Option<&'a Member>,
     ) -> Result<(), UnusableRecipient> {
+        if self.recipient_orgs.contains(recorder) {
+            return Err(UnusableRecipient::Recorder(recorder.clone()));
+        }
         for org in &self.recipient_orgs {
             if let Some(m) = member(org)
                 && !self.admits_recipient(m)
@@ -551,6 +572,26 @@ impl ConsentScope {
         self.recipient_roles
             .iter()
             .try_for_each(|entry| self.check_role_entry(entry))
+    }
+
+    /// Checks that for every purpose this consent names a referral could be sent: the
+    /// consent lists every field the purpose requires.
+    pub fn check_purposes(&self) -> Result<(), UnusablePurpose> {
+        for purpose in &self.purposes {
+            let missing: Vec<&str> = profile(*purpose)
+                .required
+                .iter()
+                .filter(|f| !self.fields.contains(f))
+                .map(|f| f.as_str())
+                .collect();
+            if !missing.is_empty() {
+                return Err(UnusablePurpose {
+                    purpose: *purpose,
+                    missing: missing.join(", "),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn check_role_entry(&self, entry: &RoleInCountry) -> Result<(), UnusableRecipient> {
@@ -1270,19 +1311,25 @@ mod tests {
         };
         let lookup = |org: &OrgId| [&kh, &embassy].into_iter().find(|m| &m.id == org);
         let entry = |text: &str| text.parse::<RoleInCountry>().unwrap();
+        let recorder = OrgId::new("shelter-my").unwrap();
         let mut c = consent();
-        c.check_recipients(lookup).unwrap();
+        c.check_recipients(&recorder, lookup).unwrap();
+        // The organisation recording it: a case is not referred to itself.
+        assert_eq!(
+            c.check_recipients(&kh.id, lookup),
+            Err(UnusableRecipient::Recorder(kh.id.clone()))
+        );
 
         // Named, but in an excluded country.
         c.restrictions.excluded_countries.insert("KH".into());
         assert_eq!(
-            c.check_recipients(lookup),
+            c.check_recipients(&recorder, lookup),
             Err(UnusableRecipient::Org(kh.id.clone()))
         );
         // By role, in an excluded country.
         c.recipient_orgs.clear();
         c.recipient_roles.insert(entry("shelter@KH"));
-        let refused = c.check_recipients(lookup).unwrap_err();
+        let refused = c.check_recipients(&recorder, lookup).unwrap_err();
         assert_eq!(
             refused,
             UnusableRecipient::CountryExcluded(entry("shelter@KH"))
@@ -1293,35 +1340,52 @@ mod tests {
         c.restrictions.excluded_countries.clear();
         c.recipient_roles = [entry("embassy@MY")].into();
         assert_eq!(
-            c.check_recipients(lookup),
+            c.check_recipients(&recorder, lookup),
             Err(UnusableRecipient::StateAuthorityByRole(entry("embassy@MY")))
         );
         // Purposes only a state authority may receive, for recipients by role.
         c.recipient_roles = [entry("*@MY")].into();
         c.purposes = [Purpose::NationalityVerification].into();
         assert_eq!(
-            c.check_recipients(lookup),
+            c.check_recipients(&recorder, lookup),
             Err(UnusableRecipient::NoPurposeByRole(entry("*@MY")))
         );
         // Family tracing counts for none under no-family-contact.
         c.purposes = [Purpose::FamilyTracing].into();
-        c.check_recipients(lookup).unwrap();
+        c.check_recipients(&recorder, lookup).unwrap();
         c.restrictions.no_family_contact = true;
         assert_eq!(
-            c.check_recipients(lookup),
+            c.check_recipients(&recorder, lookup),
             Err(UnusableRecipient::NoPurposeByRole(entry("*@MY")))
         );
         // The embassy, named, for what it may receive.
         c.recipient_roles.clear();
         c.recipient_orgs = [embassy.id.clone()].into();
         c.purposes = [Purpose::NationalityVerification].into();
-        c.check_recipients(lookup).unwrap();
+        c.check_recipients(&recorder, lookup).unwrap();
         // ... but not where the consent excludes the country it acts for.
         c.restrictions.excluded_countries.insert("KH".into());
         assert_eq!(
-            c.check_recipients(lookup),
+            c.check_recipients(&recorder, lookup),
             Err(UnusableRecipient::Org(embassy.id.clone()))
         );
+    }
+
+    #[test]
+    fn a_purpose_lacking_a_required_field_is_named() {
+        let mut c = consent();
+        c.purposes = [Purpose::Reintegration].into();
+        c.fields = profile(Purpose::Reintegration)
+            .required
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(c.check_purposes(), Ok(()));
+        let dropped = profile(Purpose::Reintegration).required[0];
+        c.fields.remove(&dropped);
+        let refused = c.check_purposes().unwrap_err();
+        assert_eq!(refused.purpose, Purpose::Reintegration);
+        assert!(refused.to_string().contains(dropped.as_str()), "{refused}");
     }
 
     #[test]
@@ -1583,7 +1647,7 @@ mod tests {
             // And a named member is refused exactly when the consent admits it nowhere.
             let named = ConsentScope { recipient_orgs: [m.id.clone()].into(), recipient_roles: BTreeSet::new(), ..scope.clone() };
             prop_assert_eq!(
-                named.check_recipients(|_| Some(&m)).is_ok(),
+                named.check_recipients(&OrgId::new("recorder").unwrap(), |_| Some(&m)).is_ok(),
                 named.admits_recipient(&m)
             );
         }

@@ -340,7 +340,7 @@ async fn consent_records_are_bounded() {
         scope: Some(pb::ConsentScope {
             purposes: vec!["reintegration".into()],
             recipient_orgs: vec![SHELTER_KH.into()],
-            fields: vec!["preferred_name".into()],
+            fields: required_fields("reintegration").into_keys().collect(),
             expires_at_ms,
             ..Default::default()
         }),
@@ -477,7 +477,7 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
                 purposes: purposes.iter().map(|p| p.to_string()).collect(),
                 recipient_orgs: orgs.iter().map(|o| o.to_string()).collect(),
                 recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
-                fields: required_fields("reintegration").into_keys().collect(),
+                fields: fields_allowed_for(purposes).into_iter().collect(),
                 excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
@@ -500,6 +500,21 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
         (
             record(&[], &["*@MY"], &["nationality-verification"], &[]),
             "only embassies or governments may receive its purposes",
+        ),
+        (
+            record(&[SHELTER_MY], &[], &["reintegration"], &[]),
+            "recipient shelter-my is the organisation recording the consent",
+        ),
+        (
+            {
+                // A purpose whose required fields it does not all list.
+                let mut r = record(&[SHELTER_KH], &[], &["reintegration"], &[]);
+                if let Some(scope) = r.scope.as_mut() {
+                    scope.fields.retain(|f| f != "preferred_name");
+                }
+                r
+            },
+            "purpose reintegration requires preferred_name, which this consent does not list",
         ),
     ];
     for (request, expected) in cases {
@@ -539,8 +554,8 @@ async fn country_codes_and_dates_of_birth_are_checked() {
                 purposes: vec!["nationality-verification".into(), "reintegration".into()],
                 recipient_orgs: vec![EMBASSY.into()],
                 recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
-                fields: required_fields("nationality-verification")
-                    .into_keys()
+                fields: fields_allowed_for(&["nationality-verification", "reintegration"])
+                    .into_iter()
                     .collect(),
                 excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
