@@ -300,15 +300,34 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
     for node in &mut nodes {
         stop(node).await;
     }
+    // A node started again by hand, as the report of a stopped one suggests, is not the
+    // demo's to stop; nor may its files go from under it.
+    let started_by_hand: Vec<String> = nodes
+        .iter()
+        .filter(|n| accepts_connections(n.org.ports.local))
+        .map(|n| n.org.spec.id.to_string())
+        .collect();
+    if !started_by_hand.is_empty() {
+        outln!(
+            "\n{} still running, started again outside the demo: stop it with Ctrl-C where you started it. Its files stay in {}.",
+            started_by_hand.join(" and "),
+            dir.display()
+        );
+    }
+    let all = if started_by_hand.is_empty() {
+        "All nodes stopped."
+    } else {
+        "Every node the demo started stopped."
+    };
     match &outcome {
         Ok(()) => outln!(
-            "\nAll nodes stopped. Demo finished in {:.1} s.",
+            "\n{all} Demo finished in {:.1} s.",
             started.elapsed().as_secs_f64()
         ),
-        Err(_) if interrupted => outln!("\nAll nodes stopped."),
+        Err(_) if interrupted => outln!("\n{all}"),
         Err(_) => outln!("\nNode logs are kept in {}", dir.display()),
     }
-    if temporary && (outcome.is_ok() || interrupted) {
+    if temporary && started_by_hand.is_empty() && (outcome.is_ok() || interrupted) {
         let _ = std::fs::remove_dir_all(&dir);
     } else if outcome.is_ok() {
         outln!(
@@ -420,7 +439,7 @@ async fn keep_running(
             };
             *stopped = true;
             errln!(
-                "corridor: the node of {} stopped ({how}); its log is {}. The other nodes keep running; start it again with: corridor node --config {}",
+                "corridor: the node of {} stopped ({how}); its log is {}. The other nodes keep running; start it again with: corridor node --config {} (the demo does not stop a node started by hand)",
                 node.org.spec.id,
                 node.org.dir.join("node.log").display(),
                 node.org.config.display()
@@ -430,6 +449,12 @@ async fn keep_running(
             return Err("every node of the federation stopped".into());
         }
     }
+}
+
+/// Whether something accepts connections on loopback `port`.
+fn accepts_connections(port: u16) -> bool {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok()
 }
 
 async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
