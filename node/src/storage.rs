@@ -1844,8 +1844,8 @@ impl Store {
                             .await?
                             .rows_affected();
                             if replaced != 1 {
-                                return Err(StoreError::Corrupt(
-                                    "inbox changed during narrowing; retry",
+                                return Err(StoreError::ReadAgain(
+                                    "what is held under the consent",
                                 ));
                             }
                         }

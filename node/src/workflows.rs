@@ -10,7 +10,7 @@ use corridor::consent::{self, ConsentScope, Restrictions, RoleInCountry};
 use corridor::envelope::{ENVELOPE_VERSION, EnvelopeError, MAX_LIFETIME_MS};
 use corridor::{
     AfterNarrowing, ConsentReceipt, ConsentTerms, Envelope, EnvelopeHeader, Field, Member,
-    MessageId, MessageKind, OrgId, PurgeReceipt, Purpose, Receipt,
+    MessageId, MessageKind, OrgId, PurgeReceipt, Purpose, Receipt, TermsConfirmation,
 };
 use corridor_proto::v1 as pb;
 use prost::Message as _;
@@ -1460,9 +1460,10 @@ pub async fn consent_status(
         Default::default();
     let mut asked_to_withdraw = BTreeSet::new();
     // Per recipient and consent id it knows: the latest narrowing it answered, with its
-    // confirmation of the terms and the key that narrowing gave it to confirm them with.
+    // confirmation of the terms and the key that narrowing gave it to confirm them with;
+    // `None` while the first narrowing asked of it is unanswered.
     type Confirmed = (Option<[u8; 32]>, [u8; 32]);
-    let mut answered: BTreeMap<(String, String), Confirmed> = BTreeMap::new();
+    let mut answered: BTreeMap<(String, String), Option<Confirmed>> = BTreeMap::new();
     for item in node.store.outbox_for_consent(consent_id).await? {
         let entry =
             recipients
@@ -1507,7 +1508,7 @@ pub async fn consent_status(
                     let confirmed = receipt.terms_confirmed.as_slice().try_into().ok();
                     answered.insert(
                         (item.recipient.clone(), item.consent_ref.clone()),
-                        (confirmed, key),
+                        Some((confirmed, key)),
                     );
                 }
                 entry.state = if narrowing { "narrowed" } else { "purged" }.into();
@@ -1515,6 +1516,11 @@ pub async fn consent_status(
                 entry.purge_receipt = Some(receipt);
             }
             _ => {
+                if narrowing {
+                    answered
+                        .entry((item.recipient.clone(), item.consent_ref.clone()))
+                        .or_insert(None);
+                }
                 entry.state = if narrowing {
                     format!("pending narrowing ({})", item.state)
                 } else {
@@ -1563,15 +1569,20 @@ pub async fn consent_status(
             if entry.request != "narrowing" {
                 continue;
             }
-            let weakest = holding
+            // Nothing is said while one of them has yet to answer its first narrowing.
+            let answers: Option<Vec<TermsConfirmation>> = holding
                 .iter()
                 .filter(|(to, _)| *to == recipient)
                 .filter_map(|(to, consent_ref)| {
                     answered.get(&((*to).clone(), (*consent_ref).clone()))
                 })
-                .map(|(confirmed, key)| current.confirmation(key, confirmed.as_ref()))
-                .min();
-            if let Some(weakest) = weakest {
+                .map(|answer| {
+                    answer
+                        .as_ref()
+                        .map(|(confirmed, key)| current.confirmation(key, confirmed.as_ref()))
+                })
+                .collect();
+            if let Some(weakest) = answers.and_then(|all| all.into_iter().min()) {
                 entry.terms_confirmation = weakest.as_str().into();
             }
         }
@@ -1869,8 +1880,9 @@ pub async fn receive_envelope(
         .as_ref()
         .and_then(|h| MessageId::from_bytes(&h.message_id).ok());
     let result = receive(node, peer, envelope).await;
+    // Not refusals: a fault of this node, or a request to ask again.
     if let Err(failure) = &result
-        && failure.code != Code::Internal
+        && !matches!(failure.code, Code::Internal | Code::Aborted)
     {
         let entry = audit::encode(
             &Event::EnvelopeRefused {

@@ -1413,7 +1413,7 @@ async fn a_referral_sealed_after_a_change_does_not_tell_a_recipient_holding_one_
 #[tokio::test]
 async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
     let fed = Federation::four("narrowings-together");
-    let sender = fed.start(SHELTER_MY);
+    let mut sender = fed.start(SHELTER_MY);
     let mut kh = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
     let (case_id, consent_id) =
@@ -1467,7 +1467,12 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
         "{st:?}"
     );
     assert_eq!(terms_confirmation_of(&st, SHELTER_KH), "earlier");
+    // The sender starts after the recipient: every narrowing is due at once, and they
+    // leave together.
+    sender.stop();
     kh.start();
+    sender.start();
+    let mut s = sender.client().await;
     wait_status(&mut s, &consent_id, |st| {
         terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
     })
