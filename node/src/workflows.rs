@@ -185,9 +185,9 @@ fn data_failure(e: corridor::at_rest::AtRestError) -> Failure {
 }
 
 pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String, Failure> {
-    if label.len() > MAX_LABEL_LEN {
+    if label.len() > MAX_LABEL_LEN || label.chars().any(char::is_control) {
         return Err(Failure::invalid(format!(
-            "label is longer than {MAX_LABEL_LEN} bytes"
+            "label must be one line of at most {MAX_LABEL_LEN} bytes, without control characters"
         )));
     }
     let id = random_id("case")?;

@@ -367,6 +367,18 @@ async fn consent_records_are_bounded() {
     s.record_consent(consent(now + 9 * 365 * 86_400_000, "km"))
         .await
         .expect("nine years");
+    // A case's label is one line too.
+    let status = s
+        .create_case(pb::CreateCaseRequest {
+            label: "intake\u{1b}[31m".into(),
+        })
+        .await
+        .expect_err("a label with control characters");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("without control characters"),
+        "{status:?}"
+    );
 }
 
 /// Narrowings of one consent at the same time each take effect: the node refuses one
