@@ -247,15 +247,19 @@ fn parse_scope(node: &Node, id: &str, s: &pb::ConsentScope) -> Result<ConsentSco
         excluded_countries.insert(c.clone());
     }
     if purposes.is_empty() {
-        return Err(Failure::invalid("a consent must name at least one purpose"));
+        return Err(Failure::invalid(
+            "a consent must name at least one purpose (to take back every one, withdraw the consent)",
+        ));
     }
     if recipient_orgs.is_empty() && recipient_roles.is_empty() {
         return Err(Failure::invalid(
-            "a consent must name at least one recipient (org, or role@country)",
+            "a consent must name at least one recipient, org or role@country (to take back every one, withdraw the consent)",
         ));
     }
     if fields.is_empty() {
-        return Err(Failure::invalid("a consent must name at least one field"));
+        return Err(Failure::invalid(
+            "a consent must name at least one field (to take back every one, withdraw the consent)",
+        ));
     }
     Ok(ConsentScope {
         id: id.to_owned(),

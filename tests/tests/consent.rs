@@ -210,6 +210,22 @@ async fn narrowing_is_allowed_widening_is_refused() {
         .expect("narrowing")
         .into_inner();
     assert!(narrowed.narrowed_at_ms > 0);
+    // Taking away every recipient is a withdrawal, and the refusal says so.
+    let mut no_one = scope.clone();
+    no_one.recipient_orgs.clear();
+    let status = s
+        .narrow_consent(pb::NarrowConsentRequest {
+            consent_id: consent_id.clone(),
+            scope: Some(no_one),
+            if_narrowed_at_ms: None,
+        })
+        .await
+        .expect_err("no recipient left");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("withdraw the consent"),
+        "{status:?}"
+    );
     // The narrowed consent now refuses what it no longer covers.
     let m = refusal(
         &mut s,
