@@ -55,6 +55,13 @@ pub enum ConsentCommand {
         /// Consent id.
         id: String,
     },
+    /// Ask the organisations holding data under a narrowed consent that have not
+    /// confirmed its restrictions and expiry as they stand to confirm them (for those
+    /// that answered before they could, once they run a version that does).
+    Restate {
+        /// Consent id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -375,7 +382,7 @@ fn terms_confirmation_text(confirmation: &str) -> Option<&'static str> {
             "confirmed the consent's restrictions and expiry only as they were before a later change, which has yet to reach it",
         ),
         "unconfirmed" => Some(
-            "did not confirm the consent's restrictions and expiry (it, or the request it answered, predates confirmations): make sure it knows them by other means",
+            "did not confirm the consent's restrictions and expiry (it, or the request it answered, predates confirmations): make sure it knows them by other means, or ask again with `corridor consent restate` once it runs a version that confirms them",
         ),
         _ => None,
     }
@@ -410,7 +417,8 @@ fn purge_receipt_text(pr: &pb::PurgeReceipt) -> String {
     )
 }
 
-fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
+/// A consent's status as JSON and as text.
+fn status_views(r: &pb::ConsentStatusResponse) -> (Value, String) {
     let recipients: Vec<Value> = r
         .recipients
         .iter()
@@ -432,58 +440,61 @@ fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
         .iter()
         .filter(|p| p.state.starts_with("pending"))
         .count();
-    print(
-        output,
-        &json!({
-            "consent": r.consent.as_ref().map(consent_json),
-            "recipients": recipients,
-            "outstanding": outstanding,
-        }),
-        || {
-            let mut text = r.consent.as_ref().map(consent_text).unwrap_or_default();
-            if r.recipients.is_empty() {
-                text.push_str("\n  no data was sent under this consent");
+    let value = json!({
+        "consent": r.consent.as_ref().map(consent_json),
+        "recipients": recipients,
+        "outstanding": outstanding,
+    });
+    let text = {
+        let mut text = r.consent.as_ref().map(consent_text).unwrap_or_default();
+        if r.recipients.is_empty() {
+            text.push_str("\n  no data was sent under this consent");
+        }
+        for p in &r.recipients {
+            text.push_str(&format!(
+                "\n  {:<16} {}",
+                escape_controls(&p.recipient),
+                escape_controls(&p.state)
+            ));
+            if let Some(pr) = &p.purge_receipt {
+                text.push_str(&format!(" at {}", purge_receipt_text(pr)));
+            } else if !p.last_error.is_empty() {
+                text.push_str(&format!(
+                    " (attempts {}, last error: {})",
+                    p.attempts,
+                    escape_controls(&p.last_error)
+                ));
             }
-            for p in &r.recipients {
+            if let Some(confirmation) = terms_confirmation_text(&p.terms_confirmation) {
+                text.push_str(&format!("\n  {:<16} {confirmation}", ""));
+            }
+            for pr in &p.earlier_receipts {
+                let what = if pr.narrowing { "narrowed" } else { "purged" };
+                text.push_str(&format!(
+                    "\n  {:<16} earlier: {what} at {}",
+                    "",
+                    purge_receipt_text(pr)
+                ));
+            }
+            if !p.kept_whole_referral_ids.is_empty() {
                 text.push_str(&format!(
                     "\n  {:<16} {}",
-                    escape_controls(&p.recipient),
-                    escape_controls(&p.state)
+                    "",
+                    kept_whole_text(p.kept_whole_referral_ids.len())
                 ));
-                if let Some(pr) = &p.purge_receipt {
-                    text.push_str(&format!(" at {}", purge_receipt_text(pr)));
-                } else if !p.last_error.is_empty() {
-                    text.push_str(&format!(
-                        " (attempts {}, last error: {})",
-                        p.attempts,
-                        escape_controls(&p.last_error)
-                    ));
-                }
-                if let Some(confirmation) = terms_confirmation_text(&p.terms_confirmation) {
-                    text.push_str(&format!("\n  {:<16} {confirmation}", ""));
-                }
-                for pr in &p.earlier_receipts {
-                    let what = if pr.narrowing { "narrowed" } else { "purged" };
-                    text.push_str(&format!(
-                        "\n  {:<16} earlier: {what} at {}",
-                        "",
-                        purge_receipt_text(pr)
-                    ));
-                }
-                if !p.kept_whole_referral_ids.is_empty() {
-                    text.push_str(&format!(
-                        "\n  {:<16} {}",
-                        "",
-                        kept_whole_text(p.kept_whole_referral_ids.len())
-                    ));
-                }
             }
-            if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0) || outstanding > 0 {
-                text.push_str(&format!("\n  {outstanding} purge receipt(s) outstanding"));
-            }
-            text
-        },
-    );
+        }
+        if r.consent.as_ref().is_some_and(|c| c.withdrawn_at_ms != 0) || outstanding > 0 {
+            text.push_str(&format!("\n  {outstanding} purge receipt(s) outstanding"));
+        }
+        text
+    };
+    (value, text)
+}
+
+fn status_output(output: Output, r: &pb::ConsentStatusResponse) {
+    let (value, text) = status_views(r);
+    print(output, &value, || text);
 }
 
 pub async fn consent(
@@ -620,6 +631,29 @@ pub async fn consent(
                 .map_err(|s| explain(&s))?
                 .into_inner();
             status_output(output, &r);
+        }
+        ConsentCommand::Restate { id } => {
+            let r = client
+                .restate_consent_terms(pb::ConsentRequest { consent_id: id })
+                .await
+                .map_err(|s| explain(&s))?
+                .into_inner();
+            let (status, text) = r.status.as_ref().map(status_views).unwrap_or_default();
+            let asked = if r.asked.is_empty() {
+                "nothing to ask: every organisation holding data under the consent confirmed its terms as they stand, or has a request on its way".to_owned()
+            } else {
+                format!(
+                    "asked {} to confirm the consent's restrictions and expiry",
+                    r.asked
+                        .iter()
+                        .map(|o| escape_controls(o))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            print(output, &json!({"asked": r.asked, "status": status}), || {
+                format!("{asked}\n{text}")
+            });
         }
     }
     Ok(())

@@ -354,4 +354,15 @@ impl Caseworker for CaseworkerService {
         let status = workflows::consent_status(&self.node, &request.get_ref().consent_id).await?;
         Ok(Response::new(status))
     }
+
+    async fn restate_consent_terms(
+        &self,
+        request: Request<pb::ConsentRequest>,
+    ) -> Result<Response<pb::RestateConsentTermsResponse>, Status> {
+        let user = authenticate(&self.node.store, &request).await?;
+        let response =
+            workflows::restate_consent_terms(&self.node, &user, &request.get_ref().consent_id)
+                .await?;
+        Ok(Response::new(response))
+    }
 }

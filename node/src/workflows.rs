@@ -656,7 +656,7 @@ pub async fn narrow_consent(
             }
             // The narrowed scope now keeps referrals from recipients it no longer admits,
             // so who of them may hold data is fixed: ask them to purge.
-            let asked = ask_to_purge(node, &row.id, Some(user.id)).await?;
+            let asked = ask_to_purge(node, &row.id, Some(user.id), None).await?;
             tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), asked, "consent narrowed");
             return get_consent(node, &row.id).await;
         }
@@ -1120,7 +1120,7 @@ pub async fn withdraw_consent(
         for id in &cancelled {
             node.waiters.attempt_ended(*id, None);
         }
-        let asked = ask_to_purge(node, consent_id, Some(user.id)).await?;
+        let asked = ask_to_purge(node, consent_id, Some(user.id), None).await?;
         tracing::info!(consent = %consent_id, user = user.id, recipients = asked, "consent withdrawn");
     }
     consent_status(node, consent_id).await
@@ -1619,6 +1619,54 @@ pub async fn consent_status(
     })
 }
 
+/// Asks the recipients of a narrowed consent that hold data under it, have answered their
+/// last request and have not confirmed its terms as they stand (they, or the request they
+/// answered, predate confirmations, or a later change has yet to reach them) to confirm
+/// them: a narrowing that restates the terms and asks for any cut still due. It carries
+/// the consent's latest narrowing time, so it refuses nothing on its way that the latest
+/// narrowing let through.
+pub async fn restate_consent_terms(
+    node: &Node,
+    user: &User,
+    consent_id: &str,
+) -> Result<pb::RestateConsentTermsResponse, Failure> {
+    let row = consent_row(node, consent_id).await?;
+    if row.withdrawn_at_ms.is_some() {
+        return Err(Failure::precondition(format!(
+            "consent {consent_id} is withdrawn: its recipients were asked to purge everything"
+        )));
+    }
+    if row.narrowed_at_ms.is_none() {
+        return Err(Failure::precondition(format!(
+            "consent {consent_id} was never narrowed: every referral under it stated its terms as they stand"
+        )));
+    }
+    let before = consent_status(node, consent_id).await?;
+    let to: BTreeSet<String> = before
+        .recipients
+        .iter()
+        .filter(|r| r.request_state == "answered" && r.terms_confirmation != "as-they-stand")
+        .filter(|r| !r.terms_confirmation.is_empty())
+        .map(|r| r.recipient.clone())
+        .collect();
+    if !to.is_empty() {
+        ask_to_purge(node, consent_id, Some(user.id), Some(&to)).await?;
+    }
+    let status = consent_status(node, consent_id).await?;
+    // Those now asked: a recipient no longer a member is not.
+    let asked = status
+        .recipients
+        .iter()
+        .filter(|r| to.contains(&r.recipient) && r.request_state != "answered")
+        .map(|r| r.recipient.clone())
+        .collect();
+    tracing::info!(consent = %consent_id, user = user.id, recipients = to.len(), "consent terms restated");
+    Ok(pb::RestateConsentTermsResponse {
+        asked,
+        status: Some(status),
+    })
+}
+
 /// Asks to purge the recipients of withdrawn or narrowed consents that may hold data
 /// under them, that the consent no longer admits, and that have no withdrawal on its
 /// way or answered: the node stopped before it sent them, they were not members then,
@@ -1635,7 +1683,7 @@ pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, F
         .collect();
     let mut queued = 0;
     for consent_id in consents {
-        queued += ask_to_purge(node, &consent_id, None).await?;
+        queued += ask_to_purge(node, &consent_id, None, None).await?;
     }
     Ok(queued)
 }
@@ -1654,7 +1702,12 @@ pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, F
 ///
 /// `by` is the user who withdrew or narrowed it (or, when the node catches up at start,
 /// each referral's sender). Returns how many envelopes it queued.
-async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<usize, Failure> {
+async fn ask_to_purge(
+    node: &Node,
+    consent_id: &str,
+    by: Option<i64>,
+    restate_to: Option<&BTreeSet<String>>,
+) -> Result<usize, Failure> {
     let row = consent_row(node, consent_id).await?;
     // When the consent was withdrawn, or last narrowed.
     let (changed_at_ms, scope) = match (row.withdrawn_at_ms, row.narrowed_at_ms) {
@@ -1723,7 +1776,8 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
         };
         match &scope {
             Some(scope) if scope.admits_recipient(member) => {
-                if narrowed_before.contains(recipient) {
+                let restating = restate_to.is_some_and(|to| to.contains(recipient));
+                if narrowed_before.contains(recipient) && !restating {
                     continue;
                 }
                 // Told when it has something to cut, or terms no narrowing told it yet
@@ -1733,7 +1787,7 @@ async fn ask_to_purge(node: &Node, consent_id: &str, by: Option<i64>) -> Result<
                         && first_sent_at.get(recipient).is_none_or(|&at| at <= changed)
                 });
                 if let Some(n) = narrowing_of(scope, member, sent)
-                    && (n.cuts_something() || untold_terms)
+                    && (n.cuts_something() || untold_terms || restating)
                 {
                     items.push(narrowing_item(
                         node,

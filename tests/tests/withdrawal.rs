@@ -1054,6 +1054,18 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     let before = show(&mut k).await;
     assert!(!before.consent_no_family_contact && before.consent_excluded_countries.is_empty());
     assert_eq!(before.consent_narrowed_at_ms, 0);
+    // Never narrowed: every referral stated its terms, and there is nothing to restate.
+    let status = s
+        .restate_consent_terms(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect_err("nothing to restate");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("was never narrowed"),
+        "{status:?}"
+    );
 
     let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.no_family_contact = true;
@@ -1333,6 +1345,30 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("make sure it knows them by other means"),
+        "{stdout}"
+    );
+    // Asked again, it confirms them; then there is no one left to ask.
+    let restate = || {
+        std::process::Command::new(binary("corridor"))
+            .args(["--node", &sender.local_url(), "--token", &sender.token])
+            .args(["consent", "restate", &consent_id])
+            .output()
+            .expect("run corridor")
+    };
+    let out = restate();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with(&format!("asked {SHELTER_KH} to confirm")),
+        "{stdout}"
+    );
+    wait_status(&mut s, &consent_id, |st| {
+        terms_confirmation_of(st, SHELTER_KH) == "as-they-stand"
+    })
+    .await;
+    let out = restate();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("nothing to ask"),
         "{stdout}"
     );
 }
