@@ -178,7 +178,8 @@ pub struct SendReferral {
     pub wait: bool,
     /// An id you choose for this referral (up to 64 characters): running the command
     /// again with the same id, after a timeout say, answers with the referral already
-    /// queued instead of sending it twice.
+    /// queued instead of sending it twice. The node keeps only a keyed digest of it; still,
+    /// do not make it of the person's name or dates.
     #[arg(long = "request-id", value_parser = non_empty_request_id)]
     pub request_id: Option<String>,
 }

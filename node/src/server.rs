@@ -121,6 +121,19 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             )));
         }
     }
+    match crate::workflows::key_legacy_request_ids(&node).await {
+        Ok(0) => {}
+        Ok(keyed) => tracing::info!(
+            keyed,
+            "replaced request ids stored in plaintext with their keys"
+        ),
+        Err(failure) => {
+            return Err(StartError::Mismatch(format!(
+                "cannot replace request ids stored in plaintext with their keys: {}",
+                failure.message
+            )));
+        }
+    }
     let fed_addr = fed_listener.local_addr().ok();
     let local_addr = local_listener.local_addr().ok();
 

@@ -951,6 +951,38 @@ impl Store {
             .collect())
     }
 
+    /// Request keys stored before request ids were keyed: `user:` and the id itself.
+    pub async fn legacy_request_keys(&self) -> Result<Vec<String>> {
+        let keys: Vec<String> =
+            sqlx::query_scalar("SELECT request_key FROM outbox WHERE request_key IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(keys
+            .into_iter()
+            .filter(|k| !corridor::PairwiseKey::is_request_key(k))
+            .collect())
+    }
+
+    /// Replaces a request key stored before request ids were keyed with its key.
+    pub async fn replace_request_key(&self, stored: &str, keyed: &str) -> Result<()> {
+        self.writer
+            .run_then(
+                (stored.to_owned(), keyed.to_owned()),
+                |(stored, keyed), tx, _log| {
+                    Box::pin(async move {
+                        sqlx::query("UPDATE outbox SET request_key = $1 WHERE request_key = $2")
+                            .bind(keyed)
+                            .bind(stored)
+                            .execute(tx.conn().await?)
+                            .await?;
+                        Ok(())
+                    })
+                },
+                None,
+            )
+            .await
+    }
+
     /// Replaces the plaintext details of a consent written before they were sealed.
     pub async fn seal_consent_details(&self, id: &str, sealed: Vec<u8>) -> Result<()> {
         self.writer

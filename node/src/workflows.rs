@@ -765,7 +765,7 @@ pub async fn send_referral(
     }
     let purpose = parse_purpose(&req.purpose)?;
     let field_names = check_fields(&req.fields)?;
-    let request_key = request_key(user, &req.request_id)?;
+    let request_key = request_key(node, user, &req.request_id)?;
     // Only a request with a key is ever compared with a retry.
     let request_digest = request_key.as_ref().map(|_| {
         node.pairwise.request_digest(
@@ -874,8 +874,9 @@ pub async fn send_referral(
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 
 /// The key under which a referral with `request_id` is queued: per user, so that one
-/// user's ids never collide with another's. `None` if the caller gave none.
-fn request_key(user: &User, request_id: &str) -> Result<Option<String>, Failure> {
+/// user's ids never collide with another's, and keyed, so that the id is not stored
+/// ([`corridor::PairwiseKey::request_key`]). `None` if the caller gave none.
+fn request_key(node: &Node, user: &User, request_id: &str) -> Result<Option<String>, Failure> {
     if request_id.is_empty() {
         return Ok(None);
     }
@@ -884,7 +885,28 @@ fn request_key(user: &User, request_id: &str) -> Result<Option<String>, Failure>
             "request_id must be 1-{MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
         )));
     }
-    Ok(Some(format!("{}:{request_id}", user.id)))
+    Ok(Some(node.pairwise.request_key(user.id, request_id)))
+}
+
+/// Replaces the request ids stored before they were keyed with their keys. Runs as the
+/// node starts.
+pub async fn key_legacy_request_ids(node: &Node) -> Result<usize, Failure> {
+    let legacy = node.store.legacy_request_keys().await?;
+    for stored in &legacy {
+        let Some((user, request_id)) = stored.split_once(':') else {
+            continue;
+        };
+        let Ok(user) = user.parse::<i64>() else {
+            continue;
+        };
+        let keyed = node.pairwise.request_key(user, request_id);
+        node.store.replace_request_key(stored, &keyed).await?;
+    }
+    if !legacy.is_empty() {
+        // So that the ids do not linger in the WAL's earlier frames.
+        node.store.checkpoint().await?;
+    }
+    Ok(legacy.len())
 }
 
 /// The answer to a retried `SendReferral`: the referral its first call queued, if this

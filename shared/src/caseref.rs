@@ -13,6 +13,7 @@ const CASE_LABEL: &[u8] = b"corridor/v1/case-ref\0";
 const CONSENT_LABEL: &[u8] = b"corridor/v1/consent-ref\0";
 const REQUEST_LABEL: &[u8] = b"corridor/v1/request-digest\0";
 const TERMS_KEY_LABEL: &[u8] = b"corridor/v1/terms-key\0";
+const REQUEST_KEY_LABEL: &[u8] = b"corridor/v1/request-key\0";
 
 /// Whether `text` has the form of a case reference: `ref-` and 32 lowercase hex digits.
 ///
@@ -86,6 +87,28 @@ impl PairwiseKey {
         let mut digest = [0u8; 32];
         digest.copy_from_slice(ring::hmac::sign(&self.0, &input.finish()).as_ref());
         digest
+    }
+
+    /// The key under which a node stores a caller's request id (`user` and the id it
+    /// gave): `user:` and 64 hex digits. Keyed, so that an id a caseworker made up (a
+    /// name, a date of birth) is never stored, nor can be matched against guesses.
+    pub fn request_key(&self, user: i64, request_id: &str) -> String {
+        let input = Canonical::new(REQUEST_KEY_LABEL)
+            .i64(user)
+            .str(request_id)
+            .finish();
+        format!(
+            "{user}:{}",
+            hex::encode(ring::hmac::sign(&self.0, &input).as_ref())
+        )
+    }
+
+    /// Whether `stored` has the form of [`PairwiseKey::request_key`]; a key stored
+    /// before request ids were keyed holds the id itself.
+    pub fn is_request_key(stored: &str) -> bool {
+        stored.split_once(':').is_some_and(|(user, digest)| {
+            user.parse::<i64>().is_ok() && crate::is_lower_hex(digest, 64)
+        })
     }
 
     /// The key a narrowing gives `recipient` to confirm the consent's terms with
@@ -231,5 +254,23 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    #[test]
+    fn a_request_key_keeps_nothing_of_the_request_id() {
+        let key = PairwiseKey::derive(&[1; 32]);
+        let stored = key.request_key(7, "REQ-Chan-Sokha-1990-04-17");
+        assert!(
+            stored.starts_with("7:") && !stored.contains("Sokha"),
+            "{stored}"
+        );
+        assert!(PairwiseKey::is_request_key(&stored));
+        assert!(!PairwiseKey::is_request_key("7:REQ-Chan-Sokha-1990-04-17"));
+        assert_eq!(stored, key.request_key(7, "REQ-Chan-Sokha-1990-04-17"));
+        assert_ne!(stored, key.request_key(8, "REQ-Chan-Sokha-1990-04-17"));
+        assert_ne!(
+            stored,
+            PairwiseKey::derive(&[2; 32]).request_key(7, "REQ-Chan-Sokha-1990-04-17")
+        );
     }
 }

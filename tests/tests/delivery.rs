@@ -101,7 +101,7 @@ async fn a_stop_answers_the_calls_waiting_for_a_delivery() {
 async fn a_retried_send_with_its_request_id_sends_nothing_twice() {
     let fed = Federation::demo("send-retry");
     let recipient = fed.start(SHELTER_KH);
-    let sender = fed.start(SHELTER_MY);
+    let mut sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
     let request = pb::SendReferralRequest {
@@ -137,6 +137,28 @@ async fn a_retried_send_with_its_request_id_sends_nothing_twice() {
     );
     let mut r = recipient.client().await;
     assert_eq!(inbox(&mut r).await.len(), 1, "the recipient got it once");
+    // The id is not stored (a caseworker may have made it of a name): only its key.
+    let stored_in_clear =
+        "SELECT count(*) FROM outbox WHERE instr(request_key, 'caseworker-7f3a') > 0";
+    assert_eq!(scalar(&sender, stored_in_clear).await, 0);
+    // Nor does an id stored in the clear before ids were keyed stay so: the node keys it
+    // as it starts, and a retry is still recognised.
+    sender.stop();
+    sql(
+        &sender,
+        &["UPDATE outbox SET request_key = substr(request_key, 1, instr(request_key, ':')) || 'caseworker-7f3a' WHERE request_key IS NOT NULL"],
+    )
+    .await;
+    assert_eq!(scalar(&sender, stored_in_clear).await, 1);
+    sender.start();
+    assert_eq!(scalar(&sender, stored_in_clear).await, 0);
+    let mut s = sender.client().await;
+    let again = s
+        .send_referral(request.clone())
+        .await
+        .expect("retry after a restart")
+        .into_inner();
+    assert_eq!(again.referral_id, first.referral_id);
 
     // The same id for another referral is refused, not taken for a retry.
     let other = pb::SendReferralRequest {
