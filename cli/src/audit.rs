@@ -407,6 +407,22 @@ fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
     Ok(leaves)
 }
 
+/// Checks that every checkpoint an auditor's state pinned is the log's signed word for
+/// its size and root: a state copied from another log's, or edited, would otherwise
+/// have this auditor accuse an honest log of rewriting its history.
+fn pinned_by(state: &State, verifier: &NoteVerifier) -> Result<(), String> {
+    for pinned in &state.checkpoints {
+        let signed = checkpoint::open(&pinned.note, verifier).ok();
+        if signed.is_none_or(|cp| Some(cp.root) != pinned.root_hash() || cp.size != pinned.size) {
+            return Err(format!(
+                "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
+                pinned.size
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn cosigned(note: &str, verifiers: &[CosignatureVerifier]) -> Vec<String> {
     verifiers
         .iter()
@@ -579,7 +595,9 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
         .map(|e| merkle::leaf_hash(e))
         .collect();
 
-    let verified = verified_leaves(&state).map_err(|problem| {
+    let verified = pinned_by(&state, &fetched.verifier)
+        .and_then(|()| verified_leaves(&state))
+        .map_err(|problem| {
         format!(
             "the auditor state {} is damaged or was edited: {problem}; restore it from a backup (removing it starts over and forgets every checkpoint verified before)",
             auditor.state_path(org).display()

@@ -701,3 +701,39 @@ async fn a_second_node_on_the_same_data_directory_refuses_to_start() {
     );
     some_events(&my, 1).await;
 }
+
+/// The checkpoints an auditor's state pinned are the log's signed word: a state copied
+/// from another log's is refused as damaged, not taken for proof that an honest log
+/// rewrote its history.
+#[tokio::test]
+async fn an_auditor_state_from_another_log_is_refused_not_taken_for_a_rewrite() {
+    let fed = Federation::demo("audit-state-swap");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    some_events(&my, 2).await;
+    let mut k = kh.client().await;
+    case_with_consent(&mut k, SHELTER_MY, "reintegration").await;
+    for node in [&my, &kh] {
+        wait_checkpointed(node).await;
+    }
+    for org in [SHELTER_MY, SHELTER_KH] {
+        ok(&audit(&fed, &state, &["verify", org, "--quorum", "0"]));
+    }
+    std::fs::copy(
+        state.join(format!("{SHELTER_KH}.json")),
+        state.join(format!("{SHELTER_MY}.json")),
+    )
+    .expect("copy the state");
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
+    assert!(
+        err.contains("is damaged or was edited")
+            && err.contains("is not this log's signed checkpoint")
+            && !err.contains("rewritten"),
+        "{err}"
+    );
+}
