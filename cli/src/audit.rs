@@ -103,15 +103,24 @@ pub enum AuditCommand {
         policy: Policy,
     },
     /// Check that every referral each node says it delivered to the other is in the
-    /// other's log, where its signed receipt says.
-    CrossCheck { a: String, b: String },
-    /// Write an offline proof (c2sp.org/tlog-proof) that entry N is in a node's log.
+    /// other's log, where its signed receipt says; fails too unless the witness quorum
+    /// cosigned both checkpoints (a log can show a fork to one auditor alone).
+    CrossCheck {
+        a: String,
+        b: String,
+        #[command(flatten)]
+        policy: Policy,
+    },
+    /// Write an offline proof (c2sp.org/tlog-proof) that entry N is in a node's log;
+    /// refused unless the witness quorum cosigned the checkpoint it proves against.
     Prove {
         org: String,
         #[arg(long)]
         index: u64,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        policy: Policy,
     },
 }
 
@@ -504,10 +513,16 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
             Ok(())
         }
         AuditCommand::VerifyExport { file, policy } => verify_export(&auditor, &file, &policy),
-        AuditCommand::CrossCheck { a, b } => cross_check(&auditor, &a, &b).await,
-        AuditCommand::Prove { org, index, out } => {
+        AuditCommand::CrossCheck { a, b, policy } => cross_check(&auditor, &a, &b, &policy).await,
+        AuditCommand::Prove {
+            org,
+            index,
+            out,
+            policy,
+        } => {
             let mut client = auditor.client(&org).await?;
             let (cp, note, _) = auditor.checkpoint(&mut client, &org).await?;
+            require_quorum(&auditor, &org, &note, &policy)?;
             if index >= cp.size {
                 return Err(format!(
                     "{org}'s checkpoint covers entries 0..{}; {index} is not among them",
@@ -798,13 +813,30 @@ fn verify_export(auditor: &Auditor, file: &Path, policy: &Policy) -> Result<(), 
     Ok(())
 }
 
-async fn cross_check(auditor: &Auditor, a: &str, b: &str) -> Result<(), String> {
+/// Fails unless the witness quorum cosigned `org`'s checkpoint `note`: what is proved
+/// against a checkpoint no quorum saw may be a fork shown to this auditor alone.
+fn require_quorum(auditor: &Auditor, org: &str, note: &str, policy: &Policy) -> Result<(), String> {
+    let (verifiers, quorum) = auditor.witnesses(org, policy)?;
+    let names = cosigned(note, &verifiers);
+    if names.len() < quorum {
+        return Err(format!(
+            "{org}: only {} of the required {quorum} witnesses cosigned its checkpoint, so what is proved against it may be a fork (`--quorum 0` to check regardless)",
+            names.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn cross_check(auditor: &Auditor, a: &str, b: &str, policy: &Policy) -> Result<(), String> {
     if a == b {
         return Err(format!(
             "cross-check compares two orgs' logs: {a} was named twice"
         ));
     }
     let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
+    for (org, log) in &logs {
+        require_quorum(auditor, org, &log.note, policy)?;
+    }
     // Entries count only if they are the ones each log signed.
     for (org, log) in &logs {
         let leaves: Vec<Hash> = log.entries.iter().map(|e| merkle::leaf_hash(e)).collect();

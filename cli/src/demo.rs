@@ -388,6 +388,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
                 args(crate::audit::AuditCommand::CrossCheck {
                     a: a.org.spec.id.to_string(),
                     b: b.org.spec.id.to_string(),
+                    policy: policy.clone(),
                 }),
                 crate::commands::Output::Text,
             )

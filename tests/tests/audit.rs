@@ -375,10 +375,13 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
     );
     wait_checkpointed(&my).await;
     wait_checkpointed(&kh).await;
+    // The embassy does not run here: each log has one of its two witnesses.
+    wait_cosigned(&my, 1).await;
+    wait_cosigned(&kh, 1).await;
     let out = ok(&audit(
         &fed,
         &state,
-        &["cross-check", SHELTER_MY, SHELTER_KH],
+        &["cross-check", SHELTER_MY, SHELTER_KH, "--quorum", "1"],
     ));
     assert!(out.contains("all 1 receipts are backed"), "{out}");
 
@@ -398,17 +401,33 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
     rebuild_hashes(&kh).await;
     kh.start();
     wait_checkpointed(&kh).await;
+    // Its witness refuses the rewritten log: a cross-check against it proves nothing.
     let err = failed(&audit(
         &fed,
         &state,
-        &["cross-check", SHELTER_MY, SHELTER_KH],
+        &["cross-check", SHELTER_MY, SHELTER_KH, "--quorum", "1"],
+    ));
+    assert!(
+        err.contains("shelter-kh: only 0 of the required 1 witnesses cosigned"),
+        "{err}"
+    );
+    // Checked regardless, its log lacks the entry the receipt names.
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["cross-check", SHELTER_MY, SHELTER_KH, "--quorum", "0"],
     ));
     assert!(
         err.contains("1 receipt(s) without a matching entry"),
         "{err}"
     );
     let out = String::from_utf8_lossy(
-        &audit(&fed, &state, &["cross-check", SHELTER_MY, SHELTER_KH]).stdout,
+        &audit(
+            &fed,
+            &state,
+            &["cross-check", SHELTER_MY, SHELTER_KH, "--quorum", "0"],
+        )
+        .stdout,
     )
     .into_owned();
     assert!(
@@ -421,7 +440,7 @@ async fn cross_check_finds_a_receipt_without_its_entry() {
     let err = failed(&audit(
         &fed,
         &state,
-        &["cross-check", SHELTER_MY, SHELTER_KH],
+        &["cross-check", SHELTER_MY, SHELTER_KH, "--quorum", "0"],
     ));
     assert!(
         err.contains("shelter-my's entries do not hash to its signed checkpoint"),
@@ -527,6 +546,7 @@ async fn export_verify_and_prove_offline() {
     ));
 
     let proof = fed.dir.join("entry.tlog-proof");
+    wait_cosigned(&my, 2).await;
     ok(&audit(
         &fed,
         &state,
