@@ -275,6 +275,12 @@ impl Auditor {
             .iter()
             .map(|id| {
                 let m = self.member(id.as_str())?;
+                // Only members with the witness role cosign: another could never count.
+                if !m.has_role(Role::Witness) {
+                    return Err(format!(
+                        "{id} is not a witness: the directory gives it no witness role"
+                    ));
+                }
                 Ok(CosignatureVerifier::new(
                     &corridor::audit::witness_name(&self.directory.federation, id),
                     m.signing_key,
@@ -282,6 +288,12 @@ impl Auditor {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let quorum = policy.quorum.unwrap_or(verifiers.len() / 2 + 1);
+        if quorum > verifiers.len() {
+            return Err(format!(
+                "a quorum of {quorum} can never be met by {} witness(es)",
+                verifiers.len()
+            ));
+        }
         Ok((verifiers, quorum))
     }
 
@@ -346,11 +358,21 @@ impl Auditor {
         if !path.exists() {
             return Ok(State::default());
         }
-        serde_json::from_slice(&files::read_file(&path, MAX_AUDIT_FILE_BYTES)?)
-            .map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_slice(&files::read_file(&path, MAX_AUDIT_FILE_BYTES)?).map_err(|e| {
+            format!(
+                "the auditor state {} is damaged or was edited: it is not the JSON this tool writes ({e}); restore it from a backup (removing it starts over and forgets every checkpoint verified before)",
+                path.display()
+            )
+        })
     }
 
     fn save_state(&self, org: &str, state: &State) -> Result<(), String> {
+        if self.state.exists() && !self.state.is_dir() {
+            return Err(format!(
+                "--state {} is a file: it names the directory where the auditor keeps what it verified",
+                self.state.display()
+            ));
+        }
         std::fs::create_dir_all(&self.state)
             .map_err(|e| format!("{}: {e}", self.state.display()))?;
         let path = self.state_path(org);
@@ -748,7 +770,12 @@ fn verify_export(auditor: &Auditor, file: &Path, policy: &Policy) -> Result<(), 
         entries: Vec<String>,
     }
     let export: Export = serde_json::from_slice(&files::read_file(file, MAX_AUDIT_FILE_BYTES)?)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+        .map_err(|e| {
+            format!(
+                "{} is not an export written by `corridor audit export` ({e})",
+                file.display()
+            )
+        })?;
     if export.format != "corridor-audit-export/v1" {
         return Err(format!("{} is not a corridor audit export", file.display()));
     }

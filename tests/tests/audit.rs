@@ -111,7 +111,7 @@ async fn restarts_while_appending_never_sign_inconsistent_checkpoints() {
     assert!(out.contains("quorum 2: MET"), "{out}");
     let out = ok(&audit(&fed, &state, &["verify", SHELTER_MY]));
     assert!(out.contains("quorum 2: MET"), "{out}");
-    // A witness named twice counts once: one cosignature is not a quorum of two.
+    // A witness named twice counts once: one witness can never make a quorum of two.
     let kh_only = [
         "verify",
         SHELTER_MY,
@@ -123,7 +123,10 @@ async fn restarts_while_appending_never_sign_inconsistent_checkpoints() {
         "2",
     ];
     let err = failed(&audit(&fed, &state, &kh_only));
-    assert!(err.contains("only 1 of the required 2"), "{err}");
+    assert!(
+        err.contains("a quorum of 2 can never be met by 1 witness(es)"),
+        "{err}"
+    );
     drop(kh);
 }
 
@@ -507,6 +510,38 @@ async fn export_verify_and_prove_offline() {
         &["cross-check", SHELTER_MY, SHELTER_MY],
     ));
     assert!(err.contains("named twice"), "{err}");
+    // A policy that could never be met, or files that are not what they should be, are
+    // named as such.
+    for (args, words) in [
+        (
+            &["checkpoint", SHELTER_MY, "--witness", AUDITOR][..],
+            "auditor-demo is not a witness",
+        ),
+        (
+            &["checkpoint", SHELTER_MY, "--quorum", "5"][..],
+            "a quorum of 5 can never be met by 2 witness(es)",
+        ),
+    ] {
+        let err = failed(&audit(&fed, &state, args));
+        assert!(err.contains(words), "{err}");
+    }
+    let err = failed(&audit(
+        &fed,
+        &export,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
+    assert!(err.contains("is a file: it names the directory"), "{err}");
+    let empty = fed.dir.join("empty.json");
+    std::fs::write(&empty, "").unwrap();
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify-export", empty.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("is not an export written by `corridor audit export`"),
+        "{err}"
+    );
     // Without its cosignatures the export is the log's word alone: refused, unless the
     // auditor asks for the entries alone.
     let text = std::fs::read_to_string(&export).unwrap();
