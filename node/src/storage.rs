@@ -286,6 +286,19 @@ pub struct SentReferral {
     pub fields: Option<String>,
 }
 
+/// SQL, over the outbox as `o`: a row whose envelope the recipient may hold — every one
+/// but those it refused at the first attempt (`mark_final` counts the refused attempt).
+/// An envelope given up on after an earlier attempt (whose answer was lost, say, before
+/// the member left the directory or a proxy answered for it) may have been stored there;
+/// a withdrawal asks for it too, since asking for what a recipient never got costs
+/// nothing. [`OutboxStatus::may_be_held`] says the same of one row. A macro, for
+/// `concat!`: statements stay static strings.
+macro_rules! may_be_held {
+    () => {
+        "(o.state != 'refused' OR o.attempts > 1)"
+    };
+}
+
 /// What the sender knows about an envelope it sent.
 #[derive(Debug, Clone)]
 pub struct OutboxStatus {
@@ -304,6 +317,13 @@ pub struct OutboxStatus {
     pub narrowed_at_ms: Option<i64>,
     /// The id under which the recipient knows the consent.
     pub consent_ref: String,
+}
+
+impl OutboxStatus {
+    /// Whether the recipient may hold this envelope, as `may_be_held!` says in SQL.
+    pub fn may_be_held(&self) -> bool {
+        self.state != "refused" || self.attempts > 1
+    }
 }
 
 /// A referral received, still encrypted.
@@ -1145,13 +1165,13 @@ impl Store {
     where
         E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
     {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT recipient, case_ref, consent_ref, message_id, created_by, purpose, fields
-             FROM outbox
-             WHERE consent_id = $1 AND kind = 1
-               AND state != 'refused'
-             ORDER BY recipient, created_at_ms",
-        )
+             FROM outbox o
+             WHERE consent_id = $1 AND kind = 1 AND ",
+            may_be_held!(),
+            " ORDER BY recipient, created_at_ms"
+        ))
         .bind(consent_id)
         .fetch_all(executor)
         .await?;
@@ -1214,10 +1234,11 @@ impl Store {
                         .into_iter()
                         .map(|r| message_id(r.get(0)))
                         .collect::<Result<Vec<_>>>()?;
-                        let recipients: i64 = sqlx::query_scalar(
-                            "SELECT COUNT(DISTINCT recipient) FROM outbox
-                             WHERE consent_id = $1 AND kind = 1 AND state != 'refused'",
-                        )
+                        let recipients: i64 = sqlx::query_scalar(concat!(
+                            "SELECT COUNT(DISTINCT recipient) FROM outbox o
+                             WHERE consent_id = $1 AND kind = 1 AND ",
+                            may_be_held!()
+                        ))
                         .bind(&*consent_id)
                         .fetch_one(&mut *conn)
                         .await?;
@@ -1234,15 +1255,16 @@ impl Store {
     /// narrowed consent (as [`Store::referrals_under_consent`] counts) and has no
     /// withdrawal of it queued or delivered.
     pub async fn withdrawals_missing(&self) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT DISTINCT o.consent_id, o.recipient FROM outbox o
                 JOIN consents c ON c.id = o.consent_id
              WHERE (c.withdrawn_at_ms IS NOT NULL OR c.narrowed_at_ms IS NOT NULL)
-               AND o.kind = 1 AND o.state != 'refused'
-               AND NOT EXISTS (SELECT 1 FROM outbox w
+               AND o.kind = 1 AND ",
+            may_be_held!(),
+            " AND NOT EXISTS (SELECT 1 FROM outbox w
                    WHERE w.consent_id = o.consent_id AND w.recipient = o.recipient
-                     AND w.kind = 2 AND w.state IN ('queued', 'delivered'))",
-        )
+                     AND w.kind = 2 AND w.state IN ('queued', 'delivered'))"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -2811,13 +2833,14 @@ pub(crate) mod tests {
     }
 
     /// A withdrawal asks every recipient that may hold a referral to purge it: one whose
-    /// referral expired or was cancelled (by a narrowing) too, since an attempt whose
-    /// answer was lost may have arrived. Only a refused one is known not to have.
+    /// referral expired, was cancelled (by a narrowing) or was given up on after an
+    /// earlier attempt too, since an attempt whose answer was lost may have arrived. Only
+    /// one refused at its first attempt is known not to have.
     #[tokio::test]
     async fn a_withdrawal_reaches_the_recipients_of_expired_and_cancelled_referrals() {
         let (store, dir) = temp_store("withdraw-expired").await;
         let alice = case_with_consent(&store, "age_band").await;
-        for n in 1..=4 {
+        for n in 1..=5 {
             let mut item = outbox_item(n);
             item.created_by = alice;
             store.enqueue(item, None, entry()).await.expect("queued");
@@ -2834,6 +2857,15 @@ pub(crate) mod tests {
             .mark_final(MessageId([4; 16]), "cancelled", "consent narrowed")
             .await
             .expect("cancelled");
+        // Given up on after an attempt whose answer was lost: the recipient may hold it.
+        store
+            .mark_retry(MessageId([5; 16]), "answer lost", 0)
+            .await
+            .expect("retried");
+        store
+            .mark_final(MessageId([5; 16]), "refused", "no longer a member")
+            .await
+            .expect("refused");
         let mut under: Vec<MessageId> = store
             .referrals_under_consent("consent-1")
             .await
@@ -2844,8 +2876,25 @@ pub(crate) mod tests {
         under.sort();
         assert_eq!(
             under,
-            vec![MessageId([1; 16]), MessageId([3; 16]), MessageId([4; 16])]
+            vec![
+                MessageId([1; 16]),
+                MessageId([3; 16]),
+                MessageId([4; 16]),
+                MessageId([5; 16])
+            ]
         );
+        let status = |n| {
+            let store = &store;
+            async move {
+                store
+                    .outbox_status(MessageId([n; 16]))
+                    .await
+                    .expect("read")
+                    .expect("stored")
+                    .may_be_held()
+            }
+        };
+        assert!(!status(2).await && status(5).await && status(1).await);
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

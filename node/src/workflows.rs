@@ -1751,8 +1751,7 @@ async fn ask_to_purge(
         {
             let latest = narrowed_at.entry(item.recipient).or_insert(at);
             *latest = (*latest).max(at);
-        } else if item.kind == i64::from(MessageKind::Referral.as_i32()) && item.state != "refused"
-        {
+        } else if item.kind == i64::from(MessageKind::Referral.as_i32()) && item.may_be_held() {
             let first = first_sent_at
                 .entry(item.recipient)
                 .or_insert(item.created_at_ms);
