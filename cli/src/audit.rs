@@ -71,6 +71,60 @@ pub struct Policy {
     pub quorum: Option<usize>,
 }
 
+/// How recently a live log's witnesses must have vouched for the checkpoint relied on.
+#[derive(Debug, Clone, Args)]
+pub struct Freshness {
+    /// Fail unless a quorum of the witnesses cosigned the checkpoint within this long
+    /// (`90m`, `24h`, `7d`; `off` for any age). A node asks its witnesses again every
+    /// `audit.cosignature_refresh_s` (10 minutes unless set) while its log still matches
+    /// what it signed, so an older quorum means the log stopped checkpointing, or its
+    /// witnesses cannot be reached.
+    #[arg(long, default_value = "24h", value_parser = parse_max_age)]
+    pub max_age: MaxAge,
+}
+
+/// A longest age in seconds, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxAge(pub Option<u64>);
+
+/// Longest `--max-age` taken: beyond ten years it would be `off` in all but name.
+const MAX_AGE_LIMIT_S: u64 = 3650 * 86_400;
+
+fn parse_max_age(text: &str) -> Result<MaxAge, String> {
+    if text == "off" {
+        return Ok(MaxAge(None));
+    }
+    let unit = text.chars().last().unwrap_or(' ');
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => {
+            return Err(
+                "give a number and a unit, s, m, h or d (`30m`, `24h`, `7d`), or `off`".into(),
+            );
+        }
+    };
+    let secs = text[..text.len() - 1]
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|s| (1..=MAX_AGE_LIMIT_S).contains(s))
+        .ok_or("give a whole number from 1 with its unit, at most ten years (`3650d`), or `off`")?;
+    Ok(MaxAge(Some(secs)))
+}
+
+/// An age in the largest whole unit, for people: `45 s`, `12 min`, `5 h`, `3 d`.
+fn describe_age(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7_200 => format!("{} min", secs / 60),
+        7_200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum AuditCommand {
     /// Fetch a node's latest checkpoint and check its signature and cosignatures.
@@ -78,6 +132,8 @@ pub enum AuditCommand {
         org: String,
         #[command(flatten)]
         policy: Policy,
+        #[command(flatten)]
+        fresh: Freshness,
     },
     /// Rebuild a node's tree from its entries, check it against its checkpoint and
     /// against every checkpoint verified before, and remember what was verified; fails
@@ -87,6 +143,8 @@ pub enum AuditCommand {
         org: String,
         #[command(flatten)]
         policy: Policy,
+        #[command(flatten)]
+        fresh: Freshness,
     },
     /// Write a node's checkpoint and entries to a file for offline verification.
     Export {
@@ -110,6 +168,8 @@ pub enum AuditCommand {
         b: String,
         #[command(flatten)]
         policy: Policy,
+        #[command(flatten)]
+        fresh: Freshness,
     },
     /// Write an offline proof (c2sp.org/tlog-proof) that entry N is in a node's log;
     /// refused unless the witness quorum cosigned the checkpoint it proves against.
@@ -121,6 +181,8 @@ pub enum AuditCommand {
         out: Option<PathBuf>,
         #[command(flatten)]
         policy: Policy,
+        #[command(flatten)]
+        fresh: Freshness,
     },
 }
 
@@ -454,12 +516,83 @@ fn pinned_by(state: &State, verifier: &NoteVerifier) -> Result<(), String> {
     Ok(())
 }
 
-fn cosigned(note: &str, verifiers: &[CosignatureVerifier]) -> Vec<String> {
-    verifiers
-        .iter()
-        .filter(|v| v.verify_note(note).is_ok())
-        .map(|v| v.name().to_owned())
-        .collect()
+/// What a log's witnesses say of one of its checkpoints, under the auditor's policy.
+struct Witnessed {
+    /// The witnesses whose cosignatures verify.
+    names: Vec<String>,
+    witnesses: usize,
+    quorum: usize,
+    /// The latest time (seconds since the epoch) a quorum of them vouched for it.
+    quorum_at: Option<u64>,
+}
+
+impl Witnessed {
+    fn of(auditor: &Auditor, org: &str, note: &str, policy: &Policy) -> Result<Self, String> {
+        let (verifiers, quorum) = auditor.witnesses(org, policy)?;
+        let cosigners = checkpoint::cosigners(note, &verifiers);
+        Ok(Self {
+            names: cosigners.iter().map(|(v, _)| v.name().to_owned()).collect(),
+            witnesses: verifiers.len(),
+            quorum,
+            quorum_at: checkpoint::quorum_time(cosigners.iter().map(|(_, at)| *at), quorum),
+        })
+    }
+
+    fn met(&self) -> bool {
+        self.names.len() >= self.quorum
+    }
+
+    /// How long ago the quorum last vouched; a witness's clock ahead of ours counts as now.
+    fn age_s(&self) -> Option<u64> {
+        let now_s = u64::try_from(corridor_node::node::now_ms() / 1000).unwrap_or(0);
+        self.quorum_at.map(|at| now_s.saturating_sub(at))
+    }
+
+    /// The figures, for a command's JSON line.
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "cosigned_by": self.names, "witnesses": self.witnesses, "quorum": self.quorum,
+            "quorum_met": self.met(),
+            "quorum_cosigned_at": self.quorum_at.map(|at| corridor::utc::format(at as i64 * 1000)),
+            "quorum_age_s": self.age_s(),
+        })
+    }
+
+    /// `cosigned by 2 of 3 witnesses (…), quorum 2: MET, vouched for 4 min ago`.
+    fn describe(&self) -> String {
+        let mut text = format!(
+            "cosigned by {} of {} witnesses ({}), quorum {}: {}",
+            self.names.len(),
+            self.witnesses,
+            self.names.join(", "),
+            self.quorum,
+            if self.met() { "MET" } else { "NOT MET" }
+        );
+        if let Some(age) = self.age_s() {
+            text.push_str(&format!(", vouched for {} ago", describe_age(age)));
+        }
+        text
+    }
+
+    /// Fails if the quorum last vouched for the checkpoint longer ago than `fresh` allows.
+    fn require_fresh(&self, org: &str, fresh: &Freshness) -> Result<(), String> {
+        match (self.age_s(), fresh.max_age.0) {
+            (Some(age), Some(max)) if age > max => Err(format!(
+                "{org}: its witnesses' quorum last vouched for its checkpoint {} ago, longer than --max-age allows ({}): the node has stopped checkpointing its log, as it does when its stored log no longer matches what it signed, or cannot reach its witnesses (`--max-age off` to accept it)",
+                describe_age(age),
+                describe_age(max)
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Merges `extra`'s fields into the JSON object `value`.
+fn with_fields(mut value: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(into), serde_json::Value::Object(from)) = (value.as_object_mut(), extra) {
+        into.extend(from);
+    }
+    value
 }
 
 fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, String> {
@@ -474,38 +607,40 @@ fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, String> {
 pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
     let auditor = Auditor::new(&args, output)?;
     match args.command {
-        AuditCommand::Checkpoint { org, policy } => {
+        AuditCommand::Checkpoint { org, policy, fresh } => {
             let mut client = auditor.client(&org).await?;
             let (cp, note, _) = auditor.checkpoint(&mut client, &org).await?;
-            let (verifiers, quorum) = auditor.witnesses(&org, &policy)?;
-            let names = cosigned(&note, &verifiers);
-            let ok = names.len() >= quorum;
+            let witnessed = Witnessed::of(&auditor, &org, &note, &policy)?;
+            let ok = witnessed.met();
             emit(
                 output,
-                json!({
-                    "org": org, "origin": cp.origin, "size": cp.size, "root": B64.encode(cp.root),
-                    "cosigned_by": names, "quorum": quorum, "witnesses": verifiers.len(), "ok": ok,
-                }),
+                with_fields(
+                    json!({
+                        "org": org, "origin": cp.origin, "size": cp.size,
+                        "root": B64.encode(cp.root), "ok": ok,
+                    }),
+                    witnessed.json(),
+                ),
                 || {
                     format!(
-                        "{org}: checkpoint of size {} signed by the log (verified); cosigned by {} of {} witnesses ({}), quorum {quorum}: {}",
+                        "{org}: checkpoint of size {} signed by the log (verified); {}",
                         cp.size,
-                        names.len(),
-                        verifiers.len(),
-                        names.join(", "),
-                        if ok { "MET" } else { "NOT MET" }
+                        witnessed.describe()
                     )
                 },
             );
             if !ok {
                 return Err(format!(
-                    "{org}: only {} of the required {quorum} witnesses cosigned its checkpoint",
-                    names.len()
+                    "{org}: only {} of the required {} witnesses cosigned its checkpoint",
+                    witnessed.names.len(),
+                    witnessed.quorum
                 ));
             }
-            Ok(())
+            witnessed.require_fresh(&org, &fresh)
         }
-        AuditCommand::Verify { org, policy } => verify(&auditor, &org, &policy).await,
+        AuditCommand::Verify { org, policy, fresh } => {
+            verify(&auditor, &org, &policy, &fresh).await
+        }
         AuditCommand::Export { org, out } => {
             let fetched = auditor.fetch(&org).await?;
             let file = json!({
@@ -535,16 +670,22 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
             Ok(())
         }
         AuditCommand::VerifyExport { file, policy } => verify_export(&auditor, &file, &policy),
-        AuditCommand::CrossCheck { a, b, policy } => cross_check(&auditor, &a, &b, &policy).await,
+        AuditCommand::CrossCheck {
+            a,
+            b,
+            policy,
+            fresh,
+        } => cross_check(&auditor, &a, &b, &policy, &fresh).await,
         AuditCommand::Prove {
             org,
             index,
             out,
             policy,
+            fresh,
         } => {
             let mut client = auditor.client(&org).await?;
             let (cp, note, _) = auditor.checkpoint(&mut client, &org).await?;
-            require_quorum(&auditor, &org, &note, &policy)?;
+            require_witnessed(&auditor, &org, &note, &policy, &fresh)?;
             if index >= cp.size {
                 return Err(format!(
                     "{org}'s checkpoint covers entries 0..{}; {index} is not among them",
@@ -621,7 +762,12 @@ fn emit(output: Output, value: serde_json::Value, text: impl FnOnce() -> String)
     }
 }
 
-async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), String> {
+async fn verify(
+    auditor: &Auditor,
+    org: &str,
+    policy: &Policy,
+    fresh: &Freshness,
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     let fetched = auditor.fetch(org).await?;
     let cp = &fetched.checkpoint;
@@ -705,8 +851,7 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
             format!("{org}'s checkpoint of size {} is not consistent with its earlier checkpoint of size {}: {e}", cp.size, pinned.size)
         })?;
     }
-    let (verifiers, quorum) = auditor.witnesses(org, policy)?;
-    let names = cosigned(&fetched.note, &verifiers);
+    let witnessed = Witnessed::of(auditor, org, &fetched.note, policy)?;
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     for e in &fetched.entries {
         let entry = corridor::audit::decode(e)
@@ -726,14 +871,16 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
     // and a later one inconsistent with it is a fork this auditor can then prove.
     auditor.save_state(org, &state)?;
     let secs = started.elapsed().as_secs_f64();
-    let quorum_met = names.len() >= quorum;
+    let quorum_met = witnessed.met();
     emit(
         auditor.output,
-        json!({
-            "org": org, "size": cp.size, "ok": quorum_met, "cosigned_by": names, "quorum": quorum,
-            "quorum_met": quorum_met, "entries_by_kind": kinds,
-            "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
-        }),
+        with_fields(
+            json!({
+                "org": org, "size": cp.size, "ok": quorum_met, "entries_by_kind": kinds,
+                "pinned_checkpoints": state.checkpoints.len(), "seconds": secs,
+            }),
+            witnessed.json(),
+        ),
         || {
             // Entry kinds are the audited node's word.
             let kinds: Vec<String> = kinds
@@ -741,12 +888,10 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
                 .map(|(k, n)| format!("{n} {}", escape_controls(k)))
                 .collect();
             format!(
-                "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; cosigned by {} of {} witnesses, quorum {quorum}: {}; {}",
+                "{org}: {} entries verified against its signed checkpoint, consistent with {} checkpoint(s) verified before; {}; {}",
                 cp.size,
                 state.checkpoints.len().saturating_sub(1),
-                names.len(),
-                verifiers.len(),
-                if quorum_met { "MET" } else { "NOT MET" },
+                witnessed.describe(),
                 kinds.join(", ")
             )
         },
@@ -754,10 +899,12 @@ async fn verify(auditor: &Auditor, org: &str, policy: &Policy) -> Result<(), Str
     if !quorum_met {
         // Without its witnesses, this log may be showing this auditor a view of its own.
         return Err(format!(
-            "{org}: its entries verify, but only {} of the required {quorum} witnesses cosigned its checkpoint",
-            names.len()
+            "{org}: its entries verify, but only {} of the required {} witnesses cosigned its checkpoint",
+            witnessed.names.len(),
+            witnessed.quorum
         ));
     }
+    witnessed.require_fresh(org, fresh)?;
     Ok(())
 }
 
@@ -810,51 +957,65 @@ fn verify_export(auditor: &Auditor, file: &Path, policy: &Policy) -> Result<(), 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     // As online: without its witnesses, an export may be a view the log made for one
     // auditor.
-    let (verifiers, quorum) = auditor.witnesses(&export.org, policy)?;
-    let names = cosigned(&export.checkpoint, &verifiers);
-    let quorum_met = names.len() >= quorum;
+    // The export is a snapshot: how long ago its quorum vouched is told, not judged.
+    let witnessed = Witnessed::of(auditor, &export.org, &export.checkpoint, policy)?;
+    let quorum_met = witnessed.met();
     let org = escape_controls(&export.org);
     emit(
         auditor.output,
-        json!({
-            "org": export.org, "size": cp.size, "ok": quorum_met, "cosigned_by": names,
-            "quorum": quorum, "quorum_met": quorum_met,
-            "entries_per_second": cp.size as f64 / secs,
-        }),
+        with_fields(
+            json!({
+                "org": export.org, "size": cp.size, "ok": quorum_met,
+                "entries_per_second": cp.size as f64 / secs,
+            }),
+            witnessed.json(),
+        ),
         || {
             format!(
-                "{org}: exported log of {} entries verified offline against its signed checkpoint; cosigned by {} of {} witnesses, quorum {quorum}: {}",
+                "{org}: exported log of {} entries verified offline against its signed checkpoint; {}",
                 cp.size,
-                names.len(),
-                verifiers.len(),
-                if quorum_met { "MET" } else { "NOT MET" },
+                witnessed.describe()
             )
         },
     );
     if !quorum_met {
         return Err(format!(
-            "{org}: the exported entries verify, but only {} of the required {quorum} witnesses cosigned its checkpoint",
-            names.len()
+            "{org}: the exported entries verify, but only {} of the required {} witnesses cosigned its checkpoint",
+            witnessed.names.len(),
+            witnessed.quorum
         ));
     }
     Ok(())
 }
 
-/// Fails unless the witness quorum cosigned `org`'s checkpoint `note`: what is proved
-/// against a checkpoint no quorum saw may be a fork shown to this auditor alone.
-fn require_quorum(auditor: &Auditor, org: &str, note: &str, policy: &Policy) -> Result<(), String> {
-    let (verifiers, quorum) = auditor.witnesses(org, policy)?;
-    let names = cosigned(note, &verifiers);
-    if names.len() < quorum {
+/// Fails unless the witness quorum cosigned `org`'s checkpoint `note`, recently enough:
+/// what is proved against a checkpoint no quorum saw may be a fork shown to this auditor
+/// alone, and one they saw long ago may hide all the log wrote since.
+fn require_witnessed(
+    auditor: &Auditor,
+    org: &str,
+    note: &str,
+    policy: &Policy,
+    fresh: &Freshness,
+) -> Result<(), String> {
+    let witnessed = Witnessed::of(auditor, org, note, policy)?;
+    if !witnessed.met() {
         return Err(format!(
-            "{org}: only {} of the required {quorum} witnesses cosigned its checkpoint, so what is proved against it may be a fork (`--quorum 0` to check regardless)",
-            names.len()
+            "{org}: only {} of the required {} witnesses cosigned its checkpoint, so what is proved against it may be a fork (`--quorum 0` to check regardless)",
+            witnessed.names.len(),
+            witnessed.quorum
         ));
     }
-    Ok(())
+    witnessed.require_fresh(org, fresh)
 }
 
-async fn cross_check(auditor: &Auditor, a: &str, b: &str, policy: &Policy) -> Result<(), String> {
+async fn cross_check(
+    auditor: &Auditor,
+    a: &str,
+    b: &str,
+    policy: &Policy,
+    fresh: &Freshness,
+) -> Result<(), String> {
     if a == b {
         return Err(format!(
             "cross-check compares two orgs' logs: {a} was named twice"
@@ -862,7 +1023,7 @@ async fn cross_check(auditor: &Auditor, a: &str, b: &str, policy: &Policy) -> Re
     }
     let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
     for (org, log) in &logs {
-        require_quorum(auditor, org, &log.note, policy)?;
+        require_witnessed(auditor, org, &log.note, policy, fresh)?;
     }
     // Entries count only if they are the ones each log signed.
     for (org, log) in &logs {

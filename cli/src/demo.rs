@@ -360,6 +360,10 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
         witnesses: Vec::new(),
         quorum: None,
     };
+    // As an auditor's default: the quorum vouched within a day.
+    let fresh = crate::audit::Freshness {
+        max_age: crate::audit::MaxAge(Some(24 * 3600)),
+    };
     for n in nodes {
         let org = n.org.spec.id.to_string();
         out!("   ");
@@ -367,6 +371,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
             args(crate::audit::AuditCommand::Checkpoint {
                 org: org.clone(),
                 policy: policy.clone(),
+                fresh: fresh.clone(),
             }),
             crate::commands::Output::Text,
         )
@@ -376,6 +381,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
             args(crate::audit::AuditCommand::Verify {
                 org,
                 policy: policy.clone(),
+                fresh: fresh.clone(),
             }),
             crate::commands::Output::Text,
         )
@@ -389,6 +395,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
                     a: a.org.spec.id.to_string(),
                     b: b.org.spec.id.to_string(),
                     policy: policy.clone(),
+                    fresh: fresh.clone(),
                 }),
                 crate::commands::Output::Text,
             )

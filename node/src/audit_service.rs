@@ -381,6 +381,7 @@ pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
     Ok(Some(size))
 }
 
+/// Asks `witness` to cosign our checkpoint `note` of `size`, and stores its cosignature.
 async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Result<(), String> {
     let member = node
         .directory
@@ -443,21 +444,72 @@ async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Res
     Err("witness kept answering with a conflict".into())
 }
 
-/// How often a witness that keeps failing is logged again.
-const FAILING_WITNESS_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How often a failure that keeps happening (a witness down, a log that cannot be
+/// checkpointed) is logged again.
+const REPEATED_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Failures that recur every round, logged when they start, when their reason changes
+/// and once a minute, not several times a second.
+struct RepeatedFailures<K>(HashMap<K, (String, Instant)>);
+
+impl<K> Default for RepeatedFailures<K> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RepeatedFailures<K> {
+    /// Records `reason` for `key`; true if it is due to be logged.
+    fn failed(&mut self, key: &K, reason: String) -> bool {
+        let due = self
+            .0
+            .get(key)
+            .is_none_or(|(last, at)| *last != reason || at.elapsed() >= REPEATED_FAILURE_LOG_EVERY);
+        if due {
+            self.0.insert(key.clone(), (reason, Instant::now()));
+        }
+        due
+    }
+
+    /// Records that `key` succeeded; true if it had been failing.
+    fn succeeded(&mut self, key: &K) -> bool {
+        self.0.remove(key).is_some()
+    }
+}
 
 /// Signs checkpoints as the log grows and collects cosignatures — asking again, each
-/// round, every witness that has not cosigned the latest checkpoint — until `stop`.
+/// round, every witness that has not cosigned the latest checkpoint, and every
+/// `audit.cosignature_refresh_s` those that have — until `stop`.
+///
+/// The refresh is what lets an auditor tell a quiet log from one that stopped
+/// checkpointing: a log whose stored tree no longer matches what it signed asks its
+/// witnesses for nothing more, so the newest time its quorum vouched for it falls behind.
 pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(node.config.audit.checkpoint_interval_ms);
-    // Per witness that fails: why, and when that was last logged. A witness that is down
-    // fails every round; its log says so when it starts, when the reason changes, and
-    // once a minute, not several times a second.
-    let mut failing: HashMap<OrgId, (String, Instant)> = HashMap::new();
+    let refresh = Duration::from_secs(node.config.audit.cosignature_refresh_s);
+    let mut failing_witnesses: RepeatedFailures<OrgId> = RepeatedFailures::default();
+    let mut failing_log: RepeatedFailures<()> = RepeatedFailures::default();
+    // Per witness: the size it last cosigned for us in this run, and when. Measured on
+    // this node's clock, whatever the witness's says; empty at start, so every witness is
+    // asked once as the node starts.
+    let mut cosigned_at: HashMap<OrgId, (u64, Instant)> = HashMap::new();
     let mut told_expired = false;
     loop {
-        if let Err(error) = sign_checkpoint(&node).await {
-            tracing::error!(%error, "checkpoint not signed");
+        let signed = sign_checkpoint(&node).await;
+        match &signed {
+            Err(error) => {
+                if failing_log.failed(&(), error.to_string()) {
+                    tracing::error!(
+                        %error,
+                        "checkpoint not signed; its witnesses are not asked to cosign until it is, so auditors see its last cosignatures age"
+                    );
+                }
+            }
+            Ok(_) => {
+                if failing_log.succeeded(&()) {
+                    tracing::info!("checkpoints are signed again");
+                }
+            }
         }
         // With its directory expired the node sends nothing, cosignature requests too
         // (its witnesses would refuse them, each round); it says so once.
@@ -469,31 +521,30 @@ pub async fn run_checkpointer(node: Arc<Node>, mut stop: watch::Receiver<bool>) 
             );
             told_expired = true;
         }
-        if let (true, Ok(Some((size, _, note)))) = (current, node.store.latest_checkpoint().await) {
+        let latest = match signed {
+            Ok(_) if current => node.store.latest_checkpoint().await,
+            _ => Ok(None),
+        };
+        if let Ok(Some((size, _, note))) = latest {
             for witness in &node.config.audit.witnesses {
                 let seen = node.store.witness_view(witness.as_str()).await.unwrap_or(0);
-                let cosigned = node
-                    .store
-                    .cosignatures(size)
-                    .await
-                    .map(|lines| !lines.is_empty() && seen >= size)
-                    .unwrap_or(false);
-                if cosigned {
+                let fresh = seen >= size
+                    && cosigned_at
+                        .get(witness)
+                        .is_some_and(|(at_size, at)| *at_size == size && at.elapsed() < refresh);
+                if fresh {
                     continue;
                 }
                 match ask_witness(&node, witness, size, &note).await {
                     Ok(()) => {
-                        if failing.remove(witness).is_some() {
+                        cosigned_at.insert(witness.clone(), (size, Instant::now()));
+                        if failing_witnesses.succeeded(witness) {
                             tracing::info!(%witness, size, "cosigned again");
                         }
                     }
                     Err(reason) => {
-                        let due = failing.get(witness).is_none_or(|(last, at)| {
-                            *last != reason || at.elapsed() >= FAILING_WITNESS_LOG_EVERY
-                        });
-                        if due {
+                        if failing_witnesses.failed(witness, reason.clone()) {
                             tracing::warn!(%witness, size, %reason, "no cosignature");
-                            failing.insert(witness.clone(), (reason, Instant::now()));
                         }
                     }
                 }

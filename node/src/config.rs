@@ -34,6 +34,9 @@
 //! [audit]
 //! checkpoint_interval_ms = 1000         # sign a new checkpoint at most this often
 //! witnesses = []                        # org ids asked to cosign our checkpoints
+//! cosignature_refresh_s = 600           # ask them again this often while the log
+//!                                       # does not grow (1 to 86400), so auditors
+//!                                       # can tell a quiet log from a stuck one
 //! witness_for = []                      # org ids whose checkpoints we cosign
 //!
 //! [retention]                           # how long received referrals are kept
@@ -122,6 +125,7 @@ impl GovernanceConfig {
 pub struct AuditConfig {
     pub checkpoint_interval_ms: u64,
     pub witnesses: Vec<OrgId>,
+    pub cosignature_refresh_s: u64,
     pub witness_for: Vec<OrgId>,
 }
 
@@ -130,6 +134,7 @@ impl Default for AuditConfig {
         Self {
             checkpoint_interval_ms: 1000,
             witnesses: Vec::new(),
+            cosignature_refresh_s: 600,
             witness_for: Vec::new(),
         }
     }
@@ -406,6 +411,11 @@ impl Config {
         if self.audit.checkpoint_interval_ms > 86_400_000 {
             return Err("audit.checkpoint_interval_ms must be at most 86400000 (a day)".into());
         }
+        // Auditors judge a log by how recently its witnesses vouched for it: more than a
+        // day apart would make every quiet log look stuck to them.
+        if !(1..=86_400).contains(&self.audit.cosignature_refresh_s) {
+            return Err("audit.cosignature_refresh_s must be between 1 and 86400 (a day)".into());
+        }
         // The local API carries bearer tokens without TLS: it stays on this machine.
         if !self.local.listen.ip().is_loopback() {
             return Err(format!(
@@ -502,6 +512,14 @@ mod tests {
             (
                 "org_id = \"a\"\n[audit]\ncheckpoint_interval_ms = 18446744073709551615\n",
                 "checkpoint_interval_ms",
+            ),
+            (
+                "org_id = \"a\"\n[audit]\ncosignature_refresh_s = 0\n",
+                "cosignature_refresh_s",
+            ),
+            (
+                "org_id = \"a\"\n[audit]\ncosignature_refresh_s = 86401\n",
+                "cosignature_refresh_s",
             ),
             (
                 "org_id = \"a\"\n[local]\nlisten = \"0.0.0.0:7080\"\n",

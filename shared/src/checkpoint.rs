@@ -393,6 +393,24 @@ impl CosignatureVerifier {
     }
 }
 
+/// The distinct `witnesses` that validly cosigned `note`, each with its cosignature's
+/// timestamp, in the order given. A witness listed twice counts once.
+pub fn cosigners<'w>(
+    note: &str,
+    witnesses: &'w [CosignatureVerifier],
+) -> Vec<(&'w CosignatureVerifier, u64)> {
+    let mut counted: Vec<(&CosignatureVerifier, u64)> = Vec::new();
+    for w in witnesses {
+        if counted.iter().any(|(c, _)| *c == w) {
+            continue;
+        }
+        if let Ok(timestamp) = w.verify_note(note) {
+            counted.push((w, timestamp));
+        }
+    }
+    counted
+}
+
 /// How many distinct `witnesses` validly cosigned `note`; Err if fewer than `quorum`.
 /// A witness listed twice counts once.
 pub fn verify_quorum(
@@ -400,13 +418,7 @@ pub fn verify_quorum(
     witnesses: &[CosignatureVerifier],
     quorum: usize,
 ) -> Result<usize, NoteError> {
-    let mut counted: Vec<&CosignatureVerifier> = Vec::new();
-    for w in witnesses {
-        if !counted.contains(&w) && w.verify_note(note).is_ok() {
-            counted.push(w);
-        }
-    }
-    let count = counted.len();
+    let count = cosigners(note, witnesses).len();
     if count < quorum {
         return Err(NoteError::NotSigned(format!(
             "{quorum} of {} witnesses (only {count})",
@@ -414,6 +426,22 @@ pub fn verify_quorum(
         )));
     }
     Ok(count)
+}
+
+/// The latest time (seconds since the epoch) at which `quorum` of the witnesses, given by
+/// their cosignatures' timestamps, vouched for a checkpoint: the `quorum`-th newest.
+///
+/// A witness cosigns only a checkpoint consistent with every one it saw of the log, and
+/// never one smaller than the newest it saw; so at that time a quorum of witnesses knew of
+/// no newer checkpoint. A log that stops signing checkpoints while it keeps writing (one
+/// whose stored tree no longer matches what it signed) shows this time falling behind.
+/// None with fewer timestamps than `quorum`, or a quorum of 0 (no one vouches).
+pub fn quorum_time(timestamps: impl IntoIterator<Item = u64>, quorum: usize) -> Option<u64> {
+    let mut newest_first: Vec<u64> = timestamps.into_iter().collect();
+    newest_first.sort_unstable_by(|a, b| b.cmp(a));
+    quorum
+        .checked_sub(1)
+        .and_then(|i| newest_first.get(i).copied())
 }
 
 #[cfg(test)]
@@ -552,6 +580,31 @@ mod tests {
         // A note signature (type 0x01) by the same key is not a cosignature (type 0x04).
         let as_note = NoteVerifier::new("corridor.network/demo/witness/b", wkey.verifying_key());
         assert!(as_note.id != w.id);
+    }
+
+    #[test]
+    fn the_quorum_time_is_the_quorums_oldest_of_the_newest_cosignatures() {
+        assert_eq!(quorum_time([5, 9, 7], 1), Some(9));
+        assert_eq!(quorum_time([5, 9, 7], 2), Some(7));
+        assert_eq!(quorum_time([5, 9, 7], 3), Some(5));
+        assert_eq!(quorum_time([5, 9, 7], 4), None, "too few cosigned");
+        assert_eq!(quorum_time([5, 9, 7], 0), None, "no one vouches");
+        assert_eq!(quorum_time([], 1), None);
+    }
+
+    #[test]
+    fn cosigners_carry_their_timestamps_and_count_once() {
+        let (key, verifier, cp) = fixture();
+        let note = sign(&cp, &verifier, &key);
+        let wkey = SigningKey::from_seed(&[5; 32]).unwrap();
+        let name = "corridor.network/demo/witness/b";
+        let w = CosignatureVerifier::new(name, wkey.verifying_key());
+        let cosigned = format!("{note}{}\n", cosign(&cp, name, &wkey, 1_700_000_000));
+        let twice = [w.clone(), w.clone()];
+        let found = cosigners(&cosigned, &twice);
+        assert_eq!(found.len(), 1, "a witness listed twice counts once");
+        assert_eq!(found[0].1, 1_700_000_000);
+        assert!(cosigners(&note, std::slice::from_ref(&w)).is_empty());
     }
 
     #[test]

@@ -792,3 +792,75 @@ async fn an_auditor_state_from_another_log_is_refused_not_taken_for_a_rewrite() 
         "{err}"
     );
 }
+
+/// A node asks its witnesses again while its log does not grow, so an auditor can tell a
+/// quiet log from a stuck one; a node whose stored log no longer matches what it signed
+/// asks them for nothing more, and auditors see its witnesses' word age past their limit.
+#[tokio::test]
+async fn auditors_see_a_log_that_stopped_checkpointing_by_its_witnesses_age() {
+    let fed = Federation::demo("audit-fresh");
+    let state = fed.dir.join("auditor");
+    let config = &fed.org(SHELTER_MY).config;
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "checkpoint_interval_ms = 200\n",
+        "checkpoint_interval_ms = 200\ncosignature_refresh_s = 1\n",
+    );
+    std::fs::write(config, text).unwrap();
+    let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
+    let mut my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    let fresh = ["checkpoint", SHELTER_MY, "--max-age", "4s"];
+    ok(&audit(&fed, &state, &fresh));
+    // Quiet for longer than the auditor's limit: the witnesses still vouch, afresh.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let text = ok(&audit(&fed, &state, &fresh));
+    assert!(text.contains("MET, "), "{text}");
+
+    // Its stored tree no longer matches what it signed; it goes on writing.
+    my.stop();
+    sql(&my, &["UPDATE audit_hashes SET hash = zeroblob(32)"]).await;
+    my.start();
+    some_events(&my, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let out = audit(&fed, &state, &fresh);
+        if !out.status.success() {
+            break failed(&out);
+        }
+        assert!(Instant::now() < deadline, "its witnesses' word never aged");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        err.contains("last vouched for its checkpoint") && err.contains("stopped checkpointing"),
+        "{err}"
+    );
+    // The checkpoint itself is still the one its witnesses cosigned; without a limit on
+    // age it verifies, and so do its entries.
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--max-age", "off"],
+    ));
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--max-age", "4s"],
+    ));
+    assert!(err.contains("longer than --max-age allows (4 s)"), "{err}");
+    assert!(
+        my.log()
+            .contains("its witnesses are not asked to cosign until it is"),
+        "{}",
+        my.log()
+    );
+    for bad in ["4", "0s", "1.5h", "1w", "soon", "3651d", "h"] {
+        let err = failed(&audit(
+            &fed,
+            &state,
+            &["checkpoint", SHELTER_MY, "--max-age", bad],
+        ));
+        assert!(err.contains("--max-age"), "{bad}: {err}");
+    }
+}
