@@ -2161,6 +2161,9 @@ async fn accept_referral(
         Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}")).rule("consent-gate")
     })?;
 
+    // What is kept is what was read and gated: the payload encoded again, so that fields
+    // this version does not know (prost skips them) are not stored beside it.
+    let kept = payload.encode_to_vec();
     // Encrypt under the data key of this received case before anything is stored. The
     // key may be shredded meanwhile (a withdrawal or retention purge); then the store
     // refuses the stale key and the payload is sealed again under the case's new one.
@@ -2200,7 +2203,7 @@ async fn accept_referral(
             .unwrap_data_key(&case_key_id, &wrapped)
             .map_err(data_failure)?;
         let payload_sealed = key
-            .encrypt(&case_key_id, &message_id.to_hex(), plaintext)
+            .encrypt(&case_key_id, &message_id.to_hex(), &kept)
             .map_err(data_failure)?;
         let outcome = node
             .store

@@ -868,3 +868,30 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
         1
     );
 }
+
+/// A recipient keeps what it read and gated, nothing more: a field its version does not
+/// know, riding in an otherwise valid payload, is not stored with it.
+#[tokio::test]
+async fn a_recipient_stores_only_what_it_gated() {
+    let fed = Federation::demo("unknown-fields");
+    let kh = fed.start(SHELTER_KH);
+    let honest = payload(&fed, SHELTER_MY, SHELTER_KH);
+    let mut smuggling = honest.clone();
+    // Field 99 (a string no version of ReferralPayload has), 200 bytes long.
+    smuggling.extend_from_slice(&[0x9a, 0x06, 0xc8, 0x01]);
+    smuggling.extend(std::iter::repeat_n(b'x', 200));
+    for p in [&honest, &smuggling] {
+        let e = seal_as_sender(&fed, header(SHELTER_MY, SHELTER_KH), p);
+        deliver_as(&fed, SHELTER_MY, &e).await.expect("accepted");
+    }
+    assert_eq!(scalar(&kh, "SELECT COUNT(*) FROM inbox").await, 2);
+    assert_eq!(
+        scalar(
+            &kh,
+            "SELECT COUNT(DISTINCT length(payload_sealed)) FROM inbox"
+        )
+        .await,
+        1,
+        "the unknown field was stored"
+    );
+}
