@@ -1009,7 +1009,7 @@ async fn gate_and_seal(
         |refusal| {
             // A refusal from the cache is read again fresh before it stands: log it once.
             if fresh {
-                tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, %refusal, "referral refused by the consent gate");
+                tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, rules = %refusal.rules(), "referral refused by the consent gate");
             }
             Failure::precondition(format!("referral refused: {refusal}"))
         },
@@ -2157,7 +2157,7 @@ async fn accept_referral(
         .get(&node.org)
         .ok_or_else(|| Failure::internal("this node is not in the directory", &node.org))?;
     consent::gate(&consent_receipt.scope(), me, purpose, &fields, now).map_err(|refusal| {
-        tracing::warn!(sender = %sender.id, envelope = %message_id, %refusal, "referral refused by the consent gate on arrival");
+        tracing::warn!(sender = %sender.id, envelope = %message_id, rules = %refusal.rules(), "referral refused by the consent gate on arrival");
         Failure::new(Code::PermissionDenied, format!("referral refused: {refusal}")).rule("consent-gate")
     })?;
 

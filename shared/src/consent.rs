@@ -310,6 +310,40 @@ impl fmt::Display for GateRefusal {
 
 impl std::error::Error for GateRefusal {}
 
+impl Reason {
+    /// The rule broken, by name alone: what a log may say. The reason itself may name a
+    /// country the person will not be sent to or that she forbade family contact, which
+    /// says something of her (the recipient seals a consent's restrictions at rest).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::Withdrawn => "withdrawn",
+            Self::Expired => "expired",
+            Self::PurposeNotConsented(_) => "purpose-not-consented",
+            Self::RecipientNotInScope(_) => "recipient-not-in-scope",
+            Self::StateAuthorityNotNamed(_) => "state-authority-not-named",
+            Self::RoleCannotReceivePurpose { .. } => "role-cannot-receive-purpose",
+            Self::CountryExcluded { .. } => "country-excluded",
+            Self::FamilyContactForbidden => "family-contact-forbidden",
+            Self::FieldNotConsented(_) => "field-not-consented",
+            Self::FieldNotAllowedForPurpose { .. } => "field-not-allowed-for-purpose",
+            Self::RequiredFieldMissing { .. } => "required-field-missing",
+        }
+    }
+}
+
+impl GateRefusal {
+    /// The rules broken, by name, comma-separated (`no-consent` for a case without one):
+    /// for logs, which must not carry what the reasons say of the person.
+    pub fn rules(&self) -> String {
+        if self.consent_id.is_none() {
+            return "no-consent".into();
+        }
+        let mut rules: Vec<&str> = self.reasons.iter().map(Reason::rule).collect();
+        rules.dedup();
+        rules.join(",")
+    }
+}
+
 fn is_state_authority(member: &Member) -> bool {
     member.roles.iter().any(|r| r.is_state_authority())
 }
@@ -950,6 +984,27 @@ mod tests {
 
     fn refused(result: Result<(), GateRefusal>) -> Vec<Reason> {
         result.expect_err("must be refused").reasons
+    }
+
+    #[test]
+    fn a_refusal_logs_its_rules_and_nothing_of_the_person() {
+        let refusal = GateRefusal {
+            consent_id: Some("consent-1".into()),
+            reasons: vec![
+                Reason::CountryExcluded {
+                    recipient: OrgId::new("embassy-kh").unwrap(),
+                    country: "KH".into(),
+                },
+                Reason::FamilyContactForbidden,
+            ],
+        };
+        assert!(refusal.to_string().contains("KH"), "the caseworker is told");
+        assert_eq!(refusal.rules(), "country-excluded,family-contact-forbidden");
+        let none = GateRefusal {
+            consent_id: None,
+            reasons: vec![],
+        };
+        assert_eq!(none.rules(), "no-consent");
     }
 
     #[test]
