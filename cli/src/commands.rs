@@ -57,7 +57,8 @@ pub enum ConsentCommand {
     },
     /// Ask the organisations holding data under a narrowed consent that have not
     /// confirmed its restrictions and expiry as they stand to confirm them (for those
-    /// that answered before they could, once they run a version that does).
+    /// that answered before they could, once they run a version that does), and those
+    /// the narrowing has not been sent to (queueing it failed) to carry it out.
     Restate {
         /// Consent id.
         id: String,

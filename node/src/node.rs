@@ -37,6 +37,9 @@ pub struct Node {
     /// Turns true when the node is asked to stop: listeners drain, background tasks end,
     /// and calls that wait (for a delivery) answer with what they have.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Held while recipients are asked to purge: who was asked is read, then the requests
+    /// queued, and two askers at once would both find a recipient unasked.
+    pub asking_to_purge: tokio::sync::Mutex<()>,
 }
 
 /// Why the node could not start.
@@ -332,6 +335,7 @@ impl Node {
             revocations: Default::default(),
             waiters: Default::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            asking_to_purge: tokio::sync::Mutex::new(()),
         }))
     }
 }

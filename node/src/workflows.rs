@@ -656,7 +656,18 @@ pub async fn narrow_consent(
             }
             // The narrowed scope now keeps referrals from recipients it no longer admits,
             // so who of them may hold data is fixed: ask them to purge.
-            let asked = ask_to_purge(node, &row.id, Some(user.id), None).await?;
+            let asked = ask_to_purge(node, &row.id, Some(user.id), None)
+                .await
+                .map_err(|failure| {
+                    // Not Aborted even if that was the cause: narrowing again would not help.
+                    Failure::new(
+                        Code::Internal,
+                        format!(
+                            "consent {} is narrowed, but its recipients could not all be asked to carry it out ({}): `corridor consent restate {}` asks them again, as the node does when it starts",
+                            row.id, failure.message, row.id
+                        ),
+                    )
+                })?;
             tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), asked, "consent narrowed");
             return get_consent(node, &row.id).await;
         }
@@ -1103,7 +1114,8 @@ async fn gate_and_seal(
 /// Two steps, so that no stream of sends can hold a withdrawal up: the consent is marked
 /// withdrawn first, which fixes who may hold data under it (no referral can be queued
 /// under it any more); then each of those recipients is sent a withdrawal. Should the
-/// node stop in between, it sends them when it starts again.
+/// second step fail (a full disk, say), withdrawing again sends those not yet sent; should
+/// the node stop in between, it sends them when it starts again.
 pub async fn withdraw_consent(
     node: &Node,
     user: &User,
@@ -1111,6 +1123,10 @@ pub async fn withdraw_consent(
 ) -> Result<pb::ConsentStatusResponse, Failure> {
     let row = consent_row(node, consent_id).await?;
     if row.withdrawn_at_ms.is_some() {
+        let asked = ask_to_purge(node, consent_id, Some(user.id), None).await?;
+        if asked > 0 {
+            tracing::info!(consent = %consent_id, user = user.id, recipients = asked, "withdrawn consent: recipients not asked before now asked");
+        }
         return consent_status(node, consent_id).await;
     }
     let now = now_ms();
@@ -1663,6 +1679,8 @@ pub async fn restate_consent_terms(
             "consent {consent_id} was never narrowed: every referral under it stated its terms as they stand"
         )));
     }
+    // Recipients the narrowing has not reached yet (asking them failed) are asked first.
+    ask_to_purge(node, consent_id, Some(user.id), None).await?;
     let before = consent_status(node, consent_id).await?;
     let to: BTreeSet<String> = before
         .recipients
@@ -1730,6 +1748,7 @@ async fn ask_to_purge(
     by: Option<i64>,
     restate_to: Option<&BTreeSet<String>>,
 ) -> Result<usize, Failure> {
+    let _one_at_a_time = node.asking_to_purge.lock().await;
     let row = consent_row(node, consent_id).await?;
     // When the consent was withdrawn, or last narrowed.
     let (changed_at_ms, scope) = match (row.withdrawn_at_ms, row.narrowed_at_ms) {

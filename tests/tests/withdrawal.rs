@@ -655,6 +655,29 @@ async fn a_refused_narrowing_is_asked_again_at_start() {
     );
 }
 
+/// A narrowing is stored, then its recipients are asked to carry it out. When the second
+/// step fails (a full disk, say), `consent restate` asks the recipients it missed.
+#[tokio::test]
+async fn restating_asks_the_recipients_a_narrowing_failed_to_reach() {
+    let mut away = narrowed_while_away("narrow-restate").await;
+    // The narrowing stored, its request never queued.
+    sql(&away.sender, &["DELETE FROM outbox WHERE kind = 3"]).await;
+    away.s
+        .restate_consent_terms(pb::ConsentRequest {
+            consent_id: away.consent_id.clone(),
+        })
+        .await
+        .expect("restate");
+    let queued = "SELECT COUNT(*) FROM outbox WHERE kind = 3 AND state = 'queued'";
+    assert_eq!(scalar(&away.sender, queued).await, 1);
+    let read = away.held_after_return().await;
+    assert!(
+        !read.fields.contains_key("risk_flags"),
+        "{:?}",
+        read.fields.keys()
+    );
+}
+
 /// The directory's `[[member]]` block of `org` taken out of `directory`.
 fn without_member(directory: &str, org: &str) -> String {
     directory
@@ -1530,4 +1553,47 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
             "the {node} logged a failure:\n{log}"
         );
     }
+}
+
+/// A withdrawal is two steps: the consent is marked withdrawn, then its recipients are
+/// asked to purge. When the second fails (a full disk, say), withdrawing again asks them.
+#[tokio::test]
+async fn withdrawing_again_asks_the_recipients_a_failed_withdrawal_did_not() {
+    let fed = Federation::demo("withdraw-again");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) =
+        case_with_consent_to(&mut s, &[SHELTER_KH], &["reintegration"]).await;
+    let sent = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner();
+    let st = wait_final(&mut s, &sent.referral_id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "delivered", "{}", st.last_error);
+    // The first step, without the second.
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE consents SET withdrawn_at_ms = {} WHERE id = '{consent_id}'",
+            corridor_node::node::now_ms()
+        )],
+    )
+    .await;
+    assert_eq!(
+        scalar(&sender, "SELECT COUNT(*) FROM outbox WHERE kind = 2").await,
+        0
+    );
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw again");
+    wait_status(&mut s, &consent_id, all_purged).await;
+    let mut c = kh.client().await;
+    assert!(
+        inbox(&mut c).await.is_empty(),
+        "the recipient still holds it"
+    );
 }
