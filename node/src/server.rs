@@ -98,6 +98,13 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
     record_start(&node).await?;
+    // Before anything is delivered: nothing leaves that the consent no longer admits.
+    if let Err(failure) = crate::workflows::cancel_referrals_no_longer_admitted(&node).await {
+        return Err(StartError::Mismatch(format!(
+            "cannot check the queued referrals against the federation directory: {}",
+            failure.message
+        )));
+    }
     match crate::workflows::ask_outstanding_recipients_to_purge(&node).await {
         Ok(0) => {}
         Ok(queued) => tracing::info!(

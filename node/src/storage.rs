@@ -1270,6 +1270,19 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// (message id, consent id, recipient, purpose) of every referral still queued.
+    pub async fn queued_referrals(&self) -> Result<Vec<(MessageId, String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT message_id, consent_id, recipient, purpose FROM outbox
+             WHERE kind = 1 AND state = 'queued'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((message_id(r.get(0))?, r.get(1), r.get(2), r.get(3))))
+            .collect()
+    }
+
     /// Queues withdrawals and narrowings in one transaction. A withdrawal ends any
     /// narrowing still queued for its recipient under the same consent: it asks more.
     pub async fn queue_withdrawals(&self, withdrawals: Vec<NewOutboxItem>) -> Result<()> {

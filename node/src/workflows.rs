@@ -1728,6 +1728,48 @@ pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, F
     Ok(queued)
 }
 
+/// Gates every referral still queued again, against the directory this node started
+/// with: one queued under an earlier directory may be for a member whose entry changed
+/// since (a role, or a country, its consent does not admit). Those no longer admitted are
+/// cancelled, as a narrowing cancels what it no longer admits. The directory changes only
+/// as a node starts, and runs as it starts. Returns how many it cancelled.
+pub async fn cancel_referrals_no_longer_admitted(node: &Node) -> Result<usize, Failure> {
+    let mut scopes: BTreeMap<String, ConsentScope> = BTreeMap::new();
+    let mut cancelled = 0;
+    for (id, consent_id, recipient, purpose) in node.store.queued_referrals().await? {
+        // One that left the federation is not sent to either: delivery says so.
+        let Some(member) = OrgId::new(&recipient)
+            .ok()
+            .and_then(|org| node.directory.get(&org))
+        else {
+            continue;
+        };
+        let scope = match scopes.get(&consent_id) {
+            Some(scope) => scope,
+            None => {
+                let scope = scope_of(&consent_row(node, &consent_id).await?)?;
+                scopes.entry(consent_id).or_insert(scope)
+            }
+        };
+        if scope.admits_for(member, parse_purpose(&purpose)?) {
+            continue;
+        }
+        node.store
+            .mark_final(
+                id,
+                "cancelled",
+                "the federation directory changed and the consent no longer admits the recipient for this purpose",
+            )
+            .await?;
+        tracing::warn!(referral = %id, %recipient, "queued referral cancelled: its consent no longer admits the recipient under the current directory");
+        cancelled += 1;
+    }
+    if cancelled > 0 {
+        node.revocations.revoked();
+    }
+    Ok(cancelled)
+}
+
 /// Queues a withdrawal of `consent_id` for each recipient that may hold data under it,
 /// is a member, has none on its way or answered, and that the consent no longer admits:
 /// every recipient of a withdrawn consent; of a narrowed one, those it no longer admits

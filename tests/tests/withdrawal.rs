@@ -1597,3 +1597,53 @@ async fn withdrawing_again_asks_the_recipients_a_failed_withdrawal_did_not() {
         "the recipient still holds it"
     );
 }
+
+/// A referral queued under one directory is gated again against the directory its
+/// sender starts with: a recipient whose entry changed to one the consent does not admit
+/// (here, moved to a country the person excluded) is not sent it, even by a recipient
+/// still running on the directory before.
+#[tokio::test]
+async fn a_queued_referral_the_consent_no_longer_admits_under_a_new_directory_is_cancelled() {
+    let fed = Federation::four("regate-queued");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    s.record_consent(consent_request(
+        &case_id,
+        pb::ConsentScope {
+            purposes: vec!["reintegration".into()],
+            recipient_orgs: vec![NGO_TH.into()],
+            fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
+            excluded_countries: vec!["MM".into()],
+            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect("record consent");
+    // The NGO is away: the referral stays queued.
+    let id = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    sender.stop();
+    let ngo = fed.start(NGO_TH);
+    let original = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    publish_directory(
+        &fed,
+        &with_serial(&with_member_country(&original, NGO_TH, "MM"), 2),
+    );
+    sender.start();
+    let mut s = sender.client().await;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "cancelled", "{}", st.last_error);
+    assert!(
+        st.last_error.contains("directory changed"),
+        "{}",
+        st.last_error
+    );
+    let mut c = ngo.client().await;
+    assert!(inbox(&mut c).await.is_empty(), "{NGO_TH} was sent it");
+}
