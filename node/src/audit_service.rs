@@ -55,6 +55,7 @@ enum Access {
 /// its proofs only, and the node's admins on the local API.
 async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Result<(), Status> {
     if let Some(peer) = request.extensions().get::<PeerInfo>() {
+        crate::services::require_current_directory(node)?;
         let member = node
             .directory
             .get(&peer.org)
@@ -240,6 +241,7 @@ impl Witness for WitnessService {
                 Status::unauthenticated("witnessing is only offered to members over mutual TLS")
             })?;
         let node = &self.node;
+        crate::services::require_current_directory(node)?;
         if !node.config.audit.witness_for.contains(&peer.org) {
             return Err(Status::permission_denied(format!(
                 "this node does not witness {}",

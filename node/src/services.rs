@@ -90,12 +90,21 @@ fn authenticated_member<T>(node: &Node, request: &Request<T>) -> Result<PeerInfo
         .get::<PeerInfo>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("connection has no authenticated member"))?;
-    if !node.directory.is_current(crate::node::now_ms()) {
-        return Err(Status::unavailable(
-            "this node's federation directory has expired: it accepts nothing until a newer one is installed",
-        ));
-    }
+    require_current_directory(node)?;
     Ok(peer)
+}
+
+/// Fails once this node's directory has expired: who is a member, and with which keys,
+/// is no longer known, so no member's request is served — also on a connection opened
+/// before (new ones are refused at the handshake).
+pub(crate) fn require_current_directory(node: &Node) -> Result<(), Status> {
+    if node.directory.is_current(crate::node::now_ms()) {
+        Ok(())
+    } else {
+        Err(Status::unavailable(
+            "this node's federation directory has expired: it accepts nothing until a newer one is installed",
+        ))
+    }
 }
 
 /// Waits (up to 30 s, or until the node is asked to stop) until a sent referral is no

@@ -189,8 +189,29 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
         .await
         .expect("a referral before the expiry")
         .into_inner();
+    // An auditor connected before the expiry.
+    let mut auditor = corridor_proto::v1::audit_client::AuditClient::new(
+        fed.federation_channel(Some(fed.org("auditor-demo")), &fed.dir, SHELTER_MY)
+            .await
+            .expect("auditor connects"),
+    );
+    let entries = pb::GetEntriesRequest { start: 0, end: 1 };
+    auditor
+        .get_entries(entries)
+        .await
+        .expect("entries before the expiry");
     let wait = expires_at_ms - corridor_node::node::now_ms() + 100;
     tokio::time::sleep(std::time::Duration::from_millis(wait.max(0) as u64)).await;
+    // Its connection stays open, and is served nothing more.
+    let refused = auditor
+        .get_entries(entries)
+        .await
+        .expect_err("entries after the expiry");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("directory has expired"),
+        "{refused:?}"
+    );
 
     let refused = s
         .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
