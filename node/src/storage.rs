@@ -1075,6 +1075,10 @@ impl Store {
     /// consent no longer admits are asked to purge after it. `terms_changed` says whether
     /// the narrowing changes the restrictions or the expiry. Returns the cancelled ids,
     /// or `None` if the consent was not narrowed.
+    ///
+    /// The narrowing's time is later than every referral sealed under the consent, even
+    /// with this node's clock stepped back: recipients refuse a referral sealed before a
+    /// narrowing they carried out, which one still on its way when it was cancelled must be.
     #[allow(clippy::too_many_arguments)]
     pub async fn narrow_consent(
         &self,
@@ -1104,10 +1108,14 @@ impl Store {
                             "UPDATE consents SET purposes = $2, recipient_orgs = $3,
                             recipient_roles = $4, fields = $5, excluded_countries = $6,
                             no_family_contact = $7, expires_at_ms = $8,
-                            narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1),
+                            narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1,
+                                (SELECT COALESCE(MAX(created_at_ms), 0) + 1 FROM outbox
+                                 WHERE consent_id = $1 AND kind = 1)),
                             removed_fields = $11,
                             terms_narrowed_at_ms = CASE WHEN $12
-                                THEN MAX($9, COALESCE(narrowed_at_ms, 0) + 1)
+                                THEN MAX($9, COALESCE(narrowed_at_ms, 0) + 1,
+                                    (SELECT COALESCE(MAX(created_at_ms), 0) + 1 FROM outbox
+                                     WHERE consent_id = $1 AND kind = 1))
                                 ELSE terms_narrowed_at_ms END
                          WHERE id = $1 AND withdrawn_at_ms IS NULL AND narrowed_at_ms IS $10
                          RETURNING 1",
@@ -2954,6 +2962,34 @@ pub(crate) mod tests {
         );
         let looked_up = store.requested_referral(&format!("{alice}:retry-me")).await;
         assert_eq!(looked_up.expect("read"), Some(got));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the clock stepped back since a referral was sealed, a narrowing still comes
+    /// after it.
+    #[tokio::test]
+    async fn a_narrowing_is_later_than_every_referral_sealed_under_its_consent() {
+        let (store, dir) = temp_store("narrow-clock").await;
+        case_with_consent(&store, "age_band needs").await;
+        let mut item = outbox_item(1);
+        item.created_at_ms = 1_000;
+        store.enqueue(item, None, entry()).await.expect("queued");
+        let narrowed = store
+            .narrow_consent(
+                "consent-1",
+                scope("age_band"),
+                None,
+                None,
+                true,
+                500,
+                entry(),
+            )
+            .await
+            .expect("narrow");
+        assert!(narrowed.is_some());
+        let read = store.consents_for_case("case-1", true).await.expect("read");
+        assert_eq!(read[0].narrowed_at_ms, Some(1_001));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
