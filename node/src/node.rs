@@ -40,6 +40,8 @@ pub struct Node {
     /// Held while recipients are asked to purge: who was asked is read, then the requests
     /// queued, and two askers at once would both find a recipient unasked.
     pub asking_to_purge: tokio::sync::Mutex<()>,
+    /// Per member, the envelopes it has in progress here, within a bound.
+    pub in_progress: crate::services::InProgress,
 }
 
 /// Why the node could not start.
@@ -319,6 +321,8 @@ impl Node {
             return Err(refused_directory(&config, &directory, refusal));
         }
         let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
+        let in_progress =
+            crate::services::InProgress::new(directory.members().map(|m| m.id.clone()));
         Ok(Arc::new(Self {
             org,
             config,
@@ -336,6 +340,7 @@ impl Node {
             waiters: Default::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             asking_to_purge: tokio::sync::Mutex::new(()),
+            in_progress,
         }))
     }
 }

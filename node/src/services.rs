@@ -5,14 +5,17 @@
 //!   certificate names ([`PeerInfo`], set once per connection).
 //! * [`CaseworkerService`] — the local API; the caller is the user of a bearer token.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use corridor::MessageId;
+use corridor::envelope::MAX_BATCH_ENVELOPES;
+use corridor::{MessageId, OrgId};
 use corridor_proto::v1 as pb;
 use corridor_proto::v1::caseworker_server::Caseworker;
 use corridor_proto::v1::federation_server::Federation;
 use prost::Message as _;
 use tokio::sync::oneshot::Receiver;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use crate::auth::authenticate;
@@ -25,6 +28,43 @@ pub struct FederationService {
     pub node: Arc<Node>,
 }
 
+/// Envelopes one member may have in progress at this node at once: as many as a sender's
+/// courier ever sends it together (four full batches), so an honest sender never waits.
+/// More wait for their turn, so that one member's flood, junk or not, holds at most this
+/// many tasks while other members' envelopes are handled beside it.
+pub const MAX_ENVELOPES_IN_PROGRESS_PER_MEMBER: usize = 4 * MAX_BATCH_ENVELOPES;
+
+/// Per member, the envelopes it has in progress at this node.
+pub struct InProgress(HashMap<OrgId, Arc<Semaphore>>);
+
+impl InProgress {
+    pub fn new(members: impl IntoIterator<Item = OrgId>) -> Self {
+        Self(
+            members
+                .into_iter()
+                .map(|org| {
+                    let room = Semaphore::new(MAX_ENVELOPES_IN_PROGRESS_PER_MEMBER);
+                    (org, Arc::new(room))
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits until `member` has room for `n` more envelopes (at most a batch); the permit
+    /// makes room again as it drops.
+    pub async fn admit(&self, member: &OrgId, n: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let room = self
+            .0
+            .get(member)
+            .ok_or_else(|| Status::permission_denied("not a member"))?;
+        let n = u32::try_from(n.clamp(1, MAX_BATCH_ENVELOPES)).unwrap_or(1);
+        room.clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| Status::unavailable("the node is stopping"))
+    }
+}
+
 #[tonic::async_trait]
 impl Federation for FederationService {
     async fn deliver(
@@ -32,6 +72,7 @@ impl Federation for FederationService {
         request: Request<pb::Envelope>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
         let peer = authenticated_member(&self.node, &request)?;
+        let _room = self.node.in_progress.admit(&peer.org, 1).await?;
         let response = workflows::receive_envelope(&self.node, &peer, request.into_inner()).await?;
         Ok(Response::new(response))
     }
@@ -48,13 +89,22 @@ impl Federation for FederationService {
                 corridor::envelope::MAX_BATCH_ENVELOPES
             )));
         }
+        // Room for all of them first: a request given up while it waits starts nothing.
+        let mut room = self
+            .node
+            .in_progress
+            .admit(&peer.org, envelopes.len())
+            .await?;
         // Each envelope in a task of its own, as if it had come alone: their public-key
-        // work spreads over the cores and their commits share the writer's groups.
+        // work spreads over the cores and their commits share the writer's groups. Each
+        // holds its share of the room until it ends, also if the request is given up.
         let handled: Vec<_> = envelopes
             .into_iter()
             .map(|bytes| {
                 let (node, peer) = (self.node.clone(), peer.clone());
+                let share = room.split(1);
                 tokio::spawn(async move {
+                    let _share = share;
                     let envelope = pb::Envelope::decode(bytes).map_err(|_| {
                         Status::invalid_argument("an envelope of the batch is not an Envelope")
                     })?;
@@ -373,5 +423,33 @@ impl Caseworker for CaseworkerService {
             workflows::restate_consent_terms(&self.node, &user, &request.get_ref().consent_id)
                 .await?;
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A member with as many envelopes in progress as it may have waits for room; another
+    /// member does not wait behind it, and one that is not a member is refused.
+    #[tokio::test]
+    async fn a_member_at_its_bound_waits_and_others_do_not() {
+        let (a, b) = (OrgId::new("org-a").unwrap(), OrgId::new("org-b").unwrap());
+        let in_progress = InProgress::new([a.clone(), b.clone()]);
+        let mut full = Vec::new();
+        for _ in 0..MAX_ENVELOPES_IN_PROGRESS_PER_MEMBER / MAX_BATCH_ENVELOPES {
+            full.push(in_progress.admit(&a, MAX_BATCH_ENVELOPES).await.unwrap());
+        }
+        let waits = tokio::time::timeout(Duration::from_millis(50), in_progress.admit(&a, 1));
+        assert!(waits.await.is_err(), "a member past its bound was admitted");
+        let _b = in_progress
+            .admit(&b, 1)
+            .await
+            .expect("another member waits for nothing");
+        full.pop();
+        in_progress.admit(&a, 1).await.expect("room again");
+        let stranger = OrgId::new("org-c").unwrap();
+        assert!(in_progress.admit(&stranger, 1).await.is_err());
     }
 }
