@@ -448,7 +448,7 @@ mod tests {
             .await
             .expect("another member waits for nothing");
         full.pop();
-        in_progress.admit(&a, 1).await.expect("room again");
+        let _a = in_progress.admit(&a, 1).await.expect("room again");
         let stranger = OrgId::new("org-c").unwrap();
         assert!(in_progress.admit(&stranger, 1).await.is_err());
     }
