@@ -450,6 +450,15 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         }
         Err(AttemptError::Permanent(reason)) => {
             tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");
+            // An earlier attempt's answer may have been lost after the recipient stored
+            // it: the recipient counts as holding it (see the storage's `may_be_held!`).
+            let reason = if item.attempts > 0 {
+                format!(
+                    "{reason}; an earlier attempt may have reached it, so withdrawing the consent asks it to purge this too"
+                )
+            } else {
+                reason
+            };
             node.store.mark_final(id, "refused", &reason).await
         }
         Err(AttemptError::Retry(reason)) if expiring(&item, now) => {

@@ -1647,3 +1647,50 @@ async fn a_queued_referral_the_consent_no_longer_admits_under_a_new_directory_is
     let mut c = ngo.client().await;
     assert!(inbox(&mut c).await.is_empty(), "{NGO_TH} was sent it");
 }
+
+/// A referral given up on after earlier attempts (here the member left the federation
+/// meanwhile) may have reached its recipient in one of them, its answer lost: its status
+/// says so, and a withdrawal of its consent counts the recipient as holding it.
+#[tokio::test]
+async fn a_referral_given_up_after_earlier_attempts_counts_as_held() {
+    let fed = Federation::four("given-up");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let (case_id, consent_id) = case_with_consent_to(&mut s, &[NGO_TH], &["reintegration"]).await;
+    // The NGO is away: attempts fail, and are tried again.
+    let id = s
+        .send_referral(referral(&case_id, NGO_TH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&sender, "SELECT MAX(attempts) FROM outbox WHERE kind = 1").await < 1 {
+        assert!(Instant::now() < deadline, "never attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It leaves the federation; the sender gives the referral up.
+    sender.stop();
+    let original = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    publish_directory(&fed, &with_serial(&without_member(&original, NGO_TH), 2));
+    sender.start();
+    let mut s = sender.client().await;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "refused", "{}", st.last_error);
+    assert!(
+        st.last_error
+            .contains("an earlier attempt may have reached it"),
+        "{}",
+        st.last_error
+    );
+    s.withdraw_consent(pb::ConsentRequest {
+        consent_id: consent_id.clone(),
+    })
+    .await
+    .expect("withdraw");
+    let st = consent_status(&mut s, &consent_id).await;
+    assert!(
+        state_of(&st, NGO_TH).starts_with("pending (not a member"),
+        "{st:?}"
+    );
+}
