@@ -333,6 +333,7 @@ pub struct FederationConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
     _permit: OwnedSemaphorePermit,
+    _member_permit: OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for FederationConn {
@@ -384,6 +385,10 @@ impl AsyncWrite for FederationConn {
 /// opening connections and never finishing their handshakes.
 const MAX_HANDSHAKES: usize = 256;
 const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+/// Connections one member may hold open at once. A node sends over one connection per
+/// member and opens a few more for witnesses and auditors; a member holding more is
+/// refused, so that no member can take every slot of `max_connections` from the others.
+pub const MAX_CONNECTIONS_PER_MEMBER: usize = 16;
 
 /// Handshakes in progress, in all and per address.
 struct Handshakes {
@@ -438,7 +443,8 @@ impl Drop for HandshakeSlot {
 
 /// Accepts TCP connections, runs each TLS handshake in its own task with a timeout, and
 /// yields the connections of authenticated members. At most `max_connections` members'
-/// connections are open at once; a handshake takes a slot only once it has succeeded,
+/// connections are open at once, [`MAX_CONNECTIONS_PER_MEMBER`] of them one member's; a
+/// handshake takes a slot only once it has succeeded,
 /// and at most [`MAX_HANDSHAKES`] (from one address [`MAX_HANDSHAKES_PER_ADDRESS`]) run at
 /// once. A connection that finds no place is closed at once; members retry.
 pub fn accept_members(
@@ -451,6 +457,15 @@ pub fn accept_members(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let limit = Arc::new(Semaphore::new(max_connections));
+    let per_member: Arc<HashMap<OrgId, Arc<Semaphore>>> = Arc::new(
+        directory
+            .members()
+            .map(|m| {
+                let slots = Semaphore::new(MAX_CONNECTIONS_PER_MEMBER);
+                (m.id.clone(), Arc::new(slots))
+            })
+            .collect(),
+    );
     let handshakes = Handshakes::new();
     tokio::spawn(async move {
         loop {
@@ -467,11 +482,12 @@ pub fn accept_members(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, directory, tx, limit) = (
+            let (acceptor, directory, tx, limit, per_member) = (
                 acceptor.clone(),
                 directory.clone(),
                 tx.clone(),
                 limit.clone(),
+                per_member.clone(),
             );
             tokio::spawn(async move {
                 let stream =
@@ -508,6 +524,13 @@ pub fn accept_members(
                     }
                     return;
                 }
+                let Some(member_permit) = per_member
+                    .get(&org)
+                    .and_then(|slots| slots.clone().try_acquire_owned().ok())
+                else {
+                    tracing::warn!(%remote, peer = %org, limit = MAX_CONNECTIONS_PER_MEMBER, "member holds as many federation connections as it may; connection closed");
+                    return;
+                };
                 let Ok(permit) = limit.try_acquire_owned() else {
                     tracing::warn!(%remote, peer = %org, "federation connection limit reached; connection closed");
                     return;
@@ -517,6 +540,7 @@ pub fn accept_members(
                     stream,
                     info: PeerInfo { org, remote },
                     _permit: permit,
+                    _member_permit: member_permit,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

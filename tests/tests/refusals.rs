@@ -895,3 +895,47 @@ async fn a_recipient_stores_only_what_it_gated() {
         "the unknown field was stored"
     );
 }
+
+/// One member cannot hold every connection slot: past its own bound its connections are
+/// closed, while another member still connects, and a slot it gives up is its again.
+#[tokio::test]
+async fn one_member_cannot_take_every_connection() {
+    use corridor_node::tls::MAX_CONNECTIONS_PER_MEMBER;
+    let fed = Federation::demo("conn-per-member");
+    let _kh = fed.start(SHELTER_KH);
+    let connect = |org: &'static str| {
+        let fed = &fed;
+        async move {
+            let mut client = fed
+                .federation_client(Some(fed.org(org)), &fed.dir, SHELTER_KH)
+                .await
+                .ok()?;
+            // An empty envelope is refused by the service: the connection was served.
+            let answer = client.deliver(pb::Envelope::default()).await;
+            let served = answer.is_err_and(|s| s.code() == Code::InvalidArgument);
+            served.then_some(client)
+        }
+    };
+    let mut held = Vec::new();
+    for n in 0..MAX_CONNECTIONS_PER_MEMBER {
+        held.push(
+            connect(SHELTER_MY)
+                .await
+                .unwrap_or_else(|| panic!("connection {n}")),
+        );
+    }
+    assert!(
+        connect(SHELTER_MY).await.is_none(),
+        "one connection too many was served"
+    );
+    assert!(
+        connect(EMBASSY).await.is_some(),
+        "another member was kept out"
+    );
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        connect(SHELTER_MY).await.is_some(),
+        "a slot given up stayed taken"
+    );
+}
