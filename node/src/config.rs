@@ -18,7 +18,8 @@
 //! key = "tls.key"                       # its private key (PEM, mode 0600)
 //! handshake_timeout_ms = 5000            # 100 to 600000
 //! max_message_bytes = 300000            # larger messages are refused
-//! max_connections = 1024               # members' connections (handshakes not counted)
+//! max_connections = 1024               # members' connections (handshakes not counted), at most
+//!                                       # 16 of one member
 //!
 //! [local]                               # caseworker API (bearer tokens)
 //! listen = "127.0.0.1:7080"             # loopback only: tokens travel without TLS
