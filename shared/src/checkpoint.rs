@@ -379,6 +379,13 @@ impl CosignatureVerifier {
     /// a witness make the log's checkpoint fail for every verifier.
     pub fn verify_line(&self, note: &str, line: &str) -> Result<u64, NoteError> {
         let (text, _) = split(note)?;
+        // A line break anywhere (a blank line before it, say) would reshape the note the
+        // line is appended to, whatever the line parses as on its own.
+        if line.contains(['\n', '\r']) {
+            return Err(NoteError::Malformed(
+                "a cosignature must be exactly one line",
+            ));
+        }
         let wrapped = format!("x\n\n{line}\n");
         let (_, lines) = split(&wrapped)?;
         let [line] = lines.as_slice() else {
@@ -577,6 +584,14 @@ mod tests {
                 "a cosignature must be exactly one line"
             ))
         );
+        // So is one with a blank line before it, which would move the log's own signature
+        // into the note's text once appended.
+        for before in ["\n", "\u{2014} x y\n\n", "\r\n"] {
+            assert!(
+                w.verify_line(&note, &format!("{before}{line}")).is_err(),
+                "{before:?}"
+            );
+        }
         // A note signature (type 0x01) by the same key is not a cosignature (type 0x04).
         let as_note = NoteVerifier::new("corridor.network/demo/witness/b", wkey.verifying_key());
         assert!(as_note.id != w.id);
