@@ -331,22 +331,32 @@ impl Witness for WitnessService {
     }
 }
 
-/// Signs a checkpoint for the current tree if it grew, refusing to sign one that is not
-/// consistent with the last checkpoint signed (which would mean the stored log changed).
+/// Signs a checkpoint for the current tree if it grew. First, every time, it checks that
+/// the stored log still holds the last checkpoint signed — as long, with the same root —
+/// and that the new tree extends it: otherwise the stored log changed (its tables edited,
+/// or a database put back together wrongly), and it signs nothing, so that its witnesses
+/// are asked for nothing either.
 pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
     let size = node.store.audit_size().await?;
     let last = node.store.latest_checkpoint().await?;
-    if let Some((last_size, _, _)) = last
-        && last_size >= size
-    {
-        if last_size > size {
-            tracing::error!(
-                last_size,
-                size,
-                "the stored log is shorter than a signed checkpoint; not signing"
-            );
+    if let Some((last_size, last_root, _)) = &last {
+        if *last_size > size {
+            return Err(StoreError::Corrupt(
+                "the stored audit log is shorter than its last signed checkpoint",
+            ));
         }
-        return Ok(None);
+        let again = node
+            .store
+            .with_audit_hashes(|reader| merkle::tree_hash(*last_size, reader))
+            .await?;
+        if again.as_slice() != last_root.as_slice() {
+            return Err(StoreError::Corrupt(
+                "the stored audit log no longer matches its last signed checkpoint",
+            ));
+        }
+        if *last_size == size {
+            return Ok(None);
+        }
     }
     if size == 0 {
         return Ok(None);
@@ -355,18 +365,19 @@ pub async fn sign_checkpoint(node: &Node) -> Result<Option<u64>, StoreError> {
         .store
         .with_audit_hashes(|reader| merkle::tree_hash(size, reader))
         .await?;
-    if let Some((last_size, last_root, _)) = &last {
-        let again = node
+    // The empty tree is a prefix of every tree (and no proof starts from it).
+    if let Some((last_size, last_root, _)) = last.as_ref().filter(|(n, _, _)| *n > 0) {
+        let proof = node
             .store
-            .with_audit_hashes(|reader| merkle::tree_hash(*last_size, reader))
+            .with_audit_hashes(|reader| merkle::prove_tree(size, *last_size, reader))
             .await?;
-        if again.as_slice() != last_root.as_slice() {
-            tracing::error!(
-                last_size,
-                "the stored log no longer matches the last signed checkpoint; not signing"
-            );
+        let old_root: merkle::Hash = last_root
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("a stored checkpoint root is not 32 bytes"))?;
+        if merkle::verify_consistency(*last_size, size, &proof, &old_root, &root).is_err() {
             return Err(StoreError::Corrupt(
-                "audit log diverged from its last checkpoint",
+                "the stored audit log does not extend its last signed checkpoint",
             ));
         }
     }

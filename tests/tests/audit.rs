@@ -793,6 +793,29 @@ async fn an_auditor_state_from_another_log_is_refused_not_taken_for_a_rewrite() 
     );
 }
 
+/// Has `org`'s node ask its witnesses again every second while its log is quiet.
+fn refresh_cosignatures_every_second(fed: &Federation, org: &str) {
+    let config = &fed.org(org).config;
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "checkpoint_interval_ms = 200\n",
+        "checkpoint_interval_ms = 200\ncosignature_refresh_s = 1\n",
+    );
+    std::fs::write(config, text).unwrap();
+}
+
+/// Waits (up to 30 s) until an auditor's `check` fails; returns what it said.
+async fn wait_refused(fed: &Federation, state: &Path, check: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = audit(fed, state, check);
+        if !out.status.success() {
+            return failed(&out);
+        }
+        assert!(Instant::now() < deadline, "its witnesses' word never aged");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A node asks its witnesses again while its log does not grow, so an auditor can tell a
 /// quiet log from a stuck one; a node whose stored log no longer matches what it signed
 /// asks them for nothing more, and auditors see its witnesses' word age past their limit.
@@ -800,12 +823,7 @@ async fn an_auditor_state_from_another_log_is_refused_not_taken_for_a_rewrite() 
 async fn auditors_see_a_log_that_stopped_checkpointing_by_its_witnesses_age() {
     let fed = Federation::demo("audit-fresh");
     let state = fed.dir.join("auditor");
-    let config = &fed.org(SHELTER_MY).config;
-    let text = std::fs::read_to_string(config).unwrap().replace(
-        "checkpoint_interval_ms = 200\n",
-        "checkpoint_interval_ms = 200\ncosignature_refresh_s = 1\n",
-    );
-    std::fs::write(config, text).unwrap();
+    refresh_cosignatures_every_second(&fed, SHELTER_MY);
     let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
     let mut my = fed.start(SHELTER_MY);
     some_events(&my, 2).await;
@@ -823,15 +841,7 @@ async fn auditors_see_a_log_that_stopped_checkpointing_by_its_witnesses_age() {
     sql(&my, &["UPDATE audit_hashes SET hash = zeroblob(32)"]).await;
     my.start();
     some_events(&my, 2).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let err = loop {
-        let out = audit(&fed, &state, &fresh);
-        if !out.status.success() {
-            break failed(&out);
-        }
-        assert!(Instant::now() < deadline, "its witnesses' word never aged");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let err = wait_refused(&fed, &state, &fresh).await;
     assert!(
         err.contains("last vouched for its checkpoint") && err.contains("stopped checkpointing"),
         "{err}"
@@ -863,4 +873,40 @@ async fn auditors_see_a_log_that_stopped_checkpointing_by_its_witnesses_age() {
         ));
         assert!(err.contains("--max-age"), "{bad}: {err}");
     }
+}
+
+/// A node whose stored log is shorter than the checkpoint it signed (its last entries
+/// deleted, a database put back together wrongly) asks its witnesses for nothing more,
+/// even before it has written as much again.
+#[tokio::test]
+async fn a_log_shorter_than_its_checkpoint_is_not_vouched_for_again() {
+    let fed = Federation::demo("audit-shorter");
+    let state = fed.dir.join("auditor");
+    refresh_cosignatures_every_second(&fed, SHELTER_MY);
+    let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
+    let mut my = fed.start(SHELTER_MY);
+    some_events(&my, 3).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    let size = scalar(&my, "SELECT COUNT(*) FROM audit_entries").await;
+    my.stop();
+    sql(
+        &my,
+        &[
+            &format!("DELETE FROM audit_entries WHERE idx >= {}", size - 3),
+            "DELETE FROM audit_hashes",
+        ],
+    )
+    .await;
+    rebuild_hashes(&my).await;
+    my.start();
+    let shorter = scalar(&my, "SELECT COUNT(*) FROM audit_entries").await;
+    assert!(shorter < size, "{shorter} entries, {size} signed");
+    let err = wait_refused(&fed, &state, &["checkpoint", SHELTER_MY, "--max-age", "4s"]).await;
+    assert!(err.contains("last vouched for its checkpoint"), "{err}");
+    assert!(
+        my.log().contains("shorter than its last signed checkpoint"),
+        "{}",
+        my.log()
+    );
 }
