@@ -1031,13 +1031,8 @@ async fn gate_and_seal(
         .and_then(|r| r.narrowed_at_ms);
     // Sealed after the narrowing it was gated under, by the clock too: a recipient that
     // carried out that narrowing refuses what was sealed at or before it (referrals the
-    // narrowing cancelled while they were on their way). Only within the same second: a
-    // clock set back further would otherwise date the envelope in the future.
-    let after_narrowing = consent_narrowed_at_ms.map(|at| at.saturating_add(1));
-    let now = match after_narrowing {
-        Some(after) if after > now && after - now <= 1000 => after,
-        _ => now,
-    };
+    // narrowing cancelled while they were on their way).
+    let now = corridor::envelope::stamp(now, consent_narrowed_at_ms.map(|at| at.saturating_add(1)));
 
     let case_ref = node.pairwise.case_ref(&req.case_id, recipient_id);
     let consent_ref = node.pairwise.consent_ref(&consent.id, recipient_id);
@@ -1373,6 +1368,9 @@ fn purge_request_item(
     narrowed_at_ms: Option<i64>,
     now: i64,
 ) -> Result<NewOutboxItem, Failure> {
+    // Dated no earlier than the narrowing it carries out: the recipient dates the
+    // narrowing no later than its envelope.
+    let now = corridor::envelope::stamp(now, narrowed_at_ms);
     // They live as long as any envelope may, and are renewed when that ends.
     let e = seal(node, kind, recipient, payload, now, MAX_LIFETIME_MS)?;
     Ok(NewOutboxItem {

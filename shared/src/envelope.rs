@@ -27,6 +27,21 @@ pub const MAX_LIFETIME_MS: i64 = 30 * 24 * 3600 * 1000;
 /// How far in the future a peer's clock may be before its envelope is refused: 5 minutes.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
+/// The time a sender stamps an envelope with at `now_ms` (its `created_at_ms`) when the
+/// envelope must not be dated before `not_before_ms`: a referral after its consent's last
+/// narrowing, a narrowing's own envelope at the narrowing's time. Recipients refuse a
+/// referral stamped at or before a narrowing they carried out, and date a narrowing no
+/// later than its envelope's stamp, so a clock stepped back since the narrowing would
+/// otherwise let a referral the narrowing cancelled on its way be stored whole. The time
+/// asked for if the clock is behind it by at most half the skew recipients allow, the
+/// clock's own otherwise (an envelope from further in the future would be refused).
+pub fn stamp(now_ms: i64, not_before_ms: Option<i64>) -> i64 {
+    match not_before_ms {
+        Some(at) if at > now_ms && at - now_ms <= MAX_CLOCK_SKEW_MS / 2 => at,
+        _ => now_ms,
+    }
+}
+
 /// Longest route (number of relays) an envelope may carry.
 pub const MAX_ROUTE_LEN: usize = 8;
 
@@ -459,6 +474,19 @@ mod tests {
             &f.sender_key.verifying_key(),
             1_500_000,
         )
+    }
+
+    #[test]
+    fn an_envelope_is_stamped_no_earlier_than_it_must_be_within_the_skew_allowed() {
+        assert_eq!(stamp(1_000, None), 1_000);
+        assert_eq!(stamp(1_000, Some(500)), 1_000);
+        assert_eq!(stamp(1_000, Some(1_500)), 1_500, "clock stepped back");
+        let far = 1_000 + MAX_CLOCK_SKEW_MS / 2 + 1;
+        assert_eq!(
+            stamp(1_000, Some(far)),
+            1_000,
+            "it would be refused as from the future"
+        );
     }
 
     #[test]
