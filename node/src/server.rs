@@ -98,6 +98,15 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
     record_start(&node).await?;
+    // Before anything is delivered: what an attempt cut short by the stop may have sent
+    // counts as held by its recipient, whatever the next attempt meets.
+    let marked = node.store.count_attempts_cut_short().await?;
+    if marked > 0 {
+        tracing::info!(
+            marked,
+            "queued referrals without a recorded attempt counted as possibly sent before the node stopped"
+        );
+    }
     // Before anything is delivered: nothing leaves that the consent no longer admits.
     if let Err(failure) = crate::workflows::cancel_referrals_no_longer_admitted(&node).await {
         return Err(StartError::Mismatch(format!(

@@ -1278,6 +1278,30 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Counts an attempt for every referral still queued that has none recorded: an
+    /// attempt's outcome is written after its answer, so one the node stopped during may
+    /// have reached its recipient without a trace here (see `may_be_held!`). Runs as the
+    /// node starts, before anything is delivered; returns how many it marked.
+    pub async fn count_attempts_cut_short(&self) -> Result<u64> {
+        let marked = self
+            .writer
+            .run((), |(), tx, _| {
+                Box::pin(async move {
+                    let rows = sqlx::query(tx.sql(
+                        "UPDATE outbox SET attempts = 1,
+                            last_error = 'the node stopped while it may have been on its way'
+                         WHERE kind = 1 AND state = 'queued' AND attempts = 0
+                         RETURNING 1",
+                    ))
+                    .fetch_all(tx.conn().await?)
+                    .await?;
+                    Ok(rows.len() as u64)
+                })
+            })
+            .await?;
+        Ok(marked)
+    }
+
     /// (message id, consent id, recipient, purpose) of every referral still queued.
     pub async fn queued_referrals(&self) -> Result<Vec<(MessageId, String, String, String)>> {
         let rows = sqlx::query(
