@@ -264,10 +264,14 @@ async fn deliver_once(
     item: &DueItem,
     revocations: u64,
 ) -> Result<Answer, AttemptError> {
-    if asks_to_purge(item) && expiring(item, now_ms()) {
-        return Err(AttemptError::Retry(
-            "its envelope is about to expire".into(),
-        ));
+    // Renewed before it expires, or, for a referral, ended as expired: the recipient
+    // would only refuse it, and show the referral refused rather than expired.
+    if expiring(item, now_ms()) {
+        return Err(AttemptError::Retry(if asks_to_purge(item) {
+            "its envelope is about to expire".into()
+        } else {
+            "its envelope has expired".into()
+        }));
     }
     if !node.directory.is_current(now_ms()) {
         // Fail closed: who is a member is no longer known.

@@ -447,3 +447,32 @@ async fn a_retried_cli_send_fails_when_its_referral_will_not_be_delivered() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// A referral whose envelope expired while its recipient was away ends as expired,
+/// without being sent: its recipient would only refuse it.
+#[tokio::test]
+async fn an_expired_referral_is_not_sent() {
+    let fed = Federation::demo("expired-not-sent");
+    let mut sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let id = s
+        .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+        .await
+        .expect("send")
+        .into_inner()
+        .referral_id;
+    sender.stop();
+    sql(
+        &sender,
+        &["UPDATE outbox SET expires_at_ms = 1, next_attempt_at_ms = 0 WHERE kind = 1"],
+    )
+    .await;
+    let kh = fed.start(SHELTER_KH);
+    sender.start();
+    let mut s = sender.client().await;
+    let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.state, "expired", "{}", st.last_error);
+    let mut c = kh.client().await;
+    assert!(inbox(&mut c).await.is_empty(), "it was sent");
+}
