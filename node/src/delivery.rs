@@ -524,9 +524,10 @@ struct Attempts {
     ended_set: HashSet<MessageId>,
 }
 
-/// How many ended attempts the dispatcher remembers: far more than can end while a
-/// hand-off copy waits in its channel.
-const ENDED_REMEMBERED: usize = 4096;
+/// How many ended attempts the dispatcher remembers: more than can end while a hand-off
+/// copy waits in its channel, which holds 1024, with as many attempts in flight as the
+/// configuration allows (10 000). Allocated as attempts end, not up front.
+const ENDED_REMEMBERED: usize = 16_384;
 
 impl Attempts {
     /// Whether an attempt for `id` ended lately.
