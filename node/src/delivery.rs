@@ -70,6 +70,23 @@ fn expiring(item: &DueItem, now: i64) -> bool {
     now >= item.expires_at_ms.saturating_sub(margin)
 }
 
+/// How old a refused request to purge must be before it is sealed anew instead of sent
+/// again as it is: a refusal of the envelope itself (sealed to a key its recipient has
+/// rotated out since, signed with one of this node's the directory no longer lists) is
+/// mended by a new seal, and once a day bounds the envelopes a recipient that keeps
+/// refusing costs.
+const RENEW_REFUSED_AFTER_MS: i64 = 24 * 3600 * 1000;
+
+/// Whether a request to purge was sealed at least [`RENEW_REFUSED_AFTER_MS`] ago. Such
+/// requests are sealed to live as long as any envelope may, so their age follows from
+/// their expiry.
+fn sealed_long_ago(item: &DueItem, now: i64) -> bool {
+    let sealed_at = item
+        .expires_at_ms
+        .saturating_sub(corridor::envelope::MAX_LIFETIME_MS);
+    now.saturating_sub(sealed_at) >= RENEW_REFUSED_AFTER_MS
+}
+
 fn random_u32() -> u32 {
     let mut bytes = [0u8; 4];
     // On failure fall back to no jitter rather than stop delivering.
@@ -443,14 +460,30 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         }
         // A request to purge is not given up on: the recipient still holds the data. A
         // refusal (a member on an older version that does not know narrowings, say) is
-        // asked again, as slowly as the longest backoff allows, and shows as pending.
+        // asked again, as slowly as the longest backoff allows, and shows as pending;
+        // once a day in a new envelope, in case it was the envelope that was refused.
         Err(AttemptError::Permanent(reason)) if asks_to_purge(&item) => {
             tracing::warn!(envelope = %id, recipient = %item.recipient, %reason, "request to purge refused by recipient; will ask again");
-            let item = DueItem {
-                attempts: item.attempts.max(RETRIES_BEFORE_SLOWEST),
-                ..item.clone()
-            };
-            retry_later(node, &item, &format!("refused: {reason}"), now).await
+            let renewed = sealed_long_ago(&item, now)
+                && match crate::workflows::renew_withdrawal(node, id).await {
+                    Ok(renewed) => {
+                        tracing::info!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), "refused request to purge sealed anew");
+                        true
+                    }
+                    Err(failure) => {
+                        tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "renewing a refused request to purge failed, will retry");
+                        false
+                    }
+                };
+            if renewed {
+                Ok(())
+            } else {
+                let item = DueItem {
+                    attempts: item.attempts.max(RETRIES_BEFORE_SLOWEST),
+                    ..item.clone()
+                };
+                retry_later(node, &item, &format!("refused: {reason}"), now).await
+            }
         }
         Err(AttemptError::Permanent(reason)) => {
             tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");

@@ -655,6 +655,33 @@ async fn a_refused_narrowing_is_asked_again_at_start() {
     );
 }
 
+/// A request to purge its recipient keeps refusing is sealed anew once it is a day old:
+/// the refusal may be of the envelope itself (sealed to a key the recipient rotated out,
+/// signed with one the directory no longer lists; here its signature is broken).
+#[tokio::test]
+async fn a_refused_narrowing_a_day_old_is_sealed_anew() {
+    let mut away = narrowed_while_away("narrow-reseal").await;
+    let two_days = 2 * 24 * 3600 * 1000;
+    away.restart_sender(
+        &format!(
+            "UPDATE outbox SET next_attempt_at_ms = 0,
+                expires_at_ms = expires_at_ms - {two_days},
+                envelope = substr(envelope, 1, length(envelope) - 1)
+                    || CASE WHEN substr(envelope, -1) = x'00' THEN x'01' ELSE x'00' END
+             WHERE kind = 3"
+        ),
+        "SELECT COUNT(*) FROM outbox WHERE kind = 3",
+        "the narrowing is gone",
+    )
+    .await;
+    let read = away.held_after_return().await;
+    assert!(
+        !read.fields.contains_key("risk_flags"),
+        "{:?}",
+        read.fields.keys()
+    );
+}
+
 /// A narrowing is stored, then its recipients are asked to carry it out. When the second
 /// step fails (a full disk, say), `consent restate` asks the recipients it missed.
 #[tokio::test]
