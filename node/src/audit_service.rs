@@ -106,13 +106,25 @@ impl Audit for AuditService {
         request: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         authorize(&self.node, &request, Access::Proofs).await?;
-        let (size, _, note) = self
-            .node
-            .store
-            .latest_checkpoint()
-            .await
-            .map_err(storage)?
-            .ok_or_else(|| Status::unavailable("no checkpoint signed yet"))?;
+        // The newest checkpoint a majority of this node's witnesses cosigned: a newer one
+        // not yet cosigned (its witnesses are asked one after another, some may be down)
+        // would fail every auditor's quorum until they are. Without such, the newest.
+        let majority = self.node.config.audit.witnesses.len() / 2 + 1;
+        let cosigned = match self.node.config.audit.witnesses.is_empty() {
+            true => None,
+            false => self
+                .node
+                .store
+                .latest_checkpoint_cosigned(majority)
+                .await
+                .map_err(storage)?,
+        };
+        let latest = match cosigned {
+            Some(checkpoint) => Some(checkpoint),
+            None => self.node.store.latest_checkpoint().await.map_err(storage)?,
+        };
+        let (size, _, note) =
+            latest.ok_or_else(|| Status::unavailable("no checkpoint signed yet"))?;
         let mut note = note;
         for line in self.node.store.cosignatures(size).await.map_err(storage)? {
             note.push_str(&line);

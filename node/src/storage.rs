@@ -299,6 +299,10 @@ macro_rules! may_be_held {
     };
 }
 
+/// How many of its latest checkpoints a node looks through for one its witnesses
+/// cosigned: a few minutes of a busy log's, at one a second.
+const CHECKPOINTS_SERVED_FROM: i64 = 1000;
+
 /// What the sender knows about an envelope it sent.
 #[derive(Debug, Clone)]
 pub struct OutboxStatus {
@@ -2191,6 +2195,25 @@ impl Store {
             sqlx::query("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1")
                 .fetch_optional(&self.pool)
                 .await?;
+        Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))))
+    }
+
+    /// The newest of the latest [`CHECKPOINTS_SERVED_FROM`] checkpoints with at least
+    /// `cosigned` cosignatures (size, root, note), if any.
+    pub async fn latest_checkpoint_cosigned(
+        &self,
+        cosigned: usize,
+    ) -> Result<Option<(u64, Vec<u8>, String)>> {
+        let row = sqlx::query(
+            "SELECT c.size, c.root, c.note
+             FROM (SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT $2) c
+             WHERE (SELECT COUNT(*) FROM cosignatures s WHERE s.size = c.size) >= $1
+             ORDER BY c.size DESC LIMIT 1",
+        )
+        .bind(i64::try_from(cosigned).unwrap_or(i64::MAX))
+        .bind(CHECKPOINTS_SERVED_FROM)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))))
     }
 

@@ -910,3 +910,28 @@ async fn a_log_shorter_than_its_checkpoint_is_not_vouched_for_again() {
         my.log()
     );
 }
+
+/// A node serves the newest checkpoint a majority of its witnesses cosigned: one of them
+/// down, its newer checkpoints lack the quorum, and auditors still verify what was.
+#[tokio::test]
+async fn a_node_serves_its_newest_checkpoint_its_witnesses_cosigned() {
+    let fed = Federation::demo("audit-served");
+    let state = fed.dir.join("auditor");
+    let _kh = fed.start(SHELTER_KH);
+    let mut embassy = fed.start(EMBASSY);
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    let cosigned = scalar(&my, "SELECT MAX(size) FROM checkpoints").await;
+    embassy.stop();
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 1).await;
+    assert!(scalar(&my, "SELECT MAX(size) FROM checkpoints").await > cosigned);
+    let out = ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY]));
+    assert!(
+        out.contains(&format!("checkpoint of size {cosigned} ")),
+        "{out}"
+    );
+}
