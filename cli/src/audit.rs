@@ -554,7 +554,10 @@ impl Witnessed {
         json!({
             "cosigned_by": self.names, "witnesses": self.witnesses, "quorum": self.quorum,
             "quorum_met": self.met(),
-            "quorum_cosigned_at": self.quorum_at.map(|at| corridor::utc::format(at as i64 * 1000)),
+            "quorum_cosigned_at": self
+                .quorum_at
+                .and_then(|at| i64::try_from(at).ok()?.checked_mul(1000))
+                .map(corridor::utc::format),
             "quorum_age_s": self.age_s(),
         })
     }
@@ -998,7 +1001,7 @@ fn require_witnessed(
     note: &str,
     policy: &Policy,
     fresh: &Freshness,
-) -> Result<(), String> {
+) -> Result<Witnessed, String> {
     let witnessed = Witnessed::of(auditor, org, note, policy)?;
     if !witnessed.met() {
         return Err(format!(
@@ -1007,7 +1010,8 @@ fn require_witnessed(
             witnessed.quorum
         ));
     }
-    witnessed.require_fresh(org, fresh)
+    witnessed.require_fresh(org, fresh)?;
+    Ok(witnessed)
 }
 
 /// What a recipient's log says of a receipt the sender's `referral-delivered` entry holds.
@@ -1016,8 +1020,9 @@ enum Backing {
     /// The entry the receipt names is the recipient's `referral-received` entry for this
     /// envelope, from this sender.
     Backed,
-    /// The entry comes after the recipient's checkpoint (it wrote it after signing the
-    /// checkpoint this cross-check read): not checkable yet.
+    /// The entry comes after the recipient's checkpoint, and the receipt is recent enough
+    /// for the recipient to have written it after signing the checkpoint read: not
+    /// checkable yet.
     NotYetCovered,
     Missing {
         message: String,
@@ -1025,20 +1030,38 @@ enum Backing {
     },
 }
 
+/// How long a log may take to cover what it wrote with a checkpoint its witnesses saw,
+/// clocks apart included: far more than a node takes (a checkpoint a second, by default).
+const COVERED_WITHIN_MS: i64 = 3600 * 1000;
+
+/// The time before which a log's entries must be in its checkpoint: an hour before its
+/// witnesses' quorum last vouched for it (`quorum_at`, seconds), or before now if no one
+/// vouches (`--quorum 0`).
+fn covers_before(quorum_at: Option<u64>) -> i64 {
+    let vouched_ms = quorum_at
+        .and_then(|at| i64::try_from(at).ok()?.checked_mul(1000))
+        .unwrap_or_else(corridor_node::node::now_ms);
+    vouched_ms.saturating_sub(COVERED_WITHIN_MS)
+}
+
 /// Checks the receipt that the sender's `delivered` entry records against the
-/// recipient's `entries` (those its checkpoint of `size` covers).
+/// recipient's `entries` (those its checkpoint of `size` covers). An entry past the
+/// checkpoint counts as not yet covered only if the sender recorded the receipt after
+/// `covers_before_ms`; an older one must be there, or a recipient could sign receipts
+/// naming places its log never reaches.
 fn receipt_backing(
     sender: &str,
     delivered: &corridor::audit::Entry,
     entries: &[Vec<u8>],
     size: u64,
+    covers_before_ms: i64,
 ) -> Result<Backing, String> {
     let message = delivered.get("message_id").unwrap_or_default();
     let index: u64 = delivered
         .get("recipient_log_index")
         .and_then(|i| i.parse().ok())
         .ok_or("malformed delivered entry")?;
-    if index >= size {
+    if index >= size && delivered.time_ms >= covers_before_ms {
         return Ok(Backing::NotYetCovered);
     }
     let leaf = delivered
@@ -1080,8 +1103,11 @@ async fn cross_check(
         ));
     }
     let logs = [(a, auditor.fetch(a).await?), (b, auditor.fetch(b).await?)];
+    // Per log, the time before which what it wrote must be in the checkpoint read.
+    let mut covers_before_ms = Vec::new();
     for (org, log) in &logs {
-        require_witnessed(auditor, org, &log.note, policy, fresh)?;
+        let witnessed = require_witnessed(auditor, org, &log.note, policy, fresh)?;
+        covers_before_ms.push(covers_before(witnessed.quorum_at));
     }
     // Entries count only if they are the ones each log signed.
     for (org, log) in &logs {
@@ -1108,6 +1134,7 @@ async fn cross_check(
                 &entry,
                 &recipient_log.entries,
                 recipient_log.checkpoint.size,
+                covers_before_ms[to],
             )? {
                 Backing::Backed => {}
                 Backing::NotYetCovered => not_yet_covered += 1,
@@ -1203,9 +1230,10 @@ mod tests {
             ))
             .unwrap()
         };
+        // Receipts recorded at 1 ms, the recipient's log covering what it wrote before 0.
         let check = |entry: &Vec<u8>, index, size| {
             let log = vec![b"first".to_vec(), entry.clone()];
-            receipt_backing("shelter-my", &delivered(entry, index), &log, size).unwrap()
+            receipt_backing("shelter-my", &delivered(entry, index), &log, size, 0).unwrap()
         };
         assert_eq!(check(&received(digest), 1, 2), Backing::Backed);
         let missing = Backing::Missing {
@@ -1222,6 +1250,10 @@ mod tests {
             }
         );
         assert_eq!(check(&received(digest), 1, 1), Backing::NotYetCovered);
+        // Recorded before the time the recipient's log must cover: it had to be there.
+        let log = vec![b"first".to_vec()];
+        let old = receipt_backing("shelter-my", &delivered(&received(digest), 1), &log, 1, 2);
+        assert_eq!(old.unwrap(), missing);
     }
 
     fn pin(leaves: &[Hash]) -> Pinned {

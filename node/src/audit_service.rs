@@ -106,25 +106,10 @@ impl Audit for AuditService {
         request: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         authorize(&self.node, &request, Access::Proofs).await?;
-        // The newest checkpoint a majority of this node's witnesses cosigned: a newer one
-        // not yet cosigned (its witnesses are asked one after another, some may be down)
-        // would fail every auditor's quorum until they are. Without such, the newest.
-        let majority = self.node.config.audit.witnesses.len() / 2 + 1;
-        let cosigned = match self.node.config.audit.witnesses.is_empty() {
-            true => None,
-            false => self
-                .node
-                .store
-                .latest_checkpoint_cosigned(majority)
-                .await
-                .map_err(storage)?,
-        };
-        let latest = match cosigned {
-            Some(checkpoint) => Some(checkpoint),
-            None => self.node.store.latest_checkpoint().await.map_err(storage)?,
-        };
-        let (size, _, note) =
-            latest.ok_or_else(|| Status::unavailable("no checkpoint signed yet"))?;
+        let (size, _, note) = served_checkpoint(&self.node)
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| Status::unavailable("no checkpoint signed yet"))?;
         let mut note = note;
         for line in self.node.store.cosignatures(size).await.map_err(storage)? {
             note.push_str(&line);
@@ -341,6 +326,41 @@ impl Witness for WitnessService {
             result: Some(pb::add_checkpoint_response::Result::Cosignature(line)),
         }))
     }
+}
+
+/// The checkpoint this node serves: the newest a majority of its witnesses cosigned —
+/// a newer one not yet cosigned (its witnesses are asked one after another, and one may be
+/// down) would fail every auditor's quorum — but never one older than it served before,
+/// which an auditor that pinned it would take for a fork. Before it served any since it
+/// started, that is the newest as it started (what earlier versions served).
+async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>, StoreError> {
+    use std::sync::atomic::Ordering;
+    let witnesses: Vec<String> = node
+        .config
+        .audit
+        .witnesses
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    let cosigned = match witnesses.is_empty() {
+        true => None,
+        false => {
+            node.store
+                .newest_cosigned_size(&witnesses, witnesses.len() / 2 + 1)
+                .await?
+        }
+    };
+    let floor = node.served_checkpoint_size.load(Ordering::Relaxed);
+    let chosen = match cosigned.map(|size| size.max(floor)) {
+        Some(size) if size > 0 => node.store.checkpoint_at(size).await?,
+        _ if floor > 0 => node.store.checkpoint_at(floor).await?,
+        _ => node.store.latest_checkpoint().await?,
+    };
+    if let Some((size, _, _)) = &chosen {
+        node.served_checkpoint_size
+            .fetch_max(*size, Ordering::Relaxed);
+    }
+    Ok(chosen)
 }
 
 /// Signs a checkpoint for the current tree if it grew. First, every time, it checks that

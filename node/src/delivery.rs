@@ -28,7 +28,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 use crate::convert;
 use crate::courier::{Courier, NotDelivered};
 use crate::node::{Node, now_ms};
-use crate::storage::DueItem;
+use crate::storage::{DueItem, Renewal};
 
 /// Delay before attempt `attempts + 1`: exponential from `initial_ms`, capped at
 /// `max_ms`, with "equal jitter" (half fixed, half random) so that many senders retrying
@@ -198,6 +198,11 @@ impl Waiters {
 enum AttemptError {
     Retry(String),
     Permanent(String),
+    /// The recipient's final refusal, in its words.
+    Refused {
+        code: Code,
+        message: String,
+    },
     /// Not sent: the item is no longer queued (a narrowing or withdrawal ended it).
     NotQueued,
 }
@@ -338,7 +343,10 @@ async fn deliver_once(
             Err(NotDelivered::Failed(status)) => {
                 let message = format!("{} ({:?})", status.message(), status.code());
                 return Err(if refusal_is_final(status.code()) {
-                    AttemptError::Permanent(message)
+                    AttemptError::Refused {
+                        code: status.code(),
+                        message,
+                    }
                 } else {
                     AttemptError::Retry(message)
                 });
@@ -426,6 +434,15 @@ async fn deliver_once(
 async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: Noted) {
     let id = item.message_id;
     let result = deliver_once(node, clients, &item, revocations).await;
+    // A recipient's words are kept for the caseworker (`last_error`) and logged by their
+    // code only: a refusal may quote what the consent says of the person (a country she
+    // excluded, say).
+    let logged = match &result {
+        Err(AttemptError::Refused { code, .. }) => {
+            Some(format!("refused by the recipient ({code:?})"))
+        }
+        _ => None,
+    };
     let now = now_ms();
     let mut delivered = None;
     let stored = match result {
@@ -462,10 +479,16 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         // refusal (a member on an older version that does not know narrowings, say) is
         // asked again, as slowly as the longest backoff allows, and shows as pending;
         // once a day in a new envelope, in case it was the envelope that was refused.
-        Err(AttemptError::Permanent(reason)) if asks_to_purge(&item) => {
-            tracing::warn!(envelope = %id, recipient = %item.recipient, %reason, "request to purge refused by recipient; will ask again");
+        Err(
+            AttemptError::Permanent(reason)
+            | AttemptError::Refused {
+                message: reason, ..
+            },
+        ) if asks_to_purge(&item) => {
+            let logged = logged.as_deref().unwrap_or(&reason);
+            tracing::warn!(envelope = %id, recipient = %item.recipient, reason = %logged, "request to purge refused by recipient; will ask again");
             let renewed = sealed_long_ago(&item, now)
-                && match crate::workflows::renew_withdrawal(node, id).await {
+                && match crate::workflows::renew_withdrawal(node, id, Renewal::Refused).await {
                     Ok(renewed) => {
                         tracing::info!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), "refused request to purge sealed anew");
                         true
@@ -485,8 +508,14 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                 retry_later(node, &item, &format!("refused: {reason}"), now).await
             }
         }
-        Err(AttemptError::Permanent(reason)) => {
-            tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "delivery refused by recipient");
+        Err(
+            AttemptError::Permanent(reason)
+            | AttemptError::Refused {
+                message: reason, ..
+            },
+        ) => {
+            let logged = logged.as_deref().unwrap_or(&reason);
+            tracing::warn!(referral = %id, recipient = %item.recipient, reason = %logged, "delivery refused by recipient");
             // An earlier attempt's answer may have been lost after the recipient stored
             // it: the recipient counts as holding it (see the storage's `may_be_held!`).
             let reason = if item.attempts > 0 {
@@ -505,7 +534,7 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                 node.store.mark_final(id, "expired", &expired).await
             } else {
                 // A request to purge is made until the recipient purges: in a new envelope.
-                match crate::workflows::renew_withdrawal(node, id).await {
+                match crate::workflows::renew_withdrawal(node, id, Renewal::Expired).await {
                     Ok(renewed) => {
                         tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "request to purge expired before delivery; renewed");
                         Ok(())

@@ -42,6 +42,9 @@ pub struct Node {
     pub asking_to_purge: tokio::sync::Mutex<()>,
     /// Per member, the envelopes it has in progress here, within a bound.
     pub in_progress: crate::services::InProgress,
+    /// The size of the newest checkpoint served to auditors and witnesses: what is served
+    /// never goes back. The newest signed as the node starts.
+    pub served_checkpoint_size: std::sync::atomic::AtomicU64,
 }
 
 /// Why the node could not start.
@@ -323,6 +326,12 @@ impl Node {
         let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
         let in_progress =
             crate::services::InProgress::new(directory.members().map(|m| m.id.clone()));
+        let served_checkpoint_size = std::sync::atomic::AtomicU64::new(
+            store
+                .latest_checkpoint()
+                .await?
+                .map_or(0, |(size, _, _)| size),
+        );
         Ok(Arc::new(Self {
             org,
             config,
@@ -341,6 +350,7 @@ impl Node {
             stopping: tokio::sync::watch::Sender::new(false),
             asking_to_purge: tokio::sync::Mutex::new(()),
             in_progress,
+            served_checkpoint_size,
         }))
     }
 }

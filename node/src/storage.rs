@@ -299,9 +299,14 @@ macro_rules! may_be_held {
     };
 }
 
-/// How many of its latest checkpoints a node looks through for one its witnesses
-/// cosigned: a few minutes of a busy log's, at one a second.
-const CHECKPOINTS_SERVED_FROM: i64 = 1000;
+/// Why a queued withdrawal or narrowing is sealed anew in a new envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Its envelope is at the end of its life, its recipient away.
+    Expired,
+    /// Its recipient kept refusing it: perhaps the envelope itself.
+    Refused,
+}
 
 /// What the sender knows about an envelope it sent.
 #[derive(Debug, Clone)]
@@ -1115,12 +1120,7 @@ impl Store {
                             narrowed_at_ms = MAX($9, COALESCE(narrowed_at_ms, 0) + 1,
                                 (SELECT COALESCE(MAX(created_at_ms), 0) + 1 FROM outbox
                                  WHERE consent_id = $1 AND kind = 1)),
-                            removed_fields = $11,
-                            terms_narrowed_at_ms = CASE WHEN $12
-                                THEN MAX($9, COALESCE(narrowed_at_ms, 0) + 1,
-                                    (SELECT COALESCE(MAX(created_at_ms), 0) + 1 FROM outbox
-                                     WHERE consent_id = $1 AND kind = 1))
-                                ELSE terms_narrowed_at_ms END
+                            removed_fields = $11
                          WHERE id = $1 AND withdrawn_at_ms IS NULL AND narrowed_at_ms IS $10
                          RETURNING 1",
                         )
@@ -1135,11 +1135,19 @@ impl Store {
                         .bind(*now_ms)
                         .bind(*as_read)
                         .bind(removed_fields.as_deref())
-                        .bind(*terms_changed)
                         .fetch_optional(&mut *conn)
                         .await?;
                         if updated.is_none() {
                             return Ok(None);
+                        }
+                        if *terms_changed {
+                            sqlx::query(
+                                "UPDATE consents SET terms_narrowed_at_ms = narrowed_at_ms
+                                 WHERE id = $1",
+                            )
+                            .bind(&*id)
+                            .execute(&mut *conn)
+                            .await?;
                         }
                         let cancelled = sqlx::query(
                             "UPDATE outbox SET state = 'cancelled', envelope = NULL,
@@ -1556,28 +1564,42 @@ impl Store {
         }))
     }
 
-    /// Ends the queued withdrawal or narrowing `old`, whose envelope expired undelivered, and queues
-    /// `renewal` in its place, in one transaction. False if `old` was no longer queued.
-    pub async fn renew_withdrawal(&self, old: MessageId, renewal: NewOutboxItem) -> Result<bool> {
+    /// Ends the queued withdrawal or narrowing `old` as `why` says, and queues `renewal`
+    /// in its place, in one transaction. False if `old` was no longer queued.
+    pub async fn renew_withdrawal(
+        &self,
+        old: MessageId,
+        renewal: NewOutboxItem,
+        why: Renewal,
+    ) -> Result<bool> {
+        let (state, reason) = match why {
+            Renewal::Expired => ("expired", "expired undelivered; renewed"),
+            Renewal::Refused => ("refused", "refused by the recipient; sealed anew"),
+        };
         self.writer
-            .run((old, renewal), |(old, renewal), tx, _| {
-                Box::pin(async move {
-                    let ended = sqlx::query(tx.sql(
-                        "UPDATE outbox SET state = 'expired', attempts = attempts + 1,
-                            envelope = NULL, last_error = 'expired undelivered; renewed'
+            .run(
+                (old, renewal, state, reason),
+                |(old, renewal, state, reason), tx, _| {
+                    Box::pin(async move {
+                        let ended = sqlx::query(tx.sql(
+                            "UPDATE outbox SET state = $2, attempts = attempts + 1,
+                            envelope = NULL, last_error = $3
                          WHERE message_id = $1 AND kind IN (2, 3) AND state = 'queued'
                          RETURNING 1",
-                    ))
-                    .bind(&old.0[..])
-                    .fetch_optional(tx.conn().await?)
-                    .await?;
-                    if ended.is_none() {
-                        return Ok(false);
-                    }
-                    Self::insert_outbox(tx, renewal, None).await?;
-                    Ok(true)
-                })
-            })
+                        ))
+                        .bind(&old.0[..])
+                        .bind(*state)
+                        .bind(*reason)
+                        .fetch_optional(tx.conn().await?)
+                        .await?;
+                        if ended.is_none() {
+                            return Ok(false);
+                        }
+                        Self::insert_outbox(tx, renewal, None).await?;
+                        Ok(true)
+                    })
+                },
+            )
             .await
     }
 
@@ -2198,22 +2220,33 @@ impl Store {
         Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))))
     }
 
-    /// The newest of the latest [`CHECKPOINTS_SERVED_FROM`] checkpoints with at least
-    /// `cosigned` cosignatures (size, root, note), if any.
-    pub async fn latest_checkpoint_cosigned(
+    /// The size of the newest checkpoint at least `at_least` of `witnesses` cosigned.
+    pub async fn newest_cosigned_size(
         &self,
-        cosigned: usize,
-    ) -> Result<Option<(u64, Vec<u8>, String)>> {
-        let row = sqlx::query(
-            "SELECT c.size, c.root, c.note
-             FROM (SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT $2) c
-             WHERE (SELECT COUNT(*) FROM cosignatures s WHERE s.size = c.size) >= $1
-             ORDER BY c.size DESC LIMIT 1",
+        witnesses: &[String],
+        at_least: usize,
+    ) -> Result<Option<u64>> {
+        let witnesses = serde_json::to_string(witnesses)
+            .map_err(|_| StoreError::Corrupt("witness names do not encode"))?;
+        let size: Option<i64> = sqlx::query_scalar(
+            "SELECT size FROM cosignatures
+             WHERE witness IN (SELECT value FROM json_each($1))
+             GROUP BY size HAVING COUNT(*) >= $2
+             ORDER BY size DESC LIMIT 1",
         )
-        .bind(i64::try_from(cosigned).unwrap_or(i64::MAX))
-        .bind(CHECKPOINTS_SERVED_FROM)
+        .bind(witnesses)
+        .bind(i64::try_from(at_least).unwrap_or(i64::MAX))
         .fetch_optional(&self.pool)
         .await?;
+        Ok(size.map(|s| s as u64))
+    }
+
+    /// The checkpoint signed at `size` (size, root, note), if any.
+    pub async fn checkpoint_at(&self, size: u64) -> Result<Option<(u64, Vec<u8>, String)>> {
+        let row = sqlx::query("SELECT size, root, note FROM checkpoints WHERE size = $1")
+            .bind(i64::try_from(size).unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| (r.get::<i64, _>(0) as u64, r.get(1), r.get(2))))
     }
 

@@ -1410,12 +1410,14 @@ pub async fn narrowing_done(node: &Node, id: MessageId) -> Result<(), Failure> {
 }
 
 /// Renews a withdrawal or narrowing whose envelope expired undelivered (its recipient
-/// was away for longer than an envelope may live): the same request in a new envelope is
-/// queued in the transaction that ends the old one, so the recipient is asked until it
-/// purges. Returns the new envelope's id, or `None` if the old one was no longer queued.
+/// was away for longer than an envelope may live), or that its recipient kept refusing:
+/// the same request in a new envelope is queued in the transaction that ends the old one,
+/// so the recipient is asked until it purges. Returns the new envelope's id, or `None` if
+/// the old one was no longer queued.
 pub async fn renew_withdrawal(
     node: &Node,
     expired: MessageId,
+    why: crate::storage::Renewal,
 ) -> Result<Option<MessageId>, Failure> {
     let Some(old) = node.store.withdrawal_to_renew(expired).await? else {
         return Ok(None);
@@ -1483,7 +1485,7 @@ pub async fn renew_withdrawal(
         )?
     };
     let renewed = item.message_id;
-    if !node.store.renew_withdrawal(expired, item).await? {
+    if !node.store.renew_withdrawal(expired, item, why).await? {
         return Ok(None);
     }
     node.outbox_ready.notify_one();
@@ -1569,13 +1571,14 @@ pub async fn consent_status(
             }
         }
     }
-    // Every referral under the consent but refused ones, with what each still discloses.
+    // Every referral under the consent its recipient may hold (all but those it refused
+    // at their first attempt), with what each still discloses.
     let sent_under = node.store.referrals_under_consent(consent_id).await?;
     if row.withdrawn_at_ms.is_some() {
         // Recipients that hold data but could not be asked: not members when the consent
         // was withdrawn (a narrowing they carried out before leaves them holding the
         // rest). They are asked when a directory brings them back. One that refused
-        // every referral holds nothing.
+        // every referral at its first attempt holds nothing.
         let may_hold: BTreeSet<&String> = sent_under.iter().map(|sent| &sent.recipient).collect();
         for (recipient, entry) in recipients.iter_mut() {
             if !may_hold.contains(recipient) {
@@ -1732,7 +1735,7 @@ pub async fn ask_outstanding_recipients_to_purge(node: &Node) -> Result<usize, F
 /// cancelled, as a narrowing cancels what it no longer admits. The directory changes only
 /// as a node starts, and runs as it starts. Returns how many it cancelled.
 pub async fn cancel_referrals_no_longer_admitted(node: &Node) -> Result<usize, Failure> {
-    let mut scopes: BTreeMap<String, ConsentScope> = BTreeMap::new();
+    let mut scopes: BTreeMap<String, Result<ConsentScope, Failure>> = BTreeMap::new();
     let mut cancelled = 0;
     for (id, consent_id, recipient, purpose) in node.store.queued_referrals().await? {
         // One that left the federation is not sent to either: delivery says so.
@@ -1742,24 +1745,31 @@ pub async fn cancel_referrals_no_longer_admitted(node: &Node) -> Result<usize, F
         else {
             continue;
         };
-        let scope = match scopes.get(&consent_id) {
-            Some(scope) => scope,
-            None => {
-                let scope = scope_of(&consent_row(node, &consent_id).await?)?;
-                scopes.entry(consent_id).or_insert(scope)
+        if !scopes.contains_key(&consent_id) {
+            let scope = match consent_row(node, &consent_id).await {
+                Ok(row) => scope_of(&row),
+                Err(failure) => Err(failure),
+            };
+            scopes.insert(consent_id.clone(), scope);
+        }
+        // One that cannot be checked (its consent unreadable) does not leave either.
+        let admitted = match (&scopes[&consent_id], parse_purpose(&purpose)) {
+            (Ok(scope), Ok(purpose)) => Ok(scope.admits_for(member, purpose)),
+            (Err(failure), _) => Err(failure.message.clone()),
+            (_, Err(failure)) => Err(failure.message),
+        };
+        let reason = match admitted {
+            Ok(true) => continue,
+            Ok(false) => {
+                tracing::warn!(referral = %id, %recipient, "queued referral cancelled: its consent no longer admits the recipient under the current directory");
+                "the federation directory changed and the consent no longer admits the recipient for this purpose"
+            }
+            Err(error) => {
+                tracing::error!(referral = %id, %error, "queued referral cannot be checked against the directory; cancelled");
+                "it could not be checked against the federation directory the node started with"
             }
         };
-        if scope.admits_for(member, parse_purpose(&purpose)?) {
-            continue;
-        }
-        node.store
-            .mark_final(
-                id,
-                "cancelled",
-                "the federation directory changed and the consent no longer admits the recipient for this purpose",
-            )
-            .await?;
-        tracing::warn!(referral = %id, %recipient, "queued referral cancelled: its consent no longer admits the recipient under the current directory");
+        node.store.mark_final(id, "cancelled", reason).await?;
         cancelled += 1;
     }
     if cancelled > 0 {

@@ -332,13 +332,15 @@ impl Reason {
 }
 
 impl GateRefusal {
-    /// The rules broken, by name, comma-separated (`no-consent` for a case without one):
+    /// The rules broken, by name, each once, comma-separated (`no-consent` for a case
+    /// without one):
     /// for logs, which must not carry what the reasons say of the person.
     pub fn rules(&self) -> String {
         if self.consent_id.is_none() {
             return "no-consent".into();
         }
         let mut rules: Vec<&str> = self.reasons.iter().map(Reason::rule).collect();
+        rules.sort_unstable();
         rules.dedup();
         rules.join(",")
     }
@@ -996,6 +998,10 @@ mod tests {
                     country: "KH".into(),
                 },
                 Reason::FamilyContactForbidden,
+                Reason::CountryExcluded {
+                    recipient: OrgId::new("embassy-kh").unwrap(),
+                    country: "TH".into(),
+                },
             ],
         };
         assert!(refusal.to_string().contains("KH"), "the caseworker is told");

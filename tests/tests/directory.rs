@@ -169,7 +169,8 @@ async fn a_node_whose_directory_expired_refuses_new_referrals_and_says_when() {
     let text = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
     let start = text.find("expires_at_ms = ").expect("expiry line");
     let end = start + text[start..].find('\n').expect("end of line");
-    let expires_at_ms = corridor_node::node::now_ms() + 3_000;
+    // Room for the set-up below on a slow machine, which must all happen before it.
+    let expires_at_ms = corridor_node::node::now_ms() + 8_000;
     let expiring = format!(
         "{}expires_at_ms = {expires_at_ms}{}",
         &text[..start],
