@@ -935,3 +935,42 @@ async fn a_node_serves_its_newest_checkpoint_its_witnesses_cosigned() {
         "{out}"
     );
 }
+
+/// What a node serves never goes back to an older checkpoint, even when the newest its
+/// witnesses' majority cosigned is older than one it served (here that one's cosignatures
+/// are lost from its tables): an auditor that pinned it would take the older for a fork.
+#[tokio::test]
+async fn a_node_never_serves_an_older_checkpoint_than_it_served() {
+    let fed = Federation::demo("audit-served-floor");
+    let state = fed.dir.join("auditor");
+    let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
+    let my = fed.start(SHELTER_MY);
+    let size_of = |out: String| {
+        out.split("checkpoint of size ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    let older = size_of(ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY])));
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    wait_cosigned(&my, 2).await;
+    let newer = size_of(ok(&audit(&fed, &state, &["checkpoint", SHELTER_MY])));
+    assert!(newer > older);
+    sql(
+        &my,
+        &[&format!("DELETE FROM cosignatures WHERE size >= {newer}")],
+    )
+    .await;
+    let served = size_of(
+        String::from_utf8_lossy(
+            &audit(&fed, &state, &["checkpoint", SHELTER_MY, "--quorum", "0"]).stdout,
+        )
+        .into_owned(),
+    );
+    assert_eq!(served, newer, "served {served} after {newer}");
+}
