@@ -2072,7 +2072,7 @@ async fn receive(
                 && seen.sender == peer.org.as_str()
                 && seen.envelope_digest == digest
             {
-                return replay_answer(seen, &peer.org, &digest);
+                return replay_answer(node, seen, &peer.org, &digest);
             }
             tracing::warn!(peer = %peer.org, error = %e, "envelope refused");
             return Err(envelope_failure(e));
@@ -2085,7 +2085,7 @@ async fn receive(
     if verified.header().kind != MessageKind::Referral
         && let Some(seen) = node.store.seen(message_id).await?
     {
-        return replay_answer(seen, &peer.org, &digest);
+        return replay_answer(node, seen, &peer.org, &digest);
     }
     let result = async {
         let keys = std::iter::once(&node.sealing_key).chain(&node.previous_sealing_keys);
@@ -2121,7 +2121,7 @@ async fn receive(
         // would be refused now (its consent has expired since, say).
         Err(failure) if failure.code != Code::Internal => {
             match node.store.seen(message_id).await? {
-                Some(seen) => replay_answer(seen, &peer.org, &digest),
+                Some(seen) => replay_answer(node, seen, &peer.org, &digest),
                 None => Err(failure),
             }
         }
@@ -2256,7 +2256,7 @@ async fn accept_referral(
                 // A replay of a referral whose data was purged since must not bring a
                 // key for its case back.
                 if let Some(seen) = node.store.seen(message_id).await? {
-                    return replay_answer(seen, &sender.id, digest);
+                    return replay_answer(node, seen, &sender.id, digest);
                 }
                 let (_, wrapped) = node
                     .data_key
@@ -2306,7 +2306,7 @@ async fn accept_referral(
             tracing::info!(referral = %message_id, sender = %sender.id, %purpose, "referral received");
             decode_response(&response)
         }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+        AcceptOutcome::AlreadySeen(seen) => replay_answer(node, seen, &sender.id, digest),
         AcceptOutcome::ConsentWithdrawn => {
             // A key made for this referral alone would otherwise stay until a purge.
             if let Err(error) = node.store.drop_unused_received_key(&case_key_id).await {
@@ -2449,7 +2449,7 @@ async fn purge_answer(
             log();
             decode_response(&response)
         }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(seen, &sender.id, digest),
+        AcceptOutcome::AlreadySeen(seen) => replay_answer(node, seen, &sender.id, digest),
         AcceptOutcome::ConsentWithdrawn
         | AcceptOutcome::ConsentNarrowed
         | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
@@ -2741,7 +2741,12 @@ fn decode_response(bytes: &[u8]) -> Result<pb::DeliverResponse, Failure> {
 
 /// A message id seen before: the same envelope gets the same answer; anything else
 /// reusing the id is refused.
+///
+/// The answer is signed again with this node's current key (Ed25519 signatures are
+/// deterministic: the same bytes while the key is the same): one whose first answer was
+/// lost could otherwise never verify it once this node's key was rotated.
 fn replay_answer(
+    node: &Node,
     seen: crate::storage::SeenMessage,
     sender: &OrgId,
     digest: &[u8; 32],
@@ -2753,8 +2758,21 @@ fn replay_answer(
         ));
     }
     tracing::info!(sender = %sender, "duplicate envelope answered with its original answer");
-    pb::DeliverResponse::decode(seen.response.as_slice())
-        .map_err(|e| Failure::internal("stored answer is corrupt", e))
+    let mut answer = pb::DeliverResponse::decode(seen.response.as_slice())
+        .map_err(|e| Failure::internal("stored answer is corrupt", e))?;
+    if let Some(stored) = answer.receipt.take() {
+        let mut receipt = convert::receipt_from_pb(stored)
+            .map_err(|e| Failure::internal("stored receipt is corrupt", e))?;
+        receipt.sign_again(&node.signing_key);
+        answer.receipt = Some(convert::receipt_to_pb(&receipt));
+    }
+    if let Some(stored) = answer.purge_receipt.take() {
+        let mut receipt = convert::purge_receipt_from_pb(stored)
+            .map_err(|e| Failure::internal("stored purge receipt is corrupt", e))?;
+        receipt.sign_again(&node.signing_key);
+        answer.purge_receipt = Some(convert::purge_receipt_to_pb(&receipt));
+    }
+    Ok(answer)
 }
 
 #[cfg(test)]

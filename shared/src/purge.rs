@@ -88,6 +88,12 @@ impl PurgeReceipt {
         receipt
     }
 
+    /// Signs the same receipt again with `key`: an answer given again after its signer's
+    /// key changed must verify with the key the directory lists now.
+    pub fn sign_again(&mut self, key: &SigningKey) {
+        self.signature = key.sign(&self.signed_bytes()).to_vec();
+    }
+
     /// The bytes signed: a narrowing's receipt under a label of its own, so that it can
     /// never pass for a withdrawal's. A confirmation of terms comes last, and only where
     /// there is one, so that receipts without it are signed over the bytes that versions

@@ -76,6 +76,12 @@ impl Receipt {
         receipt
     }
 
+    /// Signs the same receipt again with `key`: an answer given again after its signer's
+    /// key changed must verify with the key the directory lists now.
+    pub fn sign_again(&mut self, key: &SigningKey) {
+        self.signature = key.sign(&self.signed_bytes()).to_vec();
+    }
+
     /// The bytes the recipient's signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
         Canonical::new(label::RECEIPT)
@@ -163,6 +169,20 @@ mod tests {
     fn signed_receipt_verifies() {
         let key = SigningKey::from_seed(&[5; 32]).unwrap();
         verify(&receipt(&key), &key).unwrap();
+    }
+
+    #[test]
+    fn a_receipt_signed_again_verifies_with_the_new_key_alone() {
+        let (old, new) = (
+            SigningKey::from_seed(&[5; 32]).unwrap(),
+            SigningKey::from_seed(&[6; 32]).unwrap(),
+        );
+        let mut r = receipt(&old);
+        let statement = r.signed_bytes();
+        r.sign_again(&new);
+        assert_eq!(r.signed_bytes(), statement, "the same statement");
+        verify(&r, &new).unwrap();
+        assert_eq!(verify(&r, &old), Err(ReceiptError::BadSignature));
     }
 
     #[test]

@@ -943,3 +943,56 @@ async fn one_member_cannot_take_every_connection() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An envelope sent again after its answer was lost gets its first answer, signed with
+/// the recipient's key as the directory lists it now: after a rotation of that key, the
+/// stored answer's old signature could never be verified.
+#[tokio::test]
+async fn a_replay_after_the_recipient_rotated_its_signing_key_is_answered_with_the_new_key() {
+    let fed = Federation::demo("replay-rotated");
+    let mut kh = fed.start(SHELTER_KH);
+    let e = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let first = deliver_as(&fed, SHELTER_MY, &e).await.expect("accepted");
+    let verify = |answer: &pb::DeliverResponse, key: &corridor::VerifyingKey| {
+        corridor_node::convert::receipt_from_pb(answer.receipt.clone().expect("receipt"))
+            .expect("receipt")
+            .verify(
+                e.header.message_id,
+                &e.digest(),
+                &OrgId::new(SHELTER_MY).unwrap(),
+                &OrgId::new(SHELTER_KH).unwrap(),
+                key,
+            )
+    };
+    let old_key = fed.signing_key(SHELTER_KH);
+    verify(&first, &old_key.verifying_key()).expect("signed with the key listed then");
+
+    // The shelter rotates its signing key; the directory lists the new one.
+    kh.stop();
+    let new_key = corridor::SigningKey::from_seed(&[42; 32]).unwrap();
+    let key_file = fed.org(SHELTER_KH).dir.join("signing.key");
+    std::fs::remove_file(&key_file).unwrap();
+    corridor_node::keys::write_secret_file(&key_file, new_key.to_base64().as_bytes()).unwrap();
+    let directory = std::fs::read_to_string(fed.dir.join("directory.toml")).unwrap();
+    let rotated = directory.replace(
+        &old_key.verifying_key().to_base64(),
+        &new_key.verifying_key().to_base64(),
+    );
+    assert_ne!(rotated, directory);
+    publish_directory(&fed, &with_serial(&rotated, 2));
+    kh.start();
+
+    let again = deliver_as(&fed, SHELTER_MY, &e)
+        .await
+        .expect("answered again");
+    verify(&again, &new_key.verifying_key()).expect("signed with the key listed now");
+    let (a, b) = (
+        corridor_node::convert::receipt_from_pb(first.receipt.unwrap()).unwrap(),
+        corridor_node::convert::receipt_from_pb(again.receipt.unwrap()).unwrap(),
+    );
+    assert_eq!(
+        (a.log_index, a.leaf_hash, a.received_at_ms),
+        (b.log_index, b.leaf_hash, b.received_at_ms),
+        "the same answer"
+    );
+}
