@@ -381,8 +381,8 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ConsentRequest>,
     ) -> Result<Response<pb::ConsentView>, Status> {
-        authenticate(&self.node.store, &request).await?;
-        let view = workflows::get_consent(&self.node, &request.get_ref().consent_id).await?;
+        let user = authenticate(&self.node.store, &request).await?;
+        let view = workflows::get_consent(&self.node, &user, &request.get_ref().consent_id).await?;
         Ok(Response::new(view))
     }
 

@@ -380,9 +380,15 @@ pub async fn seal_legacy_consent_details(node: &Node) -> Result<usize, Failure> 
     Ok(legacy.len())
 }
 
-/// A consent as the local API shows it, its details opened.
-async fn consent_view(node: &Node, row: &ConsentRow) -> Result<pb::ConsentView, Failure> {
+/// A consent as the local API shows it; its sealed details (the guardian basis and the
+/// language) opened only `with_details`, for a caller that asked to read them.
+async fn consent_view(
+    node: &Node,
+    row: &ConsentRow,
+    with_details: bool,
+) -> Result<pb::ConsentView, Failure> {
     let details = match &row.details_sealed {
+        _ if !with_details => ConsentDetails::default(),
         None => row.legacy_details.clone(),
         Some(sealed) => {
             let key = case_data_key(node, &row.case_id)
@@ -560,8 +566,22 @@ async fn consent_row(node: &Node, id: &str) -> Result<ConsentRow, Failure> {
         .ok_or_else(|| Failure::not_found(format!("consent {id} not found")))
 }
 
-pub async fn get_consent(node: &Node, id: &str) -> Result<pb::ConsentView, Failure> {
-    consent_view(node, &consent_row(node, id).await?).await
+/// A consent with its sealed details: a read the audit log records, as a read of a
+/// received referral is.
+pub async fn get_consent(node: &Node, user: &User, id: &str) -> Result<pb::ConsentView, Failure> {
+    let row = consent_row(node, id).await?;
+    let view = consent_view(node, &row, true).await?;
+    node.store
+        .append_audit(vec![audit::encode(
+            &Event::ConsentDetailsRead {
+                consent_id: row.id.clone(),
+                case: local_pseudonym(node, &row.case_id),
+                user: user.id,
+            },
+            now_ms(),
+        )])
+        .await?;
+    Ok(view)
 }
 
 /// Narrows a consent; anything that would widen it is refused with what widens.
@@ -669,7 +689,7 @@ pub async fn narrow_consent(
                     )
                 })?;
             tracing::info!(consent = %row.id, user = user.id, cancelled = cancelled.len(), asked, "consent narrowed");
-            return get_consent(node, &row.id).await;
+            return consent_view(node, &consent_row(node, &row.id).await?, false).await;
         }
     }
     Err(Failure::new(
@@ -1653,7 +1673,7 @@ pub async fn consent_status(
         }
     }
     Ok(pb::ConsentStatusResponse {
-        consent: Some(consent_view(node, &row).await?),
+        consent: Some(consent_view(node, &row, false).await?),
         recipients: recipients.into_values().collect(),
     })
 }

@@ -130,6 +130,13 @@ pub enum Event {
         case: String,
         user: i64,
     },
+    /// A local user read a consent's sealed details (who gave it on whose behalf, in what
+    /// language).
+    ConsentDetailsRead {
+        consent_id: String,
+        case: String,
+        user: i64,
+    },
     /// Received referrals past retention were deleted and their keys shredded.
     RetentionPurge {
         deleted: u64,
@@ -165,6 +172,7 @@ impl Event {
             Self::PurgeReceiptReceived { .. } => "purge-receipt-received",
             Self::NarrowingReceiptReceived { .. } => "narrowing-receipt-received",
             Self::PersonalDataRead { .. } => "personal-data-read",
+            Self::ConsentDetailsRead { .. } => "consent-details-read",
             Self::RetentionPurge { .. } => "retention-purge",
             Self::TokenIssued { .. } => "token-issued",
             Self::TokenRevoked { .. } => "token-revoked",
@@ -305,6 +313,15 @@ impl Event {
                 user,
             } => vec![
                 ("message_id", message_id.to_hex()),
+                ("case", case.clone()),
+                ("user", user.to_string()),
+            ],
+            Self::ConsentDetailsRead {
+                consent_id,
+                case,
+                user,
+            } => vec![
+                ("consent_id", consent_id.clone()),
                 ("case", case.clone()),
                 ("user", user.to_string()),
             ],

@@ -177,6 +177,28 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
         (shown.guardian_basis, shown.language),
         (marker("guardian"), marker("language"))
     );
+    // That read is in the audit log, by the consent's id; status shows no details.
+    let read = scalar(
+        &sender,
+        &format!(
+            "SELECT COUNT(*) FROM audit_entries WHERE instr(entry, 'consent-details-read') > 0 AND instr(entry, '{consent_id}') > 0"
+        ),
+    )
+    .await;
+    assert_eq!(read, 1);
+    let status = s
+        .get_consent_status(pb::ConsentRequest {
+            consent_id: consent_id.clone(),
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .consent
+        .expect("consent");
+    assert_eq!(
+        (status.guardian_basis, status.language),
+        (String::new(), String::new())
+    );
     let mut refs = Vec::new();
     for ((to, purpose), node) in plan.iter().zip(&nodes) {
         let p = corridor::profile::profile(corridor::Purpose::parse(purpose).unwrap());
