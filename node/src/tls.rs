@@ -413,6 +413,7 @@ impl Handshakes {
 
     /// A place for a handshake from `address`, if there is one.
     fn enter(&self, address: IpAddr) -> Option<HandshakeSlot> {
+        let address = handshake_source(address);
         let all = self.all.clone().try_acquire_owned().ok()?;
         let mut by_address = self.by_address.lock().ok()?;
         let count = by_address.entry(address).or_insert(0);
@@ -425,6 +426,21 @@ impl Handshakes {
             address,
             by_address: self.by_address.clone(),
         })
+    }
+}
+
+/// The source a handshake counts against: an IPv4 address, or an IPv6 address's /64, which
+/// one client is commonly given whole (counted by address, it could take every place).
+fn handshake_source(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
     }
 }
 
@@ -445,7 +461,8 @@ impl Drop for HandshakeSlot {
 /// yields the connections of authenticated members. At most `max_connections` members'
 /// connections are open at once, [`MAX_CONNECTIONS_PER_MEMBER`] of them one member's; a
 /// handshake takes a slot only once it has succeeded,
-/// and at most [`MAX_HANDSHAKES`] (from one address [`MAX_HANDSHAKES_PER_ADDRESS`]) run at
+/// and at most [`MAX_HANDSHAKES`] (from one address, or IPv6 /64,
+/// [`MAX_HANDSHAKES_PER_ADDRESS`]) run at
 /// once. A connection that finds no place is closed at once; members retry.
 pub fn accept_members(
     listener: TcpListener,
@@ -559,4 +576,38 @@ fn expired_warning_due() -> bool {
         && LAST_MS
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One IPv6 /64 has as many handshake places as one IPv4 address; another /64, and
+    /// an IPv4 address mapped into IPv6, count on their own.
+    #[test]
+    fn handshakes_from_one_ipv6_prefix_count_together() {
+        let handshakes = Handshakes::new();
+        let mut held = Vec::new();
+        for n in 0..MAX_HANDSHAKES_PER_ADDRESS as u16 {
+            let address: IpAddr = format!("2001:db8:1:2::{:x}", n + 1).parse().unwrap();
+            held.push(handshakes.enter(address).expect("a place"));
+        }
+        let same_prefix: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert!(
+            handshakes.enter(same_prefix).is_none(),
+            "the /64 has no place left"
+        );
+        let other_prefix: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(handshakes.enter(other_prefix).is_some());
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(
+            handshake_source(mapped),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        held.pop();
+        assert!(
+            handshakes.enter(same_prefix).is_some(),
+            "a place given back"
+        );
+    }
 }
