@@ -332,7 +332,8 @@ impl Witness for WitnessService {
 /// a newer one not yet cosigned (its witnesses are asked one after another, and one may be
 /// down) would fail every auditor's quorum — but never one older than it served before,
 /// which an auditor that pinned it would take for a fork. Before it served any since it
-/// started, that is the newest as it started (what earlier versions served).
+/// started, that is the newest as it started (what earlier versions served). Without
+/// witnesses, or before a majority cosigned any, the newest.
 async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>, StoreError> {
     use std::sync::atomic::Ordering;
     let witnesses: Vec<String> = node
@@ -351,10 +352,11 @@ async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>
         }
     };
     let floor = node.served_checkpoint_size.load(Ordering::Relaxed);
-    let chosen = match cosigned.map(|size| size.max(floor)) {
-        Some(size) if size > 0 => node.store.checkpoint_at(size).await?,
-        _ if floor > 0 => node.store.checkpoint_at(floor).await?,
-        _ => node.store.latest_checkpoint().await?,
+    // Without a checkpoint the majority cosigned (no witnesses, or none yet), the newest:
+    // never smaller than one served before, since signing refuses a shorter log.
+    let chosen = match cosigned {
+        Some(size) => node.store.checkpoint_at(size.max(floor)).await?,
+        None => node.store.latest_checkpoint().await?,
     };
     if let Some((size, _, _)) = &chosen {
         node.served_checkpoint_size

@@ -974,3 +974,30 @@ async fn a_node_never_serves_an_older_checkpoint_than_it_served() {
     );
     assert_eq!(served, newer, "served {served} after {newer}");
 }
+
+/// A node whose witnesses never cosigned serves its newest checkpoint, as its log grows.
+#[tokio::test]
+async fn without_its_witnesses_a_node_serves_its_newest_checkpoint() {
+    let fed = Federation::demo("audit-served-alone");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    let served = || {
+        let out = String::from_utf8_lossy(
+            &audit(&fed, &state, &["checkpoint", SHELTER_MY, "--quorum", "0"]).stdout,
+        )
+        .into_owned();
+        out.split("checkpoint of size ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    let first = served();
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    let signed = scalar(&my, "SELECT MAX(size) FROM checkpoints").await;
+    assert!(signed > first);
+    assert_eq!(served(), signed, "the served checkpoint stayed behind");
+}
