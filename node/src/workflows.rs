@@ -2092,7 +2092,7 @@ async fn receive(
                 && seen.sender == peer.org.as_str()
                 && seen.envelope_digest == digest
             {
-                return replay_answer(node, seen, &peer.org, &digest);
+                return replay_answer(node, envelope.header.message_id, seen, &peer.org, &digest);
             }
             tracing::warn!(peer = %peer.org, error = %e, "envelope refused");
             return Err(envelope_failure(e));
@@ -2105,7 +2105,7 @@ async fn receive(
     if verified.header().kind != MessageKind::Referral
         && let Some(seen) = node.store.seen(message_id).await?
     {
-        return replay_answer(node, seen, &peer.org, &digest);
+        return replay_answer(node, message_id, seen, &peer.org, &digest);
     }
     let result = async {
         let keys = std::iter::once(&node.sealing_key).chain(&node.previous_sealing_keys);
@@ -2141,7 +2141,7 @@ async fn receive(
         // would be refused now (its consent has expired since, say).
         Err(failure) if failure.code != Code::Internal => {
             match node.store.seen(message_id).await? {
-                Some(seen) => replay_answer(node, seen, &peer.org, &digest),
+                Some(seen) => replay_answer(node, message_id, seen, &peer.org, &digest),
                 None => Err(failure),
             }
         }
@@ -2276,7 +2276,7 @@ async fn accept_referral(
                 // A replay of a referral whose data was purged since must not bring a
                 // key for its case back.
                 if let Some(seen) = node.store.seen(message_id).await? {
-                    return replay_answer(node, seen, &sender.id, digest);
+                    return replay_answer(node, message_id, seen, &sender.id, digest);
                 }
                 let (_, wrapped) = node
                     .data_key
@@ -2326,7 +2326,9 @@ async fn accept_referral(
             tracing::info!(referral = %message_id, sender = %sender.id, %purpose, "referral received");
             decode_response(&response)
         }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(node, seen, &sender.id, digest),
+        AcceptOutcome::AlreadySeen(seen) => {
+            replay_answer(node, message_id, seen, &sender.id, digest)
+        }
         AcceptOutcome::ConsentWithdrawn => {
             // A key made for this referral alone would otherwise stay until a purge.
             if let Err(error) = node.store.drop_unused_received_key(&case_key_id).await {
@@ -2403,7 +2405,7 @@ async fn accept_withdrawal(
             entry,
         )
         .await?;
-    purge_answer(node, outcome, sender, digest, "withdrawal", || {
+    purge_answer(node, message_id, outcome, sender, digest, "withdrawal", || {
         tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged_count, "consent withdrawn by sender; data purged");
     })
     .await
@@ -2454,6 +2456,7 @@ fn check_purge_request_ids(what: &str, consent_id: &str, case_ref: &str) -> Resu
 /// stored now (the deletion made final on disk, then `log`), or a replay's first answer.
 async fn purge_answer(
     node: &Node,
+    message_id: MessageId,
     outcome: AcceptOutcome,
     sender: &Member,
     digest: &[u8; 32],
@@ -2469,7 +2472,9 @@ async fn purge_answer(
             log();
             decode_response(&response)
         }
-        AcceptOutcome::AlreadySeen(seen) => replay_answer(node, seen, &sender.id, digest),
+        AcceptOutcome::AlreadySeen(seen) => {
+            replay_answer(node, message_id, seen, &sender.id, digest)
+        }
         AcceptOutcome::ConsentWithdrawn
         | AcceptOutcome::ConsentNarrowed
         | AcceptOutcome::CaseKeyChanged => Err(Failure::internal(
@@ -2621,7 +2626,7 @@ async fn accept_narrowing(
             entry,
         )
         .await?;
-    purge_answer(node, outcome, sender, digest, "narrowing", || {
+    purge_answer(node, message_id, outcome, sender, digest, "narrowing", || {
         tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
     })
     .await
@@ -2767,6 +2772,7 @@ fn decode_response(bytes: &[u8]) -> Result<pb::DeliverResponse, Failure> {
 /// lost could otherwise never verify it once this node's key was rotated.
 fn replay_answer(
     node: &Node,
+    message_id: MessageId,
     seen: crate::storage::SeenMessage,
     sender: &OrgId,
     digest: &[u8; 32],
@@ -2780,16 +2786,43 @@ fn replay_answer(
     tracing::info!(sender = %sender, "duplicate envelope answered with its original answer");
     let mut answer = pb::DeliverResponse::decode(seen.response.as_slice())
         .map_err(|e| Failure::internal("stored answer is corrupt", e))?;
+    // Signed again only what is this node's answer to this very envelope: a stored row
+    // changed behind its back is not signed anew.
+    let current = node.signing_key.verifying_key();
+    let corrupt = || Failure::internal("stored answer is not this envelope's", message_id);
     if let Some(stored) = answer.receipt.take() {
         let mut receipt = convert::receipt_from_pb(stored)
             .map_err(|e| Failure::internal("stored receipt is corrupt", e))?;
-        receipt.sign_again(&node.signing_key);
+        let ours = receipt.message_id == message_id
+            && receipt.envelope_digest == *digest
+            && receipt.sender == *sender
+            && receipt.recipient == node.org;
+        if !ours {
+            return Err(corrupt());
+        }
+        if current
+            .verify(&receipt.signed_bytes(), &receipt.signature)
+            .is_err()
+        {
+            receipt.sign_again(&node.signing_key);
+        }
         answer.receipt = Some(convert::receipt_to_pb(&receipt));
     }
     if let Some(stored) = answer.purge_receipt.take() {
         let mut receipt = convert::purge_receipt_from_pb(stored)
             .map_err(|e| Failure::internal("stored purge receipt is corrupt", e))?;
-        receipt.sign_again(&node.signing_key);
+        let ours = receipt.withdrawal_id == message_id
+            && receipt.requester == *sender
+            && receipt.purger == node.org;
+        if !ours {
+            return Err(corrupt());
+        }
+        if current
+            .verify(&receipt.signed_bytes(), &receipt.signature)
+            .is_err()
+        {
+            receipt.sign_again(&node.signing_key);
+        }
         answer.purge_receipt = Some(convert::purge_receipt_to_pb(&receipt));
     }
     Ok(answer)

@@ -212,6 +212,18 @@ mod tests {
         let mut t = r.clone();
         t.case_ref = "ref-2".into();
         assert!(t.verify(id, false, "consent-1", &my, &kh, &vk).is_err());
+        // Signed again with a new key, the same statement verifies with it alone.
+        let new = SigningKey::from_seed(&[6; 32]).unwrap();
+        let mut again = r.clone();
+        again.sign_again(&new);
+        assert_eq!(again.signed_bytes(), r.signed_bytes());
+        again
+            .verify(id, false, "consent-1", &my, &kh, &new.verifying_key())
+            .unwrap();
+        assert_eq!(
+            again.verify(id, false, "consent-1", &my, &kh, &vk),
+            Err(PurgeReceiptError::BadSignature)
+        );
     }
 
     /// A narrowing's receipt names what it cut; it cannot pass for a withdrawal's, nor
