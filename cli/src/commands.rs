@@ -287,16 +287,22 @@ pub fn scope_json(scope: &pb::ConsentScope) -> Value {
     })
 }
 
-fn consent_json(c: &pb::ConsentView) -> Value {
-    json!({
+/// A consent for JSON output; its sealed details (guardian basis, language) only
+/// `with_details`, as `consent show` reads them: other answers carry none.
+fn consent_json(c: &pb::ConsentView, with_details: bool) -> Value {
+    let mut value = json!({
         "consent_id": c.consent_id, "case_id": c.case_id,
         "scope": c.scope.as_ref().map(scope_json),
-        "given_by": c.given_by, "guardian_basis": c.guardian_basis, "method": c.method,
-        "language": c.language, "recorded_by": c.recorded_by,
+        "given_by": c.given_by, "method": c.method, "recorded_by": c.recorded_by,
         "recorded_at_ms": c.recorded_at_ms,
         "withdrawn_at_ms": (c.withdrawn_at_ms != 0).then_some(c.withdrawn_at_ms),
         "narrowed_at_ms": (c.narrowed_at_ms != 0).then_some(c.narrowed_at_ms),
-    })
+    });
+    if let (true, Some(fields)) = (with_details, value.as_object_mut()) {
+        fields.insert("guardian_basis".into(), c.guardian_basis.clone().into());
+        fields.insert("language".into(), c.language.clone().into());
+    }
+    value
 }
 
 fn or_none(list: &[String]) -> String {
@@ -443,7 +449,7 @@ fn status_views(r: &pb::ConsentStatusResponse) -> (Value, String) {
         .filter(|p| p.state.starts_with("pending"))
         .count();
     let value = json!({
-        "consent": r.consent.as_ref().map(consent_json),
+        "consent": r.consent.as_ref().map(|c| consent_json(c, false)),
         "recipients": recipients,
         "outstanding": outstanding,
     });
@@ -554,7 +560,7 @@ pub async fn consent(
                 .await
                 .map_err(|s| explain(&s))?
                 .into_inner();
-            print(output, &consent_json(&c), || consent_text(&c));
+            print(output, &consent_json(&c, true), || consent_text(&c));
         }
         ConsentCommand::Narrow(n) => {
             // Each attempt narrows the consent as it read it; another narrowing landing
@@ -563,13 +569,17 @@ pub async fn consent(
             let mut attempts = 0;
             let c = loop {
                 attempts += 1;
+                // The consent as its status gives it: without its sealed details, whose
+                // read `consent show` alone makes (and the node audits).
                 let current = client
-                    .get_consent(pb::ConsentRequest {
+                    .get_consent_status(pb::ConsentRequest {
                         consent_id: n.id.clone(),
                     })
                     .await
                     .map_err(|s| explain(&s))?
-                    .into_inner();
+                    .into_inner()
+                    .consent
+                    .ok_or("the node answered without the consent")?;
                 let scope = narrowed_scope(current.scope.unwrap_or_default(), &n)?;
                 let narrowed = client
                     .narrow_consent(pb::NarrowConsentRequest {
@@ -599,7 +609,7 @@ pub async fn consent(
                         .sum()
                 })
                 .map_err(|s| explain(&s));
-            let mut json = consent_json(&c);
+            let mut json = consent_json(&c, false);
             if let (Some(fields), Ok(count)) = (json.as_object_mut(), &kept_whole) {
                 fields.insert("kept_whole_referral_count".into(), (*count).into());
             }

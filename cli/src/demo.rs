@@ -723,13 +723,14 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         "She adds a restriction: no contact with her family. The narrowing reaches the shelter in Cambodia, which has nothing to cut but must honour it:",
     );
     let mut scope = my
-        .get_consent(pb::ConsentRequest {
+        .get_consent_status(pb::ConsentRequest {
             consent_id: consent.consent_id.clone(),
         })
         .await
         .map_err(|s| explain(&s))?
         .into_inner()
-        .scope
+        .consent
+        .and_then(|c| c.scope)
         .ok_or("consent without a scope")?;
     scope.no_family_contact = true;
     my.narrow_consent(pb::NarrowConsentRequest {

@@ -385,13 +385,14 @@ pub fn consent_request(case_id: &str, scope: pb::ConsentScope) -> pb::RecordCons
 /// The scope of a consent as its node holds it now.
 pub async fn consent_scope(client: &mut Caseworker, consent_id: &str) -> pb::ConsentScope {
     client
-        .get_consent(pb::ConsentRequest {
+        .get_consent_status(pb::ConsentRequest {
             consent_id: consent_id.to_owned(),
         })
         .await
         .expect("consent")
         .into_inner()
-        .scope
+        .consent
+        .and_then(|c| c.scope)
         .expect("scope")
 }
 
