@@ -936,6 +936,21 @@ async fn a_node_serves_its_newest_checkpoint_its_witnesses_cosigned() {
     );
 }
 
+/// The size of the checkpoint `corridor audit checkpoint` printed in `out`.
+fn size_of(out: String) -> i64 {
+    out.split("checkpoint of size ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("{out}"))
+}
+
+/// The size of the checkpoint shelter-my serves, whoever cosigned it.
+fn served_size(fed: &Federation, state: &Path) -> i64 {
+    let out = audit(fed, state, &["checkpoint", SHELTER_MY, "--quorum", "0"]);
+    size_of(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// What a node serves never goes back to an older checkpoint, even when the newest its
 /// witnesses' majority cosigned is older than one it served (here that one's cosignatures
 /// are lost from its tables): an auditor that pinned it would take the older for a fork.
@@ -945,13 +960,6 @@ async fn a_node_never_serves_an_older_checkpoint_than_it_served() {
     let state = fed.dir.join("auditor");
     let _witnesses = (fed.start(SHELTER_KH), fed.start(EMBASSY));
     let my = fed.start(SHELTER_MY);
-    let size_of = |out: String| {
-        out.split("checkpoint of size ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse::<i64>().ok())
-            .unwrap_or_else(|| panic!("{out}"))
-    };
     some_events(&my, 1).await;
     wait_checkpointed(&my).await;
     wait_cosigned(&my, 2).await;
@@ -966,12 +974,7 @@ async fn a_node_never_serves_an_older_checkpoint_than_it_served() {
         &[&format!("DELETE FROM cosignatures WHERE size >= {newer}")],
     )
     .await;
-    let served = size_of(
-        String::from_utf8_lossy(
-            &audit(&fed, &state, &["checkpoint", SHELTER_MY, "--quorum", "0"]).stdout,
-        )
-        .into_owned(),
-    );
+    let served = served_size(&fed, &state);
     assert_eq!(served, newer, "served {served} after {newer}");
 }
 
@@ -981,17 +984,7 @@ async fn without_its_witnesses_a_node_serves_its_newest_checkpoint() {
     let fed = Federation::demo("audit-served-alone");
     let state = fed.dir.join("auditor");
     let my = fed.start(SHELTER_MY);
-    let served = || {
-        let out = String::from_utf8_lossy(
-            &audit(&fed, &state, &["checkpoint", SHELTER_MY, "--quorum", "0"]).stdout,
-        )
-        .into_owned();
-        out.split("checkpoint of size ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse::<i64>().ok())
-            .unwrap_or_else(|| panic!("{out}"))
-    };
+    let served = || served_size(&fed, &state);
     some_events(&my, 1).await;
     wait_checkpointed(&my).await;
     let first = served();
