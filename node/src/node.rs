@@ -179,6 +179,9 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, StartError> {
             if let Some((case, wrapped)) = &found.some_case_key {
                 check_data_key(config, &files.data_key, case, wrapped)?;
             }
+            if let Some(sealed) = &found.pairwise_secret {
+                open_pairwise_secret(config, &files.data_key, sealed)?;
+            }
             if let Some((accepted, digest)) = found.directory_serial {
                 let serial = i64::try_from(files.directory.serial).unwrap_or(i64::MAX);
                 if let Some(refusal) = crate::storage::directory_refusal(
@@ -218,6 +221,66 @@ fn check_data_key(
         )));
     }
     Ok(())
+}
+
+/// The key of everything this node derives pairwise, from the secret stored with its
+/// records; the first start of a version that stores it keeps what earlier versions
+/// derived from the signing key, and from then on a rotation of that key changes none of
+/// it. A node that has never created a case gets a random secret.
+async fn load_pairwise_key(
+    config: &Config,
+    store: &Store,
+    data_key: &corridor::at_rest::KeyEncryptionKey,
+    signing_key: &SigningKey,
+) -> Result<PairwiseKey, StartError> {
+    use crate::storage::PAIRWISE_SECRET;
+    let sealed = match store.node_secret(PAIRWISE_SECRET).await? {
+        Some(sealed) => sealed,
+        None => {
+            let seal = |secret: &[u8]| {
+                data_key
+                    .seal_node_secret(PAIRWISE_SECRET, secret)
+                    .map_err(|e| {
+                        StartError::Mismatch(format!("cannot seal the pairwise secret: {e}"))
+                    })
+            };
+            let fresh = PairwiseKey::generate_secret().map_err(|e| {
+                StartError::Mismatch(format!("cannot make the pairwise secret: {e}"))
+            })?;
+            let continuing = PairwiseKey::secret_derived_from(signing_key.to_base64().as_bytes());
+            store
+                .keep_node_secret(
+                    PAIRWISE_SECRET,
+                    &seal(&fresh)?,
+                    &seal(&continuing)?,
+                    now_ms(),
+                )
+                .await?
+        }
+    };
+    open_pairwise_secret(config, data_key, &sealed).map(|secret| PairwiseKey::from_secret(&secret))
+}
+
+/// The stored pairwise secret, opened with the node's data key.
+fn open_pairwise_secret(
+    config: &Config,
+    data_key: &corridor::at_rest::KeyEncryptionKey,
+    sealed: &[u8],
+) -> Result<[u8; corridor::caseref::PAIRWISE_SECRET_LEN], StartError> {
+    let opened = data_key
+        .open_node_secret(crate::storage::PAIRWISE_SECRET, sealed)
+        .map_err(|_| {
+            StartError::Mismatch(format!(
+                "data key {} does not open the pairwise secret stored in {}: it is not the key this database was written with; restore that key file",
+                config.keys.data_key.display(),
+                config.database_path().display()
+            ))
+        })?;
+    opened.as_slice().try_into().map_err(|_| {
+        StartError::Store(crate::storage::StoreError::Corrupt(
+            "the stored pairwise secret is not 32 bytes",
+        ))
+    })
 }
 
 fn refused_directory(
@@ -323,7 +386,7 @@ impl Node {
         {
             return Err(refused_directory(&config, &directory, refusal));
         }
-        let pairwise = PairwiseKey::derive(signing_key.to_base64().as_bytes());
+        let pairwise = load_pairwise_key(&config, &store, &data_key, &signing_key).await?;
         let in_progress =
             crate::services::InProgress::new(directory.members().map(|m| m.id.clone()));
         let served_checkpoint_size = std::sync::atomic::AtomicU64::new(

@@ -489,6 +489,9 @@ fn split_list(text: &str) -> Vec<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
 
+/// The name under which the pairwise secret is stored ([`Store::keep_node_secret`]).
+pub const PAIRWISE_SECRET: &str = "pairwise";
+
 /// The schema migrations this version applies, in order.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -502,6 +505,8 @@ pub struct Inspection {
     /// The highest directory serial the node accepted, and the digest of that directory
     /// (if recorded).
     pub directory_serial: Option<(i64, Option<Vec<u8>>)>,
+    /// The sealed pairwise secret, to check the data key against.
+    pub pairwise_secret: Option<Vec<u8>>,
 }
 
 /// Why a directory is not the one to run on, by what this node accepted before.
@@ -579,6 +584,14 @@ impl Store {
                 .await?
                 .map(|serial: i64| (serial, None))
         };
+        let pairwise_secret = if table(&mut conn, "node_secrets").await? {
+            sqlx::query_scalar("SELECT sealed FROM node_secrets WHERE name = $1")
+                .bind(PAIRWISE_SECRET)
+                .fetch_optional(&mut conn)
+                .await?
+        } else {
+            None
+        };
         Ok(Some(Inspection {
             pending_migrations: MIGRATOR
                 .iter()
@@ -586,6 +599,7 @@ impl Store {
                 .count(),
             some_case_key,
             directory_serial,
+            pairwise_secret,
         }))
     }
 
@@ -770,6 +784,56 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// The node secret stored under `name`, sealed under the data key.
+    pub async fn node_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM node_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Stores a node secret under `name` unless one is stored, and returns the one stored
+    /// now: `fresh` if this node has never created a case, so has derived nothing from
+    /// any secret yet; `continuing` otherwise, the secret it derived with until now. The
+    /// choice is made in the storing transaction, so no case created meanwhile is missed.
+    pub async fn keep_node_secret(
+        &self,
+        name: &str,
+        fresh: &[u8],
+        continuing: &[u8],
+        now_ms: i64,
+    ) -> Result<Vec<u8>> {
+        let data = (name.to_owned(), fresh.to_vec(), continuing.to_vec(), now_ms);
+        self.writer
+            .run(data, |(name, fresh, continuing, now_ms), tx, _| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    // SQLite needs the WHERE to read ON CONFLICT as the upsert's.
+                    sqlx::query(
+                        "INSERT INTO node_secrets (name, sealed, created_at_ms)
+                         SELECT $1, CASE WHEN EXISTS (SELECT 1 FROM cases) THEN $3 ELSE $2 END, $4
+                         WHERE true
+                         ON CONFLICT(name) DO NOTHING",
+                    )
+                    .bind(name)
+                    .bind(fresh)
+                    .bind(continuing)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(
+                        sqlx::query_scalar("SELECT sealed FROM node_secrets WHERE name = $1")
+                            .bind(name)
+                            .fetch_one(&mut *conn)
+                            .await?,
+                    )
+                })
+            })
+            .await
     }
 
     /// Stores `wrapped` as the data key of `id` unless one exists; returns the key that

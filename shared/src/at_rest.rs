@@ -14,6 +14,7 @@ use crate::canonical::Canonical;
 
 const WRAP_LABEL: &[u8] = b"corridor/v1/data-key-wrap\0";
 const DATA_LABEL: &[u8] = b"corridor/v1/data-at-rest\0";
+const NODE_SECRET_LABEL: &[u8] = b"corridor/v1/node-secret\0";
 
 /// Why a key could not be made or a value not decrypted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,6 +98,26 @@ impl KeyEncryptionKey {
     }
 }
 
+impl KeyEncryptionKey {
+    /// Encrypts one of the node's own secrets (not a case's), bound to its `name`, for
+    /// storing beside the data it keys.
+    pub fn seal_node_secret(&self, name: &str, secret: &[u8]) -> Result<Vec<u8>, AtRestError> {
+        seal(
+            &self.0,
+            &Canonical::new(NODE_SECRET_LABEL).str(name).finish(),
+            secret,
+        )
+    }
+
+    pub fn open_node_secret(&self, name: &str, sealed: &[u8]) -> Result<Vec<u8>, AtRestError> {
+        open(
+            &self.0,
+            &Canonical::new(NODE_SECRET_LABEL).str(name).finish(),
+            sealed,
+        )
+    }
+}
+
 impl DataKey {
     /// Encrypts one value of `case`, bound to `record` (for example a referral id).
     pub fn encrypt(
@@ -124,6 +145,28 @@ impl DataKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_secret_opens_only_under_its_name_and_key() {
+        let kek = KeyEncryptionKey::from_bytes(&[7; 32]).unwrap();
+        let sealed = kek.seal_node_secret("pairwise", b"marker-secret").unwrap();
+        assert!(!sealed.windows(13).any(|w| w == b"marker-secret"));
+        assert_eq!(
+            kek.open_node_secret("pairwise", &sealed).unwrap(),
+            b"marker-secret"
+        );
+        assert_eq!(
+            kek.open_node_secret("other", &sealed),
+            Err(AtRestError::Undecryptable)
+        );
+        let other = KeyEncryptionKey::from_bytes(&[8; 32]).unwrap();
+        assert_eq!(
+            other.open_node_secret("pairwise", &sealed),
+            Err(AtRestError::Undecryptable)
+        );
+        // Not a wrapped data key either: the two uses cannot stand in for each other.
+        assert!(kek.unwrap_data_key("pairwise", &sealed).is_err());
+    }
 
     #[test]
     fn round_trip_and_binding() {

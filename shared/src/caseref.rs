@@ -31,20 +31,44 @@ pub fn is_case_id(text: &str) -> bool {
         .is_some_and(|hex| crate::is_lower_hex(hex, 32))
 }
 
-/// Secret key for deriving pairwise references; derive it once per node from key
-/// material that never leaves the node.
+/// Length of a pairwise secret, in bytes.
+pub const PAIRWISE_SECRET_LEN: usize = 32;
+
+/// Secret key for deriving pairwise references. A node keeps its secret for as long as
+/// it keeps its records, whatever becomes of its other keys: every identifier derived
+/// from it must stay the same for the same case, consent, recipient or request.
 pub struct PairwiseKey(ring::hmac::Key);
 
 impl PairwiseKey {
-    /// Derives the key from node secret material (for example the signing seed) with a
-    /// distinct label, so the reference key is independent of the secret's other uses.
-    pub fn derive(node_secret: &[u8]) -> Self {
+    /// A fresh random secret, for a node that has derived nothing yet.
+    pub fn generate_secret() -> Result<[u8; PAIRWISE_SECRET_LEN], crate::at_rest::AtRestError> {
+        use ring::rand::SecureRandom as _;
+        let mut secret = [0u8; PAIRWISE_SECRET_LEN];
+        ring::rand::SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| crate::at_rest::AtRestError::Randomness)?;
+        Ok(secret)
+    }
+
+    /// The secret derived from other node secret material (the signing key's encoding)
+    /// under a label of its own, one-way. Nodes derived their pairwise key this way
+    /// before they kept a secret for it; a node upgrading keeps this one, so that what
+    /// it derived before stays the same.
+    pub fn secret_derived_from(node_secret: &[u8]) -> [u8; PAIRWISE_SECRET_LEN] {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"corridor/v1/case-ref-key");
-        let derived = ring::hmac::sign(&key, node_secret);
-        Self(ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            derived.as_ref(),
-        ))
+        let mut secret = [0u8; PAIRWISE_SECRET_LEN];
+        secret.copy_from_slice(ring::hmac::sign(&key, node_secret).as_ref());
+        secret
+    }
+
+    /// The key for a stored secret.
+    pub fn from_secret(secret: &[u8; PAIRWISE_SECRET_LEN]) -> Self {
+        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
+
+    /// The key derived from other node secret material ([`Self::secret_derived_from`]).
+    pub fn derive(node_secret: &[u8]) -> Self {
+        Self::from_secret(&Self::secret_derived_from(node_secret))
     }
 
     /// The reference under which `recipient` knows case `case_id`: `ref-` and 32 hex
@@ -172,6 +196,30 @@ mod tests {
             assert!(!is_case_id(bad), "{bad:?}");
         }
     }
+
+    #[test]
+    fn a_stored_secret_derives_what_the_material_it_came_from_derived() {
+        let a = OrgId::new("a").unwrap();
+        let material = b"signing key encoding";
+        let secret = PairwiseKey::secret_derived_from(material);
+        assert_ne!(&secret[..], &material[..]);
+        assert_eq!(
+            PairwiseKey::from_secret(&secret).case_ref("case-1", &a),
+            PairwiseKey::derive(material).case_ref("case-1", &a)
+        );
+        // Pinned, so that an upgrade cannot silently change every reference a node gave.
+        assert_eq!(
+            PairwiseKey::derive(&[1; 32]).case_ref("case-1", &a),
+            "ref-".to_owned() + PINNED_CASE_REF
+        );
+        let (x, y) = (
+            PairwiseKey::generate_secret().unwrap(),
+            PairwiseKey::generate_secret().unwrap(),
+        );
+        assert_ne!(x, y);
+    }
+
+    const PINNED_CASE_REF: &str = "976c131a3b390f7b72b6d341a1d0de78";
 
     #[test]
     fn stable_per_recipient_and_different_across_recipients() {

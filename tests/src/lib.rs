@@ -594,3 +594,20 @@ pub fn publish_directory(fed: &Federation, directory: &str) {
         .collect();
     std::fs::write(fed.dir.join("directory.toml.sig"), signatures).expect("signatures");
 }
+
+/// Gives `org` a new signing key: its key file replaced, and the directory listing the
+/// new key, published with `serial`. Nodes take both when they start.
+pub fn rotate_signing_key(fed: &Federation, org: &str, new_key: &SigningKey, serial: u64) {
+    let old_key = fed.signing_key(org);
+    let key_file = fed.org(org).dir.join("signing.key");
+    std::fs::remove_file(&key_file).expect("old key file");
+    corridor_node::keys::write_secret_file(&key_file, new_key.to_base64().as_bytes())
+        .expect("new key file");
+    let directory = std::fs::read_to_string(fed.dir.join("directory.toml")).expect("directory");
+    let rotated = directory.replace(
+        &old_key.verifying_key().to_base64(),
+        &new_key.verifying_key().to_base64(),
+    );
+    assert_ne!(rotated, directory, "the directory lists the old key");
+    publish_directory(fed, &with_serial(&rotated, serial));
+}

@@ -484,3 +484,75 @@ async fn an_expired_referral_is_not_sent() {
     let mut c = kh.client().await;
     assert!(inbox(&mut c).await.is_empty(), "it was sent");
 }
+
+/// The references a node's recipients know a case by outlive its signing key: a node
+/// keeps the secret they are derived from with its records. A node that never created a
+/// case starts with a random one; one whose records predate the stored secret keeps
+/// deriving what it derived before, from the signing key it had then.
+#[tokio::test]
+async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
+    let fed = Federation::demo("pairwise-rotation");
+    let mut my = fed.start(SHELTER_MY);
+    let mut kh_node = fed.start(SHELTER_KH);
+    let mut s = my.client().await;
+    let mut r = kh_node.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let kh = OrgId::new(SHELTER_KH).unwrap();
+    let case_ref_at_recipient = async |s: &mut Caseworker, r: &mut Caseworker| {
+        let sent = s
+            .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+            .await
+            .expect("send")
+            .into_inner();
+        let status = wait_final(s, &sent.referral_id, Duration::from_secs(20)).await;
+        assert_eq!(status.state, "delivered", "{status:?}");
+        r.get_referral(pb::GetReferralRequest {
+            referral_id: sent.referral_id,
+        })
+        .await
+        .expect("read at the recipient")
+        .into_inner()
+        .case_ref
+    };
+    let old_key = fed.signing_key(SHELTER_MY);
+    let derived_from_old_key =
+        corridor::PairwiseKey::derive(old_key.to_base64().as_bytes()).case_ref(&case_id, &kh);
+
+    let first = case_ref_at_recipient(&mut s, &mut r).await;
+    assert_ne!(
+        first, derived_from_old_key,
+        "a node without cases takes a random secret, not one derived from its signing key"
+    );
+
+    // A database from before the secret was stored: the node keeps what it derived.
+    drop((s, r));
+    my.stop();
+    sql(&my, &["DELETE FROM node_secrets"]).await;
+    my.start();
+    let (mut s, mut r) = (my.client().await, kh_node.client().await);
+    let upgraded = case_ref_at_recipient(&mut s, &mut r).await;
+    assert_eq!(
+        upgraded, derived_from_old_key,
+        "what an earlier version derived"
+    );
+
+    // The sender rotates its signing key: the recipient still links the case.
+    drop((s, r));
+    my.stop();
+    kh_node.stop();
+    rotate_signing_key(
+        &fed,
+        SHELTER_MY,
+        &corridor::SigningKey::from_seed(&[43; 32]).unwrap(),
+        2,
+    );
+    kh_node.start();
+    my.start();
+    let mut s = my.client().await;
+    let mut r = kh_node.client().await;
+    let rotated = case_ref_at_recipient(&mut s, &mut r).await;
+    assert_eq!(
+        rotated, upgraded,
+        "the same case reference after the rotation"
+    );
+}

@@ -970,16 +970,7 @@ async fn a_replay_after_the_recipient_rotated_its_signing_key_is_answered_with_t
     // The shelter rotates its signing key; the directory lists the new one.
     kh.stop();
     let new_key = corridor::SigningKey::from_seed(&[42; 32]).unwrap();
-    let key_file = fed.org(SHELTER_KH).dir.join("signing.key");
-    std::fs::remove_file(&key_file).unwrap();
-    corridor_node::keys::write_secret_file(&key_file, new_key.to_base64().as_bytes()).unwrap();
-    let directory = std::fs::read_to_string(fed.dir.join("directory.toml")).unwrap();
-    let rotated = directory.replace(
-        &old_key.verifying_key().to_base64(),
-        &new_key.verifying_key().to_base64(),
-    );
-    assert_ne!(rotated, directory);
-    publish_directory(&fed, &with_serial(&rotated, 2));
+    rotate_signing_key(&fed, SHELTER_KH, &new_key, 2);
     kh.start();
 
     let again = deliver_as(&fed, SHELTER_MY, &e)
