@@ -24,6 +24,9 @@ pub const MAX_LOCAL_MESSAGE_BYTES: usize = 1024 * 1024;
 /// asked for, notes and cosignatures are all small.
 pub const MAX_CONTROL_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// How long a stopping node waits for its listeners' connections to close.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -236,11 +239,22 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     termination_signal().await;
     tracing::info!("stopping");
     node.stopping.send_replace(true);
-    for (name, task) in [("federation", federation), ("local", local)] {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "{name} listener failed"),
-            Err(error) => tracing::error!(%error, "{name} listener panicked"),
+    // Requests in progress finish; a client that keeps its connection open after that
+    // (HTTP/2 closes it only once the client has answered a last ping) is not waited for
+    // past the grace period, so the node still closes its database itself.
+    let grace_ends = tokio::time::Instant::now() + STOP_GRACE;
+    for (name, mut task) in [("federation", federation), ("local", local)] {
+        match tokio::time::timeout_at(grace_ends, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::error!(%error, "{name} listener failed"),
+            Ok(Err(error)) => tracing::error!(%error, "{name} listener panicked"),
+            Err(_) => {
+                tracing::warn!(
+                    "{name} connections still open {}s after the stop began; closing them",
+                    STOP_GRACE.as_secs()
+                );
+                task.abort();
+            }
         }
     }
     let _ = delivery.await;

@@ -259,7 +259,8 @@ impl TestNode {
         }
     }
 
-    /// Asks the process to stop (SIGTERM) and waits for it.
+    /// Asks the process to stop (SIGTERM) and waits for it; fails the test if it has not
+    /// stopped within 10 s (its grace for open connections is 5 s).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -275,6 +276,11 @@ impl TestNode {
             }
             let _ = child.kill();
             let _ = child.wait();
+            panic!(
+                "node {} did not stop within 10 s of SIGTERM:\n{}",
+                self.org.spec.id,
+                self.log()
+            );
         }
     }
 
