@@ -20,6 +20,9 @@
 //! max_message_bytes = 300000            # larger messages are refused
 //! max_connections = 1024               # members' connections (handshakes not counted), at most
 //!                                       # 16 of one member
+//! refused_envelopes_burst = 600         # envelopes of one member refused (and audited) in
+//! refused_envelopes_per_minute = 60     # a burst, and after it; beyond, its envelopes are
+//!                                       # turned away unexamined until the budget refills
 //!
 //! [local]                               # caseworker API (bearer tokens)
 //! listen = "127.0.0.1:7080"             # loopback only: tokens travel without TLS
@@ -183,6 +186,11 @@ pub struct FederationConfig {
     /// Members' connections open at once. A connection counts once its handshake proved
     /// a member; handshakes in progress have their own bounds (see `tls`).
     pub max_connections: usize,
+    /// Refusals of one member's envelopes this node examines, and records in its audit
+    /// log, at once (see [`crate::refusals`]); 1 to 1 000 000.
+    pub refused_envelopes_burst: u32,
+    /// How fast that budget refills; 1 to 1 000 000.
+    pub refused_envelopes_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +257,8 @@ impl Default for FederationConfig {
             handshake_timeout_ms: 5000,
             max_message_bytes: 300_000,
             max_connections: 1024,
+            refused_envelopes_burst: 600,
+            refused_envelopes_per_minute: 60,
         }
     }
 }
@@ -401,6 +411,17 @@ impl Config {
                 "federation.max_connections must be between 1 and {MAX_CONNECTIONS}"
             ));
         }
+        for (name, value) in [
+            ("refused_envelopes_burst", f.refused_envelopes_burst),
+            (
+                "refused_envelopes_per_minute",
+                f.refused_envelopes_per_minute,
+            ),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(format!("federation.{name} must be between 1 and 1000000"));
+            }
+        }
         // Zero would time every handshake or request out at once; a day of checkpoints
         // apart would leave the log unwitnessed for as long.
         if !(100..=600_000).contains(&f.handshake_timeout_ms) {
@@ -493,6 +514,14 @@ mod tests {
             (
                 "org_id = \"a\"\n[federation]\nmax_connections = 0\n",
                 "max_connections",
+            ),
+            (
+                "org_id = \"a\"\n[federation]\nrefused_envelopes_burst = 0\n",
+                "refused_envelopes_burst",
+            ),
+            (
+                "org_id = \"a\"\n[federation]\nrefused_envelopes_per_minute = 2000000\n",
+                "refused_envelopes_per_minute",
             ),
             (
                 "org_id = \"a\"\n[federation]\nmax_connections = 1000000000000\n",

@@ -21,6 +21,7 @@ pub mod courier;
 pub mod delivery;
 pub mod keys;
 pub mod node;
+pub mod refusals;
 pub mod server;
 pub mod services;
 pub mod storage;

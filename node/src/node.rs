@@ -42,6 +42,8 @@ pub struct Node {
     pub asking_to_purge: tokio::sync::Mutex<()>,
     /// Per member, the envelopes it has in progress here, within a bound.
     pub in_progress: crate::services::InProgress,
+    /// Refused envelopes each member may still cost this node.
+    pub refusals: crate::refusals::RefusalBudgets,
     /// The size of the newest checkpoint served to auditors and witnesses: what is served
     /// never goes back. The newest signed as the node starts.
     pub served_checkpoint_size: std::sync::atomic::AtomicU64,
@@ -387,6 +389,10 @@ impl Node {
             return Err(refused_directory(&config, &directory, refusal));
         }
         let pairwise = load_pairwise_key(&config, &store, &data_key, &signing_key).await?;
+        let refusals = crate::refusals::RefusalBudgets::new(
+            config.federation.refused_envelopes_burst,
+            config.federation.refused_envelopes_per_minute,
+        );
         let in_progress =
             crate::services::InProgress::new(directory.members().map(|m| m.id.clone()));
         let served_checkpoint_size = std::sync::atomic::AtomicU64::new(
@@ -413,6 +419,7 @@ impl Node {
             stopping: tokio::sync::watch::Sender::new(false),
             asking_to_purge: tokio::sync::Mutex::new(()),
             in_progress,
+            refusals,
             served_checkpoint_size,
         }))
     }

@@ -2043,6 +2043,23 @@ pub async fn receive_envelope(
     peer: &PeerInfo,
     envelope: pb::Envelope,
 ) -> Result<pb::DeliverResponse, Failure> {
+    if let Err(spent) = node.refusals.admit(&peer.org, std::time::Instant::now()) {
+        if let Some(turned_away) = spent.log {
+            tracing::warn!(
+                peer = %peer.org,
+                turned_away,
+                "envelopes turned away unexamined: too many of this member's were refused recently"
+            );
+        }
+        return Err(Failure::new(
+            Code::ResourceExhausted,
+            format!(
+                "too many envelopes from {} were refused recently; send again in {} s",
+                peer.org,
+                spent.wait.as_secs().max(1)
+            ),
+        ));
+    }
     let message_id = envelope
         .header
         .as_ref()
@@ -2052,6 +2069,7 @@ pub async fn receive_envelope(
     if let Err(failure) = &result
         && !matches!(failure.code, Code::Internal | Code::Aborted)
     {
+        node.refusals.charge(&peer.org, std::time::Instant::now());
         let entry = audit::encode(
             &Event::EnvelopeRefused {
                 message_id,

@@ -987,3 +987,66 @@ async fn a_replay_after_the_recipient_rotated_its_signing_key_is_answered_with_t
         "the same answer"
     );
 }
+
+/// A member whose envelopes keep being refused costs this node a bounded number of audit
+/// entries: once its budget is spent (3 refusals here, refilling by one a second) its
+/// envelopes are turned away unexamined and unrecorded, valid ones too, until it
+/// refills. Other members' budgets are their own.
+#[tokio::test]
+async fn a_member_whose_envelopes_keep_failing_is_turned_away_once_its_budget_is_spent() {
+    let fed = Federation::demo("refusal-budget");
+    let config = fed.org(SHELTER_KH).config.clone();
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen(
+        "key = \"tls.key\"\n",
+        "key = \"tls.key\"\nrefused_envelopes_burst = 3\nrefused_envelopes_per_minute = 60\n",
+        1,
+    );
+    assert!(text.contains("refused_envelopes_burst = 3"), "{text}");
+    std::fs::write(&config, text).expect("config");
+    let kh = fed.start(SHELTER_KH);
+    let recorded = async || {
+        scalar(
+            &kh,
+            "SELECT COUNT(*) FROM audit_entries WHERE instr(entry, 'envelope-refused') > 0",
+        )
+        .await
+    };
+    // Signed by the sender, but for another recipient.
+    let junk = |from: &str| envelope(&fed, header(from, EMBASSY));
+    for _ in 0..3 {
+        let status = deliver_as(&fed, SHELTER_MY, &junk(SHELTER_MY))
+            .await
+            .expect_err("misaddressed");
+        assert_ne!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert_eq!(recorded().await, 3);
+    for e in [
+        junk(SHELTER_MY),
+        envelope(&fed, header(SHELTER_MY, SHELTER_KH)),
+    ] {
+        assert_code(
+            deliver_as(&fed, SHELTER_MY, &e).await,
+            Code::ResourceExhausted,
+            "refused recently",
+        );
+    }
+    assert_eq!(recorded().await, 3, "turned away, not recorded");
+    assert!(kh.log().contains("turned away unexamined"), "{}", kh.log());
+    let status = deliver_as(&fed, EMBASSY, &junk(EMBASSY))
+        .await
+        .expect_err("misaddressed");
+    assert_ne!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(recorded().await, 4);
+
+    // The budget refills: the member's next envelope is examined again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    deliver_as(
+        &fed,
+        SHELTER_MY,
+        &envelope(&fed, header(SHELTER_MY, SHELTER_KH)),
+    )
+    .await
+    .expect("accepted once the budget refilled");
+    assert_eq!(inbox(&mut kh.client().await).await.len(), 1);
+}
