@@ -66,6 +66,11 @@ pub enum Command {
     },
     /// Load and check the configuration, keys, certificate and directory, then exit.
     CheckConfig,
+    /// Give a database written before the node kept a pairwise secret a new random one,
+    /// for when the signing key it ran with is lost. The case and consent references its
+    /// recipients know, request keys and audit pseudonyms all change. Run it with the
+    /// node stopped.
+    NewPairwiseSecret,
 }
 
 /// Whether `user` is a valid local user name.
@@ -157,6 +162,18 @@ async fn run(args: Args) -> Result<(), String> {
                 print_error(&format!("note: {note}"));
             }
             print_line("configuration is valid")
+        }
+        Command::NewPairwiseSecret => {
+            if node::new_pairwise_secret(&config)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                print_line(
+                    "stored a new pairwise secret: recipients will know this node's cases under new references",
+                )
+            } else {
+                Err("this database keeps a pairwise secret already; nothing changed".into())
+            }
         }
         Command::RevokeTokens { user } => {
             valid_user_name(&user)?;

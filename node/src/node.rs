@@ -184,6 +184,9 @@ pub async fn check_config(config: &Config) -> Result<ConfigCheck, StartError> {
             if let Some(sealed) = &found.pairwise_secret {
                 open_pairwise_secret(config, &files.data_key, sealed)?;
             }
+            if let Some(history) = &found.pairwise_history {
+                check_pairwise_history(config, history, &files.signing_key)?;
+            }
             if let Some((accepted, digest)) = found.directory_serial {
                 let serial = i64::try_from(files.directory.serial).unwrap_or(i64::MAX);
                 if let Some(refusal) = crate::storage::directory_refusal(
@@ -225,42 +228,88 @@ fn check_data_key(
     Ok(())
 }
 
-/// The key of everything this node derives pairwise, from the secret stored with its
-/// records; the first start of a version that stores it keeps what earlier versions
-/// derived from the signing key, and from then on a rotation of that key changes none of
-/// it. A node that has never created a case gets a random secret.
-async fn load_pairwise_key(
+/// Stores the secret of everything this node derives pairwise, for a database that
+/// keeps none yet. A database written by an earlier version keeps what that version
+/// derived from the signing key; from then on a rotation of that key changes none of it.
+/// A node that has never created a case gets a random secret.
+///
+/// An earlier version derived from the signing key it ran with, which the audit log's
+/// last `node-started` entry names: with another key now (an upgrade and a rotation in
+/// one restart) every reference would silently change, so the start is refused.
+async fn keep_pairwise_secret(
     config: &Config,
     store: &Store,
     data_key: &corridor::at_rest::KeyEncryptionKey,
     signing_key: &SigningKey,
 ) -> Result<PairwiseKey, StartError> {
-    use crate::storage::PAIRWISE_SECRET;
-    let sealed = match store.node_secret(PAIRWISE_SECRET).await? {
-        Some(sealed) => sealed,
-        None => {
-            let seal = |secret: &[u8]| {
-                data_key
-                    .seal_node_secret(PAIRWISE_SECRET, secret)
-                    .map_err(|e| {
-                        StartError::Mismatch(format!("cannot seal the pairwise secret: {e}"))
-                    })
-            };
-            let fresh = PairwiseKey::generate_secret().map_err(|e| {
-                StartError::Mismatch(format!("cannot make the pairwise secret: {e}"))
-            })?;
-            let continuing = PairwiseKey::secret_derived_from(signing_key.to_base64().as_bytes());
-            store
-                .keep_node_secret(
-                    PAIRWISE_SECRET,
-                    &seal(&fresh)?,
-                    &seal(&continuing)?,
-                    now_ms(),
-                )
-                .await?
-        }
-    };
+    check_pairwise_history(config, &store.pairwise_history().await?, signing_key)?;
+    let continuing = PairwiseKey::secret_derived_from(signing_key.to_base64().as_bytes());
+    let fresh = PairwiseKey::generate_secret()
+        .map_err(|e| StartError::Mismatch(format!("cannot make the pairwise secret: {e}")))?;
+    let sealed = store
+        .keep_node_secret(
+            crate::storage::PAIRWISE_SECRET,
+            &seal_pairwise_secret(data_key, &fresh)?,
+            &seal_pairwise_secret(data_key, &continuing)?,
+            now_ms(),
+        )
+        .await?;
     open_pairwise_secret(config, data_key, &sealed).map(|secret| PairwiseKey::from_secret(&secret))
+}
+
+/// Refuses a signing key other than the one an earlier version derived the pairwise
+/// secret from, for a database that keeps none yet and has derived with it.
+fn check_pairwise_history(
+    config: &Config,
+    history: &crate::storage::PairwiseHistory,
+    signing_key: &SigningKey,
+) -> Result<(), StartError> {
+    let current = signing_key.verifying_key().to_base64();
+    match &history.last_signing_key {
+        Some(last) if history.has_local_cases && *last != current => {
+            Err(StartError::Mismatch(format!(
+                "this database keeps no pairwise secret yet (an earlier version derived it from the signing key it ran with, {last}), and the signing key is now {current}: start once with the earlier signing key and rotate afterwards, or, if that key is lost, run `corridor-node --config {} new-pairwise-secret`, which changes the references this node's recipients know its cases by",
+                config.path.display()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Stores a new random pairwise secret for a database that keeps none yet, whatever it
+/// derived before: for when the signing key an earlier version derived it from is lost.
+/// Returns false if the database keeps one already (nothing changes then).
+pub async fn new_pairwise_secret(config: &Config) -> Result<bool, StartError> {
+    let data_key = keys::load_data_key(&config.keys.data_key)?;
+    let store = open_store(config).await?;
+    let kept = async {
+        if store
+            .node_secret(crate::storage::PAIRWISE_SECRET)
+            .await?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let fresh = PairwiseKey::generate_secret()
+            .map_err(|e| StartError::Mismatch(format!("cannot make the pairwise secret: {e}")))?;
+        let sealed = seal_pairwise_secret(&data_key, &fresh)?;
+        store
+            .keep_node_secret(crate::storage::PAIRWISE_SECRET, &sealed, &sealed, now_ms())
+            .await?;
+        Ok(true)
+    }
+    .await;
+    store.close().await;
+    kept
+}
+
+fn seal_pairwise_secret(
+    data_key: &corridor::at_rest::KeyEncryptionKey,
+    secret: &[u8],
+) -> Result<Vec<u8>, StartError> {
+    data_key
+        .seal_node_secret(crate::storage::PAIRWISE_SECRET, secret)
+        .map_err(|e| StartError::Mismatch(format!("cannot seal the pairwise secret: {e}")))
 }
 
 /// The stored pairwise secret, opened with the node's data key.
@@ -382,13 +431,22 @@ impl Node {
         if let Some((case, wrapped)) = store.some_case_key().await? {
             check_data_key(&config, &data_key, &case, &wrapped)?;
         }
+        // Before anything is written: a data key that does not open the stored secret
+        // refuses the start with the database as it was.
+        let stored_pairwise = match store.node_secret(crate::storage::PAIRWISE_SECRET).await? {
+            Some(sealed) => Some(open_pairwise_secret(&config, &data_key, &sealed)?),
+            None => None,
+        };
         if let Some(refusal) = store
             .accept_directory(directory.serial, directory.digest)
             .await?
         {
             return Err(refused_directory(&config, &directory, refusal));
         }
-        let pairwise = load_pairwise_key(&config, &store, &data_key, &signing_key).await?;
+        let pairwise = match stored_pairwise {
+            Some(secret) => PairwiseKey::from_secret(&secret),
+            None => keep_pairwise_secret(&config, &store, &data_key, &signing_key).await?,
+        };
         let refusals = crate::refusals::RefusalBudgets::new(
             config.federation.refused_envelopes_burst,
             config.federation.refused_envelopes_per_minute,

@@ -239,9 +239,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     termination_signal().await;
     tracing::info!("stopping");
     node.stopping.send_replace(true);
-    // Requests in progress finish; a client that keeps its connection open after that
-    // (HTTP/2 closes it only once the client has answered a last ping) is not waited for
-    // past the grace period, so the node still closes its database itself.
+    // Requests in progress get the grace period to finish; a client that keeps its
+    // connection open after that (HTTP/2 closes it only once the client has answered a
+    // last ping) is not waited for, so the node still closes its database itself. What a
+    // request cut short had not committed it did not acknowledge either.
     let grace_ends = tokio::time::Instant::now() + STOP_GRACE;
     for (name, mut task) in [("federation", federation), ("local", local)] {
         match tokio::time::timeout_at(grace_ends, &mut task).await {
@@ -250,7 +251,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             Ok(Err(error)) => tracing::error!(%error, "{name} listener panicked"),
             Err(_) => {
                 tracing::warn!(
-                    "{name} connections still open {}s after the stop began; closing them",
+                    "{name} connections still open {}s after the stop began; no longer waiting for them",
                     STOP_GRACE.as_secs()
                 );
                 task.abort();

@@ -507,6 +507,47 @@ pub struct Inspection {
     pub directory_serial: Option<(i64, Option<Vec<u8>>)>,
     /// The sealed pairwise secret, to check the data key against.
     pub pairwise_secret: Option<Vec<u8>>,
+    /// Without one, how it was derived before.
+    pub pairwise_history: Option<PairwiseHistory>,
+}
+
+/// What a database says of how its pairwise secret was derived before it kept one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairwiseHistory {
+    /// Whether the node has ever created a case of its own (cases are never deleted),
+    /// and so derived anything pairwise.
+    pub has_local_cases: bool,
+    /// The signing key (base64) it last started with, as its audit log records it.
+    pub last_signing_key: Option<String>,
+}
+
+async fn pairwise_history(conn: &mut SqliteConnection) -> Result<PairwiseHistory> {
+    let has_local_cases = sqlx::query("SELECT 1 FROM cases LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some();
+    // The newest entries first; the kind is looked for in the bytes, then decoded.
+    let entries: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT entry FROM audit_entries WHERE instr(entry, 'node-started') > 0
+         ORDER BY idx DESC LIMIT 16",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let last_signing_key = entries
+        .iter()
+        .filter_map(|bytes| corridor::audit::decode(bytes).ok())
+        .find(|entry| entry.kind == "node-started")
+        .and_then(|entry| {
+            entry
+                .attributes
+                .into_iter()
+                .find(|(name, _)| name == "signing_key")
+                .map(|(_, key)| key)
+        });
+    Ok(PairwiseHistory {
+        has_local_cases,
+        last_signing_key,
+    })
 }
 
 /// Why a directory is not the one to run on, by what this node accepted before.
@@ -592,6 +633,14 @@ impl Store {
         } else {
             None
         };
+        let pairwise_history = if pairwise_secret.is_none()
+            && table(&mut conn, "cases").await?
+            && table(&mut conn, "audit_entries").await?
+        {
+            Some(pairwise_history(&mut conn).await?)
+        } else {
+            None
+        };
         Ok(Some(Inspection {
             pending_migrations: MIGRATOR
                 .iter()
@@ -600,6 +649,7 @@ impl Store {
             some_case_key,
             directory_serial,
             pairwise_secret,
+            pairwise_history,
         }))
     }
 
@@ -794,6 +844,12 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    /// Whether this node has ever created a case of its own, and the signing key it last
+    /// started with: what deciding how to keep its pairwise secret needs.
+    pub async fn pairwise_history(&self) -> Result<PairwiseHistory> {
+        pairwise_history(&mut *self.pool.acquire().await?).await
     }
 
     /// Stores a node secret under `name` unless one is stored, and returns the one stored

@@ -488,9 +488,12 @@ async fn an_expired_referral_is_not_sent() {
 /// The references a node's recipients know a case by outlive its signing key: a node
 /// keeps the secret they are derived from with its records. A node that never created a
 /// case starts with a random one; one whose records predate the stored secret keeps
-/// deriving what it derived before, from the signing key it had then.
+/// deriving what it derived before, from the signing key it had then, and refuses to
+/// start with another until told to take a new secret.
 #[tokio::test]
 async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
+    use std::process::Command;
+
     let fed = Federation::demo("pairwise-rotation");
     let mut my = fed.start(SHELTER_MY);
     let mut kh_node = fed.start(SHELTER_KH);
@@ -514,6 +517,28 @@ async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
         .into_inner()
         .case_ref
     };
+    // Runs corridor-node to its end; one that would serve is stopped after 30 s.
+    let node_command = |args: &[&str]| {
+        let mut child = Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&fed.org(SHELTER_MY).config)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run corridor-node");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
     let old_key = fed.signing_key(SHELTER_MY);
     let derived_from_old_key =
         corridor::PairwiseKey::derive(old_key.to_base64().as_bytes()).case_ref(&case_id, &kh);
@@ -536,23 +561,47 @@ async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
         "what an earlier version derived"
     );
 
-    // The sender rotates its signing key: the recipient still links the case.
+    // Such a database with a rotated signing key: what it derived before is out of
+    // reach, so neither a check nor a start goes ahead; a new secret is taken only when
+    // asked for.
     drop((s, r));
     my.stop();
     kh_node.stop();
-    rotate_signing_key(
-        &fed,
-        SHELTER_MY,
-        &corridor::SigningKey::from_seed(&[43; 32]).unwrap(),
-        2,
+    sql(&my, &["DELETE FROM node_secrets"]).await;
+    let key = |seed| corridor::SigningKey::from_seed(&[seed; 32]).unwrap();
+    rotate_signing_key(&fed, SHELTER_MY, &key(43), 2);
+    for args in [&["check-config"][..], &[][..]] {
+        let (ok, output) = node_command(args);
+        assert!(!ok, "{args:?} succeeded: {output}");
+        assert!(
+            output.contains("start once with the earlier signing key"),
+            "{args:?}: {output}"
+        );
+    }
+    let (ok, output) = node_command(&["new-pairwise-secret"]);
+    assert!(ok, "{output}");
+    let (ok, output) = node_command(&["new-pairwise-secret"]);
+    assert!(
+        !ok && output.contains("keeps a pairwise secret already"),
+        "{output}"
     );
     kh_node.start();
     my.start();
-    let mut s = my.client().await;
-    let mut r = kh_node.client().await;
+    let (mut s, mut r) = (my.client().await, kh_node.client().await);
+    let renewed = case_ref_at_recipient(&mut s, &mut r).await;
+    assert!(![&first, &upgraded].contains(&&renewed), "a new secret");
+
+    // A rotation once the secret is stored: the recipient still links the case.
+    drop((s, r));
+    my.stop();
+    kh_node.stop();
+    rotate_signing_key(&fed, SHELTER_MY, &key(44), 3);
+    kh_node.start();
+    my.start();
+    let (mut s, mut r) = (my.client().await, kh_node.client().await);
     let rotated = case_ref_at_recipient(&mut s, &mut r).await;
     assert_eq!(
-        rotated, upgraded,
+        rotated, renewed,
         "the same case reference after the rotation"
     );
 }
