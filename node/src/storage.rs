@@ -2057,22 +2057,24 @@ impl Store {
                         if held != read {
                             return Err(StoreError::ReadAgain("what is held under the consent"));
                         }
+                        let mut case_keys = std::collections::BTreeSet::new();
                         for id in &n.purged {
-                            let deleted = sqlx::query(
+                            let deleted: Option<String> = sqlx::query_scalar(
                                 "DELETE FROM inbox
-                                 WHERE message_id = $1 AND sender = $2 AND consent_id = $3",
+                                 WHERE message_id = $1 AND sender = $2 AND consent_id = $3
+                                 RETURNING case_key_id",
                             )
                             .bind(&id.0[..])
                             .bind(sender.as_str())
                             .bind(&n.consent_id)
-                            .execute(&mut *conn)
-                            .await?
-                            .rows_affected();
-                            if deleted != 1 {
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                            let Some(case_key) = deleted else {
                                 return Err(StoreError::ReadAgain(
                                     "what is held under the consent",
                                 ));
-                            }
+                            };
+                            case_keys.insert(case_key);
                         }
                         for (id, read, redacted) in &n.redacted {
                             let replaced = sqlx::query(
@@ -2094,7 +2096,11 @@ impl Store {
                                 ));
                             }
                         }
-                        Self::shred_what_nothing_held_needs(conn).await?;
+                        // The terms just stored are forgotten at once if nothing is held
+                        // under the consent (any more).
+                        let consent = (sender.as_str().to_owned(), n.consent_id.clone());
+                        Self::shred_what_nothing_held_needs(conn, &case_keys, &[consent].into())
+                            .await?;
                         log.append(audit.clone())?;
                         Ok(AcceptOutcome::Stored(response))
                     })
@@ -2133,17 +2139,20 @@ impl Store {
                         .bind(w.request.received_at_ms)
                         .execute(&mut *conn)
                         .await?;
-                        let mut purged = sqlx::query(
+                        let deleted = sqlx::query(
                             "DELETE FROM inbox WHERE sender = $1 AND consent_id = $2
-                             RETURNING message_id",
+                             RETURNING message_id, case_key_id",
                         )
                         .bind(sender.as_str())
                         .bind(&w.consent_id)
                         .fetch_all(&mut *conn)
-                        .await?
-                        .into_iter()
-                        .map(|r| message_id(r.get(0)))
-                        .collect::<Result<Vec<_>>>()?;
+                        .await?;
+                        let case_keys: std::collections::BTreeSet<String> =
+                            deleted.iter().map(|r| r.get(1)).collect();
+                        let mut purged = deleted
+                            .iter()
+                            .map(|r| message_id(r.get(0)))
+                            .collect::<Result<Vec<_>>>()?;
                         purged.sort();
                         let mut expected = w.expected.clone();
                         expected.sort();
@@ -2154,7 +2163,9 @@ impl Store {
                             // and the sender's retry gets the truth.
                             return Err(StoreError::ReadAgain("what is held under the consent"));
                         }
-                        Self::shred_what_nothing_held_needs(conn).await?;
+                        let consent = (sender.as_str().to_owned(), w.consent_id.clone());
+                        Self::shred_what_nothing_held_needs(conn, &case_keys, &[consent].into())
+                            .await?;
                         log.append(audit.clone())?;
                         Ok(AcceptOutcome::Stored(response))
                     })
@@ -2164,24 +2175,37 @@ impl Store {
             .await
     }
 
-    /// Destroys the data keys of received cases no stored referral needs, and forgets
-    /// the terms narrowings stated for consents under which nothing is held any more
-    /// (restrictions say something of the person too).
-    async fn shred_what_nothing_held_needs(conn: &mut SqliteConnection) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM case_keys WHERE id LIKE 'in:%'
-             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
-        )
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
-             WHERE terms_sealed IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.sender = narrowed_consents.sender
-                                 AND inbox.consent_id = narrowed_consents.consent_id)",
-        )
-        .execute(&mut *conn)
-        .await?;
+    /// Destroys those of `case_keys` (the data keys of referrals just deleted) that no
+    /// stored referral needs any more, and forgets the terms narrowings stated for each
+    /// of `consents` (sender, consent id) under which nothing is held any more
+    /// (restrictions say something of the person too). Scoped to what was deleted, so a
+    /// request that deletes nothing costs nothing here.
+    async fn shred_what_nothing_held_needs(
+        conn: &mut SqliteConnection,
+        case_keys: &std::collections::BTreeSet<String>,
+        consents: &std::collections::BTreeSet<(String, String)>,
+    ) -> Result<()> {
+        for id in case_keys {
+            sqlx::query(
+                "DELETE FROM case_keys WHERE id = $1 AND id LIKE 'in:%'
+                 AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = $1)",
+            )
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for (sender, consent_id) in consents {
+            sqlx::query(
+                "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
+                 WHERE sender = $1 AND consent_id = $2 AND terms_sealed IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.sender = $1
+                                     AND inbox.consent_id = $2)",
+            )
+            .bind(sender)
+            .bind(consent_id)
+            .execute(&mut *conn)
+            .await?;
+        }
         Ok(())
     }
 
@@ -2229,12 +2253,25 @@ impl Store {
                 |(now_ms, audit), tx, log| {
                     Box::pin(async move {
                         let conn = tx.conn().await?;
-                        let deleted = sqlx::query("DELETE FROM inbox WHERE retain_until_ms <= $1")
-                            .bind(*now_ms)
-                            .execute(&mut *conn)
-                            .await?
-                            .rows_affected();
-                        Self::shred_what_nothing_held_needs(conn).await?;
+                        let rows = sqlx::query(
+                            "DELETE FROM inbox WHERE retain_until_ms <= $1
+                             RETURNING case_key_id, sender, consent_id",
+                        )
+                        .bind(*now_ms)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        let deleted = rows.len() as u64;
+                        let case_keys = rows.iter().map(|r| r.get(0)).collect();
+                        let consents = rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+                        Self::shred_what_nothing_held_needs(conn, &case_keys, &consents).await?;
+                        // Also, once a run, keys no referral ever came to need (made for
+                        // one whose storing a crash cut short).
+                        sqlx::query(
+                            "DELETE FROM case_keys WHERE id LIKE 'in:%'
+                             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
+                        )
+                        .execute(&mut *conn)
+                        .await?;
                         if deleted > 0 {
                             log.append(audit(deleted))?;
                         }

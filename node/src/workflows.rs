@@ -2423,7 +2423,7 @@ async fn accept_withdrawal(
             entry,
         )
         .await?;
-    purge_answer(node, message_id, outcome, sender, digest, "withdrawal", || {
+    purge_answer(node, message_id, outcome, sender, digest, ("withdrawal", purged_count > 0), || {
         tracing::info!(sender = %sender.id, consent = %w.consent_id, purged = purged_count, "consent withdrawn by sender; data purged");
     })
     .await
@@ -2478,13 +2478,16 @@ async fn purge_answer(
     outcome: AcceptOutcome,
     sender: &Member,
     digest: &[u8; 32],
-    what: &str,
+    // What the request was, and whether it deleted or cut anything.
+    (what, changed_any): (&str, bool),
     log: impl FnOnce(),
 ) -> Result<pb::DeliverResponse, Failure> {
     match outcome {
         AcceptOutcome::Stored(response) => {
-            // Make the deletion final on disk: no purged page stays in the WAL.
-            if let Err(error) = node.store.checkpoint().await {
+            // Make the deletion final on disk: no purged page stays in the WAL. A request
+            // that deleted nothing (held nothing) needs none, and must not be a way to
+            // make this node checkpoint at will.
+            if changed_any && let Err(error) = node.store.checkpoint().await {
                 tracing::warn!(%error, what, "WAL checkpoint after purge failed");
             }
             log();
@@ -2644,7 +2647,8 @@ async fn accept_narrowing(
             entry,
         )
         .await?;
-    purge_answer(node, message_id, outcome, sender, digest, "narrowing", || {
+    let changed_any = purged_count + redacted_count > 0;
+    purge_answer(node, message_id, outcome, sender, digest, ("narrowing", changed_any), || {
         tracing::info!(sender = %sender.id, consent = %n.consent_id, purged = purged_count, redacted = redacted_count, "consent narrowed by sender; data cut to it");
     })
     .await

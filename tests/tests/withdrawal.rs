@@ -1728,3 +1728,75 @@ async fn a_referral_given_up_after_earlier_attempts_counts_as_held() {
         "{st:?}"
     );
 }
+
+/// A withdrawal shreds the data key of the case it purged only once no referral the
+/// recipient still holds needs it: two consents of one case, each with a referral (one
+/// case reference, one key at the recipient), withdrawn one after the other.
+#[tokio::test]
+async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
+    let fed = Federation::demo("withdraw-shared-key");
+    let sender = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let mut consents = Vec::new();
+    let mut referrals = Vec::new();
+    for purpose in ["reintegration", "shelter-placement"] {
+        let consent_id = s
+            .record_consent(consent_request(
+                &case_id,
+                pb::ConsentScope {
+                    purposes: vec![purpose.into()],
+                    recipient_orgs: vec![SHELTER_KH.into()],
+                    fields: fields_allowed_for(&[purpose]).into_iter().collect(),
+                    expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("record consent")
+            .into_inner()
+            .consent_id;
+        let mut request = referral(&case_id, SHELTER_KH, purpose);
+        request.consent_id = consent_id.clone();
+        let id = s
+            .send_referral(request)
+            .await
+            .expect("send")
+            .into_inner()
+            .referral_id;
+        let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{}", st.last_error);
+        consents.push(consent_id);
+        referrals.push(id);
+    }
+    let received_keys = "SELECT COUNT(*) FROM case_keys WHERE id LIKE 'in:%'";
+    assert_eq!(scalar(&kh, received_keys).await, 1, "one case, one key");
+
+    let withdraw = async |s: &mut Caseworker, consent_id: &str| {
+        s.withdraw_consent(pb::ConsentRequest {
+            consent_id: consent_id.to_owned(),
+        })
+        .await
+        .expect("withdraw");
+        wait_status(s, consent_id, all_purged).await;
+    };
+    withdraw(&mut s, &consents[0]).await;
+    assert_eq!(scalar(&kh, received_keys).await, 1, "still needed");
+    let mut r = kh.client().await;
+    let kept = r
+        .get_referral(pb::GetReferralRequest {
+            referral_id: referrals[1].clone(),
+        })
+        .await
+        .expect("the other consent's referral still reads")
+        .into_inner();
+    assert_eq!(kept.purpose, "shelter-placement");
+
+    withdraw(&mut s, &consents[1]).await;
+    assert_eq!(
+        scalar(&kh, received_keys).await,
+        0,
+        "shredded with the last"
+    );
+}
