@@ -24,6 +24,11 @@ pub const MAX_LOCAL_MESSAGE_BYTES: usize = 1024 * 1024;
 /// asked for, notes and cosignatures are all small.
 pub const MAX_CONTROL_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Requests open at once on one federation connection. A sender's courier has at most
+/// four requests open to a recipient, beside a few audit and witness calls; with at most
+/// `tls::MAX_CONNECTIONS_PER_MEMBER` connections, a member holds at most 16 × 32 requests.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// How long a stopping node waits for its listeners' connections to close.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -179,6 +184,9 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         f.max_connections,
     );
     let federation = Server::builder()
+        // Requests a member has open at once, each up to `max_message_bytes` held while it
+        // waits for room (`services::InProgress`): a bound on memory, not only on work.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // A member that vanished without closing its connection gives its slot back.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
