@@ -458,7 +458,7 @@ async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Res
                 checkpoint: note.to_owned(),
             })
             .await
-            .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
+            .map_err(|s| crate::workflows::peer_message(&s))?
             .into_inner();
         match response.result {
             Some(pb::add_checkpoint_response::Result::Cosignature(line)) => {

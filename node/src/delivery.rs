@@ -341,7 +341,7 @@ async fn deliver_once(
             Ok(response) => break response,
             Err(NotDelivered::Revoked) => continue,
             Err(NotDelivered::Failed(status)) => {
-                let message = format!("{} ({:?})", status.message(), status.code());
+                let message = crate::workflows::peer_message(&status);
                 return Err(if refusal_is_final(status.code()) {
                     AttemptError::Refused {
                         code: status.code(),

@@ -101,6 +101,20 @@ fn bounded_message(mut message: String) -> String {
     message
 }
 
+/// A peer's status message as this node logs, stores or shows it: the peer chose its
+/// words, so line breaks and other control characters become spaces (one entry stays
+/// one line in logs) and it is bounded like this node's own messages.
+pub fn peer_message(status: &Status) -> String {
+    let words: String = status
+        .message()
+        .chars()
+        // One more than fits, so that a longer message is marked as cut.
+        .take(MAX_MESSAGE_LEN + 1)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("{} ({:?})", bounded_message(words), status.code())
+}
+
 impl From<Failure> for Status {
     fn from(f: Failure) -> Self {
         Status::new(f.code, f.message)
@@ -2852,7 +2866,7 @@ fn replay_answer(
 
 #[cfg(test)]
 mod tests {
-    use super::{Failure, MAX_MESSAGE_LEN, NarrowingOf};
+    use super::{Failure, MAX_MESSAGE_LEN, NarrowingOf, peer_message};
     use corridor::{Field, MessageId};
 
     #[test]
@@ -2891,5 +2905,25 @@ mod tests {
         assert!(failure.message.ends_with('…'));
         let short = Failure::not_found("case case-1 not found");
         assert_eq!(short.message, "case case-1 not found");
+    }
+
+    #[test]
+    fn a_peers_words_stay_on_one_line_and_short() {
+        let status = tonic::Status::permission_denied(format!(
+            "refused\nINFO forged log line\u{1b}[31m{}",
+            "x".repeat(300_000)
+        ));
+        let shown = peer_message(&status);
+        assert!(
+            shown.starts_with("refused INFO forged log line [31mxxx"),
+            "{shown}"
+        );
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.len() <= MAX_MESSAGE_LEN + 32, "{}", shown.len());
+        assert!(shown.ends_with("… (PermissionDenied)"), "{shown}");
+        assert_eq!(
+            peer_message(&tonic::Status::not_found("no such consent")),
+            "no such consent (NotFound)"
+        );
     }
 }
