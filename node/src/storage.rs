@@ -836,6 +836,11 @@ impl Store {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
+    /// Transactions the writer has committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
     /// The node secret stored under `name`, sealed under the data key.
     pub async fn node_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(

@@ -59,6 +59,8 @@ pub struct Tx {
     open: bool,
     /// Groups committed in one query ([`commit_rows_at_once`]), shared with the handle.
     at_once: Arc<AtomicU64>,
+    /// Transactions committed, shared with the handle.
+    commits: Arc<AtomicU64>,
 }
 
 impl Tx {
@@ -547,6 +549,7 @@ enum Message {
 pub struct Writer {
     jobs: mpsc::Sender<Message>,
     at_once: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -555,18 +558,29 @@ impl Writer {
         let log = LogAppender::load(&mut conn).await?;
         let (jobs, queue) = mpsc::channel(QUEUE);
         let at_once = Arc::new(AtomicU64::new(0));
+        let commits = Arc::new(AtomicU64::new(0));
         let tx = Tx {
             conn,
             open: false,
             at_once: at_once.clone(),
+            commits: commits.clone(),
         };
         tokio::spawn(run(tx, log, queue));
-        Ok(Self { jobs, at_once })
+        Ok(Self {
+            jobs,
+            at_once,
+            commits,
+        })
     }
 
     /// How many groups were committed in one query, all their rows written at once.
     pub fn groups_at_once(&self) -> u64 {
         self.at_once.load(Ordering::Relaxed)
+    }
+
+    /// Transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Runs `op` on `data` in the next group and returns its output once the group is
@@ -694,10 +708,14 @@ async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message
 }
 
 /// Commits `group` and answers its callers; if it fails, runs each job alone so that
-/// only the failing ones fail.
+/// only the failing ones fail. Where one job's own statements failed, the rest of the
+/// group first commits together without it: a job that fails on purpose (a member's
+/// request built to conflict with another in the same group) then costs one commit more,
+/// not one per job of its group.
 async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<Box<dyn Job>>) {
     let started = std::time::Instant::now();
-    let result = commit_group_caught_up(tx, log, group).await;
+    let mut failed_job = None;
+    let result = commit_group_caught_up(tx, log, group, &mut failed_job).await;
     let took = started.elapsed();
     if took > SLOW_GROUP {
         tracing::warn!(
@@ -720,8 +738,20 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
             } else {
                 tracing::warn!(%error, jobs = group.len(), "group commit failed; running its jobs one by one");
             }
+            if let Some(at) = failed_job.filter(|at| *at < group.len()) {
+                let culprit = group.remove(at);
+                if commit_group_caught_up(tx, log, group, &mut None)
+                    .await
+                    .is_ok()
+                {
+                    group.drain(..).for_each(|job| job.finish(None));
+                }
+                group.push(culprit);
+            }
             for mut job in group.drain(..) {
-                let alone = commit_group_caught_up(tx, log, std::slice::from_mut(&mut job)).await;
+                let alone =
+                    commit_group_caught_up(tx, log, std::slice::from_mut(&mut job), &mut None)
+                        .await;
                 job.finish(alone.err());
             }
         }
@@ -734,11 +764,15 @@ async fn commit_group_caught_up(
     tx: &mut Tx,
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
+    failed_job: &mut Option<usize>,
 ) -> Result<()> {
-    let result = commit_group(tx, log, group).await;
+    let result = commit_group(tx, log, group, failed_job).await;
     if result.is_err() {
         match log.catch_up(&mut tx.conn).await {
-            Ok(true) => return commit_group(tx, log, group).await,
+            Ok(true) => {
+                *failed_job = None;
+                return commit_group(tx, log, group, failed_job).await;
+            }
             Ok(false) => {}
             Err(error) => tracing::warn!(%error, "could not read the audit log's stored size"),
         }
@@ -757,12 +791,14 @@ async fn commit_group(
     tx: &mut Tx,
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
+    failed_job: &mut Option<usize>,
 ) -> Result<()> {
     if group.iter().all(|job| job.shared().is_some()) {
         match commit_rows_at_once(tx, log, group).await {
             Ok(()) => {
                 tx.open = false;
                 tx.at_once.fetch_add(1, Ordering::Relaxed);
+                tx.commits.fetch_add(1, Ordering::Relaxed);
                 log.committed();
                 return Ok(());
             }
@@ -778,14 +814,21 @@ async fn commit_group(
     }
     let result = async {
         write_rows(tx, log, group).await?;
-        for job in group.iter_mut().filter(|job| job.shared().is_none()) {
-            job.run(false, tx, log).await?;
+        for (at, job) in group.iter_mut().enumerate() {
+            if job.shared().is_none() {
+                job.run(false, tx, log)
+                    .await
+                    .inspect_err(|_| *failed_job = Some(at))?;
+            }
         }
         log.write_and_commit(tx).await
     }
     .await;
     match result {
-        Ok(()) => log.committed(),
+        Ok(()) => {
+            tx.commits.fetch_add(1, Ordering::Relaxed);
+            log.committed();
+        }
         Err(_) => {
             // Nothing of the group may stay; "no transaction is active" is fine here.
             let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
@@ -963,6 +1006,7 @@ mod tests {
     async fn a_failing_job_fails_alone_and_the_rest_of_its_group_commits() {
         let (store, dir) = temp_store("writer").await;
         let alice = add_alice(&store, entry(0)).await;
+        let commits = store.commits();
         let (good, bad, appended, more) = tokio::join!(
             store.create_case("case-good", b"key", b"label", alice, 1),
             store.create_case("case-bad", b"key", b"label", alice + 99, 1),
@@ -980,6 +1024,8 @@ mod tests {
         assert_eq!(indexes, vec![1, 2, 3]);
         assert!(store.case_exists("case-good").await.expect("read"));
         assert!(!store.case_exists("case-bad").await.expect("read"));
+        // The rest of the group committed together, not job by job.
+        assert_eq!(store.commits(), commits + 1);
 
         // What is stored is one consistent tree, and the cached frontier carries on from
         // it after a reopen.
