@@ -1022,9 +1022,17 @@ fn print_status(output: Output, r: &pb::GetReferralStatusResponse) {
     );
 }
 
-pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {
+pub async fn inbox(
+    client: &mut Client,
+    output: Output,
+    page_size: u32,
+    page_token: String,
+) -> Result<(), String> {
     let r = client
-        .list_inbox(pb::ListInboxRequest {})
+        .list_inbox(pb::ListInboxRequest {
+            page_size,
+            page_token,
+        })
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
@@ -1038,23 +1046,33 @@ pub async fn inbox(client: &mut Client, output: Output) -> Result<(), String> {
             })
         })
         .collect();
-    print(output, &json!({ "items": items }), || {
-        if r.items.is_empty() {
-            return "inbox is empty".into();
-        }
-        let mut text = format!("{} referral(s) received:", r.items.len());
-        for i in &r.items {
-            text.push_str(&format!(
-                "\n  {}  from {:<16} {:<24} case ref {}  {}",
-                escape_controls(&i.referral_id),
-                escape_controls(&i.sender),
-                escape_controls(&i.purpose),
-                escape_controls(&i.case_ref),
-                format_time(i.received_at_ms)
-            ));
-        }
-        text
-    });
+    print(
+        output,
+        &json!({ "items": items, "next_page_token": r.next_page_token }),
+        || {
+            if r.items.is_empty() {
+                return "inbox is empty".into();
+            }
+            let mut text = format!("{} referral(s) received:", r.items.len());
+            for i in &r.items {
+                text.push_str(&format!(
+                    "\n  {}  from {:<16} {:<24} case ref {}  {}",
+                    escape_controls(&i.referral_id),
+                    escape_controls(&i.sender),
+                    escape_controls(&i.purpose),
+                    escape_controls(&i.case_ref),
+                    format_time(i.received_at_ms)
+                ));
+            }
+            if !r.next_page_token.is_empty() {
+                text.push_str(&format!(
+                    "\nolder referrals follow: corridor inbox --page-token {}",
+                    escape_controls(&r.next_page_token)
+                ));
+            }
+            text
+        },
+    );
     Ok(())
 }
 

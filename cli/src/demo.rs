@@ -604,7 +604,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         "The reintegration shelter in Cambodia finds it in its inbox (stored encrypted under a per-case key):",
     );
     let inbox = kh
-        .list_inbox(pb::ListInboxRequest {})
+        .list_inbox(pb::ListInboxRequest::default())
         .await
         .map_err(|s| explain(&s))?
         .into_inner();
@@ -692,7 +692,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
         .into_inner();
     wait_delivered(&mut my, &to_embassy.referral_id).await?;
     let embassy_inbox = emb
-        .list_inbox(pb::ListInboxRequest {})
+        .list_inbox(pb::ListInboxRequest::default())
         .await
         .map_err(|s| explain(&s))?
         .into_inner();

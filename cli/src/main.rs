@@ -91,8 +91,15 @@ enum Command {
     /// Referrals.
     #[command(subcommand)]
     Referral(ReferralCommand),
-    /// List referrals received by your node.
-    Inbox,
+    /// List referrals received by your node, newest first, a page at a time.
+    Inbox {
+        /// Referrals per page (at most 1000).
+        #[arg(long, default_value_t = 1000)]
+        page_size: u32,
+        /// Where to go on from: the token the previous page ended with.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
     /// Verify nodes' audit logs (as an auditor org, over mutual TLS).
     Audit(corridor_cli::audit::AuditArgs),
     /// Measure Corridor on this machine beside the bare transport and the cryptography.
@@ -200,7 +207,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Command::Case(c) => commands::case(&mut client, output, c).await,
                 Command::Consent(c) => commands::consent(&mut client, output, c).await,
                 Command::Referral(c) => commands::referral(&mut client, output, c).await,
-                Command::Inbox => commands::inbox(&mut client, output).await,
+                Command::Inbox {
+                    page_size,
+                    page_token,
+                } => commands::inbox(&mut client, output, page_size, page_token).await,
                 Command::Demo { .. }
                 | Command::DevPki { .. }
                 | Command::SignDirectory { .. }

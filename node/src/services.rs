@@ -65,6 +65,26 @@ impl InProgress {
     }
 }
 
+/// Most received referrals listed in one answer.
+pub const MAX_INBOX_PAGE: u32 = 1000;
+
+/// Where an inbox page starts: after the arrival time and message id a previous page's
+/// `next_page_token` names.
+fn inbox_page_token(token: &str) -> Result<Option<(i64, MessageId)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .split_once('.')
+        .and_then(|(at, id)| Some((at.parse().ok()?, MessageId::from_hex(id).ok()?)))
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token is not one an earlier inbox page gave (arrival time, '.', message id)",
+            )
+        })
+}
+
 #[tonic::async_trait]
 impl Federation for FederationService {
     async fn deliver(
@@ -313,7 +333,24 @@ impl Caseworker for CaseworkerService {
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<pb::ListInboxResponse>, Status> {
         authenticate(&self.node.store, &request).await?;
-        let rows = self.node.store.inbox(1000).await.map_err(Failure::from)?;
+        let page_size = match request.get_ref().page_size {
+            0 => MAX_INBOX_PAGE,
+            n => n.min(MAX_INBOX_PAGE),
+        };
+        let after = inbox_page_token(&request.get_ref().page_token)?;
+        // One more than asked for tells whether a next page exists.
+        let mut rows = self
+            .node
+            .store
+            .inbox_page(i64::from(page_size) + 1, after)
+            .await
+            .map_err(Failure::from)?;
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => format!("{}.{}", last.received_at_ms, last.message_id.to_hex()),
+            _ => String::new(),
+        };
         let items = rows
             .into_iter()
             .map(|r| pb::InboxItem {
@@ -324,7 +361,10 @@ impl Caseworker for CaseworkerService {
                 received_at_ms: r.received_at_ms,
             })
             .collect();
-        Ok(Response::new(pb::ListInboxResponse { items }))
+        Ok(Response::new(pb::ListInboxResponse {
+            items,
+            next_page_token,
+        }))
     }
 
     async fn get_referral(

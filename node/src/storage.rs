@@ -2296,16 +2296,35 @@ impl Store {
         self.writer.checkpoint().await
     }
 
-    pub async fn inbox(&self, limit: i64) -> Result<Vec<InboxRow>> {
+    /// Up to `limit` received referrals, newest first, after `after` (the arrival time
+    /// and message id of the last of the previous page), without their payloads.
+    pub async fn inbox_page(
+        &self,
+        limit: i64,
+        after: Option<(i64, MessageId)>,
+    ) -> Result<Vec<InboxListing>> {
+        let (at, id) = after.map_or((i64::MAX, vec![0xff; 17]), |(at, id)| (at, id.0.to_vec()));
         let rows = sqlx::query(
-            "SELECT message_id, sender, purpose, case_ref, case_key_id, consent_id,
-                consent_expires_at_ms, payload_sealed, received_at_ms
-             FROM inbox ORDER BY received_at_ms DESC LIMIT $1",
+            "SELECT message_id, sender, purpose, case_ref, received_at_ms FROM inbox
+             WHERE (received_at_ms, message_id) < ($1, $2)
+             ORDER BY received_at_ms DESC, message_id DESC LIMIT $3",
         )
+        .bind(at)
+        .bind(id)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(inbox_row).collect()
+        rows.into_iter()
+            .map(|r| {
+                Ok(InboxListing {
+                    message_id: message_id(r.get(0))?,
+                    sender: r.get(1),
+                    purpose: r.get(2),
+                    case_ref: r.get(3),
+                    received_at_ms: r.get(4),
+                })
+            })
+            .collect()
     }
 
     pub async fn inbox_item(&self, id: MessageId) -> Result<Option<InboxRow>> {
@@ -2635,6 +2654,16 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
         narrowed_at_ms: r.get(11),
         consent_ref: r.get(12),
     })
+}
+
+/// A received referral as the inbox lists it: no payload.
+#[derive(Debug, Clone)]
+pub struct InboxListing {
+    pub message_id: MessageId,
+    pub sender: String,
+    pub purpose: String,
+    pub case_ref: String,
+    pub received_at_ms: i64,
 }
 
 fn inbox_row(r: sqlx::sqlite::SqliteRow) -> Result<InboxRow> {

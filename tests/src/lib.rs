@@ -488,7 +488,7 @@ pub async fn wait_final(
 
 pub async fn inbox(client: &mut Caseworker) -> Vec<pb::InboxItem> {
     client
-        .list_inbox(pb::ListInboxRequest {})
+        .list_inbox(pb::ListInboxRequest::default())
         .await
         .expect("inbox")
         .into_inner()

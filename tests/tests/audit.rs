@@ -716,7 +716,7 @@ async fn tokens_revoked_while_the_node_runs_stop_working() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match client
-            .list_inbox(corridor_proto::v1::ListInboxRequest {})
+            .list_inbox(corridor_proto::v1::ListInboxRequest::default())
             .await
         {
             Err(status) if status.code() == tonic::Code::Unauthenticated => break,

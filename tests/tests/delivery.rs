@@ -605,3 +605,61 @@ async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
         "the same case reference after the rotation"
     );
 }
+
+/// The inbox is listed newest first, a page at a time, without repeating or skipping a
+/// referral between pages; a token no page gave is refused by name.
+#[tokio::test]
+async fn the_inbox_is_listed_a_page_at_a_time() {
+    let fed = Federation::demo("inbox-pages");
+    let my = fed.start(SHELTER_MY);
+    let kh = fed.start(SHELTER_KH);
+    let mut s = my.client().await;
+    let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let id = s
+            .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
+            .await
+            .expect("send")
+            .into_inner()
+            .referral_id;
+        let st = wait_final(&mut s, &id, Duration::from_secs(20)).await;
+        assert_eq!(st.state, "delivered", "{}", st.last_error);
+        sent.push(id);
+    }
+    let mut r = kh.client().await;
+    let page = async |r: &mut Caseworker, page_token: String| {
+        r.list_inbox(pb::ListInboxRequest {
+            page_size: 2,
+            page_token,
+        })
+        .await
+        .map(|a| a.into_inner())
+    };
+    let first = page(&mut r, String::new()).await.expect("first page");
+    assert_eq!(first.items.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = page(&mut r, first.next_page_token.clone())
+        .await
+        .expect("second page");
+    assert_eq!(second.items.len(), 1);
+    assert!(second.next_page_token.is_empty(), "nothing older");
+    let listed: Vec<String> = first
+        .items
+        .iter()
+        .chain(&second.items)
+        .map(|i| i.referral_id.clone())
+        .collect();
+    let newest_first: Vec<String> = sent.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(
+        inbox(&mut r).await.len(),
+        3,
+        "one page of up to 1000 by default"
+    );
+    let refused = page(&mut r, "yesterday".into())
+        .await
+        .expect_err("not a token");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("page_token"), "{refused:?}");
+}
