@@ -440,9 +440,20 @@ impl Auditor {
             .map_err(|e| format!("{}: {e}", self.state.display()))?;
         let path = self.state_path(org);
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(state).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+        let written = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+        // On disk before it replaces the last state, and the rename on disk before the
+        // auditor reports: a power cut leaves the old state or the new, never a torn one.
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&written)?;
+            file.sync_all()
+        };
+        write().map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::File::open(&self.state)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| format!("{}: {e}", self.state.display()))
     }
 }
 
@@ -751,7 +762,13 @@ pub async fn run(args: AuditArgs, output: Output) -> Result<(), String> {
                         },
                     );
                 }
-                // The proof format itself, signed note included: not for escaping.
+                // The proof format itself, signed note included: not for escaping, unless
+                // a person reads it, whose terminal the log's words must not drive.
+                None if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
+                    for line in text.lines() {
+                        outln!("{}", crate::terminal::escape_controls(line));
+                    }
+                }
                 None => out!("{text}"),
             }
             Ok(())
