@@ -233,16 +233,13 @@ fn check_data_key(
 /// derived from the signing key; from then on a rotation of that key changes none of it.
 /// A node that has never created a case gets a random secret.
 ///
-/// An earlier version derived from the signing key it ran with, which the audit log's
-/// last `node-started` entry names: with another key now (an upgrade and a rotation in
-/// one restart) every reference would silently change, so the start is refused.
+/// The caller has checked the history first ([`check_pairwise_history`]).
 async fn keep_pairwise_secret(
     config: &Config,
     store: &Store,
     data_key: &corridor::at_rest::KeyEncryptionKey,
     signing_key: &SigningKey,
 ) -> Result<PairwiseKey, StartError> {
-    check_pairwise_history(config, &store.pairwise_history().await?, signing_key)?;
     let continuing = PairwiseKey::secret_derived_from(signing_key.to_base64().as_bytes());
     let fresh = PairwiseKey::generate_secret()
         .map_err(|e| StartError::Mismatch(format!("cannot make the pairwise secret: {e}")))?;
@@ -258,7 +255,9 @@ async fn keep_pairwise_secret(
 }
 
 /// Refuses a signing key other than the one an earlier version derived the pairwise
-/// secret from, for a database that keeps none yet and has derived with it.
+/// secret from, for a database that keeps none yet and has derived with it. That key is
+/// the one the audit log's last `node-started` entry names: with another key now (an
+/// upgrade and a rotation in one restart) every reference would silently change.
 fn check_pairwise_history(
     config: &Config,
     history: &crate::storage::PairwiseHistory,
@@ -435,7 +434,10 @@ impl Node {
         // refuses the start with the database as it was.
         let stored_pairwise = match store.node_secret(crate::storage::PAIRWISE_SECRET).await? {
             Some(sealed) => Some(open_pairwise_secret(&config, &data_key, &sealed)?),
-            None => None,
+            None => {
+                check_pairwise_history(&config, &store.pairwise_history().await?, &signing_key)?;
+                None
+            }
         };
         if let Some(refusal) = store
             .accept_directory(directory.serial, directory.digest)
