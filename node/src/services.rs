@@ -68,21 +68,17 @@ impl InProgress {
 /// Most received referrals listed in one answer.
 pub const MAX_INBOX_PAGE: u32 = 1000;
 
-/// Where an inbox page starts: after the arrival time and message id a previous page's
-/// `next_page_token` names.
-fn inbox_page_token(token: &str) -> Result<Option<(i64, MessageId)>, Status> {
+/// Where an inbox page starts: before the position a previous page's `next_page_token`
+/// names.
+fn inbox_page_token(token: &str) -> Result<Option<i64>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
     token
-        .split_once('.')
-        .and_then(|(at, id)| Some((at.parse().ok()?, MessageId::from_hex(id).ok()?)))
+        .strip_prefix("before-")
+        .and_then(|position| position.parse().ok())
         .map(Some)
-        .ok_or_else(|| {
-            Status::invalid_argument(
-                "page_token is not one an earlier inbox page gave (arrival time, '.', message id)",
-            )
-        })
+        .ok_or_else(|| Status::invalid_argument("page_token is not one an earlier inbox page gave"))
 }
 
 #[tonic::async_trait]
@@ -348,7 +344,7 @@ impl Caseworker for CaseworkerService {
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let next_page_token = match rows.last() {
-            Some(last) if more => format!("{}.{}", last.received_at_ms, last.message_id.to_hex()),
+            Some(last) if more => format!("before-{}", last.position),
             _ => String::new(),
         };
         let items = rows

@@ -2270,10 +2270,20 @@ impl Store {
                         let consents = rows.iter().map(|r| (r.get(1), r.get(2))).collect();
                         Self::shred_what_nothing_held_needs(conn, &case_keys, &consents).await?;
                         // Also, once a run, keys no referral ever came to need (made for
-                        // one whose storing a crash cut short).
+                        // one whose storing a crash cut short), and terms left stored for
+                        // a consent under which nothing is held (by any earlier version).
                         sqlx::query(
                             "DELETE FROM case_keys WHERE id LIKE 'in:%'
                              AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(
+                            "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
+                             WHERE terms_sealed IS NOT NULL
+                               AND NOT EXISTS (SELECT 1 FROM inbox
+                                               WHERE inbox.sender = narrowed_consents.sender
+                                                 AND inbox.consent_id = narrowed_consents.consent_id)",
                         )
                         .execute(&mut *conn)
                         .await?;
@@ -2296,32 +2306,28 @@ impl Store {
         self.writer.checkpoint().await
     }
 
-    /// Up to `limit` received referrals, newest first, after `after` (the arrival time
-    /// and message id of the last of the previous page), without their payloads.
-    pub async fn inbox_page(
-        &self,
-        limit: i64,
-        after: Option<(i64, MessageId)>,
-    ) -> Result<Vec<InboxListing>> {
-        let (at, id) = after.map_or((i64::MAX, vec![0xff; 17]), |(at, id)| (at, id.0.to_vec()));
+    /// Up to `limit` received referrals, newest first (in the order they were stored),
+    /// before `before` (the position of the last of the previous page), without their
+    /// payloads. Paged by the table's own row order, so listing needs no index that
+    /// every stored referral would have to update.
+    pub async fn inbox_page(&self, limit: i64, before: Option<i64>) -> Result<Vec<InboxListing>> {
         let rows = sqlx::query(
-            "SELECT message_id, sender, purpose, case_ref, received_at_ms FROM inbox
-             WHERE (received_at_ms, message_id) < ($1, $2)
-             ORDER BY received_at_ms DESC, message_id DESC LIMIT $3",
+            "SELECT rowid, message_id, sender, purpose, case_ref, received_at_ms FROM inbox
+             WHERE rowid < $1 ORDER BY rowid DESC LIMIT $2",
         )
-        .bind(at)
-        .bind(id)
+        .bind(before.unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(InboxListing {
-                    message_id: message_id(r.get(0))?,
-                    sender: r.get(1),
-                    purpose: r.get(2),
-                    case_ref: r.get(3),
-                    received_at_ms: r.get(4),
+                    position: r.get(0),
+                    message_id: message_id(r.get(1))?,
+                    sender: r.get(2),
+                    purpose: r.get(3),
+                    case_ref: r.get(4),
+                    received_at_ms: r.get(5),
                 })
             })
             .collect()
@@ -2659,6 +2665,8 @@ fn outbox_status(r: sqlx::sqlite::SqliteRow) -> Result<OutboxStatus> {
 /// A received referral as the inbox lists it: no payload.
 #[derive(Debug, Clone)]
 pub struct InboxListing {
+    /// Where it stands in the order referrals were stored.
+    pub position: i64,
     pub message_id: MessageId,
     pub sender: String,
     pub purpose: String,
