@@ -333,12 +333,12 @@ impl Caseworker for CaseworkerService {
             0 => MAX_INBOX_PAGE,
             n => n.min(MAX_INBOX_PAGE),
         };
-        let after = inbox_page_token(&request.get_ref().page_token)?;
+        let before = inbox_page_token(&request.get_ref().page_token)?;
         // One more than asked for tells whether a next page exists.
         let mut rows = self
             .node
             .store
-            .inbox_page(i64::from(page_size) + 1, after)
+            .inbox_page(i64::from(page_size) + 1, before)
             .await
             .map_err(Failure::from)?;
         let more = rows.len() > page_size as usize;
