@@ -342,14 +342,25 @@ pub async fn case_with_consent_to(
     purposes: &[&str],
 ) -> (String, String) {
     let case_id = new_case(client).await;
-    let fields = fields_allowed_for(purposes);
-    let consent_id = client
+    let consent_id = consent_to(client, &case_id, recipients, purposes).await;
+    (case_id, consent_id)
+}
+
+/// Records consent for case `case_id`, `recipients` and `purposes`, covering every field
+/// the purposes allow, for a day; returns the consent id.
+pub async fn consent_to(
+    client: &mut Caseworker,
+    case_id: &str,
+    recipients: &[&str],
+    purposes: &[&str],
+) -> String {
+    client
         .record_consent(consent_request(
-            &case_id,
+            case_id,
             pb::ConsentScope {
                 purposes: purposes.iter().map(|p| p.to_string()).collect(),
                 recipient_orgs: recipients.iter().map(|r| r.to_string()).collect(),
-                fields: fields.into_iter().collect(),
+                fields: fields_allowed_for(purposes).into_iter().collect(),
                 expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
                 ..Default::default()
             },
@@ -357,8 +368,24 @@ pub async fn case_with_consent_to(
         .await
         .expect("record consent")
         .into_inner()
-        .consent_id;
-    (case_id, consent_id)
+        .consent_id
+}
+
+/// Adds `settings` (lines of `key = value`) to the `[federation]` section of `org`'s
+/// configuration, for its next start.
+pub fn add_federation_settings(fed: &Federation, org: &str, settings: &str) {
+    let config = &fed.org(org).config;
+    let text = std::fs::read_to_string(config).expect("config");
+    let changed = text.replacen(
+        "key = \"tls.key\"\n",
+        &format!("key = \"tls.key\"\n{settings}"),
+        1,
+    );
+    assert!(
+        changed.contains(settings),
+        "no [federation] key line: {text}"
+    );
+    std::fs::write(config, changed).expect("config");
 }
 
 /// Every field `purposes` allow, by name.

@@ -115,15 +115,7 @@ async fn refuses_connections_without_a_member_certificate() {
 #[tokio::test]
 async fn unfinished_handshakes_do_not_keep_members_out() {
     let fed = Federation::demo("handshakes");
-    let config = fed.org(SHELTER_KH).config.clone();
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replacen(
-        "key = \"tls.key\"\n",
-        "key = \"tls.key\"\nmax_connections = 2\n",
-        1,
-    );
-    assert!(text.contains("max_connections = 2"), "{text}");
-    std::fs::write(&config, text).expect("config");
+    add_federation_settings(&fed, SHELTER_KH, "max_connections = 2\n");
     let recipient = fed.start(SHELTER_KH);
     let address = format!("127.0.0.1:{}", fed.org(SHELTER_KH).ports.federation);
     let mut silent = Vec::new();
@@ -995,15 +987,11 @@ async fn a_replay_after_the_recipient_rotated_its_signing_key_is_answered_with_t
 #[tokio::test]
 async fn a_member_whose_envelopes_keep_failing_is_turned_away_once_its_budget_is_spent() {
     let fed = Federation::demo("refusal-budget");
-    let config = fed.org(SHELTER_KH).config.clone();
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replacen(
-        "key = \"tls.key\"\n",
-        "key = \"tls.key\"\nrefused_envelopes_burst = 3\nrefused_envelopes_per_minute = 60\n",
-        1,
+    add_federation_settings(
+        &fed,
+        SHELTER_KH,
+        "refused_envelopes_burst = 3\nrefused_envelopes_per_minute = 60\n",
     );
-    assert!(text.contains("refused_envelopes_burst = 3"), "{text}");
-    std::fs::write(&config, text).expect("config");
     let kh = fed.start(SHELTER_KH);
     let recorded = async || {
         scalar(

@@ -1742,21 +1742,7 @@ async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
     let mut consents = Vec::new();
     let mut referrals = Vec::new();
     for purpose in ["reintegration", "shelter-placement"] {
-        let consent_id = s
-            .record_consent(consent_request(
-                &case_id,
-                pb::ConsentScope {
-                    purposes: vec![purpose.into()],
-                    recipient_orgs: vec![SHELTER_KH.into()],
-                    fields: fields_allowed_for(&[purpose]).into_iter().collect(),
-                    expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("record consent")
-            .into_inner()
-            .consent_id;
+        let consent_id = consent_to(&mut s, &case_id, &[SHELTER_KH], &[purpose]).await;
         let mut request = referral(&case_id, SHELTER_KH, purpose);
         request.consent_id = consent_id.clone();
         let id = s
