@@ -50,7 +50,13 @@ async fn create_token(config: &Path) -> Result<String, String> {
         .arg("node")
         .arg("--config")
         .arg(config)
-        .args(["create-admin-token", "--user", "demo-caseworker"])
+        .args([
+            "create-token",
+            "--user",
+            "demo-caseworker",
+            "--role",
+            "caseworker",
+        ])
         // A demo stopped meanwhile must not leave it writing into a removed directory.
         .kill_on_drop(true)
         .output()

@@ -52,7 +52,7 @@ enum Access {
 }
 
 /// Who may read the audit log: members with the auditor role over mutual TLS, witnesses
-/// its proofs only, and the node's admins on the local API.
+/// its proofs only, and on the local API the node's users whose role may read it.
 async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Result<(), Status> {
     if let Some(peer) = request.extensions().get::<PeerInfo>() {
         crate::services::require_current_directory(node)?;
@@ -73,14 +73,8 @@ async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Resu
             ),
         }));
     }
-    let user = crate::auth::authenticate(&node.store, request).await?;
-    if user.role == "admin" {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(
-            "reading the audit log needs an admin token",
-        ))
-    }
+    crate::auth::authorize(&node.store, request, corridor::LocalAction::ReadAuditLog).await?;
+    Ok(())
 }
 
 pub struct AuditService {

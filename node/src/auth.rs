@@ -1,5 +1,6 @@
-//! Bearer tokens for the local caseworker API. A token is 32 random bytes, shown once
-//! when issued and stored only as its SHA-256.
+//! Bearer tokens for the local API. A token is 32 random bytes, shown once when issued
+//! and stored only as its SHA-256. It stands for a local user, whose role
+//! ([`corridor::LocalRole`]) decides what the token may do.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -24,8 +25,22 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     corridor::canonical::sha256(token.as_bytes())
 }
 
+/// The user behind the request's bearer token, if that user's role may do `action`.
+pub async fn authorize<T>(
+    store: &Store,
+    request: &Request<T>,
+    action: corridor::LocalAction,
+) -> Result<User, Status> {
+    let user = authenticate(store, request).await?;
+    if user.role.may(action) {
+        Ok(user)
+    } else {
+        Err(Status::permission_denied(action.refusal(user.role)))
+    }
+}
+
 /// The user behind the request's `authorization: Bearer <token>` header.
-pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<User, Status> {
+async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<User, Status> {
     let header = request
         .metadata()
         .get("authorization")

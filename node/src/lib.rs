@@ -49,8 +49,19 @@ pub struct Args {
 pub enum Command {
     /// Run the node (the default).
     Serve,
-    /// Issue a bearer token for a local administrator and print it once. Works whether
-    /// or not the node is running.
+    /// Issue a bearer token for a local user and print it once, creating the user with
+    /// the given role if it does not exist (a user keeps its role). Works whether or not
+    /// the node is running.
+    CreateToken {
+        /// Name of the local user.
+        #[arg(long)]
+        user: String,
+        /// What the user may do: `caseworker` (cases, consents, referrals), `auditor`
+        /// (the audit log, nothing of any case) or `admin` (both).
+        #[arg(long)]
+        role: corridor::LocalRole,
+    },
+    /// Issue a bearer token for a local administrator: `create-token --role admin`.
     CreateAdminToken {
         /// Name of the local user.
         #[arg(long, default_value = "admin")]
@@ -195,30 +206,45 @@ async fn run(args: Args) -> Result<(), String> {
                 Some(n) => print_line(&format!("revoked {n} token(s) of {user}")),
             }
         }
+        Command::CreateToken { user, role } => issue_token(&config, &user, role).await,
         Command::CreateAdminToken { user } => {
-            valid_user_name(&user)?;
-            let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
-            let (token, hash) =
-                auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;
-            let now = node::now_ms();
-            store
-                .issue_token(
-                    &user,
-                    "admin",
-                    &hash,
-                    now,
-                    Box::new(move |user| {
-                        corridor::audit::encode(&corridor::audit::Event::TokenIssued { user }, now)
-                    }),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            store.close().await;
-            // The token exists only in this line: failing to write it must not look
-            // like success.
-            print_line(&token)
+            issue_token(&config, &user, corridor::LocalRole::Admin).await
         }
     }
+}
+
+/// Issues a token for the local user `user` of `role` and prints it.
+async fn issue_token(
+    config: &config::Config,
+    user: &str,
+    role: corridor::LocalRole,
+) -> Result<(), String> {
+    valid_user_name(user)?;
+    let store = node::open_store(config).await.map_err(|e| e.to_string())?;
+    let (token, hash) =
+        auth::new_token().map_err(|_| "system randomness unavailable".to_string())?;
+    let now = node::now_ms();
+    let issued = store
+        .issue_token(
+            user,
+            role,
+            &hash,
+            now,
+            Box::new(move |user| {
+                corridor::audit::encode(&corridor::audit::Event::TokenIssued { user, role }, now)
+            }),
+        )
+        .await
+        .map_err(|e| e.to_string());
+    store.close().await;
+    if let Err(held) = issued? {
+        return Err(format!(
+            "the local user {user} has the role {held}, not {role}: a user keeps its role, so issue the token under another user name"
+        ));
+    }
+    // The token exists only in this line: failing to write it must not look like
+    // success.
+    print_line(&token)
 }
 
 /// Writes one line to standard error, prefixed with the program's name. A failure is

@@ -18,11 +18,12 @@ use tokio::sync::oneshot::Receiver;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::auth::authenticate;
+use crate::auth::authorize;
 use crate::delivery::Delivered;
 use crate::node::Node;
 use crate::tls::PeerInfo;
 use crate::workflows::{self, Failure};
+use corridor::LocalAction;
 
 pub struct FederationService {
     pub node: Arc<Node>,
@@ -289,7 +290,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::CreateCaseRequest>,
     ) -> Result<Response<pb::CreateCaseResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let case_id = workflows::create_case(&self.node, &user, &request.get_ref().label).await?;
         Ok(Response::new(pb::CreateCaseResponse { case_id }))
     }
@@ -298,7 +299,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let consent_id = workflows::record_consent(&self.node, &user, request.into_inner()).await?;
         Ok(Response::new(pb::RecordConsentResponse { consent_id }))
     }
@@ -307,7 +308,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::SendReferralRequest>,
     ) -> Result<Response<pb::SendReferralResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let wait = request.get_ref().wait;
         let queued = workflows::send_referral(&self.node, &user, request.into_inner()).await?;
         let state_now = queued.status.state.clone();
@@ -328,7 +329,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<pb::ListInboxResponse>, Status> {
-        authenticate(&self.node.store, &request).await?;
+        authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let page_size = match request.get_ref().page_size {
             0 => MAX_INBOX_PAGE,
             n => n.min(MAX_INBOX_PAGE),
@@ -367,7 +368,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::GetReferralRequest>,
     ) -> Result<Response<pb::GetReferralResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
         let response = workflows::read_referral(&self.node, &user, id).await?;
         Ok(Response::new(response))
@@ -377,7 +378,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::GetReferralStatusRequest>,
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
-        authenticate(&self.node.store, &request).await?;
+        authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
         let mut status = referral_status(&self.node, id).await?;
         if status.state == "delivered" {
@@ -390,7 +391,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::GetReferralStatusRequest>,
     ) -> Result<Response<pb::GetReferralStatusResponse>, Status> {
-        authenticate(&self.node.store, &request).await?;
+        authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
         Ok(Response::new(settled_status(&self.node, id, None).await?))
     }
@@ -399,7 +400,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::OutboxStatsRequest>,
     ) -> Result<Response<pb::OutboxStatsResponse>, Status> {
-        authenticate(&self.node.store, &request).await?;
+        authorize(&self.node.store, &request, LocalAction::ViewOutboxStats).await?;
         let (queued, delivered, other) = self
             .node
             .store
@@ -417,7 +418,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ConsentRequest>,
     ) -> Result<Response<pb::ConsentView>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let view = workflows::get_consent(&self.node, &user, &request.get_ref().consent_id).await?;
         Ok(Response::new(view))
     }
@@ -426,7 +427,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::NarrowConsentRequest>,
     ) -> Result<Response<pb::ConsentView>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let view = workflows::narrow_consent(&self.node, &user, request.into_inner()).await?;
         Ok(Response::new(view))
     }
@@ -435,7 +436,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ConsentRequest>,
     ) -> Result<Response<pb::ConsentStatusResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let status =
             workflows::withdraw_consent(&self.node, &user, &request.get_ref().consent_id).await?;
         Ok(Response::new(status))
@@ -445,7 +446,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ConsentRequest>,
     ) -> Result<Response<pb::ConsentStatusResponse>, Status> {
-        authenticate(&self.node.store, &request).await?;
+        authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let status = workflows::consent_status(&self.node, &request.get_ref().consent_id).await?;
         Ok(Response::new(status))
     }
@@ -454,7 +455,7 @@ impl Caseworker for CaseworkerService {
         &self,
         request: Request<pb::ConsentRequest>,
     ) -> Result<Response<pb::RestateConsentTermsResponse>, Status> {
-        let user = authenticate(&self.node.store, &request).await?;
+        let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let response =
             workflows::restate_consent_terms(&self.node, &user, &request.get_ref().consent_id)
                 .await?;

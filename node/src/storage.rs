@@ -126,7 +126,7 @@ pub type Appended = (u64, corridor::merkle::Hash);
 pub struct User {
     pub id: i64,
     pub name: String,
-    pub role: String,
+    pub role: corridor::LocalRole,
 }
 
 /// A consent row, as stored.
@@ -691,46 +691,54 @@ impl Store {
 
     // ---- users and tokens -------------------------------------------------------------
 
-    /// Creates a user (or reuses one of that name) and issues a token for it; `audit`
-    /// makes the log entry from the user's id.
+    /// Issues a token for the user `name` of `role`, creating the user if there is none;
+    /// `audit` makes the log entry from the user's id. A user keeps the role it was
+    /// created with: if `name` holds another, nothing is written and its role is
+    /// returned.
     pub async fn issue_token(
         &self,
         name: &str,
-        role: &str,
+        role: corridor::LocalRole,
         token_hash: &[u8; 32],
         now_ms: i64,
         audit: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
-    ) -> Result<()> {
-        let data = (name.to_owned(), role.to_owned(), *token_hash, now_ms, audit);
+    ) -> Result<Result<(), String>> {
+        let data = (name.to_owned(), role, *token_hash, now_ms, audit);
         self.writer
             .run(data, |(name, role, token_hash, now_ms, audit), tx, log| {
                 Box::pin(async move {
                     let conn = tx.conn().await?;
-                    sqlx::query(
-                        "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)
-                         ON CONFLICT(name) DO NOTHING",
-                    )
-                    .bind(name)
-                    .bind(role)
-                    .bind(now_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                    sqlx::query(
+                    let held: Option<String> =
+                        sqlx::query_scalar("SELECT role FROM users WHERE name = $1")
+                            .bind(name)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    match held {
+                        Some(held) if held != role.as_str() => return Ok(Err(held)),
+                        Some(_) => {}
+                        None => {
+                            sqlx::query(
+                                "INSERT INTO users (name, role, created_at_ms) VALUES ($1, $2, $3)",
+                            )
+                            .bind(name)
+                            .bind(role.as_str())
+                            .bind(now_ms)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
+                    }
+                    let user: i64 = sqlx::query_scalar(
                         "INSERT INTO tokens (token_hash, user_id, created_at_ms)
-                         SELECT $1, id, $2 FROM users WHERE name = $3",
+                         SELECT $1, id, $2 FROM users WHERE name = $3
+                         RETURNING user_id",
                     )
                     .bind(&token_hash[..])
                     .bind(now_ms)
                     .bind(name)
-                    .execute(&mut *conn)
+                    .fetch_one(&mut *conn)
                     .await?;
-                    let user: i64 = sqlx::query("SELECT id FROM users WHERE name = $1")
-                        .bind(name)
-                        .fetch_one(&mut *conn)
-                        .await?
-                        .get(0);
                     log.append(audit(user))?;
-                    Ok(())
+                    Ok(Ok(()))
                 })
             })
             .await
@@ -801,10 +809,16 @@ impl Store {
         .bind(&token_hash[..])
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| User {
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let role: String = r.get(2);
+        Ok(Some(User {
             id: r.get(0),
             name: r.get(1),
-            role: r.get(2),
+            role: role.parse().map_err(|_| {
+                StoreError::Corrupt("a local user's role is not one this version knows")
+            })?,
         }))
     }
 
@@ -2981,13 +2995,14 @@ pub(crate) mod tests {
         store
             .issue_token(
                 "alice",
-                "admin",
+                corridor::LocalRole::Admin,
                 &[7; 32],
                 0,
                 Box::new(move |_| audit.clone()),
             )
             .await
-            .expect("token");
+            .expect("token")
+            .expect("alice is new");
         let alice = store.user_for_token(&[7; 32]).await.expect("lookup");
         alice.expect("alice exists").id
     }

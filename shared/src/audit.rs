@@ -141,8 +141,10 @@ pub enum Event {
     RetentionPurge {
         deleted: u64,
     },
+    /// A token was issued for a local user, who holds `role`.
     TokenIssued {
         user: i64,
+        role: crate::LocalRole,
     },
     TokenRevoked {
         user: i64,
@@ -326,9 +328,11 @@ impl Event {
                 ("user", user.to_string()),
             ],
             Self::RetentionPurge { deleted } => vec![("deleted", deleted.to_string())],
-            Self::TokenIssued { user } | Self::TokenRevoked { user } => {
-                vec![("user", user.to_string())]
-            }
+            Self::TokenIssued { user, role } => vec![
+                ("user", user.to_string()),
+                ("role", role.as_str().to_owned()),
+            ],
+            Self::TokenRevoked { user } => vec![("user", user.to_string())],
             Self::NodeStarted {
                 config_sha256,
                 signing_key,
@@ -502,7 +506,14 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_errors() {
-        let e = encode(&Event::TokenIssued { user: 1 }, 1);
+        let e = encode(
+            &Event::TokenIssued {
+                user: 1,
+                role: crate::LocalRole::Auditor,
+            },
+            1,
+        );
+        assert_eq!(decode(&e).map(|d| d.attributes.len()), Ok(2));
         assert_eq!(decode(&e[..e.len() - 1]), Err(EntryError::Truncated));
         let mut t = e.clone();
         t.push(0);

@@ -8,6 +8,7 @@
 //! Time is always passed in by the caller (milliseconds since the Unix epoch) so that every
 //! rule can be tested deterministically.
 
+pub mod access;
 pub mod at_rest;
 pub mod audit;
 pub mod canonical;
@@ -29,6 +30,7 @@ pub mod sign;
 pub mod utc;
 pub mod witness;
 
+pub use access::{LocalAction, LocalRole};
 pub use caseref::PairwiseKey;
 pub use consent::{
     AfterNarrowing, ConsentReceipt, ConsentScope, ConsentTerms, GateRefusal, Reason,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use corridor::{Directory, OrgId, SealingPublicKey, SigningKey};
 use corridor_cli::devpki::{self, GeneratedOrg, OrgSpec, Ports};
 use corridor_proto::v1 as pb;
+use corridor_proto::v1::audit_client::AuditClient;
 use corridor_proto::v1::caseworker_client::CaseworkerClient;
 use corridor_proto::v1::federation_client::FederationClient;
 use tonic::metadata::MetadataValue;
@@ -178,21 +179,25 @@ fn admin_token(config: &Path) -> String {
 /// Runs `corridor-node create-admin-token` for `user` (the node may be running) and
 /// returns the token.
 pub fn issue_admin_token(config: &Path, user: &str) -> String {
+    issue_token(config, user, "admin").unwrap_or_else(|e| panic!("create-admin-token: {e}"))
+}
+
+/// Runs `corridor-node create-token` for `user` with `role` (the node may be running):
+/// the token, or what the command wrote to standard error.
+pub fn issue_token(config: &Path, user: &str, role: &str) -> Result<String, String> {
     let out = Command::new(binary("corridor-node"))
         .arg("--config")
         .arg(config)
-        .args(["create-admin-token", "--user", user])
+        .args(["create-token", "--user", user, "--role", role])
         .output()
-        .expect("run corridor-node create-admin-token");
-    assert!(
-        out.status.success(),
-        "create-admin-token failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
+        .expect("run corridor-node create-token");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout)
         .expect("token")
         .trim()
-        .to_owned()
+        .to_owned())
 }
 
 /// A running `corridor-node` process.
@@ -289,13 +294,25 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> Caseworker {
-        let channel = Endpoint::from_shared(self.local_url())
+        self.client_with(&self.token).await
+    }
+
+    /// A client of the local API that presents `token`.
+    pub async fn client_with(&self, token: &str) -> Caseworker {
+        CaseworkerClient::with_interceptor(self.local_channel().await, bearer(token))
+    }
+
+    /// A client of the audit log on the local API that presents `token`.
+    pub async fn local_audit_client(&self, token: &str) -> LocalAudit {
+        AuditClient::with_interceptor(self.local_channel().await, bearer(token))
+    }
+
+    async fn local_channel(&self) -> Channel {
+        Endpoint::from_shared(self.local_url())
             .expect("url")
             .connect()
             .await
-            .expect("connect to local API");
-        let token: MetadataValue<_> = format!("Bearer {}", self.token).parse().expect("token");
-        CaseworkerClient::with_interceptor(channel, Bearer(token))
+            .expect("connect to local API")
     }
 
     pub fn log(&self) -> String {
@@ -319,8 +336,14 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+fn bearer(token: &str) -> Bearer {
+    Bearer(format!("Bearer {token}").parse().expect("token"))
+}
+
 pub type Caseworker =
     CaseworkerClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+pub type LocalAudit = AuditClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 /// Opens a case with no consent yet; returns its id.
 pub async fn new_case(client: &mut Caseworker) -> String {
