@@ -141,6 +141,9 @@ pub enum ReferralCommand {
     Show {
         /// Referral id.
         id: String,
+        /// The org that sent it, needed only if two members used the same id.
+        #[arg(long = "from")]
+        sender: Option<String>,
     },
     /// Show the delivery status of a referral this node sent, with its receipt.
     Status {
@@ -898,9 +901,12 @@ pub async fn referral(
                 }
             }
         }
-        ReferralCommand::Show { id } => {
+        ReferralCommand::Show { id, sender } => {
             let r = client
-                .get_referral(pb::GetReferralRequest { referral_id: id })
+                .get_referral(pb::GetReferralRequest {
+                    referral_id: id,
+                    sender: sender.unwrap_or_default(),
+                })
                 .await
                 .map_err(|s| explain(&s))?
                 .into_inner();

@@ -626,6 +626,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     let shown = kh
         .get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| explain(&s))?
@@ -757,6 +758,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     let reread = kh
         .get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| explain(&s))?
@@ -795,6 +797,7 @@ async fn walk(dir: &Path, nodes: &mut [RunningNode]) -> Result<(), String> {
     match kh
         .get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id.clone(),
+            ..Default::default()
         })
         .await
     {

@@ -370,7 +370,14 @@ impl Caseworker for CaseworkerService {
     ) -> Result<Response<pb::GetReferralResponse>, Status> {
         let user = authorize(&self.node.store, &request, LocalAction::CaseWork).await?;
         let id = referral_id(&request.get_ref().referral_id)?;
-        let response = workflows::read_referral(&self.node, &user, id).await?;
+        let sender =
+            match request.get_ref().sender.as_str() {
+                "" => None,
+                org => Some(OrgId::new(org).map_err(|e| {
+                    Status::invalid_argument(format!("sender is not an org id: {e}"))
+                })?),
+            };
+        let response = workflows::read_referral(&self.node, &user, id, sender.as_ref()).await?;
         Ok(Response::new(response))
     }
 

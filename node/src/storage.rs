@@ -1827,11 +1827,15 @@ impl Store {
 
     // ---- inbox (receiving side) -------------------------------------------------------
 
-    pub async fn seen(&self, id: MessageId) -> Result<Option<SeenMessage>> {
+    /// The envelope `sender` sent under `id`, if this node accepted it. Ids are the
+    /// sender's: another member's envelope under the same id is another envelope.
+    pub async fn seen(&self, sender: &OrgId, id: MessageId) -> Result<Option<SeenMessage>> {
         let row = sqlx::query(
-            "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
+            "SELECT sender, envelope_digest, response FROM seen_messages
+             WHERE message_id = $1 AND sender = $2",
         )
         .bind(&id.0[..])
+        .bind(sender.as_str())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| SeenMessage {
@@ -1877,7 +1881,7 @@ impl Store {
     ) -> Result<Option<AcceptOutcome>> {
         let inserted = sqlx::query(
             "INSERT INTO seen_messages (message_id, sender, envelope_digest, response, received_at_ms)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id, sender) DO NOTHING",
         )
         .bind(&id.0[..])
         .bind(sender.as_str())
@@ -1890,7 +1894,9 @@ impl Store {
         if inserted == 1 {
             return Ok(None);
         }
-        Self::not_accepted(conn, id, None).await.map(Some)
+        Self::not_accepted(conn, sender.as_str(), id, None)
+            .await
+            .map(Some)
     }
 
     /// Why an envelope was not recorded as seen: the id was seen before (a replay or a
@@ -1899,13 +1905,16 @@ impl Store {
     /// it was sealed, or else its data key is stale.
     async fn not_accepted(
         conn: &mut SqliteConnection,
+        sender: &str,
         id: MessageId,
-        consent: Option<(&str, &str, i64)>,
+        consent: Option<(&str, i64)>,
     ) -> Result<AcceptOutcome> {
         let seen = sqlx::query(
-            "SELECT sender, envelope_digest, response FROM seen_messages WHERE message_id = $1",
+            "SELECT sender, envelope_digest, response FROM seen_messages
+             WHERE message_id = $1 AND sender = $2",
         )
         .bind(&id.0[..])
+        .bind(sender)
         .fetch_optional(&mut *conn)
         .await?;
         Ok(match seen {
@@ -1915,7 +1924,7 @@ impl Store {
                 response: r.get(2),
             }),
             None => {
-                let Some((sender, consent_id, sealed_at_ms)) = consent else {
+                let Some((consent_id, sealed_at_ms)) = consent else {
                     return Err(StoreError::Corrupt("an unseen envelope was not recorded"));
                 };
                 let withdrawn = sqlx::query(
@@ -1956,6 +1965,7 @@ impl Store {
     ) -> Result<AcceptOutcome> {
         self.writer
             .write_row(Accept {
+                key: accept_key(&referral.sender, &referral.message_id),
                 referral,
                 audit,
                 response: Vec::new(),
@@ -2347,16 +2357,29 @@ impl Store {
             .collect()
     }
 
-    pub async fn inbox_item(&self, id: MessageId) -> Result<Option<InboxRow>> {
-        let row = sqlx::query(
+    /// The received referrals stored under message id `id`, from `sender` if given.
+    /// Ids are their senders': two members may have used the same one (at most two
+    /// rows are read, enough to tell the caller to name the sender).
+    pub async fn inbox_items(
+        &self,
+        id: MessageId,
+        sender: Option<&OrgId>,
+    ) -> Result<Vec<InboxRow>> {
+        let rows = sqlx::query(
             "SELECT message_id, sender, purpose, case_ref, case_key_id, consent_id,
                 consent_expires_at_ms, payload_sealed, received_at_ms
-             FROM inbox WHERE message_id = $1",
+             FROM inbox WHERE message_id = $1 AND ($2 IS NULL OR sender = $2) LIMIT 2",
         )
         .bind(&id.0[..])
-        .fetch_optional(&self.pool)
+        .bind(sender.map(OrgId::as_str))
+        .fetch_all(&self.pool)
         .await?;
-        row.map(inbox_row).transpose()
+        rows.into_iter().map(inbox_row).collect()
+    }
+
+    #[cfg(test)]
+    async fn inbox_item(&self, id: MessageId) -> Result<Option<InboxRow>> {
+        Ok(self.inbox_items(id, None).await?.pop())
     }
 
     // ---- audit log ---------------------------------------------------------------------
@@ -2859,7 +2882,7 @@ impl RowWrite for Delivered {
 /// Stores accepted referrals: the seen row with its answer, unless the sender withdrew
 /// the consent or the case's data key is no longer the one the payload is sealed under,
 /// and, only where that row is new (its answer is this row's), the inbox row. Returns
-/// the message id of each referral stored.
+/// the key ([`accept_key`]) of each referral stored.
 const ACCEPT_SQL: &str = "INSERT INTO seen_messages
         (message_id, sender, envelope_digest, response, received_at_ms)
         SELECT substr($2, r ->> 0, r ->> 1), r ->> 2, substr($2, r ->> 3, r ->> 4),
@@ -2872,21 +2895,29 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
                             AND narrowed_at_ms >= r ->> 18)
           AND EXISTS (SELECT 1 FROM case_keys
                       WHERE id = r ->> 11 AND wrapped_key = substr($2, r ->> 16, r ->> 17))
-        ON CONFLICT(message_id) DO NOTHING;
+        ON CONFLICT(message_id, sender) DO NOTHING;
      INSERT INTO inbox (message_id, sender, purpose, case_ref, case_key_id, consent_id,
             consent_expires_at_ms, payload_sealed, received_at_ms, retain_until_ms)
         SELECT s.message_id, r ->> 2, r ->> 9, r ->> 10, r ->> 11, r ->> 8, r ->> 12,
             substr($2, r ->> 13, r ->> 14), r ->> 7, r ->> 15
         FROM (SELECT value AS r FROM jsonb_each($1))
         CROSS JOIN seen_messages s ON s.message_id = substr($2, r ->> 0, r ->> 1)
+                            AND s.sender = r ->> 2
                             AND s.response = substr($2, r ->> 5, r ->> 6)
         WHERE true
-        ON CONFLICT(message_id) DO NOTHING
-        RETURNING message_id";
+        ON CONFLICT(message_id, sender) DO NOTHING
+        RETURNING unhex(hex(sender) || '00' || hex(message_id))";
+
+/// What [`ACCEPT_SQL`] returns for a stored referral: its sender, a zero byte (org ids
+/// have none) and its message id, since ids are unique per sender only.
+fn accept_key(sender: &OrgId, id: &MessageId) -> Vec<u8> {
+    [sender.as_str().as_bytes(), &[0], &id.0].concat()
+}
 
 /// An accepted referral to store (see [`Store::accept_referral`]).
 struct Accept {
     referral: AcceptedReferral,
+    key: Vec<u8>,
     audit: Vec<u8>,
     /// The answer, built for the place in the log (`place`) the entry gets if every row
     /// before it in the statement is stored.
@@ -2899,7 +2930,7 @@ impl RowWrite for Accept {
     const SQL: &'static str = ACCEPT_SQL;
 
     fn key(&self) -> &[u8] {
-        &self.referral.message_id.0
+        &self.key
     }
 
     fn encode(&mut self, ahead: u64, log: &LogAppender, row: &mut Rows) -> Result<()> {
@@ -2940,8 +2971,8 @@ impl RowWrite for Accept {
     ) -> Step<'c, AcceptOutcome> {
         Box::pin(async move {
             let a = &self.referral;
-            let consent = Some((a.sender.as_str(), a.consent_id.as_str(), a.sealed_at_ms));
-            Store::not_accepted(tx.conn().await?, a.message_id, consent).await
+            let consent = Some((a.consent_id.as_str(), a.sealed_at_ms));
+            Store::not_accepted(tx.conn().await?, a.sender.as_str(), a.message_id, consent).await
         })
     }
 }
@@ -3007,10 +3038,14 @@ pub(crate) mod tests {
         alice.expect("alice exists").id
     }
 
+    fn shelter_my() -> OrgId {
+        OrgId::new("shelter-my").expect("org id")
+    }
+
     fn referral(wrapped_case_key: &[u8]) -> AcceptedReferral {
         AcceptedReferral {
             message_id: MessageId([1; 16]),
-            sender: OrgId::new("shelter-my").expect("org id"),
+            sender: shelter_my(),
             envelope_digest: [2; 32],
             purpose: "reintegration".into(),
             case_ref: "case-ref".into(),
@@ -3424,6 +3459,116 @@ pub(crate) mod tests {
     /// outcome: a replay within the group gets the first copy's answer, a referral under a
     /// stale key is refused, and every answer names the place its entry really has in the
     /// log, although a row before it was not stored (the group then runs job by job).
+    /// Upgrading to seen envelopes and received referrals keyed by sender and message id
+    /// keeps every row, each answer, and the inbox's order (its row ids, which page
+    /// tokens name).
+    #[tokio::test]
+    async fn upgrading_to_ids_per_sender_keeps_what_was_received() {
+        let dir = std::env::temp_dir().join(format!("corridor-ids-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("store.db");
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .expect("options")
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .connect_with(options)
+            .await
+            .expect("open");
+        MIGRATOR.run_to(14, &pool).await.expect("the schema before");
+        sqlx::raw_sql(
+            "INSERT INTO case_keys VALUES ('in:shelter-my:case-ref', x'01', 0);
+             INSERT INTO seen_messages VALUES (x'05050505050505050505050505050505', 'shelter-my', x'aa', x'a5', 1);
+             INSERT INTO seen_messages VALUES (x'03030303030303030303030303030303', 'shelter-my', x'bb', x'b3', 2);
+             INSERT INTO seen_messages VALUES (x'04040404040404040404040404040404', 'shelter-my', x'cc', x'c4', 3);
+             INSERT INTO inbox (rowid, message_id, sender, purpose, case_ref, case_key_id,
+                 consent_id, consent_expires_at_ms, payload_sealed, received_at_ms,
+                 retain_until_ms)
+             VALUES (7, x'05050505050505050505050505050505', 'shelter-my', 'reintegration', 'case-ref',
+                     'in:shelter-my:case-ref', 'consent-1', 10, x'e5', 1, 10),
+                    (9, x'03030303030303030303030303030303', 'shelter-my', 'reintegration', 'case-ref',
+                     'in:shelter-my:case-ref', 'consent-1', 10, x'e3', 2, 10);",
+        )
+        .execute(&pool)
+        .await
+        .expect("rows of the schema before");
+        pool.close().await;
+
+        let store = Store::open(&path).await.expect("upgraded");
+        let page = store.inbox_page(10, None).await.expect("page");
+        let listed: Vec<(i64, u8)> = page
+            .iter()
+            .map(|item| (item.position, item.message_id.0[0]))
+            .collect();
+        assert_eq!(listed, [(9, 3), (7, 5)], "the same positions, newest first");
+        for (id, response) in [(5u8, 0xa5u8), (3, 0xb3), (4, 0xc4)] {
+            let seen = store
+                .seen(&shelter_my(), MessageId([id; 16]))
+                .await
+                .expect("read")
+                .expect("still seen");
+            assert_eq!(seen.response, [response]);
+        }
+        let payload: Vec<u8> =
+            sqlx::query_scalar("SELECT payload_sealed FROM inbox WHERE message_id = x'03030303030303030303030303030303'")
+                .fetch_one(&store.pool)
+                .await
+                .expect("read");
+        assert_eq!(payload, [0xe3]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Message ids are their senders': another member's referral under an id already
+    /// used is another referral, stored beside the first with its own answer. In one
+    /// group each keeps its own outcome, also when the first of two with the same id is
+    /// not stored and the second is.
+    #[tokio::test]
+    async fn message_ids_are_unique_per_sender_only() {
+        let (store, dir) = temp_store("ids-per-sender").await;
+        let other = OrgId::new("shelter-th").expect("org id");
+        store
+            .ensure_case_key("in:shelter-my:case-ref", b"key-1", 0)
+            .await
+            .expect("key");
+        store
+            .ensure_case_key("in:shelter-th:case-ref", b"key-th", 0)
+            .await
+            .expect("key");
+        let from_other = |key: &[u8]| AcceptedReferral {
+            sender: other.clone(),
+            case_key_id: "in:shelter-th:case-ref".into(),
+            ..referral(key)
+        };
+        let answer = |n: u64| format!("receipt for entry {n}").into_bytes();
+        let id = MessageId([1; 16]);
+        let outcomes = tokio::join!(
+            store.accept_referral(from_other(b"stale"), entry()),
+            store.accept_referral(referral(b"key-1"), entry()),
+        );
+        assert!(matches!(outcomes.0, Ok(AcceptOutcome::CaseKeyChanged)));
+        assert!(matches!(&outcomes.1, Ok(AcceptOutcome::Stored(r)) if *r == answer(0)));
+        let stored = store.accept_referral(from_other(b"key-th"), entry()).await;
+        assert!(matches!(&stored, Ok(AcceptOutcome::Stored(r)) if *r == answer(1)));
+        let replayed = store.accept_referral(referral(b"key-1"), entry()).await;
+        assert!(matches!(&replayed, Ok(AcceptOutcome::AlreadySeen(s)) if s.response == answer(0)));
+        assert_eq!(store.audit_size().await.expect("size"), 2);
+
+        let seen = |org: OrgId| {
+            let store = store.clone();
+            async move { store.seen(&org, id).await.expect("read").expect("seen") }
+        };
+        assert_eq!(seen(shelter_my()).await.response, answer(0));
+        assert_eq!(seen(other.clone()).await.response, answer(1));
+        assert_eq!(store.inbox_items(id, None).await.expect("read").len(), 2);
+        let theirs = store.inbox_items(id, Some(&other)).await.expect("read");
+        assert_eq!(theirs.len(), 1);
+        assert_eq!(theirs[0].case_key_id, "in:shelter-th:case-ref");
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn accepted_referrals_of_one_group_keep_their_own_outcomes() {
         let (store, dir) = temp_store("accept-rows").await;
@@ -3452,14 +3597,17 @@ pub(crate) mod tests {
         assert!(matches!(outcomes.3, Ok(AcceptOutcome::CaseKeyChanged)));
         assert!(matches!(&outcomes.4, Ok(AcceptOutcome::Stored(r)) if *r == answer(2)));
         for (n, place) in [(1, 0), (2, 1), (4, 2)] {
-            let seen = store.seen(MessageId([n; 16])).await.expect("read");
+            let seen = store
+                .seen(&shelter_my(), MessageId([n; 16]))
+                .await
+                .expect("read");
             assert_eq!(seen.expect("seen").response, answer(place));
             let stored = store.inbox_item(MessageId([n; 16])).await.expect("read");
             assert_eq!(stored.expect("stored").payload_sealed, b"sealed");
         }
         assert!(
             store
-                .seen(MessageId([3; 16]))
+                .seen(&shelter_my(), MessageId([3; 16]))
                 .await
                 .expect("read")
                 .is_none()
@@ -3620,7 +3768,13 @@ pub(crate) mod tests {
         let outcome = store.accept_referral(referral(&stale), entry()).await;
         assert!(matches!(outcome, Ok(AcceptOutcome::CaseKeyChanged)));
         let message = MessageId([1; 16]);
-        assert!(store.seen(message).await.expect("read").is_none());
+        assert!(
+            store
+                .seen(&shelter_my(), message)
+                .await
+                .expect("read")
+                .is_none()
+        );
         assert!(store.inbox_item(message).await.expect("read").is_none());
         assert_eq!(store.audit_size().await.expect("size"), 0);
 
@@ -3685,7 +3839,7 @@ pub(crate) mod tests {
         );
         assert!(
             store
-                .seen(MessageId([9; 16]))
+                .seen(&shelter_my(), MessageId([9; 16]))
                 .await
                 .expect("read")
                 .is_none()

@@ -1951,11 +1951,22 @@ pub async fn read_referral(
     node: &Node,
     user: &User,
     id: MessageId,
+    sender: Option<&OrgId>,
 ) -> Result<pb::GetReferralResponse, Failure> {
-    let row = node.store.inbox_item(id).await?.ok_or_else(|| {
-        Failure::not_found(format!(
-            "no received referral {id} (never received, purged or past retention)"
-        ))
+    let mut rows = node.store.inbox_items(id, sender).await?;
+    if rows.len() > 1 {
+        return Err(Failure::new(
+            Code::FailedPrecondition,
+            format!("referrals from more than one sender carry the id {id}: name the sender"),
+        ));
+    }
+    let row = rows.pop().ok_or_else(|| {
+        Failure::not_found(match sender {
+            None => format!("no received referral {id} (never received, purged or past retention)"),
+            Some(org) => format!(
+                "no received referral {id} from {org} (never received, purged or past retention)"
+            ),
+        })
     })?;
     let wrapped = node
         .store
@@ -2120,7 +2131,10 @@ async fn receive(
             // refused now (expired since, say): the sender would otherwise record a
             // refusal for a referral this node holds, and send it no withdrawal.
             let digest = envelope.digest();
-            if let Some(seen) = node.store.seen(envelope.header.message_id).await?
+            if let Some(seen) = node
+                .store
+                .seen(&peer.org, envelope.header.message_id)
+                .await?
                 && seen.sender == peer.org.as_str()
                 && seen.envelope_digest == digest
             {
@@ -2135,7 +2149,7 @@ async fn receive(
     // common case reads nothing first. A withdrawal or narrowing reads and signs before
     // it is stored, so its replay is looked for first.
     if verified.header().kind != MessageKind::Referral
-        && let Some(seen) = node.store.seen(message_id).await?
+        && let Some(seen) = node.store.seen(&peer.org, message_id).await?
     {
         return replay_answer(node, message_id, seen, &peer.org, &digest);
     }
@@ -2172,7 +2186,7 @@ async fn receive(
         // A replay of an envelope accepted before gets its first answer, even where it
         // would be refused now (its consent has expired since, say).
         Err(failure) if failure.code != Code::Internal => {
-            match node.store.seen(message_id).await? {
+            match node.store.seen(&peer.org, message_id).await? {
                 Some(seen) => replay_answer(node, message_id, seen, &peer.org, &digest),
                 None => Err(failure),
             }
@@ -2307,7 +2321,7 @@ async fn accept_referral(
             None => {
                 // A replay of a referral whose data was purged since must not bring a
                 // key for its case back.
-                if let Some(seen) = node.store.seen(message_id).await? {
+                if let Some(seen) = node.store.seen(&sender.id, message_id).await? {
                     return replay_answer(node, message_id, seen, &sender.id, digest);
                 }
                 let (_, wrapped) = node

@@ -44,6 +44,7 @@ async fn each_local_role_reaches_only_what_it_may() {
     let referral_id = items[0].referral_id.clone();
     cw.get_referral(pb::GetReferralRequest {
         referral_id: referral_id.clone(),
+        ..Default::default()
     })
     .await
     .expect("a caseworker reads a received referral");
@@ -70,6 +71,7 @@ async fn each_local_role_reaches_only_what_it_may() {
     let status = refused(
         au.get_referral(pb::GetReferralRequest {
             referral_id: referral_id.clone(),
+            ..Default::default()
         })
         .await,
         "an auditor does not read a received referral",

@@ -232,6 +232,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
         let got = c
             .get_referral(pb::GetReferralRequest {
                 referral_id: sent.referral_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("read referral")

@@ -260,6 +260,7 @@ async fn referral_is_delivered_and_its_receipt_verifies() {
     let got = r
         .get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get referral")
@@ -351,6 +352,7 @@ async fn crashes_lose_nothing_and_process_nothing_twice() {
         let got = r
             .get_referral(pb::GetReferralRequest {
                 referral_id: id.clone(),
+                ..Default::default()
             })
             .await
             .expect("get")
@@ -511,6 +513,7 @@ async fn case_references_survive_a_rotation_of_the_senders_signing_key() {
         assert_eq!(status.state, "delivered", "{status:?}");
         r.get_referral(pb::GetReferralRequest {
             referral_id: sent.referral_id,
+            ..Default::default()
         })
         .await
         .expect("read at the recipient")

@@ -741,6 +741,7 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
     let mut read = async || {
         c.get_referral(pb::GetReferralRequest {
             referral_id: referral_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("referral")
@@ -770,6 +771,7 @@ async fn narrowings_restate_the_terms_and_none_loosens_them() {
         .await
         .get_referral(pb::GetReferralRequest {
             referral_id: later_id,
+            ..Default::default()
         })
         .await
         .expect("later referral")
@@ -1037,4 +1039,68 @@ async fn a_member_whose_envelopes_keep_failing_is_turned_away_once_its_budget_is
     .await
     .expect("accepted once the budget refilled");
     assert_eq!(inbox(&mut kh.client().await).await.len(), 1);
+}
+
+/// Message ids are their senders'. A member that learnt another member's message id
+/// before its delivery (an auditor reading the sender's log, say) and sends an envelope
+/// of its own under it first does not take the id from its sender: the real referral is
+/// still stored, each is answered and replayed as its own, and reading one by its id
+/// alone asks which sender is meant.
+#[tokio::test]
+async fn another_members_envelope_under_a_message_id_does_not_take_it_from_its_sender() {
+    let fed = Federation::demo("id-per-sender");
+    let recipient = fed.start(SHELTER_KH);
+    let real = envelope(&fed, header(SHELTER_MY, SHELTER_KH));
+    let mut h = header(EMBASSY, SHELTER_KH);
+    h.message_id = real.header.message_id;
+    let squatter = envelope(&fed, h);
+    let theirs = deliver_as(&fed, EMBASSY, &squatter)
+        .await
+        .expect("the other member's envelope is accepted");
+    let ours = deliver_as(&fed, SHELTER_MY, &real)
+        .await
+        .expect("the real referral is still accepted");
+    assert_ne!(ours, theirs, "each has its own receipt");
+    assert_eq!(
+        deliver_as(&fed, SHELTER_MY, &real).await.expect("replay"),
+        ours,
+        "a replay gets its own sender's answer"
+    );
+
+    let mut c = recipient.client().await;
+    let items = inbox(&mut c).await;
+    assert_eq!(items.len(), 2, "both stored, once each");
+    let id = real.header.message_id.to_hex();
+    assert!(items.iter().all(|item| item.referral_id == id));
+    let ambiguous = c
+        .get_referral(pb::GetReferralRequest {
+            referral_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("two senders used the id");
+    assert_eq!(ambiguous.code(), Code::FailedPrecondition, "{ambiguous:?}");
+    assert!(
+        ambiguous.message().contains("name the sender"),
+        "{ambiguous:?}"
+    );
+    for sender in [SHELTER_MY, EMBASSY] {
+        let read = c
+            .get_referral(pb::GetReferralRequest {
+                referral_id: id.clone(),
+                sender: sender.into(),
+            })
+            .await
+            .expect("read with its sender named")
+            .into_inner();
+        assert_eq!(read.sender, sender);
+    }
+    let missing = c
+        .get_referral(pb::GetReferralRequest {
+            referral_id: id.clone(),
+            sender: "shelter-th".into(),
+        })
+        .await
+        .expect_err("no referral of that sender");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 }

@@ -429,6 +429,7 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
         let read = c
             .get_referral(pb::GetReferralRequest {
                 referral_id: id.clone(),
+                ..Default::default()
             })
             .await
             .expect("the referral it keeps")
@@ -438,6 +439,7 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     let gone = c
         .get_referral(pb::GetReferralRequest {
             referral_id: purged.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("the purged referral");
@@ -599,6 +601,7 @@ impl NarrowedWhileAway {
         let mut c = self.kh.client().await;
         c.get_referral(pb::GetReferralRequest {
             referral_id: self.referral_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("the referral it keeps")
@@ -1095,10 +1098,13 @@ async fn a_restriction_added_later_reaches_the_recipient() {
         let mut k = k.clone();
         let id = id.clone();
         async move {
-            k.get_referral(pb::GetReferralRequest { referral_id: id })
-                .await
-                .expect("referral")
-                .into_inner()
+            k.get_referral(pb::GetReferralRequest {
+                referral_id: id,
+                ..Default::default()
+            })
+            .await
+            .expect("referral")
+            .into_inner()
         }
     };
     let before = show(&mut k).await;
@@ -1363,7 +1369,10 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
     let read = kh
         .client()
         .await
-        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .get_referral(pb::GetReferralRequest {
+            referral_id: id,
+            ..Default::default()
+        })
         .await
         .expect("referral")
         .into_inner();
@@ -1566,7 +1575,10 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
     let read = kh
         .client()
         .await
-        .get_referral(pb::GetReferralRequest { referral_id: id })
+        .get_referral(pb::GetReferralRequest {
+            referral_id: id,
+            ..Default::default()
+        })
         .await
         .expect("referral")
         .into_inner();
@@ -1773,6 +1785,7 @@ async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
     let kept = r
         .get_referral(pb::GetReferralRequest {
             referral_id: referrals[1].clone(),
+            ..Default::default()
         })
         .await
         .expect("the other consent's referral still reads")
