@@ -56,9 +56,17 @@ pub struct AuditArgs {
     /// Where the auditor keeps what it verified.
     #[arg(long, env = "CORRIDOR_AUDIT_STATE", default_value = ".corridor-audit")]
     pub state: PathBuf,
+    /// Most entries a log's checkpoint may claim before its entries are fetched: they
+    /// are held in memory (a few hundred bytes each), and the size is the audited node's
+    /// word. Raise it to audit a larger log.
+    #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u64,
     #[command(subcommand)]
     pub command: AuditCommand,
 }
+
+/// Default of `--max-entries`: about 2 GB of entries and hashes in memory at most.
+pub const DEFAULT_MAX_ENTRIES: u64 = 5_000_000;
 
 #[derive(Debug, Clone, Args)]
 pub struct Policy {
@@ -194,6 +202,7 @@ struct Auditor {
     cert: Vec<u8>,
     key: Vec<u8>,
     state: PathBuf,
+    max_entries: u64,
     output: Output,
 }
 
@@ -217,6 +226,11 @@ struct Pinned {
     root: String,
     note: String,
     verified_at_ms: i64,
+    /// The log's verifier key (C2SP vkey) the note was verified with. A log's signing
+    /// key may change later; the pin must still be its signed word. Absent in states
+    /// written before pins named their key: those verify with the directory's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
 }
 
 impl Pinned {
@@ -276,6 +290,7 @@ impl Auditor {
             // Readable by the auditor only, as a node requires of its own key.
             key: files::read_secret_file(&identity.join("tls.key"), MAX_FILE_BYTES)?,
             state: args.state.clone(),
+            max_entries: args.max_entries,
             output,
         })
     }
@@ -381,6 +396,12 @@ impl Auditor {
     async fn fetch(&self, org: &str) -> Result<Fetched, String> {
         let mut client = self.client(org).await?;
         let (checkpoint, note, verifier) = self.checkpoint(&mut client, org).await?;
+        if checkpoint.size > self.max_entries {
+            return Err(format!(
+                "{org}'s checkpoint covers {} entries, more than this auditor fetches (--max-entries {}): raise --max-entries to audit a log this large",
+                checkpoint.size, self.max_entries
+            ));
+        }
         // The size is the audited node's word: reserve for one page, not for what it claims.
         let mut entries = Vec::with_capacity(checkpoint.size.min(1000) as usize);
         let mut start = 0;
@@ -514,10 +535,18 @@ fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
 
 /// Checks that every checkpoint an auditor's state pinned is the log's signed word for
 /// its size and root: a state copied from another log's, or edited, would otherwise
-/// have this auditor accuse an honest log of rewriting its history.
+/// have this auditor accuse an honest log of rewriting its history. Each pin verifies
+/// with the key it was verified with when pinned, under the log's name (`verifier`'s):
+/// a log whose signing key changed since is still the log it was.
 fn pinned_by(state: &State, verifier: &NoteVerifier) -> Result<(), String> {
     for pinned in &state.checkpoints {
-        let signed = checkpoint::open(&pinned.note, verifier).ok();
+        let key = match &pinned.key {
+            None => Some(verifier.clone()),
+            Some(key) => NoteVerifier::parse(key)
+                .ok()
+                .filter(|key| key.name() == verifier.name()),
+        };
+        let signed = key.and_then(|key| checkpoint::open(&pinned.note, &key).ok());
         if signed.is_none_or(|cp| Some(cp.root) != pinned.root_hash() || cp.size != pinned.size) {
             return Err(format!(
                 "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
@@ -850,13 +879,11 @@ async fn verify(
             cp.size
         ));
     }
-    // Every checkpoint verified before must be consistent with this one.
+    // The last checkpoint verified before must be consistent with this one; each before
+    // it was found consistent with the next when that was verified, so with this one too.
     let mut client = auditor.client(org).await?;
-    for pinned in &state.checkpoints {
-        // The empty tree is a prefix of every tree, and no proof starts from it.
-        if pinned.size == 0 {
-            continue;
-        }
+    // The empty tree is a prefix of every tree, and no proof starts from it.
+    if let Some(pinned) = state.checkpoints.last().filter(|p| p.size > 0) {
         let root = pinned.root_hash().ok_or("auditor state is corrupt")?;
         if pinned.size > cp.size {
             return Err(format!(
@@ -890,6 +917,7 @@ async fn verify(
             root: B64.encode(cp.root),
             note: fetched.note.clone(),
             verified_at_ms: corridor_node::node::now_ms(),
+            key: Some(fetched.verifier.to_string()),
         });
     }
     // The checkpoint is pinned even without its quorum: it is the log's own signed word,
@@ -1283,6 +1311,7 @@ mod tests {
             root: B64.encode(merkle::root(leaves)),
             note: String::new(),
             verified_at_ms: 0,
+            key: None,
         }
     }
 

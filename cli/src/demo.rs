@@ -360,6 +360,7 @@ async fn audit(dir: &Path, auditor: &GeneratedOrg, nodes: &[RunningNode]) -> Res
         directory: None,
         governance: None,
         state: state.clone(),
+        max_entries: crate::audit::DEFAULT_MAX_ENTRIES,
         command,
     };
     let policy = crate::audit::Policy {

@@ -994,3 +994,70 @@ async fn without_its_witnesses_a_node_serves_its_newest_checkpoint() {
     assert!(signed > first);
     assert_eq!(served(), signed, "the served checkpoint stayed behind");
 }
+
+/// A log's signing key may change: what an auditor pinned before still verifies under
+/// the key it was signed with, and the new checkpoint, under the directory's new key,
+/// must be consistent with it.
+#[tokio::test]
+async fn an_auditor_follows_a_log_across_a_rotation_of_its_signing_key() {
+    let fed = Federation::demo("audit-rotation");
+    let state = fed.dir.join("auditor");
+    let mut my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
+
+    my.stop();
+    let new_key = corridor::SigningKey::from_seed(&[43; 32]).expect("key");
+    rotate_signing_key(&fed, SHELTER_MY, &new_key, 2);
+    my.start();
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    let out = ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
+    assert!(
+        out.contains("consistent with 1 checkpoint(s) verified before"),
+        "{out}"
+    );
+    // Pinned under the key it was signed with: the state names both keys now.
+    let pinned = std::fs::read_to_string(state.join(format!("{SHELTER_MY}.json"))).expect("state");
+    let keys: std::collections::BTreeSet<&str> = pinned
+        .split("\"key\":\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(keys.len(), 2, "{pinned}");
+}
+
+/// The size a checkpoint claims is the audited node's word: beyond what the auditor
+/// agreed to hold in memory, nothing is fetched and the auditor says how to go on.
+#[tokio::test]
+async fn an_auditor_fetches_no_more_entries_than_it_agreed_to_hold() {
+    let fed = Federation::demo("audit-max-entries");
+    let state = fed.dir.join("auditor");
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 2).await;
+    wait_checkpointed(&my).await;
+    let err = failed(&audit(
+        &fed,
+        &state,
+        &["--max-entries", "2", "verify", SHELTER_MY, "--quorum", "0"],
+    ));
+    assert!(
+        err.contains("more than this auditor fetches (--max-entries 2)"),
+        "{err}"
+    );
+    assert!(!state.join(format!("{SHELTER_MY}.json")).exists());
+    ok(&audit(
+        &fed,
+        &state,
+        &["verify", SHELTER_MY, "--quorum", "0"],
+    ));
+}
