@@ -533,20 +533,60 @@ fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
     Ok(leaves)
 }
 
+/// The keys a log's checkpoints may be signed with, as far as something outside the
+/// auditor's state vouches for them: `current`, the key the directory lists, and every
+/// signing key the log's `node-started` entries name (a node records its key at each
+/// start, so a log whose key was rotated names the earlier one too). The entries must be
+/// the ones the log signed under `current`.
+fn vouched_keys(current: &NoteVerifier, entries: &[Vec<u8>]) -> Vec<NoteVerifier> {
+    let mut keys = vec![current.clone()];
+    for entry in entries {
+        let Ok(entry) = corridor::audit::decode(entry) else {
+            continue;
+        };
+        let named = (entry.kind == "node-started")
+            .then(|| entry.get("signing_key"))
+            .flatten()
+            .and_then(|key| corridor::VerifyingKey::from_base64(key).ok())
+            .map(|key| NoteVerifier::new(current.name(), key));
+        if let Some(key) = named.filter(|key| !keys.contains(key)) {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
 /// Checks that every checkpoint an auditor's state pinned is the log's signed word for
 /// its size and root: a state copied from another log's, or edited, would otherwise
 /// have this auditor accuse an honest log of rewriting its history. Each pin verifies
-/// with the key it was verified with when pinned, under the log's name (`verifier`'s):
-/// a log whose signing key changed since is still the log it was.
-fn pinned_by(state: &State, verifier: &NoteVerifier) -> Result<(), String> {
+/// with the key it records (one of `vouched`, see [`vouched_keys`]), or, pinned before
+/// pins recorded keys, with the directory's (`vouched[0]`): a log whose signing key
+/// changed since is still the log it was.
+fn pinned_by(state: &State, vouched: &[NoteVerifier]) -> Result<(), String> {
     for pinned in &state.checkpoints {
         let key = match &pinned.key {
-            None => Some(verifier.clone()),
-            Some(key) => NoteVerifier::parse(key)
-                .ok()
-                .filter(|key| key.name() == verifier.name()),
+            None => vouched.first(),
+            Some(key) => {
+                // A key under another log's name: a state copied from another log's.
+                let Some(key) = NoteVerifier::parse(key)
+                    .ok()
+                    .filter(|key| vouched.first().is_some_and(|v| v.name() == key.name()))
+                else {
+                    return Err(format!(
+                        "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
+                        pinned.size
+                    ));
+                };
+                let Some(key) = vouched.iter().find(|v| **v == key) else {
+                    return Err(format!(
+                        "the checkpoint pinned at size {} names a signing key that neither the directory nor the log's node-started entries name (unless the log dropped the entries that named its earlier key)",
+                        pinned.size
+                    ));
+                };
+                Some(key)
+            }
         };
-        let signed = key.and_then(|key| checkpoint::open(&pinned.note, &key).ok());
+        let signed = key.and_then(|key| checkpoint::open(&pinned.note, key).ok());
         if signed.is_none_or(|cp| Some(cp.root) != pinned.root_hash() || cp.size != pinned.size) {
             return Err(format!(
                 "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
@@ -828,7 +868,8 @@ async fn verify(
         .map(|e| merkle::leaf_hash(e))
         .collect();
 
-    let verified = pinned_by(&state, &fetched.verifier)
+    let vouched = vouched_keys(&fetched.verifier, &fetched.entries);
+    let verified = pinned_by(&state, &vouched)
         .and_then(|()| verified_leaves(&state))
         .map_err(|problem| {
         format!(
@@ -911,6 +952,11 @@ async fn verify(
         *kinds.entry(entry.kind).or_default() += 1;
     }
     state.leaves = leaves.iter().map(hex::encode).collect();
+    // Pins from before pins recorded keys verified under the directory's key above:
+    // record it, so that they still verify once the log's key changes.
+    for pinned in state.checkpoints.iter_mut().filter(|p| p.key.is_none()) {
+        pinned.key = Some(fetched.verifier.to_string());
+    }
     if state.checkpoints.last().is_none_or(|p| p.size != cp.size) {
         state.checkpoints.push(Pinned {
             size: cp.size,
@@ -1322,6 +1368,76 @@ mod tests {
             leaves: leaves.iter().map(hex::encode).collect(),
         };
         (state, leaves)
+    }
+
+    /// A pin of size 3 signed by `key` for the log `name`, recording `recorded`.
+    fn signed_pin(
+        name: &str,
+        key: &corridor::SigningKey,
+        recorded: Option<&NoteVerifier>,
+    ) -> Pinned {
+        let verifier = NoteVerifier::new(name, key.verifying_key());
+        let leaves: Vec<Hash> = (0..3u8).map(|i| merkle::leaf_hash(&[i])).collect();
+        let cp = Checkpoint {
+            origin: name.into(),
+            size: 3,
+            root: merkle::root(&leaves),
+        };
+        Pinned {
+            note: checkpoint::sign(&cp, &verifier, key),
+            key: recorded.map(ToString::to_string),
+            ..pin(&leaves)
+        }
+    }
+
+    #[test]
+    fn a_pin_verifies_only_under_a_key_the_directory_or_the_log_vouches_for() {
+        let name = "corridor.network/test/log/shelter-my";
+        let key = |seed| corridor::SigningKey::from_seed(&[seed; 32]).expect("key");
+        let (old, new, forged) = (key(1), key(2), key(3));
+        let verifier = |k: &corridor::SigningKey| NoteVerifier::new(name, k.verifying_key());
+        let state = |pin: Pinned| State {
+            checkpoints: vec![pin],
+            leaves: Vec::new(),
+        };
+        // The log's key changed since: the old one is vouched for by the log's entries.
+        let started = |k: &corridor::SigningKey| {
+            corridor::audit::encode(
+                &corridor::audit::Event::NodeStarted {
+                    config_sha256: [0; 32],
+                    signing_key: k.verifying_key().to_base64(),
+                    sealing_key: String::new(),
+                    cert_sha256: [0; 32],
+                },
+                0,
+            )
+        };
+        let vouched = vouched_keys(&verifier(&new), &[started(&old), started(&new)]);
+        assert_eq!(vouched, [verifier(&new), verifier(&old)]);
+        let pinned_old = signed_pin(name, &old, Some(&verifier(&old)));
+        assert_eq!(pinned_by(&state(pinned_old.clone()), &vouched), Ok(()));
+        // Without the entries that name it, the old key is nobody's word.
+        let err = pinned_by(&state(pinned_old), &[verifier(&new)]).unwrap_err();
+        assert!(err.contains("names a signing key that neither"), "{err}");
+        // A key made up under the log's name, with checkpoints it signed, is refused.
+        let made_up = signed_pin(name, &forged, Some(&verifier(&forged)));
+        let err = pinned_by(&state(made_up), &vouched).unwrap_err();
+        assert!(err.contains("names a signing key that neither"), "{err}");
+        // A pin that records no key verifies under the directory's only.
+        let keyless = signed_pin(name, &new, None);
+        assert_eq!(pinned_by(&state(keyless), &vouched), Ok(()));
+        let keyless_old = signed_pin(name, &old, None);
+        let err = pinned_by(&state(keyless_old), &vouched).unwrap_err();
+        assert!(err.contains("is not this log's signed checkpoint"), "{err}");
+        // Another log's key and pin: a copied state.
+        let other = "corridor.network/test/log/shelter-kh";
+        let copied = signed_pin(
+            other,
+            &new,
+            Some(&NoteVerifier::new(other, new.verifying_key())),
+        );
+        let err = pinned_by(&state(copied), &vouched).unwrap_err();
+        assert!(err.contains("is not this log's signed checkpoint"), "{err}");
     }
 
     #[test]
