@@ -341,7 +341,7 @@ async fn token(org: &GeneratedOrg) -> Result<String, String> {
         .arg("node")
         .arg("--config")
         .arg(&org.config)
-        .args(["create-admin-token", "--user", "bench"])
+        .args(["create-token", "--user", "bench", "--role", "caseworker"])
         .output()
         .await
         .map_err(|e| e.to_string())?;

@@ -61,6 +61,16 @@ pub enum Command {
         #[arg(long)]
         role: corridor::LocalRole,
     },
+    /// Change a local user's role. Works whether or not the node is running; a running
+    /// node applies it within 5 seconds. Users from versions without roles are admins.
+    SetRole {
+        /// Name of the local user.
+        #[arg(long)]
+        user: String,
+        /// The role it gets: `caseworker`, `auditor` or `admin`.
+        #[arg(long)]
+        role: corridor::LocalRole,
+    },
     /// Issue a bearer token for a local administrator: `create-token --role admin`.
     CreateAdminToken {
         /// Name of the local user.
@@ -207,6 +217,34 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
         Command::CreateToken { user, role } => issue_token(&config, &user, role).await,
+        Command::SetRole { user, role } => {
+            valid_user_name(&user)?;
+            let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
+            let now = node::now_ms();
+            let changed = store
+                .set_role(
+                    &user,
+                    role,
+                    Box::new(move |user| {
+                        corridor::audit::encode(
+                            &corridor::audit::Event::RoleChanged { user, role },
+                            now,
+                        )
+                    }),
+                )
+                .await
+                .map_err(|e| e.to_string());
+            store.close().await;
+            match changed? {
+                None => Err(format!("there is no local user {user}")),
+                Some(held) if held == role.as_str() => print_line(&format!(
+                    "{user} has the role {role} already; nothing changed"
+                )),
+                Some(held) => print_line(&format!(
+                    "{user} now has the role {role} (it had {held}); a running node applies it within 5 seconds"
+                )),
+            }
+        }
         Command::CreateAdminToken { user } => {
             issue_token(&config, &user, corridor::LocalRole::Admin).await
         }

@@ -744,6 +744,42 @@ impl Store {
             .await
     }
 
+    /// Gives the user `name` the role `role`; `audit` makes the log entry from the user's
+    /// id. Returns the role it held, or `None` if there is no such user; nothing is
+    /// written if it held `role` already.
+    pub async fn set_role(
+        &self,
+        name: &str,
+        role: corridor::LocalRole,
+        audit: Box<dyn Fn(i64) -> Vec<u8> + Send + Sync>,
+    ) -> Result<Option<String>> {
+        let data = (name.to_owned(), role, audit);
+        self.writer
+            .run(data, |(name, role, audit), tx, log| {
+                Box::pin(async move {
+                    let conn = tx.conn().await?;
+                    let held: Option<(i64, String)> =
+                        sqlx::query_as("SELECT id, role FROM users WHERE name = $1")
+                            .bind(name)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    let Some((user, held)) = held else {
+                        return Ok(None);
+                    };
+                    if held != role.as_str() {
+                        sqlx::query("UPDATE users SET role = $2 WHERE id = $1")
+                            .bind(user)
+                            .bind(role.as_str())
+                            .execute(&mut *conn)
+                            .await?;
+                        log.append(audit(user))?;
+                    }
+                    Ok(Some(held))
+                })
+            })
+            .await
+    }
+
     /// Revokes every live token of the user `name`; `audit` makes the log entry from the
     /// user's id. Returns how many were revoked, or `None` if there is no such user.
     pub async fn revoke_tokens(

@@ -2030,6 +2030,8 @@ pub async fn read_referral(
         .append_audit(vec![audit::encode(
             &Event::PersonalDataRead {
                 message_id: id,
+                sender: OrgId::new(&row.sender)
+                    .map_err(|_| Failure::internal("stored referral is corrupt", "sender"))?,
                 case: row.case_ref.clone(),
                 user: user.id,
             },

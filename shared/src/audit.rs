@@ -124,9 +124,11 @@ pub enum Event {
         consent_id: String,
         receipt_digest: [u8; 32],
     },
-    /// A local user read personal data of a received case.
+    /// A local user read personal data of a received case: the referral `sender` sent
+    /// under `message_id` (ids are their senders').
     PersonalDataRead {
         message_id: MessageId,
+        sender: OrgId,
         case: String,
         user: i64,
     },
@@ -148,6 +150,11 @@ pub enum Event {
     },
     TokenRevoked {
         user: i64,
+    },
+    /// A local user's role was changed to `role`.
+    RoleChanged {
+        user: i64,
+        role: crate::LocalRole,
     },
     /// The node started with this configuration and these keys (fingerprints only).
     NodeStarted {
@@ -178,6 +185,7 @@ impl Event {
             Self::RetentionPurge { .. } => "retention-purge",
             Self::TokenIssued { .. } => "token-issued",
             Self::TokenRevoked { .. } => "token-revoked",
+            Self::RoleChanged { .. } => "role-changed",
             Self::NodeStarted { .. } => "node-started",
         }
     }
@@ -311,10 +319,12 @@ impl Event {
             ],
             Self::PersonalDataRead {
                 message_id,
+                sender,
                 case,
                 user,
             } => vec![
                 ("message_id", message_id.to_hex()),
+                ("sender", sender.to_string()),
                 ("case", case.clone()),
                 ("user", user.to_string()),
             ],
@@ -333,6 +343,10 @@ impl Event {
                 ("role", role.as_str().to_owned()),
             ],
             Self::TokenRevoked { user } => vec![("user", user.to_string())],
+            Self::RoleChanged { user, role } => vec![
+                ("user", user.to_string()),
+                ("role", role.as_str().to_owned()),
+            ],
             Self::NodeStarted {
                 config_sha256,
                 signing_key,

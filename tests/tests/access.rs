@@ -178,3 +178,64 @@ fn a_token_of_another_role_for_an_existing_user_is_refused() {
         );
     });
 }
+
+/// `set-role` changes what a user's existing tokens reach: a running node applies it
+/// within the 5 seconds it trusts a looked-up token, and the log records it.
+#[tokio::test]
+async fn a_changed_role_applies_to_the_users_tokens() {
+    let fed = Federation::demo("role-change");
+    let node = fed.start(SHELTER_MY);
+    let token = issue_token(&node.org.config, "carla", "caseworker").expect("token");
+    let mut c = node.client_with(&token).await;
+    new_case(&mut c).await;
+
+    let set_role = |user: &str, role: &str| {
+        std::process::Command::new(binary("corridor-node"))
+            .arg("--config")
+            .arg(&node.org.config)
+            .args(["set-role", "--user", user, "--role", role])
+            .output()
+            .expect("run corridor-node set-role")
+    };
+    let out = set_role("carla", "auditor");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("carla now has the role auditor (it had caseworker)"),
+        "{out:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = c
+            .create_case(pb::CreateCaseRequest {
+                label: "test".into(),
+            })
+            .await;
+        match answer {
+            Err(status) if status.code() == Code::PermissionDenied => break,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("the caseworker's token still works as one: {other:?}"),
+        }
+    }
+    let mut log = node.local_audit_client(&token).await;
+    let size = log
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .expect("now an auditor, the token reads the log");
+    assert!(!size.into_inner().note.is_empty());
+    let entries = scalar(
+        &node,
+        "SELECT COUNT(*) FROM audit_entries WHERE instr(entry, 'role-changed') > 0",
+    )
+    .await;
+    assert_eq!(entries, 1);
+
+    let out = set_role("carla", "auditor");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing changed"));
+    let out = set_role("nobody", "auditor");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no local user nobody"));
+}
