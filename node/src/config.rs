@@ -59,6 +59,11 @@
 //! [log]
 //! filter = "info"                       # tracing filter; RUST_LOG overrides it
 //! format = "text"                       # "text" or "json"
+//!
+//! [metrics]                             # Prometheus metrics, GET /metrics (OpenMetrics)
+//! # listen = "127.0.0.1:9464"           # off unless set; counts and times only, no
+//!                                       # personal data, but activity levels: expose
+//!                                       # it to the monitoring network only
 //! ```
 
 use std::net::SocketAddr;
@@ -97,6 +102,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this configuration was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -197,6 +204,13 @@ pub struct FederationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
     pub listen: SocketAddr,
+}
+
+/// Prometheus metrics (`crate::metrics`): off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -20,6 +20,7 @@ pub mod convert;
 pub mod courier;
 pub mod delivery;
 pub mod keys;
+pub mod metrics;
 pub mod node;
 pub mod refusals;
 pub mod server;

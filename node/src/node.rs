@@ -44,6 +44,8 @@ pub struct Node {
     pub in_progress: crate::services::InProgress,
     /// Refused envelopes each member may still cost this node.
     pub refusals: crate::refusals::RefusalBudgets,
+    /// What `[metrics] listen` serves.
+    pub metrics: crate::metrics::Metrics,
     /// The size of the newest checkpoint served to auditors and witnesses: what is served
     /// never goes back. The newest signed as the node starts.
     pub served_checkpoint_size: std::sync::atomic::AtomicU64,
@@ -480,6 +482,7 @@ impl Node {
             asking_to_purge: tokio::sync::Mutex::new(()),
             in_progress,
             refusals,
+            metrics: crate::metrics::Metrics::new(),
             served_checkpoint_size,
         }))
     }

@@ -105,6 +105,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     // log must not say it did.
     let fed_listener = bind(node.config.federation.listen).await?;
     let local_listener = bind(node.config.local.listen).await?;
+    let metrics_listener = match node.config.metrics.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     record_start(&node).await?;
     // Before anything is delivered: what an attempt cut short by the stop may have sent
     // counts as held by its recipient, whatever the next attempt meets.
@@ -229,6 +233,16 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             ),
             stopped(stop_rx.clone()),
         );
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .and_then(|listener| listener.local_addr().ok());
+    let metrics = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            node.clone(),
+            listener,
+            stop_rx.clone(),
+        ))
+    });
     let delivery = tokio::spawn(delivery::run(node.clone(), stop_rx.clone()));
     let retention = tokio::spawn(enforce_retention(node.clone(), stop_rx.clone()));
     let checkpointer = tokio::spawn(crate::audit_service::run_checkpointer(
@@ -241,6 +255,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         org = %node.org,
         federation = %fed_addr.map_or_else(|| "?".to_owned(), |a| a.to_string()),
         local = %local_addr.map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         "corridor-node serving"
     );
 
@@ -264,6 +279,14 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
                 );
                 task.abort();
             }
+        }
+    }
+    if let Some(mut task) = metrics {
+        match tokio::time::timeout_at(grace_ends, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::error!(%error, "metrics listener failed"),
+            Ok(Err(error)) => tracing::error!(%error, "metrics listener panicked"),
+            Err(_) => task.abort(),
         }
     }
     let _ = delivery.await;

@@ -2472,6 +2472,21 @@ impl Store {
         crate::audit_log::with_hashes(&self.pool, op).await
     }
 
+    /// The newest signed checkpoint's size, when it was signed and how many witnesses
+    /// cosigned it, if the node signed any.
+    pub async fn checkpoint_health(&self) -> Result<Option<(u64, i64, u64)>> {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT c.size, c.signed_at_ms,
+                    (SELECT COUNT(*) FROM cosignatures s WHERE s.size = c.size)
+             FROM checkpoints c ORDER BY c.size DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(size, signed_at_ms, cosignatures)| {
+            (size as u64, signed_at_ms, cosignatures as u64)
+        }))
+    }
+
     pub async fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>, String)>> {
         let row =
             sqlx::query("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1")

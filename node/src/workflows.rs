@@ -2078,6 +2078,7 @@ pub async fn receive_envelope(
                 "envelopes turned away unexamined: too many of this member's were refused recently"
             );
         }
+        node.metrics.envelope_answered(Some("turned-away"));
         return Err(Failure::new(
             Code::ResourceExhausted,
             format!(
@@ -2109,6 +2110,8 @@ pub async fn receive_envelope(
             tracing::error!(%error, "could not log a refused envelope");
         }
     }
+    node.metrics
+        .envelope_answered(result.as_ref().err().map(|failure| failure.rule));
     result
 }
 
