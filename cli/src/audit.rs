@@ -533,65 +533,80 @@ fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
     Ok(leaves)
 }
 
-/// The keys a log's checkpoints may be signed with, as far as something outside the
-/// auditor's state vouches for them: `current`, the key the directory lists, and every
-/// signing key the log's `node-started` entries name (a node records its key at each
-/// start, so a log whose key was rotated names the earlier one too). The entries must be
-/// the ones the log signed under `current`.
-fn vouched_keys(current: &NoteVerifier, entries: &[Vec<u8>]) -> Vec<NoteVerifier> {
-    let mut keys = vec![current.clone()];
-    for entry in entries {
-        let Ok(entry) = corridor::audit::decode(entry) else {
-            continue;
-        };
-        let named = (entry.kind == "node-started")
-            .then(|| entry.get("signing_key"))
-            .flatten()
-            .and_then(|key| corridor::VerifyingKey::from_base64(key).ok())
-            .map(|key| NoteVerifier::new(current.name(), key));
-        if let Some(key) = named.filter(|key| !keys.contains(key)) {
-            keys.push(key);
-        }
-    }
-    keys
+/// Where a log's signing key is named: each `node-started` entry's index and the key it
+/// names, under the log's name (`current`'s). A node records its key at every start,
+/// before it signs anything, so a checkpoint of size *s* is signed with the key the last
+/// such entry before index *s* names ([`key_for`]).
+fn key_changes(current: &NoteVerifier, entries: &[Vec<u8>]) -> Vec<(u64, NoteVerifier)> {
+    entries
+        .iter()
+        .enumerate()
+        .filter_map(|(index, entry)| {
+            let entry = corridor::audit::decode(entry).ok()?;
+            let key = (entry.kind == "node-started")
+                .then(|| entry.get("signing_key"))
+                .flatten()
+                .and_then(|key| corridor::VerifyingKey::from_base64(key).ok())?;
+            Some((index as u64, NoteVerifier::new(current.name(), key)))
+        })
+        .collect()
+}
+
+/// The key a checkpoint of `size` was signed with, by the log's entries (see
+/// [`key_changes`]); the directory's (`current`) where no entry names one.
+fn key_for<'k>(
+    size: u64,
+    current: &'k NoteVerifier,
+    changes: &'k [(u64, NoteVerifier)],
+) -> &'k NoteVerifier {
+    changes
+        .iter()
+        .rev()
+        .find(|(index, _)| *index < size)
+        .map_or(current, |(_, key)| key)
+}
+
+/// Why an auditor's pinned checkpoints do not stand.
+#[derive(Debug, PartialEq, Eq)]
+enum PinProblem {
+    /// The state is not this log's, or not as this auditor wrote it.
+    Damaged(String),
+    /// A pin was signed with a key the log's entries do not name for its size: the state
+    /// was edited, or the log was rewritten without the entries that named the key.
+    KeyUnexplained(u64),
 }
 
 /// Checks that every checkpoint an auditor's state pinned is the log's signed word for
 /// its size and root: a state copied from another log's, or edited, would otherwise
 /// have this auditor accuse an honest log of rewriting its history. Each pin verifies
-/// with the key it records (one of `vouched`, see [`vouched_keys`]), or, pinned before
-/// pins recorded keys, with the directory's (`vouched[0]`): a log whose signing key
-/// changed since is still the log it was.
-fn pinned_by(state: &State, vouched: &[NoteVerifier]) -> Result<(), String> {
+/// under the key the log's entries name for its size ([`key_for`]), which must be the
+/// key the pin recorded, if it recorded one: a log whose signing key changed since is
+/// still the log it was, and a key the log never used signs nothing here.
+fn pinned_by(
+    state: &State,
+    current: &NoteVerifier,
+    changes: &[(u64, NoteVerifier)],
+) -> Result<(), PinProblem> {
+    let not_signed = |size: u64| {
+        PinProblem::Damaged(format!(
+            "the checkpoint pinned at size {size} is not this log's signed checkpoint of that size and root"
+        ))
+    };
     for pinned in &state.checkpoints {
-        let key = match &pinned.key {
-            None => vouched.first(),
-            Some(key) => {
-                // A key under another log's name: a state copied from another log's.
-                let Some(key) = NoteVerifier::parse(key)
-                    .ok()
-                    .filter(|key| vouched.first().is_some_and(|v| v.name() == key.name()))
-                else {
-                    return Err(format!(
-                        "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
-                        pinned.size
-                    ));
-                };
-                let Some(key) = vouched.iter().find(|v| **v == key) else {
-                    return Err(format!(
-                        "the checkpoint pinned at size {} names a signing key that neither the directory nor the log's node-started entries name (unless the log dropped the entries that named its earlier key)",
-                        pinned.size
-                    ));
-                };
-                Some(key)
+        let key = key_for(pinned.size, current, changes);
+        if let Some(recorded) = &pinned.key {
+            // A key under another log's name: a state copied from another log's.
+            let recorded = NoteVerifier::parse(recorded)
+                .ok()
+                .filter(|recorded| recorded.name() == current.name())
+                .ok_or_else(|| not_signed(pinned.size))?;
+            if recorded != *key {
+                return Err(PinProblem::KeyUnexplained(pinned.size));
             }
-        };
-        let signed = key.and_then(|key| checkpoint::open(&pinned.note, key).ok());
+        }
+        let signed = checkpoint::open(&pinned.note, key).ok();
         if signed.is_none_or(|cp| Some(cp.root) != pinned.root_hash() || cp.size != pinned.size) {
-            return Err(format!(
-                "the checkpoint pinned at size {} is not this log's signed checkpoint of that size and root",
-                pinned.size
-            ));
+            return Err(not_signed(pinned.size));
         }
     }
     Ok(())
@@ -868,15 +883,27 @@ async fn verify(
         .map(|e| merkle::leaf_hash(e))
         .collect();
 
-    let vouched = vouched_keys(&fetched.verifier, &fetched.entries);
-    let verified = pinned_by(&state, &vouched)
-        .and_then(|()| verified_leaves(&state))
-        .map_err(|problem| {
+    let root_matches = merkle::root(&leaves) == cp.root;
+    let changes = key_changes(&fetched.verifier, &fetched.entries);
+    let damaged = |problem: String| {
         format!(
             "the auditor state {} is damaged or was edited: {problem}; restore it from a backup (removing it starts over and forgets every checkpoint verified before)",
             auditor.state_path(org).display()
         )
-    })?;
+    };
+    let verified = match pinned_by(&state, &fetched.verifier, &changes) {
+        Ok(()) => verified_leaves(&state).map_err(damaged)?,
+        Err(PinProblem::Damaged(problem)) => return Err(damaged(problem)),
+        // Entries that are not the ones the log signed name no keys: the check of the
+        // root below fails and locates the change.
+        Err(PinProblem::KeyUnexplained(_)) if !root_matches => Vec::new(),
+        Err(PinProblem::KeyUnexplained(size)) => {
+            return Err(format!(
+                "{org}: the checkpoint of size {size} pinned in the auditor state {} was signed with a key that {org}'s log does not name for that size: either the state was edited, or the log was rewritten without the node-started entries that named its earlier key. Keep the state: its pins are the log's signed checkpoints, the evidence if the log was rewritten",
+                auditor.state_path(org).display()
+            ));
+        }
+    };
     // What was verified before must still be there, unchanged and in place.
     for (i, old) in verified.iter().enumerate() {
         match leaves.get(i) {
@@ -894,7 +921,7 @@ async fn verify(
         }
     }
     // The entries must hash to the signed root.
-    if merkle::root(&leaves) != cp.root {
+    if !root_matches {
         let mut client = auditor.client(org).await?;
         for (i, leaf) in leaves.iter().enumerate().skip(verified.len()) {
             let proof = client
@@ -955,7 +982,7 @@ async fn verify(
     // Pins from before pins recorded keys verified under the directory's key above:
     // record it, so that they still verify once the log's key changes.
     for pinned in state.checkpoints.iter_mut().filter(|p| p.key.is_none()) {
-        pinned.key = Some(fetched.verifier.to_string());
+        pinned.key = Some(key_for(pinned.size, &fetched.verifier, &changes).to_string());
     }
     if state.checkpoints.last().is_none_or(|p| p.size != cp.size) {
         state.checkpoints.push(Pinned {
@@ -1391,7 +1418,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pin_verifies_only_under_a_key_the_directory_or_the_log_vouches_for() {
+    fn a_pin_verifies_only_under_the_key_the_log_names_for_its_size() {
         let name = "corridor.network/test/log/shelter-my";
         let key = |seed| corridor::SigningKey::from_seed(&[seed; 32]).expect("key");
         let (old, new, forged) = (key(1), key(2), key(3));
@@ -1400,7 +1427,6 @@ mod tests {
             checkpoints: vec![pin],
             leaves: Vec::new(),
         };
-        // The log's key changed since: the old one is vouched for by the log's entries.
         let started = |k: &corridor::SigningKey| {
             corridor::audit::encode(
                 &corridor::audit::Event::NodeStarted {
@@ -1412,31 +1438,57 @@ mod tests {
                 0,
             )
         };
-        let vouched = vouched_keys(&verifier(&new), &[started(&old), started(&new)]);
-        assert_eq!(vouched, [verifier(&new), verifier(&old)]);
+        let other =
+            corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted: 0 }, 0);
+        // Started with the old key (entry 0), pins of size 3 under it, then with the
+        // new key (entry 3), which the directory lists now.
+        let entries = [started(&old), other.clone(), other, started(&new)];
+        let changes = key_changes(&verifier(&new), &entries);
+        assert_eq!(changes, [(0, verifier(&old)), (3, verifier(&new))]);
+        assert_eq!(key_for(3, &verifier(&new), &changes), &verifier(&old));
+        assert_eq!(key_for(4, &verifier(&new), &changes), &verifier(&new));
+        assert_eq!(key_for(9, &verifier(&new), &[]), &verifier(&new));
+
+        let current = verifier(&new);
         let pinned_old = signed_pin(name, &old, Some(&verifier(&old)));
-        assert_eq!(pinned_by(&state(pinned_old.clone()), &vouched), Ok(()));
-        // Without the entries that name it, the old key is nobody's word.
-        let err = pinned_by(&state(pinned_old), &[verifier(&new)]).unwrap_err();
-        assert!(err.contains("names a signing key that neither"), "{err}");
-        // A key made up under the log's name, with checkpoints it signed, is refused.
-        let made_up = signed_pin(name, &forged, Some(&verifier(&forged)));
-        let err = pinned_by(&state(made_up), &vouched).unwrap_err();
-        assert!(err.contains("names a signing key that neither"), "{err}");
-        // A pin that records no key verifies under the directory's only.
-        let keyless = signed_pin(name, &new, None);
-        assert_eq!(pinned_by(&state(keyless), &vouched), Ok(()));
+        assert_eq!(
+            pinned_by(&state(pinned_old.clone()), &current, &changes),
+            Ok(())
+        );
+        // A pin from before pins recorded keys verifies under the key of its time too.
         let keyless_old = signed_pin(name, &old, None);
-        let err = pinned_by(&state(keyless_old), &vouched).unwrap_err();
+        assert_eq!(pinned_by(&state(keyless_old), &current, &changes), Ok(()));
+        // Without the entries that name it, the old key explains nothing.
+        assert_eq!(
+            pinned_by(&state(pinned_old), &current, &[]),
+            Err(PinProblem::KeyUnexplained(3))
+        );
+        // A key made up under the log's name, or the new key for a size the old one
+        // signed, is not the key the log names for that size.
+        for (signer, recorded) in [(&forged, &forged), (&new, &new)] {
+            let pin = signed_pin(name, signer, Some(&verifier(recorded)));
+            assert_eq!(
+                pinned_by(&state(pin), &current, &changes),
+                Err(PinProblem::KeyUnexplained(3))
+            );
+        }
+        // A pin that records the right key but was signed by another is not the log's.
+        let mislabelled = signed_pin(name, &forged, Some(&verifier(&old)));
+        let Err(PinProblem::Damaged(err)) = pinned_by(&state(mislabelled), &current, &changes)
+        else {
+            panic!("a pin not signed by its key is refused as damaged");
+        };
         assert!(err.contains("is not this log's signed checkpoint"), "{err}");
         // Another log's key and pin: a copied state.
-        let other = "corridor.network/test/log/shelter-kh";
+        let other_log = "corridor.network/test/log/shelter-kh";
         let copied = signed_pin(
-            other,
-            &new,
-            Some(&NoteVerifier::new(other, new.verifying_key())),
+            other_log,
+            &old,
+            Some(&NoteVerifier::new(other_log, old.verifying_key())),
         );
-        let err = pinned_by(&state(copied), &vouched).unwrap_err();
+        let Err(PinProblem::Damaged(err)) = pinned_by(&state(copied), &current, &changes) else {
+            panic!("a copied state is refused as damaged");
+        };
         assert!(err.contains("is not this log's signed checkpoint"), "{err}");
     }
 
