@@ -459,13 +459,23 @@ impl Config {
                 self.local.listen
             ));
         }
-        let (fed, local) = (f.listen, self.local.listen);
-        if fed.port() == local.port()
-            && (fed.ip() == local.ip() || fed.ip().is_unspecified() || local.ip().is_unspecified())
-        {
-            return Err(format!(
-                "federation.listen {fed} and local.listen {local} would take the same port"
-            ));
+        let mut listeners = vec![
+            ("federation.listen", f.listen),
+            ("local.listen", self.local.listen),
+        ];
+        listeners.extend(self.metrics.listen.map(|addr| ("metrics.listen", addr)));
+        for (i, (name, addr)) in listeners.iter().enumerate() {
+            for (other_name, other) in &listeners[i + 1..] {
+                if addr.port() == other.port()
+                    && (addr.ip() == other.ip()
+                        || addr.ip().is_unspecified()
+                        || other.ip().is_unspecified())
+                {
+                    return Err(format!(
+                        "{name} {addr} and {other_name} {other} would take the same port"
+                    ));
+                }
+            }
         }
         if self.data_dir.exists() && !self.data_dir.is_dir() {
             return Err(format!(
@@ -572,6 +582,14 @@ mod tests {
             (
                 "org_id = \"a\"\n[local]\nlisten = \"127.0.0.1:7443\"\n",
                 "would take the same port",
+            ),
+            (
+                "org_id = \"a\"\n[metrics]\nlisten = \"127.0.0.1:7080\"\n",
+                "local.listen 127.0.0.1:7080 and metrics.listen 127.0.0.1:7080 would take the same port",
+            ),
+            (
+                "org_id = \"a\"\n[metrics]\nlisten = \"127.0.0.1:7443\"\n",
+                "federation.listen 0.0.0.0:7443 and metrics.listen",
             ),
         ] {
             // The governance section goes after the top-level keys, before the rest.

@@ -1,13 +1,14 @@
 //! Prometheus metrics: what an operator watches on a node, served as OpenMetrics text at
 //! `GET /metrics` on `[metrics] listen` when that is set (it is not by default).
 //!
-//! Counts, sizes, times and status codes only: nothing names a person, a case, a consent
+//! Counts, sizes, times and rule names only: nothing names a person, a case, a consent
 //! or a local user, and no member is named either, since how much one organisation sends
 //! another is itself telling. Most values are read when scraped (the outbox by state,
 //! the audit log and its newest checkpoint, the directory, the writer's commits);
-//! envelopes from other members are counted as they are answered.
+//! envelopes from other members are counted as they are answered. Scrapes are served one
+//! at a time: each reads the database, and the endpoint has no authentication.
 
-use std::sync::Arc;
+use std::sync::Weak;
 
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -47,6 +48,9 @@ pub struct Metrics {
     directory_expiry: Gauge,
     commits: Counter,
     envelopes: Family<OutcomeLabel, Counter>,
+    /// One scrape at a time: the reads stay off the pool's other users, and the commits
+    /// counter is read and advanced as one step.
+    scraping: tokio::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -68,6 +72,7 @@ impl Metrics {
             directory_expiry: Gauge::default(),
             commits: Counter::default(),
             envelopes: Family::default(),
+            scraping: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -117,7 +122,7 @@ impl Metrics {
         );
         registry.register(
             "envelopes_answered",
-            "Envelopes from other members answered: accepted (replays included), or the rule that refused them",
+            "Envelopes from other members this node examined and answered: accepted (replays included), turned-away (the member's refusal budget was spent), or the rule that refused them (internal: this node's own fault, which the sender retries)",
             metrics.envelopes.clone(),
         );
         Self {
@@ -137,6 +142,7 @@ impl Metrics {
 
     /// Reads what is read when scraped, then encodes every metric.
     async fn render(&self, node: &Node) -> Result<String, crate::storage::StoreError> {
+        let _one_at_a_time = self.scraping.lock().await;
         let (queued, delivered, other) = node.store.outbox_stats().await?;
         for (state, n) in [
             ("queued", queued),
@@ -174,15 +180,19 @@ fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
+/// Serves `GET /metrics` on `listener` until `stop` turns true. Requests hold the node
+/// only while they are answered, so a connection left open does not keep it alive.
 pub async fn serve(
-    node: Arc<Node>,
+    node: Weak<Node>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let scrape = move || {
-        let node = node.clone();
+        let node = node.upgrade();
         async move {
+            let Some(node) = node else {
+                return (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping\n").into_response();
+            };
             match node.metrics.render(&node).await {
                 Ok(text) => {
                     (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()

@@ -494,7 +494,13 @@ impl Node {
     /// and a running node logs them, as warnings: a directory that drops a witness must
     /// not stop every node that named it.
     pub fn config_warnings(&self) -> Vec<String> {
-        witness_warnings(&self.config, &self.directory)
+        let mut warnings = witness_warnings(&self.config, &self.directory);
+        if let Some(addr) = self.config.metrics.listen.filter(|a| !a.ip().is_loopback()) {
+            warnings.push(format!(
+                "metrics.listen {addr} is not a loopback address: metrics are served without authentication or TLS, so only the monitoring network should reach it"
+            ));
+        }
+        warnings
     }
 }
 

@@ -238,7 +238,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         .and_then(|listener| listener.local_addr().ok());
     let metrics = metrics_listener.map(|listener| {
         tokio::spawn(crate::metrics::serve(
-            node.clone(),
+            Arc::downgrade(&node),
             listener,
             stop_rx.clone(),
         ))
@@ -286,7 +286,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => tracing::error!(%error, "metrics listener failed"),
             Ok(Err(error)) => tracing::error!(%error, "metrics listener panicked"),
-            Err(_) => task.abort(),
+            Err(_) => {
+                task.abort();
+                let _ = task.await;
+            }
         }
     }
     let _ = delivery.await;
