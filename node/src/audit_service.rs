@@ -359,6 +359,37 @@ async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>
     Ok(chosen)
 }
 
+/// The checkpoint this node serves, and when a majority of its witnesses last vouched
+/// for it (seconds, from their cosignatures), if they have: what auditors judge a log's
+/// freshness by.
+pub async fn served_freshness(node: &Node) -> Result<Option<(u64, Option<u64>)>, StoreError> {
+    let Some((size, _, note)) = served_checkpoint(node).await? else {
+        return Ok(None);
+    };
+    let witnesses = &node.config.audit.witnesses;
+    let lines = node.store.cosignatures(size).await?;
+    let verifiers: Vec<_> = witnesses
+        .iter()
+        .filter_map(|w| {
+            let member = node.directory.get(w)?;
+            Some(checkpoint::CosignatureVerifier::new(
+                &witness_name(node, w),
+                member.signing_key,
+            ))
+        })
+        .collect();
+    let timestamps = verifiers.iter().filter_map(|verifier| {
+        lines
+            .iter()
+            .find_map(|line| verifier.verify_line(&note, line).ok())
+    });
+    let quorum = match witnesses.len() {
+        0 => 0,
+        n => n / 2 + 1,
+    };
+    Ok(Some((size, checkpoint::quorum_time(timestamps, quorum))))
+}
+
 /// Signs a checkpoint for the current tree if it grew. First, every time, it checks that
 /// the stored log still holds the last checkpoint signed — as long, with the same root —
 /// and that the new tree extends it: otherwise the stored log changed (its tables edited,

@@ -44,6 +44,8 @@ pub struct Metrics {
     checkpoint_size: Gauge,
     checkpoint_signed: Gauge,
     checkpoint_cosignatures: Gauge,
+    served_size: Gauge,
+    served_vouched: Gauge,
     directory_serial: Gauge,
     directory_expiry: Gauge,
     commits: Counter,
@@ -68,6 +70,8 @@ impl Metrics {
             checkpoint_size: Gauge::default(),
             checkpoint_signed: Gauge::default(),
             checkpoint_cosignatures: Gauge::default(),
+            served_size: Gauge::default(),
+            served_vouched: Gauge::default(),
             directory_serial: Gauge::default(),
             directory_expiry: Gauge::default(),
             commits: Counter::default(),
@@ -104,6 +108,16 @@ impl Metrics {
             "audit_checkpoint_cosignatures",
             "Witnesses' cosignatures of the newest checkpoint",
             metrics.checkpoint_cosignatures.clone(),
+        );
+        registry.register(
+            "audit_served_checkpoint_size",
+            "Entries covered by the checkpoint the node serves to auditors (the newest a majority of its witnesses cosigned, or the newest it signed when it has no witnesses)",
+            metrics.served_size.clone(),
+        );
+        registry.register(
+            "audit_served_checkpoint_vouched_timestamp_seconds",
+            "When a majority of the node's witnesses last vouched for the checkpoint it serves: auditors refuse a log whose witnesses vouched too long ago (0 while they have not)",
+            metrics.served_vouched.clone(),
         );
         registry.register(
             "directory_serial",
@@ -161,6 +175,10 @@ impl Metrics {
             self.checkpoint_size.set(gauge_value(size));
             self.checkpoint_signed.set(signed_at_ms / 1000);
             self.checkpoint_cosignatures.set(gauge_value(cosignatures));
+        }
+        if let Some((size, vouched)) = crate::audit_service::served_freshness(node).await? {
+            self.served_size.set(gauge_value(size));
+            self.served_vouched.set(gauge_value(vouched.unwrap_or(0)));
         }
         self.directory_serial
             .set(gauge_value(node.directory.serial));

@@ -54,6 +54,8 @@ async fn metrics_show_the_outbox_the_envelopes_answered_and_the_log() {
     let sender_port = serve_metrics(&fed, SHELTER_MY);
     let recipient_port = serve_metrics(&fed, SHELTER_KH);
     let _recipient = fed.start(SHELTER_KH);
+    // The third witness, so that a majority of each log's witnesses cosigns.
+    let _embassy = fed.start(EMBASSY);
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
@@ -93,7 +95,10 @@ async fn metrics_show_the_outbox_the_envelopes_answered_and_the_log() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let at_recipient = loop {
         let (_, body) = get(recipient_port, "/metrics").await;
-        if value(&body, "corridor_audit_checkpoint_size").is_some_and(|n| n >= 2.0) {
+        let vouched = "corridor_audit_served_checkpoint_vouched_timestamp_seconds";
+        if value(&body, "corridor_audit_checkpoint_size").is_some_and(|n| n >= 2.0)
+            && value(&body, vouched).is_some_and(|t| t > 1.7e9)
+        {
             break body;
         }
         assert!(
@@ -117,10 +122,14 @@ async fn metrics_show_the_outbox_the_envelopes_answered_and_the_log() {
         )
         .is_some_and(|t| t > 1.7e9)
     );
+    assert!(
+        value(&at_recipient, "corridor_audit_served_checkpoint_size").is_some_and(|n| n >= 1.0)
+    );
     // Counts only: no member, case or consent is named.
     for named in [
         SHELTER_MY,
         SHELTER_KH,
+        EMBASSY,
         case_id.as_str(),
         sent.referral_id.as_str(),
     ] {
