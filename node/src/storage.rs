@@ -3510,6 +3510,103 @@ pub(crate) mod tests {
     /// outcome: a replay within the group gets the first copy's answer, a referral under a
     /// stale key is refused, and every answer names the place its entry really has in the
     /// log, although a row before it was not stored (the group then runs job by job).
+    /// Retention deletes received referrals past their time (one entry for the run) and
+    /// shreds their keys, and sweeps what nothing held needs any more: a key no referral
+    /// came to need, terms left stored for a consent under which nothing is held. What a
+    /// referral still held needs stays.
+    #[tokio::test]
+    async fn retention_deletes_what_expired_and_sweeps_what_nothing_held_needs() {
+        let (store, dir) = temp_store("retention-sweep").await;
+        let kept_key = "in:shelter-my:kept";
+        for (id, key) in [
+            ("in:shelter-my:case-ref", b"key-1".as_slice()),
+            (kept_key, b"key-2"),
+            ("in:shelter-my:orphan", b"key-3"),
+        ] {
+            store.ensure_case_key(id, key, 0).await.expect("key");
+        }
+        let expiring = store.accept_referral(referral(b"key-1"), entry()).await;
+        assert!(matches!(expiring, Ok(AcceptOutcome::Stored(_))));
+        let kept = AcceptedReferral {
+            message_id: MessageId([2; 16]),
+            case_key_id: kept_key.into(),
+            consent_id: "consent-2".into(),
+            retain_until_ms: 1000,
+            ..referral(b"key-2")
+        };
+        let stored = store.accept_referral(kept, entry()).await;
+        assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
+        sqlx::raw_sql(
+            "INSERT INTO narrowed_consents
+                 (sender, consent_id, narrowed_at_ms, terms_sealed, terms_case_key_id)
+             VALUES ('shelter-my', 'consent-1', 0, x'01', 'in:shelter-my:case-ref'),
+                    ('shelter-my', 'consent-2', 0, x'02', 'in:shelter-my:kept'),
+                    ('shelter-my', 'consent-9', 0, x'09', 'in:shelter-my:gone')",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("terms");
+        let size = store.audit_size().await.expect("size");
+
+        let audit = |deleted| {
+            corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, 0)
+        };
+        let deleted = store
+            .enforce_retention(500, Box::new(audit))
+            .await
+            .expect("retention");
+        assert_eq!(deleted, 1);
+        assert_eq!(store.audit_size().await.expect("size"), size + 1);
+        let keys: Vec<String> = sqlx::query_scalar("SELECT id FROM case_keys ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .expect("keys");
+        assert_eq!(
+            keys,
+            [kept_key],
+            "the expired one's key and the orphan are shredded"
+        );
+        assert!(
+            store
+                .inbox_item(MessageId([1; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        assert!(
+            store
+                .inbox_item(MessageId([2; 16]))
+                .await
+                .expect("read")
+                .is_some()
+        );
+        let terms: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT consent_id, terms_sealed IS NOT NULL FROM narrowed_consents ORDER BY consent_id",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .expect("terms");
+        assert_eq!(
+            terms,
+            [
+                ("consent-1".to_owned(), false),
+                ("consent-2".to_owned(), true),
+                ("consent-9".to_owned(), false)
+            ],
+            "terms stay only where something is held under the consent"
+        );
+
+        // A run that deletes nothing appends nothing.
+        let deleted = store
+            .enforce_retention(500, Box::new(audit))
+            .await
+            .expect("retention");
+        assert_eq!(deleted, 0);
+        assert_eq!(store.audit_size().await.expect("size"), size + 1);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Upgrading to seen envelopes and received referrals keyed by sender and message id
     /// keeps every row, each answer, and the inbox's order (its row ids, which page
     /// tokens name).
