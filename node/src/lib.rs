@@ -72,6 +72,9 @@ pub enum Command {
         #[arg(long)]
         role: corridor::LocalRole,
     },
+    /// List the local users: name, role, live tokens, when created. Works whether or not
+    /// the node is running.
+    ListUsers,
     /// Issue a bearer token for a local administrator: `create-token --role admin`.
     CreateAdminToken {
         /// Name of the local user.
@@ -218,6 +221,23 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
         Command::CreateToken { user, role } => issue_token(&config, &user, role).await,
+        Command::ListUsers => {
+            let store = node::open_store(&config).await.map_err(|e| e.to_string())?;
+            let users = store.users().await.map_err(|e| e.to_string());
+            store.close().await;
+            let users = users?;
+            if users.is_empty() {
+                return print_line("no local users: create-token makes the first");
+            }
+            print_line("user\trole\tlive tokens\tcreated")?;
+            for (name, role, tokens, created_at_ms) in users {
+                print_line(&format!(
+                    "{name}\t{role}\t{tokens}\t{}",
+                    corridor::utc::format(created_at_ms)
+                ))?;
+            }
+            Ok(())
+        }
         Command::SetRole { user, role } => {
             valid_user_name(&user)?;
             let store = node::open_store(&config).await.map_err(|e| e.to_string())?;

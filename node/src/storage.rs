@@ -744,6 +744,19 @@ impl Store {
             .await
     }
 
+    /// Every local user: name, role, live tokens, when created.
+    pub async fn users(&self) -> Result<Vec<(String, String, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT u.name, u.role,
+                    (SELECT COUNT(*) FROM tokens t
+                     WHERE t.user_id = u.id AND t.revoked_at_ms IS NULL),
+                    u.created_at_ms
+             FROM users u ORDER BY u.name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Gives the user `name` the role `role`; `audit` makes the log entry from the user's
     /// id. Returns the role it held, or `None` if there is no such user; nothing is
     /// written if it held `role` already.

@@ -161,6 +161,21 @@ fn a_token_of_another_role_for_an_existing_user_is_refused() {
     );
     let error = issue_token(config, "dora", "officer").expect_err("an unknown role");
     assert!(error.contains("officer"), "{error}");
+    let listed = std::process::Command::new(binary("corridor-node"))
+        .arg("--config")
+        .arg(config)
+        .arg("list-users")
+        .output()
+        .expect("run corridor-node list-users");
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("carla\tcaseworker\t2\t")),
+        "{listed}"
+    );
+    assert!(!listed.contains("dora"), "{listed}");
 
     let node = fed.start(SHELTER_MY);
     let rt = tokio::runtime::Builder::new_current_thread()
