@@ -56,16 +56,18 @@ pub struct AuditArgs {
     /// Where the auditor keeps what it verified.
     #[arg(long, env = "CORRIDOR_AUDIT_STATE", default_value = ".corridor-audit")]
     pub state: PathBuf,
-    /// Most entries a log's checkpoint may claim before its entries are fetched: they
-    /// are held in memory (a few hundred bytes each), and the size is the audited node's
-    /// word. Raise it to audit a larger log.
+    /// Most entries a log's checkpoint may claim before its entries are fetched: `verify`
+    /// holds each entry's hash in memory (and in its state), `export` and `cross-check`
+    /// the entries themselves (a few hundred bytes each), and the size is the audited
+    /// node's word. Raise it to audit a larger log.
     #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES)]
     pub max_entries: u64,
     #[command(subcommand)]
     pub command: AuditCommand,
 }
 
-/// Default of `--max-entries`: about 2 GB of entries and hashes in memory at most.
+/// Default of `--max-entries`: at most about 2 GB of entries in memory for `export` and
+/// `cross-check`, and about 0.6 GB of hashes for `verify`.
 pub const DEFAULT_MAX_ENTRIES: u64 = 5_000_000;
 
 #[derive(Debug, Clone, Args)]
@@ -393,7 +395,28 @@ impl Auditor {
         Ok((checkpoint, response.note, verifier))
     }
 
+    /// Fetches a log's checkpoint and every entry it covers, all held in memory.
     async fn fetch(&self, org: &str) -> Result<Fetched, String> {
+        // The size is the audited node's word: reserve for one page, not for what it claims.
+        let mut entries = Vec::with_capacity(1000);
+        let (checkpoint, note, verifier) = self
+            .fetch_pages(org, |_, mut page| entries.append(&mut page))
+            .await?;
+        Ok(Fetched {
+            checkpoint,
+            note,
+            verifier,
+            entries,
+        })
+    }
+
+    /// Fetches a log's checkpoint, then the entries it covers a page at a time, handing
+    /// each page with the index of its first entry to `page` and keeping none.
+    async fn fetch_pages(
+        &self,
+        org: &str,
+        mut page: impl FnMut(u64, Vec<Vec<u8>>),
+    ) -> Result<(Checkpoint, String, NoteVerifier), String> {
         let mut client = self.client(org).await?;
         let (checkpoint, note, verifier) = self.checkpoint(&mut client, org).await?;
         if checkpoint.size > self.max_entries {
@@ -402,19 +425,17 @@ impl Auditor {
                 checkpoint.size, self.max_entries
             ));
         }
-        // The size is the audited node's word: reserve for one page, not for what it claims.
-        let mut entries = Vec::with_capacity(checkpoint.size.min(1000) as usize);
         let mut start = 0;
         while start < checkpoint.size {
             let end = (start + 1000).min(checkpoint.size);
-            let mut page = client
+            let entries = client
                 .get_entries(pb::GetEntriesRequest { start, end })
                 .await
                 .map_err(|s| format!("{org}: {}", s.message()))?
                 .into_inner()
                 .entries;
-            let got = page.len() as u64;
-            entries.append(&mut page);
+            let got = entries.len() as u64;
+            page(start, entries);
             if got != end - start {
                 // The node could not produce every entry its checkpoint covers.
                 return Err(format!(
@@ -425,12 +446,7 @@ impl Auditor {
             start = end;
             progress(self.output, start, checkpoint.size);
         }
-        Ok(Fetched {
-            checkpoint,
-            note,
-            verifier,
-            entries,
-        })
+        Ok((checkpoint, note, verifier))
     }
 
     fn state_path(&self, org: &str) -> PathBuf {
@@ -533,27 +549,19 @@ fn verified_leaves(state: &State) -> Result<Vec<Hash>, String> {
     Ok(leaves)
 }
 
-/// Where a log's signing key is named: each `node-started` entry's index and the key it
-/// names, under the log's name (`current`'s). A node records its key at every start,
+/// The signing key a `node-started` entry names. A node records its key at every start,
 /// before it signs anything, so a checkpoint of size *s* is signed with the key the last
 /// such entry before index *s* names ([`key_for`]).
-fn key_changes(current: &NoteVerifier, entries: &[Vec<u8>]) -> Vec<(u64, NoteVerifier)> {
-    entries
-        .iter()
-        .enumerate()
-        .filter_map(|(index, entry)| {
-            let entry = corridor::audit::decode(entry).ok()?;
-            let key = (entry.kind == "node-started")
-                .then(|| entry.get("signing_key"))
-                .flatten()
-                .and_then(|key| corridor::VerifyingKey::from_base64(key).ok())?;
-            Some((index as u64, NoteVerifier::new(current.name(), key)))
-        })
-        .collect()
+fn started_with(entry: &corridor::audit::Entry) -> Option<corridor::VerifyingKey> {
+    (entry.kind == "node-started")
+        .then(|| entry.get("signing_key"))
+        .flatten()
+        .and_then(|key| corridor::VerifyingKey::from_base64(key).ok())
 }
 
-/// The key a checkpoint of `size` was signed with, by the log's entries (see
-/// [`key_changes`]); the directory's (`current`) where no entry names one.
+/// The key a checkpoint of `size` was signed with, by `changes`, the index of each
+/// `node-started` entry and the key it names under the log's name (see
+/// [`started_with`]); the directory's (`current`) where no entry names one.
 fn key_for<'k>(
     size: u64,
     current: &'k NoteVerifier,
@@ -874,24 +882,44 @@ async fn verify(
     fresh: &Freshness,
 ) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let fetched = auditor.fetch(org).await?;
-    let cp = &fetched.checkpoint;
+    // Entries are read a page at a time and not kept: what the checks need of them is
+    // their leaf hashes, their kinds and the keys their node-started entries name.
+    let mut leaves: Vec<Hash> = Vec::new();
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    let mut started_keys = Vec::new();
+    let mut malformed = None;
+    let (checkpoint, note, verifier) = auditor
+        .fetch_pages(org, |start, page| {
+            for (index, entry) in (start..).zip(&page) {
+                leaves.push(merkle::leaf_hash(entry));
+                match corridor::audit::decode(entry) {
+                    Ok(entry) => {
+                        started_keys.extend(started_with(&entry).map(|key| (index, key)));
+                        *kinds.entry(entry.kind).or_default() += 1;
+                    }
+                    Err(err) => {
+                        malformed
+                            .get_or_insert(format!("{org}: entry {index} is malformed: {err}"));
+                    }
+                }
+            }
+        })
+        .await?;
+    let cp = &checkpoint;
     let mut state = auditor.load_state(org)?;
-    let leaves: Vec<Hash> = fetched
-        .entries
-        .iter()
-        .map(|e| merkle::leaf_hash(e))
-        .collect();
 
     let root_matches = merkle::root(&leaves) == cp.root;
-    let changes = key_changes(&fetched.verifier, &fetched.entries);
+    let changes: Vec<(u64, NoteVerifier)> = started_keys
+        .into_iter()
+        .map(|(index, key)| (index, NoteVerifier::new(verifier.name(), key)))
+        .collect();
     let damaged = |problem: String| {
         format!(
             "the auditor state {} is damaged or was edited: {problem}; restore it from a backup (removing it starts over and forgets every checkpoint verified before)",
             auditor.state_path(org).display()
         )
     };
-    let verified = match pinned_by(&state, &fetched.verifier, &changes) {
+    let verified = match pinned_by(&state, &verifier, &changes) {
         Ok(()) => verified_leaves(&state).map_err(damaged)?,
         Err(PinProblem::Damaged(problem)) => return Err(damaged(problem)),
         // Entries that are not the ones the log signed name no keys: the check of the
@@ -971,26 +999,23 @@ async fn verify(
             format!("{org}'s checkpoint of size {} is not consistent with its earlier checkpoint of size {}: {e}", cp.size, pinned.size)
         })?;
     }
-    let witnessed = Witnessed::of(auditor, org, &fetched.note, policy)?;
-    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
-    for e in &fetched.entries {
-        let entry = corridor::audit::decode(e)
-            .map_err(|err| format!("{org}: an entry is malformed: {err}"))?;
-        *kinds.entry(entry.kind).or_default() += 1;
+    let witnessed = Witnessed::of(auditor, org, &note, policy)?;
+    if let Some(malformed) = malformed {
+        return Err(malformed);
     }
     state.leaves = leaves.iter().map(hex::encode).collect();
     // Pins from before pins recorded keys verified under the directory's key above:
     // record it, so that they still verify once the log's key changes.
     for pinned in state.checkpoints.iter_mut().filter(|p| p.key.is_none()) {
-        pinned.key = Some(key_for(pinned.size, &fetched.verifier, &changes).to_string());
+        pinned.key = Some(key_for(pinned.size, &verifier, &changes).to_string());
     }
     if state.checkpoints.last().is_none_or(|p| p.size != cp.size) {
         state.checkpoints.push(Pinned {
             size: cp.size,
             root: B64.encode(cp.root),
-            note: fetched.note.clone(),
+            note: note.clone(),
             verified_at_ms: corridor_node::node::now_ms(),
-            key: Some(fetched.verifier.to_string()),
+            key: Some(verifier.to_string()),
         });
     }
     // The checkpoint is pinned even without its quorum: it is the log's own signed word,
@@ -1395,6 +1420,18 @@ mod tests {
             leaves: leaves.iter().map(hex::encode).collect(),
         };
         (state, leaves)
+    }
+
+    /// The index of each `node-started` entry of `entries` and the key it names, under
+    /// `current`'s name, as `verify` gathers them page by page.
+    fn key_changes(current: &NoteVerifier, entries: &[Vec<u8>]) -> Vec<(u64, NoteVerifier)> {
+        (0..)
+            .zip(entries)
+            .filter_map(|(index, entry)| {
+                let key = started_with(&corridor::audit::decode(entry).ok()?)?;
+                Some((index, NoteVerifier::new(current.name(), key)))
+            })
+            .collect()
     }
 
     /// A pin of size 3 signed by `key` for the log `name`, recording `recorded`.
