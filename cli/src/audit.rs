@@ -67,7 +67,7 @@ pub struct AuditArgs {
 }
 
 /// Default of `--max-entries`: at most about 2 GB of entries in memory for `export` and
-/// `cross-check`, and about 0.6 GB of hashes for `verify`.
+/// `cross-check`, and about 1 GB of hashes for `verify`, most of it its state's.
 pub const DEFAULT_MAX_ENTRIES: u64 = 5_000_000;
 
 #[derive(Debug, Clone, Args)]
