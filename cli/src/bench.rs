@@ -801,7 +801,7 @@ async fn measure(
                 purposes: vec![PURPOSE.into()],
                 recipient_orgs: vec!["bench-recipient".into()],
                 fields: referral_fields().into_keys().collect(),
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             }),
             given_by: "person".into(),

@@ -89,7 +89,7 @@ pub struct RecordConsent {
     /// No contact with the person's family (refuses family tracing).
     #[arg(long)]
     pub no_family_contact: bool,
-    /// Days until the consent expires.
+    /// Days until the consent expires (kept to the start of that UTC day).
     #[arg(long, default_value_t = 90)]
     pub expires_in_days: u32,
     /// Who gave consent: person or guardian.
@@ -128,7 +128,8 @@ pub struct NarrowConsent {
     /// Forbid contact with family from now on.
     #[arg(long)]
     pub no_family_contact: bool,
-    /// New expiry, in days from now (must not extend the consent).
+    /// New expiry, in days from now, kept to the start of that UTC day (must not extend
+    /// the consent).
     #[arg(long)]
     pub expires_in_days: Option<u32>,
 }

@@ -458,7 +458,8 @@ pub async fn record_consent(
         .scope
         .as_ref()
         .ok_or_else(|| Failure::invalid("consent scope is missing"))?;
-    let scope = parse_scope(node, &id, wire)?;
+    let mut scope = parse_scope(node, &id, wire)?;
+    scope.expires_at_ms = consent::recorded_expiry(scope.expires_at_ms);
     scope
         .check_new_country_codes(None)
         .map_err(|e| Failure::invalid(e.to_string()))?;
@@ -506,7 +507,9 @@ pub async fn record_consent(
     text_detail("language", &req.language)?;
     let now = now_ms();
     if scope.expires_at_ms <= now {
-        return Err(Failure::invalid("consent expiry must be in the future"));
+        return Err(Failure::invalid(
+            "consent expiry must fall on a later UTC day than today: a consent's expiry is kept to the start of its UTC day, so that recipients cannot match their records by it",
+        ));
     }
     if scope.expires_at_ms > now.saturating_add(consent::MAX_CONSENT_LIFETIME_MS) {
         return Err(Failure::invalid(
@@ -633,7 +636,12 @@ pub async fn narrow_consent(
             ));
         }
         let current = scope_of(&row)?;
-        let narrower = parse_scope(node, &row.id, wire)?;
+        let mut narrower = parse_scope(node, &row.id, wire)?;
+        // An expiry left as it was stays as it was (one recorded before expiries were kept
+        // to the day); a new one is kept to the day.
+        if narrower.expires_at_ms != current.expires_at_ms {
+            narrower.expires_at_ms = consent::recorded_expiry(narrower.expires_at_ms);
+        }
         narrower
             .check_new_country_codes(Some(&current))
             .map_err(|e| Failure::invalid(e.to_string()))?;

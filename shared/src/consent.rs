@@ -74,6 +74,19 @@ pub fn is_consent_id(text: &str) -> bool {
 /// typo or a unit mistake rather than what a person agreed to.
 pub const MAX_CONSENT_LIFETIME_MS: i64 = 10 * 366 * 24 * 3600 * 1000;
 
+/// What a consent's expiry is kept to: a whole UTC day.
+pub const EXPIRY_UNIT_MS: i64 = 24 * 3600 * 1000;
+
+/// `expires_at_ms` as a consent records it: the start of its UTC day. Every recipient of a
+/// referral under a consent learns its expiry from the consent receipt; to the
+/// millisecond, it would be a value unique to this person's consent, by which recipients
+/// could match the records their pairwise references keep apart. To the day, it is shared
+/// by every consent recorded that day for as long. Rounding down only shortens what the
+/// person agreed to.
+pub fn recorded_expiry(expires_at_ms: i64) -> i64 {
+    expires_at_ms - expires_at_ms.rem_euclid(EXPIRY_UNIT_MS)
+}
+
 /// Restrictions the person asked for, on top of the scope.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Restrictions {
@@ -939,6 +952,31 @@ mod tests {
     use super::*;
     use crate::seal::SealingKey;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_recorded_expiry_is_the_start_of_its_utc_day() {
+        // 2026-12-01 10:15:42.123 UTC.
+        let at = 1_796_120_142_123;
+        assert_eq!(recorded_expiry(at), 1_796_083_200_000);
+        assert_eq!(
+            crate::utc::format(recorded_expiry(at)),
+            "2026-12-01 00:00:00 UTC"
+        );
+        assert_eq!(recorded_expiry(1_796_083_200_000), 1_796_083_200_000);
+        assert_eq!(recorded_expiry(-1), -EXPIRY_UNIT_MS);
+    }
+
+    proptest! {
+        /// Never later than asked, less than a day earlier, and the same for every moment
+        /// of one day.
+        #[test]
+        fn a_recorded_expiry_only_shortens_and_only_by_less_than_a_day(at in any::<i64>().prop_map(|v| v / 4)) {
+            let kept = recorded_expiry(at);
+            prop_assert!(kept <= at && at - kept < EXPIRY_UNIT_MS);
+            prop_assert_eq!(kept.rem_euclid(EXPIRY_UNIT_MS), 0);
+            prop_assert_eq!(recorded_expiry(kept + EXPIRY_UNIT_MS - 1), kept);
+        }
+    }
 
     fn member(id: &str, country: &str, role: Role) -> Member {
         Member {

@@ -384,7 +384,7 @@ pub async fn consent_to(
                 purposes: purposes.iter().map(|p| p.to_string()).collect(),
                 recipient_orgs: recipients.iter().map(|r| r.to_string()).collect(),
                 fields: fields_allowed_for(purposes).into_iter().collect(),
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             },
         ))

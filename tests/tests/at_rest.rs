@@ -154,7 +154,7 @@ async fn markers_in_every_field_never_appear_in_plaintext_and_purged_data_is_gon
                 purposes: plan.iter().map(|(_, p)| p.to_string()).collect(),
                 recipient_orgs: plan.iter().map(|(o, _)| o.to_string()).collect(),
                 fields: all_fields,
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             }),
             given_by: "guardian".into(),

@@ -55,7 +55,7 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     };
     s.record_consent(consent(
         &case_id,
-        corridor_node::node::now_ms() + 86_400_000,
+        corridor_node::node::now_ms() + 30 * 86_400_000,
     ))
     .await
     .unwrap();
@@ -117,7 +117,7 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     let withdrawn = s
         .record_consent(consent(
             &withdrawn_case,
-            corridor_node::node::now_ms() + 86_400_000,
+            corridor_node::node::now_ms() + 30 * 86_400_000,
         ))
         .await
         .unwrap()
@@ -135,14 +135,38 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
     .await;
     assert!(m.contains("the consent was withdrawn"), "{m}");
 
-    // An expired consent.
+    // An expired consent. Expiries are kept to the day, so one that has passed is set
+    // in the database (before anything read the consent, so no cache holds it).
     let expired_case = new_case(&mut s).await;
-    s.record_consent(consent(&expired_case, corridor_node::node::now_ms() + 1000))
+    let expired = s
+        .record_consent(consent(
+            &expired_case,
+            corridor_node::node::now_ms() + 2 * 86_400_000,
+        ))
         .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+        .unwrap()
+        .into_inner()
+        .consent_id;
+    sql(
+        &sender,
+        &[&format!(
+            "UPDATE consents SET expires_at_ms = 1000 WHERE id = '{expired}'"
+        )],
+    )
+    .await;
     let m = refusal(&mut s, referral(&expired_case, SHELTER_KH, "reintegration")).await;
     assert!(m.contains("the consent has expired"), "{m}");
+    // An expiry within today would be kept as today's start, which has passed.
+    let today = s
+        .record_consent(consent(&expired_case, corridor_node::node::now_ms() + 1))
+        .await
+        .expect_err("an expiry within today");
+    assert!(
+        today
+            .message()
+            .contains("must fall on a later UTC day than today"),
+        "{today:?}"
+    );
 
     // The same gate through the CLI: one sentence, non-zero exit.
     let out = Command::new(binary("corridor"))
@@ -369,7 +393,7 @@ async fn consent_records_are_bounded() {
     for (request, words) in [
         (consent(i64::MAX, "km"), "within ten years"),
         (
-            consent(now + 86_400_000, "km\u{1b}[2J"),
+            consent(now + 30 * 86_400_000, "km\u{1b}[2J"),
             "without control characters",
         ),
     ] {
@@ -415,7 +439,7 @@ async fn concurrent_narrowings_all_take_effect() {
                 purposes: vec!["reintegration".into(), "shelter-placement".into()],
                 recipient_orgs: vec![SHELTER_KH.into()],
                 fields,
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             }),
             given_by: "person".into(),
@@ -507,7 +531,7 @@ async fn a_consent_naming_recipients_who_could_receive_nothing_is_not_recorded()
                 recipient_roles: roles.iter().map(|r| r.to_string()).collect(),
                 fields: fields_allowed_for(purposes).into_iter().collect(),
                 excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             },
         )
@@ -586,7 +610,7 @@ async fn country_codes_and_dates_of_birth_are_checked() {
                     .into_iter()
                     .collect(),
                 excluded_countries: excluded.iter().map(|c| c.to_string()).collect(),
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             },
         )
@@ -728,7 +752,10 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
         "{stdout}"
     );
     assert!(
-        stdout.contains(&format!("until {}", corridor::utc::format(expires_at_ms))),
+        stdout.contains(&format!(
+            "until {}",
+            corridor::utc::format(corridor::consent::recorded_expiry(expires_at_ms))
+        )),
         "{stdout}"
     );
 }

@@ -755,7 +755,7 @@ async fn a_recipient_that_refused_every_referral_has_nothing_to_purge() {
                 recipient_orgs: vec![NGO_TH.into()],
                 fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
                 excluded_countries: vec!["VN".into()],
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             },
         ))
@@ -1028,7 +1028,7 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
     let _kh = fed.start(SHELTER_KH);
     let mut s = sender.client().await;
     let case_id = new_case(&mut s).await;
-    let expires_at_ms = corridor_node::node::now_ms() + 86_400_000;
+    let expires_at_ms = corridor_node::node::now_ms() + 30 * 86_400_000;
     let consent_id = s
         .record_consent(consent_request(
             &case_id,
@@ -1056,7 +1056,8 @@ async fn a_narrowing_that_removes_no_field_reports_nothing_kept_whole() {
     forget_recorded_fields(&mut sender, &id).await;
     let mut s = sender.client().await;
     let mut scope = consent_scope(&mut s, &consent_id).await;
-    scope.expires_at_ms = expires_at_ms - 3_600_000;
+    // Expiries are kept to the day: one day earlier.
+    scope.expires_at_ms = corridor::consent::recorded_expiry(expires_at_ms) - 86_400_000;
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
         scope: Some(scope),
@@ -1126,7 +1127,7 @@ async fn a_restriction_added_later_reaches_the_recipient() {
     let mut scope = consent_scope(&mut s, &consent_id).await;
     scope.no_family_contact = true;
     scope.excluded_countries = vec!["VN".into()];
-    scope.expires_at_ms -= 3_600_000;
+    scope.expires_at_ms -= 86_400_000;
     let expires_at_ms = scope.expires_at_ms;
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
@@ -1301,7 +1302,7 @@ async fn a_restriction_added_while_a_recipient_was_away_reaches_it_when_it_retur
                 purposes: vec!["reintegration".into()],
                 recipient_roles: vec!["shelter@KH".into()],
                 fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
-                expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+                expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
                 ..Default::default()
             },
         ))
@@ -1525,8 +1526,8 @@ async fn narrowings_that_reach_a_recipient_together_are_all_carried_out() {
     let changes: [&dyn Fn(&mut pb::ConsentScope); 4] = [
         &|scope| scope.excluded_countries.push("VN".into()),
         &|scope| scope.no_family_contact = true,
-        &|scope| scope.expires_at_ms -= 3_600_000,
-        &|scope| scope.expires_at_ms -= 3_600_000,
+        &|scope| scope.expires_at_ms -= 86_400_000,
+        &|scope| scope.expires_at_ms -= 86_400_000,
     ];
     for (i, change) in changes.into_iter().enumerate() {
         if i == 1 {
@@ -1654,7 +1655,7 @@ async fn a_queued_referral_the_consent_no_longer_admits_under_a_new_directory_is
             recipient_orgs: vec![NGO_TH.into()],
             fields: fields_allowed_for(&["reintegration"]).into_iter().collect(),
             excluded_countries: vec!["MM".into()],
-            expires_at_ms: corridor_node::node::now_ms() + 86_400_000,
+            expires_at_ms: corridor_node::node::now_ms() + 30 * 86_400_000,
             ..Default::default()
         },
     ))
