@@ -51,8 +51,9 @@ enum Access {
     Entries,
 }
 
-/// Who may read the audit log: members with the auditor role over mutual TLS, witnesses
-/// its proofs only, and on the local API the node's users whose role may read it.
+/// Who may read the audit log: over mutual TLS, members with the auditor role that work
+/// no cases ([`corridor::Member::reads_audit_entries`]), and auditors and witnesses its
+/// proofs only, and on the local API the node's users whose role may read it.
 async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Result<(), Status> {
     if let Some(peer) = request.extensions().get::<PeerInfo>() {
         crate::services::require_current_directory(node)?;
@@ -60,13 +61,19 @@ async fn authorize<T>(node: &Node, request: &Request<T>, access: Access) -> Resu
             .directory
             .get(&peer.org)
             .ok_or_else(|| Status::permission_denied("not a member"))?;
-        if member.has_role(Role::Auditor)
-            || (access == Access::Proofs && member.has_role(Role::Witness))
-        {
+        let allowed = match access {
+            Access::Proofs => member.has_role(Role::Auditor) || member.has_role(Role::Witness),
+            Access::Entries => member.reads_audit_entries(),
+        };
+        if allowed {
             return Ok(());
         }
         return Err(Status::permission_denied(match access {
             Access::Proofs => format!("{} has neither the auditor nor the witness role", peer.org),
+            Access::Entries if member.has_role(Role::Auditor) => format!(
+                "{} works cases beside its auditor role: audit entries are read only by auditors that work none, since they link the events of one person's case",
+                peer.org
+            ),
             Access::Entries => format!(
                 "{} does not have the auditor role, which reading audit entries needs",
                 peer.org

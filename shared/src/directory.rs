@@ -47,6 +47,15 @@ impl Role {
         Self::ALL.into_iter().find(|r| r.as_str() == text)
     }
 
+    /// Shelters, NGOs, embassies and governments: members that receive referrals and so
+    /// know the people behind them.
+    pub fn works_cases(self) -> bool {
+        matches!(
+            self,
+            Self::Shelter | Self::Ngo | Self::Embassy | Self::Government
+        )
+    }
+
     /// Embassies and governments: a consent reaches them only where it names them.
     pub fn is_state_authority(self) -> bool {
         matches!(self, Self::Embassy | Self::Government)
@@ -351,6 +360,14 @@ impl Member {
         self.roles.contains(&role)
     }
 
+    /// Whether this member may read other members' audit entries: an auditor that works
+    /// no cases. The entries name no one, but their case pseudonyms, recipients, purposes
+    /// and times link the events of one person's case; a member that received a referral
+    /// could follow that person through every other log it reads.
+    pub fn reads_audit_entries(&self) -> bool {
+        self.has_role(Role::Auditor) && !self.roles.iter().any(|r| r.works_cases())
+    }
+
     /// The file form of this member.
     pub fn to_entry(&self) -> MemberEntry {
         MemberEntry {
@@ -512,6 +529,25 @@ mod tests {
         assert!(Governance::new(keys(2), 3).is_err());
         let twice = vec![gov[0].verifying_key(), gov[0].verifying_key()];
         assert!(Governance::new(twice, 1).is_err());
+    }
+
+    #[test]
+    fn only_an_auditor_that_works_no_cases_reads_audit_entries() {
+        let with = |roles: Vec<Role>| {
+            let mut e = entry("a-my");
+            e.roles = roles;
+            let dir = Directory::from_toml(&file(vec![e])).unwrap();
+            dir.get(&OrgId::new("a-my").unwrap())
+                .unwrap()
+                .reads_audit_entries()
+        };
+        assert!(with(vec![Role::Auditor]));
+        assert!(with(vec![Role::Auditor, Role::Witness]));
+        for working in [Role::Shelter, Role::Ngo, Role::Embassy, Role::Government] {
+            assert!(!with(vec![Role::Auditor, working]), "{working:?}");
+            assert!(!with(vec![working]), "{working:?}");
+        }
+        assert!(!with(vec![Role::Witness]));
     }
 
     #[test]

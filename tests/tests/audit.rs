@@ -1077,3 +1077,45 @@ async fn an_auditor_fetches_no_more_entries_than_it_agreed_to_hold() {
         &["verify", SHELTER_MY, "--quorum", "0"],
     ));
 }
+
+/// A member that works cases as well as auditing (here a shelter that is also an
+/// auditor) reads checkpoints and proofs, not entries: it could follow the people it
+/// received through every log it reads.
+#[tokio::test]
+async fn an_auditor_that_works_cases_reads_no_entries() {
+    use corridor_proto::v1 as pb;
+    use corridor_proto::v1::audit_client::AuditClient;
+    let orgs: Vec<_> = corridor_cli::devpki::demo_orgs()
+        .into_iter()
+        .map(|mut spec| {
+            if spec.id.as_str() == SHELTER_KH {
+                spec.roles.push(corridor::Role::Auditor);
+            }
+            spec
+        })
+        .collect();
+    let fed = Federation::with_orgs("audit-working", &orgs);
+    let my = fed.start(SHELTER_MY);
+    some_events(&my, 1).await;
+    wait_checkpointed(&my).await;
+    let channel = fed
+        .federation_channel(Some(fed.org(SHELTER_KH)), &fed.dir, SHELTER_MY)
+        .await
+        .expect("the shelter connects");
+    let mut audit = AuditClient::new(channel);
+    audit
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .expect("checkpoints are hashes: it reads them");
+    let refused = audit
+        .get_entries(pb::GetEntriesRequest { start: 0, end: 1 })
+        .await
+        .expect_err("no entries for a member that works cases");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("works cases beside its auditor role"),
+        "{refused:?}"
+    );
+}
