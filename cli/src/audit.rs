@@ -59,15 +59,16 @@ pub struct AuditArgs {
     /// Most entries a log's checkpoint may claim before its entries are fetched: `verify`
     /// holds each entry's hash in memory (and in its state), `export` and `cross-check`
     /// the entries themselves (a few hundred bytes each), and the size is the audited
-    /// node's word. Raise it to audit a larger log.
+    /// node's word. Raise it to audit a larger log (up to about 15 000 000 entries, whose
+    /// state `verify` can still read back).
     #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES)]
     pub max_entries: u64,
     #[command(subcommand)]
     pub command: AuditCommand,
 }
 
-/// Default of `--max-entries`: at most about 2 GB of entries in memory for `export` and
-/// `cross-check`, and about 1 GB of hashes for `verify`, most of it its state's.
+/// Default of `--max-entries`: at most about 2 GB of memory, for the entries `export` and
+/// `cross-check` hold and for the hashes `verify` and its state hold.
 pub const DEFAULT_MAX_ENTRIES: u64 = 5_000_000;
 
 #[derive(Debug, Clone, Args)]

@@ -516,7 +516,10 @@ pub async fn consent(
 ) -> Result<(), String> {
     match cmd {
         ConsentCommand::Record(c) => {
-            let expires_at_ms = now_ms() + i64::from(c.expires_in_days) * 86_400_000;
+            // As the node records it, so that what is printed is what the person agreed.
+            let expires_at_ms = corridor::consent::recorded_expiry(
+                now_ms() + i64::from(c.expires_in_days) * 86_400_000,
+            );
             let r = client
                 .record_consent(pb::RecordConsentRequest {
                     case_id: c.case_id,

@@ -337,6 +337,17 @@ impl Witness for WitnessService {
 /// witnesses, or before a majority cosigned any, the newest.
 async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>, StoreError> {
     use std::sync::atomic::Ordering;
+    let chosen = checkpoint_to_serve(node).await?;
+    if let Some((size, _, _)) = &chosen {
+        node.served_checkpoint_size
+            .fetch_max(*size, Ordering::Relaxed);
+    }
+    Ok(chosen)
+}
+
+/// The checkpoint [`served_checkpoint`] would serve now, without recording that it did.
+async fn checkpoint_to_serve(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>, StoreError> {
+    use std::sync::atomic::Ordering;
     let witnesses: Vec<String> = node
         .config
         .audit
@@ -355,22 +366,17 @@ async fn served_checkpoint(node: &Node) -> Result<Option<(u64, Vec<u8>, String)>
     let floor = node.served_checkpoint_size.load(Ordering::Relaxed);
     // Without a checkpoint the majority cosigned (no witnesses, or none yet), the newest:
     // never smaller than one served before, since signing refuses a shorter log.
-    let chosen = match cosigned {
-        Some(size) => node.store.checkpoint_at(size.max(floor)).await?,
-        None => node.store.latest_checkpoint().await?,
-    };
-    if let Some((size, _, _)) = &chosen {
-        node.served_checkpoint_size
-            .fetch_max(*size, Ordering::Relaxed);
+    match cosigned {
+        Some(size) => node.store.checkpoint_at(size.max(floor)).await,
+        None => node.store.latest_checkpoint().await,
     }
-    Ok(chosen)
 }
 
 /// The checkpoint this node serves, and when a majority of its witnesses last vouched
 /// for it (seconds, from their cosignatures), if they have: what auditors judge a log's
-/// freshness by.
+/// freshness by. Reading it changes nothing of what auditors are served.
 pub async fn served_freshness(node: &Node) -> Result<Option<(u64, Option<u64>)>, StoreError> {
-    let Some((size, _, note)) = served_checkpoint(node).await? else {
+    let Some((size, _, note)) = checkpoint_to_serve(node).await? else {
         return Ok(None);
     };
     let witnesses = &node.config.audit.witnesses;

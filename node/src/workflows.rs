@@ -638,8 +638,9 @@ pub async fn narrow_consent(
         let current = scope_of(&row)?;
         let mut narrower = parse_scope(node, &row.id, wire)?;
         // An expiry left as it was stays as it was (one recorded before expiries were kept
-        // to the day); a new one is kept to the day.
-        if narrower.expires_at_ms != current.expires_at_ms {
+        // to the day); an earlier one is kept to the day; a later one stays as asked, for
+        // the check below to refuse as a widening.
+        if narrower.expires_at_ms < current.expires_at_ms {
             narrower.expires_at_ms = consent::recorded_expiry(narrower.expires_at_ms);
         }
         narrower
@@ -662,7 +663,7 @@ pub async fn narrow_consent(
         if narrower.expires_at_ms <= now_ms() {
             // Recipients would keep what they hold until their retention ends.
             return Err(Failure::invalid(
-                "a narrowing cannot end the consent now: withdraw it instead, so that every recipient purges what it holds",
+                "a narrowing cannot end the consent now (an expiry is kept to the start of its UTC day, so one within today ends it now): withdraw it instead, so that every recipient purges what it holds",
             ));
         }
         current

@@ -84,7 +84,8 @@ pub const EXPIRY_UNIT_MS: i64 = 24 * 3600 * 1000;
 /// by every consent recorded that day for as long. Rounding down only shortens what the
 /// person agreed to.
 pub fn recorded_expiry(expires_at_ms: i64) -> i64 {
-    expires_at_ms - expires_at_ms.rem_euclid(EXPIRY_UNIT_MS)
+    // Saturating: a caller's value within a day of the smallest is refused as past anyway.
+    expires_at_ms.saturating_sub(expires_at_ms.rem_euclid(EXPIRY_UNIT_MS))
 }
 
 /// Restrictions the person asked for, on top of the scope.
@@ -964,6 +965,9 @@ mod tests {
         );
         assert_eq!(recorded_expiry(1_796_083_200_000), 1_796_083_200_000);
         assert_eq!(recorded_expiry(-1), -EXPIRY_UNIT_MS);
+        // Any value a caller sends, without overflow.
+        assert_eq!(recorded_expiry(i64::MIN), i64::MIN);
+        assert_eq!(recorded_expiry(i64::MAX).rem_euclid(EXPIRY_UNIT_MS), 0);
     }
 
     proptest! {
