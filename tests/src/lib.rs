@@ -536,6 +536,26 @@ pub async fn wait_final(
     }
 }
 
+/// Sends a referral of `case_id` to `to` for `purpose` and waits for its receipt;
+/// asserts that it was delivered and returns the answer.
+pub async fn send_delivered(
+    client: &mut Caseworker,
+    case_id: &str,
+    to: &str,
+    purpose: &str,
+) -> pb::SendReferralResponse {
+    let sent = client
+        .send_referral(pb::SendReferralRequest {
+            wait: true,
+            ..referral(case_id, to, purpose)
+        })
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(sent.state, "delivered");
+    sent
+}
+
 pub async fn inbox(client: &mut Caseworker) -> Vec<pb::InboxItem> {
     client
         .list_inbox(pb::ListInboxRequest::default())

@@ -23,15 +23,7 @@ async fn each_local_role_reaches_only_what_it_may() {
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
-    let sent = s
-        .send_referral(pb::SendReferralRequest {
-            wait: true,
-            ..referral(&case_id, SHELTER_KH, "reintegration")
-        })
-        .await
-        .expect("send")
-        .into_inner();
-    assert_eq!(sent.state, "delivered");
+    let sent = send_delivered(&mut s, &case_id, SHELTER_KH, "reintegration").await;
 
     let config = &recipient.org.config;
     let caseworker = issue_token(config, "carla", "caseworker").expect("caseworker token");

@@ -726,15 +726,7 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
     ))
     .await
     .expect("record consent");
-    let sent = s
-        .send_referral(pb::SendReferralRequest {
-            wait: true,
-            ..referral(&case_id, SHELTER_KH, "reintegration")
-        })
-        .await
-        .expect("send")
-        .into_inner();
-    assert_eq!(sent.state, "delivered");
+    let sent = send_delivered(&mut s, &case_id, SHELTER_KH, "reintegration").await;
     let out = Command::new(binary("corridor"))
         .args([
             "--node",

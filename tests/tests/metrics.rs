@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use corridor_proto::v1 as pb;
 use corridor_tests::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -59,15 +58,7 @@ async fn metrics_show_the_outbox_the_envelopes_answered_and_the_log() {
     let sender = fed.start(SHELTER_MY);
     let mut s = sender.client().await;
     let case_id = case_with_consent(&mut s, SHELTER_KH, "reintegration").await;
-    let sent = s
-        .send_referral(pb::SendReferralRequest {
-            wait: true,
-            ..referral(&case_id, SHELTER_KH, "reintegration")
-        })
-        .await
-        .expect("send")
-        .into_inner();
-    assert_eq!(sent.state, "delivered");
+    let sent = send_delivered(&mut s, &case_id, SHELTER_KH, "reintegration").await;
 
     let (status, at_sender) = get(sender_port, "/metrics").await;
     assert!(status.ends_with("200 OK"), "{status}");
