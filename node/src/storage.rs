@@ -407,7 +407,7 @@ pub struct AcceptedNarrowing {
     pub consent_id: String,
     /// Every referral the narrowing names, and those of them stored under the consent
     /// when it was read: one stored since (it was on its way) makes the job fail, to be
-    /// read again, rather than be left whole.
+    /// read again, rather than be left whole. Those not stored are refused when they come.
     pub named: Vec<MessageId>,
     pub held: Vec<MessageId>,
     /// The referrals to delete: exactly those the purge receipt names.
@@ -447,7 +447,8 @@ pub enum AcceptOutcome {
     /// Refused: the sender withdrew the consent the referral travels under.
     ConsentWithdrawn,
     /// Refused: the sender narrowed the consent the referral travels under after it
-    /// sealed the referral (and cancelled it; it was already on its way).
+    /// sealed the referral (and cancelled it; it was already on its way): the referral
+    /// was sealed at or before the narrowing, or the narrowing named it.
     ConsentNarrowed,
     /// Not stored: the data key the payload was sealed under is no longer the case's key
     /// (it was shredded meanwhile). Seal it again under [`Store::case_key`]'s answer.
@@ -1985,11 +1986,14 @@ impl Store {
                 .await?;
                 let narrowed = sqlx::query(
                     "SELECT 1 FROM narrowed_consents
-                     WHERE sender = $1 AND consent_id = $2 AND narrowed_at_ms >= $3",
+                     WHERE sender = $1 AND consent_id = $2 AND narrowed_at_ms >= $3
+                     UNION ALL
+                     SELECT 1 FROM narrowed_referrals WHERE message_id = $4 AND sender = $1",
                 )
                 .bind(sender)
                 .bind(consent_id)
                 .bind(sealed_at_ms)
+                .bind(&id.0[..])
                 .fetch_optional(&mut *conn)
                 .await?;
                 if withdrawn.is_some() {
@@ -2134,6 +2138,18 @@ impl Store {
                         read.sort();
                         if held != read {
                             return Err(StoreError::ReadAgain("what is held under the consent"));
+                        }
+                        // Those named and not held are on their way: refused when they
+                        // come, whatever time their sender's clock stamped them with.
+                        for id in n.named.iter().filter(|id| held.binary_search(id).is_err()) {
+                            sqlx::query(
+                                "INSERT INTO narrowed_referrals (message_id, sender)
+                                 VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                            )
+                            .bind(&id.0[..])
+                            .bind(sender.as_str())
+                            .execute(&mut *conn)
+                            .await?;
                         }
                         let mut case_keys = std::collections::BTreeSet::new();
                         for id in &n.purged {
@@ -2957,6 +2973,8 @@ const ACCEPT_SQL: &str = "INSERT INTO seen_messages
           AND NOT EXISTS (SELECT 1 FROM narrowed_consents
                           WHERE sender = r ->> 2 AND consent_id = r ->> 8
                             AND narrowed_at_ms >= r ->> 18)
+          AND NOT EXISTS (SELECT 1 FROM narrowed_referrals
+                          WHERE message_id = substr($2, r ->> 0, r ->> 1) AND sender = r ->> 2)
           AND EXISTS (SELECT 1 FROM case_keys
                       WHERE id = r ->> 11 AND wrapped_key = substr($2, r ->> 16, r ->> 17))
         ON CONFLICT(message_id, sender) DO NOTHING;
@@ -3952,8 +3970,9 @@ pub(crate) mod tests {
     }
 
     /// A narrowing deletes and cuts exactly what it read, or nothing; once carried out, a
-    /// referral under the consent sealed at or before it (cancelled by its sender while on its
-    /// way) is refused, and one sealed after it is stored.
+    /// referral under the consent sealed at or before it, or named by it and not held
+    /// (cancelled by its sender while on its way), is refused, and one sealed after it is
+    /// stored.
     #[tokio::test]
     async fn a_narrowing_cuts_what_it_read_and_refuses_what_was_sealed_before_it() {
         let (store, dir) = temp_store("narrowing").await;
@@ -3978,7 +3997,7 @@ pub(crate) mod tests {
                 respond: Box::new(|_| b"narrowed".to_vec()),
             },
             consent_id: "consent-1".into(),
-            named: vec![MessageId([1; 16]), MessageId([2; 16]), MessageId([5; 16])],
+            named: [1, 2, 5, 6].map(|n| MessageId([n; 16])).to_vec(),
             held,
             purged: vec![MessageId([1; 16])],
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
@@ -4049,6 +4068,24 @@ pub(crate) mod tests {
         );
         let after = store.accept_referral(with_id(4, 101), entry()).await;
         assert!(matches!(after, Ok(AcceptOutcome::Stored(_))));
+        // One it named and did not hold is refused even if its sender's clock, stepped
+        // back since, stamped it after the narrowing; another sender's referral under
+        // the same id is not.
+        let late = store.accept_referral(with_id(6, 500), entry()).await;
+        assert!(matches!(late, Ok(AcceptOutcome::ConsentNarrowed)));
+        assert!(
+            store
+                .seen(&shelter_my(), MessageId([6; 16]))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        let other = AcceptedReferral {
+            sender: OrgId::new("ngo-th").expect("org id"),
+            ..with_id(6, 500)
+        };
+        let stored = store.accept_referral(other, entry()).await;
+        assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
 
         // The terms it restated are stored; a narrowing that combined its terms with
         // other terms than those stored now is read again.

@@ -35,6 +35,8 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 /// otherwise let a referral the narrowing cancelled on its way be stored whole. The time
 /// asked for if the clock is behind it by at most half the skew recipients allow, the
 /// clock's own otherwise (an envelope from further in the future would be refused).
+/// Beyond that, recipients also refuse on arrival every referral a narrowing named that
+/// they did not hold yet, whatever its stamp.
 pub fn stamp(now_ms: i64, not_before_ms: Option<i64>) -> i64 {
     match not_before_ms {
         Some(at) if at > now_ms && at - now_ms <= MAX_CLOCK_SKEW_MS / 2 => at,

@@ -1,0 +1,13 @@
+-- Referrals a narrowing named that this node did not hold when it carried the narrowing
+-- out: they were on their way. Each is refused when it arrives, whatever its sealing
+-- time says. The sealing time alone decides only while the sender's clock does not step
+-- back: a referral sealed before a narrowing, on a clock that has since stepped back by
+-- more than envelopes are stamped around, carries a later time than the narrowing, and
+-- would otherwise be stored whole, with the fields the narrowing took away. Kept as long
+-- as seen envelopes are: a referral's sealing time bounds when it can still arrive only
+-- as far as its sender's clock can be trusted, which is what failed here.
+CREATE TABLE narrowed_referrals (
+    message_id BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    PRIMARY KEY (message_id, sender)
+) WITHOUT ROWID;
