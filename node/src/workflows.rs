@@ -162,9 +162,10 @@ pub fn envelope_failure(e: EnvelopeError) -> Failure {
     let code = match &e {
         EnvelopeError::BadSignature => Code::Unauthenticated,
         EnvelopeError::SenderMismatch { .. } => Code::PermissionDenied,
-        EnvelopeError::Expired { .. } | EnvelopeError::FromTheFuture { .. } => {
-            Code::FailedPrecondition
-        }
+        EnvelopeError::Expired { .. } => Code::FailedPrecondition,
+        // Not final: the same envelope is taken once this node's clock catches up with
+        // the sender's, so a clock ahead by minutes delays a referral rather than drop it.
+        EnvelopeError::FromTheFuture { .. } => Code::Unavailable,
         EnvelopeError::Randomness => Code::Internal,
         _ => Code::InvalidArgument,
     };
@@ -2894,8 +2895,26 @@ fn replay_answer(
 
 #[cfg(test)]
 mod tests {
-    use super::{Failure, MAX_MESSAGE_LEN, NarrowingOf, peer_message};
+    use super::{Failure, MAX_MESSAGE_LEN, NarrowingOf, envelope_failure, peer_message};
+    use crate::delivery::refusal_is_final;
+    use corridor::envelope::EnvelopeError;
     use corridor::{Field, MessageId};
+
+    /// A sender retries an envelope refused for its time only where time can mend it:
+    /// one dated ahead of the recipient's clock is taken once that clock catches up.
+    #[test]
+    fn an_envelope_from_the_future_is_retried_and_an_expired_one_is_not() {
+        let ahead = envelope_failure(EnvelopeError::FromTheFuture {
+            created_at_ms: 2,
+            now_ms: 1,
+        });
+        assert!(!refusal_is_final(ahead.code));
+        let expired = envelope_failure(EnvelopeError::Expired {
+            expires_at_ms: 1,
+            now_ms: 2,
+        });
+        assert!(refusal_is_final(expired.code));
+    }
 
     #[test]
     fn a_narrowing_request_is_stored_as_it_was_asked() {

@@ -210,7 +210,9 @@ pub enum EnvelopeError {
     RelayNotSupported(usize),
     #[error("envelope expired at {expires_at_ms} (now {now_ms})")]
     Expired { expires_at_ms: i64, now_ms: i64 },
-    #[error("envelope was created in the future ({created_at_ms}, now {now_ms})")]
+    #[error(
+        "envelope was created in the future ({created_at_ms}, now {now_ms}): the sender's clock or this node's is wrong"
+    )]
     FromTheFuture { created_at_ms: i64, now_ms: i64 },
     #[error("envelope lifetime is invalid (expires before creation or after more than 30 days)")]
     BadLifetime,
