@@ -1238,7 +1238,6 @@ struct WithdrawalOf<'a> {
     to: PurgeRequestFor<'a>,
     /// The referrals sent there under the consent.
     referrals: &'a [MessageId],
-    withdrawn_at_ms: i64,
 }
 
 /// A withdrawal for `recipient`, sealed and signed, ready to queue.
@@ -1252,7 +1251,9 @@ fn withdrawal_item(
         consent_id: w.to.consent_ref.to_owned(),
         case_ref: w.to.case_ref.to_owned(),
         referral_ids: w.referrals.iter().map(|i| i.0.to_vec()).collect(),
-        withdrawn_at_ms: w.withdrawn_at_ms,
+        // Not sent: the same to the millisecond for every recipient, it would let them
+        // link their records, and none needs it (each dates the withdrawal by its arrival).
+        withdrawn_at_ms: 0,
     }
     .encode_to_vec();
     purge_request_item(
@@ -1500,15 +1501,12 @@ pub async fn renew_withdrawal(
         narrowing_item(node, member, to, &n, (narrowed_at_ms, &terms), now_ms())?
     } else {
         // A narrowing that took the recipient out of the consent withdrew it there.
-        let withdrawn_at_ms = consent
-            .withdrawn_at_ms
-            .or(consent.narrowed_at_ms)
-            .ok_or_else(|| {
-                Failure::internal(
-                    "a withdrawal is queued for a consent neither withdrawn nor narrowed",
-                    &old.consent_id,
-                )
-            })?;
+        if consent.withdrawn_at_ms.or(consent.narrowed_at_ms).is_none() {
+            return Err(Failure::internal(
+                "a withdrawal is queued for a consent neither withdrawn nor narrowed",
+                &old.consent_id,
+            ));
+        }
         let ids: Vec<MessageId> = node
             .store
             .referrals_under_consent(&old.consent_id)
@@ -1523,7 +1521,6 @@ pub async fn renew_withdrawal(
             WithdrawalOf {
                 to,
                 referrals: &ids,
-                withdrawn_at_ms,
             },
             now_ms(),
         )?
@@ -1941,7 +1938,6 @@ async fn ask_to_purge(
                     WithdrawalOf {
                         to,
                         referrals: &ids,
-                        withdrawn_at_ms: changed_at_ms,
                     },
                     now_ms(),
                 )?);

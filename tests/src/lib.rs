@@ -621,6 +621,52 @@ pub async fn open_db(node: &TestNode, read_only: bool) -> sqlx::SqliteConnection
         .expect("open database")
 }
 
+/// The payloads of what `sender` queued for `recipient` of `kind` (outbox kind number),
+/// opened with the recipient's sealing key as the recipient would: what it is told.
+pub async fn queued_payloads(
+    fed: &Federation,
+    sender: &TestNode,
+    recipient: &str,
+    kind: i64,
+) -> Vec<Vec<u8>> {
+    use prost::Message as _;
+    let envelopes: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT envelope FROM outbox WHERE recipient = $1 AND kind = $2 ORDER BY created_at_ms",
+    )
+    .bind(recipient)
+    .bind(kind)
+    .fetch_all(&mut open_db(sender, true).await)
+    .await
+    .expect("queued envelopes");
+    let key = corridor_node::keys::load_sealing_key(&fed.org(recipient).dir.join("sealing.key"))
+        .expect("sealing key");
+    envelopes
+        .iter()
+        .map(|bytes| {
+            let envelope = pb::Envelope::decode(bytes.as_slice()).expect("stored envelope");
+            let envelope = corridor_node::convert::envelope_from_pb(envelope).expect("envelope");
+            let sender_id = envelope.header.sender.clone();
+            let sender_key = fed
+                .directory
+                .get(&sender_id)
+                .expect("sender")
+                .signing_key
+                .clone();
+            envelope
+                .verify(
+                    &OrgId::new(recipient).expect("org id"),
+                    &sender_id,
+                    &sender_key,
+                    corridor_node::node::now_ms(),
+                )
+                .expect("verifies")
+                .open(&key)
+                .expect("opens")
+                .payload
+        })
+        .collect()
+}
+
 /// Runs `statements` on a node's database (stopped, or between its own writes).
 pub async fn sql(node: &TestNode, statements: &[&str]) {
     let mut conn = open_db(node, false).await;

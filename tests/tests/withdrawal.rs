@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use corridor::OrgId;
 use corridor_proto::v1 as pb;
 use corridor_tests::*;
+use prost::Message as _;
 
 async fn consent_status(s: &mut Caseworker, consent_id: &str) -> pb::ConsentStatusResponse {
     s.get_consent_status(pb::ConsentRequest {
@@ -122,6 +123,12 @@ async fn withdrawal_reaches_three_recipients_one_of_them_offline() {
         .expect("withdraw")
         .into_inner();
     assert_eq!(withdrawn.recipients.len(), 3);
+    // Its time, the same for every recipient, is not sent: it would link their records.
+    let payloads = queued_payloads(&fed, &sender, SHELTER_KH, 2).await;
+    assert_eq!(payloads.len(), 1);
+    let w = pb::ConsentWithdrawal::decode(payloads[0].as_slice()).expect("withdrawal");
+    assert_eq!(w.withdrawn_at_ms, 0, "{w:?}");
+    assert_eq!(w.referral_ids.len(), 1, "{w:?}");
     // Nothing more leaves under a withdrawn consent.
     let refused = s
         .send_referral(referral(&case_id, SHELTER_KH, "reintegration"))
