@@ -172,7 +172,9 @@ pub fn envelope_failure(e: EnvelopeError) -> Failure {
     Failure::new(code, format!("envelope refused: {e}")).rule(e.rule())
 }
 
-/// The pseudonym under which this node's audit log names one of its own cases.
+/// The pseudonym under which this node's audit log names one of its own cases, and its
+/// tracing logs too: a case id beside a purpose and a recipient would let whoever reads
+/// the logs look the case up, where the pseudonym matches only audit entries.
 fn local_pseudonym(node: &Node, case_id: &str) -> String {
     node.pairwise.case_ref(case_id, &node.org)
 }
@@ -213,7 +215,7 @@ pub async fn create_case(node: &Node, user: &User, label: &str) -> Result<String
     node.store
         .create_case(&id, &wrapped, &label_sealed, user.id, now_ms())
         .await?;
-    tracing::info!(case = %id, user = user.id, "case created");
+    tracing::info!(case = %local_pseudonym(node, &id), user = user.id, "case created");
     Ok(id)
 }
 
@@ -549,7 +551,7 @@ pub async fn record_consent(
             entry,
         )
         .await?;
-    tracing::info!(case = %req.case_id, consent = %id, user = user.id, "consent recorded");
+    tracing::info!(case = %local_pseudonym(node, &req.case_id), consent = %id, user = user.id, "consent recorded");
     Ok(id)
 }
 
@@ -886,7 +888,7 @@ pub async fn send_referral(
                 if !node.handoff.offer(due) {
                     node.outbox_ready.notify_one();
                 }
-                tracing::info!(referral = %message_id, case = %req.case_id, recipient = %recipient_id, %purpose, "referral queued");
+                tracing::info!(referral = %message_id, case = %local_pseudonym(node, &req.case_id), recipient = %recipient_id, %purpose, "referral queued");
                 return Ok(Queued {
                     id: message_id,
                     status: pb::GetReferralStatusResponse {
@@ -1064,7 +1066,7 @@ async fn gate_and_seal(
         |refusal| {
             // A refusal from the cache is read again fresh before it stands: log it once.
             if fresh {
-                tracing::info!(case = %req.case_id, recipient = %recipient_id, %purpose, rules = %refusal.rules(), "referral refused by the consent gate");
+                tracing::info!(case = %local_pseudonym(node, &req.case_id), recipient = %recipient_id, %purpose, rules = %refusal.rules(), "referral refused by the consent gate");
             }
             Failure::precondition(format!("referral refused: {refusal}"))
         },

@@ -327,7 +327,8 @@ impl std::error::Error for GateRefusal {}
 impl Reason {
     /// The rule broken, by name alone: what a log may say. The reason itself may name a
     /// country the person will not be sent to or that she forbade family contact, which
-    /// says something of her (the recipient seals a consent's restrictions at rest).
+    /// says something of her (the recipient seals a consent's restrictions at rest); so
+    /// would a name of its own for each restriction, so they share one.
     pub fn rule(&self) -> &'static str {
         match self {
             Self::Withdrawn => "withdrawn",
@@ -336,8 +337,7 @@ impl Reason {
             Self::RecipientNotInScope(_) => "recipient-not-in-scope",
             Self::StateAuthorityNotNamed(_) => "state-authority-not-named",
             Self::RoleCannotReceivePurpose { .. } => "role-cannot-receive-purpose",
-            Self::CountryExcluded { .. } => "country-excluded",
-            Self::FamilyContactForbidden => "family-contact-forbidden",
+            Self::CountryExcluded { .. } | Self::FamilyContactForbidden => "restricted",
             Self::FieldNotConsented(_) => "field-not-consented",
             Self::FieldNotAllowedForPurpose { .. } => "field-not-allowed-for-purpose",
             Self::RequiredFieldMissing { .. } => "required-field-missing",
@@ -1047,7 +1047,8 @@ mod tests {
             ],
         };
         assert!(refusal.to_string().contains("KH"), "the caseworker is told");
-        assert_eq!(refusal.rules(), "country-excluded,family-contact-forbidden");
+        // Nor which restriction: beside the recipient, either says what the person asked.
+        assert_eq!(refusal.rules(), "restricted");
         let none = GateRefusal {
             consent_id: None,
             reasons: vec![],

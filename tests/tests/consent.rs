@@ -727,6 +727,18 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
     .await
     .expect("record consent");
     let sent = send_delivered(&mut s, &case_id, SHELTER_KH, "reintegration").await;
+    // The sender's log says a restriction refused a referral, not which, and names the
+    // case by its pseudonym: either would tell whoever reads the log of the person.
+    let m = refusal(&mut s, referral(&case_id, SHELTER_KH, "family-tracing")).await;
+    assert!(m.contains("family"), "the caseworker is told: {m}");
+    let log = sender.log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("referral refused by the consent gate"))
+        .unwrap_or_else(|| panic!("no refusal logged: {log}"));
+    assert!(refused.contains("restricted"), "{refused}");
+    assert!(!refused.contains("family-contact"), "{refused}");
+    assert!(!log.contains(&case_id), "{log}");
     let out = Command::new(binary("corridor"))
         .args([
             "--node",
