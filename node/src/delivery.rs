@@ -197,6 +197,11 @@ impl Waiters {
 
 enum AttemptError {
     Retry(String),
+    /// The recipient's answer, which may pass, in its words.
+    RetryAnswered {
+        code: Code,
+        message: String,
+    },
     Permanent(String),
     /// The recipient's final refusal, in its words.
     Refused {
@@ -348,7 +353,10 @@ async fn deliver_once(
                         message,
                     }
                 } else {
-                    AttemptError::Retry(message)
+                    AttemptError::RetryAnswered {
+                        code: status.code(),
+                        message,
+                    }
                 });
             }
         }
@@ -436,10 +444,13 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
     let result = deliver_once(node, clients, &item, revocations).await;
     // A recipient's words are kept for the caseworker (`last_error`) and logged by their
     // code only: a refusal may quote what the consent says of the person (a country she
-    // excluded, say).
+    // excluded, say), and a member on another version may word any answer so.
     let logged = match &result {
         Err(AttemptError::Refused { code, .. }) => {
             Some(format!("refused by the recipient ({code:?})"))
+        }
+        Err(AttemptError::RetryAnswered { code, .. }) => {
+            Some(format!("answered by the recipient ({code:?})"))
         }
         _ => None,
     };
@@ -505,7 +516,7 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                     attempts: item.attempts.max(RETRIES_BEFORE_SLOWEST),
                     ..item.clone()
                 };
-                retry_later(node, &item, &format!("refused: {reason}"), now).await
+                retry_later(node, &item, (&format!("refused: {reason}"), logged), now).await
             }
         }
         Err(
@@ -527,16 +538,22 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
             };
             node.store.mark_final(id, "refused", &reason).await
         }
-        Err(AttemptError::Retry(reason)) if expiring(&item, now) => {
+        Err(
+            AttemptError::Retry(reason)
+            | AttemptError::RetryAnswered {
+                message: reason, ..
+            },
+        ) if expiring(&item, now) => {
             let expired = format!("expired undelivered; last error: {reason}");
+            let logged = logged.as_deref().unwrap_or(&reason);
             if !asks_to_purge(&item) {
-                tracing::warn!(referral = %id, recipient = %item.recipient, %reason, "envelope expired before delivery");
+                tracing::warn!(referral = %id, recipient = %item.recipient, reason = %logged, "envelope expired before delivery");
                 node.store.mark_final(id, "expired", &expired).await
             } else {
                 // A request to purge is made until the recipient purges: in a new envelope.
                 match crate::workflows::renew_withdrawal(node, id, Renewal::Expired).await {
                     Ok(renewed) => {
-                        tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), %reason, "request to purge expired before delivery; renewed");
+                        tracing::warn!(envelope = %id, recipient = %item.recipient, renewed = ?renewed.map(|r| r.to_hex()), reason = %logged, "request to purge expired before delivery; renewed");
                         Ok(())
                     }
                     // Anything (a recipient that left the federation and may come back
@@ -544,12 +561,20 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
                     // try again. A request to purge never gives up on data still held.
                     Err(failure) => {
                         tracing::error!(envelope = %id, recipient = %item.recipient, error = %failure.message, "request to purge expired before delivery; renewing it failed, will retry");
-                        retry_later(node, &item, &failure.message, now).await
+                        retry_later(node, &item, (&failure.message, &failure.message), now).await
                     }
                 }
             }
         }
-        Err(AttemptError::Retry(reason)) => retry_later(node, &item, &reason, now).await,
+        Err(
+            AttemptError::Retry(reason)
+            | AttemptError::RetryAnswered {
+                message: reason, ..
+            },
+        ) => {
+            let logged = logged.as_deref().unwrap_or(&reason);
+            retry_later(node, &item, (&reason, logged), now).await
+        }
     };
     node.waiters.attempt_ended(id, delivered);
     if let Err(error) = stored {
@@ -558,11 +583,12 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
     }
 }
 
-/// Schedules the next attempt of `item` after a failed one, with backoff.
+/// Schedules the next attempt of `item` after a failed one, with backoff: why, as stored
+/// for the caseworker and as logged.
 async fn retry_later(
     node: &Node,
     item: &DueItem,
-    reason: &str,
+    (reason, logged): (&str, &str),
     now: i64,
 ) -> crate::storage::Result<()> {
     let d = &node.config.delivery;
@@ -572,7 +598,7 @@ async fn retry_later(
         d.max_backoff_ms,
         random_u32(),
     );
-    tracing::info!(referral = %item.message_id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, %reason, "delivery failed, will retry");
+    tracing::info!(referral = %item.message_id, recipient = %item.recipient, attempts = item.attempts + 1, retry_in_ms = delay, reason = %logged, "delivery failed, will retry");
     let next = now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
     node.store.mark_retry(item.message_id, reason, next).await
 }
