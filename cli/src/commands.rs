@@ -168,8 +168,9 @@ pub struct SendReferral {
     /// A field to disclose, as name=value (repeat); names from `corridor profiles --fields`.
     /// Values given here are visible to other users of this machine (process list, shell
     /// history): for personal data prefer --fields-file.
-    #[arg(long = "field", value_parser = parse_field)]
-    pub fields: Vec<(String, String)>,
+    // Split here, not by a value parser: clap would quote the value in its error.
+    #[arg(long = "field", value_name = "NAME=VALUE")]
+    pub fields: Vec<String>,
     /// Fields to disclose from a TOML file of `name = "value"` lines, or `-` for standard
     /// input; combines with --field.
     #[arg(long = "fields-file", value_name = "PATH")]
@@ -194,7 +195,7 @@ pub struct SendReferral {
 /// Errors never quote a value: it may be personal data.
 fn referral_fields(
     file: Option<&std::path::Path>,
-    flags: Vec<(String, String)>,
+    flags: Vec<String>,
 ) -> Result<HashMap<String, String>, String> {
     let mut fields = HashMap::new();
     if let Some(path) = file {
@@ -237,7 +238,9 @@ fn referral_fields(
             fields.insert(name, value);
         }
     }
-    for (name, value) in flags {
+    for (n, flag) in flags.iter().enumerate() {
+        let (name, value) = parse_field(flag)
+            .ok_or_else(|| format!("--field number {} must be written name=value", n + 1))?;
         if fields.insert(name.clone(), value).is_some() {
             return Err(format!("field {name} is given twice"));
         }
@@ -245,10 +248,9 @@ fn referral_fields(
     Ok(fields)
 }
 
-fn parse_field(s: &str) -> Result<(String, String), String> {
+fn parse_field(s: &str) -> Option<(String, String)> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-        .ok_or_else(|| "a field must be written name=value".to_string())
 }
 
 fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
@@ -1145,9 +1147,9 @@ mod tests {
     fn fields_need_an_equals_sign() {
         assert_eq!(
             parse_field("age_band=25-29"),
-            Ok(("age_band".into(), "25-29".into()))
+            Some(("age_band".into(), "25-29".into()))
         );
-        assert!(parse_field("oops").is_err());
+        assert!(parse_field("oops").is_none());
     }
 
     #[test]
@@ -1160,15 +1162,18 @@ mod tests {
             "preferred_name = \"Srey Mom\"\nage_band = \"25-29\"\n",
         )
         .expect("write");
-        let flag = vec![("languages".to_string(), "Khmer".to_string())];
+        let flag = vec!["languages=Khmer".to_string()];
         let fields = referral_fields(Some(&file), flag).expect("fields");
         assert_eq!(fields.len(), 3);
         assert_eq!(fields["preferred_name"], "Srey Mom");
         assert_eq!(fields["languages"], "Khmer");
 
-        let twice = vec![("age_band".to_string(), "30-34".to_string())];
+        let twice = vec!["age_band=30-34".to_string()];
         let err = referral_fields(Some(&file), twice).expect_err("twice");
         assert!(err.contains("age_band") && !err.contains("30-34"), "{err}");
+        let no_name = vec!["languages=Khmer".to_string(), "+60123456789".to_string()];
+        let err = referral_fields(None, no_name).expect_err("no name");
+        assert_eq!(err, "--field number 2 must be written name=value");
 
         std::fs::write(&file, "preferred_name = Srey Mom\n").expect("write");
         let err = referral_fields(Some(&file), vec![]).expect_err("not TOML");

@@ -192,6 +192,17 @@ async fn each_rule_refuses_at_the_sender_and_is_named() {
         "{stderr}"
     );
     assert!(stderr.contains("field languages is required"), "{stderr}");
+    // A value mistyped without its name is not quoted back.
+    let out = Command::new(binary("corridor"))
+        .args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["referral", "send", "--case", &case_id, "--to", SHELTER_KH])
+        .args(["--purpose", "reintegration", "--field", "+60123456789"])
+        .output()
+        .expect("run corridor");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must be written name=value"), "{stderr}");
+    assert!(!stderr.contains("60123456789"), "{stderr}");
 
     // Nothing left the sender: the consented referral is the only one that arrives.
     let sent = s
