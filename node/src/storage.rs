@@ -3699,6 +3699,61 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Upgrading rounds the expiry of consents recorded before expiries were kept to the
+    /// day down to the start of their UTC day, and leaves those kept so as they are.
+    #[tokio::test]
+    async fn upgrading_keeps_every_consent_expiry_to_the_day() {
+        let dir =
+            std::env::temp_dir().join(format!("corridor-expiry-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("store.db");
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .expect("options")
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .connect_with(options)
+            .await
+            .expect("open");
+        MIGRATOR.run_to(16, &pool).await.expect("the schema before");
+        let day = corridor::consent::EXPIRY_UNIT_MS;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO users VALUES (1, 'admin', 'admin', 0);
+             INSERT INTO case_keys VALUES ('case-1', x'01', 0);
+             INSERT INTO cases VALUES ('case-1', x'02', 1, 0);
+             INSERT INTO consents (id, case_id, given_by, guardian_basis, method, language,
+                 recorded_by, recorded_at_ms, purposes, recipient_orgs, recipient_roles,
+                 fields, excluded_countries, no_family_contact, expires_at_ms)
+             VALUES ('consent-ms', 'case-1', 'person', '', 'verbal', '', 1, 0,
+                     'reintegration', 'shelter-kh', '', 'needs', '', 0, {}),
+                    ('consent-day', 'case-1', 'person', '', 'verbal', '', 1, 0,
+                     'reintegration', 'shelter-kh', '', 'needs', '', 0, {});",
+            20_000 * day + 12 * 3_600_000 + 345,
+            20_001 * day,
+        )))
+        .execute(&pool)
+        .await
+        .expect("rows of the schema before");
+        pool.close().await;
+
+        let store = Store::open(&path).await.expect("upgraded");
+        let expiries: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, expires_at_ms FROM consents ORDER BY id")
+                .fetch_all(&store.pool)
+                .await
+                .expect("read");
+        assert_eq!(
+            expiries,
+            [
+                ("consent-day".to_string(), 20_001 * day),
+                ("consent-ms".to_string(), 20_000 * day)
+            ]
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Message ids are their senders': another member's referral under an id already
     /// used is another referral, stored beside the first with its own answer. In one
     /// group each keeps its own outcome, also when the first of two with the same id is

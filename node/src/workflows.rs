@@ -640,9 +640,8 @@ pub async fn narrow_consent(
         }
         let current = scope_of(&row)?;
         let mut narrower = parse_scope(node, &row.id, wire)?;
-        // An expiry left as it was stays as it was (one recorded before expiries were kept
-        // to the day); an earlier one is kept to the day; a later one stays as asked, for
-        // the check below to refuse as a widening.
+        // An earlier expiry is kept to the day; a later one stays as asked, for the check
+        // below to refuse as a widening (one left as it was is kept to the day already).
         if narrower.expires_at_ms < current.expires_at_ms {
             narrower.expires_at_ms = consent::recorded_expiry(narrower.expires_at_ms);
         }
