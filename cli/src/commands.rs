@@ -884,6 +884,12 @@ pub async fn referral(
                     // A request id sent again answers with the referral it made first,
                     // which may have ended without reaching the recipient since.
                     let id = escape_controls(&r.referral_id);
+                    // With --wait, no status means the node could not read it.
+                    if s.wait && r.state == "queued" {
+                        return Err(format!(
+                            "referral {id} is queued, but the node could not tell whether it was delivered (see `corridor referral status {id}`)"
+                        ));
+                    }
                     if let "cancelled" | "withdrawn" | "refused" | "expired" = r.state.as_str() {
                         return Err(format!(
                             "referral {id}, made by this request before, was {}: it will not be delivered (see `corridor referral status {id}`)",

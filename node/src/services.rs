@@ -314,7 +314,15 @@ impl Caseworker for CaseworkerService {
         let state_now = queued.status.state.clone();
         let status = if wait {
             let first = queued.first_attempt.map(|attempt| (attempt, queued.status));
-            Some(settled_status(&self.node, queued.id, first).await?)
+            match settled_status(&self.node, queued.id, first).await {
+                Ok(status) => Some(status),
+                // It is queued, committed and will be delivered: the caller must learn
+                // its id, not an error that reads as "nothing was sent" and sends it twice.
+                Err(error) => {
+                    tracing::warn!(referral = %queued.id, error = %error.message(), "could not wait for a queued referral; answered as queued");
+                    None
+                }
+            }
         } else {
             None
         };
