@@ -95,15 +95,21 @@ pub struct RecordConsent {
     /// Who gave consent: person or guardian.
     #[arg(long, default_value = "person")]
     pub given_by: String,
-    /// For a guardian: on what basis (e.g. "mother of a minor").
+    /// For a guardian: on what basis (e.g. "mother of a minor"). Values given here are
+    /// visible to other users of this machine (process list, shell history): prefer
+    /// --details-file.
     #[arg(long, default_value = "")]
     pub guardian_basis: String,
     /// How it was given: written, verbal or interpreter.
     #[arg(long, default_value = "written")]
     pub method: String,
-    /// Language the consent was explained in.
+    /// Language the consent was explained in (or in --details-file).
     #[arg(long, default_value = "")]
     pub language: String,
+    /// The consent's details from a TOML file of `guardian_basis = "..."` and `language =
+    /// "..."` lines, or `-` for standard input: kept off the command line.
+    #[arg(long = "details-file", value_name = "PATH")]
+    pub details_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -190,6 +196,51 @@ pub struct SendReferral {
     pub request_id: Option<String>,
 }
 
+/// The `name = "value"` lines of a TOML file (`-`: standard input) holding `what` (say,
+/// "fields"), bounded by what the node's local API accepts. Errors never quote a value:
+/// it may be personal data.
+fn string_table(path: &std::path::Path, what: &str) -> Result<Vec<(String, String)>, String> {
+    // No request larger than the local API accepts is worth reading, and `/dev/zero`
+    // would otherwise be read until memory runs out.
+    let limit = MAX_LOCAL_MESSAGE_BYTES as u64;
+    let (source, bytes) = if path.as_os_str() == "-" {
+        (
+            "standard input".to_string(),
+            read_at_most(std::io::stdin().lock(), limit)
+                .map_err(|e| format!("cannot read the {what} from standard input: {e}"))?,
+        )
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot read {what} file {}: {e}", path.display()))?;
+        (
+            path.display().to_string(),
+            read_at_most(file, limit)
+                .map_err(|e| format!("cannot read {what} file {}: {e}", path.display()))?,
+        )
+    };
+    let bytes = bytes.ok_or_else(|| {
+        format!(
+            "the {what} in {source} are larger than {}, the largest request the node's local API accepts",
+            size_text(limit)
+        )
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("the {what} in {source} are not UTF-8 text"))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!(
+            "{what} file is not TOML (name = \"value\" lines): {}",
+            e.message()
+        )
+    })?;
+    table
+        .into_iter()
+        .map(|(name, value)| match value {
+            toml::Value::String(value) => Ok((name, value)),
+            _ => Err(format!("{name} in the {what} file is not a string")),
+        })
+        .collect()
+}
+
 /// The fields of a referral: from `--fields-file` (a TOML table of strings; `-` is
 /// standard input), then `--field`. A name given twice is an error, not a silent choice.
 /// Errors never quote a value: it may be personal data.
@@ -199,44 +250,7 @@ fn referral_fields(
 ) -> Result<HashMap<String, String>, String> {
     let mut fields = HashMap::new();
     if let Some(path) = file {
-        // No request larger than the local API accepts is worth reading, and `/dev/zero`
-        // would otherwise be read until memory runs out.
-        let limit = MAX_LOCAL_MESSAGE_BYTES as u64;
-        let (source, bytes) = if path.as_os_str() == "-" {
-            (
-                "standard input".to_string(),
-                read_at_most(std::io::stdin().lock(), limit)
-                    .map_err(|e| format!("cannot read the fields from standard input: {e}"))?,
-            )
-        } else {
-            let file = std::fs::File::open(path)
-                .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?;
-            (
-                path.display().to_string(),
-                read_at_most(file, limit)
-                    .map_err(|e| format!("cannot read fields file {}: {e}", path.display()))?,
-            )
-        };
-        let bytes = bytes.ok_or_else(|| {
-            format!(
-                "the fields in {source} are larger than {}, the largest request the node's local API accepts",
-                size_text(limit)
-            )
-        })?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| format!("the fields in {source} are not UTF-8 text"))?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            format!(
-                "fields file is not TOML (name = \"value\" lines): {}",
-                e.message()
-            )
-        })?;
-        for (name, value) in table {
-            let toml::Value::String(value) = value else {
-                return Err(format!("field {name} in the fields file is not a string"));
-            };
-            fields.insert(name, value);
-        }
+        fields.extend(string_table(path, "fields")?);
     }
     for (n, flag) in flags.iter().enumerate() {
         let (name, value) = parse_field(flag)
@@ -246,6 +260,33 @@ fn referral_fields(
         }
     }
     Ok(fields)
+}
+
+/// A consent's details (guardian basis, language): from `--details-file`, else from their
+/// flags. Errors never quote a value.
+fn consent_details(
+    file: Option<&std::path::Path>,
+    (mut guardian_basis, mut language): (String, String),
+) -> Result<(String, String), String> {
+    let Some(path) = file else {
+        return Ok((guardian_basis, language));
+    };
+    for (name, value) in string_table(path, "consent details")? {
+        let slot = match name.as_str() {
+            "guardian_basis" => &mut guardian_basis,
+            "language" => &mut language,
+            other => {
+                return Err(format!(
+                    "{other} in the consent details file is not a detail: guardian_basis and language are"
+                ));
+            }
+        };
+        if !slot.is_empty() {
+            return Err(format!("{name} is given twice"));
+        }
+        *slot = value;
+    }
+    Ok((guardian_basis, language))
 }
 
 fn parse_field(s: &str) -> Option<(String, String)> {
@@ -518,6 +559,10 @@ pub async fn consent(
 ) -> Result<(), String> {
     match cmd {
         ConsentCommand::Record(c) => {
+            let (guardian_basis, language) = consent_details(
+                c.details_file.as_deref(),
+                (c.guardian_basis.clone(), c.language.clone()),
+            )?;
             // As the node records it, so that what is printed is what the person agreed.
             let expires_at_ms = corridor::consent::recorded_expiry(
                 now_ms() + i64::from(c.expires_in_days) * 86_400_000,
@@ -535,9 +580,9 @@ pub async fn consent(
                         expires_at_ms,
                     }),
                     given_by: c.given_by,
-                    guardian_basis: c.guardian_basis,
+                    guardian_basis,
                     method: c.method,
-                    language: c.language,
+                    language,
                 })
                 .await
                 .map_err(|s| explain(&s))?
@@ -1189,6 +1234,36 @@ mod tests {
         assert!(err.contains("age_band"), "{err}");
         let err = referral_fields(Some(&dir.join("missing.toml")), vec![]).expect_err("missing");
         assert!(err.contains("cannot read"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn consent_details_come_from_a_file_or_flags_and_no_value_is_quoted_in_errors() {
+        let dir = std::env::temp_dir().join(format!("corridor-details-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("details.toml");
+        std::fs::write(&file, "guardian_basis = \"aunt\"\nlanguage = \"Khmer\"\n").expect("write");
+        let none = (String::new(), String::new());
+        assert_eq!(
+            consent_details(Some(&file), none.clone()),
+            Ok(("aunt".into(), "Khmer".into()))
+        );
+        assert_eq!(
+            consent_details(None, ("aunt".into(), String::new())),
+            Ok(("aunt".into(), String::new()))
+        );
+        let err = consent_details(Some(&file), (String::new(), "Thai".into())).expect_err("twice");
+        assert_eq!(err, "language is given twice");
+        std::fs::write(&file, "name = \"Srey Mom\"\n").expect("write");
+        let err = consent_details(Some(&file), none.clone()).expect_err("not a detail");
+        assert!(
+            err.starts_with("name in the consent details file is not a detail"),
+            "{err}"
+        );
+        assert!(!err.contains("Srey"), "{err}");
+        std::fs::write(&file, "language = Khmer\n").expect("write");
+        let err = consent_details(Some(&file), none).expect_err("not TOML");
+        assert!(err.contains("not TOML") && !err.contains("Khmer"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
