@@ -774,3 +774,55 @@ async fn the_recipient_reads_the_restrictions_the_person_set() {
         "{stdout}"
     );
 }
+
+/// A consent's details can come from standard input, off the command line, and are
+/// recorded as given.
+#[tokio::test]
+async fn consent_details_are_read_from_a_file_off_the_command_line() {
+    use std::io::Write as _;
+    let fed = Federation::demo("details");
+    let sender = fed.start(SHELTER_MY);
+    let mut s = sender.client().await;
+    let case_id = new_case(&mut s).await;
+    let mut cmd = Command::new(binary("corridor"));
+    cmd.args(["--node", &sender.local_url(), "--token", &sender.token])
+        .args(["--output", "json", "consent", "record", "--case", &case_id])
+        .args(["--recipient", SHELTER_KH, "--purpose", "reintegration"])
+        .args(["--given-by", "guardian", "--details-file", "-"]);
+    for field in required_fields("reintegration").keys() {
+        cmd.args(["--field", field]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run corridor");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"guardian_basis = \"aunt of a minor\"\nlanguage = \"Khmer\"\n")
+        .expect("write details");
+    let out = child.wait_with_output().expect("corridor ends");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recorded: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    let consent_id = recorded["consent_id"]
+        .as_str()
+        .expect("consent id")
+        .to_owned();
+    let view = s
+        .get_consent(pb::ConsentRequest { consent_id })
+        .await
+        .expect("consent")
+        .into_inner();
+    assert_eq!(
+        (view.guardian_basis.as_str(), view.language.as_str()),
+        ("aunt of a minor", "Khmer")
+    );
+}
