@@ -646,12 +646,7 @@ pub async fn queued_payloads(
             let envelope = pb::Envelope::decode(bytes.as_slice()).expect("stored envelope");
             let envelope = corridor_node::convert::envelope_from_pb(envelope).expect("envelope");
             let sender_id = envelope.header.sender.clone();
-            let sender_key = fed
-                .directory
-                .get(&sender_id)
-                .expect("sender")
-                .signing_key
-                .clone();
+            let sender_key = fed.directory.get(&sender_id).expect("sender").signing_key;
             envelope
                 .verify(
                     &OrgId::new(recipient).expect("org id"),
