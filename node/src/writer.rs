@@ -223,6 +223,19 @@ impl LogAppender {
         self.known.retain(|id, _| keep.contains(id));
     }
 
+    /// Where the group's appends stand, to undo those made after ([`LogAppender::rewind`]).
+    fn mark(&self) -> (usize, usize) {
+        (self.pending.len(), self.new_hashes.len())
+    }
+
+    /// Forgets what the group appended since `mark`: a job undone within its group.
+    fn rewind(&mut self, (pending, hashes): (usize, usize)) {
+        for (id, _) in self.new_hashes.drain(hashes..) {
+            self.known.remove(&id);
+        }
+        self.pending.truncate(pending);
+    }
+
     /// The group rolled back: forget what it appended.
     fn rolled_back(&mut self) {
         for (id, _) in self.new_hashes.drain(..) {
@@ -707,15 +720,28 @@ async fn run(mut tx: Tx, mut log: LogAppender, mut queue: mpsc::Receiver<Message
     }
 }
 
-/// Commits `group` and answers its callers; if it fails, runs each job alone so that
-/// only the failing ones fail. Where one job's own statements failed, the rest of the
-/// group first commits together without it: a job that fails on purpose (a member's
-/// request built to conflict with another in the same group) then costs one commit more,
-/// not one per job of its group.
+/// Answers the callers of a committed group: each job that failed within it (and was
+/// undone alone) with its error, the others with their output.
+fn finish_committed(group: &mut Vec<Box<dyn Job>>, mut failures: Vec<(usize, StoreError)>) {
+    for (at, job) in group.drain(..).enumerate() {
+        let failure = failures
+            .iter()
+            .position(|(failed, _)| *failed == at)
+            .map(|found| failures.swap_remove(found).1);
+        job.finish(failure);
+    }
+}
+
+/// Commits `group` and answers its callers. A job whose own statements fail is undone
+/// alone within the group (a savepoint each), and the rest commits together: jobs that
+/// fail on purpose (a member's requests built to conflict with each other in one group)
+/// cost no commit of their own. If the group fails all the same, it runs without the job
+/// that failed it, and failing that, each job alone.
 async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<Box<dyn Job>>) {
     let started = std::time::Instant::now();
     let mut failed_job = None;
-    let result = commit_group_caught_up(tx, log, group, &mut failed_job).await;
+    let mut failures = Vec::new();
+    let result = commit_group_caught_up(tx, log, group, &mut failed_job, &mut failures).await;
     let took = started.elapsed();
     if took > SLOW_GROUP {
         tracing::warn!(
@@ -725,7 +751,7 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
         );
     }
     match result {
-        Ok(()) => group.drain(..).for_each(|job| job.finish(None)),
+        Ok(()) => finish_committed(group, failures),
         Err(error) if group.len() == 1 => {
             if let Some(job) = group.pop() {
                 job.finish(Some(error));
@@ -740,18 +766,24 @@ async fn commit_and_answer(tx: &mut Tx, log: &mut LogAppender, group: &mut Vec<B
             }
             if let Some(at) = failed_job.filter(|at| *at < group.len()) {
                 let culprit = group.remove(at);
-                if commit_group_caught_up(tx, log, group, &mut None)
+                let mut failures = Vec::new();
+                if commit_group_caught_up(tx, log, group, &mut None, &mut failures)
                     .await
                     .is_ok()
                 {
-                    group.drain(..).for_each(|job| job.finish(None));
+                    finish_committed(group, failures);
                 }
                 group.push(culprit);
             }
             for mut job in group.drain(..) {
-                let alone =
-                    commit_group_caught_up(tx, log, std::slice::from_mut(&mut job), &mut None)
-                        .await;
+                let alone = commit_group_caught_up(
+                    tx,
+                    log,
+                    std::slice::from_mut(&mut job),
+                    &mut None,
+                    &mut Vec::new(),
+                )
+                .await;
                 job.finish(alone.err());
             }
         }
@@ -765,13 +797,14 @@ async fn commit_group_caught_up(
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
     failed_job: &mut Option<usize>,
+    failures: &mut Vec<(usize, StoreError)>,
 ) -> Result<()> {
-    let result = commit_group(tx, log, group, failed_job).await;
+    let result = commit_group(tx, log, group, failed_job, failures).await;
     if result.is_err() {
         match log.catch_up(&mut tx.conn).await {
             Ok(true) => {
                 *failed_job = None;
-                return commit_group(tx, log, group, failed_job).await;
+                return commit_group(tx, log, group, failed_job, failures).await;
             }
             Ok(false) => {}
             Err(error) => tracing::warn!(%error, "could not read the audit log's stored size"),
@@ -782,7 +815,9 @@ async fn commit_group_caught_up(
 
 /// Runs `group` in one transaction and commits it; on any failure nothing of it stays.
 /// Its row writes run first, then its other jobs in order: no caller in a group has been
-/// answered yet, so any order of its jobs is one they could have arrived in.
+/// answered yet, so any order of its jobs is one they could have arrived in. In a group of
+/// several, each of those other jobs runs in a savepoint: one that fails is undone alone
+/// and named in `failures`, and the group goes on.
 ///
 /// The transaction is opened and closed with plain statements rather than sqlx's
 /// transaction guard so that they share round trips with the group's own statements
@@ -792,7 +827,9 @@ async fn commit_group(
     log: &mut LogAppender,
     group: &mut [Box<dyn Job>],
     failed_job: &mut Option<usize>,
+    failures: &mut Vec<(usize, StoreError)>,
 ) -> Result<()> {
+    failures.clear();
     if group.iter().all(|job| job.shared().is_some()) {
         match commit_rows_at_once(tx, log, group).await {
             Ok(()) => {
@@ -812,13 +849,38 @@ async fn commit_group(
             }
         }
     }
+    let isolate = group.len() > 1;
     let result = async {
         write_rows(tx, log, group).await?;
         for (at, job) in group.iter_mut().enumerate() {
-            if job.shared().is_none() {
+            if job.shared().is_some() {
+                continue;
+            }
+            if !isolate {
                 job.run(false, tx, log)
                     .await
                     .inspect_err(|_| *failed_job = Some(at))?;
+                continue;
+            }
+            let savepoint = tx.sql("SAVEPOINT job");
+            sqlx::query(savepoint).execute(tx.conn().await?).await?;
+            let mark = log.mark();
+            match job.run(false, tx, log).await {
+                Ok(()) => {
+                    sqlx::query("RELEASE job").execute(tx.conn().await?).await?;
+                }
+                Err(error) => {
+                    // Should the undoing fail (SQLite ended the transaction itself, say),
+                    // the group fails, naming this job.
+                    *failed_job = Some(at);
+                    sqlx::query("ROLLBACK TO job")
+                        .execute(tx.conn().await?)
+                        .await?;
+                    sqlx::query("RELEASE job").execute(tx.conn().await?).await?;
+                    *failed_job = None;
+                    log.rewind(mark);
+                    failures.push((at, error));
+                }
             }
         }
         log.write_and_commit(tx).await
@@ -1001,30 +1063,32 @@ mod tests {
     }
 
     /// On a current-thread runtime every job below is queued before the writer runs, so
-    /// they form one group; the one that breaks a foreign key must fail alone.
+    /// they form one group; those that break a foreign key must fail alone, however many.
     #[tokio::test]
-    async fn a_failing_job_fails_alone_and_the_rest_of_its_group_commits() {
+    async fn failing_jobs_fail_alone_and_the_rest_of_their_group_commits() {
         let (store, dir) = temp_store("writer").await;
         let alice = add_alice(&store, entry(0)).await;
         let commits = store.commits();
-        let (good, bad, appended, more) = tokio::join!(
-            store.create_case("case-good", b"key", b"label", alice, 1),
+        let (bad, good, appended, worse, more) = tokio::join!(
             store.create_case("case-bad", b"key", b"label", alice + 99, 1),
+            store.create_case("case-good", b"key", b"label", alice, 1),
             store.append_audit(vec![entry(1), entry(2)]),
+            store.create_case("case-worse", b"key", b"label", alice + 98, 1),
             store.append_audit(vec![entry(3)]),
         );
         assert!(good.is_ok(), "{good:?}");
         assert!(
-            bad.is_err(),
+            bad.is_err() && worse.is_err(),
             "a case by a user that does not exist must fail"
         );
+        assert!(!store.case_exists("case-worse").await.expect("read"));
         let appended = appended.expect("append");
         let more = more.expect("append");
         let indexes: Vec<u64> = appended.iter().chain(&more).map(|a| a.0).collect();
         assert_eq!(indexes, vec![1, 2, 3]);
         assert!(store.case_exists("case-good").await.expect("read"));
         assert!(!store.case_exists("case-bad").await.expect("read"));
-        // The rest of the group committed together, not job by job.
+        // The rest of the group committed together, once, not job by job.
         assert_eq!(store.commits(), commits + 1);
 
         // What is stored is one consistent tree, and the cached frontier carries on from
