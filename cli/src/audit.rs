@@ -639,7 +639,11 @@ impl Witnessed {
             names: cosigners.iter().map(|(v, _)| v.name().to_owned()).collect(),
             witnesses: verifiers.len(),
             quorum,
-            quorum_at: checkpoint::quorum_time(cosigners.iter().map(|(_, at)| *at), quorum),
+            quorum_at: checkpoint::quorum_time(
+                cosigners.iter().map(|(_, at)| *at),
+                quorum,
+                corridor_node::node::now_s(),
+            ),
         })
     }
 
@@ -649,7 +653,7 @@ impl Witnessed {
 
     /// How long ago the quorum last vouched; a witness's clock ahead of ours counts as now.
     fn age_s(&self) -> Option<u64> {
-        let now_s = u64::try_from(corridor_node::node::now_ms() / 1000).unwrap_or(0);
+        let now_s = corridor_node::node::now_s();
         self.quorum_at.map(|at| now_s.saturating_sub(at))
     }
 

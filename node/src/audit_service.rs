@@ -18,7 +18,7 @@ use corridor_proto::v1::witness_server::Witness;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::node::{Node, now_ms};
+use crate::node::{Node, now_ms, now_s};
 use crate::storage::StoreError;
 use crate::tls::PeerInfo;
 use crate::workflows::Failure;
@@ -400,7 +400,10 @@ pub async fn served_freshness(node: &Node) -> Result<Option<(u64, Option<u64>)>,
         0 => 0,
         n => n / 2 + 1,
     };
-    Ok(Some((size, checkpoint::quorum_time(timestamps, quorum))))
+    Ok(Some((
+        size,
+        checkpoint::quorum_time(timestamps, quorum, now_s()),
+    )))
 }
 
 /// Signs a checkpoint for the current tree if it grew. First, every time, it checks that
@@ -504,9 +507,16 @@ async fn ask_witness(node: &Node, witness: &OrgId, size: u64, note: &str) -> Res
                     &witness_name(node, witness),
                     member.signing_key,
                 );
-                verifier
+                let timestamp = verifier
                     .verify_line(note, &line)
                     .map_err(|e| format!("cosignature does not verify: {e}"))?;
+                let now_s = now_s();
+                if !checkpoint::cosigned_in_time(timestamp, now_s) {
+                    return Err(format!(
+                        "cosignature is dated {timestamp}, more than {} s ahead of this node's clock ({now_s})",
+                        checkpoint::MAX_COSIGNATURE_SKEW_S
+                    ));
+                }
                 node.store
                     .store_cosignature(size, witness.as_str(), &line)
                     .await

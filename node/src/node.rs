@@ -530,3 +530,8 @@ pub fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// Seconds since the Unix epoch, as checkpoints and cosignatures count time.
+pub fn now_s() -> u64 {
+    u64::try_from(now_ms() / 1000).unwrap_or(0)
+}

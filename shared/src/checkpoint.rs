@@ -435,6 +435,16 @@ pub fn verify_quorum(
     Ok(count)
 }
 
+/// How far ahead of a verifier's clock a cosignature's timestamp may be, in seconds: as
+/// far as envelopes may be ([`crate::envelope::MAX_CLOCK_SKEW_MS`]).
+pub const MAX_COSIGNATURE_SKEW_S: u64 = crate::envelope::MAX_CLOCK_SKEW_MS as u64 / 1000;
+
+/// Whether a cosignature dated `timestamp` (seconds) is dated in time at `now_s`, the
+/// verifier's clock ([`quorum_time`] counts no other).
+pub fn cosigned_in_time(timestamp: u64, now_s: u64) -> bool {
+    timestamp <= now_s.saturating_add(MAX_COSIGNATURE_SKEW_S)
+}
+
 /// The latest time (seconds since the epoch) at which `quorum` of the witnesses, given by
 /// their cosignatures' timestamps, vouched for a checkpoint: the `quorum`-th newest.
 ///
@@ -443,8 +453,19 @@ pub fn verify_quorum(
 /// no newer checkpoint. A log that stops signing checkpoints while it keeps writing (one
 /// whose stored tree no longer matches what it signed) shows this time falling behind.
 /// None with fewer timestamps than `quorum`, or a quorum of 0 (no one vouches).
-pub fn quorum_time(timestamps: impl IntoIterator<Item = u64>, quorum: usize) -> Option<u64> {
-    let mut newest_first: Vec<u64> = timestamps.into_iter().collect();
+///
+/// A timestamp more than [`MAX_COSIGNATURE_SKEW_S`] ahead of `now_s` (the verifier's
+/// clock) does not count: a witness could otherwise date its cosignature years ahead and
+/// make a log that stopped look vouched for until then.
+pub fn quorum_time(
+    timestamps: impl IntoIterator<Item = u64>,
+    quorum: usize,
+    now_s: u64,
+) -> Option<u64> {
+    let mut newest_first: Vec<u64> = timestamps
+        .into_iter()
+        .filter(|t| cosigned_in_time(*t, now_s))
+        .collect();
     newest_first.sort_unstable_by(|a, b| b.cmp(a));
     quorum
         .checked_sub(1)
@@ -599,12 +620,17 @@ mod tests {
 
     #[test]
     fn the_quorum_time_is_the_quorums_oldest_of_the_newest_cosignatures() {
-        assert_eq!(quorum_time([5, 9, 7], 1), Some(9));
-        assert_eq!(quorum_time([5, 9, 7], 2), Some(7));
-        assert_eq!(quorum_time([5, 9, 7], 3), Some(5));
-        assert_eq!(quorum_time([5, 9, 7], 4), None, "too few cosigned");
-        assert_eq!(quorum_time([5, 9, 7], 0), None, "no one vouches");
-        assert_eq!(quorum_time([], 1), None);
+        assert_eq!(quorum_time([5, 9, 7], 1, 10), Some(9));
+        assert_eq!(quorum_time([5, 9, 7], 2, 10), Some(7));
+        assert_eq!(quorum_time([5, 9, 7], 3, 10), Some(5));
+        assert_eq!(quorum_time([5, 9, 7], 4, 10), None, "too few cosigned");
+        assert_eq!(quorum_time([5, 9, 7], 0, 10), None, "no one vouches");
+        assert_eq!(quorum_time([], 1, 10), None);
+        // A cosignature dated further ahead than clocks may differ does not count.
+        let ahead = 10 + MAX_COSIGNATURE_SKEW_S;
+        assert_eq!(quorum_time([5, ahead], 1, 10), Some(ahead));
+        assert_eq!(quorum_time([5, ahead + 1], 1, 10), Some(5));
+        assert_eq!(quorum_time([u64::MAX, 9], 2, 10), None);
     }
 
     #[test]
