@@ -838,6 +838,9 @@ impl Store {
         {
             return Ok(Some(user.clone()));
         }
+        // Stamped before the read: a revocation or a change of role committed while it
+        // runs then takes effect within the documented 5 s, not 5 s after the answer.
+        let read_at = std::time::Instant::now();
         let user = self.lookup_token(token_hash).await?;
         if let (Some(user), Ok(mut cache)) = (&user, self.tokens.lock()) {
             if cache.len() >= TOKEN_CACHE_MAX {
@@ -846,7 +849,7 @@ impl Store {
                     cache.clear();
                 }
             }
-            cache.insert(*token_hash, (user.clone(), std::time::Instant::now()));
+            cache.insert(*token_hash, (user.clone(), read_at));
         }
         Ok(user)
     }
