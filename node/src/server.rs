@@ -335,10 +335,17 @@ async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             Ok(deleted) => {
                 tracing::info!(deleted, "received referrals past retention deleted");
                 if let Err(error) = node.store.checkpoint().await {
-                    tracing::warn!(%error, "WAL checkpoint after retention purge failed");
+                    tracing::warn!(%error, "WAL checkpoint after retention purge failed; tried again at the next check");
                 }
             }
             Err(error) => tracing::error!(%error, "retention check failed"),
+        }
+        match node.store.checkpoint_if_owed().await {
+            Ok(true) => tracing::info!("WAL checkpoint owed since a purge done"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "WAL checkpoint owed since a purge failed again; tried again at the next check");
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

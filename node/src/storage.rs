@@ -69,6 +69,9 @@ pub struct Store {
     /// is neither withdrawn nor narrowed since (see [`Enqueued`]). Every consent write
     /// clears it once committed.
     consents: GuessCache<Vec<ConsentRow>>,
+    /// Whether a checkpoint asked for after a purge has not succeeded yet
+    /// ([`Store::checkpoint_if_owed`]).
+    checkpoint_owed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What became of a consent handed to [`Store::withdraw_consent`].
@@ -687,6 +690,7 @@ impl Store {
             tokens: Default::default(),
             case_keys: GuessCache::new(CASE_KEY_CACHE_MAX),
             consents: GuessCache::new(CONSENT_CACHE_MAX),
+            checkpoint_owed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -2344,7 +2348,8 @@ impl Store {
         now_ms: i64,
         audit: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
     ) -> Result<u64> {
-        self.writer
+        let (deleted, swept) = self
+            .writer
             .run_then(
                 (now_ms, audit),
                 |(now_ms, audit), tx, log| {
@@ -2364,38 +2369,66 @@ impl Store {
                         // Also, once a run, keys no referral ever came to need (made for
                         // one whose storing a crash cut short), and terms left stored for
                         // a consent under which nothing is held (by any earlier version).
-                        sqlx::query(
+                        let keys: Vec<i64> = sqlx::query_scalar(
                             "DELETE FROM case_keys WHERE id LIKE 'in:%'
-                             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)",
+                             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)
+                             RETURNING 1",
                         )
-                        .execute(&mut *conn)
+                        .fetch_all(&mut *conn)
                         .await?;
-                        sqlx::query(
+                        let terms: Vec<i64> = sqlx::query_scalar(
                             "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
                              WHERE terms_sealed IS NOT NULL
                                AND NOT EXISTS (SELECT 1 FROM inbox
                                                WHERE inbox.sender = narrowed_consents.sender
-                                                 AND inbox.consent_id = narrowed_consents.consent_id)",
+                                                 AND inbox.consent_id = narrowed_consents.consent_id)
+                             RETURNING 1",
                         )
-                        .execute(&mut *conn)
+                        .fetch_all(&mut *conn)
                         .await?;
                         if deleted > 0 {
                             log.append(audit(deleted))?;
                         }
-                        Ok(deleted)
+                        Ok((deleted, !keys.is_empty() || !terms.is_empty()))
                     })
                 },
                 Some(self.case_keys.clearer()),
             )
-            .await
+            .await?;
+        // What the sweep removed is as much to be checkpointed as a purge.
+        if swept && deleted == 0 {
+            self.checkpoint_owed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(deleted)
     }
 
     /// Moves the WAL into the database file and truncates it, so that deleted pages
     /// (zeroed by secure_delete) do not linger in the WAL. SQLite waits (up to the busy
     /// timeout) for readers of older snapshots; if one outlasts it, the WAL is not empty
     /// and this says so ([`StoreError::CheckpointBusy`]) rather than report a clean purge.
+    /// One that fails stays owed, for [`Store::checkpoint_if_owed`] to try again.
     pub async fn checkpoint(&self) -> Result<()> {
-        self.writer.checkpoint().await
+        use std::sync::atomic::Ordering;
+        self.checkpoint_owed.store(false, Ordering::SeqCst);
+        let result = self.writer.checkpoint().await;
+        if result.is_err() {
+            self.checkpoint_owed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Tries again a checkpoint that failed (a reader outlasted the busy timeout), so
+    /// that purged pages do not stay in the WAL until the next purge. Returns whether one
+    /// was owed.
+    pub async fn checkpoint_if_owed(&self) -> Result<bool> {
+        if !self
+            .checkpoint_owed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(false);
+        }
+        self.checkpoint().await.map(|()| true)
     }
 
     /// Up to `limit` received referrals, newest first (in the order they were stored),
@@ -3637,6 +3670,18 @@ pub(crate) mod tests {
             .expect("retention");
         assert_eq!(deleted, 0);
         assert_eq!(store.audit_size().await.expect("size"), size + 1);
+        assert!(!store.checkpoint_if_owed().await.expect("checkpoint"));
+        // One that only sweeps a key leaves a checkpoint owed, as a purge does.
+        store
+            .ensure_case_key("in:shelter-my:orphan", b"key-9", 0)
+            .await
+            .expect("key");
+        let deleted = store
+            .enforce_retention(500, Box::new(audit))
+            .await
+            .expect("retention");
+        assert_eq!(deleted, 0);
+        assert!(store.checkpoint_if_owed().await.expect("checkpoint"));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -3698,6 +3743,41 @@ pub(crate) mod tests {
                 .await
                 .expect("read");
         assert_eq!(payload, [0xe3]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A checkpoint a reader kept from finishing is owed, and made once the reader is
+    /// gone: purged pages do not wait in the WAL for the next purge.
+    #[tokio::test]
+    async fn a_checkpoint_a_reader_held_up_is_made_later() {
+        use sqlx::ConnectOptions as _;
+        let (store, dir) = temp_store("checkpoint-owed").await;
+        store
+            .append_audit(vec![b"entry".to_vec()])
+            .await
+            .expect("append");
+        let mut reader = SqliteConnectOptions::new()
+            .filename(dir.join("store.db"))
+            .read_only(true)
+            .connect()
+            .await
+            .expect("reader");
+        sqlx::raw_sql("BEGIN; SELECT COUNT(*) FROM audit_entries;")
+            .execute(&mut reader)
+            .await
+            .expect("a snapshot held");
+        assert!(matches!(
+            store.checkpoint().await,
+            Err(StoreError::CheckpointBusy)
+        ));
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut reader)
+            .await
+            .expect("end");
+        drop(reader);
+        assert!(store.checkpoint_if_owed().await.expect("made now"));
+        assert!(!store.checkpoint_if_owed().await.expect("none owed"));
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2528,7 +2528,7 @@ async fn purge_answer(
             // that deleted nothing (held nothing) needs none, and must not be a way to
             // make this node checkpoint at will.
             if changed_any && let Err(error) = node.store.checkpoint().await {
-                tracing::warn!(%error, what, "WAL checkpoint after purge failed");
+                tracing::warn!(%error, what, "WAL checkpoint after purge failed; tried again at the next retention check");
             }
             log();
             decode_response(&response)
