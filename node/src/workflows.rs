@@ -2311,10 +2311,16 @@ async fn accept_referral(
     // What is kept is what was read and gated: the payload encoded again, so that fields
     // this version does not know (prost skips them) are not stored beside it.
     let kept = payload.encode_to_vec();
-    // Encrypt under the data key of this received case before anything is stored. The
-    // key may be shredded meanwhile (a withdrawal or retention purge); then the store
-    // refuses the stale key and the payload is sealed again under the case's new one.
-    let case_key_id = format!("in:{}:{}", sender.id, payload.case_ref);
+    // Encrypt under the data key of this received case and consent before anything is
+    // stored: one key per consent, so that a withdrawal destroys the key of what it
+    // purged even while referrals of the case under another consent stay. (Referrals
+    // stored before keep their key per case, `in:<sender>:<case_ref>`.) The key may be
+    // shredded meanwhile (a withdrawal or retention purge); then the store refuses the
+    // stale key and the payload is sealed again under the new one.
+    let case_key_id = format!(
+        "in:{}:{}:{}",
+        sender.id, payload.case_ref, consent_receipt.consent_id
+    );
     let entry = audit::encode(
         &Event::ReferralReceived {
             message_id,

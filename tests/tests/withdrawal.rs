@@ -1749,11 +1749,12 @@ async fn a_referral_given_up_after_earlier_attempts_counts_as_held() {
     );
 }
 
-/// A withdrawal shreds the data key of the case it purged only once no referral the
-/// recipient still holds needs it: two consents of one case, each with a referral (one
-/// case reference, one key at the recipient), withdrawn one after the other.
+/// A withdrawal shreds the data key of what it purged even while the recipient holds
+/// referrals of the same case under another consent: two consents of one case, each with
+/// a referral (one case reference, a key per consent at the recipient), withdrawn one
+/// after the other.
 #[tokio::test]
-async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
+async fn a_withdrawal_shreds_its_consents_key_and_keeps_another_consents() {
     let fed = Federation::demo("withdraw-shared-key");
     let sender = fed.start(SHELTER_MY);
     let kh = fed.start(SHELTER_KH);
@@ -1777,7 +1778,7 @@ async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
         referrals.push(id);
     }
     let received_keys = "SELECT COUNT(*) FROM case_keys WHERE id LIKE 'in:%'";
-    assert_eq!(scalar(&kh, received_keys).await, 1, "one case, one key");
+    assert_eq!(scalar(&kh, received_keys).await, 2, "a key per consent");
 
     let withdraw = async |s: &mut Caseworker, consent_id: &str| {
         s.withdraw_consent(pb::ConsentRequest {
@@ -1788,7 +1789,11 @@ async fn a_withdrawal_keeps_the_case_key_another_consents_referral_needs() {
         wait_status(s, consent_id, all_purged).await;
     };
     withdraw(&mut s, &consents[0]).await;
-    assert_eq!(scalar(&kh, received_keys).await, 1, "still needed");
+    assert_eq!(
+        scalar(&kh, received_keys).await,
+        1,
+        "the withdrawn consent's key is shredded, the other's kept"
+    );
     let mut r = kh.client().await;
     let kept = r
         .get_referral(pb::GetReferralRequest {
