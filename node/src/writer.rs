@@ -19,8 +19,10 @@
 //! `corridor-node create-admin-token` may append to it while the node runs. Such an entry
 //! takes the index the task would give its next one, so that group fails on the index and
 //! the task catches up (the stored size and frontier, read again) and runs it once more.
-//! If any job of a group fails otherwise, the group is rolled back and each of its jobs is
-//! run again alone, so one bad job never fails or half-writes another.
+//! A job that fails within its group is undone alone (from a savepoint opened before its
+//! first statement) and the rest commits; should the group fail all the same, it is rolled
+//! back and run again without that job, then job by job, so one bad job never fails or
+//! half-writes another.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -57,20 +59,53 @@ pub type Op<D, T> = for<'c> fn(&'c D, &'c mut Tx, &'c mut LogAppender) -> Step<'
 pub struct Tx {
     conn: SqliteConnection,
     open: bool,
+    /// For the job running: whether it is to have a savepoint, opened (in front of its
+    /// first statement, as `BEGIN` is) only if it runs one.
+    savepoint: Savepoint,
     /// Groups committed in one query ([`commit_rows_at_once`]), shared with the handle.
     at_once: Arc<AtomicU64>,
     /// Transactions committed, shared with the handle.
     commits: Arc<AtomicU64>,
 }
 
+/// A job's savepoint ([`Tx::savepoint`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Savepoint {
+    None,
+    Wanted,
+    Open,
+}
+
 impl Tx {
+    /// What must run before the next statement: `BEGIN IMMEDIATE` if the transaction is
+    /// not open, `SAVEPOINT job` if the job wants one; both count as done from here.
+    fn opening(&mut self) -> Option<&'static str> {
+        let wanted = self.savepoint == Savepoint::Wanted;
+        if wanted {
+            self.savepoint = Savepoint::Open;
+        }
+        let opening = match (self.open, wanted) {
+            (true, false) => None,
+            (true, true) => Some("SAVEPOINT job"),
+            (false, false) => Some("BEGIN IMMEDIATE"),
+            (false, true) => Some("BEGIN IMMEDIATE; SAVEPOINT job"),
+        };
+        self.open = true;
+        opening
+    }
+
     /// The connection, inside the group's transaction (opened first if need be).
     pub async fn conn(&mut self) -> Result<&mut SqliteConnection> {
-        if !self.open {
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut self.conn)
-                .await?;
-            self.open = true;
+        if let Some(opening) = self.opening() {
+            let opened = sqlx::raw_sql(opening).execute(&mut self.conn).await;
+            if let Err(error) = opened {
+                // Nothing opened: a job's failure here is not its own statements'.
+                self.open = false;
+                if self.savepoint == Savepoint::Open {
+                    self.savepoint = Savepoint::Wanted;
+                }
+                return Err(error.into());
+            }
         }
         Ok(&mut self.conn)
     }
@@ -81,11 +116,9 @@ impl Tx {
     /// sqlx adds SQLite's `changes()` after every statement, and after `BEGIN` that is
     /// still the count of the previous group's last statement.
     pub fn sql(&mut self, sql: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
-        if self.open {
-            AssertSqlSafe(Cow::Borrowed(sql))
-        } else {
-            self.open = true;
-            AssertSqlSafe(Cow::Owned(format!("BEGIN IMMEDIATE;\n{sql}")))
+        match self.opening() {
+            None => AssertSqlSafe(Cow::Borrowed(sql)),
+            Some(opening) => AssertSqlSafe(Cow::Owned(format!("{opening};\n{sql}"))),
         }
     }
 }
@@ -575,6 +608,7 @@ impl Writer {
         let tx = Tx {
             conn,
             open: false,
+            savepoint: Savepoint::None,
             at_once: at_once.clone(),
             commits: commits.clone(),
         };
@@ -862,25 +896,31 @@ async fn commit_group(
                     .inspect_err(|_| *failed_job = Some(at))?;
                 continue;
             }
-            let savepoint = tx.sql("SAVEPOINT job");
-            sqlx::query(savepoint).execute(tx.conn().await?).await?;
+            // Savepoints stay on the stack once the job is done: the commit releases
+            // them all, and `ROLLBACK TO` finds the newest of the name.
+            tx.savepoint = Savepoint::Wanted;
             let mark = log.mark();
-            match job.run(false, tx, log).await {
-                Ok(()) => {
-                    sqlx::query("RELEASE job").execute(tx.conn().await?).await?;
+            let outcome = job.run(false, tx, log).await;
+            let savepoint = std::mem::replace(&mut tx.savepoint, Savepoint::None);
+            if let Err(error) = outcome {
+                *failed_job = Some(at);
+                match savepoint {
+                    // Should the undoing fail (SQLite ended the transaction itself,
+                    // say), the group fails, naming this job.
+                    Savepoint::Open => {
+                        sqlx::query("ROLLBACK TO job")
+                            .execute(tx.conn().await?)
+                            .await?;
+                    }
+                    // It ran no statement: nothing to undo but its entries, if the
+                    // transaction stands.
+                    _ if tx.open => {}
+                    // Opening the transaction failed: no fault of the job's.
+                    _ => return Err(error),
                 }
-                Err(error) => {
-                    // Should the undoing fail (SQLite ended the transaction itself, say),
-                    // the group fails, naming this job.
-                    *failed_job = Some(at);
-                    sqlx::query("ROLLBACK TO job")
-                        .execute(tx.conn().await?)
-                        .await?;
-                    sqlx::query("RELEASE job").execute(tx.conn().await?).await?;
-                    *failed_job = None;
-                    log.rewind(mark);
-                    failures.push((at, error));
-                }
+                *failed_job = None;
+                log.rewind(mark);
+                failures.push((at, error));
             }
         }
         log.write_and_commit(tx).await
