@@ -3,9 +3,9 @@
 -- time says. The sealing time alone decides only while the sender's clock does not step
 -- back: a referral sealed before a narrowing, on a clock that has since stepped back by
 -- more than envelopes are stamped around, carries a later time than the narrowing, and
--- would otherwise be stored whole, with the fields the narrowing took away. Kept as long
--- as seen envelopes are: a referral's sealing time bounds when it can still arrive only
--- as far as its sender's clock can be trusted, which is what failed here.
+-- would otherwise be stored whole, with the fields the narrowing took away. Kept until
+-- the referral can no longer arrive: its id begins with its creation time on the same
+-- clock as its expiry, which comes at most 30 days later.
 CREATE TABLE narrowed_referrals (
     message_id BLOB NOT NULL,
     sender TEXT NOT NULL,

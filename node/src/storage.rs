@@ -404,13 +404,18 @@ pub struct PurgeRequest {
     pub respond: Respond,
 }
 
+/// Most referrals one narrowing has remembered as on their way (see
+/// [`AcceptedNarrowing::named`]).
+pub const MAX_NARROWED_REFERRALS: usize = 1024;
+
 /// A narrowing a peer sent, ready to apply.
 pub struct AcceptedNarrowing {
     pub request: PurgeRequest,
     pub consent_id: String,
     /// Every referral the narrowing names, and those of them stored under the consent
     /// when it was read: one stored since (it was on its way) makes the job fail, to be
-    /// read again, rather than be left whole. Those not stored are refused when they come.
+    /// read again, rather than be left whole. Those not stored (the newest
+    /// [`MAX_NARROWED_REFERRALS`]) are refused when they come.
     pub named: Vec<MessageId>,
     pub held: Vec<MessageId>,
     /// The referrals to delete: exactly those the purge receipt names.
@@ -2147,17 +2152,33 @@ impl Store {
                             return Err(StoreError::ReadAgain("what is held under the consent"));
                         }
                         // Those named and not held are on their way: refused when they
-                        // come, whatever time their sender's clock stamped them with.
-                        for id in n.named.iter().filter(|id| held.binary_search(id).is_err()) {
-                            sqlx::query(
-                                "INSERT INTO narrowed_referrals (message_id, sender)
-                                 VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                            )
-                            .bind(&id.0[..])
-                            .bind(sender.as_str())
-                            .execute(&mut *conn)
-                            .await?;
-                        }
+                        // come, whatever time their sender's clock stamped them with. The
+                        // newest few, in one statement: a narrowing names at most the
+                        // referrals sent under one consent to this node, and one naming
+                        // more than that is no way to make this node store ids at will.
+                        let mut on_their_way: Vec<&MessageId> = n
+                            .named
+                            .iter()
+                            .filter(|id| held.binary_search(id).is_err())
+                            .collect();
+                        on_their_way.sort_unstable_by(|a, b| b.cmp(a));
+                        on_their_way.truncate(MAX_NARROWED_REFERRALS);
+                        let ids = serde_json::to_string(
+                            &on_their_way
+                                .iter()
+                                .map(|id| id.to_hex())
+                                .collect::<Vec<_>>(),
+                        )
+                        .map_err(|_| StoreError::Corrupt("referral ids as JSON"))?;
+                        sqlx::query(
+                            "INSERT INTO narrowed_referrals (message_id, sender)
+                             SELECT unhex(value), $2 FROM json_each($1) WHERE true
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(ids)
+                        .bind(sender.as_str())
+                        .execute(&mut *conn)
+                        .await?;
                         let mut case_keys = std::collections::BTreeSet::new();
                         for id in &n.purged {
                             let deleted: Option<String> = sqlx::query_scalar(
@@ -2386,6 +2407,11 @@ impl Store {
                         )
                         .fetch_all(&mut *conn)
                         .await?;
+                        // Referrals narrowings named that can no longer arrive.
+                        sqlx::query("DELETE FROM narrowed_referrals WHERE message_id < $1")
+                            .bind(&MessageId::oldest_deliverable(*now_ms).0[..])
+                            .execute(&mut *conn)
+                            .await?;
                         if deleted > 0 {
                             log.append(audit(deleted))?;
                         }
@@ -4271,6 +4297,28 @@ pub(crate) mod tests {
                 terms: Some(sealed(b"second")),
             })
         );
+
+        // The referral named on its way is remembered until it can no longer arrive.
+        let remembered = async || -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM narrowed_referrals")
+                .fetch_one(&store.pool)
+                .await
+                .expect("count")
+        };
+        assert_eq!(remembered().await, 1);
+        let made_at = i64::from_be_bytes([0, 0, 6, 6, 6, 6, 6, 6]);
+        let last_chance =
+            made_at + corridor::envelope::MAX_LIFETIME_MS + corridor::envelope::MAX_CLOCK_SKEW_MS;
+        let audit = |deleted| {
+            corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, 0)
+        };
+        for (now, left) in [(last_chance, 1), (last_chance + 1, 0)] {
+            store
+                .enforce_retention(now, Box::new(audit))
+                .await
+                .expect("retention");
+            assert_eq!(remembered().await, left, "at {now}");
+        }
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

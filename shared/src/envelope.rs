@@ -92,6 +92,27 @@ impl MessageId {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// The smallest id a message created at `at_ms` can have: ids sort by creation time,
+    /// so every id below it was made earlier.
+    pub fn first_at(at_ms: i64) -> Self {
+        let mut id = [0u8; 16];
+        let millis = u64::try_from(at_ms).unwrap_or(0).to_be_bytes();
+        id[..6].copy_from_slice(&millis[2..]);
+        Self(id)
+    }
+
+    /// Below this id, at `now_ms`, no envelope a sender made with [`MessageId::new`] can
+    /// still be accepted: its id dates from its creation (the sender's clock, as its
+    /// expiry does), and it expired at most [`MAX_LIFETIME_MS`] later, allowing for
+    /// [`MAX_CLOCK_SKEW_MS`] between the clocks.
+    pub fn oldest_deliverable(now_ms: i64) -> Self {
+        Self::first_at(
+            now_ms
+                .saturating_sub(MAX_LIFETIME_MS)
+                .saturating_sub(MAX_CLOCK_SKEW_MS),
+        )
+    }
 }
 
 impl fmt::Display for MessageId {
@@ -682,5 +703,11 @@ mod tests {
             let c = MessageId::new(later).unwrap();
             assert!(a < c && b < c, "an id made later sorts after");
         }
+        assert!(MessageId::first_at(ms) <= a && MessageId::first_at(ms + 1) > a);
+        // An id made as late as an envelope still deliverable now may be is not below
+        // the bound; one a millisecond earlier is.
+        let now = ms + MAX_LIFETIME_MS + MAX_CLOCK_SKEW_MS;
+        assert!(a >= MessageId::oldest_deliverable(now));
+        assert!(a < MessageId::oldest_deliverable(now + 1));
     }
 }
