@@ -330,21 +330,28 @@ async fn enforce_retention(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         let entry = Box::new(move |deleted| {
             corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, now)
         });
-        match node.store.enforce_retention(now, entry).await {
-            Ok(0) => {}
+        let checkpointed = match node.store.enforce_retention(now, entry).await {
+            Ok(0) => false,
             Ok(deleted) => {
                 tracing::info!(deleted, "received referrals past retention deleted");
                 if let Err(error) = node.store.checkpoint().await {
                     tracing::warn!(%error, "WAL checkpoint after retention purge failed; tried again at the next check");
                 }
+                true
             }
-            Err(error) => tracing::error!(%error, "retention check failed"),
-        }
-        match node.store.checkpoint_if_owed().await {
-            Ok(true) => tracing::info!("WAL checkpoint owed since a purge done"),
-            Ok(false) => {}
             Err(error) => {
-                tracing::warn!(%error, "WAL checkpoint owed since a purge failed again; tried again at the next check");
+                tracing::error!(%error, "retention check failed");
+                false
+            }
+        };
+        // Not twice in one check: a checkpoint a reader holds up holds up every write.
+        if !checkpointed {
+            match node.store.checkpoint_if_owed().await {
+                Ok(true) => tracing::info!("WAL checkpoint owed since a purge done"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "WAL checkpoint owed since a purge failed again; tried again at the next check");
+                }
             }
         }
         tokio::select! {

@@ -72,6 +72,9 @@ pub struct Store {
     /// Whether a checkpoint asked for after a purge has not succeeded yet
     /// ([`Store::checkpoint_if_owed`]).
     checkpoint_owed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// How an owed checkpoint connects: with a short busy timeout, for while readers
+    /// hold it up it blocks every writer (see [`Store::checkpoint_if_owed`]).
+    owed_checkpoint_options: SqliteConnectOptions,
 }
 
 /// What became of a consent handed to [`Store::withdraw_consent`].
@@ -404,6 +407,9 @@ pub struct PurgeRequest {
     pub respond: Respond,
 }
 
+/// How long an owed checkpoint waits for readers (and the writer) before it is owed again.
+const OWED_CHECKPOINT_PATIENCE: Duration = Duration::from_millis(250);
+
 /// Most referrals one narrowing has remembered as on their way (see
 /// [`AcceptedNarrowing::named`]).
 pub const MAX_NARROWED_REFERRALS: usize = 1024;
@@ -696,6 +702,7 @@ impl Store {
             case_keys: GuessCache::new(CASE_KEY_CACHE_MAX),
             consents: GuessCache::new(CONSENT_CACHE_MAX),
             checkpoint_owed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            owed_checkpoint_options: options.busy_timeout(OWED_CHECKPOINT_PATIENCE),
         })
     }
 
@@ -2446,15 +2453,32 @@ impl Store {
 
     /// Tries again a checkpoint that failed (a reader outlasted the busy timeout), so
     /// that purged pages do not stay in the WAL until the next purge. Returns whether one
-    /// was owed.
+    /// was owed. On a connection of its own that waits for readers only briefly: while a
+    /// checkpoint waits, no write commits, and a reader that held up one may hold up the
+    /// next.
     pub async fn checkpoint_if_owed(&self) -> Result<bool> {
-        if !self
-            .checkpoint_owed
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        use sqlx::ConnectOptions as _;
+        use std::sync::atomic::Ordering;
+        if !self.checkpoint_owed.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
-        self.checkpoint().await.map(|()| true)
+        let attempt = async {
+            use sqlx::Connection as _;
+            let mut conn = self.owed_checkpoint_options.connect().await?;
+            let busy: i64 = sqlx::query_scalar("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut conn)
+                .await?;
+            let _ = conn.close().await;
+            match busy {
+                0 => Ok(true),
+                _ => Err(StoreError::CheckpointBusy),
+            }
+        }
+        .await;
+        if attempt.is_err() {
+            self.checkpoint_owed.store(true, Ordering::SeqCst);
+        }
+        attempt
     }
 
     /// Up to `limit` received referrals, newest first (in the order they were stored),
@@ -3795,6 +3819,11 @@ pub(crate) mod tests {
             .expect("a snapshot held");
         assert!(matches!(
             store.checkpoint().await,
+            Err(StoreError::CheckpointBusy)
+        ));
+        // Tried again while the reader stays, it fails and stays owed.
+        assert!(matches!(
+            store.checkpoint_if_owed().await,
             Err(StoreError::CheckpointBusy)
         ));
         sqlx::raw_sql("COMMIT")
