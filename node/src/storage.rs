@@ -2314,15 +2314,8 @@ impl Store {
         case_keys: &std::collections::BTreeSet<String>,
         consents: &std::collections::BTreeSet<(String, String)>,
     ) -> Result<()> {
-        for id in case_keys {
-            sqlx::query(
-                "DELETE FROM case_keys WHERE id = $1 AND id LIKE 'in:%'
-                 AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = $1)",
-            )
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        }
+        // Terms first: a key stays while terms still held are sealed under it (those of
+        // a consent with referrals under other keys, one made before keys per consent).
         for (sender, consent_id) in consents {
             sqlx::query(
                 "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
@@ -2332,6 +2325,17 @@ impl Store {
             )
             .bind(sender)
             .bind(consent_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for id in case_keys {
+            sqlx::query(
+                "DELETE FROM case_keys WHERE id = $1 AND id LIKE 'in:%'
+                 AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = $1)
+                 AND NOT EXISTS (SELECT 1 FROM narrowed_consents
+                                 WHERE terms_case_key_id = $1)",
+            )
+            .bind(id)
             .execute(&mut *conn)
             .await?;
         }
@@ -2397,19 +2401,21 @@ impl Store {
                         // Also, once a run, keys no referral ever came to need (made for
                         // one whose storing a crash cut short), and terms left stored for
                         // a consent under which nothing is held (by any earlier version).
-                        let keys: Vec<i64> = sqlx::query_scalar(
-                            "DELETE FROM case_keys WHERE id LIKE 'in:%'
-                             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)
-                             RETURNING 1",
-                        )
-                        .fetch_all(&mut *conn)
-                        .await?;
                         let terms: Vec<i64> = sqlx::query_scalar(
                             "UPDATE narrowed_consents SET terms_sealed = NULL, terms_case_key_id = NULL
                              WHERE terms_sealed IS NOT NULL
                                AND NOT EXISTS (SELECT 1 FROM inbox
                                                WHERE inbox.sender = narrowed_consents.sender
                                                  AND inbox.consent_id = narrowed_consents.consent_id)
+                             RETURNING 1",
+                        )
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        let keys: Vec<i64> = sqlx::query_scalar(
+                            "DELETE FROM case_keys WHERE id LIKE 'in:%'
+                             AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.case_key_id = case_keys.id)
+                             AND NOT EXISTS (SELECT 1 FROM narrowed_consents
+                                             WHERE terms_case_key_id = case_keys.id)
                              RETURNING 1",
                         )
                         .fetch_all(&mut *conn)
@@ -4348,6 +4354,82 @@ pub(crate) mod tests {
                 .expect("retention");
             assert_eq!(remembered().await, left, "at {now}");
         }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A key that terms held under a consent are sealed under stays while anything is
+    /// held under the consent, also once no referral is stored under the key itself: a
+    /// consent with a referral under the key its case had before keys per consent, and
+    /// one under its own.
+    #[tokio::test]
+    async fn a_key_that_held_terms_are_sealed_under_stays_while_they_are_held() {
+        let (store, dir) = temp_store("terms-key").await;
+        let (legacy, own) = ("in:shelter-my:case-ref", "in:shelter-my:case-ref:consent-1");
+        store
+            .ensure_case_key(legacy, b"key-1", 0)
+            .await
+            .expect("key");
+        store.ensure_case_key(own, b"key-2", 0).await.expect("key");
+        let old = AcceptedReferral {
+            retain_until_ms: 10,
+            ..referral(b"key-1")
+        };
+        let new = AcceptedReferral {
+            message_id: MessageId([2; 16]),
+            case_key_id: own.into(),
+            retain_until_ms: 20,
+            ..referral(b"key-2")
+        };
+        for r in [old, new] {
+            let stored = store.accept_referral(r, entry()).await;
+            assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
+        }
+        let narrowing = AcceptedNarrowing {
+            request: PurgeRequest {
+                message_id: MessageId([9; 16]),
+                sender: shelter_my(),
+                envelope_digest: [3; 32],
+                received_at_ms: 5,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
+            consent_id: "consent-1".into(),
+            named: Vec::new(),
+            held: Vec::new(),
+            purged: Vec::new(),
+            redacted: Vec::new(),
+            narrowed_at_ms: 5,
+            terms: Some((
+                SealedTerms {
+                    case_key_id: legacy.into(),
+                    sealed: b"terms".to_vec(),
+                },
+                None,
+            )),
+        };
+        let applied = store.apply_narrowing(narrowing, entry()).await;
+        assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
+        let keys = async || -> Vec<String> {
+            sqlx::query_scalar("SELECT id FROM case_keys ORDER BY id")
+                .fetch_all(&store.pool)
+                .await
+                .expect("keys")
+        };
+        let audit = |deleted| {
+            corridor::audit::encode(&corridor::audit::Event::RetentionPurge { deleted }, 0)
+        };
+        // The old referral's retention ends: its key stays, for the terms.
+        let deleted = store.enforce_retention(15, Box::new(audit)).await;
+        assert_eq!(deleted.expect("retention"), 1);
+        assert_eq!(keys().await, [legacy, own]);
+        let held = store.narrowed_consent("shelter-my", "consent-1").await;
+        assert!(held.expect("read").expect("narrowed").terms.is_some());
+        // The last referral under the consent goes: terms and both keys with it.
+        let deleted = store.enforce_retention(25, Box::new(audit)).await;
+        assert_eq!(deleted.expect("retention"), 1);
+        assert!(keys().await.is_empty());
+        let held = store.narrowed_consent("shelter-my", "consent-1").await;
+        assert!(held.expect("read").expect("narrowed").terms.is_none());
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

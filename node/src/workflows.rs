@@ -2639,9 +2639,13 @@ async fn accept_narrowing(
     }
     let cut: Vec<MessageId> = redacted.iter().map(|(id, _, _)| *id).collect();
     // The terms bind what is kept: stored under the key of its case, if anything is.
+    // The consent's own key if a referral kept has one: terms under a key of the case
+    // that referrals under other consents share would keep that key alive with them.
+    let consent_key_suffix = format!(":{}", n.consent_id);
     let kept_case = case_key_ids
         .iter()
-        .find(|(id, _)| !purged.contains(id))
+        .filter(|(id, _)| !purged.contains(id))
+        .max_by_key(|(_, case_key_id)| case_key_id.ends_with(&consent_key_suffix))
         .map(|(_, case_key_id)| case_key_id.as_str());
     let confirmed = terms
         .as_ref()
