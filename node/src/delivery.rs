@@ -197,7 +197,7 @@ impl Waiters {
 
 enum AttemptError {
     Retry(String),
-    /// The recipient's answer, which may pass, in its words.
+    /// The recipient's answer, or the transport's, which may pass, in its words.
     RetryAnswered {
         code: Code,
         message: String,
@@ -449,9 +449,11 @@ async fn attempt(node: &Node, clients: &Clients, Noted { item, revocations }: No
         Err(AttemptError::Refused { code, .. }) => {
             Some(format!("refused by the recipient ({code:?})"))
         }
-        Err(AttemptError::RetryAnswered { code, .. }) => {
-            Some(format!("answered by the recipient ({code:?})"))
-        }
+        // The transport's own failures come this way too: say no more than the code,
+        // and where the words are.
+        Err(AttemptError::RetryAnswered { code, .. }) => Some(format!(
+            "{code:?} (the words are kept as the envelope's last error)"
+        )),
         _ => None,
     };
     let now = now_ms();

@@ -2100,9 +2100,19 @@ pub async fn receive_envelope(
         .as_ref()
         .and_then(|h| MessageId::from_bytes(&h.message_id).ok());
     let result = receive(node, peer, envelope).await;
-    // Not refusals: a fault of this node, or a request to ask again.
+    // Not refusals: a fault of this node, a request to ask again, or an envelope taken
+    // once the clocks agree (its sender's tries must not spend the sender's budget or
+    // each add an entry; the log says it once a try).
     if let Err(failure) = &result
-        && !matches!(failure.code, Code::Internal | Code::Aborted)
+        && failure.code == Code::Unavailable
+    {
+        tracing::warn!(peer = %peer.org, envelope = ?message_id.map(|id| id.to_hex()), rule = failure.rule, "envelope dated ahead of this node's clock: one of the two clocks is wrong");
+    }
+    if let Err(failure) = &result
+        && !matches!(
+            failure.code,
+            Code::Internal | Code::Aborted | Code::Unavailable
+        )
     {
         node.refusals.charge(&peer.org, std::time::Instant::now());
         let entry = audit::encode(
