@@ -68,41 +68,51 @@ pub struct Tx {
     commits: Arc<AtomicU64>,
 }
 
-/// A job's savepoint ([`Tx::savepoint`]).
+/// A job's savepoint ([`Tx::savepoint`]), named by the job's place in its group: a name
+/// of its own, so that undoing it can never undo another job's.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Savepoint {
+    /// None asked for: a job alone, a row write, the group's own statements.
     None,
-    Wanted,
-    Open,
+    /// The running job is to have one, opened in front of its first statement.
+    Wanted(usize),
+    /// Opened, or sent to be opened in front of a statement.
+    Open(usize),
+    /// Opening the transaction or the savepoint failed: none of the job's statements ran.
+    Broken,
 }
 
 impl Tx {
     /// What must run before the next statement: `BEGIN IMMEDIATE` if the transaction is
-    /// not open, `SAVEPOINT job` if the job wants one; both count as done from here.
-    fn opening(&mut self) -> Option<&'static str> {
-        let wanted = self.savepoint == Savepoint::Wanted;
-        if wanted {
-            self.savepoint = Savepoint::Open;
-        }
-        let opening = match (self.open, wanted) {
-            (true, false) => None,
-            (true, true) => Some("SAVEPOINT job"),
-            (false, false) => Some("BEGIN IMMEDIATE"),
-            (false, true) => Some("BEGIN IMMEDIATE; SAVEPOINT job"),
+    /// not open, the job's savepoint if it wants one; both count as done from here.
+    fn opening(&mut self) -> Option<String> {
+        let savepoint = match self.savepoint {
+            Savepoint::Wanted(n) => {
+                self.savepoint = Savepoint::Open(n);
+                Some(format!("SAVEPOINT job{n}"))
+            }
+            _ => None,
         };
+        let begin = !self.open;
         self.open = true;
-        opening
+        match (begin, savepoint) {
+            (false, savepoint) => savepoint,
+            (true, None) => Some("BEGIN IMMEDIATE".to_owned()),
+            (true, Some(savepoint)) => Some(format!("BEGIN IMMEDIATE; {savepoint}")),
+        }
     }
 
     /// The connection, inside the group's transaction (opened first if need be).
     pub async fn conn(&mut self) -> Result<&mut SqliteConnection> {
+        let was_open = self.open;
         if let Some(opening) = self.opening() {
-            let opened = sqlx::raw_sql(opening).execute(&mut self.conn).await;
+            let opened = sqlx::raw_sql(AssertSqlSafe(opening))
+                .execute(&mut self.conn)
+                .await;
             if let Err(error) = opened {
-                // Nothing opened: a job's failure here is not its own statements'.
-                self.open = false;
-                if self.savepoint == Savepoint::Open {
-                    self.savepoint = Savepoint::Wanted;
+                self.open = was_open;
+                if matches!(self.savepoint, Savepoint::Open(_)) {
+                    self.savepoint = Savepoint::Broken;
                 }
                 return Err(error.into());
             }
@@ -896,9 +906,9 @@ async fn commit_group(
                     .inspect_err(|_| *failed_job = Some(at))?;
                 continue;
             }
-            // Savepoints stay on the stack once the job is done: the commit releases
-            // them all, and `ROLLBACK TO` finds the newest of the name.
-            tx.savepoint = Savepoint::Wanted;
+            // Savepoints stay on the stack once the job is done (the commit releases
+            // them all): no round trip of their own.
+            tx.savepoint = Savepoint::Wanted(at);
             let mark = log.mark();
             let outcome = job.run(false, tx, log).await;
             let savepoint = std::mem::replace(&mut tx.savepoint, Savepoint::None);
@@ -906,17 +916,17 @@ async fn commit_group(
                 *failed_job = Some(at);
                 match savepoint {
                     // Should the undoing fail (SQLite ended the transaction itself,
-                    // say), the group fails, naming this job.
-                    Savepoint::Open => {
-                        sqlx::query("ROLLBACK TO job")
+                    // or the savepoint never opened), the group fails, naming this job.
+                    Savepoint::Open(n) => {
+                        sqlx::raw_sql(AssertSqlSafe(format!("ROLLBACK TO job{n}")))
                             .execute(tx.conn().await?)
                             .await?;
                     }
-                    // It ran no statement: nothing to undo but its entries, if the
-                    // transaction stands.
-                    _ if tx.open => {}
-                    // Opening the transaction failed: no fault of the job's.
-                    _ => return Err(error),
+                    // It ran no statement: nothing to undo but its entries.
+                    Savepoint::Wanted(_) | Savepoint::None => {}
+                    // Opening the transaction or its savepoint failed: no fault of the
+                    // job's.
+                    Savepoint::Broken => return Err(error),
                 }
                 *failed_job = None;
                 log.rewind(mark);
