@@ -5,9 +5,12 @@
 -- more than envelopes are stamped around, carries a later time than the narrowing, and
 -- would otherwise be stored whole, with the fields the narrowing took away. Kept until
 -- the referral can no longer arrive: its id begins with its creation time on the same
--- clock as its expiry, which comes at most 30 days later.
+-- clock as its expiry, which comes at most 30 days later; and for ids that do not (made
+-- by senders before ids began with it), for as long after the narrowing (named_at_ms,
+-- this node's clock).
 CREATE TABLE narrowed_referrals (
     message_id BLOB NOT NULL,
     sender TEXT NOT NULL,
+    named_at_ms INTEGER NOT NULL,
     PRIMARY KEY (message_id, sender)
 ) WITHOUT ROWID;

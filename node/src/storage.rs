@@ -680,6 +680,9 @@ impl Store {
             // Deleted content is overwritten, so purged ciphertext and shredded keys do
             // not linger in free pages.
             .pragma("secure_delete", "ON")
+            // Journals of savepoints and statements, and sorts, in memory: no temporary
+            // file keeps old copies of pages (wrapped keys, sealed payloads) on disk.
+            .pragma("temp_store", "MEMORY")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -2178,12 +2181,13 @@ impl Store {
                         )
                         .map_err(|_| StoreError::Corrupt("referral ids as JSON"))?;
                         sqlx::query(
-                            "INSERT INTO narrowed_referrals (message_id, sender)
-                             SELECT unhex(value), $2 FROM json_each($1) WHERE true
+                            "INSERT INTO narrowed_referrals (message_id, sender, named_at_ms)
+                             SELECT unhex(value), $2, $3 FROM json_each($1) WHERE true
                              ON CONFLICT DO NOTHING",
                         )
                         .bind(ids)
                         .bind(sender.as_str())
+                        .bind(n.request.received_at_ms)
                         .execute(&mut *conn)
                         .await?;
                         let mut case_keys = std::collections::BTreeSet::new();
@@ -2420,11 +2424,19 @@ impl Store {
                         )
                         .fetch_all(&mut *conn)
                         .await?;
-                        // Referrals narrowings named that can no longer arrive.
-                        sqlx::query("DELETE FROM narrowed_referrals WHERE message_id < $1")
-                            .bind(&MessageId::oldest_deliverable(*now_ms).0[..])
-                            .execute(&mut *conn)
-                            .await?;
+                        // Referrals narrowings named that can no longer arrive: their
+                        // ids date from before anything deliverable, and so does the
+                        // narrowing that named them (for ids that do not begin with
+                        // their time).
+                        let oldest = MessageId::oldest_deliverable(*now_ms);
+                        sqlx::query(
+                            "DELETE FROM narrowed_referrals
+                             WHERE message_id < $1 AND named_at_ms < $2",
+                        )
+                        .bind(&oldest.0[..])
+                        .bind(oldest.created_at_ms())
+                        .execute(&mut *conn)
+                        .await?;
                         if deleted > 0 {
                             log.append(audit(deleted))?;
                         }
