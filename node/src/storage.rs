@@ -435,6 +435,17 @@ pub struct AcceptedNarrowing {
     /// stored before, and those as read (`None` if none were): `None` from a sender that
     /// predates them, or if nothing under the consent is left to hold.
     pub terms: Option<(SealedTerms, Option<SealedTerms>)>,
+    /// The consent's own data key, renewed: every referral stored under it is among
+    /// `redacted`, sealed again under the new key.
+    pub renewed: Option<RenewedKey>,
+}
+
+/// A received case's data key replaced by a new one (see [`AcceptedNarrowing::renewed`]).
+pub struct RenewedKey {
+    pub case_key_id: String,
+    /// The wrapped key as read: if another is stored now, the job is read again.
+    pub read: Vec<u8>,
+    pub wrapped: Vec<u8>,
 }
 
 /// A consent's terms sealed under the data key of a received case.
@@ -2227,6 +2238,33 @@ impl Store {
                                 return Err(StoreError::ReadAgain(
                                     "what is held under the consent",
                                 ));
+                            }
+                        }
+                        if let Some(renewed) = &n.renewed {
+                            // Every referral under the key must have been sealed again.
+                            let under: Vec<Vec<u8>> = sqlx::query_scalar(
+                                "SELECT message_id FROM inbox WHERE case_key_id = $1",
+                            )
+                            .bind(&renewed.case_key_id)
+                            .fetch_all(&mut *conn)
+                            .await?;
+                            let resealed = |id: &[u8]| n.redacted.iter().any(|(r, _, _)| r.0 == id);
+                            if !under.iter().all(|id| resealed(id)) {
+                                return Err(StoreError::ReadAgain(
+                                    "what is held under the consent",
+                                ));
+                            }
+                            let replaced: Option<i64> = sqlx::query_scalar(
+                                "UPDATE case_keys SET wrapped_key = $2
+                                 WHERE id = $1 AND wrapped_key = $3 RETURNING 1",
+                            )
+                            .bind(&renewed.case_key_id)
+                            .bind(&renewed.wrapped)
+                            .bind(&renewed.read)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                            if replaced.is_none() {
+                                return Err(StoreError::ReadAgain("the case's data key"));
                             }
                         }
                         // The terms just stored are forgotten at once if nothing is held
@@ -4214,6 +4252,7 @@ pub(crate) mod tests {
             redacted: vec![(MessageId([2; 16]), read, b"cut".to_vec())],
             narrowed_at_ms: 100,
             terms: Some((sealed(b"first"), None)),
+            renewed: None,
         };
         let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.
@@ -4326,6 +4365,7 @@ pub(crate) mod tests {
             redacted: Vec::new(),
             narrowed_at_ms: 90,
             terms: Some((sealed(b"second"), as_read)),
+            renewed: None,
         };
         let stale = store.apply_narrowing(later(8, None), entry()).await;
         assert!(stale.is_err());
@@ -4418,6 +4458,7 @@ pub(crate) mod tests {
                 },
                 None,
             )),
+            renewed: None,
         };
         let applied = store.apply_narrowing(narrowing, entry()).await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
@@ -4442,6 +4483,69 @@ pub(crate) mod tests {
         assert!(keys().await.is_empty());
         let held = store.narrowed_consent("shelter-my", "consent-1").await;
         assert!(held.expect("read").expect("narrowed").terms.is_none());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A narrowing renews a key only with every referral under it sealed again, and
+    /// only if the key is still the one read.
+    #[tokio::test]
+    async fn a_renewed_key_leaves_no_referral_under_the_old_one() {
+        let (store, dir) = temp_store("renew-key").await;
+        let key = "in:shelter-my:case-ref:consent-1";
+        store.ensure_case_key(key, b"key-1", 0).await.expect("key");
+        for n in [1, 2] {
+            let r = AcceptedReferral {
+                message_id: MessageId([n; 16]),
+                case_key_id: key.into(),
+                payload_sealed: vec![n; 4],
+                ..referral(b"key-1")
+            };
+            let stored = store.accept_referral(r, entry()).await;
+            assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
+        }
+        let narrowing = |resealed: &[u8], read: &[u8]| AcceptedNarrowing {
+            request: PurgeRequest {
+                message_id: MessageId([9; 16]),
+                sender: shelter_my(),
+                envelope_digest: [3; 32],
+                received_at_ms: 5,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
+            consent_id: "consent-1".into(),
+            named: vec![MessageId([1; 16])],
+            held: vec![MessageId([1; 16])],
+            purged: Vec::new(),
+            redacted: resealed
+                .iter()
+                .map(|n| (MessageId([*n; 16]), vec![*n; 4], vec![*n + 10; 4]))
+                .collect(),
+            narrowed_at_ms: 5,
+            terms: None,
+            renewed: Some(RenewedKey {
+                case_key_id: key.into(),
+                read: read.to_vec(),
+                wrapped: b"key-2".to_vec(),
+            }),
+        };
+        let wrapped = async || store.case_key(key).await.expect("read").expect("key");
+        for (resealed, read) in [(&[1u8][..], &b"key-1"[..]), (&[1, 2], b"key-0")] {
+            let stale = store
+                .apply_narrowing(narrowing(resealed, read), entry())
+                .await;
+            assert!(
+                matches!(stale, Err(StoreError::ReadAgain(_))),
+                "{resealed:?}"
+            );
+            assert_eq!(wrapped().await, b"key-1");
+        }
+        let applied = store
+            .apply_narrowing(narrowing(&[1, 2], b"key-1"), entry())
+            .await;
+        assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
+        assert_eq!(wrapped().await, b"key-2");
+        let payload = store.inbox_item(MessageId([2; 16])).await.expect("read");
+        assert_eq!(payload.expect("held").payload_sealed, [12; 4]);
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2624,7 +2624,7 @@ async fn accept_narrowing(
         .iter()
         .map(|r| (r.message_id, r.case_key_id.clone()))
         .collect();
-    for row in rows {
+    for row in &rows {
         if to_purge.contains(&row.message_id) || to_keep.contains_key(&row.message_id) {
             held.push(row.message_id);
         }
@@ -2635,10 +2635,12 @@ async fn accept_narrowing(
         let Some(keep) = to_keep.get(&row.message_id) else {
             continue;
         };
-        match cut_to(node, &row, keep).await? {
+        match cut_to(node, row, keep).await? {
             Cut::Unchanged => {}
             Cut::Nothing => purged.push(row.message_id),
-            Cut::Sealed(sealed) => redacted.push((row.message_id, row.payload_sealed, sealed)),
+            Cut::Sealed(sealed) => {
+                redacted.push((row.message_id, row.payload_sealed.clone(), sealed));
+            }
             // What cannot be read cannot be cut: it goes whole, rather than keeping the
             // fields the person took back or holding up the rest of the narrowing.
             Cut::Unreadable(why) => {
@@ -2648,6 +2650,7 @@ async fn accept_narrowing(
         }
     }
     let cut: Vec<MessageId> = redacted.iter().map(|(id, _, _)| *id).collect();
+    let cut_count = cut.len();
     // The terms bind what is kept: stored under the key of its case, if anything is.
     // The consent's own key if a referral kept has one: terms under a key of the case
     // that referrals under other consents share would keep that key alive with them.
@@ -2661,12 +2664,35 @@ async fn accept_narrowing(
         .as_ref()
         .zip(terms_key.as_ref())
         .map(|(terms, key)| terms.confirmation_digest(key));
-    let terms = match (terms, kept_case) {
-        (Some(terms), Some(case_key_id)) => {
-            combined_terms(node, &sender.id, &n.consent_id, case_key_id, terms).await?
+    // What was cut from referrals under the consent's own key goes with that key: every
+    // referral kept under it, and the terms, are sealed again under a new one, and the
+    // old is destroyed, so that no copy of the payloads as they were left in the WAL or
+    // on the disk can be read with a key this node keeps (a backup taken before keeps the
+    // old key beside them, as it keeps everything else). Under a key their case shares with another
+    // consent's referrals (kept from before keys per consent), fields are cut by
+    // deleting them only. Only with terms: they are sealed again with the rest.
+    let renewed = match kept_case {
+        Some(own) if own.ends_with(&consent_key_suffix) && !cut.is_empty() && terms.is_some() => {
+            renew_key(node, own, &rows, &purged, &mut redacted).await?
         }
         _ => None,
     };
+    let terms = match (terms, kept_case) {
+        (Some(terms), Some(case_key_id)) => {
+            let seal_with = renewed.as_ref().map(|(key, _)| key);
+            combined_terms(
+                node,
+                &sender.id,
+                &n.consent_id,
+                case_key_id,
+                terms,
+                seal_with,
+            )
+            .await?
+        }
+        _ => None,
+    };
+    let renewed = renewed.map(|(_, rekey)| rekey);
     let purge_receipt = PurgeReceipt::sign(
         message_id,
         n.consent_id.clone(),
@@ -2686,11 +2712,11 @@ async fn accept_narrowing(
             consent_id: n.consent_id.clone(),
             case: n.case_ref.clone(),
             purged: purged.len() as u64,
-            redacted: redacted.len() as u64,
+            redacted: cut_count as u64,
         },
         now,
     );
-    let (purged_count, redacted_count) = (purged.len(), redacted.len());
+    let (purged_count, redacted_count) = (purged.len(), cut_count);
     let outcome = node
         .store
         .apply_narrowing(
@@ -2703,6 +2729,7 @@ async fn accept_narrowing(
                 redacted,
                 narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
                 terms,
+                renewed,
             },
             entry,
         )
@@ -2729,14 +2756,22 @@ async fn combined_terms(
     consent_id: &str,
     case_key_id: &str,
     restated: ConsentTerms,
+    seal_with: Option<&corridor::at_rest::DataKey>,
 ) -> Result<Option<(SealedTerms, Option<SealedTerms>)>, Failure> {
-    let Some(wrapped) = node.store.case_key(case_key_id).await? else {
-        return Ok(None);
+    let stored;
+    let key = match seal_with {
+        Some(key) => key,
+        None => {
+            let Some(wrapped) = node.store.case_key(case_key_id).await? else {
+                return Ok(None);
+            };
+            stored = node
+                .data_key
+                .unwrap_data_key(case_key_id, &wrapped)
+                .map_err(data_failure)?;
+            &stored
+        }
     };
-    let key = node
-        .data_key
-        .unwrap_data_key(case_key_id, &wrapped)
-        .map_err(data_failure)?;
     let as_read = node
         .store
         .narrowed_consent(sender.as_str(), consent_id)
@@ -2793,6 +2828,59 @@ async fn open_terms(
     convert::consent_terms_from_pb(terms)
         .map(Some)
         .map_err(|e| Failure::internal("stored consent terms are corrupt", e))
+}
+
+/// A new data key for `case_key_id`, the consent's own, with every referral in `rows`
+/// held under it and not `purged` sealed again under it: as cut in `redacted`, or as it
+/// is (added to `redacted`, unchanged but for its key). `None` if the key is gone (the
+/// referrals are being purged) or a payload does not open (it is cut without renewal).
+async fn renew_key(
+    node: &Node,
+    case_key_id: &str,
+    rows: &[InboxRow],
+    purged: &[MessageId],
+    redacted: &mut Vec<(MessageId, Vec<u8>, Vec<u8>)>,
+) -> Result<Option<(corridor::at_rest::DataKey, crate::storage::RenewedKey)>, Failure> {
+    let Some(read) = node.store.case_key(case_key_id).await? else {
+        return Ok(None);
+    };
+    let old = node
+        .data_key
+        .unwrap_data_key(case_key_id, &read)
+        .map_err(data_failure)?;
+    let (new, wrapped) = node
+        .data_key
+        .new_data_key(case_key_id)
+        .map_err(data_failure)?;
+    let mut resealed = Vec::new();
+    for row in rows
+        .iter()
+        .filter(|r| r.case_key_id == case_key_id && !purged.contains(&r.message_id))
+    {
+        let record = row.message_id.to_hex();
+        let current = redacted
+            .iter()
+            .find(|(id, _, _)| *id == row.message_id)
+            .map_or(&row.payload_sealed, |(_, _, cut)| cut);
+        let Ok(plaintext) = old.decrypt(case_key_id, &record, current) else {
+            tracing::warn!(referral = %row.message_id, "a referral under a key to renew cannot be read; the key is kept");
+            return Ok(None);
+        };
+        let sealed = new
+            .encrypt(case_key_id, &record, &plaintext)
+            .map_err(data_failure)?;
+        resealed.push((row.message_id, row.payload_sealed.clone(), sealed));
+    }
+    redacted.retain(|(id, _, _)| !resealed.iter().any(|(r, _, _)| r == id));
+    redacted.extend(resealed);
+    Ok(Some((
+        new,
+        crate::storage::RenewedKey {
+            case_key_id: case_key_id.to_owned(),
+            read,
+            wrapped,
+        },
+    )))
 }
 
 /// A received referral cut to some of its fields.

@@ -351,6 +351,14 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
     scope
         .fields
         .retain(|f| f != "risk_flags" && f != "health_summary");
+    let received_keys = async || -> Vec<(String, Vec<u8>)> {
+        sqlx::query_as("SELECT id, wrapped_key FROM case_keys WHERE id LIKE 'in:%'")
+            .fetch_all(&mut open_db(&kh, true).await)
+            .await
+            .expect("keys")
+    };
+    let before = received_keys().await;
+    assert_eq!(before.len(), 1, "one key for the consent's referrals");
     s.narrow_consent(pb::NarrowConsentRequest {
         consent_id: consent_id.clone(),
         scope: Some(scope.clone()),
@@ -363,6 +371,12 @@ async fn a_narrowing_that_removes_a_purpose_and_fields_has_the_recipient_cut_its
         state_of(st, SHELTER_KH) == "narrowed"
     })
     .await;
+    // What was cut went with the key it was sealed under: the consent's referrals kept
+    // are sealed under a new one (they are read below).
+    let after = received_keys().await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].0, before[0].0);
+    assert_ne!(after[0].1, before[0].1, "the key was renewed");
     let receipt = st.recipients[0]
         .purge_receipt
         .as_ref()
