@@ -438,6 +438,10 @@ pub struct AcceptedNarrowing {
     /// The consent's own data key, renewed: every referral stored under it is among
     /// `redacted`, sealed again under the new key.
     pub renewed: Option<RenewedKey>,
+    /// The wrapped keys of the referrals under the consent as read (`None`: gone): what
+    /// was cut, renewed or sealed was so under these, so another stored now (a
+    /// concurrent narrowing renewed it) has the job read again.
+    pub keys_read: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// A received case's data key replaced by a new one (see [`AcceptedNarrowing::renewed`]).
@@ -2238,6 +2242,17 @@ impl Store {
                                 return Err(StoreError::ReadAgain(
                                     "what is held under the consent",
                                 ));
+                            }
+                        }
+                        for (case_key_id, read) in &n.keys_read {
+                            let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                                "SELECT wrapped_key FROM case_keys WHERE id = $1",
+                            )
+                            .bind(case_key_id)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                            if stored != *read {
+                                return Err(StoreError::ReadAgain("the case's data key"));
                             }
                         }
                         if let Some(renewed) = &n.renewed {
@@ -4253,6 +4268,7 @@ pub(crate) mod tests {
             narrowed_at_ms: 100,
             terms: Some((sealed(b"first"), None)),
             renewed: None,
+            keys_read: Vec::new(),
         };
         let read = vec![MessageId([1; 16]), MessageId([2; 16])];
         // Read before the payload changed: nothing of it stays.
@@ -4366,6 +4382,7 @@ pub(crate) mod tests {
             narrowed_at_ms: 90,
             terms: Some((sealed(b"second"), as_read)),
             renewed: None,
+            keys_read: Vec::new(),
         };
         let stale = store.apply_narrowing(later(8, None), entry()).await;
         assert!(stale.is_err());
@@ -4459,6 +4476,7 @@ pub(crate) mod tests {
                 None,
             )),
             renewed: None,
+            keys_read: Vec::new(),
         };
         let applied = store.apply_narrowing(narrowing, entry()).await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
@@ -4527,6 +4545,7 @@ pub(crate) mod tests {
                 read: read.to_vec(),
                 wrapped: b"key-2".to_vec(),
             }),
+            keys_read: Vec::new(),
         };
         let wrapped = async || store.case_key(key).await.expect("read").expect("key");
         for (resealed, read) in [(&[1u8][..], &b"key-1"[..]), (&[1, 2], b"key-0")] {
@@ -4539,9 +4558,19 @@ pub(crate) mod tests {
             );
             assert_eq!(wrapped().await, b"key-1");
         }
-        let applied = store
-            .apply_narrowing(narrowing(&[1, 2], b"key-1"), entry())
-            .await;
+        // Cut under a key that is not the one stored now (a concurrent narrowing
+        // renewed it): read again, rather than purge what did not open.
+        let stale = AcceptedNarrowing {
+            keys_read: vec![(key.into(), Some(b"key-0".to_vec()))],
+            ..narrowing(&[1, 2], b"key-1")
+        };
+        let stale = store.apply_narrowing(stale, entry()).await;
+        assert!(matches!(stale, Err(StoreError::ReadAgain(_))));
+        let applied = AcceptedNarrowing {
+            keys_read: vec![(key.into(), Some(b"key-1".to_vec()))],
+            ..narrowing(&[1, 2], b"key-1")
+        };
+        let applied = store.apply_narrowing(applied, entry()).await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
         assert_eq!(wrapped().await, b"key-2");
         let payload = store.inbox_item(MessageId([2; 16])).await.expect("read");

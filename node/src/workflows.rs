@@ -2624,6 +2624,16 @@ async fn accept_narrowing(
         .iter()
         .map(|r| (r.message_id, r.case_key_id.clone()))
         .collect();
+    // Each key the referrals are under, read once: what is cut, renewed or sealed here
+    // is under these, and the store checks they are still the keys when it commits (a
+    // concurrent narrowing may have renewed one).
+    let mut keys_read: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+    for (_, case_key_id) in &case_key_ids {
+        if !keys_read.iter().any(|(id, _)| id == case_key_id) {
+            let wrapped = node.store.case_key(case_key_id).await?;
+            keys_read.push((case_key_id.clone(), wrapped));
+        }
+    }
     for row in &rows {
         if to_purge.contains(&row.message_id) || to_keep.contains_key(&row.message_id) {
             held.push(row.message_id);
@@ -2635,7 +2645,11 @@ async fn accept_narrowing(
         let Some(keep) = to_keep.get(&row.message_id) else {
             continue;
         };
-        match cut_to(node, row, keep).await? {
+        let wrapped = keys_read
+            .iter()
+            .find(|(id, _)| *id == row.case_key_id)
+            .and_then(|(_, wrapped)| wrapped.as_deref());
+        match cut_to(node, row, wrapped, keep)? {
             Cut::Unchanged => {}
             Cut::Nothing => purged.push(row.message_id),
             Cut::Sealed(sealed) => {
@@ -2671,9 +2685,19 @@ async fn accept_narrowing(
     // old key beside them, as it keeps everything else). Under a key their case shares with another
     // consent's referrals (kept from before keys per consent), fields are cut by
     // deleting them only. Only with terms: they are sealed again with the rest.
+    let under_own = |id: &MessageId| {
+        case_key_ids
+            .iter()
+            .any(|(row, key)| row == id && Some(key.as_str()) == kept_case)
+    };
+    let took_any = !cut.is_empty() || purged.iter().any(under_own);
     let renewed = match kept_case {
-        Some(own) if own.ends_with(&consent_key_suffix) && !cut.is_empty() && terms.is_some() => {
-            renew_key(node, own, &rows, &purged, &mut redacted).await?
+        Some(own) if own.ends_with(&consent_key_suffix) && took_any && terms.is_some() => {
+            let read = keys_read
+                .iter()
+                .find(|(id, _)| id == own)
+                .and_then(|(_, wrapped)| wrapped.clone());
+            renew_key(node, own, read, &rows, &purged, &mut redacted)?
         }
         _ => None,
     };
@@ -2730,6 +2754,7 @@ async fn accept_narrowing(
                 narrowed_at_ms: n.narrowed_at_ms.min(sealed_at_ms),
                 terms,
                 renewed,
+                keys_read,
             },
             entry,
         )
@@ -2834,14 +2859,15 @@ async fn open_terms(
 /// held under it and not `purged` sealed again under it: as cut in `redacted`, or as it
 /// is (added to `redacted`, unchanged but for its key). `None` if the key is gone (the
 /// referrals are being purged) or a payload does not open (it is cut without renewal).
-async fn renew_key(
+fn renew_key(
     node: &Node,
     case_key_id: &str,
+    read: Option<Vec<u8>>,
     rows: &[InboxRow],
     purged: &[MessageId],
     redacted: &mut Vec<(MessageId, Vec<u8>, Vec<u8>)>,
 ) -> Result<Option<(corridor::at_rest::DataKey, crate::storage::RenewedKey)>, Failure> {
-    let Some(read) = node.store.case_key(case_key_id).await? else {
+    let Some(read) = read else {
         return Ok(None);
     };
     let old = node
@@ -2896,13 +2922,18 @@ enum Cut {
     Unreadable(String),
 }
 
-/// Cuts the received referral `row` to the fields in `keep`. Errs only where trying
-/// again may succeed (storage busy, say).
-async fn cut_to(node: &Node, row: &InboxRow, keep: &BTreeSet<Field>) -> Result<Cut, Failure> {
-    let Some(wrapped) = node.store.case_key(&row.case_key_id).await? else {
+/// Cuts the received referral `row` to the fields in `keep`, with its case key as read
+/// (`wrapped`).
+fn cut_to(
+    node: &Node,
+    row: &InboxRow,
+    wrapped: Option<&[u8]>,
+    keep: &BTreeSet<Field>,
+) -> Result<Cut, Failure> {
+    let Some(wrapped) = wrapped else {
         return Ok(Cut::Unreadable("its case key is gone".into()));
     };
-    let key = match node.data_key.unwrap_data_key(&row.case_key_id, &wrapped) {
+    let key = match node.data_key.unwrap_data_key(&row.case_key_id, wrapped) {
         Ok(key) => key,
         Err(e) => return Ok(Cut::Unreadable(e.to_string())),
     };
