@@ -1960,6 +1960,31 @@ pub async fn read_referral(
     id: MessageId,
     sender: Option<&OrgId>,
 ) -> Result<pb::GetReferralResponse, Failure> {
+    // A narrowing may renew the key between the reads of the referral, its key and its
+    // terms: what does not open is read once more before it counts as unreadable.
+    match read_referral_once(node, user, id, sender, false).await {
+        Err(failure) if failure.code == Code::Aborted => {
+            read_referral_once(node, user, id, sender, true).await
+        }
+        result => result,
+    }
+}
+
+/// [`read_referral`], once; on the `last_try` what does not open is taken as it is.
+async fn read_referral_once(
+    node: &Node,
+    user: &User,
+    id: MessageId,
+    sender: Option<&OrgId>,
+    last_try: bool,
+) -> Result<pb::GetReferralResponse, Failure> {
+    let again = |failure: Failure| {
+        if last_try {
+            failure
+        } else {
+            Failure::new(Code::Aborted, "read again")
+        }
+    };
     let mut rows = node.store.inbox_items(id, sender).await?;
     if rows.len() > 1 {
         return Err(Failure::new(
@@ -1986,7 +2011,7 @@ pub async fn read_referral(
         .map_err(data_failure)?;
     let plaintext = key
         .decrypt(&row.case_key_id, &id.to_hex(), &row.payload_sealed)
-        .map_err(data_failure)?;
+        .map_err(|e| again(data_failure(e)))?;
     let payload = pb::ReferralPayload::decode(plaintext.as_slice())
         .map_err(|e| Failure::internal("stored referral is corrupt", e))?;
     // What binds this node: the receipt the referral carried, and every narrowing since.
@@ -2010,12 +2035,14 @@ pub async fn read_referral(
         .await?;
     let restated = match narrowed.as_ref().and_then(|n| n.terms.as_ref()) {
         // What cannot be read shows as not restated, not as a referral that cannot be read.
-        Some(stored) => open_terms(node, &row.consent_id, stored)
-            .await
-            .unwrap_or_else(|failure| {
+        Some(stored) => match open_terms(node, &row.consent_id, stored).await {
+            Ok(terms) => terms,
+            Err(failure) if !last_try => return Err(again(failure)),
+            Err(failure) => {
                 tracing::warn!(referral = %id, error = %failure.message, "stored consent terms cannot be read");
                 None
-            }),
+            }
+        },
         None => None,
     };
     // Current if a narrowing restated them, or the referral was sealed after the latest
