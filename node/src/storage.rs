@@ -4505,6 +4505,49 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A narrowing remembers at most the newest [`MAX_NARROWED_REFERRALS`] of the
+    /// referrals it names on their way.
+    #[tokio::test]
+    async fn a_narrowing_remembers_a_bounded_number_of_referrals_on_their_way() {
+        let (store, dir) = temp_store("narrowed-cap").await;
+        let named: Vec<MessageId> = (0..MAX_NARROWED_REFERRALS as u64 + 6)
+            .map(|n| {
+                let mut id = [0u8; 16];
+                id[8..].copy_from_slice(&n.to_be_bytes());
+                MessageId(id)
+            })
+            .collect();
+        let narrowing = AcceptedNarrowing {
+            request: PurgeRequest {
+                message_id: MessageId([9; 16]),
+                sender: shelter_my(),
+                envelope_digest: [3; 32],
+                received_at_ms: 5,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
+            consent_id: "consent-1".into(),
+            named: named.clone(),
+            held: Vec::new(),
+            purged: Vec::new(),
+            redacted: Vec::new(),
+            narrowed_at_ms: 5,
+            terms: None,
+            renewed: None,
+            keys_read: Vec::new(),
+        };
+        let applied = store.apply_narrowing(narrowing, entry()).await;
+        assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
+        let kept: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT message_id FROM narrowed_referrals ORDER BY message_id")
+                .fetch_all(&store.pool)
+                .await
+                .expect("read");
+        let newest: Vec<Vec<u8>> = named[6..].iter().map(|id| id.0.to_vec()).collect();
+        assert_eq!(kept, newest);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A narrowing renews a key only with every referral under it sealed again, and
     /// only if the key is still the one read.
     #[tokio::test]
