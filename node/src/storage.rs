@@ -3807,12 +3807,13 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Upgrading to seen envelopes and received referrals keyed by sender and message id
-    /// keeps every row, each answer, and the inbox's order (its row ids, which page
-    /// tokens name).
-    #[tokio::test]
-    async fn upgrading_to_ids_per_sender_keeps_what_was_received() {
-        let dir = std::env::temp_dir().join(format!("corridor-ids-upgrade-{}", std::process::id()));
+    /// A database in a fresh directory with the schema up to migration `version`, for a
+    /// test to fill as an earlier version left it and then open as a [`Store`].
+    async fn store_before(
+        name: &str,
+        version: i64,
+    ) -> (SqlitePool, std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("corridor-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("store.db");
         let options = SqliteConnectOptions::from_str("sqlite://")
@@ -3824,7 +3825,19 @@ pub(crate) mod tests {
             .connect_with(options)
             .await
             .expect("open");
-        MIGRATOR.run_to(14, &pool).await.expect("the schema before");
+        MIGRATOR
+            .run_to(version, &pool)
+            .await
+            .expect("the schema before");
+        (pool, dir, path)
+    }
+
+    /// Upgrading to seen envelopes and received referrals keyed by sender and message id
+    /// keeps every row, each answer, and the inbox's order (its row ids, which page
+    /// tokens name).
+    #[tokio::test]
+    async fn upgrading_to_ids_per_sender_keeps_what_was_received() {
+        let (pool, dir, path) = store_before("ids-upgrade", 14).await;
         sqlx::raw_sql(
             "INSERT INTO case_keys VALUES ('in:shelter-my:case-ref', x'01', 0);
              INSERT INTO seen_messages VALUES (x'05050505050505050505050505050505', 'shelter-my', x'aa', x'a5', 1);
@@ -3912,20 +3925,7 @@ pub(crate) mod tests {
     /// day down to the start of their UTC day, and leaves those kept so as they are.
     #[tokio::test]
     async fn upgrading_keeps_every_consent_expiry_to_the_day() {
-        let dir =
-            std::env::temp_dir().join(format!("corridor-expiry-upgrade-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("store.db");
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .expect("options")
-            .filename(&path)
-            .create_if_missing(true)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .connect_with(options)
-            .await
-            .expect("open");
-        MIGRATOR.run_to(16, &pool).await.expect("the schema before");
+        let (pool, dir, path) = store_before("expiry-upgrade", 16).await;
         let day = corridor::consent::EXPIRY_UNIT_MS;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "INSERT INTO users VALUES (1, 'admin', 'admin', 0);
@@ -4374,15 +4374,9 @@ pub(crate) mod tests {
                 received_at_ms: 102,
                 respond: Box::new(|_| b"narrowed".to_vec()),
             },
-            consent_id: "consent-1".into(),
-            named: Vec::new(),
-            held: Vec::new(),
-            purged: Vec::new(),
-            redacted: Vec::new(),
             narrowed_at_ms: 90,
             terms: Some((sealed(b"second"), as_read)),
-            renewed: None,
-            keys_read: Vec::new(),
+            ..narrowing_of_consent_1()
         };
         let stale = store.apply_narrowing(later(8, None), entry()).await;
         assert!(stale.is_err());
@@ -4455,19 +4449,6 @@ pub(crate) mod tests {
             assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
         }
         let narrowing = AcceptedNarrowing {
-            request: PurgeRequest {
-                message_id: MessageId([9; 16]),
-                sender: shelter_my(),
-                envelope_digest: [3; 32],
-                received_at_ms: 5,
-                respond: Box::new(|_| b"narrowed".to_vec()),
-            },
-            consent_id: "consent-1".into(),
-            named: Vec::new(),
-            held: Vec::new(),
-            purged: Vec::new(),
-            redacted: Vec::new(),
-            narrowed_at_ms: 5,
             terms: Some((
                 SealedTerms {
                     case_key_id: legacy.into(),
@@ -4475,8 +4456,7 @@ pub(crate) mod tests {
                 },
                 None,
             )),
-            renewed: None,
-            keys_read: Vec::new(),
+            ..narrowing_of_consent_1()
         };
         let applied = store.apply_narrowing(narrowing, entry()).await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
@@ -4518,22 +4498,8 @@ pub(crate) mod tests {
             })
             .collect();
         let narrowing = AcceptedNarrowing {
-            request: PurgeRequest {
-                message_id: MessageId([9; 16]),
-                sender: shelter_my(),
-                envelope_digest: [3; 32],
-                received_at_ms: 5,
-                respond: Box::new(|_| b"narrowed".to_vec()),
-            },
-            consent_id: "consent-1".into(),
             named: named.clone(),
-            held: Vec::new(),
-            purged: Vec::new(),
-            redacted: Vec::new(),
-            narrowed_at_ms: 5,
-            terms: None,
-            renewed: None,
-            keys_read: Vec::new(),
+            ..narrowing_of_consent_1()
         };
         let applied = store.apply_narrowing(narrowing, entry()).await;
         assert!(matches!(applied, Ok(AcceptOutcome::Stored(_))));
@@ -4566,29 +4532,18 @@ pub(crate) mod tests {
             assert!(matches!(stored, Ok(AcceptOutcome::Stored(_))));
         }
         let narrowing = |resealed: &[u8], read: &[u8]| AcceptedNarrowing {
-            request: PurgeRequest {
-                message_id: MessageId([9; 16]),
-                sender: shelter_my(),
-                envelope_digest: [3; 32],
-                received_at_ms: 5,
-                respond: Box::new(|_| b"narrowed".to_vec()),
-            },
-            consent_id: "consent-1".into(),
             named: vec![MessageId([1; 16])],
             held: vec![MessageId([1; 16])],
-            purged: Vec::new(),
             redacted: resealed
                 .iter()
                 .map(|n| (MessageId([*n; 16]), vec![*n; 4], vec![*n + 10; 4]))
                 .collect(),
-            narrowed_at_ms: 5,
-            terms: None,
             renewed: Some(RenewedKey {
                 case_key_id: key.into(),
                 read: read.to_vec(),
                 wrapped: b"key-2".to_vec(),
             }),
-            keys_read: Vec::new(),
+            ..narrowing_of_consent_1()
         };
         let wrapped = async || store.case_key(key).await.expect("read").expect("key");
         for (resealed, read) in [(&[1u8][..], &b"key-1"[..]), (&[1, 2], b"key-0")] {
@@ -4620,6 +4575,29 @@ pub(crate) mod tests {
         assert_eq!(payload.expect("held").payload_sealed, [12; 4]);
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A narrowing of `consent-1` by shelter-my that names, cuts and states nothing: a
+    /// base for the tests' own.
+    fn narrowing_of_consent_1() -> AcceptedNarrowing {
+        AcceptedNarrowing {
+            request: PurgeRequest {
+                message_id: MessageId([9; 16]),
+                sender: shelter_my(),
+                envelope_digest: [3; 32],
+                received_at_ms: 5,
+                respond: Box::new(|_| b"narrowed".to_vec()),
+            },
+            consent_id: "consent-1".into(),
+            named: Vec::new(),
+            held: Vec::new(),
+            purged: Vec::new(),
+            redacted: Vec::new(),
+            narrowed_at_ms: 5,
+            terms: None,
+            renewed: None,
+            keys_read: Vec::new(),
+        }
     }
 
     fn sealed(bytes: &[u8]) -> SealedTerms {
