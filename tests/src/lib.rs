@@ -219,6 +219,7 @@ impl TestNode {
             .append(true)
             .open(self.log_path())
             .expect("log file");
+        let logged_before = log.metadata().map_or(0, |m| m.len());
         let child = Command::new(binary("corridor-node"))
             .arg("--config")
             .arg(&self.org.config)
@@ -229,12 +230,22 @@ impl TestNode {
             .spawn()
             .expect("spawn corridor-node");
         self.child = Some(child);
-        self.wait_serving();
+        self.wait_serving(logged_before);
     }
 
-    fn wait_serving(&mut self) {
+    /// Waits until this start of the node says it serves (in its log, after
+    /// `logged_before` bytes) and its local port answers. The port alone could be
+    /// another process's: ports are picked free, then released until the node binds them.
+    fn wait_serving(&mut self, logged_before: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = format!("127.0.0.1:{}", self.org.ports.local);
+        let log_path = self.log_path();
+        let says_serving = || {
+            std::fs::read(&log_path).is_ok_and(|log| {
+                let this_start = log.get(logged_before as usize..).unwrap_or_default();
+                String::from_utf8_lossy(this_start).contains("corridor-node serving")
+            })
+        };
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
@@ -244,7 +255,7 @@ impl TestNode {
                 );
             }
             // The local listener is bound only after everything else has loaded.
-            if std::net::TcpStream::connect(&addr).is_ok() {
+            if says_serving() && std::net::TcpStream::connect(&addr).is_ok() {
                 return;
             }
             assert!(
